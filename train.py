@@ -1,0 +1,434 @@
+"""The runnable job: train a teacher, distil students, compare them.
+
+    python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
+    python train.py --run teacher        # only the teacher
+    python train.py --run distill --method sekd --k 0.1
+    python train.py --help               # every flag with its default
+
+Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+import data
+import sekd
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (bad flag, bad checkpoint): printed as one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill"],
+                   help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
+                        "distill: one student with --method")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
+    g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
+    g.add_argument("--full-vocab", action="store_true", help="keep all 50,257 GPT-2 ids instead of the compact vocabulary")
+    g.add_argument("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher-layers", type=int, default=4)
+    g.add_argument("--teacher-embd", type=int, default=256)
+    g.add_argument("--teacher-heads", type=int, default=4)
+    g.add_argument("--student-layers", type=int, default=1)
+    g.add_argument("--student-embd", type=int, default=64)
+    g.add_argument("--student-heads", type=int, default=2)
+    g = p.add_argument_group("training")
+    g.add_argument("--teacher-steps", type=int, default=1200)
+    g.add_argument("--student-steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the students")
+    g.add_argument("--teacher-lr", type=float, default=2e-3)
+    g.add_argument("--warmup", type=int, default=30, help="linear warm-up steps, then cosine to lr/10")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--eval-interval", type=int, default=100, help="steps between quick validation losses")
+    g.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens for the final metrics")
+    g.add_argument("--log-interval", type=int, default=20)
+    g = p.add_argument_group("distillation")
+    g.add_argument("--method", default="sekd", choices=sekd.METHODS, help="for --run distill")
+    g.add_argument("--k", type=float, default=0.2, help="SE-KD position budget, in (0, 1]")
+    g.add_argument("--T", type=float, default=1.0, help="KD temperature")
+    g.add_argument("--lam", type=float, default=1.0, help="KL weight lambda; 1 - lambda goes to CE")
+    g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
+                   help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
+    g.add_argument("--chunk-rows", type=int, default=0, help="rows of logits per chunk (0 = about 16 MB of float32)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--out-dir", default="out")
+    g.add_argument("--teacher-ckpt", default="", help="teacher checkpoint (default OUT_DIR/teacher.pt)")
+    g.add_argument("--retrain-teacher", action="store_true", help="ignore a saved teacher and train a new one")
+    return p
+
+
+def check_args(a):
+    positive = ["seq_len", "batch_size", "grad_accum", "teacher_steps", "student_steps", "eval_interval",
+                "eval_tokens", "log_interval", "teacher_layers", "teacher_embd", "teacher_heads",
+                "student_layers", "student_embd", "student_heads"]
+    for name in positive:
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for who in ("teacher", "student"):
+        if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
+            raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
+    if a.chunk_rows < 0 or a.lr <= 0 or a.teacher_lr <= 0 or a.warmup < 0:
+        raise UserError("--chunk-rows, --warmup must be >= 0 and learning rates > 0")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    sekd.check_budget(a.k)
+    sekd.check_temperature(a.T)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, obj):
+    """torch.save through a temporary file + rename: an interrupted save leaves the old file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist: train it first (python train.py --run teacher)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        GPT_from(ckpt)  # checks the keys and shapes too
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
+                        "delete it and train again") from None
+    return ckpt
+
+
+def GPT_from(ckpt):
+    model = sekd.GPT(sekd.GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def check_signature(ckpt, corpus, path):
+    """Refuse a checkpoint trained with another tokenizer or vocabulary than this data."""
+    if ckpt.get("signature") != corpus.signature:
+        raise UserError(f"checkpoint {path} was trained on another vocabulary or tokenizer "
+                        f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
+                        "--full-vocab, or pass --retrain-teacher")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+class Batches:
+    """Deterministic sample order: epoch e visits the training samples in the permutation
+    drawn from (seed, e). Step s, micro-batch j always gets the same ids, for every method."""
+
+    def __init__(self, corpus, batch_size, grad_accum, seed, device):
+        self.samples, self.bs, self.accum, self.seed, self.device = corpus.train, batch_size, grad_accum, seed, device
+        self._perm = {}
+
+    def ids(self, step, micro):
+        n = len(self.samples)
+        start = (step * self.accum + micro) * self.bs
+        out = []
+        for g in range(start, start + self.bs):
+            epoch = g // n
+            if epoch not in self._perm:
+                self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
+            out.append(self._perm[epoch][g % n])
+        return np.array(out)
+
+    def get(self, step, micro):
+        x = torch.from_numpy(self.samples[np.sort(self.ids(step, micro))].astype(np.int64))
+        x = x.to(self.device)
+        return x[:, :-1], x[:, 1:]
+
+
+def lr_at(step, steps, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, lr, weight_decay):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None):
+    """AdamW, warm-up + cosine, grad accumulation and clipping, progress with ETA.
+    `loss_fn(x, y) -> (loss, n_selected)`. Saves `ckpt(step, opt)` every eval interval.
+    Returns stats: train seconds, tokens seen, peak bytes and how they were measured."""
+    opt = make_optimizer(model, lr, args.weight_decay)
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        start = resume["step"]
+        print(f"[{tag}] resuming at step {start}/{steps}")
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens_per_step = batches.bs * batches.accum * (batches.samples.shape[1] - 1)
+    t0, peak_cpu, train_time = time.time(), 0, 0.0
+    for step in range(start, steps):
+        ts = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, args.warmup)
+        meter = sekd.LiveBytes() if (not cuda and step == start + 1) else nullcontext()
+        with meter:
+            total = 0.0
+            for micro in range(batches.accum):
+                x, y = batches.get(step, micro)
+                with autocast(args, dev):
+                    loss, _ = loss_fn(x, y)
+                (loss / batches.accum).backward()
+                total += loss.item() / batches.accum
+            if not math.isfinite(total):
+                raise UserError(f"[{tag}] loss became {total} at step {step}: lower --lr (the last good "
+                                "checkpoint is kept)")
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if isinstance(meter, sekd.LiveBytes):
+            peak_cpu = meter.peak
+        train_time += time.time() - ts
+        done = step + 1
+        if done % args.log_interval == 0 or done == steps:
+            rate = (done - start) * tokens_per_step / max(train_time, 1e-9)
+            eta = (steps - done) * train_time / (done - start)
+            print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {rate:,.0f} tok/s | "
+                  f"elapsed {fmt_time(time.time() - t0)} | ETA {fmt_time(eta)}", flush=True)
+        if ckpt is not None and (done % args.eval_interval == 0 or done == steps):
+            ckpt(done, opt)
+    state = sekd.state_bytes(model) * 2 + sum(sekd.state_bytes(t) for s in opt.state.values()
+                                              for t in s.values() if torch.is_tensor(t))
+    if cuda:
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:  # parameters + optimizer state + the live tensors of one measured step
+        peak = state - sekd.state_bytes(model) + peak_cpu
+        how = "params + AdamW state + peak live tensor bytes of one step (TorchDispatchMode)"
+    return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
+            "peak_how": how}
+
+
+def autocast(args, dev):
+    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class EvalSet:
+    """A fixed slice of the validation split with the teacher's final hidden states cached
+    once (small: [N, L, D]), so each student's KL and agreement cost only head projections."""
+
+    def __init__(self, corpus, n_tokens, device, batch_size):
+        n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
+        rows = np.linspace(0, len(corpus.val) - 1, n).astype(np.int64)
+        x = torch.from_numpy(corpus.val[rows].astype(np.int64)).to(device)
+        self.x, self.y, self.bs, self.teacher_h, self.teacher_w = x[:, :-1], x[:, 1:], batch_size, None, None
+
+    @torch.no_grad()
+    def set_teacher(self, teacher, args):
+        dev = self.x.device
+        with autocast(args, dev):
+            self.teacher_h = torch.cat([teacher.hidden(self.x[i:i + self.bs]).float()
+                                        for i in range(0, len(self.x), self.bs)])
+        self.teacher_w = teacher.head_weight.detach().float()
+
+    @torch.no_grad()
+    def evaluate(self, model, args, limit=None):
+        model.eval()
+        n = len(self.x) if limit is None else min(limit, len(self.x))
+        tot = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
+        for i in range(0, n, self.bs):
+            j = min(n, i + self.bs)
+            with autocast(args, self.x.device):
+                h = model.hidden(self.x[i:j]).float()
+            th = self.teacher_h[i:j] if self.teacher_h is not None else None
+            s = sekd.evaluation_sums(h, model.head_weight.float(), th, self.teacher_w, self.y[i:j])
+            for k in tot:
+                tot[k] += s[k]
+        model.train()
+        ece = sekd.expected_calibration_error(torch.cat(tot["conf"]), torch.cat(tot["correct"]))
+        return {"val_loss": tot["ce"] / tot["n"], "val_ppl": math.exp(tot["ce"] / tot["n"]),
+                "kl_to_teacher": tot["kl"] / tot["n"] if self.teacher_h is not None else None,
+                "agreement": tot["agree"] / tot["n"] if self.teacher_h is not None else None,
+                "ece": ece, "eval_tokens": tot["n"]}
+
+
+# ----------------------------------------------------------------------------- the jobs
+
+def pick_device(args):
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def new_model(args, who, vocab_size, device):
+    cfg = sekd.GPTConfig(vocab_size=vocab_size, block_size=args.seq_len,
+                         n_layer=getattr(args, f"{who}_layers"), n_head=getattr(args, f"{who}_heads"),
+                         n_embd=getattr(args, f"{who}_embd"))
+    return sekd.GPT(cfg).to(device)
+
+
+def maybe_compile(model, args):
+    if args.compile:
+        model.hidden = torch.compile(model.hidden)
+    return model
+
+
+def get_teacher(args, corpus, device, evalset):
+    """Train the teacher, or reuse (and resume) the one saved at --teacher-ckpt."""
+    path = args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+    ckpt = None
+    must_exist = args.run == "distill" and args.teacher_ckpt  # a named teacher is never trained here
+    if must_exist or (os.path.exists(path) and not args.retrain_teacher):
+        ckpt = load_checkpoint(path)
+        check_signature(ckpt, corpus, path)
+    if ckpt is not None and ckpt["step"] >= ckpt["steps"]:
+        teacher = GPT_from(ckpt).to(device)
+        print(f"[teacher] reusing {path} ({ckpt['config']['n_layer']} layers, d={ckpt['config']['n_embd']}, "
+              f"{ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f}); --retrain-teacher to train anew")
+        return teacher, {"train_s": ckpt.get("train_s", 0.0), "reused": True}
+    if must_exist:
+        raise UserError(f"teacher checkpoint {path} is unfinished: run --run teacher to complete it")
+    torch.manual_seed(args.seed)
+    teacher = GPT_from(ckpt).to(device) if ckpt else new_model(args, "teacher", corpus.vocab.size, device)
+    batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed + 1, device)
+    body = maybe_compile(teacher, args)
+
+    def teacher_loss(x, y):
+        return sekd.distill_loss(body, None, x, y, sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows))
+
+    def save(step, opt):
+        ppl = evalset.evaluate(teacher, args, limit=64)["val_ppl"]
+        save_checkpoint(path, {"model": teacher.state_dict(), "config": asdict(teacher.config),
+                               "signature": corpus.signature, "step": step, "steps": args.teacher_steps,
+                               "optimizer": opt.state_dict(), "val_ppl": ppl})
+        print(f"[teacher] step {step}: quick val ppl {ppl:.2f}, saved {path}")
+    stats = train_loop(teacher, teacher_loss, batches, args.teacher_steps, args.teacher_lr, args, "teacher",
+                       ckpt=save, resume=ckpt)
+    ck = torch.load(path, weights_only=True)
+    ck["train_s"] = stats["train_s"] + (ckpt or {}).get("train_s", 0.0)
+    save_checkpoint(path, ck)
+    return teacher, {**stats, "reused": False}
+
+
+def distill_student(args, method, corpus, device, teacher, evalset):
+    """One student from the seed's initial weights, trained with `method`, evaluated."""
+    cfg = sekd.KDConfig(method=method, k=1.0 if method == "full_kd" else args.k, T=args.T, lam=args.lam,
+                        flow=args.flow, chunk_rows=args.chunk_rows)
+    torch.manual_seed(args.seed)  # same initial weights for every method
+    student = new_model(args, "student", corpus.vocab.size, device)
+    if cfg.uses_teacher:
+        sekd.check_pair(teacher, student)
+    batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device)  # same data order
+    s_body, t_body = maybe_compile(student, args), teacher
+
+    def loss_fn(x, y):
+        return sekd.distill_loss(s_body, t_body, x, y, cfg)
+    name = {"ce": "student (CE, no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {args.k:.0%}"}[method]
+
+    def save(step, opt):
+        if step == args.student_steps:
+            save_checkpoint(os.path.join(args.out_dir, f"student_{method}.pt"),
+                            {"model": student.state_dict(), "config": asdict(student.config),
+                             "signature": corpus.signature, "step": step, "steps": args.student_steps,
+                             "kd": asdict(cfg)})
+    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save)
+    row = {"method": name, **evalset.evaluate(student, args), **stats}
+    row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
+    return row
+
+
+def print_table(rows, device):
+    head = f"{'method':<22} {'val PPL':>8} {'KL(T||S)':>9} {'agree %':>8} {'ECE %':>6} {'wall':>8} {'tok/s':>8} {'peak MiB':>9}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        kl = "-" if r.get("kl_to_teacher") is None else f"{r['kl_to_teacher']:.3f}"
+        ag = "-" if r.get("agreement") is None else f"{100 * r['agreement']:.1f}"
+        wall = fmt_time(r["train_s"]) if r.get("train_s") else "-"
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
+        print(f"{r['method']:<22} {r['val_ppl']:>8.2f} {kl:>9} {ag:>8} {r['ece']:>6.2f} {wall:>8} {tps:>8} {peak:>9}")
+    how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
+    if how:
+        print(f"peak memory on {device}: {how}")
+
+
+def machine():
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    device = pick_device(args)
+    t_start = time.time()
+    corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir)
+    print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
+          f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
+    evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
+    teacher, t_stats = get_teacher(args, corpus, device, evalset)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    evalset.set_teacher(teacher, args)
+    rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **t_stats}]
+    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method], "teacher": []}[args.run]
+    for m in methods:
+        rows.append(distill_student(args, m, corpus, device, teacher, evalset))
+        print_table(rows, device)
+    if not methods:
+        print_table(rows, device)
+    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows,
+              "total_s": time.time() - t_start}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"results_{args.run}.json")
+    data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+    print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, data.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are complete", file=sys.stderr)
+        sys.exit(130)
