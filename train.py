@@ -183,10 +183,11 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None):
+def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0):
     """AdamW, warm-up + cosine, grad accumulation and clipping, progress with ETA.
     `loss_fn(x, y) -> (loss, n_selected)`. Saves `ckpt(step, opt)` every eval interval.
-    Returns stats: train seconds, tokens seen, peak bytes and how they were measured."""
+    Returns stats: train seconds, tokens seen, peak bytes (including `frozen_bytes`, the
+    teacher's weights) and how they were measured."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = 0
     if resume is not None:
@@ -234,8 +235,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     if cuda:
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:  # parameters + optimizer state + the live tensors of one measured step
-        peak = state - sekd.state_bytes(model) + peak_cpu
-        how = "params + AdamW state + peak live tensor bytes of one step (TorchDispatchMode)"
+        peak = state - sekd.state_bytes(model) + peak_cpu + frozen_bytes
+        how = ("weights (student + teacher) + AdamW state + peak live tensor bytes of one training step, "
+               "counted with a TorchDispatchMode (sekd.LiveBytes)")
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
             "peak_how": how}
 
@@ -366,7 +368,8 @@ def distill_student(args, method, corpus, device, teacher, evalset):
                             {"model": student.state_dict(), "config": asdict(student.config),
                              "signature": corpus.signature, "step": step, "steps": args.student_steps,
                              "kd": asdict(cfg)})
-    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save)
+    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save,
+                       frozen_bytes=sekd.state_bytes(teacher) if cfg.uses_teacher else 0)
     row = {"method": name, **evalset.evaluate(student, args), **stats}
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
     return row
