@@ -377,7 +377,7 @@ def test_hub_dataset_offline_fails_fast_with_one_line(tmp_path):
 
 TINY = ["--teacher-layers", "1", "--teacher-embd", "32", "--teacher-heads", "2", "--student-layers", "1",
         "--student-embd", "16", "--student-heads", "2", "--seq-len", "16", "--batch-size", "4",
-        "--teacher-steps", "40", "--student-steps", "40", "--eval-tokens", "512", "--log-interval", "10",
+        "--teacher-steps", "40", "--student-init-steps", "30", "--student-steps", "20", "--eval-tokens", "512", "--log-interval", "10",
         "--eval-interval", "10", "--warmup", "3"]
 
 
@@ -399,9 +399,9 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     out = capsys.readouterr().out
     assert "ETA" in out and "KL(T||S)" in out
     rows = {r["method"]: r for r in r1["rows"]}
-    assert set(rows) == {"teacher", "student (CE, no KD)", "Full KD", "SE-KD top 20%"}
+    assert set(rows) == {"teacher", "student init (CE)", "CE (no KD)", "Full KD", "SE-KD top 20%"}
     uniform = r1["data"]["vocab_size"]  # the perplexity of a model that learned nothing
-    assert rows["teacher"]["val_ppl"] < rows["student (CE, no KD)"]["val_ppl"] < 0.7 * uniform
+    assert rows["teacher"]["val_ppl"] < rows["CE (no KD)"]["val_ppl"] < 0.7 * uniform
     assert all(r["peak_bytes"] > 0 for m, r in rows.items() if m != "teacher")
     saved = json.loads((tmp_path / "results_compare.json").read_text())
     assert [r["val_ppl"] for r in saved["rows"]] == [r["val_ppl"] for r in r1["rows"]]

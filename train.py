@@ -50,10 +50,13 @@ def build_parser():
     g.add_argument("--student-heads", type=int, default=2)
     g = p.add_argument_group("training")
     g.add_argument("--teacher-steps", type=int, default=1200)
-    g.add_argument("--student-steps", type=int, default=300)
+    g.add_argument("--student-init-steps", type=int, default=600,
+                   help="CE steps that make the initial student every method starts from (0: random init)")
+    g.add_argument("--student-init-lr", type=float, default=3e-3, help="peak learning rate of the initial student")
+    g.add_argument("--student-steps", type=int, default=300, help="distillation steps per method")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the students")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of distillation (every method)")
     g.add_argument("--teacher-lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=30, help="linear warm-up steps, then cosine to lr/10")
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -91,7 +94,9 @@ def check_args(a):
     for who in ("teacher", "student"):
         if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
             raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
-    if a.chunk_rows < 0 or a.lr <= 0 or a.teacher_lr <= 0 or a.warmup < 0:
+    if a.student_init_steps < 0:
+        raise UserError(f"--student-init-steps must be >= 0, got {a.student_init_steps}")
+    if a.chunk_rows < 0 or min(a.lr, a.teacher_lr, a.student_init_lr) <= 0 or a.warmup < 0:
         raise UserError("--chunk-rows, --warmup must be >= 0 and learning rates > 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
@@ -297,11 +302,13 @@ def pick_device(args):
     return torch.device(args.device)
 
 
+def model_config(args, who, vocab_size):
+    return sekd.GPTConfig(vocab_size=vocab_size, block_size=args.seq_len, n_layer=getattr(args, f"{who}_layers"),
+                          n_head=getattr(args, f"{who}_heads"), n_embd=getattr(args, f"{who}_embd"))
+
+
 def new_model(args, who, vocab_size, device):
-    cfg = sekd.GPTConfig(vocab_size=vocab_size, block_size=args.seq_len,
-                         n_layer=getattr(args, f"{who}_layers"), n_head=getattr(args, f"{who}_heads"),
-                         n_embd=getattr(args, f"{who}_embd"))
-    return sekd.GPT(cfg).to(device)
+    return sekd.GPT(model_config(args, who, vocab_size)).to(device)
 
 
 def maybe_compile(model, args):
@@ -310,49 +317,62 @@ def maybe_compile(model, args):
     return model
 
 
-def get_teacher(args, corpus, device, evalset):
-    """Train the teacher, or reuse (and resume) the one saved at --teacher-ckpt."""
-    path = args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+def pretrained(args, corpus, device, evalset, who):
+    """Train a model with plain CE, or reuse (and resume) its checkpoint. Two models are made
+    this way: the teacher, and the initial student that every method starts from (the paper
+    distils a pretrained student: from random weights, a student's entropy ranks nothing yet)."""
+    if who == "teacher":
+        path = args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+        steps, lr, seed = args.teacher_steps, args.teacher_lr, args.seed + 1
+        must_exist = args.run == "distill" and bool(args.teacher_ckpt)  # a named teacher is never trained here
+        reuse = not args.retrain_teacher
+    else:
+        path = os.path.join(args.out_dir, "student_init.pt")
+        steps, lr, seed, must_exist, reuse = args.student_init_steps, args.student_init_lr, args.seed + 2, False, True
     ckpt = None
-    must_exist = args.run == "distill" and args.teacher_ckpt  # a named teacher is never trained here
-    if must_exist or (os.path.exists(path) and not args.retrain_teacher):
+    if must_exist or (os.path.exists(path) and reuse):
         ckpt = load_checkpoint(path)
         check_signature(ckpt, corpus, path)
+    wanted = asdict(model_config(args, who, corpus.vocab.size))
+    if who == "student" and ckpt is not None and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != (wanted, steps, seed):
+        print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
+        ckpt = None
     if ckpt is not None and ckpt["step"] >= ckpt["steps"]:
-        teacher = GPT_from(ckpt).to(device)
-        print(f"[teacher] reusing {path} ({ckpt['config']['n_layer']} layers, d={ckpt['config']['n_embd']}, "
-              f"{ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f}); --retrain-teacher to train anew")
-        return teacher, {"train_s": ckpt.get("train_s", 0.0), "reused": True}
+        model = GPT_from(ckpt).to(device)
+        print(f"[{who}] reusing {path} ({ckpt['config']['n_layer']} layers, d={ckpt['config']['n_embd']}, "
+              f"{ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f})"
+              + ("; --retrain-teacher to train anew" if who == "teacher" else ""))
+        return model, {"train_s": ckpt.get("train_s", 0.0), "reused": True}
     if must_exist:
         raise UserError(f"teacher checkpoint {path} is unfinished: run --run teacher to complete it")
     torch.manual_seed(args.seed)
-    teacher = GPT_from(ckpt).to(device) if ckpt else new_model(args, "teacher", corpus.vocab.size, device)
-    batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed + 1, device)
-    body = maybe_compile(teacher, args)
-
-    def teacher_loss(x, y):
-        return sekd.distill_loss(body, None, x, y, sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows))
+    model = GPT_from(ckpt).to(device) if ckpt else new_model(args, who, corpus.vocab.size, device)
+    body = maybe_compile(model, args)
+    ce = sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
 
     def save(step, opt):
-        ppl = evalset.evaluate(teacher, args, limit=64)["val_ppl"]
-        save_checkpoint(path, {"model": teacher.state_dict(), "config": asdict(teacher.config),
-                               "signature": corpus.signature, "step": step, "steps": args.teacher_steps,
+        ppl = evalset.evaluate(model, args, limit=64)["val_ppl"]
+        save_checkpoint(path, {"model": model.state_dict(), "config": asdict(model.config), "seed": seed,
+                               "signature": corpus.signature, "step": step, "steps": steps,
                                "optimizer": opt.state_dict(), "val_ppl": ppl})
-        print(f"[teacher] step {step}: quick val ppl {ppl:.2f}, saved {path}")
-    stats = train_loop(teacher, teacher_loss, batches, args.teacher_steps, args.teacher_lr, args, "teacher",
-                       ckpt=save, resume=ckpt)
+        print(f"[{who}] step {step}: quick val ppl {ppl:.2f}, saved {path}")
+    stats = train_loop(model, lambda x, y: sekd.distill_loss(body, None, x, y, ce),
+                       Batches(corpus, args.batch_size, args.grad_accum, seed, device), steps, lr, args,
+                       who, ckpt=save, resume=ckpt)
     ck = torch.load(path, weights_only=True)
     ck["train_s"] = stats["train_s"] + (ckpt or {}).get("train_s", 0.0)
     save_checkpoint(path, ck)
-    return teacher, {**stats, "reused": False}
+    return model, {**stats, "reused": False}
 
 
-def distill_student(args, method, corpus, device, teacher, evalset):
-    """One student from the seed's initial weights, trained with `method`, evaluated."""
+def distill_student(args, method, corpus, device, teacher, evalset, student_init=None):
+    """One student from the shared initial weights, trained with `method`, evaluated."""
     cfg = sekd.KDConfig(method=method, k=1.0 if method == "full_kd" else args.k, T=args.T, lam=args.lam,
                         flow=args.flow, chunk_rows=args.chunk_rows)
-    torch.manual_seed(args.seed)  # same initial weights for every method
+    torch.manual_seed(args.seed)
     student = new_model(args, "student", corpus.vocab.size, device)
+    if student_init is not None:  # same initial weights for every method
+        student.load_state_dict(student_init.state_dict())
     if cfg.uses_teacher:
         sekd.check_pair(teacher, student)
     batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device)  # same data order
@@ -360,7 +380,7 @@ def distill_student(args, method, corpus, device, teacher, evalset):
 
     def loss_fn(x, y):
         return sekd.distill_loss(s_body, t_body, x, y, cfg)
-    name = {"ce": "student (CE, no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {args.k:.0%}"}[method]
+    name = {"ce": "CE (no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {args.k:.0%}"}[method]
 
     def save(step, opt):
         if step == args.student_steps:
@@ -405,15 +425,19 @@ def main(argv=None):
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
-    teacher, t_stats = get_teacher(args, corpus, device, evalset)
+    teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     evalset.set_teacher(teacher, args)
     rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **t_stats}]
     methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method], "teacher": []}[args.run]
+    student_init = None
+    if methods and args.student_init_steps > 0:
+        student_init, s_stats = pretrained(args, corpus, device, evalset, "student")
+        rows.append({"method": "student init (CE)", **evalset.evaluate(student_init, args), **s_stats})
     for m in methods:
-        rows.append(distill_student(args, m, corpus, device, teacher, evalset))
+        rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
     if not methods:
         print_table(rows, device)
