@@ -68,7 +68,9 @@ def build_parser():
     g.add_argument("--method", default="sekd", choices=sekd.METHODS, help="for --run distill")
     g.add_argument("--k", type=float, default=0.2, help="SE-KD position budget, in (0, 1]")
     g.add_argument("--T", type=float, default=1.0, help="KD temperature")
-    g.add_argument("--lam", type=float, default=1.0, help="KL weight lambda; 1 - lambda goes to CE")
+    g.add_argument("--lam", type=float, default=0.5,
+                   help="KL weight lambda; 1 - lambda goes to CE on every position. The paper uses 1 (pure KL); "
+                        "from a small student 0.5 works better here (README)")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
                    help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=int, default=0, help="rows of logits per chunk (0 = about 16 MB of float32)")
