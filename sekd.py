@@ -561,8 +561,8 @@ def at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     ones, divided by the sequence's number of positions and averaged over sequences, i.e.
     L_i = (0.2 * sum_easy + 0.8 * sum_hard) / n_i. -> (hard bool [B, L], weights [B, L])."""
     hard = topk_positions(-torch.expm1(-gold_ce), hard_share, valid)
-    w = per_sequence_weights(valid, torch.float64) * torch.where(hard, 1.0 - easy_weight, easy_weight)
-    return hard, w
+    w = per_sequence_weights(valid, torch.float64)
+    return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
 
 
 def at_kd_loss(student_logits, teacher_logits, targets, T=1.0):
