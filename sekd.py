@@ -540,7 +540,12 @@ def at_kd_rows(zs, zt, y, hard, T=1.0):
       binary     KL((p(y), 1 - p(y)) || (q(y), 1 - q(y)))
       non-target KL(p(. | not y) || q(. | not y)), both renormalised over the other classes.
     A hard row gets binary + non-target, an easy row the non-target term only; logits / T and a
-    T^2 factor as in SPEC 1. Differentiable in zs. -> [R]."""
+    T^2 factor as in SPEC 1. Differentiable in zs. -> [R].
+    What this follows: the exact split KL(p || q) = binary + (1 - p(y)) * non-target couples the
+    two terms through the teacher's uncertainty 1 - p(y); AT-KD decouples them (no 1 - p(y)
+    factor on the non-target term), as SPEC 2 states. Choices of ours where SPEC 2 is silent:
+    the hard/easy split is made per sequence (ties to the earlier position), and T applies to
+    both terms."""
     zs, zt = _wide(zs) / T, _wide(zt) / T
     gold = F.one_hot(y, zs.shape[-1]).bool()
 

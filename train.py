@@ -451,7 +451,7 @@ def mean_std_row(label, per_seed):
         vals = [r[key] for r in per_seed if r.get(key) is not None]
         if vals:
             row[key] = float(np.mean(vals))
-            row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
     return row
 
 
@@ -503,9 +503,9 @@ def run_positions(args, corpus, device, teacher, evalset):
     return {"tables": tables, "seeds": seeds, "students_trained": len(done) * len(seeds)}
 
 
-def _heat(e, top):
-    """White (low entropy) to red (high) as an (r, g, b) triple."""
-    f = 0.0 if top <= 0 else min(1.0, e / top)
+def _heat(e, lo, hi):
+    """White (the sequence's lowest entropy) to red (its highest) as an (r, g, b) triple."""
+    f = 0.0 if hi <= lo else (e - lo) / (hi - lo)
     return 255, int(255 * (1 - f)), int(255 * (1 - f))
 
 
@@ -533,17 +533,17 @@ def show_selection(args, corpus, device, teacher, evalset):
     enc = data.gpt2_encoding()
     tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
     first = corpus.vocab.decode([int(x[0, 0])], enc)
-    top = float(ent.max())
+    lo, hi = float(ent.min()), float(ent.max())
     blocks = []
     for name, sel in picks.items():
         title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name} top {args.k:.0%} " \
                 f"({int(sel.sum())} of {len(tokens)} positions marked)"
         ansi = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
-                       for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), top))
+                       for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
                                                for t, s, e in zip(tokens, sel, ent)))
-        print(f"\n== {title}  (colour: student entropy, white 0 to red {top:.2f} nats; marked = bold underlined)\n"
+        print(f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked = bold underlined)\n"
               f"{first}{ansi}")
-        spans = "".join(f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), top)}'
+        spans = "".join(f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
                         f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
                         for t, s, e in zip(tokens, sel, ent))
         blocks.append(f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>")
@@ -552,7 +552,7 @@ def show_selection(args, corpus, device, teacher, evalset):
     page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
             "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
             f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-            f"(white 0, red {top:.2f} nats); boxed = selected. Both metrics marked {overlap} positions in common.</p>"
+            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both metrics marked {overlap} positions in common.</p>"
             f"<div class='row'>{''.join(blocks)}</div>")
     out = os.path.join(args.out_dir, "selection.html")
     data.atomic_write_bytes(out, page.encode())
