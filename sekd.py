@@ -221,8 +221,8 @@ def score_ranks(scores, valid):
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort(valid.gather(1, order).int(), dim=1, descending=True,
                                        stable=True).indices)  # valid first, then by score
-    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
-                                            .expand_as(order).contiguous())
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def topk_positions(scores, k, valid=None, state=None):
