@@ -6,7 +6,10 @@ Knowledge Distillation", Tavor et al., arXiv 2602.01395):
   0. the model: a nanoGPT whose forward is split into `hidden` and `head`
   1. dense KD: `token_entropy`, `kl_per_position`, `kd_loss`              (SPEC 1)
   2. SE-KD positions: `chunked_entropy`, `topk_positions`                 (SPEC 2, 5)
+     the position axis: importance metrics `METRICS`, `chunked_scores`,
+     policies `POLICIES` (top-k, GLS, curriculum, pos-RS-KD, pos-RS-KD*)    (SPEC 2)
   6. the streamed selective loss: `streamed_kd_loss`                      (SPEC 6)
+     the AT-KD baseline `at_kd_loss` / `streamed_at_kd_loss`                (SPEC 2)
      and one distillation step, `distill_loss`
   6b. evaluation: perplexity, KL to teacher, agreement, ECE              (SPEC 6b)
   +. memory: `LiveBytes`, a live-tensor-bytes meter that works on CPU too
@@ -148,21 +151,23 @@ def kl_per_position(teacher_logits, student_logits, T=1.0):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def per_sequence_weights(m, dtype=torch.float32):
+def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
     """Row weights that implement SPEC 1's normalisation: L = mean over sequences with any
-    selected position of (sum_t m_t l(t) / sum_t m_t). `m` may be bool or counts; [B, L]."""
+    selected position of (sum_t m_t l(t) / sum_t m_t). `m` may be bool or counts; [B, L].
+    `per_seq` [B] replaces the denominators sum_t m_t (pos-RS-KD* divides by its draws)."""
     m = m.to(dtype)
-    per_seq = m.sum(1, keepdim=True)
-    n_seq = (per_seq > 0).sum().clamp_min(1)
+    n_seq = (m.sum(1) > 0).sum().clamp_min(1)
+    per_seq = m.sum(1, keepdim=True) if per_seq is None else per_seq.to(dtype).view(-1, 1)
     return m / per_seq.clamp_min(1e-30) / n_seq
 
 
-def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0):
+def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, row_weights=None):
     """The KD loss of SPEC 1 on dense logits [B, L, V] (the readable reference flow).
 
     lam * T^2 * KL(p^T || q^T), averaged over the positions in `mask` (all valid positions
     when None: Full KD; a selection: SE-KD), per sequence then over sequences
     + (1 - lam) * CE(y, q), averaged over all valid positions the same way.
+    `row_weights` [B, L], when given, are the KL term's final weights instead (pos-RS-KD).
     `teacher_logits` may be None when lam == 0 (plain cross-entropy training)."""
     check_temperature(T)
     if not 0.0 <= lam <= 1.0:
@@ -172,7 +177,8 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0):
     loss = student_logits.new_zeros((), dtype=_wide(student_logits).dtype)
     if lam > 0:
         kl = T * T * kl_per_position(teacher_logits, student_logits, T)
-        loss = loss + lam * (per_sequence_weights(mask, kl.dtype) * kl).sum()
+        w = per_sequence_weights(mask, kl.dtype) if row_weights is None else row_weights.to(kl.dtype) * valid
+        loss = loss + lam * (w * kl).sum()
     if lam < 1:
         ce = F.cross_entropy(_wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten(),
                              reduction="none").view_as(targets)
@@ -209,17 +215,238 @@ def budget_counts(k, n):
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 
-def topk_positions(scores, k, valid=None):
-    """SE-KD's policy (SPEC 2): in each row choose exactly ceil(k * n_i) of its n_i valid
-    positions, those with the highest score; ties go to the earlier position. -> bool [B, L]."""
-    check_budget(k)
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+def score_ranks(scores, valid):
+    """Rank of each position in its row: 0 = highest score among the valid positions, ties to
+    the earlier position; padding ranks after every valid position. -> long [B, L]."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort(valid.gather(1, order).int(), dim=1, descending=True,
                                        stable=True).indices)  # valid first, then by score
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
-                                            .expand_as(order).contiguous())
-    return rank < budget_counts(k, valid.sum(1))[:, None]
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def topk_positions(scores, k, valid=None, state=None):
+    """SE-KD's policy (SPEC 2): in each row choose exactly ceil(k * n_i) of its n_i valid
+    positions, those with the highest score; ties go to the earlier position. -> bool [B, L].
+    (`state` is unused: top-k needs no memory; it is there so every policy is called alike.)"""
+    check_budget(k)
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
+
+
+# ---------------------------------------------------------------------------- 2. importance metrics u(t)
+# A metric scores one chunk of rows: student logits [R, V], teacher logits [R, V] (None for a
+# student-only metric) and targets [R] -> [R], higher = more important (SPEC 2 table). To add
+# one, write the function and register it: `METRICS["name"] = fn` (from any file); mark it
+# with `student_only` if it never reads the teacher's logits.
+
+def student_only(fn):
+    """Marks a metric that needs no teacher output: the teacher's LM head then stays selective."""
+    fn.needs_teacher = False
+    return fn
+
+
+def _ce(logits, targets):
+    return F.cross_entropy(_wide(logits), targets, reduction="none")
+
+
+@student_only
+def student_entropy(zs, zt, y):
+    """H(q_t): SE-KD's metric (SPEC 2, 5)."""
+    return token_entropy(zs)
+
+
+def teacher_entropy(zs, zt, y):
+    """H(p_t) (SPEC 2)."""
+    return token_entropy(zt)
+
+
+@student_only
+def student_ce(zs, zt, y):
+    """CE(y_t, q_t) = -log q_t(y_t) (SPEC 2)."""
+    return _ce(zs, y)
+
+
+def teacher_ce(zs, zt, y):
+    """-log p_t(y_t) (SPEC 2)."""
+    return _ce(zt, y)
+
+
+def kl(zs, zt, y):
+    """KL(p_t || q_t) (SPEC 2)."""
+    return kl_per_position(zt, zs)
+
+
+def reverse_kl(zs, zt, y):
+    """KL(q_t || p_t) (SPEC 2)."""
+    return kl_per_position(zs, zt)
+
+
+def kl_plus_student_entropy(zs, zt, y):
+    """KL(p_t || q_t) + H(q_t) (SPEC 2)."""
+    return kl(zs, zt, y) + student_entropy(zs, zt, y)
+
+
+def ce_ratio(zs, zt, y):
+    """CE(y_t, q_t) / CE(y_t, p_t) (SPEC 2); a teacher CE of exactly 0 is read as the tiniest float."""
+    teacher = teacher_ce(zs, zt, y)
+    return student_ce(zs, zt, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
+
+
+def ce_ratio_plus_student_entropy(zs, zt, y):
+    """ce_ratio + H(q_t) (SPEC 2)."""
+    return ce_ratio(zs, zt, y) + student_entropy(zs, zt, y)
+
+
+@student_only
+def random(zs, zt, y):
+    """Uniform noise, from torch's global generator: with top-k it is the RandomPos baseline (SPEC 2)."""
+    return torch.rand(len(zs), dtype=_wide(zs).dtype, device=zs.device)
+
+
+METRICS = {fn.__name__: fn for fn in (student_entropy, teacher_entropy, student_ce, teacher_ce, kl, reverse_kl,
+                                      kl_plus_student_entropy, ce_ratio, ce_ratio_plus_student_entropy, random)}
+
+
+def get_metric(name):
+    if name not in METRICS:
+        raise ValueError(f"unknown metric '{name}': choose one of {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def needs_teacher(metric):
+    return getattr(get_metric(metric), "needs_teacher", True)
+
+
+@torch.no_grad()
+def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None,
+                   chunk_rows=None):
+    """u(t) of a named metric at every valid row -> [B, L] (0 at padding), without gradients and
+    a chunk of rows at a time: never a [B, L, V] tensor. Teacher logits are made only when the
+    metric needs them (then at every valid row)."""
+    fn = get_metric(metric)
+    use_teacher = needs_teacher(metric)
+    if use_teacher and teacher_h is None:
+        raise ValueError(f"metric '{metric}' needs the teacher's outputs: pass teacher_h and teacher_w")
+    hs = student_h[valid]
+    ht = teacher_h[valid] if use_teacher else None
+    y = targets[valid] if targets is not None else None
+    chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
+    parts = [fn(_wide(hs[i:i + chunk] @ student_w.T),
+                _wide(ht[i:i + chunk] @ teacher_w.T) if ht is not None else None,
+                y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
+    dtype = _wide(hs).dtype
+    scores = torch.zeros(valid.shape, dtype=dtype, device=hs.device)
+    if parts:
+        scores[valid] = torch.cat(parts).to(dtype)
+    return scores
+
+
+# ---------------------------------------------------------------------------- 2. selection policies
+# A policy turns scores [B, L] into the position mask m of SPEC 1: policy(scores, k, valid, state)
+# -> bool [B, L], or float counts for the sampling policies. `state` carries what a policy
+# remembers between batches. `topk_positions` (above) is SE-KD's policy.
+
+class PositionState:
+    """Memory of the stateful policies (SPEC 2): GLS's FIFO queue of recent scores (at most
+    `gls_queue`), and the training step, which curriculum's window follows over `curriculum_steps`."""
+
+    def __init__(self, gls_queue=30_000, curriculum_steps=4_000):
+        if gls_queue < 1 or curriculum_steps < 1:
+            raise ValueError("--gls-queue and --curriculum-steps must be at least 1")
+        self.gls_queue, self.curriculum_steps = gls_queue, curriculum_steps
+        self.queue = None
+        self.step = 0
+
+
+def gls_threshold(queue, k):
+    """tau = the (1 - k) quantile of the queued scores (linear interpolation, as numpy's default)."""
+    return torch.quantile(queue.double(), 1.0 - k).item()
+
+
+def gls_positions(scores, k, valid, state):
+    """GLS, global-level selection (SPEC 2): select u(t) >= tau, tau from the queue of recent
+    scores *before* this batch is pushed; top-k while the queue is still empty. The number
+    chosen per sequence varies (a sequence with none drops out of the average)."""
+    check_budget(k)
+    if state.queue is None or state.queue.numel() == 0:
+        m = topk_positions(scores, k, valid)
+    else:
+        m = (scores >= gls_threshold(state.queue, k)) & valid
+    new = scores[valid].detach()
+    state.queue = new if state.queue is None else torch.cat([state.queue.to(new), new])
+    state.queue = state.queue[-state.gls_queue:]
+    return m
+
+
+def curriculum_positions(scores, k, valid, state):
+    """curriculum (SPEC 2): ceil(k n) positions per sequence, a window over the positions
+    sorted by u(t) that slides linearly from the lowest-scored window at step 0 to the top-k
+    window at step `curriculum_steps` (and stays there)."""
+    check_budget(k)
+    rank = score_ranks(scores, valid)  # 0 = highest
+    n = valid.sum(1)
+    K = budget_counts(k, n)
+    progress = min(1.0, state.step / state.curriculum_steps)
+    first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # rank the window starts at
+    return (rank >= first) & (rank < first + K[:, None]) & valid
+
+
+def position_probabilities(scores, valid):
+    """q(t) = u(t) / sum_j u(j) over a sequence's valid positions (negative scores count as 0;
+    a sequence whose scores are all 0 is drawn uniformly). -> float64 [B, L]."""
+    u = scores.double().clamp_min(0) * valid
+    u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.double())
+    return u / u.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+def _draw_counts(q, k, valid):
+    """ceil(k n) i.i.d. draws per sequence from q -> how often each position was drawn [B, L]."""
+    K = budget_counts(k, valid.sum(1))
+    counts = torch.zeros_like(q)
+    rows = K > 0
+    if rows.any():
+        draws = torch.multinomial(q[rows], int(K.max()), replacement=True)
+        keep = torch.arange(draws.shape[1], device=q.device) < K[rows][:, None]
+        counts[rows] = torch.zeros_like(q[rows]).scatter_add_(1, draws, keep.double())
+    return counts
+
+
+def pos_rs_kd_positions(scores, k, valid, state=None):
+    """pos-RS-KD (SPEC 2): ceil(k n) i.i.d. draws with probability q(t); a position drawn c
+    times counts c times. Normalised per sequence by the number of draws, the loss's
+    expectation is the score-weighted KD sum_t u(t) l(t) / sum_j u(j). -> float counts [B, L]."""
+    check_budget(k)
+    return _draw_counts(position_probabilities(scores, valid), k, valid)
+
+
+def pos_rs_kd_star_positions(scores, k, valid, state=None):
+    """pos-RS-KD* (SPEC 2): the same draws, each weighted by 1 / (n q(t)): returns
+    m_t = c_t / (n q(t)). With the per-sequence denominator fixed to the number of draws K
+    (`kl_row_weights`), E[sum_t m_t l(t) / K] = sum_t K q(t) l(t) / (K n q(t)) = (1/n) sum_t l(t),
+    Full KD. (Dividing by sum_t m_t instead would be self-normalised and biased.)"""
+    check_budget(k)
+    q = position_probabilities(scores, valid)
+    n = valid.sum(1, keepdim=True).double()
+    return torch.where(q > 0, _draw_counts(q, k, valid) / (n * q).clamp_min(1e-300), 0.0)
+
+
+POLICIES = {"topk": topk_positions, "gls": gls_positions, "curriculum": curriculum_positions,
+            "pos_rs_kd": pos_rs_kd_positions, "pos_rs_kd_star": pos_rs_kd_star_positions}
+
+
+def get_policy(name):
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy '{name}': choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def kl_row_weights(m, k, valid, policy):
+    """The KL term's row weights for mask m (SPEC 1): per-sequence normalisation by sum_t m_t,
+    except pos-RS-KD*, whose sequences are divided by their number of draws ceil(k n)."""
+    if policy == "pos_rs_kd_star":
+        return per_sequence_weights(m, torch.float64, per_seq=budget_counts(k, valid.sum(1)))
+    return per_sequence_weights(m, torch.float64)
 
 
 # ============================================================================ 6. streamed selective loss
@@ -271,11 +498,12 @@ class _StreamedHeadLoss(torch.autograd.Function):
 
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=None,
-                     T=1.0, lam=1.0, chunk_rows=None):
+                     T=1.0, lam=1.0, chunk_rows=None, row_weights=None):
     """`kd_loss` with selective LM heads, streamed (SPEC 6). Equal in value and gradient to
-    kd_loss(student_h @ student_w.T, teacher_h @ teacher_w.T, targets, mask, T, lam), but:
-    teacher and student logits exist only for the selected rows, and only one chunk of
-    `chunk_rows` of them at a time. student_h [B, L, D] (with grad), teacher_h [B, L, Dt]."""
+    kd_loss(student_h @ student_w.T, teacher_h @ teacher_w.T, targets, mask, T, lam, row_weights),
+    but: teacher and student logits exist only for the selected rows (those in `mask`, or with a
+    non-zero row weight), and only one chunk of `chunk_rows` of them at a time.
+    student_h [B, L, D] (with grad), teacher_h [B, L, Dt]."""
     check_temperature(T)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
@@ -284,14 +512,17 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
     loss = torch.zeros((), dtype=_wide(student_h).dtype, device=student_h.device)
     if lam > 0:
+        if row_weights is None:
+            weights = per_sequence_weights(mask, loss.dtype)
+        else:
+            mask, weights = (row_weights != 0) & valid, row_weights.to(loss.dtype)
         t_rows = teacher_h[mask]
 
         def kd_rows(z, rows):
             with torch.no_grad():
                 z_teacher = _wide(t_rows[rows] @ teacher_w.T)
             return _kd_rows(z, z_teacher, T)
-        loss = loss + lam * _StreamedHeadLoss.apply(student_h[mask], student_w,
-                                                     per_sequence_weights(mask, loss.dtype)[mask], chunk, kd_rows)
+        loss = loss + lam * _StreamedHeadLoss.apply(student_h[mask], student_w, weights[mask], chunk, kd_rows)
     if lam < 1:
         y = targets[valid]
         loss = loss + (1 - lam) * _StreamedHeadLoss.apply(
@@ -300,10 +531,86 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     return loss
 
 
+# ---------------------------------------------------------------------------- AT-KD baseline
+
+def at_kd_rows(zs, zt, y, hard, T=1.0):
+    """Per row, AT-KD's terms (Zhong et al. 2024, "Revisiting Knowledge Distillation for
+    Autoregressive Language Models"; SPEC 2). Each distribution is split into the gold class y
+    and the rest (the decoupled-KD view):
+      binary     KL((p(y), 1 - p(y)) || (q(y), 1 - q(y)))
+      non-target KL(p(. | not y) || q(. | not y)), both renormalised over the other classes.
+    A hard row gets binary + non-target, an easy row the non-target term only; logits / T and a
+    T^2 factor as in SPEC 1. Differentiable in zs. -> [R].
+    What this follows: the exact split KL(p || q) = binary + (1 - p(y)) * non-target couples the
+    two terms through the teacher's uncertainty 1 - p(y); AT-KD decouples them (no 1 - p(y)
+    factor on the non-target term), as SPEC 2 states. Choices of ours where SPEC 2 is silent:
+    the hard/easy split is made per sequence (ties to the earlier position), and T applies to
+    both terms."""
+    zs, zt = _wide(zs) / T, _wide(zt) / T
+    gold = F.one_hot(y, zs.shape[-1]).bool()
+
+    def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
+        lse, rest = torch.logsumexp(z, -1), z.masked_fill(gold, float("-inf"))
+        return z[gold] - lse, torch.logsumexp(rest, -1) - lse, F.log_softmax(rest, -1)
+    lp_y, lp_not, lp_rest = split(zt)
+    lq_y, lq_not, lq_rest = split(zs)
+    binary = lp_y.exp() * (lp_y - lq_y) + lp_not.exp() * (lp_not - lq_not)
+    non_target = (lp_rest.exp() * (lp_rest - lq_rest).masked_fill(gold, 0.0)).sum(-1)
+    return T * T * (hard * binary + non_target)
+
+
+def at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
+    """AT-KD's split and weights (SPEC 2). Positions are ranked, per sequence, by the teacher's
+    uncertainty 1 - p_t(y_t) (from the teacher CE -log p_t(y_t), `gold_ce` [B, L]); the most uncertain
+    `hard_share` are hard. Row weights: easy_weight for easy rows, 1 - easy_weight for hard
+    ones, divided by the sequence's number of positions and averaged over sequences, i.e.
+    L_i = (0.2 * sum_easy + 0.8 * sum_hard) / n_i. -> (hard bool [B, L], weights [B, L])."""
+    hard = topk_positions(-torch.expm1(-gold_ce), hard_share, valid)
+    w = per_sequence_weights(valid, torch.float64)
+    return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
+
+
+def at_kd_loss(student_logits, teacher_logits, targets, T=1.0):
+    """AT-KD on dense logits [B, L, V] (the readable reference flow)."""
+    valid = targets >= 0
+    y = targets.clamp_min(0)
+    with torch.no_grad():
+        hard, w = at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
+    rows = at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], T)
+    return (w[valid].to(rows.dtype) * rows).sum()
+
+
+def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, chunk_rows=None):
+    """`at_kd_loss` in chunks of rows, equal in value and gradient: AT-KD needs teacher and
+    student logits at every valid row, but one chunk of [rows, V] at a time. A first no-grad
+    pass scores the teacher's uncertainty; the second computes each chunk's loss and its exact
+    gradient (autograd on that chunk alone)."""
+    check_temperature(T)
+    valid = targets >= 0
+    ce = chunked_scores("teacher_ce", student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
+                        targets, chunk_rows)
+    hard, w = at_kd_weights(ce, valid)
+    t_rows, y, hard = teacher_h[valid], targets[valid], hard[valid]
+
+    def rows_loss(z, rows):
+        with torch.no_grad():
+            z_teacher = _wide(t_rows[rows] @ teacher_w.T)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            loss = at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
+            grad, = torch.autograd.grad(loss.sum(), z)
+        return loss.detach(), grad
+    dtype = _wide(student_h).dtype
+    return _StreamedHeadLoss.apply(student_h[valid], student_w, w[valid].to(dtype),
+                                   chunk_rows or default_chunk_rows(student_w.shape[0]), rows_loss)
+
+
 @dataclass
 class KDConfig:
-    """One distillation method. method: 'ce' (no teacher), 'full_kd' (every position) or
-    'sekd' (student entropy, top k). flow: 'streamed' (selective heads, chunked) or 'dense'
+    """One distillation method. method: 'ce' (no teacher), 'full_kd' (every position),
+    'sekd' (positions chosen by `metric` and `policy` with budget k; the defaults,
+    student_entropy + topk, are SE-KD), 'random_pos' (k of the positions uniformly at random)
+    or 'at_kd' (the AT-KD baseline). flow: 'streamed' (selective heads, chunked) or 'dense'
     (full [B, L, V] logits for both models, the paper's default flow)."""
     method: str = "sekd"
     k: float = 0.2
@@ -311,6 +618,10 @@ class KDConfig:
     lam: float = 1.0
     flow: str = "streamed"
     chunk_rows: int = 0
+    metric: str = "student_entropy"
+    policy: str = "topk"
+    gls_queue: int = 30_000
+    curriculum_steps: int = 4_000
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -321,44 +632,76 @@ class KDConfig:
         check_temperature(self.T)
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {self.lam}")
+        get_metric(self.metric)
+        get_policy(self.policy)
+        PositionState(self.gls_queue, self.curriculum_steps)  # checks both
 
     @property
     def uses_teacher(self):
         return self.method != "ce" and self.lam > 0
 
+    def new_state(self):
+        return PositionState(self.gls_queue, self.curriculum_steps)
 
-METHODS = ("ce", "full_kd", "sekd")
+
+METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
 
 
-def select_positions(student_h, student_w, valid, cfg):
-    """The position mask of a method: every valid position for Full KD, the top-k by
-    student entropy (computed in chunks, no grad) for SE-KD (SPEC 2, 5)."""
-    if cfg.method != "sekd" or cfg.k == 1.0:
+def select_positions(student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None):
+    """The position mask m of a method (SPEC 2): every valid position for Full KD; otherwise the
+    scores u(t) of cfg.metric ('random' for RandomPos; no grad, in chunks) through cfg.policy.
+    -> bool [B, L], or float counts for pos-RS-KD(*). `state`: a PositionState (GLS, curriculum)."""
+    if cfg.method not in ("sekd", "random_pos"):
         return valid
-    scores = chunked_entropy(student_h.detach(), student_w.detach(), 1.0, cfg.chunk_rows or None)
-    return topk_positions(scores, cfg.k, valid)
+    metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
+    if cfg.k == 1.0 and policy in ("topk", "curriculum"):
+        return valid
+    scores = chunked_scores(metric, student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
+                            targets, cfg.chunk_rows or None)
+    return get_policy(policy)(scores, cfg.k, valid, state if state is not None else cfg.new_state())
 
 
-def distill_loss(student, teacher, idx, targets, cfg):
+def distill_loss(student, teacher, idx, targets, cfg, state=None):
     """One step's loss for `cfg`: student hidden states with grad, teacher hidden states
-    without, positions selected, then the streamed (or dense) KD loss. -> (loss, n_selected)."""
+    without, positions selected, then the streamed (or dense) KD loss. `state` carries GLS's
+    queue and curriculum's step between calls. -> (loss, n_selected)."""
     student_h = student.hidden(idx)
     valid = targets >= 0
+    row_weights = None
     if cfg.method == "ce":  # plain cross-entropy: lambda = 0, no teacher
         lam, teacher_h, mask = 0.0, None, valid
     else:
         lam = cfg.lam
         with torch.no_grad():
             teacher_h = teacher.hidden(idx)
-        mask = select_positions(student_h, student.head_weight, valid, cfg)
+        if cfg.method == "at_kd":
+            return _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg), int(valid.sum())
+        mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher.head_weight,
+                                targets, state)
+        if mask.dtype != torch.bool:  # pos-RS-KD counts
+            row_weights = kl_row_weights(mask, cfg.k, valid, cfg.policy)
+            mask = mask > 0
     teacher_w = teacher.head_weight if teacher_h is not None else None
     if cfg.flow == "dense":
         teacher_logits = teacher.head(teacher_h) if teacher_h is not None else None
-        loss = kd_loss(student.head(student_h), teacher_logits, targets, mask, cfg.T, lam)
+        loss = kd_loss(student.head(student_h), teacher_logits, targets, mask, cfg.T, lam, row_weights)
     else:
         loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows or None)
+                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights)
     return loss, int(mask.sum())
+
+
+def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):
+    """lam * AT-KD + (1 - lam) * CE, in the dense or streamed flow."""
+    if cfg.flow == "dense":
+        loss = cfg.lam * at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T)
+        ce = kd_loss(student.head(student_h), None, targets, T=cfg.T, lam=0.0) if cfg.lam < 1 else 0.0
+    else:
+        loss = cfg.lam * streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
+                                             targets, cfg.T, cfg.chunk_rows or None)
+        ce = 0.0 if cfg.lam == 1 else streamed_kd_loss(student_h, student.head_weight, None, None, targets,
+                                                        lam=0.0, chunk_rows=cfg.chunk_rows or None)
+    return loss + (1 - cfg.lam) * ce
 
 
 # ============================================================================ 6b. evaluation

@@ -461,3 +461,270 @@ def test_help_lists_every_flag_with_defaults():
     for flag in ("--run", "--method", "--k", "--T", "--lam", "--flow", "--device", "--compile", "--seed"):
         assert flag in r.stdout
     assert "(default: 0.2)" in r.stdout
+
+
+# ============================================================================= SPEC 2: the position axis
+
+def ref_ce(row, y):
+    return -math.log(ref_softmax(row)[y])
+
+
+REF_METRICS = {  # u(t) from one row of student logits s, teacher logits t and target y, by hand
+    "student_entropy": lambda s, t, y: ref_entropy(s),
+    "teacher_entropy": lambda s, t, y: ref_entropy(t),
+    "student_ce": lambda s, t, y: ref_ce(s, y),
+    "teacher_ce": lambda s, t, y: ref_ce(t, y),
+    "kl": lambda s, t, y: ref_kl(t, s),
+    "reverse_kl": lambda s, t, y: ref_kl(s, t),
+    "kl_plus_student_entropy": lambda s, t, y: ref_kl(t, s) + ref_entropy(s),
+    "ce_ratio": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y),
+    "ce_ratio_plus_student_entropy": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y) + ref_entropy(s),
+}
+
+
+@pytest.mark.parametrize("name", list(REF_METRICS))
+def test_every_metric_matches_brute_force(name):
+    s, t, y = random_case(B=3, L=6, V=7, seed=11)
+    eye = torch.eye(7, dtype=torch.float64)  # identity heads: the logits are the hidden states
+    valid = y >= 0
+    got = sekd.chunked_scores(name, s, eye, valid, t, eye, y, chunk_rows=4)
+    for b in range(3):
+        for i in range(6):
+            want = REF_METRICS[name](s[b, i].tolist(), t[b, i].tolist(), int(y[b, i])) if valid[b, i] else 0.0
+            assert got[b, i].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert set(REF_METRICS) | {"random"} == set(sekd.METRICS)
+
+
+def test_random_metric_and_student_only_metrics_need_no_teacher():
+    s, t, y = random_case(seed=12)
+    eye, valid = torch.eye(7, dtype=torch.float64), y >= 0
+    torch.manual_seed(0)
+    r1 = sekd.chunked_scores("random", s, eye, valid, chunk_rows=2)
+    torch.manual_seed(0)
+    assert torch.equal(r1, sekd.chunked_scores("random", s, eye, valid, chunk_rows=2))
+    assert ((r1 >= 0) & (r1 < 1)).all() and (r1[~valid] == 0).all() and len(set(r1[valid].tolist())) == int(valid.sum())
+    for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
+        assert sekd.chunked_scores(name, s, eye, valid, targets=y).shape == y.shape
+    with pytest.raises(ValueError, match="needs the teacher"):
+        sekd.chunked_scores("teacher_entropy", s, eye, valid)
+
+
+def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
+    @sekd.student_only
+    def low_entropy(zs, zt, y):
+        return -sekd.token_entropy(zs)
+    monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
+    train.check_args(train.build_parser().parse_args(["--metric", "low_entropy"]))
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
+    cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
+    mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+    ent = sekd.token_entropy(student(idx))
+    for b in range(2):
+        assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(torch.topk(-ent[b], 3).indices.tolist())
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        sekd.KDConfig("sekd", metric="nope")
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        sekd.KDConfig("sekd", policy="nope")
+
+
+def ragged_scores(B=6, L=40, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, L, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    for b in range(B):
+        valid[b, L - 7 * b:] = False  # 40, 33, 26, ... valid positions
+    return scores, valid
+
+
+@pytest.mark.parametrize("k", [0.05, 0.2, 0.5, 1.0])
+def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
+    scores, valid = ragged_scores()
+    S = 100
+    for step in (0, 1, 37, 50, 99, 100, 250):
+        state = sekd.PositionState(curriculum_steps=S)
+        state.step = step
+        mask = sekd.curriculum_positions(scores, k, valid, state)
+        for b in range(len(scores)):
+            n = int(valid[b].sum())
+            K = ref_topk_count(k, n)
+            assert int(mask[b].sum()) == K and not (mask[b] & ~valid[b]).any()
+            ascending = sorted(range(n), key=lambda t: scores[b, t].item())
+            first = round((1 - min(1, step / S)) * (n - K))  # window start, counted from the top
+            want = ascending[n - first - K: n - first]
+            assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(want)
+    state.step = S
+    assert torch.equal(sekd.curriculum_positions(scores, k, valid, state), sekd.topk_positions(scores, k, valid))
+
+
+def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
+    k, cap = 0.2, 100
+    state = sekd.PositionState(gls_queue=cap)
+    pushed = []
+    for batch in range(5):
+        scores, valid = ragged_scores(seed=20 + batch)
+        mask = sekd.gls_positions(scores, k, valid, state)
+        if not pushed:  # empty queue: top-k
+            assert torch.equal(mask, sekd.topk_positions(scores, k, valid))
+        else:
+            queue = np.array(pushed[-cap:])
+            tau = np.quantile(queue, 1 - k)
+            assert sekd.gls_threshold(torch.tensor(queue), k) == pytest.approx(tau, rel=1e-12)
+            assert torch.equal(mask, (scores >= tau) & valid)
+        pushed += scores[valid].tolist()
+        assert state.queue.tolist() == pushed[-cap:]  # FIFO: the most recent `cap` scores
+
+
+def test_pos_rs_kd_draws_ceil_kn_from_valid_scored_positions():
+    scores, valid = ragged_scores()
+    scores[0, :10] = 0.0  # never drawn
+    torch.manual_seed(0)
+    counts = sekd.pos_rs_kd_positions(scores, 0.2, valid)
+    assert counts.sum(1).tolist() == [ref_topk_count(0.2, int(n)) for n in valid.sum(1)]
+    assert (counts[~valid] == 0).all() and (counts[0, :10] == 0).all()
+    assert (counts == counts.round()).all()
+
+
+def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
+    """The mean of the pos-RS-KD loss over many independent draws must be within 4 standard
+    errors of its target (entropy-weighted KD; Full KD for pos-RS-KD*), where the standard error
+    is std(samples)/sqrt(draws), and more than 8 standard errors from the other target, so the
+    test can tell the two estimators apart. 4 SE: a correct estimator fails about 1 run in 16,000
+    for a random seed; the seed is fixed anyway."""
+    s, t, y = random_case(B=3, L=12, V=7, seed=13)
+    y[1, 9:] = -1
+    s = s * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)[None, :, None]  # entropies vary along the sequence
+    valid = y >= 0
+    u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
+    l = sekd.kl_per_position(t, s) * valid
+    weighted = ((u * l).sum(1) / u.sum(1)).mean().item()
+    full = ((l.sum(1) / valid.sum(1))).mean().item()
+    torch.manual_seed(1)
+    draws = 4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
+    B = len(y)
+    for policy, target, other in (("pos_rs_kd", weighted, full), ("pos_rs_kd_star", full, weighted)):
+        m = sekd.POLICIES[policy](u.repeat(draws, 1), 0.25, valid.repeat(draws, 1))
+        w = sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws  # weights of one copy
+        samples = (w.view(draws, B, -1) * l).sum((1, 2)).numpy()
+        one = sekd.kd_loss(s, t, y, m[:B] > 0, row_weights=w[:B]).item()  # the loss function agrees
+        assert one == pytest.approx(samples[0], abs=1e-12)
+        mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
+        assert abs(mean - target) < 4 * se, (policy, mean, target, se)
+        assert abs(mean - other) > 8 * se, (policy, mean, other, se)
+
+
+def test_streamed_row_weights_equal_dense():
+    g = torch.Generator().manual_seed(14)
+    B, L, D, V = 3, 8, 6, 13
+    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(B, L, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[2, 5:] = -1
+    w = torch.rand(B, L, generator=g, dtype=torch.float64) * (torch.rand(B, L, generator=g) < 0.5)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w)
+    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
+    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+        assert torch.allclose(a, b, atol=1e-12)
+    kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
+    ce = torch.nn.functional.cross_entropy((hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none").view_as(y)
+    want = 0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (sekd.per_sequence_weights(y >= 0, torch.float64) * ce).sum()
+    assert dense.item() == pytest.approx(want.item(), abs=1e-12)
+
+
+def ref_at_kd(s_logits, t_logits, targets):
+    """AT-KD by hand (SPEC 2): per sequence, the ceil(n/2) positions with the highest teacher
+    1 - p(y) are hard (binary + non-target KL), the rest easy (non-target KL only);
+    L_i = (0.2 * sum_easy + 0.8 * sum_hard) / n_i, averaged over sequences."""
+    per_seq = []
+    for b in range(len(targets)):
+        rows = []
+        for i in range(len(targets[b])):
+            y = int(targets[b][i])
+            if y < 0:
+                continue
+            p, q = ref_softmax(t_logits[b][i].tolist()), ref_softmax(s_logits[b][i].tolist())
+            p_not = sum(p[v] for v in range(len(p)) if v != y)  # 1 - p(y), without cancellation
+            q_not = sum(q[v] for v in range(len(q)) if v != y)
+            binary = p[y] * math.log(p[y] / q[y]) + p_not * math.log(p_not / q_not)
+            non_target = sum(p[v] / p_not * math.log((p[v] / p_not) / (q[v] / q_not))
+                             for v in range(len(p)) if v != y)
+            rows.append((p_not, i, binary, non_target))
+        if not rows:
+            continue
+        ranked = sorted(rows, key=lambda r: (-r[0], r[1]))
+        n_hard = math.ceil(len(rows) / 2)
+        hard = sum(0.8 * (r[2] + r[3]) for r in ranked[:n_hard])
+        easy = sum(0.2 * r[3] for r in ranked[n_hard:])
+        per_seq.append((hard + easy) / len(rows))
+    return sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
+    g = torch.Generator().manual_seed(15)
+    B, L, D, V = 3, 7, 6, 11
+    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(B, L, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[1, 4:] = -1
+    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y)
+    assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
+    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, chunk_rows=chunk)
+    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
+    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("kd", [dict(method="random_pos"), dict(method="at_kd"), dict(method="at_kd", lam=0.5),
+                                dict(metric="reverse_kl"), dict(metric="ce_ratio", policy="gls"),
+                                dict(policy="curriculum"), dict(policy="pos_rs_kd"), dict(policy="pos_rs_kd_star")])
+def test_every_method_streamed_equals_dense_through_a_model(kd):
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
+    y[2, 8:] = -1
+    out = []
+    for flow in ("dense", "streamed"):
+        cfg = sekd.KDConfig(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **kd})
+        state = cfg.new_state()
+        student.zero_grad()
+        torch.manual_seed(3)  # the same random scores / draws in both flows
+        for step in range(2):  # a second step: GLS uses its queue, curriculum moves
+            state.step = step * 2000
+            loss, n = sekd.distill_loss(student, teacher, idx, y, cfg, state)
+        loss.backward()
+        out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-12) and out[0][1] == out[1][1]
+    for a, b in zip(out[0][2], out[1][2]):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_position_flags_errors():
+    parse = train.build_parser().parse_args
+    for flags, msg in ((["--policy", "nope"], "unknown policy 'nope'"), (["--gls-queue", "0"], "--gls-queue"),
+                       (["--curriculum-steps", "-1"], "--curriculum-steps"), (["--seeds", "0"], "--seeds")):
+        with pytest.raises(ValueError, match=msg):
+            train.check_args(parse(flags))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--metric", "nope"], capture_output=True,
+                       text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 2 and "unknown metric 'nope': choose one of student_entropy" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
+    r = run_job(tmp_path, tiny_corpus, "--run", "positions", "--student-steps", "2", "--seeds", "2",
+                "--teacher-steps", "5", "--eval-tokens", "128")
+    t = r["tables"]
+    assert len(t["metrics"]) == 12 and len(t["policies"]) == 5 and len(t["budget"]) == 12
+    assert {"Full KD", "AT-KD", "RandomPos 20% (random)", "student_entropy top 20%"} <= {x["method"] for x in t["metrics"]}
+    assert all(len(x["seeds"]) == 2 and "val_ppl_std" in x for rows in t.values() for x in rows)
+    assert r["students_trained"] == 2 * (12 + 4 + 8)  # shared configurations trained once
+    saved = json.loads((tmp_path / "results_positions.json").read_text())
+    assert saved["tables"]["budget"][5]["val_ppl"] == t["metrics"][0]["val_ppl"]  # 100% = Full KD
+    assert "(3) budget sweep" in capsys.readouterr().out
+    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--student-steps", "2", "--eval-tokens", "128")
+    out = capsys.readouterr().out
+    assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
+    assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()

@@ -3,11 +3,16 @@
     python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
     python train.py --run teacher        # only the teacher
     python train.py --run distill --method sekd --k 0.1
+    python train.py --run distill --metric reverse_kl --policy gls
+    python train.py --run positions      # the paper's position tables (metrics, policies, budgets), 3 seeds
+    python train.py --run show           # one validation sequence coloured by student entropy (ANSI + HTML)
     python train.py --help               # every flag with its default
 
 Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
 """
 import argparse
+import dataclasses
+import html
 import io
 import json
 import math
@@ -33,9 +38,10 @@ class UserError(ValueError):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill"],
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
-                        "distill: one student with --method")
+                        "distill: one student with --method; positions: the paper's position tables "
+                        "(--seeds students per row); show: one validation sequence, selections coloured")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
@@ -67,6 +73,14 @@ def build_parser():
     g = p.add_argument_group("distillation")
     g.add_argument("--method", default="sekd", choices=sekd.METHODS, help="for --run distill")
     g.add_argument("--k", type=float, default=0.2, help="SE-KD position budget, in (0, 1]")
+    g.add_argument("--metric", default="student_entropy",
+                   help="position importance metric of --method sekd: " + ", ".join(sekd.METRICS))
+    g.add_argument("--policy", default="topk", help="position selection policy: " + ", ".join(sekd.POLICIES))
+    g.add_argument("--gls-queue", type=int, default=30_000, help="GLS: scores kept in the FIFO queue")
+    g.add_argument("--curriculum-steps", type=int, default=4_000,
+                   help="curriculum: steps for the window to slide from the lowest to the top scores")
+    g.add_argument("--seeds", type=int, default=3, help="--run positions: students (seeds) per row")
+    g.add_argument("--show-sample", type=int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=float, default=0.5,
                    help="KL weight lambda; 1 - lambda goes to CE on every position. The paper uses 1 (pure KL); "
@@ -100,6 +114,13 @@ def check_args(a):
         raise UserError(f"--student-init-steps must be >= 0, got {a.student_init_steps}")
     if a.chunk_rows < 0 or min(a.lr, a.teacher_lr, a.student_init_lr) <= 0 or a.warmup < 0:
         raise UserError("--chunk-rows, --warmup must be >= 0 and learning rates > 0")
+    if a.seeds < 1 or a.show_sample < 0:
+        raise UserError("--seeds must be at least 1 and --show-sample at least 0")
+    sekd.get_metric(a.metric)
+    sekd.get_policy(a.policy)
+    if a.gls_queue < 1 or a.curriculum_steps < 1:
+        raise UserError(f"--gls-queue and --curriculum-steps must be at least 1, got {a.gls_queue} and "
+                        f"{a.curriculum_steps}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
     sekd.check_budget(a.k)
@@ -367,10 +388,21 @@ def pretrained(args, corpus, device, evalset, who):
     return model, {**stats, "reused": False}
 
 
-def distill_student(args, method, corpus, device, teacher, evalset, student_init=None):
-    """One student from the shared initial weights, trained with `method`, evaluated."""
+def method_label(cfg):
+    if cfg.method == "sekd" and (cfg.metric, cfg.policy) != ("student_entropy", "topk"):
+        return f"{cfg.metric} {cfg.policy} {cfg.k:.0%}"
+    return {"ce": "CE (no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {cfg.k:.0%}",
+            "random_pos": f"RandomPos {cfg.k:.0%}", "at_kd": "AT-KD"}[cfg.method]
+
+
+def distill_student(args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd):
+    """One student from the shared initial weights (`student_init`, or the seed's random
+    init), trained with `method`, evaluated.
+    `kd` overrides KDConfig fields (metric, policy, k, ...); save=False keeps no checkpoint."""
     cfg = sekd.KDConfig(method=method, k=1.0 if method == "full_kd" else args.k, T=args.T, lam=args.lam,
-                        flow=args.flow, chunk_rows=args.chunk_rows)
+                        flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
+                        gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps)
+    cfg = dataclasses.replace(cfg, **kd)
     torch.manual_seed(args.seed)
     student = new_model(args, "student", corpus.vocab.size, device)
     if student_init is not None:  # same initial weights for every method
@@ -379,34 +411,48 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         sekd.check_pair(teacher, student)
     batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device)  # same data order
     s_body, t_body = maybe_compile(student, args), teacher
+    state, calls = cfg.new_state(), [0]  # GLS's queue; curriculum follows the optimizer step
 
     def loss_fn(x, y):
-        return sekd.distill_loss(s_body, t_body, x, y, cfg)
-    name = {"ce": "CE (no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {args.k:.0%}"}[method]
+        state.step = calls[0] // args.grad_accum
+        calls[0] += 1
+        return sekd.distill_loss(s_body, t_body, x, y, cfg, state)
+    name = method_label(cfg)
 
-    def save(step, opt):
-        if step == args.student_steps:
+    def save_ckpt(step, opt):
+        if save and step == args.student_steps:
             save_checkpoint(os.path.join(args.out_dir, f"student_{method}.pt"),
                             {"model": student.state_dict(), "config": asdict(student.config),
                              "signature": corpus.signature, "step": step, "steps": args.student_steps,
                              "kd": asdict(cfg)})
-    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save,
+    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save_ckpt,
                        frozen_bytes=sekd.state_bytes(teacher) if cfg.uses_teacher else 0)
     row = {"method": name, **evalset.evaluate(student, args), **stats}
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
     return row
 
 
-def print_table(rows, device):
-    head = f"{'method':<22} {'val PPL':>8} {'KL(T||S)':>9} {'agree %':>8} {'ECE %':>6} {'wall':>8} {'tok/s':>8} {'peak MiB':>9}"
-    print("\n" + head + "\n" + "-" * len(head))
+def print_table(rows, device, title=None):
+    """Rows of results; a row with `<key>_std` entries (mean over seeds) shows them as mean ± std."""
+    w = max([22] + [len(r["method"]) for r in rows])
+    sd = any("val_ppl_std" in r for r in rows)
+
+    def cell(r, key, fmt, scale=1.0):
+        if r.get(key) is None:
+            return "-"
+        if r.get(key + "_std") is None:
+            return fmt.format(scale * r[key])
+        return fmt.format(scale * r[key]) + "±" + fmt.format(scale * r[key + "_std"])
+    c = 14 if sd else 8
+    head = (f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} {'wall':>8} "
+            f"{'tok/s':>8} {'peak MiB':>9}")
+    print(("\n" + title if title else "") + "\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        kl = "-" if r.get("kl_to_teacher") is None else f"{r['kl_to_teacher']:.3f}"
-        ag = "-" if r.get("agreement") is None else f"{100 * r['agreement']:.1f}"
         wall = fmt_time(r["train_s"]) if r.get("train_s") else "-"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
-        print(f"{r['method']:<22} {r['val_ppl']:>8.2f} {kl:>9} {ag:>8} {r['ece']:>6.2f} {wall:>8} {tps:>8} {peak:>9}")
+        print(f"{r['method']:<{w}} {cell(r, 'val_ppl', '{:.2f}'):>{c}} {cell(r, 'kl_to_teacher', '{:.3f}'):>{c + 1}} "
+              f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} {wall:>8} {tps:>8} {peak:>9}")
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")
@@ -416,6 +462,130 @@ def machine():
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------- the position axis (SPEC 2)
+
+BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+SUMMARY_KEYS = ("val_ppl", "kl_to_teacher", "agreement", "ece", "train_s", "tokens_per_s", "peak_bytes")
+
+
+def mean_std_row(label, per_seed):
+    """One table row: the mean and sample std over seeds of each metric, plus the seeds' rows."""
+    row = {"method": label, "seeds": per_seed}
+    for key in SUMMARY_KEYS:
+        vals = [r[key] for r in per_seed if r.get(key) is not None]
+        if vals:
+            row[key] = float(np.mean(vals))
+            row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return row
+
+
+def run_positions(args, corpus, device, teacher, evalset, student_init=None):
+    """The paper's position tables at small scale (SPEC 2, 7), each row --seeds students:
+    (1) every metric with top-k plus Full KD, RandomPos and AT-KD; (2) student entropy with
+    every policy; (3) budgets BUDGETS for student entropy and reverse KL. A configuration that
+    appears in several tables is trained once."""
+    seeds = [args.seed + i for i in range(args.seeds)]
+    done = {}
+
+    def row(label, method, **kd):
+        key = (method, tuple(sorted(kd.items())))
+        if key not in done:
+            per_seed = []
+            for s in seeds:
+                a = argparse.Namespace(**{**vars(args), "seed": s})
+                per_seed.append(distill_student(a, method, corpus, device, teacher, evalset, student_init,
+                                                save=False, **kd))
+            done[key] = per_seed
+        return mean_std_row(label, done[key])
+
+    k = args.k
+    steps_S = min(args.curriculum_steps, args.student_steps)
+    if steps_S < args.curriculum_steps:
+        print(f"note: curriculum slides over {steps_S} steps (--student-steps), not --curriculum-steps "
+              f"{args.curriculum_steps}, so that it reaches the top window within training")
+    tables = {}
+    tables["metrics"] = [row("Full KD", "full_kd")]
+    for m in sekd.METRICS:
+        tables["metrics"].append(row(f"RandomPos {k:.0%} (random)", "random_pos", k=k) if m == "random" else
+                                 row(f"{m} top {k:.0%}", "sekd", metric=m, policy="topk", k=k))
+    tables["metrics"].append(row("AT-KD", "at_kd"))
+    print_table(tables["metrics"], device, f"(1) metrics, top {k:.0%}, {len(seeds)} seed(s)")
+    labels = {"curriculum": f"curriculum (S={steps_S})", "gls": f"gls (queue {args.gls_queue:,})"}
+    tables["policies"] = []
+    for p in sekd.POLICIES:
+        extra = {"curriculum_steps": steps_S} if p == "curriculum" else {}
+        tables["policies"].append(row(f"student_entropy {labels.get(p, p)} {k:.0%}", "sekd",
+                                      metric="student_entropy", policy=p, k=k, **extra))
+    print_table(tables["policies"], device, f"(2) policies, student entropy, k = {k:.0%}")
+    tables["budget"] = []
+    for m in ("student_entropy", "reverse_kl"):
+        for b in BUDGETS:  # top-100% selects every position: that is Full KD
+            tables["budget"].append(row(f"{m} top 100% (= Full KD)", "full_kd") if b == 1.0 else
+                                    row(f"{m} top {b:.0%}", "sekd", metric=m, policy="topk", k=b))
+    print_table(tables["budget"], device, "(3) budget sweep")
+    for name, rows in tables.items():  # the three tables again, together at the end
+        print_table(rows, device, f"table: {name}")
+    return {"tables": tables, "seeds": seeds, "students_trained": len(done) * len(seeds)}
+
+
+def _heat(e, lo, hi):
+    """White (the sequence's lowest entropy) to red (its highest) as an (r, g, b) triple."""
+    f = 0.0 if hi <= lo else (e - lo) / (hi - lo)
+    return 255, int(255 * (1 - f)), int(255 * (1 - f))
+
+
+def show_selection(args, corpus, device, teacher, evalset, student_init=None):
+    """One validation sequence, each predicted token coloured by the student's entropy H(q_t),
+    positions selected at budget --k marked: by SE-KD (student entropy) and by --metric (or
+    teacher entropy when --metric is student_entropy). ANSI in the terminal + an HTML file.
+    Uses OUT_DIR/student_sekd.pt (trains it first if missing)."""
+    path = os.path.join(args.out_dir, "student_sekd.pt")
+    if not os.path.exists(path):
+        distill_student(args, "sekd", corpus, device, teacher, evalset, student_init)
+    ckpt = load_checkpoint(path)
+    check_signature(ckpt, corpus, path)
+    student = GPT_from(ckpt).to(device).eval()
+    i = min(args.show_sample, len(evalset.x) - 1)
+    x, y = evalset.x[i:i + 1], evalset.y[i:i + 1]
+    other = args.metric if args.metric != "student_entropy" else "teacher_entropy"
+    valid = y >= 0
+    with torch.no_grad():
+        h, w = student.hidden(x).float(), student.head_weight.float()
+        th = evalset.teacher_h[i:i + 1]
+        ent = sekd.chunked_scores("student_entropy", h, w, valid)[0]
+        picks = {name: sekd.topk_positions(sekd.chunked_scores(name, h, w, valid, th, evalset.teacher_w, y),
+                                           args.k, valid)[0] for name in ("student_entropy", other)}
+    enc = data.gpt2_encoding()
+    tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
+    first = corpus.vocab.decode([int(x[0, 0])], enc)
+    lo, hi = float(ent.min()), float(ent.max())
+    blocks = []
+    for name, sel in picks.items():
+        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name} top {args.k:.0%} " \
+                f"({int(sel.sum())} of {len(tokens)} positions marked)"
+        ansi = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
+                       for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
+                                               for t, s, e in zip(tokens, sel, ent)))
+        print(f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked = bold underlined)\n"
+              f"{first}{ansi}")
+        spans = "".join(f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
+                        f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
+                        for t, s, e in zip(tokens, sel, ent))
+        blocks.append(f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>")
+    overlap = int((picks["student_entropy"] & picks[other]).sum())
+    print(f"\nboth metrics marked {overlap} of {int(picks[other].sum())} positions")
+    page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
+            "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
+            f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
+            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both metrics marked {overlap} positions in common.</p>"
+            f"<div class='row'>{''.join(blocks)}</div>")
+    out = os.path.join(args.out_dir, "selection.html")
+    data.atomic_write_bytes(out, page.encode())
+    print(f"HTML written to {out}")
+    return {"sample": i, "student_entropy": ent.tolist(), "selected": {n: s.tolist() for n, s in picks.items()},
+            "html": out}
 
 
 def main(argv=None):
@@ -433,17 +603,21 @@ def main(argv=None):
         p.requires_grad_(False)
     evalset.set_teacher(teacher, args)
     rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **t_stats}]
-    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method], "teacher": []}[args.run]
+    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
     student_init = None
-    if methods and args.student_init_steps > 0:
+    if args.run != "teacher" and args.student_init_steps > 0:
         student_init, s_stats = pretrained(args, corpus, device, evalset, "student")
         rows.append({"method": "student init (CE)", **evalset.evaluate(student_init, args), **s_stats})
     for m in methods:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
-    if not methods:
+    if args.run == "teacher":
         print_table(rows, device)
-    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows,
+    extra = {}
+    if args.run in ("positions", "show"):
+        extra = {"positions": run_positions, "show": show_selection}[args.run](args, corpus, device, teacher, evalset,
+                                                                             student_init)
+    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
               "total_s": time.time() - t_start}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
