@@ -17,6 +17,7 @@ then over sequences (SPEC 1, "per-sequence normalisation").
 """
 import math
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,11 @@ def _wide(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _wide_dtype(x):
+    """The dtype `_wide(x)` would have, without making the (possibly [B, L, V]) copy."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def check_temperature(T):
     if not T > 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
@@ -169,7 +175,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0):
         raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
-    loss = student_logits.new_zeros((), dtype=_wide(student_logits).dtype)
+    loss = student_logits.new_zeros((), dtype=_wide_dtype(student_logits))
     if lam > 0:
         kl = T * T * kl_per_position(teacher_logits, student_logits, T)
         loss = loss + lam * (per_sequence_weights(mask, kl.dtype) * kl).sum()
@@ -282,7 +288,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    loss = torch.zeros((), dtype=_wide(student_h).dtype, device=student_h.device)
+    loss = torch.zeros((), dtype=_wide_dtype(student_h), device=student_h.device)
     if lam > 0:
         t_rows = teacher_h[mask]
 
@@ -402,28 +408,42 @@ class LiveBytes(TorchDispatchMode):
     """Measures tensor memory on any device, CPU included: while active, every storage that an
     op creates is counted until it is freed; `peak` is the most bytes alive at once.
     Tensors that existed before (parameters, optimizer state) are not counted, nor scratch
-    memory a kernel frees before it returns."""
+    memory a kernel frees before it returns; an op's output that shares storage with one of its
+    inputs (an in-place update, a view) is not a new allocation.
 
-    def __init__(self):
+    `match`, optional, picks some new tensors (e.g. the logits-sized ones, last dim V): they are
+    also counted in `matched_live` / `matched_peak`, and `log` lists (op, shape, dtype, bytes)."""
+
+    def __init__(self, match=None):
         super().__init__()
         self.live = self.peak = 0
+        self.match, self.log = match, []
+        self.matched_live = self.matched_peak = 0
         self._seen = set()
 
-    def _free(self, key, nbytes):
+    def _free(self, key, nbytes, matched):
         self._seen.discard(key)
         self.live -= nbytes
+        self.matched_live -= nbytes if matched else 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self._seen:
+                if nbytes and key not in self._seen and key not in inputs:
                     self._seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
+                    matched = self.match is not None and bool(self.match(t))
+                    if matched:
+                        self.matched_live += nbytes
+                        self.matched_peak = max(self.matched_peak, self.matched_live)
+                        self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
+                    weakref.finalize(storage, self._free, key, nbytes, matched)
         return out
 
 
@@ -434,3 +454,71 @@ def state_bytes(*tensors_or_modules):
         ts = list(x.parameters()) + list(x.buffers()) if isinstance(x, nn.Module) else [x]
         total += sum(t.numel() * t.element_size() for t in ts)
     return total
+
+
+# ============================================================================ 7. memory: the flows of SPEC 6, accounted
+
+FLOWS = {  # name -> what one training step materialises (the rows of the memory benchmark)
+    "dense": "Full KD, dense flow ([B, L, V] logits for both models)",
+    "dense_entropy": "Full KD + chunked entropy (k = 100%)",
+    "chunked": "top-k, chunked entropy, no selective head",
+    "teacher_head": "top-k, teacher selective head",
+    "student_head": "top-k, student selective head",
+    "both_heads": "top-k, both selective heads",
+    "streamed": "top-k, streamed loss (streamed_kd_loss)",
+}
+
+
+def check_flow(flow):
+    if flow not in FLOWS:
+        raise ValueError(f"unknown memory flow '{flow}': choose one of {', '.join(FLOWS)}")
+
+
+def _no_phase(name):
+    return nullcontext()
+
+
+def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=_no_phase):
+    """The pure-KL (lambda = 1) loss of one step, computed the way `flow` does it (SPEC 6):
+    which logits exist as [B, L, V], which only at the N_sel selected rows, which in chunks.
+    All flows give the same loss for the same selection. `phase(name)` is entered around
+    each phase (teacher forward, student forward, selection, teacher head, loss) so that
+    a caller can measure it. Returns (loss, mask); no logits outlive the call."""
+    check_flow(flow)
+    valid = targets >= 0
+    dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
+    dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
+    with phase("teacher forward"), torch.no_grad():
+        teacher_h = teacher.hidden(idx)
+        t_logits = teacher.head(teacher_h) if dense_t else None
+    with phase("student forward"):
+        student_h = student.hidden(idx)
+        s_logits = student.head(student_h) if dense_s else None
+    with phase("selection"):
+        if flow == "dense":
+            mask = valid
+        else:
+            scores = chunked_entropy(student_h.detach(), student.head_weight.detach(), 1.0, chunk_rows)
+            mask = topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
+    if flow in ("teacher_head", "both_heads"):
+        with phase("teacher head"), torch.no_grad():
+            t_logits = teacher.head(teacher_h[mask])  # [N_sel, V]
+    with phase("loss"):
+        if flow in ("dense", "dense_entropy", "chunked"):
+            loss = kd_loss(s_logits, t_logits, targets, mask, T)
+        elif flow == "streamed":
+            loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
+                                    targets, mask, T, 1.0, chunk_rows)
+        else:
+            t_rows = t_logits if flow != "student_head" else t_logits[mask]
+            del t_logits  # the teacher's [B, L, V], once gathered, is not needed
+            s_rows = s_logits[mask] if dense_s else student.head(student_h[mask])
+            del s_logits
+            kl = T * T * kl_per_position(t_rows, s_rows, T)
+            loss = (per_sequence_weights(mask, kl.dtype)[mask] * kl).sum()
+    return loss, mask
+
+
+def logits_sized(vocab_size):
+    """A `LiveBytes(match=...)` predicate: tensors whose last dimension is the vocabulary."""
+    return lambda t: t.dim() >= 1 and t.shape[-1] == vocab_size
