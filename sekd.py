@@ -459,7 +459,7 @@ def state_bytes(*tensors_or_modules):
 # ============================================================================ 7. memory: the flows of SPEC 6, accounted
 
 FLOWS = {  # name -> what one training step materialises (the rows of the memory benchmark)
-    "dense": "Full KD, dense flow ([B, L, V] logits for both models)",
+    "dense": "Full KD, dense [B, L, V] logits (both models)",
     "dense_entropy": "Full KD + chunked entropy (k = 100%)",
     "chunked": "top-k, chunked entropy, no selective head",
     "teacher_head": "top-k, teacher selective head",
@@ -522,3 +522,241 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
 def logits_sized(vocab_size):
     """A `LiveBytes(match=...)` predicate: tensors whose last dimension is the vocabulary."""
     return lambda t: t.dim() >= 1 and t.shape[-1] == vocab_size
+
+
+class LogitLedger:
+    """The analytic model of one step's logits-sized tensors (last dim V): each one the code
+    creates, in program order, with its dtype, and when it is freed; `peaks[phase]` is the
+    most bytes of them alive at once during that phase (SPEC 6)."""
+
+    def __init__(self, V, half):
+        self.V, self.half, self.lo = V, half, 2 if half else 4  # head outputs: bf16 or float32
+        self.live, self.phase, self.peaks, self.tensors = 0, None, {}, []
+
+    def enter(self, phase):
+        self.phase = phase
+        self.peaks[phase] = self.live
+
+    def new(self, what, rows, nbytes_per_el):
+        t = {"phase": self.phase, "what": what, "shape": [rows, self.V],
+             "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el], "bytes": rows * self.V * nbytes_per_el}
+        self.tensors.append(t)
+        self.live += t["bytes"]
+        self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
+        return t
+
+    def free(self, *ts):
+        self.live -= sum(t["bytes"] for t in ts if t is not None)
+
+    # --- the operations of sekd.py, as the tensors they create
+
+    def head(self, rows, d, who, grad):
+        """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
+        is saved for backward."""
+        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if self.half else None
+        z = self.new(f"{who} logits", rows, self.lo)
+        if not grad:
+            self.free(w)
+        return z, w
+
+    def wide(self, rows, what):
+        return self.new(f"{what}, float32 copy", rows, 4) if self.half else None
+
+    def log_softmax(self, rows, what, wide=True):
+        """F.log_softmax(_wide(z) / T): the copy and the division are freed once it exists."""
+        w = self.wide(rows, what) if wide else None
+        d = self.new(f"{what} / T", rows, 4)
+        self.free(w)
+        out = self.new(f"{what} log-softmax", rows, 4)
+        self.free(d)
+        return out
+
+    def entropy(self, rows, z):
+        """token_entropy of logits z: log-softmax, its exp, their product; all freed after."""
+        logq = self.log_softmax(rows, "student (selection)")
+        q = self.new("student (selection) softmax", rows, 4)
+        prod = self.new("q * log q", rows, 4)
+        self.free(prod, q, logq, z)
+
+    def kl(self, rows):
+        """kl_per_position(zt, zs): keeps log q and p for backward, returns them."""
+        logp = self.log_softmax(rows, "teacher")
+        logq = self.log_softmax(rows, "student")
+        p = self.new("teacher softmax p", rows, 4)
+        diff = self.new("log p - log q", rows, 4)
+        prod = self.new("p * (log p - log q)", rows, 4)
+        self.free(prod, diff, logp)
+        return logq, p
+
+    def kl_backward(self, rows, logq, p):
+        """The logit gradient of the KL, (q - p) / T, built in four steps."""
+        g1 = self.new("grad of (log p - log q)", rows, 4)
+        self.free(p)
+        g2 = self.new("grad of log q", rows, 4)
+        self.free(g1)
+        g3 = self.new("grad of student logits / T", rows, 4)
+        self.free(g2, logq)
+        g4 = self.new("student logit gradient", rows, 4)
+        self.free(g3)
+        if self.half:
+            g5 = self.new("student logit gradient, bf16", rows, 2)
+            self.free(g4)
+            return g5
+        return g4
+
+
+def chunk_sizes(n, chunk_rows):
+    return [min(chunk_rows, n - i) for i in range(0, n, chunk_rows)]
+
+
+def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True):
+    """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected
+    (SPEC 6): which logits-sized tensors exist in which phase, and the peak bytes per phase.
+    select=False: no entropy pass (what `distill_loss` does for Full KD)."""
+    check_flow(flow)
+    lg = LogitLedger(V, half)
+    dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
+    dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
+    rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel  # kd_loss: KL at every row, then masked
+    zt = zs = ws = None
+    lg.enter("teacher forward")
+    if dense_t:
+        zt, _ = lg.head(BL, d_teacher, "teacher", grad=False)
+    lg.enter("student forward")
+    if dense_s:
+        zs, ws = lg.head(BL, d_student, "student", grad=True)
+    lg.enter("selection")
+    if flow != "dense" and select:
+        for c in chunk_sizes(BL, chunk_rows):
+            z, _ = lg.head(c, d_student, "student (selection)", grad=False)
+            lg.entropy(c, z)
+    if flow in ("teacher_head", "both_heads"):
+        lg.enter("teacher head")
+        zt, _ = lg.head(n_sel, d_teacher, "teacher", grad=False)
+    lg.enter("loss")
+    if flow == "streamed":
+        _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows)
+        lg.enter("backward")
+        lg.enter("optimizer step")
+        return lg
+    if flow in ("teacher_head", "student_head", "both_heads"):
+        if flow == "student_head":
+            zt_rows = lg.new("teacher logits, gathered rows", n_sel, lg.lo)
+            lg.free(zt)
+            zt = zt_rows
+        if dense_s:
+            zs_rows = lg.new("student logits, gathered rows", n_sel, lg.lo)
+            lg.free(zs)
+            zs = zs_rows
+        else:
+            zs, ws = lg.head(n_sel, d_student, "student", grad=True)
+    logq, p = lg.kl(rows)
+    lg.free(zt, zs)  # the function returns: only what backward saved stays
+    lg.enter("backward")
+    g = lg.kl_backward(rows, logq, p)
+    if flow == "teacher_head":  # the gather's backward scatters the rows' gradient into [B, L, V]
+        zeros = lg.new("zeros [B, L, V] for the gathered rows' gradient", BL, lg.lo)
+        scattered = lg.new("student logit gradient, scattered to [B, L, V]", BL, lg.lo)
+        lg.free(zeros, g)
+        g = scattered
+    lg.free(g, ws)
+    if half:  # the gradient of autocast's bf16 weight copy, back to float32
+        lg.free(lg.new("grad of the student head weight copy, float32 [D, V]", d_student, 4))
+    lg.enter("optimizer step")
+    return lg
+
+
+def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
+    """streamed_kd_loss: per chunk of c rows, student and teacher logits (float32), the KL's
+    tensors and the gradient T (q - p). A chunk's student logits and gradient live until the
+    next chunk's replace them, so two chunks overlap briefly."""
+    prev_z = prev_g = None
+    for c in chunk_sizes(n_sel, chunk_rows):
+        zs, _ = lg.head(c, d_student, "student chunk", grad=False)
+        if lg.half:  # z = _wide(h @ W.T): the bf16 product is a temporary
+            zs_w = lg.new("student chunk logits, float32", c, 4)
+            lg.free(zs)
+            zs = zs_w
+        lg.free(prev_z)
+        zt, _ = lg.head(c, d_teacher, "teacher chunk", grad=False)
+        if lg.half:
+            zt_w = lg.new("teacher chunk logits, float32", c, 4)
+            lg.free(zt)
+            zt = zt_w
+        logq = lg.log_softmax(c, "student chunk", wide=False)
+        logp = lg.log_softmax(c, "teacher chunk", wide=False)
+        p = lg.new("teacher chunk softmax p", c, 4)
+        diff = lg.new("log p - log q", c, 4)
+        prod = lg.new("p * (log p - log q)", c, 4)
+        lg.free(prod, diff)
+        diff = lg.new("q - p", c, 4)
+        g = lg.new("chunk logit gradient T (q - p)", c, 4)
+        lg.free(diff, logq, p, logp, zt, prev_g)
+        if lg.half:
+            lg.free(lg.new("chunk logit gradient, bf16", c, 2))
+        prev_z, prev_g = zs, g
+    lg.free(prev_z, prev_g)
+
+
+def param_bytes(model, trainable_only=False):
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def adamw_bytes(model, step_on_device=True):
+    """AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
+    float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return 2 * sum(p.numel() * p.element_size() for p in ps) + (4 * len(ps) if step_on_device else 0)
+
+
+def activation_bytes(config, B, L, half=False, grad=True):
+    """Estimate of a GPT body's activation bytes (`hidden`, no head). With grad: the tensors
+    autograd saves, per layer and token about 16 vectors of width D (LayerNorm inputs and
+    outputs, q k v, attention output and its copy, the two MLP tensors of width 4D), plus
+    LayerNorm statistics and the attention log-sum-exp; under bf16 autocast the two residual
+    vectors stay float32 and the rest are bf16. Without grad (the teacher): the peak of one
+    block, about 11 vectors of width D, plus the output."""
+    D, H, n = config.n_embd, config.n_head, config.n_layer
+    tokens, act = B * L, 2 if half else 4
+    if grad:
+        per_layer = D * (2 * 4 + 14 * act) + 4 * (4 + H)
+        return tokens * (n * per_layer + 2 * D * 4 + 8)
+    return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
+
+
+def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True):
+    """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
+    parameters, gradients and AdamW state per model, activation estimates, every logits-sized
+    tensor the flow creates (from `logit_ledger`), and the expected peak per phase.
+    Assumes every position is valid (the benchmark's random tokens)."""
+    V = student.config.vocab_size
+    chunk = chunk_rows or default_chunk_rows(V)
+    n_sel = B * L if flow == "dense" else int(budget_counts(1.0 if flow == "dense_entropy" else k,
+                                                             torch.tensor([L])).item()) * B
+    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select)
+    s_params, t_params = param_bytes(student), param_bytes(teacher)
+    s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
+         "activations": activation_bytes(student.config, B, L, half, grad=True)}
+    t = {"params": t_params, "activations": activation_bytes(teacher.config, B, L, half, grad=False)}
+    t_hidden = B * L * teacher.config.n_embd * 4  # ln_f output, float32 even under autocast
+    resident = s_params + t_params + s["adamw"]
+    head_grad = V * student.config.n_embd * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
+    phases = {
+        "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
+        "student forward": resident + t_hidden + s["activations"] + lg.peaks["student forward"],
+        "selection": resident + t_hidden + s["activations"] + lg.peaks["selection"],
+        "loss": resident + t_hidden + s["activations"] + head_grad + lg.peaks["loss"],
+        "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
+        "optimizer step": resident + s["grads"] + s_params,  # foreach AdamW: one parameter-sized temporary
+    }
+    if "teacher head" in lg.peaks:
+        phases["teacher head"] = resident + t_hidden + s["activations"] + lg.peaks["teacher head"]
+    t_logits = max((x["bytes"] for x in lg.tensors if x["what"].startswith("teacher")
+                    and "logits" in x["what"]), default=0)
+    total = max(phases.values())
+    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk,
+            "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
+            "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
+            "phases": phases, "total": total,
+            "teacher_total": t_params + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
+            "student_total": total - t_params - t_hidden}
