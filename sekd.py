@@ -459,7 +459,7 @@ def state_bytes(*tensors_or_modules):
 # ============================================================================ 7. memory: the flows of SPEC 6, accounted
 
 FLOWS = {  # name -> what one training step materialises (the rows of the memory benchmark)
-    "dense": "Full KD, dense [B, L, V] logits (both models)",
+    "dense": "Full KD, dense [B, L, V] logits",
     "dense_entropy": "Full KD + chunked entropy (k = 100%)",
     "chunked": "top-k, chunked entropy, no selective head",
     "teacher_head": "top-k, teacher selective head",

@@ -645,8 +645,8 @@ def run_benchmark(args, device):
                     grid[f].append(r)
                     result["sweep"].append(r)
             for f in sekd.FLOWS:
-                cells = ["OOM" if "oom" in r else f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}"
-                         for r in grid[f]]
+                cells = [("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r
+                         else f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}" for r in grid[f]]
                 table.append(f"{sekd.FLOWS[f]:<44}" + "".join(f"{c:>16}" for c in cells))
             print("\n".join(table), flush=True)
             lines += table
