@@ -20,6 +20,7 @@ then over sequences (SPEC 1, "per-sequence normalisation").
 """
 import math
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,11 @@ def _wide(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _wide_dtype(x):
+    """The dtype `_wide(x)` would have, without making the (possibly [B, L, V]) copy."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def check_temperature(T):
     if not T > 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
@@ -174,7 +180,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
         raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
-    loss = student_logits.new_zeros((), dtype=_wide(student_logits).dtype)
+    loss = student_logits.new_zeros((), dtype=_wide_dtype(student_logits))
     if lam > 0:
         kl = T * T * kl_per_position(teacher_logits, student_logits, T)
         w = per_sequence_weights(mask, kl.dtype) if row_weights is None else row_weights.to(kl.dtype) * valid
@@ -510,7 +516,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    loss = torch.zeros((), dtype=_wide(student_h).dtype, device=student_h.device)
+    loss = torch.zeros((), dtype=_wide_dtype(student_h), device=student_h.device)
     if lam > 0:
         if row_weights is None:
             weights = per_sequence_weights(mask, loss.dtype)
@@ -745,28 +751,42 @@ class LiveBytes(TorchDispatchMode):
     """Measures tensor memory on any device, CPU included: while active, every storage that an
     op creates is counted until it is freed; `peak` is the most bytes alive at once.
     Tensors that existed before (parameters, optimizer state) are not counted, nor scratch
-    memory a kernel frees before it returns."""
+    memory a kernel frees before it returns; an op's output that shares storage with one of its
+    inputs (an in-place update, a view) is not a new allocation.
 
-    def __init__(self):
+    `match`, optional, picks some new tensors (e.g. the logits-sized ones, last dim V): they are
+    also counted in `matched_live` / `matched_peak`, and `log` lists (op, shape, dtype, bytes)."""
+
+    def __init__(self, match=None):
         super().__init__()
         self.live = self.peak = 0
+        self.match, self.log = match, []
+        self.matched_live = self.matched_peak = 0
         self._seen = set()
 
-    def _free(self, key, nbytes):
+    def _free(self, key, nbytes, matched):
         self._seen.discard(key)
         self.live -= nbytes
+        self.matched_live -= nbytes if matched else 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self._seen:
+                if nbytes and key not in self._seen and key not in inputs:
                     self._seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
+                    matched = self.match is not None and bool(self.match(t))
+                    if matched:
+                        self.matched_live += nbytes
+                        self.matched_peak = max(self.matched_peak, self.matched_live)
+                        self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
+                    weakref.finalize(storage, self._free, key, nbytes, matched)
         return out
 
 
@@ -777,3 +797,309 @@ def state_bytes(*tensors_or_modules):
         ts = list(x.parameters()) + list(x.buffers()) if isinstance(x, nn.Module) else [x]
         total += sum(t.numel() * t.element_size() for t in ts)
     return total
+
+
+# ============================================================================ 7. memory: the flows of SPEC 6, accounted
+
+FLOWS = {  # name -> what one training step materialises (the rows of the memory benchmark)
+    "dense": "Full KD, dense [B, L, V] logits",
+    "dense_entropy": "Full KD + chunked entropy (k = 100%)",
+    "chunked": "top-k, chunked entropy, no selective head",
+    "teacher_head": "top-k, teacher selective head",
+    "student_head": "top-k, student selective head",
+    "both_heads": "top-k, both selective heads",
+    "streamed": "top-k, streamed loss (streamed_kd_loss)",
+}
+
+
+def check_flow(flow):
+    if flow not in FLOWS:
+        raise ValueError(f"unknown memory flow '{flow}': choose one of {', '.join(FLOWS)}")
+
+
+def _no_phase(name):
+    return nullcontext()
+
+
+def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=_no_phase):
+    """The pure-KL (lambda = 1) loss of one step, computed the way `flow` does it (SPEC 6):
+    which logits exist as [B, L, V], which only at the N_sel selected rows, which in chunks.
+    All flows give the same loss for the same selection. `phase(name)` is entered around
+    each phase (teacher forward, student forward, selection, teacher head, loss) so that
+    a caller can measure it. Returns (loss, mask); no logits outlive the call."""
+    check_flow(flow)
+    valid = targets >= 0
+    dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
+    dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
+    with phase("teacher forward"), torch.no_grad():
+        teacher_h = teacher.hidden(idx)
+        t_logits = teacher.head(teacher_h) if dense_t else None
+    with phase("student forward"):
+        student_h = student.hidden(idx)
+        s_logits = student.head(student_h) if dense_s else None
+    with phase("selection"):
+        if flow == "dense":
+            mask = valid
+        else:
+            scores = chunked_entropy(student_h.detach(), student.head_weight.detach(), 1.0, chunk_rows)
+            mask = topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
+    if flow in ("teacher_head", "both_heads"):
+        with phase("teacher head"), torch.no_grad():
+            t_logits = teacher.head(teacher_h[mask])  # [N_sel, V]
+    with phase("loss"):
+        if flow in ("dense", "dense_entropy", "chunked"):
+            loss = kd_loss(s_logits, t_logits, targets, mask, T)
+        elif flow == "streamed":
+            loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
+                                    targets, mask, T, 1.0, chunk_rows)
+        else:
+            t_rows = t_logits if flow != "student_head" else t_logits[mask]
+            del t_logits  # the teacher's [B, L, V], once gathered, is not needed
+            s_rows = s_logits[mask] if dense_s else student.head(student_h[mask])
+            del s_logits
+            kl = T * T * kl_per_position(t_rows, s_rows, T)
+            loss = (per_sequence_weights(mask, kl.dtype)[mask] * kl).sum()
+    return loss, mask
+
+
+def logits_sized(vocab_size):
+    """A `LiveBytes(match=...)` predicate: tensors whose last dimension is the vocabulary."""
+    return lambda t: t.dim() >= 1 and t.shape[-1] == vocab_size
+
+
+class LogitLedger:
+    """The analytic model of one step's logits-sized tensors (last dim V): each one the code
+    creates, in program order, with its dtype, and when it is freed; `peaks[phase]` is the
+    most bytes of them alive at once during that phase (SPEC 6)."""
+
+    def __init__(self, V, half):
+        self.V, self.half, self.lo = V, half, 2 if half else 4  # head outputs: bf16 or float32
+        self.live, self.phase, self.peaks, self.tensors = 0, None, {}, []
+
+    def enter(self, phase):
+        self.phase = phase
+        self.peaks[phase] = self.live
+
+    def new(self, what, rows, nbytes_per_el):
+        t = {"phase": self.phase, "what": what, "shape": [rows, self.V],
+             "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el], "bytes": rows * self.V * nbytes_per_el}
+        self.tensors.append(t)
+        self.live += t["bytes"]
+        self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
+        return t
+
+    def free(self, *ts):
+        self.live -= sum(t["bytes"] for t in ts if t is not None)
+
+    # --- the operations of sekd.py, as the tensors they create
+
+    def head(self, rows, d, who, grad):
+        """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
+        is saved for backward."""
+        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if self.half else None
+        z = self.new(f"{who} logits", rows, self.lo)
+        if not grad:
+            self.free(w)
+        return z, w
+
+    def wide(self, rows, what):
+        return self.new(f"{what}, float32 copy", rows, 4) if self.half else None
+
+    def log_softmax(self, rows, what, wide=True):
+        """F.log_softmax(_wide(z) / T): the copy and the division are freed once it exists."""
+        w = self.wide(rows, what) if wide else None
+        d = self.new(f"{what} / T", rows, 4)
+        self.free(w)
+        out = self.new(f"{what} log-softmax", rows, 4)
+        self.free(d)
+        return out
+
+    def entropy(self, rows, z):
+        """token_entropy of logits z: log-softmax, its exp, their product; all freed after."""
+        logq = self.log_softmax(rows, "student (selection)")
+        q = self.new("student (selection) softmax", rows, 4)
+        prod = self.new("q * log q", rows, 4)
+        self.free(prod, q, logq, z)
+
+    def kl(self, rows):
+        """kl_per_position(zt, zs): keeps log q and p for backward, returns them."""
+        logp = self.log_softmax(rows, "teacher")
+        logq = self.log_softmax(rows, "student")
+        p = self.new("teacher softmax p", rows, 4)
+        diff = self.new("log p - log q", rows, 4)
+        prod = self.new("p * (log p - log q)", rows, 4)
+        self.free(prod, diff, logp)
+        return logq, p
+
+    def kl_backward(self, rows, logq, p):
+        """The logit gradient of the KL, (q - p) / T, built in four steps."""
+        g1 = self.new("grad of (log p - log q)", rows, 4)
+        self.free(p)
+        g2 = self.new("grad of log q", rows, 4)
+        self.free(g1)
+        g3 = self.new("grad of student logits / T", rows, 4)
+        self.free(g2, logq)
+        g4 = self.new("student logit gradient", rows, 4)
+        self.free(g3)
+        if self.half:
+            g5 = self.new("student logit gradient, bf16", rows, 2)
+            self.free(g4)
+            return g5
+        return g4
+
+
+def chunk_sizes(n, chunk_rows):
+    return [min(chunk_rows, n - i) for i in range(0, n, chunk_rows)]
+
+
+def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True):
+    """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected
+    (SPEC 6): which logits-sized tensors exist in which phase, and the peak bytes per phase.
+    select=False: no entropy pass (what `distill_loss` does for Full KD)."""
+    check_flow(flow)
+    lg = LogitLedger(V, half)
+    dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
+    dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
+    rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel  # kd_loss: KL at every row, then masked
+    zt = zs = ws = None
+    lg.enter("teacher forward")
+    if dense_t:
+        zt, _ = lg.head(BL, d_teacher, "teacher", grad=False)
+    lg.enter("student forward")
+    if dense_s:
+        zs, ws = lg.head(BL, d_student, "student", grad=True)
+    lg.enter("selection")
+    if flow != "dense" and select:
+        for c in chunk_sizes(BL, chunk_rows):
+            z, _ = lg.head(c, d_student, "student (selection)", grad=False)
+            lg.entropy(c, z)
+    if flow in ("teacher_head", "both_heads"):
+        lg.enter("teacher head")
+        zt, _ = lg.head(n_sel, d_teacher, "teacher", grad=False)
+    lg.enter("loss")
+    if flow == "streamed":
+        _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows)
+        lg.enter("backward")
+        lg.enter("optimizer step")
+        return lg
+    if flow in ("teacher_head", "student_head", "both_heads"):
+        if flow == "student_head":
+            zt_rows = lg.new("teacher logits, gathered rows", n_sel, lg.lo)
+            lg.free(zt)
+            zt = zt_rows
+        if dense_s:
+            zs_rows = lg.new("student logits, gathered rows", n_sel, lg.lo)
+            lg.free(zs)
+            zs = zs_rows
+        else:
+            zs, ws = lg.head(n_sel, d_student, "student", grad=True)
+    logq, p = lg.kl(rows)
+    lg.free(zt, zs)  # the function returns: only what backward saved stays
+    lg.enter("backward")
+    g = lg.kl_backward(rows, logq, p)
+    if flow == "teacher_head":  # the gather's backward scatters the rows' gradient into [B, L, V]
+        zeros = lg.new("zeros [B, L, V] for the gathered rows' gradient", BL, lg.lo)
+        scattered = lg.new("student logit gradient, scattered to [B, L, V]", BL, lg.lo)
+        lg.free(zeros, g)
+        g = scattered
+    lg.free(g, ws)
+    if half:  # the gradient of autocast's bf16 weight copy, back to float32
+        lg.free(lg.new("grad of the student head weight copy, float32 [D, V]", d_student, 4))
+    lg.enter("optimizer step")
+    return lg
+
+
+def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
+    """streamed_kd_loss: per chunk of c rows, student and teacher logits (float32), the KL's
+    tensors and the gradient T (q - p). A chunk's student logits and gradient live until the
+    next chunk's replace them, so two chunks overlap briefly."""
+    prev_z = prev_g = None
+    for c in chunk_sizes(n_sel, chunk_rows):
+        zs, _ = lg.head(c, d_student, "student chunk", grad=False)
+        if lg.half:  # z = _wide(h @ W.T): the bf16 product is a temporary
+            zs_w = lg.new("student chunk logits, float32", c, 4)
+            lg.free(zs)
+            zs = zs_w
+        lg.free(prev_z)
+        zt, _ = lg.head(c, d_teacher, "teacher chunk", grad=False)
+        if lg.half:
+            zt_w = lg.new("teacher chunk logits, float32", c, 4)
+            lg.free(zt)
+            zt = zt_w
+        logq = lg.log_softmax(c, "student chunk", wide=False)
+        logp = lg.log_softmax(c, "teacher chunk", wide=False)
+        p = lg.new("teacher chunk softmax p", c, 4)
+        diff = lg.new("log p - log q", c, 4)
+        prod = lg.new("p * (log p - log q)", c, 4)
+        lg.free(prod, diff)
+        diff = lg.new("q - p", c, 4)
+        g = lg.new("chunk logit gradient T (q - p)", c, 4)
+        lg.free(diff, logq, p, logp, zt, prev_g)
+        if lg.half:
+            lg.free(lg.new("chunk logit gradient, bf16", c, 2))
+        prev_z, prev_g = zs, g
+    lg.free(prev_z, prev_g)
+
+
+def param_bytes(model, trainable_only=False):
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def adamw_bytes(model, step_on_device=True):
+    """AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
+    float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return 2 * sum(p.numel() * p.element_size() for p in ps) + (4 * len(ps) if step_on_device else 0)
+
+
+def activation_bytes(config, B, L, half=False, grad=True):
+    """Estimate of a GPT body's activation bytes (`hidden`, no head). With grad: the tensors
+    autograd saves, per layer and token about 16 vectors of width D (LayerNorm inputs and
+    outputs, q k v, attention output and its copy, the two MLP tensors of width 4D), plus
+    LayerNorm statistics and the attention log-sum-exp; under bf16 autocast the two residual
+    vectors stay float32 and the rest are bf16. Without grad (the teacher): the peak of one
+    block, about 11 vectors of width D, plus the output."""
+    D, H, n = config.n_embd, config.n_head, config.n_layer
+    tokens, act = B * L, 2 if half else 4
+    if grad:
+        per_layer = D * (2 * 4 + 14 * act) + 4 * (4 + H)
+        return tokens * (n * per_layer + 2 * D * 4 + 8)
+    return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
+
+
+def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True):
+    """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
+    parameters, gradients and AdamW state per model, activation estimates, every logits-sized
+    tensor the flow creates (from `logit_ledger`), and the expected peak per phase.
+    Assumes every position is valid (the benchmark's random tokens)."""
+    V = student.config.vocab_size
+    chunk = chunk_rows or default_chunk_rows(V)
+    n_sel = B * L if flow == "dense" else int(budget_counts(1.0 if flow == "dense_entropy" else k,
+                                                             torch.tensor([L])).item()) * B
+    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select)
+    s_params, t_params = param_bytes(student), param_bytes(teacher)
+    s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
+         "activations": activation_bytes(student.config, B, L, half, grad=True)}
+    t = {"params": t_params, "activations": activation_bytes(teacher.config, B, L, half, grad=False)}
+    t_hidden = B * L * teacher.config.n_embd * 4  # ln_f output, float32 even under autocast
+    resident = s_params + t_params + s["adamw"]
+    head_grad = V * student.config.n_embd * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
+    phases = {
+        "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
+        "student forward": resident + t_hidden + s["activations"] + lg.peaks["student forward"],
+        "selection": resident + t_hidden + s["activations"] + lg.peaks["selection"],
+        "loss": resident + t_hidden + s["activations"] + head_grad + lg.peaks["loss"],
+        "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
+        "optimizer step": resident + s["grads"] + s_params,  # foreach AdamW: one parameter-sized temporary
+    }
+    if "teacher head" in lg.peaks:
+        phases["teacher head"] = resident + t_hidden + s["activations"] + lg.peaks["teacher head"]
+    t_logits = max((x["bytes"] for x in lg.tensors if x["what"].startswith("teacher")
+                    and "logits" in x["what"]), default=0)
+    total = max(phases.values())
+    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk,
+            "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
+            "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
+            "phases": phases, "total": total,
+            "teacher_total": t_params + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
+            "student_total": total - t_params - t_hidden}

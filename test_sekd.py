@@ -728,3 +728,98 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
     out = capsys.readouterr().out
     assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
     assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()
+
+
+# ----------------------------------------------------------------------------- memory account (SPEC 6)
+
+def tiny_pair(V=1000, L=12):
+    torch.manual_seed(0)
+    student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=16))
+    teacher = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32)).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def measured_logits(student, teacher, B, L, flow, half, chunk=5):
+    """LiveBytes over one forward + backward: every tensor with last dim V, and their peak."""
+    V = student.config.vocab_size
+    g = torch.Generator().manual_seed(B)
+    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
+    meter = sekd.LiveBytes(match=sekd.logits_sized(V))
+    with meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if half else torch.autocast("cpu", enabled=False):
+            loss, mask = sekd.flow_loss(student, teacher, idx, y, flow, 0.2, 1.0, chunk)
+        loss.backward()
+    student.zero_grad(set_to_none=True)
+    return meter, int(mask.sum())
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("flow", list(sekd.FLOWS))
+def test_logit_account_equals_tensors_created(flow, half):
+    student, teacher = tiny_pair()
+    meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half)
+    ledger = sekd.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half)
+    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+                 for _, shape, dt, b in meter.log)
+    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
+    assert got == want  # the same tensors, of the same sizes and dtypes
+    assert max(ledger.peaks.values()) == meter.matched_peak
+    assert n_sel == (24 if flow in ("dense", "dense_entropy") else 2 * 3)
+
+
+def test_state_account_equals_parameters_gradients_and_adamw():
+    student, teacher = tiny_pair()
+    opt = train.make_optimizer(student, 1e-3, 0.1)
+    idx = torch.randint(0, 1000, (2, 12))
+    sekd.flow_loss(student, teacher, idx, idx, "streamed")[0].backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in student.parameters())
+    opt.step()
+    adamw = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    acc = sekd.memory_account(student, teacher, 2, 12, "streamed")
+    assert acc["student"]["params"] == sekd.state_bytes(student)
+    assert acc["student"]["grads"] == grads
+    assert acc["student"]["adamw"] == adamw
+    assert acc["teacher"]["params"] == sekd.state_bytes(teacher)
+
+
+def test_streamed_logit_peak_does_not_grow_with_tokens():
+    student, teacher = tiny_pair(L=20)
+    peaks = {}
+    for B in (1, 4, 16):
+        peaks[B] = {f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
+                    for f in ("dense", "both_heads", "streamed")}
+    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 7 tensors + the previous chunk's gradient
+    assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 8 * 2 * 1000 * 4
+    assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
+    assert peaks[16]["both_heads"] == 16 * peaks[1]["both_heads"]
+    assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4
+
+
+def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
+    r = train.main(["--run", "benchmark", "--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
+                    "--batch-size", "2", "--bench-repeats", "1", "--bench-warmup", "0", "--chunk-rows", "4",
+                    "--teacher-layers", "1", "--teacher-embd", "32", "--student-embd", "16",
+                    "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "scaling sweep" in out and (tmp_path / "results_benchmark.json").exists()
+    rows = r["tables"]["3000"]
+    assert [row["flow"] for row in rows] == list(sekd.FLOWS)
+    for row in rows + r["sweep"]:
+        assert row["logit_peak"] == row["analytic"]["logit_peak"]
+        assert abs(row["total"] - row["analytic"]["total"]) <= 0.1 * row["total"]
+        assert row["student"] > 0 and row["teacher"] > 0 and row["total"] >= row["teacher"]
+    assert rows[-1]["logit_peak"] < rows[0]["logit_peak"] / 4
+    sweep = {(row["flow"], row["tokens"]): row["logit_peak"] for row in r["sweep"]}
+    assert sweep[("streamed", 64)] == sweep[("streamed", 128)]
+    assert sweep[("dense", 128)] == 2 * sweep[("dense", 64)]
+
+
+def test_benchmark_flag_errors_are_clear():
+    with pytest.raises(train.UserError, match="multiples of --seq-len"):
+        train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])
+    with pytest.raises(train.UserError, match="positive integers"):
+        train.main(["--run", "benchmark", "--bench-vocab", "abc"])
+    with pytest.raises(ValueError, match="unknown memory flow"):
+        sekd.check_flow("magic")

@@ -12,6 +12,7 @@ Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overri
 """
 import argparse
 import dataclasses
+import gc
 import html
 import io
 import json
@@ -20,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -38,10 +39,11 @@ class UserError(ValueError):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show"],
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show", "benchmark"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
-                        "(--seeds students per row); show: one validation sequence, selections coloured")
+                        "(--seeds students per row); show: one validation sequence, selections coloured; "
+                        "benchmark: memory and time of each flow")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
@@ -88,6 +90,14 @@ def build_parser():
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
                    help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=int, default=0, help="rows of logits per chunk (0 = about 16 MB of float32)")
+    g = p.add_argument_group("benchmark (--run benchmark, random tokens; uses the model, --batch-size, --seq-len flags)")
+    g.add_argument("--bench-vocab", default="151936,50257", help="vocabulary sizes, comma-separated")
+    g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384",
+                   help="B*L of the scaling sweep (multiples of --seq-len); empty for none")
+    g.add_argument("--bench-repeats", type=int, default=5, help="timed steps per flow (the median is reported)")
+    g.add_argument("--bench-warmup", type=int, default=2, help="untimed steps per flow before timing")
+    g.add_argument("--bench-mem-gb", type=float, default=0.0,
+                   help="skip (and report) a row whose analytic peak exceeds this many GiB; 0 = no limit")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -463,6 +473,263 @@ def machine():
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
+# ----------------------------------------------------------------------------- memory account and benchmark (SPEC 6)
+
+GiB = 2 ** 30
+
+
+def parse_ints(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} takes positive integers separated by commas, e.g. 1024,2048; got '{text}'")
+    return values
+
+
+def account_flow(method, flow):
+    """The memory flow (sekd.FLOWS) that distill_loss runs for a method, and whether it selects."""
+    if method == "full_kd":
+        return ("dense" if flow == "dense" else "streamed"), False
+    return ("chunked" if flow == "dense" else "streamed"), True
+
+
+def print_account(acc, title):
+    """One flow's analytic account as a table: state per model, activations, logit tensors, phases."""
+    mib = lambda b: f"{b / 2**20:,.1f}"
+    s, t = acc["student"], acc["teacher"]
+    print(f"\n{title}: analytic memory account (MiB), B={acc['B']} L={acc['L']} V={acc['V']:,} "
+          f"N_sel={acc['n_sel']} chunk={acc['chunk_rows']} rows, {acc['dtype']}")
+    print(f"  student: params {mib(s['params'])}, grads {mib(s['grads'])}, AdamW {mib(s['adamw'])}, "
+          f"activations ~{mib(s['activations'])}")
+    print(f"  teacher: params {mib(t['params'])}, forward activations ~{mib(t['activations'])}")
+    seen = {}
+    for x in acc["logits"]:  # group repeated tensors (chunks) by what they are
+        key = (x["phase"], x["what"], x["dtype"])
+        n, rows, b = seen.get(key, (0, 0, 0))
+        seen[key] = (n + 1, max(rows, x["shape"][0]), b + x["bytes"])
+    for (phase, what, dtype), (n, rows, b) in seen.items():
+        times = f" x{n}" if n > 1 else ""
+        print(f"    {phase:<16} {what:<52} [{rows}, V] {dtype}{times}: {mib(b)}")
+    print("  peak per phase: " + ", ".join(f"{p} {mib(v)} (logits {mib(acc['logit_peaks'].get(p, 0))})"
+                                           for p, v in acc["phases"].items()))
+
+
+def training_accounts(args, methods, teacher, vocab_size, device):
+    """The analytic account of each distillation run, printed before training (SPEC 6)."""
+    half = autocast_dtype(args, device) is not None
+    student = new_model(args, "student", vocab_size, torch.device("meta"))
+    out = {}
+    for m in methods:
+        if m == "ce":
+            continue  # no teacher: its logits are the student's alone, not modelled here
+        flow, select = account_flow(m, args.flow)
+        acc = sekd.memory_account(student, teacher, args.batch_size, args.seq_len, flow,
+                                  1.0 if m == "full_kd" else args.k, args.chunk_rows or None, half,
+                                  device.type == "cuda", select)
+        if args.lam < 1:
+            acc["note"] = "lambda < 1: the CE term's logits are not in this account"
+        print_account(acc, f"{m} ({flow} flow)")
+        out[m] = acc
+    return out
+
+
+def autocast_dtype(args, dev):
+    return {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
+            "bfloat16": torch.bfloat16}[args.dtype]
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+def free_memory(opt, dev):
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class PhaseMeter:
+    """Measured peak bytes per phase of one step, beside the analytic ones: on CUDA from the
+    allocator (reset_peak_memory_stats, max_memory_allocated); on CPU the resident state plus
+    sekd.LiveBytes. On both, LiveBytes also gives the peak of the logits-sized tensors."""
+
+    def __init__(self, dev, resident, V):
+        self.cuda, self.resident, self.phases = dev.type == "cuda", resident, {}
+        self.meter = sekd.LiveBytes(match=sekd.logits_sized(V))
+
+    def now(self):
+        return torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
+
+    @contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.meter.peak, self.meter.matched_peak = self.meter.live, self.meter.matched_live
+        start = self.now()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self.resident + self.meter.peak
+        self.phases[name] = {"start": start, "peak": peak, "logit_peak": self.meter.matched_peak}
+
+
+def bench_step(student, teacher, opt, x, y, flow, args, phase=sekd._no_phase):
+    """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
+    dtype = autocast_dtype(args, x.device)
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
+        loss, _ = sekd.flow_loss(student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase)
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer step"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def measure_flow(student, teacher, opt, x, y, flow, args, dev):
+    """Peaks of one step, per phase; student / teacher / total as in README_memory.md:
+    teacher = its parameters + what its forward (and selective head) allocates;
+    student = the step's peak in the student's phases less the teacher's parameters and
+    hidden states; total = the step's peak with both models in one process."""
+    resident = sekd.state_bytes(student, teacher) + sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+        if torch.is_tensor(t) and t.device == dev)
+    pm = PhaseMeter(dev, resident, student.config.vocab_size)
+    with pm.meter:
+        bench_step(student, teacher, opt, x, y, flow, args, pm)
+    ph = pm.phases
+    t_params = sekd.param_bytes(teacher)
+    t_hidden = x.numel() * teacher.config.n_embd * 4
+    delta = lambda p: ph[p]["peak"] - ph[p]["start"] if p in ph else 0
+    teacher_own = delta("teacher forward")
+    if "teacher head" in ph:
+        teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
+    held = {"student forward", "selection", "teacher head", "loss"}  # teacher_h is alive
+    student_own = max(v["peak"] - t_params - (t_hidden if p in held else 0)
+                      for p, v in ph.items() if p != "teacher forward")
+    return {"phases": ph, "total": max(v["peak"] for v in ph.values()), "teacher": t_params + teacher_own,
+            "student": student_own, "logit_peak": max(v["logit_peak"] for v in ph.values())}
+
+
+def time_flow(student, teacher, opt, x, y, flow, args, dev):
+    """Median seconds of --bench-repeats steps after --bench-warmup."""
+    times = []
+    for i in range(args.bench_warmup + args.bench_repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        bench_step(student, teacher, opt, x, y, flow, args)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.bench_warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_row(student, teacher, opt, B, flow, args, dev, timed):
+    """One flow at batch B: analytic account, measured peaks, step time; OOM is a result."""
+    V, L = student.config.vocab_size, args.seq_len
+    half = autocast_dtype(args, dev) is not None
+    acc = sekd.memory_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half, dev.type == "cuda")
+    row = {"flow": flow, "name": sekd.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
+    if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
+        return {**row, "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb"}
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    tokens = torch.randint(0, V, (B, L + 1), generator=g).to(dev)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    try:
+        if timed:
+            row["step_s"] = time_flow(student, teacher, opt, x, y, flow, args, dev)
+        else:
+            bench_step(student, teacher, opt, x, y, flow, args)  # warm-up (allocator, AdamW state)
+        row.update(measure_flow(student, teacher, opt, x, y, flow, args, dev))
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        row["oom"] = "OOM"
+    free_memory(opt, dev)
+    return row
+
+
+def bench_models(args, V, dev):
+    torch.manual_seed(args.seed)
+    teacher, student = new_model(args, "teacher", V, dev), new_model(args, "student", V, dev)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher, make_optimizer(student, 1e-5, args.weight_decay)
+
+
+def print_bench_table(rows, lines):
+    base = rows[0]
+    head = (f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} {'(analytic)':>10} "
+            f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}")
+    lines += [head, "-" * len(head)]
+    for i, r in enumerate(rows, 1):
+        if "oom" in r:
+            lines.append(f"{i:>2} {r['name']:<44} {r['oom']}")
+            continue
+        a = r["analytic"]
+        ratio_m = f"{r['total'] / base['total']:.2f}" if "total" in base else "-"
+        ratio_t = f"{r['step_s'] / base['step_s']:.2f}" if "step_s" in base and "step_s" in r else "-"
+        ms = f"{1000 * r['step_s']:.1f}" if "step_s" in r else "-"
+        lines.append(f"{i:>2} {r['name']:<44} {r['student'] / GiB:>11.3f} {r['teacher'] / GiB:>11.3f} "
+                     f"{r['total'] / GiB:>9.3f} {a['total'] / GiB:>10.3f} {r['logit_peak'] / GiB:>10.3f} "
+                     f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}")
+
+
+def run_benchmark(args, device):
+    """--run benchmark: one training step of each memory flow side by side (SPEC 6), on random
+    tokens, per vocabulary size; then a sweep over B*L for the first vocabulary."""
+    vocabs = parse_ints(args.bench_vocab, "--bench-vocab")
+    sweep = parse_ints(args.bench_tokens, "--bench-tokens") if args.bench_tokens else []
+    if any(t % args.seq_len for t in sweep):
+        raise UserError(f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L")
+    if args.bench_repeats < 1 or args.bench_warmup < 0:
+        raise UserError("--bench-repeats must be >= 1 and --bench-warmup >= 0")
+    lines = [f"benchmark on {device} ({machine()['gpu'] or 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), "
+             f"torch {torch.__version__}, autocast {autocast_dtype(args, device) or 'off (float32)'}; "
+             f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
+             f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
+             f"{args.bench_warmup} warm-up"]
+    print(lines[0])
+    result = {"args": vars(args), "machine": machine(), "tables": {}, "sweep": []}
+    for i, V in enumerate(vocabs):
+        student, teacher, opt = bench_models(args, V, device)
+        rows = [bench_row(student, teacher, opt, args.batch_size, f, args, device, timed=True) for f in sekd.FLOWS]
+        table = [f"\nV = {V:,}: one step per flow; ratios to row 1"]
+        print_bench_table(rows, table)
+        print("\n".join(table), flush=True)
+        lines += table
+        result["tables"][str(V)] = rows
+        if i == 0 and sweep:
+            head = f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L"
+            cols = [f"{t:>16,}" for t in sweep]
+            table = [head, f"{'flow':<44}" + "".join(cols)]
+            grid = {f: [] for f in sekd.FLOWS}
+            for t in sweep:
+                for f in sekd.FLOWS:
+                    r = bench_row(student, teacher, opt, t // args.seq_len, f, args, device, timed=False)
+                    grid[f].append(r)
+                    result["sweep"].append(r)
+            for f in sekd.FLOWS:
+                cells = [("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r
+                         else f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}" for r in grid[f]]
+                table.append(f"{sekd.FLOWS[f]:<44}" + "".join(f"{c:>16}" for c in cells))
+            print("\n".join(table), flush=True)
+            lines += table
+        del student, teacher, opt
+        free_memory(None, device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    data.atomic_write_bytes(os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode())
+    data.atomic_write_bytes(os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode())
+    print(f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json")
+    return result
+
 
 # ----------------------------------------------------------------------------- the position axis (SPEC 2)
 
@@ -592,6 +859,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     device = pick_device(args)
+    if args.run == "benchmark":
+        return run_benchmark(args, device)
     t_start = time.time()
     corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir)
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
@@ -608,6 +877,7 @@ def main(argv=None):
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, s_stats = pretrained(args, corpus, device, evalset, "student")
         rows.append({"method": "student init (CE)", **evalset.evaluate(student_init, args), **s_stats})
+    accounts = training_accounts(args, methods, teacher, corpus.vocab.size, device)
     for m in methods:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
@@ -618,6 +888,7 @@ def main(argv=None):
         extra = {"positions": run_positions, "show": show_selection}[args.run](args, corpus, device, teacher, evalset,
                                                                              student_init)
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
+              "memory_account": accounts,
               "total_s": time.time() - t_start}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
