@@ -765,3 +765,12 @@ def test_cli_axis_errors_are_one_line_exit_2(flags, msg):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + flags, capture_output=True, text=True,
                        cwd=HERE, timeout=120)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypatch):
+    args, corpus, teacher, kept = cache_setup
+    train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    args.U = 32
+    monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
+    with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
+        train.axes_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)

@@ -423,6 +423,8 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
     plan = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
             "cache_reused": None, "cache_bytes": None}
     kept = None
+    if classes == "cache" and os.path.exists(default_cache_path(args)) and not args.rebuild_cache:
+        TeacherCache(default_cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
     if samples == "top":
         scores, plan["prepass_s"] = sample_prepass(student, corpus, args, device)
         kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
@@ -542,7 +544,7 @@ class TeacherCache:
             raise UserError(f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
                             "--rebuild-cache") from None
 
-    def check(self, signature):
+    def check(self, signature, skip=()):
         """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
         def show(v):
             if isinstance(v, list):
@@ -550,7 +552,7 @@ class TeacherCache:
             return v
         for key, want in signature.items():
             got = self.signature.get(key)
-            if got != want:
+            if got != want and key not in skip:
                 raise UserError(f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
                                 f"cache, {show(want)} now): pass --rebuild-cache or another --cache path")
 
