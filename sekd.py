@@ -11,6 +11,9 @@ Knowledge Distillation", Tavor et al., arXiv 2602.01395):
   6. the streamed selective loss: `streamed_kd_loss`                      (SPEC 6)
      the AT-KD baseline `at_kd_loss` / `streamed_at_kd_loss`                (SPEC 2)
      and one distillation step, `distill_loss`
+  3. class axis: `rskd_sample`, `rskd_loss` (streamed, exact gradients)   (SPEC 3)
+  4. sample axis: `sample_entropy`, `top_samples`, `random_samples`       (SPEC 4)
+  5. SE-KD_3X's offline cache codec and storage accounting                (SPEC 5, 7)
   6b. evaluation: perplexity, KL to teacher, agreement, ECE              (SPEC 6b)
   +. memory: `LiveBytes`, a live-tensor-bytes meter that works on CPU too
 
@@ -617,7 +620,8 @@ class KDConfig:
     'sekd' (positions chosen by `metric` and `policy` with budget k; the defaults,
     student_entropy + topk, are SE-KD), 'random_pos' (k of the positions uniformly at random)
     or 'at_kd' (the AT-KD baseline). flow: 'streamed' (selective heads, chunked) or 'dense'
-    (full [B, L, V] logits for both models, the paper's default flow)."""
+    (full [B, L, V] logits for both models, the paper's default flow). classes: 'full' (KL over
+    all of V) or 'rskd' (U classes drawn from the teacher, SPEC 3; always streamed)."""
     method: str = "sekd"
     k: float = 0.2
     T: float = 1.0
@@ -628,6 +632,8 @@ class KDConfig:
     policy: str = "topk"
     gls_queue: int = 30_000
     curriculum_steps: int = 4_000
+    classes: str = "full"
+    U: int = 64
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -641,6 +647,12 @@ class KDConfig:
         get_metric(self.metric)
         get_policy(self.policy)
         PositionState(self.gls_queue, self.curriculum_steps)  # checks both
+        if self.classes not in ("full", "rskd"):
+            raise ValueError(f"unknown classes '{self.classes}': choose full or rskd")
+        if self.classes == "rskd":
+            check_draws(self.U)
+            if self.method == "ce" or self.flow == "dense":
+                raise ValueError("RS-KD classes need a KD method (not ce) and the streamed flow")
 
     @property
     def uses_teacher(self):
@@ -667,10 +679,13 @@ def select_positions(student_h, student_w, valid, cfg, teacher_h=None, teacher_w
     return get_policy(policy)(scores, cfg.k, valid, state if state is not None else cfg.new_state())
 
 
-def distill_loss(student, teacher, idx, targets, cfg, state=None):
+def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
     """One step's loss for `cfg`: student hidden states with grad, teacher hidden states
     without, positions selected, then the streamed (or dense) KD loss. `state` carries GLS's
-    queue and curriculum's step between calls. -> (loss, n_selected)."""
+    queue and curriculum's step between calls. RS-KD classes go to `rskd_distill_loss`
+    (with `draws` from the offline cache, if given). -> (loss, n_selected)."""
+    if cfg.classes == "rskd":
+        return rskd_distill_loss(student, teacher, idx, targets, cfg, draws, state)
     student_h = student.hidden(idx)
     valid = targets >= 0
     row_weights = None
@@ -708,6 +723,179 @@ def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):
         ce = 0.0 if cfg.lam == 1 else streamed_kd_loss(student_h, student.head_weight, None, None, targets,
                                                         lam=0.0, chunk_rows=cfg.chunk_rows or None)
     return loss + (1 - cfg.lam) * ce
+
+
+# ============================================================================ 3. class axis: RS-KD
+
+MAX_DRAWS = 127  # a draw count is stored in 7 bits in the cache (SPEC 5); 0 marks padding
+COUNT_BITS = 7
+
+
+def check_draws(U):
+    if isinstance(U, bool) or not isinstance(U, int) or not 1 <= U <= MAX_DRAWS:
+        raise ValueError(f"RS-KD draws U must be an integer in [1, {MAX_DRAWS}] (7-bit counts), got {U}")
+
+
+def rskd_sample(teacher_logits, U, T=1.0, generator=None):
+    """SPEC 3: per row, draw U ids with replacement from softmax(teacher_logits / T).
+    -> (ids, counts), both [..., U] int64: the distinct ids drawn, in increasing order, each with
+    how many times it was drawn; the rest of the row is padding (id 0, count 0). This fixed-width
+    layout is the cache's. Counts sum to U in every row, so p~ = counts / U is exact."""
+    check_draws(U)
+    check_temperature(T)
+    V = teacher_logits.shape[-1]
+    p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
+    if p.shape[0] == 0:
+        draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
+    else:
+        draws = torch.multinomial(p, U, replacement=True, generator=generator)
+    draws = draws.sort(dim=1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.cumsum(1) - 1  # equal draws are adjacent after the sort: one slot per distinct id
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    shape = (*teacher_logits.shape[:-1], U)
+    return ids.view(shape), counts.view(shape)
+
+
+@torch.no_grad()
+def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
+    """`rskd_sample` on the teacher's logits for rows of hidden states [..., D], projected through
+    the teacher's head a chunk of rows at a time (never all [rows, V]). -> (ids, counts) [..., U]."""
+    rows = teacher_h.reshape(-1, teacher_h.shape[-1])
+    chunk = chunk_rows or default_chunk_rows(teacher_w.shape[0])
+    parts = [rskd_sample(rows[i:i + chunk] @ teacher_w.T, U, T, generator) for i in range(0, rows.shape[0], chunk)]
+    if not parts:
+        parts = [rskd_sample(rows.new_zeros(0, teacher_w.shape[0]), U, T)]
+    shape = (*teacher_h.shape[:-1], U)
+    return torch.cat([i for i, _ in parts]).view(shape), torch.cat([c for _, c in parts]).view(shape)
+
+
+def _rskd_rows(z_student, ids, counts, T):
+    """Per row: T^2 sum_v p~(v) log(p~(v) / q^T(v)) over the drawn ids, p~ = counts / U, with q^T
+    the student's softmax over all of V; and its gradient w.r.t. the student logits, T (q^T - p~)."""
+    p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
+    logq = F.log_softmax(z_student / T, dim=-1)
+    loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
+    grad = logq.exp_().scatter_add_(1, ids, -p)
+    return loss, T * grad
+
+
+def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None):
+    """The RS-KD loss (SPEC 3), streamed like `streamed_kd_loss`: lam * the per-sequence mean over
+    the positions in `mask` of the sparse KL above + (1 - lam) * CE over every valid position.
+    ids, counts [B, L, U]: the teacher's draws (`rskd_sample` or the offline cache); only the
+    rows in `mask` are read. student_h [B, L, D] with grad; gradients are exact."""
+    check_temperature(T)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
+    valid = targets >= 0
+    mask = valid if mask is None else mask & valid
+    chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
+    loss = torch.zeros((), dtype=_wide(student_h).dtype, device=student_h.device)
+    if lam > 0:
+        ids_m, counts_m = ids[mask], counts[mask]
+        loss = loss + lam * _StreamedHeadLoss.apply(
+            student_h[mask], student_w, per_sequence_weights(mask, loss.dtype)[mask], chunk,
+            lambda z, rows: _rskd_rows(z, ids_m[rows], counts_m[rows], T))
+    if lam < 1:
+        loss = loss + (1 - lam) * streamed_kd_loss(student_h, student_w, None, None, targets, lam=0.0,
+                                                   chunk_rows=chunk)
+    return loss
+
+
+def rskd_distill_loss(student, teacher, idx, targets, cfg, draws=None, state=None):
+    """One step with RS-KD classes at the positions of `cfg.method` (SPEC 3, 5). The teacher's
+    draws are `draws` = (ids, counts) [B, L, U] when given (SE-KD_3X reads them from the offline
+    cache: the teacher is not used at all), otherwise drawn now from the teacher's logits at the
+    selected rows only. Positions are still chosen online. -> (loss, n_selected)."""
+    student_h = student.hidden(idx)
+    valid = targets >= 0
+    mask = select_positions(student_h, student.head_weight, valid, cfg, state=state)
+    chunk = cfg.chunk_rows or None
+    if draws is None:
+        if teacher is None:
+            raise ValueError("RS-KD without cached draws needs the teacher")
+        with torch.no_grad():
+            teacher_h = teacher.hidden(idx)
+        ids = torch.zeros(*mask.shape, cfg.U, dtype=torch.long, device=idx.device)
+        counts = torch.zeros_like(ids)
+        ids[mask], counts[mask] = teacher_draws(teacher_h[mask], teacher.head_weight, cfg.U, cfg.T, chunk)
+        draws = ids, counts
+    loss = rskd_loss(student_h, student.head_weight, draws[0], draws[1], targets, mask, cfg.T, cfg.lam, chunk)
+    return loss, int(mask.sum())
+
+
+# ============================================================================ 4. sample axis
+
+@torch.no_grad()
+def sample_entropy(hidden, head_weight, valid=None, chunk_rows=None):
+    """SPEC 4: a sample's score is its mean student entropy over its valid positions,
+    U_i = (1 / (L_i - 1)) sum_t H(q_t); computed with `chunked_entropy`. hidden [B, L, D] -> [B]."""
+    ent = chunked_entropy(hidden, head_weight, 1.0, chunk_rows)
+    valid = torch.ones_like(ent, dtype=torch.bool) if valid is None else valid
+    return (ent * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def top_samples(scores, l):
+    """TopSmp (SPEC 4): ids of the ceil(l * N) samples with the highest score (ties: lower id),
+    in increasing order."""
+    check_budget(l, "l")
+    scores = torch.as_tensor(scores)
+    n = int(budget_counts(l, torch.tensor(len(scores))))
+    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
+
+
+def random_samples(n_samples, l, generator=None):
+    """RandomSmp (SPEC 4): ceil(l * N) sample ids uniformly without replacement, increasing."""
+    check_budget(l, "l")
+    n = int(budget_counts(l, torch.tensor(n_samples)))
+    return torch.randperm(n_samples, generator=generator)[:n].sort().values
+
+
+# ============================================================================ 5. the offline cache codec
+
+def cache_bytes_per_class(V):
+    """SPEC 5: bytes of one cached class, an id and a 7-bit count packed as word = id << 7 | count,
+    in whole little-endian bytes. Ids get 17 bits (3 bytes per class, the paper's format) up to
+    V = 131,072 and as many bits as V needs beyond that (4 bytes up to 2^25 ids): never truncated."""
+    if V < 1:
+        raise ValueError(f"vocabulary size must be at least 1, got {V}")
+    id_bits = max(17, (V - 1).bit_length())
+    if id_bits + COUNT_BITS > 56:
+        raise ValueError(f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)")
+    return math.ceil((id_bits + COUNT_BITS) / 8)
+
+
+def encode_draws(ids, counts, V):
+    """Pack draws (ids, counts [..., U]) into uint8 [..., U, cache_bytes_per_class(V)]. Lossless:
+    ids outside [0, V) or counts outside [0, 127] are refused, never truncated."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > MAX_DRAWS):
+        raise ValueError(f"a draw count is outside [0, {MAX_DRAWS}]: the cache stores 7-bit counts")
+    word = (ids.long() << COUNT_BITS) | counts.long()
+    shifts = 8 * torch.arange(cache_bytes_per_class(V), device=word.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8)
+
+
+def decode_draws(raw, V):
+    """Inverse of `encode_draws`: uint8 [..., U, nbytes] -> (ids, counts) [..., U], int64."""
+    nb = cache_bytes_per_class(V)
+    if raw.shape[-1] != nb:
+        raise ValueError(f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}")
+    word = (raw.long() << (8 * torch.arange(nb, device=raw.device))).sum(-1)
+    return word >> COUNT_BITS, word & MAX_DRAWS
+
+
+def storage_bytes_per_position(V, U=64, l=0.2):
+    """SPEC 5, 7: bytes stored per training position for each way of shipping the teacher's
+    signal: full fp16 logits (2V); RS-KD's cache (U classes of `cache_bytes_per_class(V)` bytes);
+    SE-KD_3X (the same, but only for the l share of samples TopSmp keeps); plain CE (the target
+    token id alone, in whole bytes)."""
+    rskd = U * cache_bytes_per_class(V)
+    return {"full_fp16": 2 * V, "rskd": rskd, "sekd_3x": l * rskd, "ce": math.ceil((V - 1).bit_length() / 8)}
 
 
 # ============================================================================ 6b. evaluation

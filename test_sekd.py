@@ -823,3 +823,316 @@ def test_benchmark_flag_errors_are_clear():
         train.main(["--run", "benchmark", "--bench-vocab", "abc"])
     with pytest.raises(ValueError, match="unknown memory flow"):
         sekd.check_flow("magic")
+
+
+# ----------------------------------------------------------------------------- SPEC 3: RS-KD classes
+
+def test_rskd_sample_layout_counts_and_support():
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(4, 5, 9, generator=g, dtype=torch.float64)
+    logits[..., 7:] = -math.inf  # classes the teacher never predicts are never drawn
+    ids, counts = sekd.rskd_sample(logits, 13, generator=g)
+    assert ids.shape == counts.shape == (4, 5, 13)
+    assert (counts.sum(-1) == 13).all()
+    for i_row, c_row in zip(ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist()):
+        n = sum(c > 0 for c in c_row)
+        assert all(c > 0 for c in c_row[:n]) and all(c == 0 for c in c_row[n:])  # padding at the end
+        assert i_row[:n] == sorted(set(i_row[:n])) and all(i < 7 for i in i_row[:n]) and set(i_row[n:]) <= {0}
+    a, b = (sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a seeded generator reproduces the draws
+    ids_T, counts_T = sekd.rskd_sample(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
+    assert 40 < counts_T[0, 0] < 87  # a high temperature flattens the teacher: about half each
+
+
+def full_kd_row_grads(t, z, T):
+    """d/dz of T^2 KL(p^T || q^T) per row, by autograd of the float64 dense KL."""
+    z = z.clone().requires_grad_(True)
+    (T * T * sekd.kl_per_position(t, z, T)).sum().backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
+    """Monte Carlo over M independent RS-KD draws: the mean gradient w.r.t. the student logits
+    (taken through the streamed `rskd_loss`, identity head) matches Full KD's within 4.5 standard
+    errors on every coordinate, while deterministic top-2 truncation is off by far more."""
+    g = torch.Generator().manual_seed(11)
+    R, V, U, M = 3, 8, 4, 20000
+    t = torch.randn(R, V, generator=g, dtype=torch.float64)
+    z = torch.randn(R, V, generator=g, dtype=torch.float64)
+    ids, counts = sekd.rskd_sample(t.expand(M, R, V), U, T, generator=g)
+    h = z.expand(M, R, V).clone().requires_grad_(True)
+    loss = sekd.rskd_loss(h, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(M, R, dtype=torch.long),
+                          T=T, chunk_rows=4096)
+    grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
+    want = full_kd_row_grads(t, z, T)
+    assert ((mean - want).abs() <= 4.5 * se + 1e-12).all()
+    top = torch.topk(t, 2, dim=-1).indices
+    p_top = torch.zeros_like(t).scatter_(1, top, torch.softmax(t.gather(1, top) / T, -1))
+    topk_grad = T * (torch.softmax(z / T, -1) - p_top)
+    assert ((topk_grad - want).abs() / (se + 1e-12)).max() > 20
+
+
+def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam):
+    """SPEC 3 with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V."""
+    def seq_mean(values_per_seq):
+        means = [sum(v) / len(v) for v in values_per_seq if v]
+        return sum(means) / len(means) if means else 0.0
+    rs_seqs, ce_seqs = [], []
+    for b in range(len(targets)):
+        rs_b, ce_b = [], []
+        for t in range(len(targets[b])):
+            if targets[b][t] < 0:
+                continue
+            row = s_logits[b][t].tolist()
+            ce_b.append(-math.log(ref_softmax(row)[int(targets[b][t])]))
+            if mask[b][t]:
+                q = ref_softmax([v / T for v in row])
+                U = sum(counts[b][t].tolist())
+                rs_b.append(T * T * sum(c / U * math.log(c / U / q[i])
+                                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist()) if c > 0))
+        rs_seqs.append(rs_b)
+        ce_seqs.append(ce_b)
+    return lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
+
+
+@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)])
+def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
+    g = torch.Generator().manual_seed(12)
+    B, L, D, V, U = 3, 7, 5, 11, 6
+    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, counts = sekd.rskd_sample(torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g)
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[1, 4:] = -1
+    mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
+    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk)
+    z = hs @ ws.T
+    assert loss.item() == pytest.approx(ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam), abs=1e-12)
+    # the gradient against autograd of a dense formulation: p~ scattered over all of V
+    p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
+    logq = torch.log_softmax(z / T, -1)
+    rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
+    dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + \
+        (1 - lam) * sekd.kd_loss(z, None, y, lam=0.0)
+    assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
+    g = torch.Generator().manual_seed(13)
+    V, U = 9, 10
+    z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
+    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(1, 1, dtype=torch.long))
+    p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
+    assert torch.allclose(torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14)
+
+
+def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
+    y[1, 10:] = -1
+    draws = sekd.teacher_draws(teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0))
+    cfg = sekd.KDConfig("sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
+    loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
+    valid = y >= 0
+    mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, valid)
+    assert n == ref_topk_count(0.25, 12) + ref_topk_count(0.25, 10) == int(mask.sum())
+    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        sekd.distill_loss(student, None, idx, y, cfg)
+    torch.manual_seed(0)  # online draws from the teacher at the selected rows
+    online, n_online = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0, classes="rskd", U=8))
+    online.backward()
+    assert n_online == int(valid.sum()) and math.isfinite(online.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("U", [0, 128, 2.5, True])
+def test_bad_draw_count_is_a_clear_error(U):
+    with pytest.raises(ValueError, match=r"U must be an integer in \[1, 127\]"):
+        sekd.rskd_sample(torch.randn(2, 5), U)
+    with pytest.raises(ValueError, match="U must be"):
+        sekd.KDConfig("sekd", classes="rskd", U=U)
+
+
+# ----------------------------------------------------------------------------- SPEC 4: samples
+
+def test_sample_scores_and_selection():
+    m = tiny_gpt()
+    idx = torch.randint(0, 37, (4, 12))
+    valid = torch.ones(4, 12, dtype=torch.bool)
+    valid[2, 6:] = False
+    got = sekd.sample_entropy(m.hidden(idx), m.head_weight, valid, chunk_rows=5)
+    ent = sekd.token_entropy(m(idx))
+    for b in range(4):
+        assert got[b].item() == pytest.approx(ent[b][valid[b]].mean().item(), abs=1e-12)
+    scores = torch.tensor([0.5, 3.0, 1.0, 3.0, -1.0, 2.0, 0.0])
+    assert sekd.top_samples(scores, 0.4).tolist() == [1, 3, 5]  # ceil(0.4 * 7) = 3 highest
+    assert sekd.top_samples(scores, 0.2).tolist() == [1, 3]
+    r1 = sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1))
+    assert len(r1) == 10 and len(set(r1.tolist())) == 10 and r1.tolist() == sorted(r1.tolist())
+    assert torch.equal(r1, sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="budget l must be in"):
+        sekd.top_samples(scores, 0.0)
+
+
+def test_batches_iterate_over_kept_samples_only():
+    corpus = type("C", (), {"train": np.arange(40 * 5).reshape(40, 5)})()
+    kept = np.array([3, 7, 8, 21, 39])
+    b = train.Batches(corpus, 2, 1, 0, "cpu", kept)
+    seen = set()
+    for step in range(10):
+        x, _ = b.get(step, 0)
+        seen |= {int(r[0]) // 5 for r in x}
+    assert seen == set(kept.tolist())
+
+
+# ----------------------------------------------------------------------------- SPEC 5, 7: cache codec, storage
+
+@pytest.mark.parametrize("V,nbytes", [(11, 3), (50257, 3), (131072, 3), (131073, 4), (1 << 25, 4), ((1 << 25) + 1, 5)])
+def test_cache_codec_is_lossless_and_never_truncates(V, nbytes):
+    assert sekd.cache_bytes_per_class(V) == nbytes
+    ids = torch.tensor([[0, V - 1, V // 2, 0]])
+    counts = torch.tensor([[127, 1, 64, 0]])
+    raw = sekd.encode_draws(ids, counts, V)
+    assert raw.dtype == torch.uint8 and raw.shape == (1, 4, nbytes)
+    got_ids, got_counts = sekd.decode_draws(raw, V)
+    assert torch.equal(got_ids, ids) and torch.equal(got_counts, counts)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sekd.encode_draws(torch.tensor([V]), torch.tensor([1]), V)
+    with pytest.raises(ValueError, match="7-bit counts"):
+        sekd.encode_draws(torch.tensor([0]), torch.tensor([128]), V)
+
+
+def test_storage_accounting_at_the_papers_scale():
+    per = sekd.storage_bytes_per_position(100_000, 64, 0.2)
+    tb = {k: v * 1e11 / 1e12 for k, v in per.items()}
+    assert per["rskd"] == 192 and per["sekd_3x"] == pytest.approx(38.4) and per["ce"] == 3
+    assert tb["rskd"] == pytest.approx(19.2) and tb["sekd_3x"] == pytest.approx(3.84) and tb["ce"] == pytest.approx(0.3)
+    assert tb["full_fp16"] == pytest.approx(20_000)  # 2 bytes per logit; the paper prints 10,000
+
+
+# ----------------------------------------------------------------------------- SPEC 5: the offline teacher cache
+
+@pytest.fixture
+def cache_setup(tmp_path, tiny_corpus):
+    """A tiny corpus, a saved tiny teacher, the job's args and a kept-sample list."""
+    ds, cache_dir = tiny_corpus
+    args = train.build_parser().parse_args(TINY + ["--dataset", ds, "--data-dir", cache_dir, "--out-dir", str(tmp_path),
+                                                   "--U", "64"])
+    corpus = data.prepare(ds, args.seq_len, cache_dir=cache_dir)
+    teacher = train.new_model(args, "teacher", corpus.vocab.size, torch.device("cpu"))
+    train.save_checkpoint(train.teacher_ckpt_path(args), {"model": teacher.state_dict()})
+    kept = np.arange(0, len(corpus.train), 4)
+    return args, corpus, teacher, kept
+
+
+def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
+    args, corpus, teacher, kept = cache_setup
+    cache, build_s, reused = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    assert build_s > 0 and not reused
+    again, build_s2, reused2 = train.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
+    assert build_s2 is None and reused2
+    rows = np.array([0, 3, len(kept) - 1])
+    ids, counts = again.draws(rows, "cpu")
+    assert ids.shape == (3, args.seq_len, 64) and (counts.sum(-1) == 64).all()
+    # the draws are the teacher's, from the seeded generator, in kept order
+    x = torch.from_numpy(corpus.train[kept][:, :-1].astype(np.int64))
+    want = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, 64, generator=torch.Generator().manual_seed(args.seed))
+    assert torch.equal(ids, want[0][rows]) and torch.equal(counts, want[1][rows])
+    # size on disk against the storage accounting: within 1%, and the data part exactly
+    real = os.path.getsize(cache.path)
+    per_position = sekd.storage_bytes_per_position(corpus.vocab.size, 64)["rskd"]
+    accounted = len(kept) * args.seq_len * per_position
+    assert per_position == 64 * 3 and abs(real - accounted) <= 0.01 * accounted
+    assert real - cache.offset == accounted
+    assert sorted(os.listdir(os.path.dirname(cache.path))) == ["rskd_cache_seed1337.bin", "teacher.pt"]
+
+
+@pytest.mark.parametrize("change,key", [({"U": 32}, "U:"), ({"T": 2.0}, "T:"), ({"seed": 7}, "seed:"),
+                                        ("kept", "kept:"), ("teacher", "teacher_sha256:")])
+def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
+    args, corpus, teacher, kept = cache_setup
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    args.cache = path
+    if change == "kept":
+        kept = kept[1:]
+    elif change == "teacher":
+        train.save_checkpoint(train.teacher_ckpt_path(args), {"model": tiny_gpt().state_dict()})
+    else:
+        vars(args).update(change)
+    with pytest.raises(train.UserError, match=key) as e:
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    assert "--rebuild-cache" in str(e.value) and "\n" not in str(e.value)
+    args.rebuild_cache = True
+    assert not train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
+
+
+def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkeypatch):
+    args, corpus, teacher, kept = cache_setup
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    blob = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(blob[:-100])
+    with pytest.raises(train.UserError, match="corrupt or truncated"):
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    os.remove(path)
+    calls = []
+
+    def failing_encode(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_encode(*a)
+    real_encode = sekd.encode_draws
+    monkeypatch.setattr(sekd, "encode_draws", failing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
+
+
+def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
+    r = run_job(tmp_path, tiny_corpus, "--run", "axes", "--seeds", "1", "--student-steps", "10", "--U", "64")
+    out = capsys.readouterr().out
+    assert "multi-axis table" in out and "wall-time table" in out and "storage per training position" in out
+    names = [row["method"] for row in r["rows"][2:]]  # after the teacher and the initial student
+    assert names == ["Full KD", "RandomPos 20%", "RandomSmp 20%", "SE-KD top 20%", "RS-KD U=64", "TopSmp 20%",
+                     "TopSmp+RS-KD", "SE-KD+TopSmp", "SE-KD_3X"]
+    rows = {row["key"]: row for row in r["rows"][2:]}
+    n_train = r["data"]["train_samples"]
+    top = rows["top_smp"]
+    assert top["n_kept"] == math.ceil(0.2 * n_train) and top["steps"] == math.ceil(10 * top["n_kept"] / n_train)
+    assert top["prepass_s"] > 0 and rows["full_kd"]["prepass_s"] is None and rows["random_smp"]["prepass_s"] is None
+    walls = {w["key"]: w for w in r["walltime"]}
+    assert list(walls) == ["full_kd", "random_pos", "top_smp", "sekd_3x", "sekd_3x_reuse"]
+    build, reuse = walls["sekd_3x"], walls["sekd_3x_reuse"]
+    assert build["cache_build_s"] > 0 and not build["cache_reused"]
+    assert reuse["cache_build_s"] is None and reuse["cache_reused"]
+    assert reuse["val_ppl"] == build["val_ppl"] and reuse["kl_to_teacher"] == build["kl_to_teacher"]
+    assert all(w["total_s"] >= w["train_s"] for w in r["walltime"])
+    c = r["storage"]["cache"]
+    assert abs(c["bytes"] - c["accounted_bytes"]) <= 0.01 * c["accounted_bytes"]
+    assert c["positions"] == top["n_kept"] * 16
+    assert json.loads((tmp_path / "results_axes.json").read_text())["summary"]["SE-KD_3X"]["val_ppl"]["n"] == 1
+
+
+@pytest.mark.parametrize("flags,msg", [(["--U", "128"], "U must be an integer in [1, 127]"),
+                                       (["--l", "0"], "budget l must be in")])
+def test_cli_axis_errors_are_one_line_exit_2(flags, msg):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + flags, capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypatch):
+    args, corpus, teacher, kept = cache_setup
+    train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    args.U = 32
+    monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
+    with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
+        train.axes_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)

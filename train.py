@@ -6,6 +6,9 @@
     python train.py --run distill --metric reverse_kl --policy gls
     python train.py --run positions      # the paper's position tables (metrics, policies, budgets), 3 seeds
     python train.py --run show           # one validation sequence coloured by student entropy (ANSI + HTML)
+    python train.py --run distill --method sekd_3x --U 64 --l 0.2   # SPEC 5, offline teacher cache
+    python train.py --run axes --seeds 3  # the paper's multi-axis, wall-time and storage tables
+    python train.py --run storage        # storage accounting only (SPEC 7)
     python train.py --help               # every flag with its default
 
 Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
@@ -13,12 +16,14 @@ Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overri
 import argparse
 import dataclasses
 import gc
+import hashlib
 import html
 import io
 import json
 import math
 import os
 import platform
+import struct
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,15 +40,25 @@ class UserError(ValueError):
     """A mistake the user can fix (bad flag, bad checkpoint): printed as one line, exit 2."""
 
 
+# The class and sample axes (SPEC 3-5) as named methods: name -> (positions, classes, samples).
+# positions: a sekd.METHODS entry; classes: full | rskd (drawn from the teacher online) | cache
+# (drawn once into SE-KD_3X's offline cache); samples: all | top (TopSmp) | random (RandomSmp).
+AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"),
+        "random_smp": ("full_kd", "full", "random"), "top_smp_rskd": ("full_kd", "rskd", "top"),
+        "sekd_top_smp": ("sekd", "full", "top"), "sekd_3x": ("sekd", "cache", "top")}
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show", "benchmark"],
+    p.add_argument("--run", default="compare",
+                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "storage", "benchmark"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
                         "(--seeds students per row); show: one validation sequence, selections coloured; "
-                        "benchmark: memory and time of each flow")
+                        "axes: the multi-axis, wall-time and storage tables over --seeds; storage: the "
+                        "storage accounting only; benchmark: memory and time of each flow")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
@@ -73,7 +88,7 @@ def build_parser():
     g.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens for the final metrics")
     g.add_argument("--log-interval", type=int, default=20)
     g = p.add_argument_group("distillation")
-    g.add_argument("--method", default="sekd", choices=sekd.METHODS, help="for --run distill")
+    g.add_argument("--method", default="sekd", choices=sekd.METHODS + tuple(AXES), help="for --run distill")
     g.add_argument("--k", type=float, default=0.2, help="SE-KD position budget, in (0, 1]")
     g.add_argument("--metric", default="student_entropy",
                    help="position importance metric of --method sekd: " + ", ".join(sekd.METRICS))
@@ -81,7 +96,7 @@ def build_parser():
     g.add_argument("--gls-queue", type=int, default=30_000, help="GLS: scores kept in the FIFO queue")
     g.add_argument("--curriculum-steps", type=int, default=4_000,
                    help="curriculum: steps for the window to slide from the lowest to the top scores")
-    g.add_argument("--seeds", type=int, default=3, help="--run positions: students (seeds) per row")
+    g.add_argument("--seeds", type=int, default=3, help="--run positions / axes: students (seeds) per row")
     g.add_argument("--show-sample", type=int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=float, default=0.5,
@@ -98,6 +113,11 @@ def build_parser():
     g.add_argument("--bench-warmup", type=int, default=2, help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0,
                    help="skip (and report) a row whose analytic peak exceeds this many GiB; 0 = no limit")
+    g = p.add_argument_group("class and sample axes, offline teacher cache (SPEC 3-5)")
+    g.add_argument("--U", type=int, default=64, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
+    g.add_argument("--l", type=float, default=0.2, help="share of training samples TopSmp / RandomSmp keep, in (0, 1]")
+    g.add_argument("--cache", default="", help="SE-KD_3X teacher cache file (default OUT_DIR/rskd_cache_seedSEED.bin)")
+    g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -135,6 +155,14 @@ def check_args(a):
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
     sekd.check_budget(a.k)
     sekd.check_temperature(a.T)
+    check_axes_args(a)
+
+
+def check_axes_args(a):
+    sekd.check_draws(a.U)
+    sekd.check_budget(a.l, "l")
+    if a.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {a.seeds}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -181,8 +209,9 @@ class Batches:
     """Deterministic sample order: epoch e visits the training samples in the permutation
     drawn from (seed, e). Step s, micro-batch j always gets the same ids, for every method."""
 
-    def __init__(self, corpus, batch_size, grad_accum, seed, device):
-        self.samples, self.bs, self.accum, self.seed, self.device = corpus.train, batch_size, grad_accum, seed, device
+    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None):
+        samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: SPEC 4's sample ids
+        self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
         self._perm = {}
 
     def ids(self, step, micro):
@@ -246,9 +275,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
         with meter:
             total = 0.0
             for micro in range(batches.accum):
-                x, y = batches.get(step, micro)
+                x, y, *extra = batches.get(step, micro)  # extra: cached teacher draws (SE-KD_3X)
                 with autocast(args, dev):
-                    loss, _ = loss_fn(x, y)
+                    loss, _ = loss_fn(x, y, *extra)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
             if not math.isfinite(total):
@@ -407,38 +436,42 @@ def method_label(cfg):
 
 def distill_student(args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd):
     """One student from the shared initial weights (`student_init`, or the seed's random
-    init), trained with `method`, evaluated.
+    init), trained with `method` (one of sekd.METHODS, or an axes method of AXES), evaluated.
     `kd` overrides KDConfig fields (metric, policy, k, ...); save=False keeps no checkpoint."""
-    cfg = sekd.KDConfig(method=method, k=1.0 if method == "full_kd" else args.k, T=args.T, lam=args.lam,
+    positions, classes, samples = AXES.get(method, (method, "full", "all"))
+    cfg = sekd.KDConfig(method=positions, k=1.0 if positions == "full_kd" else args.k, T=args.T, lam=args.lam,
                         flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
-                        gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps)
+                        gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps,
+                        classes="full" if classes == "full" else "rskd", U=args.U)
     cfg = dataclasses.replace(cfg, **kd)
     torch.manual_seed(args.seed)
     student = new_model(args, "student", corpus.vocab.size, device)
     if student_init is not None:  # same initial weights for every method
         student.load_state_dict(student_init.state_dict())
-    if cfg.uses_teacher:
+    if cfg.uses_teacher and teacher is not None:
         sekd.check_pair(teacher, student)
-    batches = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device)  # same data order
-    s_body, t_body = maybe_compile(student, args), teacher
+    plan = axes_plan(args, samples, classes, corpus, device, student, teacher)
+    batches = plan.pop("batches")  # same data order for every method over the same samples
+    s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
     state, calls = cfg.new_state(), [0]  # GLS's queue; curriculum follows the optimizer step
 
-    def loss_fn(x, y):
+    def loss_fn(x, y, draws=None):
         state.step = calls[0] // args.grad_accum
         calls[0] += 1
-        return sekd.distill_loss(s_body, t_body, x, y, cfg, state)
-    name = method_label(cfg)
+        return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
+    name = axes_name(method, args) if method in AXES else method_label(cfg)
 
     def save_ckpt(step, opt):
-        if save and step == args.student_steps:
+        if save and step == plan["steps"]:
             save_checkpoint(os.path.join(args.out_dir, f"student_{method}.pt"),
                             {"model": student.state_dict(), "config": asdict(student.config),
-                             "signature": corpus.signature, "step": step, "steps": args.student_steps,
+                             "signature": corpus.signature, "step": step, "steps": plan["steps"],
                              "kd": asdict(cfg)})
-    stats = train_loop(student, loss_fn, batches, args.student_steps, args.lr, args, method, ckpt=save_ckpt,
-                       frozen_bytes=sekd.state_bytes(teacher) if cfg.uses_teacher else 0)
-    row = {"method": name, **evalset.evaluate(student, args), **stats}
+    stats = train_loop(student, loss_fn, batches, plan["steps"], args.lr, args, method, ckpt=save_ckpt,
+                       frozen_bytes=sekd.state_bytes(teacher) if cfg.uses_teacher and t_body is not None else 0)
+    row = {"method": name, **evalset.evaluate(student, args), **stats, **plan}
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
+    row["total_s"] = row["train_s"] + (row["prepass_s"] or 0.0) + (row["cache_build_s"] or 0.0)
     return row
 
 
@@ -466,6 +499,303 @@ def print_table(rows, device, title=None):
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")
+
+
+# ----------------------------------------------------------------------------- class and sample axes (SPEC 3-5)
+
+def axes_name(method, args):
+    return {"random_pos": f"RandomPos {args.k:.0%}", "rskd": f"RS-KD U={args.U}", "top_smp": f"TopSmp {args.l:.0%}",
+            "random_smp": f"RandomSmp {args.l:.0%}", "top_smp_rskd": "TopSmp+RS-KD", "sekd_top_smp": "SE-KD+TopSmp",
+            "sekd_3x": "SE-KD_3X"}[method]
+
+
+def axes_plan(args, samples, classes, corpus, device, student, teacher):
+    """The sample axis and the teacher cache of one student (SPEC 4, 5): which training samples it
+    sees (all; TopSmp's, by the frozen initial student's entropy; RandomSmp's), for how many steps
+    (as many epochs as --student-steps makes over all samples, so l = 20% trains 20% of the steps:
+    that is where the wall-time saving comes from), and SE-KD_3X's cached teacher draws.
+    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
+    plan = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
+            "cache_reused": None, "cache_bytes": None}
+    kept = None
+    if classes == "cache" and os.path.exists(default_cache_path(args)) and not args.rebuild_cache:
+        TeacherCache(default_cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
+    if samples == "top":
+        scores, plan["prepass_s"] = sample_prepass(student, corpus, args, device)
+        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
+    elif samples == "random":
+        kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
+    plan["steps"] = args.student_steps
+    if kept is not None:
+        plan["n_kept"] = len(kept)
+        plan["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
+    batch_args = (corpus, args.batch_size, args.grad_accum, args.seed, device, kept)
+    if classes == "cache":
+        cache_ids = kept if kept is not None else np.arange(len(corpus.train))
+        cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, cache_ids)
+        plan["cache_bytes"] = os.path.getsize(cache.path)
+        plan["batches"] = CachedBatches(*batch_args, cache=cache)
+    else:
+        plan["batches"] = Batches(*batch_args)
+    return plan
+
+
+_PREPASS = {}  # (seed, student config, data, dtype) -> (scores, seconds): one pre-pass per seed
+
+
+@torch.no_grad()
+def sample_prepass(student, corpus, args, device):
+    """SPEC 4: the frozen initial student scores every training sample by its mean entropy
+    (no grad, chunked entropy). -> (scores [N] float64, seconds). Methods that share the seed's
+    initial student share one pre-pass; each reports its measured time."""
+    key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
+           args.dtype, str(device))
+    if key not in _PREPASS:
+        t0 = time.time()
+        student.eval()
+        scores = []
+        for i in range(0, len(corpus.train), args.batch_size):
+            x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
+            with autocast(args, device):
+                h = student.hidden(x)
+            scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
+                                              args.chunk_rows or None).double().cpu())
+        student.train()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PREPASS[key] = (torch.cat(scores).numpy(), time.time() - t0)
+        print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
+    return _PREPASS[key]
+
+
+class CachedBatches(Batches):
+    """Batches of kept samples with their teacher draws read from the cache: the cache's row i is
+    kept sample i, which is row i of `self.samples`. get -> (x, y, (ids, counts) [B, L, U])."""
+
+    def __init__(self, *batch_args, cache):
+        super().__init__(*batch_args)
+        self.cache = cache
+
+    def get(self, step, micro):
+        x, y = super().get(step, micro)
+        return x, y, self.cache.draws(np.sort(self.ids(step, micro)), self.device)
+
+
+CACHE_MAGIC = b"SEKDRS1\n"
+
+
+def teacher_ckpt_path(args):
+    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+
+
+def default_cache_path(args):
+    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cache_signature(args, corpus, kept):
+    """What a teacher cache must match to be used (SPEC 5): the teacher, the data, the draws."""
+    path = teacher_ckpt_path(args)
+    if not os.path.exists(path):
+        raise UserError(f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
+                        "train it first (python train.py --run teacher)")
+    return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
+            "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
+            "kept": [int(i) for i in kept]}
+
+
+def cache_header(signature, shape):
+    """Magic, the JSON length (8 bytes), the JSON {signature, shape}; zero-padded to 64 bytes."""
+    body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
+    head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
+    return head + bytes(-len(head) % 64)
+
+
+class TeacherCache:
+    """SE-KD_3X's offline teacher cache (SPEC 5): one file, `cache_header` then the encoded draws at
+    every position of every kept sample, uint8 [n_kept, seq_len, U, bytes per class], memory-mapped."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(CACHE_MAGIC)) != CACHE_MAGIC:
+                    raise ValueError("not a teacher cache")
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self.signature, self.shape = header["signature"], tuple(header["shape"])
+            self.offset = len(cache_header(self.signature, self.shape))
+            if os.path.getsize(path) != self.offset + math.prod(self.shape):
+                raise ValueError(f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}")
+            self.data = np.memmap(path, np.uint8, "r", self.offset, self.shape)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise UserError(f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
+                            "--rebuild-cache") from None
+
+    def check(self, signature, skip=()):
+        """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
+        def show(v):
+            if isinstance(v, list):
+                return f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}"
+            return v
+        for key, want in signature.items():
+            got = self.signature.get(key)
+            if got != want and key not in skip:
+                raise UserError(f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
+                                f"cache, {show(want)} now): pass --rebuild-cache or another --cache path")
+
+    def draws(self, rows, device):
+        raw = torch.from_numpy(np.ascontiguousarray(self.data[rows])).to(device)
+        return sekd.decode_draws(raw, self.signature["V"])
+
+
+@torch.no_grad()
+def build_cache(path, signature, teacher, corpus, kept, args, device):
+    """Draw U classes from the teacher at every position of every kept sample (SPEC 5) and write
+    them to a temporary file, renamed over `path` only once complete."""
+    V = corpus.vocab.size
+    shape = (len(kept), args.seq_len, args.U, sekd.cache_bytes_per_class(V))
+    head = cache_header(signature, shape)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + math.prod(shape))
+        out = np.memmap(tmp, np.uint8, "r+", len(head), shape)
+        for i in range(0, len(kept), args.batch_size):
+            x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
+            with autocast(args, device):
+                ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
+                                                 args.chunk_rows or None, gen)
+            out[i:i + len(x)] = sekd.encode_draws(ids, counts, V).cpu().numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def teacher_cache(args, corpus, device, teacher, kept):
+    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
+    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused)."""
+    path = default_cache_path(args)
+    signature = cache_signature(args, corpus, kept)
+    if os.path.exists(path) and not args.rebuild_cache:
+        cache = TeacherCache(path)
+        cache.check(signature)
+        print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
+        return cache, None, True
+    if teacher is None:
+        raise UserError("building the teacher cache needs the teacher")
+    t0 = time.time()
+    build_cache(path, signature, teacher, corpus, kept, args, device)
+    build_s = time.time() - t0
+    print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
+          f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
+    return TeacherCache(path), build_s, False
+
+
+# ----------------------------------------------------------------------------- the multi-axis reproduction
+
+AXES_TABLE = ("full_kd", "random_pos", "random_smp", "sekd", "rskd", "top_smp", "top_smp_rskd", "sekd_top_smp",
+              "sekd_3x")
+WALL_TABLE = ("full_kd", "random_pos", "top_smp", "sekd_3x")
+PAPER_STORAGE_TB = {"full_fp16": 10_000, "rskd": 19.2, "sekd_3x": 3.84, "ce": 0.3}  # SPEC 7
+
+
+def run_axes(args, corpus, device, teacher, evalset, student_init=None):
+    """`--run axes`: the paper's multi-axis table (AXES_TABLE, --seeds seeds), its wall-time table
+    (first seed; SE-KD_3X once building its cache, then once reusing it) and the storage table."""
+    rows, walls = [], []
+    for i in range(args.seeds):
+        a = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
+        for m in AXES_TABLE:
+            b = argparse.Namespace(**{**vars(a), "rebuild_cache": True}) if m == "sekd_3x" else a  # time a build
+            row = distill_student(b, m, corpus, device, teacher, evalset, student_init)
+            rows.append({**row, "seed": a.seed, "key": m})
+            print_table([r for r in rows if r["seed"] == a.seed], device)
+        if i == 0:
+            reuse = distill_student(a, "sekd_3x", corpus, device, teacher, evalset, student_init)
+            walls = [r for r in rows if r["key"] in WALL_TABLE] + [{**reuse, "seed": a.seed, "key": "sekd_3x_reuse"}]
+    summary = print_axes_table(rows)
+    print_walltime_table(walls)
+    storage = storage_table(args, corpus, default_cache_path(args))  # the first seed's cache
+    return {"rows": rows, "summary": summary, "walltime": walls, "storage": storage}
+
+
+def print_axes_table(rows):
+    """Mean and sample standard deviation over seeds of each method's metrics. -> summary dict."""
+    summary = {}
+    for r in rows:
+        summary.setdefault(r["method"], []).append(r)
+    cols = (("val_ppl", "val PPL", 1), ("kl_to_teacher", "KL(T||S)", 1), ("agreement", "agree %", 100), ("ece", "ECE %", 1))
+    n_seeds = max(len(v) for v in summary.values())
+    print(f"\nmulti-axis table, mean ± std over {n_seeds} seed(s)")
+    head = f"{'method':<22}" + "".join(f" {label:>16}" for _, label, _ in cols) + f" {'steps':>6} {'samples':>8}"
+    print(head + "\n" + "-" * len(head))
+    out = {}
+    for name, rs in summary.items():
+        line, out[name] = f"{name:<22}", {}
+        for key, _, scale in cols:
+            v = np.array([scale * r[key] for r in rs])
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            out[name][key] = {"mean": float(v.mean()), "std": float(sd), "n": len(v)}
+            line += f" {v.mean():>9.3f} ± {sd:<5.3f}"
+        print(line + f" {rs[0]['steps']:>6} {rs[0]['n_kept']:>8,}")
+    return out
+
+
+def print_walltime_table(walls):
+    def s(v):
+        return "-" if v is None else f"{v:.1f}s"
+    full = next((r["total_s"] for r in walls if r["key"] == "full_kd"), None)
+    print("\nwall-time table (seconds; total = pre-pass + cache build + training)")
+    head = f"{'method':<28} {'pre-pass':>9} {'cache':>8} {'train':>8} {'total':>8} {'vs Full KD':>10}"
+    print(head + "\n" + "-" * len(head))
+    for r in walls:
+        name = {"sekd_3x": "SE-KD_3X (building cache)", "sekd_3x_reuse": "SE-KD_3X (reusing cache)"}.get(r["key"], r["method"])
+        rel = f"{100 * (r['total_s'] / full - 1):+.0f}%" if full else "-"
+        print(f"{name:<28} {s(r['prepass_s']):>9} {s(r['cache_build_s']):>8} {s(r['train_s']):>8} "
+              f"{s(r['total_s']):>8} {rel:>10}")
+
+
+def storage_table(args, corpus, cache_path=None):
+    """SPEC 7's storage table: bytes per position of each way to ship the teacher's signal, at the
+    paper's scale (V = 100,000, U = 64, l = 0.2, 10^11 tokens) and for this corpus and flags; then
+    the teacher cache on disk, if there is one, against its accounting. -> dict."""
+    paper = sekd.storage_bytes_per_position(100_000, 64, 0.2)
+    here = sekd.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
+    n_here = len(corpus.train) * args.seq_len
+    print(f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
+          f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)")
+    head = f"{'method':<22} {'B/pos':>10} {'TB @100B':>10} {'paper TB':>9} {'B/pos here':>11} {'MiB here':>10}"
+    print(head + "\n" + "-" * len(head))
+    labels = {"full_fp16": "Full KD, fp16 logits", "rskd": "RS-KD cache", "sekd_3x": "SE-KD_3X cache", "ce": "plain CE (ids)"}
+    out = {"paper_scale": paper, "here": here, "positions_here": n_here}
+    for key, label in labels.items():
+        print(f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} {PAPER_STORAGE_TB[key]:>9,} "
+              f"{here[key]:>11,.1f} {here[key] * n_here / 2**20:>10,.2f}")
+    print("(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 byte per logit)")
+    if cache_path and os.path.exists(cache_path):
+        cache = TeacherCache(cache_path)
+        n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
+        predicted = n_pos * sekd.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
+        out["cache"] = {"path": cache_path, "bytes": real, "positions": n_pos, "accounted_bytes": predicted,
+                        "header_bytes": cache.offset}
+        print(f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = {real / n_pos:.2f} B/position; "
+              f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the {cache.offset}-byte "
+              f"header); per position of the whole training set {real / n_here:.2f} B")
+    return out
 
 
 def machine():
@@ -865,6 +1195,8 @@ def main(argv=None):
     corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir)
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
+    if args.run == "storage":
+        return {"storage": storage_table(args, corpus, default_cache_path(args))}
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
@@ -887,6 +1219,9 @@ def main(argv=None):
     if args.run in ("positions", "show"):
         extra = {"positions": run_positions, "show": show_selection}[args.run](args, corpus, device, teacher, evalset,
                                                                              student_init)
+    if args.run == "axes":
+        extra = run_axes(args, corpus, device, teacher, evalset, student_init)
+        rows += extra.pop("rows", [])
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
               "memory_account": accounts,
               "total_s": time.time() - t_start}
