@@ -519,25 +519,41 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    loss = torch.zeros((), dtype=_wide_dtype(student_h), device=student_h.device)
-    if lam > 0:
-        if row_weights is None:
-            weights = per_sequence_weights(mask, loss.dtype)
-        else:
-            mask, weights = (row_weights != 0) & valid, row_weights.to(loss.dtype)
+    dtype = _wide_dtype(student_h)
+    if row_weights is None:
+        kd_weights = per_sequence_weights(mask, dtype)
+    else:
+        mask, kd_weights = (row_weights != 0) & valid, row_weights.to(dtype)
+    if lam == 0:
+        y = targets[valid]
+        return _StreamedHeadLoss.apply(student_h[valid], student_w, per_sequence_weights(valid, dtype)[valid],
+                                       chunk, lambda z, rows: _ce_rows(z, y[rows]))
+    if lam == 1:
         t_rows = teacher_h[mask]
 
         def kd_rows(z, rows):
             with torch.no_grad():
                 z_teacher = _wide(t_rows[rows] @ teacher_w.T)
             return _kd_rows(z, z_teacher, T)
-        loss = loss + lam * _StreamedHeadLoss.apply(student_h[mask], student_w, weights[mask], chunk, kd_rows)
-    if lam < 1:
-        y = targets[valid]
-        loss = loss + (1 - lam) * _StreamedHeadLoss.apply(
-            student_h[valid], student_w, per_sequence_weights(valid, loss.dtype)[valid], chunk,
-            lambda z, rows: _ce_rows(z, y[rows]))
-    return loss
+        return _StreamedHeadLoss.apply(student_h[mask], student_w, kd_weights[mask], chunk, kd_rows)
+    # 0 < lam < 1: one pass over every valid row, CE everywhere, KL (teacher logits) where selected
+    sel, y, t_rows = mask[valid], targets[valid], teacher_h[valid]
+    kd_w = lam * kd_weights[valid]
+    ce_w = (1 - lam) * per_sequence_weights(valid, dtype)[valid]
+
+    def mixed_rows(z, rows):
+        ce, grad = _ce_rows(z, y[rows])
+        loss, grad = ce_w[rows] * ce, grad.mul_(ce_w[rows][:, None])
+        s = sel[rows]
+        if s.any():
+            with torch.no_grad():
+                z_teacher = _wide(t_rows[rows][s] @ teacher_w.T)
+            kl, grad_kl = _kd_rows(z[s], z_teacher, T)
+            w = kd_w[rows][s]
+            loss[s] += w * kl
+            grad[s] += w[:, None] * grad_kl
+        return loss, grad
+    return _StreamedHeadLoss.apply(student_h[valid], student_w, torch.ones_like(ce_w), chunk, mixed_rows)
 
 
 # ---------------------------------------------------------------------------- AT-KD baseline
