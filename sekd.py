@@ -145,6 +145,11 @@ def check_temperature(T):
         raise ValueError(f"temperature T must be > 0, got {T}")
 
 
+def check_lambda(lam):
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
+
+
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
@@ -179,8 +184,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
     `row_weights` [B, L], when given, are the KL term's final weights instead (pos-RS-KD).
     `teacher_logits` may be None when lam == 0 (plain cross-entropy training)."""
     check_temperature(T)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
+    check_lambda(lam)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     loss = student_logits.new_zeros((), dtype=_wide_dtype(student_logits))
@@ -310,7 +314,7 @@ def ce_ratio_plus_student_entropy(zs, zt, y):
 @student_only
 def random(zs, zt, y):
     """Uniform noise, from torch's global generator: with top-k it is the RandomPos baseline (SPEC 2)."""
-    return torch.rand(len(zs), dtype=_wide(zs).dtype, device=zs.device)
+    return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
 
 
 METRICS = {fn.__name__: fn for fn in (student_entropy, teacher_entropy, student_ce, teacher_ce, kl, reverse_kl,
@@ -344,7 +348,7 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     parts = [fn(_wide(hs[i:i + chunk] @ student_w.T),
                 _wide(ht[i:i + chunk] @ teacher_w.T) if ht is not None else None,
                 y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
-    dtype = _wide(hs).dtype
+    dtype = _wide_dtype(hs)
     scores = torch.zeros(valid.shape, dtype=dtype, device=hs.device)
     if parts:
         scores[valid] = torch.cat(parts).to(dtype)
@@ -486,7 +490,7 @@ class _StreamedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, row_weights, chunk_rows, rows_loss):
-        loss = torch.zeros((), dtype=_wide(h).dtype, device=h.device)
+        loss = torch.zeros((), dtype=_wide_dtype(h), device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for i in range(0, h.shape[0], chunk_rows):
@@ -514,8 +518,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     non-zero row weight), and only one chunk of `chunk_rows` of them at a time.
     student_h [B, L, D] (with grad), teacher_h [B, L, Dt]."""
     check_temperature(T)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
+    check_lambda(lam)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
@@ -625,7 +628,7 @@ def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1
             loss = at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
             grad, = torch.autograd.grad(loss.sum(), z)
         return loss.detach(), grad
-    dtype = _wide(student_h).dtype
+    dtype = _wide_dtype(student_h)
     return _StreamedHeadLoss.apply(student_h[valid], student_w, w[valid].to(dtype),
                                    chunk_rows or default_chunk_rows(student_w.shape[0]), rows_loss)
 
@@ -658,8 +661,7 @@ class KDConfig:
             raise ValueError(f"unknown flow '{self.flow}': choose streamed or dense")
         check_budget(self.k)
         check_temperature(self.T)
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {self.lam}")
+        check_lambda(self.lam)
         get_metric(self.metric)
         get_policy(self.policy)
         PositionState(self.gls_queue, self.curriculum_steps)  # checks both
@@ -804,12 +806,11 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=
     ids, counts [B, L, U]: the teacher's draws (`rskd_sample` or the offline cache); only the
     rows in `mask` are read. student_h [B, L, D] with grad; gradients are exact."""
     check_temperature(T)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
+    check_lambda(lam)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    loss = torch.zeros((), dtype=_wide(student_h).dtype, device=student_h.device)
+    loss = torch.zeros((), dtype=_wide_dtype(student_h), device=student_h.device)
     if lam > 0:
         ids_m, counts_m = ids[mask], counts[mask]
         loss = loss + lam * _StreamedHeadLoss.apply(

@@ -613,15 +613,19 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
         assert abs(mean - other) > 8 * se, (policy, mean, other, se)
 
 
-def test_streamed_row_weights_equal_dense():
-    g = torch.Generator().manual_seed(14)
-    B, L, D, V = 3, 8, 6, 13
+def float64_heads(seed, B, L, D, V, Dt=5):
+    """Random student hidden states and head (with grad), teacher hidden states and head, targets."""
+    g = torch.Generator().manual_seed(seed)
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(B, L, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, V, (B, L), generator=g)
+    ht, wt = torch.randn(B, L, Dt, generator=g, dtype=torch.float64), torch.randn(V, Dt, generator=g, dtype=torch.float64)
+    return g, hs, ws, ht, wt, torch.randint(0, V, (B, L), generator=g)
+
+
+def test_streamed_row_weights_equal_dense():
+    g, hs, ws, ht, wt, y = float64_heads(14, 3, 8, 6, 13)
     y[2, 5:] = -1
-    w = torch.rand(B, L, generator=g, dtype=torch.float64) * (torch.rand(B, L, generator=g) < 0.5)
+    w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (torch.rand(y.shape, generator=g) < 0.5)
     dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w)
     streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
@@ -663,12 +667,7 @@ def ref_at_kd(s_logits, t_logits, targets):
 
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
-    g = torch.Generator().manual_seed(15)
-    B, L, D, V = 3, 7, 6, 11
-    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(B, L, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, V, (B, L), generator=g)
+    g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
     y[1, 4:] = -1
     dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y)
     assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
