@@ -844,6 +844,8 @@ def print_account(acc, title):
         print(f"    {phase:<16} {what:<52} [{rows}, V] {dtype}{times}: {mib(b)}")
     print("  peak per phase: " + ", ".join(f"{p} {mib(v)} (logits {mib(acc['logit_peaks'].get(p, 0))})"
                                            for p, v in acc["phases"].items()))
+    if acc.get("note"):
+        print(f"  note: {acc['note']}")
 
 
 def training_accounts(args, methods, teacher, vocab_size, device):
@@ -859,7 +861,8 @@ def training_accounts(args, methods, teacher, vocab_size, device):
                                   1.0 if m == "full_kd" else args.k, args.chunk_rows or None, half,
                                   device.type == "cuda", select)
         if args.lam < 1:
-            acc["note"] = "lambda < 1: the CE term's logits are not in this account"
+            acc["note"] = ("lambda < 1: this account models the lambda = 1 loss; the CE term over every row "
+                           "adds one chunk of CE tensors per chunk (not itemised here)")
         print_account(acc, f"{m} ({flow} flow)")
         out[m] = acc
     return out
