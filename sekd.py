@@ -531,30 +531,36 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
         y = targets[valid]
         return _StreamedHeadLoss.apply(student_h[valid], student_w, per_sequence_weights(valid, dtype)[valid],
                                        chunk, lambda z, rows: _ce_rows(z, y[rows]))
-    if lam == 1:
-        t_rows = teacher_h[mask]
+    t_rows = teacher_h[mask if lam == 1 else valid]  # the rows the pass below walks
 
-        def kd_rows(z, rows):
-            with torch.no_grad():
-                z_teacher = _wide(t_rows[rows] @ teacher_w.T)
-            return _kd_rows(z, z_teacher, T)
+    def kd_rows(z, rows):
+        with torch.no_grad():
+            z_teacher = _wide(t_rows[rows] @ teacher_w.T)
+        return _kd_rows(z, z_teacher, T)
+    if lam == 1:
         return _StreamedHeadLoss.apply(student_h[mask], student_w, kd_weights[mask], chunk, kd_rows)
-    # 0 < lam < 1: one pass over every valid row, CE everywhere, KL (teacher logits) where selected
-    sel, y, t_rows = mask[valid], targets[valid], teacher_h[valid]
+    return _kd_and_ce_pass(student_h, student_w, targets, mask, kd_weights, lam, chunk, kd_rows)
+
+
+def _kd_and_ce_pass(student_h, student_w, targets, mask, kd_weights, lam, chunk, kd_rows):
+    """0 < lam < 1: one streamed pass over every valid row, (1 - lam) CE at each and lam times the
+    KD term `kd_rows(z, i) -> (loss, grad)` at the selected ones (i indexes the valid rows), so no
+    student row is projected through the head twice."""
+    valid = targets >= 0
+    sel, y = mask[valid], targets[valid]
     kd_w = lam * kd_weights[valid]
-    ce_w = (1 - lam) * per_sequence_weights(valid, dtype)[valid]
+    ce_w = (1 - lam) * per_sequence_weights(valid, kd_w.dtype)[valid]
+    index = torch.arange(len(y), device=y.device)
 
     def mixed_rows(z, rows):
         ce, grad = _ce_rows(z, y[rows])
         loss, grad = ce_w[rows] * ce, grad.mul_(ce_w[rows][:, None])
         s = sel[rows]
         if s.any():
-            with torch.no_grad():
-                z_teacher = _wide(t_rows[rows][s] @ teacher_w.T)
-            kl, grad_kl = _kd_rows(z[s], z_teacher, T)
+            kd, grad_kd = kd_rows(z[s], index[rows][s])
             w = kd_w[rows][s]
-            loss[s] += w * kl
-            grad[s] += w[:, None] * grad_kl
+            loss[s] += w * kd
+            grad[s] += w[:, None] * grad_kd
         return loss, grad
     return _StreamedHeadLoss.apply(student_h[valid], student_w, torch.ones_like(ce_w), chunk, mixed_rows)
 
@@ -810,16 +816,16 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    loss = torch.zeros((), dtype=_wide_dtype(student_h), device=student_h.device)
-    if lam > 0:
+    if lam == 0:
+        return streamed_kd_loss(student_h, student_w, None, None, targets, lam=0.0, chunk_rows=chunk)
+    kd_weights = per_sequence_weights(mask, _wide_dtype(student_h))
+    if lam == 1:
         ids_m, counts_m = ids[mask], counts[mask]
-        loss = loss + lam * _StreamedHeadLoss.apply(
-            student_h[mask], student_w, per_sequence_weights(mask, loss.dtype)[mask], chunk,
-            lambda z, rows: _rskd_rows(z, ids_m[rows], counts_m[rows], T))
-    if lam < 1:
-        loss = loss + (1 - lam) * streamed_kd_loss(student_h, student_w, None, None, targets, lam=0.0,
-                                                   chunk_rows=chunk)
-    return loss
+        return _StreamedHeadLoss.apply(student_h[mask], student_w, kd_weights[mask], chunk,
+                                       lambda z, rows: _rskd_rows(z, ids_m[rows], counts_m[rows], T))
+    ids_v, counts_v = ids[valid], counts[valid]
+    return _kd_and_ce_pass(student_h, student_w, targets, mask, kd_weights, lam, chunk,
+                           lambda z, i: _rskd_rows(z, ids_v[i], counts_v[i], T))
 
 
 def rskd_distill_loss(student, teacher, idx, targets, cfg, draws=None, state=None):

@@ -39,12 +39,15 @@ def ref_kl(t_row, s_row, T=1.0):
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
 
 
+def seq_mean(values_per_seq):
+    """Mean over the sequences that have any value of each sequence's mean (SPEC 1)."""
+    means = [sum(v) / len(v) for v in values_per_seq if v]
+    return sum(means) / len(means) if means else 0.0
+
+
 def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam):
     """SPEC 1 with explicit loops: KL on the masked positions, CE on all valid ones, each
     averaged per sequence, then over the sequences that have any such position."""
-    def seq_mean(values_per_seq):
-        means = [sum(v) / len(v) for v in values_per_seq if v]
-        return sum(means) / len(means) if means else 0.0
     kl_seqs, ce_seqs = [], []
     for b in range(len(targets)):
         kl_b, ce_b = [], []
@@ -875,9 +878,6 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
 
 def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam):
     """SPEC 3 with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V."""
-    def seq_mean(values_per_seq):
-        means = [sum(v) / len(v) for v in values_per_seq if v]
-        return sum(means) / len(means) if means else 0.0
     rs_seqs, ce_seqs = [], []
     for b in range(len(targets)):
         rs_b, ce_b = [], []
