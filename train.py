@@ -53,11 +53,12 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare",
-                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "storage", "benchmark"],
+                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
                         "(--seeds students per row); show: one validation sequence, selections coloured; "
-                        "axes: the multi-axis, wall-time and storage tables over --seeds; storage: the "
+                        "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
+                        "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
                         "storage accounting only; benchmark: memory and time of each flow")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
@@ -715,11 +716,13 @@ PAPER_STORAGE_TB = {"full_fp16": 10_000, "rskd": 19.2, "sekd_3x": 3.84, "ce": 0.
 
 def run_axes(args, corpus, device, teacher, evalset, student_init=None):
     """`--run axes`: the paper's multi-axis table (AXES_TABLE, --seeds seeds), its wall-time table
-    (first seed; SE-KD_3X once building its cache, then once reusing it) and the storage table."""
+    (first seed; SE-KD_3X once building its cache, then once reusing it) and the storage table.
+    `--run walltime`: the wall-time rows only, one seed."""
     rows, walls = [], []
-    for i in range(args.seeds):
+    table, seeds = (WALL_TABLE, 1) if args.run == "walltime" else (AXES_TABLE, args.seeds)
+    for i in range(seeds):
         a = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
-        for m in AXES_TABLE:
+        for m in table:
             b = argparse.Namespace(**{**vars(a), "rebuild_cache": True}) if m == "sekd_3x" else a  # time a build
             row = distill_student(b, m, corpus, device, teacher, evalset, student_init)
             rows.append({**row, "seed": a.seed, "key": m})
@@ -1222,7 +1225,7 @@ def main(argv=None):
     if args.run in ("positions", "show"):
         extra = {"positions": run_positions, "show": show_selection}[args.run](args, corpus, device, teacher, evalset,
                                                                              student_init)
-    if args.run == "axes":
+    if args.run in ("axes", "walltime"):
         extra = run_axes(args, corpus, device, teacher, evalset, student_init)
         rows += extra.pop("rows", [])
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
