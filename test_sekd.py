@@ -816,6 +816,7 @@ def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, caps
     sweep = {(row["flow"], row["tokens"]): row["logit_peak"] for row in r["sweep"]}
     assert sweep[("streamed", 64)] == sweep[("streamed", 128)]
     assert sweep[("dense", 128)] == 2 * sweep[("dense", 64)]
+    assert "step ms (time / dense flow's time" in out and all(row["step_s"] > 0 for row in r["sweep"])
 
 
 def test_benchmark_flag_errors_are_clear():

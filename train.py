@@ -1018,6 +1018,26 @@ def print_bench_table(rows, lines):
                      f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}")
 
 
+def print_sweep_tables(V, sweep, grid):
+    """The scaling sweep as two tables: memory (logit peak / total peak) and step time (ms, and
+    the ratio to the dense flow at the same B*L). A row that ran out of memory says so."""
+    def cells(f, fmt):
+        return "".join(f"{c:>18}" for c in (("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r else fmt(r, i)
+                                            for i, r in enumerate(grid[f])))
+    dense = grid["dense"]
+
+    def time_cell(r, i):
+        ratio = f" ({r['step_s'] / dense[i]['step_s']:.2f}x)" if "step_s" in dense[i] else ""
+        return f"{1000 * r['step_s']:.1f}{ratio}"
+    cols = f"{'flow':<44}" + "".join(f"{t:>18,}" for t in sweep)
+    table = [f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L", cols]
+    table += [f"{sekd.FLOWS[f]:<44}" + cells(f, lambda r, i: f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}")
+              for f in sekd.FLOWS]
+    table += [f"\nscaling sweep, V = {V:,}: step ms (time / dense flow's time at the same B*L)", cols]
+    table += [f"{sekd.FLOWS[f]:<44}" + cells(f, time_cell) for f in sekd.FLOWS]
+    return table
+
+
 def run_benchmark(args, device):
     """--run benchmark: one training step of each memory flow side by side (SPEC 6), on random
     tokens, per vocabulary size; then a sweep over B*L for the first vocabulary."""
@@ -1043,19 +1063,13 @@ def run_benchmark(args, device):
         lines += table
         result["tables"][str(V)] = rows
         if i == 0 and sweep:
-            head = f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L"
-            cols = [f"{t:>16,}" for t in sweep]
-            table = [head, f"{'flow':<44}" + "".join(cols)]
             grid = {f: [] for f in sekd.FLOWS}
             for t in sweep:
                 for f in sekd.FLOWS:
-                    r = bench_row(student, teacher, opt, t // args.seq_len, f, args, device, timed=False)
+                    r = bench_row(student, teacher, opt, t // args.seq_len, f, args, device, timed=True)
                     grid[f].append(r)
                     result["sweep"].append(r)
-            for f in sekd.FLOWS:
-                cells = [("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r
-                         else f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}" for r in grid[f]]
-                table.append(f"{sekd.FLOWS[f]:<44}" + "".join(f"{c:>16}" for c in cells))
+            table = print_sweep_tables(V, sweep, grid)
             print("\n".join(table), flush=True)
             lines += table
         del student, teacher, opt
