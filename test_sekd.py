@@ -1135,3 +1135,121 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
     monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
         train.axes_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
+
+
+# ============================================================================= on-policy distillation, reverse KL
+
+def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
+    """SPEC 1 with KL(q^T || p^T), by explicit loops: the KL term on the masked positions, CE(y, q)
+    on every valid one, each averaged per sequence, then over sequences."""
+    kl_seqs, ce_seqs = [], []
+    for b in range(len(targets)):
+        kl_b, ce_b = [], []
+        for t in range(len(targets[b])):
+            y = int(targets[b][t])
+            if y < 0:
+                continue
+            s_row, t_row = [float(v) for v in s_logits[b][t]], [float(v) for v in t_logits[b][t]]
+            ce_b.append(-math.log(ref_softmax(s_row)[y]))
+            if mask[b][t]:
+                kl_b.append(T * T * ref_kl(s_row, t_row, T))  # ref_kl(a, b) = KL(a || b)
+        kl_seqs.append(kl_b)
+        ce_seqs.append(ce_b)
+    return lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+
+
+@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)])
+def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
+    g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
+    y[2, 3:] = -1
+    mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam, divergence="reverse")
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, divergence="reverse")
+
+    def ref(h):
+        return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
+    assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
+    for a, b in zip(d_grads, s_grads):  # the hand-written gradient T q (log q - log p - KL) against autograd
+        assert torch.allclose(a, b, atol=1e-12)
+    fd = torch.zeros_like(hs)  # and against central differences of the brute force
+    for i in range(hs.numel()):
+        e = torch.zeros(hs.numel(), dtype=torch.float64)
+        e[i] = 1e-6
+        e = e.view_as(hs)
+        fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
+    assert torch.allclose(s_grads[0], fd, atol=1e-7)
+    assert not torch.allclose(streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk))  # not forward
+
+
+def test_reverse_kl_flags_are_checked():
+    with pytest.raises(ValueError, match="unknown divergence 'sideways'"):
+        sekd.KDConfig("sekd", divergence="sideways")
+    for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
+        with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
+            sekd.KDConfig(**kd, divergence="reverse")
+
+
+def test_sample_continuations_are_seeded_prompted_and_at_temperature_1():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    prompts = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(0))
+    a, b, c = (sekd.sample_continuations(model, prompts, 7, torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], prompts) and model.training
+    # each new token is a draw from the model's softmax at temperature 1 given the prefix so far:
+    # 4000 draws of the next token of one prefix, against its probabilities (4 standard errors)
+    n = 4000
+    draws = sekd.sample_continuations(model, a[:1, :8].expand(n, 8), 1, torch.Generator().manual_seed(5))[:, -1]
+    p = torch.softmax(model(a[:1, :8])[0, -1], -1)
+    freq = torch.bincount(draws, minlength=37).double() / n
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all()
+
+
+def test_on_policy_batch_keeps_the_data_prompt_and_marks_only_generated_positions():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(0))
+    x, y = sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (4, 12)
+    assert torch.equal(x[:, :5], idx[:, :5])  # the prompt is the data's first P tokens
+    assert (y[:, :4] == -1).all() and (y[:, 4:] >= 0).all()  # valid: the 12 - 5 + 1 positions predicting a sample
+    assert torch.equal(y[:, 4:-1], x[:, 5:])  # targets are the sampled tokens, shifted by one
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="prompt length must be in"):
+            sekd.on_policy_batch(model, idx, bad)
+
+
+def ref_topk_mask(logits, targets, k):
+    """Per sequence, the ceil(k n) valid positions with the highest brute-force entropy."""
+    mask = []
+    for b in range(len(targets)):
+        valid = [t for t in range(len(targets[b])) if targets[b][t] >= 0]
+        ent = {t: ref_entropy([float(v) for v in logits[b][t]]) for t in valid}
+        chosen = sorted(valid, key=lambda t: -ent[t])[:ref_topk_count(k, len(valid))]
+        mask.append([t in chosen for t in range(len(targets[b]))])
+    return mask
+
+
+@pytest.mark.parametrize("method,k", [("sekd", 0.25), ("full_kd", 1.0)])
+def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k):
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 37, (4, 12), generator=gen), torch.randint(0, 37, (4, 12), generator=gen)
+    cfg = sekd.KDConfig(method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
+    loss, n = sekd.on_policy_distill_loss(student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7))
+    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the student's
+    # continuations of their first 5 tokens (KL alone, at the 8 positions that predict a sampled token)
+    x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
+    m_real, m_on = ref_topk_mask(zs.tolist(), targets[:2].tolist(), k), ref_topk_mask(zs_on.tolist(), y.tolist(), k)
+    assert all(not m_on[b][t] for b in range(2) for t in range(4))  # never a prompt position
+    real = ref_reverse_loss(zs.tolist(), zt.tolist(), targets[:2].tolist(), m_real, 1.0, 0.5)
+    on = ref_reverse_loss(zs_on.tolist(), zt_on.tolist(), y.tolist(), m_on, 1.0, 1.0)
+    assert loss.item() == pytest.approx(0.5 * real + 0.5 * on, abs=1e-12)
+    assert n == sum(map(sum, m_real)) + sum(map(sum, m_on)) == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
+    loss.backward()  # and it trains the student
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    with pytest.raises(ValueError, match="on-policy distillation needs a KD method"):
+        sekd.on_policy_distill_loss(student, teacher, idx, targets, sekd.KDConfig("ce"), 0.5, 5)
+    assert [sekd.on_policy_rows(16, s) for s in (0.0, 0.25, 0.5, 0.03, 1.0)] == [0, 4, 8, 0, 16]
