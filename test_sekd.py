@@ -1305,7 +1305,8 @@ CATALOGUE = {
     "--l out of range": ["test_cli_axis_errors_are_one_line_exit_2"],
     "--U out of range": ["test_cli_axis_errors_are_one_line_exit_2", "test_bad_draw_count_is_a_clear_error"],
     "--T out of range": ["test_cli_user_errors_are_one_line_exit_2", "test_bad_temperature_lambda_method"],
-    "--on-policy, --prompt-len out of range or with a method that cannot use them": ["test_bad_on_policy_flags"],
+    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that cannot use them": [
+        "test_bad_on_policy_flags", "test_reverse_kl_flags_are_checked"],
     "unknown method, metric, policy, divergence (any bad flag value)": ["test_unknown_choices_are_one_line_exit_2",
                                                                         "test_position_flags_errors"],
     "teacher and student vocabulary mismatch": ["test_vocab_mismatch_and_long_sequence",
@@ -1381,10 +1382,13 @@ def test_bad_on_policy_flags():
                        (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
                        (["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"], "full_kd, sekd, random_pos"),
                        (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
-                       (["--on-policy", "0.5", "--run", "positions"], "--run compare or distill")):
+                       (["--on-policy", "0.5", "--run", "positions"], "--run compare or distill"),
+                       (["--divergence", "reverse", "--run", "axes"], "--divergence reverse works with --run compare"),
+                       (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "--divergence reverse")):
         with pytest.raises(ValueError, match=msg):
             train.check_args(parse(flags))
     train.check_args(parse(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"]))
+    train.check_args(parse(["--divergence", "reverse", "--run", "compare"]))
 
 
 @pytest.mark.parametrize("field", ["tokenizer", "vocab_size", "vocab_fingerprint"])

@@ -185,15 +185,18 @@ def check_on_policy_args(a):
                         "raise one of them")
     if not 0 <= a.prompt_len <= a.seq_len:
         raise UserError(f"--prompt-len must be in [0, --seq-len {a.seq_len}] (0 = half), got {a.prompt_len}")
-    if a.on_policy > 0 and (a.run not in ("compare", "distill") or a.lam == 0 or
-                            a.run == "distill" and not on_policy_method(a.method)):
-        raise UserError("--on-policy works with --run compare or distill, --lam > 0 and a method with the teacher's "
-                        "full distribution (full_kd, sekd, random_pos, or their TopSmp / RandomSmp variants)")
+    methods = "a method with the teacher's full distribution (full_kd, sekd, random_pos, or their TopSmp / RandomSmp " \
+              "variants)"
+    full = a.run == "compare" or a.run == "distill" and full_distribution_method(a.method)
+    if a.on_policy > 0 and (not full or a.lam == 0):
+        raise UserError(f"--on-policy works with --run compare or distill, --lam > 0 and {methods}")
+    if a.divergence == "reverse" and not full:
+        raise UserError(f"--divergence reverse works with --run compare or distill and {methods}")
 
 
-def on_policy_method(method):
-    """Whether `method` can distil on student-generated text: its KD term needs the teacher's full
-    distribution there (no gold token for AT-KD, no cached draws for generated text)."""
+def full_distribution_method(method):
+    """Whether `method`'s KD term reads the teacher's full distribution, as the reverse KL and on-policy
+    text need (AT-KD needs a gold token, RS-KD and SE-KD_3X read drawn or cached classes)."""
     positions, classes, _ = AXES.get(method, (method, "full", "all"))
     return positions in ("full_kd", "sekd", "random_pos") and classes == "full"
 
