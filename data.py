@@ -10,12 +10,14 @@ memmaps next to a small `meta.json` and reused.
 Any Hugging Face dataset (by name, optionally streamed) or local text files go through the
 same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`.
 """
+import errno
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,18 +31,52 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- files, atomically
 
+def write_error(path, err):
+    """The one-line message for a failed write (a full disk, a quota, a read-only folder)."""
+    return (f"could not write {path}: {err.strerror or err} (disk full? free space or choose another "
+            "--out-dir / --data-dir); the previous file, if any, is unchanged and no partial file is left")
+
+
+@contextmanager
+def _replacing(path, tmp):
+    """Write to `tmp`, then rename it over `path`; on any failure remove `tmp` and leave `path` as it
+    was, and turn an OSError into a one-line DataError."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(write_error(path, e)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_bytes(path, data):
     """Write `data` to `path` through a temporary file + rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with _replacing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def atomic_save_array(path, array):
     tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with _replacing(path, tmp):
+        np.save(tmp, array)
+
+
+def preallocate(f, size):
+    """Reserve `size` bytes for the open file f now, so that a full disk raises OSError here rather
+    than killing the process with SIGBUS when a memmap of the (sparse) file is written later."""
+    f.flush()
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except AttributeError:  # no posix_fallocate on this OS
+        f.truncate(size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without fallocate
+            raise
+        f.truncate(size)
 
 
 # ----------------------------------------------------------------------------- the default corpus

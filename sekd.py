@@ -10,7 +10,8 @@ Knowledge Distillation", Tavor et al., arXiv 2602.01395):
      policies `POLICIES` (top-k, GLS, curriculum, pos-RS-KD, pos-RS-KD*)    (SPEC 2)
   6. the streamed selective loss: `streamed_kd_loss`                      (SPEC 6)
      the AT-KD baseline `at_kd_loss` / `streamed_at_kd_loss`                (SPEC 2)
-     and one distillation step, `distill_loss`
+     and one distillation step, `distill_loss`; the reverse KL (`DIVERGENCES`)
+     on-policy distillation: `sample_continuations`, `on_policy_distill_loss`
   3. class axis: `rskd_sample`, `rskd_loss` (streamed, exact gradients)   (SPEC 3)
   4. sample axis: `sample_entropy`, `top_samples`, `random_samples`       (SPEC 4)
   5. SE-KD_3X's offline cache codec and storage accounting                (SPEC 5, 7)
@@ -24,7 +25,7 @@ then over sequences (SPEC 1, "per-sequence normalisation").
 import math
 import weakref
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -150,6 +151,12 @@ def check_lambda(lam):
         raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
 
 
+def check_divergence(divergence):
+    if divergence not in DIVERGENCES:  # forward, reverse (section 6)
+        raise ValueError(f"unknown divergence '{divergence}': choose forward (KL(teacher || student)) or "
+                         "reverse (KL(student || teacher))")
+
+
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
@@ -175,21 +182,25 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
     return m / per_seq.clamp_min(1e-30) / n_seq
 
 
-def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, row_weights=None):
+def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, row_weights=None,
+            divergence="forward"):
     """The KD loss of SPEC 1 on dense logits [B, L, V] (the readable reference flow).
 
     lam * T^2 * KL(p^T || q^T), averaged over the positions in `mask` (all valid positions
     when None: Full KD; a selection: SE-KD), per sequence then over sequences
     + (1 - lam) * CE(y, q), averaged over all valid positions the same way.
     `row_weights` [B, L], when given, are the KL term's final weights instead (pos-RS-KD).
+    divergence='reverse' uses KL(q^T || p^T) instead (on-policy distillation's default).
     `teacher_logits` may be None when lam == 0 (plain cross-entropy training)."""
     check_temperature(T)
     check_lambda(lam)
+    check_divergence(divergence)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     loss = student_logits.new_zeros((), dtype=_wide_dtype(student_logits))
     if lam > 0:
-        kl = T * T * kl_per_position(teacher_logits, student_logits, T)
+        pair = (teacher_logits, student_logits) if divergence == "forward" else (student_logits, teacher_logits)
+        kl = T * T * kl_per_position(*pair, T)
         w = per_sequence_weights(mask, kl.dtype) if row_weights is None else row_weights.to(kl.dtype) * valid
         loss = loss + lam * (w * kl).sum()
     if lam < 1:
@@ -473,6 +484,20 @@ def _kd_rows(z_student, z_teacher, T):
     return loss, T * (logq.exp_() - p)
 
 
+def _reverse_kd_rows(z_student, z_teacher, T):
+    """Per row: T^2 KL(q^T || p^T), the reverse KL (on-policy distillation's default, Agarwal et al.
+    2024), and its gradient w.r.t. the student logits, T q^T (log q^T - log p^T - KL(q^T || p^T))."""
+    logq = F.log_softmax(z_student / T, dim=-1)
+    logp = F.log_softmax(z_teacher / T, dim=-1)
+    q = logq.exp()
+    diff = logq.sub_(logp)
+    kl = (q * diff).sum(-1)
+    return T * T * kl, diff.sub_(kl[:, None]).mul_(q).mul_(T)
+
+
+DIVERGENCES = {"forward": _kd_rows, "reverse": _reverse_kd_rows}  # KL(p || q), KL(q || p)
+
+
 def _ce_rows(z_student, targets):
     """Per row: CE(y, q) and its gradient w.r.t. the student logits, q - onehot(y)."""
     logq = F.log_softmax(z_student, dim=-1)
@@ -511,14 +536,15 @@ class _StreamedHeadLoss(torch.autograd.Function):
 
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=None,
-                     T=1.0, lam=1.0, chunk_rows=None, row_weights=None):
+                     T=1.0, lam=1.0, chunk_rows=None, row_weights=None, divergence="forward"):
     """`kd_loss` with selective LM heads, streamed (SPEC 6). Equal in value and gradient to
-    kd_loss(student_h @ student_w.T, teacher_h @ teacher_w.T, targets, mask, T, lam, row_weights),
-    but: teacher and student logits exist only for the selected rows (those in `mask`, or with a
-    non-zero row weight), and only one chunk of `chunk_rows` of them at a time.
+    kd_loss(student_h @ student_w.T, teacher_h @ teacher_w.T, targets, mask, T, lam, row_weights,
+    divergence), but: teacher and student logits exist only for the selected rows (those in `mask`,
+    or with a non-zero row weight), and only one chunk of `chunk_rows` of them at a time.
     student_h [B, L, D] (with grad), teacher_h [B, L, Dt]."""
     check_temperature(T)
     check_lambda(lam)
+    check_divergence(divergence)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
@@ -536,7 +562,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     def kd_rows(z, rows):
         with torch.no_grad():
             z_teacher = _wide(t_rows[rows] @ teacher_w.T)
-        return _kd_rows(z, z_teacher, T)
+        return DIVERGENCES[divergence](z, z_teacher, T)
     if lam == 1:
         return _StreamedHeadLoss.apply(student_h[mask], student_w, kd_weights[mask], chunk, kd_rows)
     return _kd_and_ce_pass(student_h, student_w, targets, mask, kd_weights, lam, chunk, kd_rows)
@@ -659,6 +685,7 @@ class KDConfig:
     curriculum_steps: int = 4_000
     classes: str = "full"
     U: int = 64
+    divergence: str = "forward"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -677,6 +704,10 @@ class KDConfig:
             check_draws(self.U)
             if self.method == "ce" or self.flow == "dense":
                 raise ValueError("RS-KD classes need a KD method (not ce) and the streamed flow")
+        check_divergence(self.divergence)
+        if self.divergence == "reverse" and (self.method in ("ce", "at_kd") or self.classes == "rskd"):
+            raise ValueError("the reverse KL needs the teacher's full distribution: use it with full_kd, sekd "
+                             "or random_pos and full classes (not ce, at_kd or RS-KD)")
 
     @property
     def uses_teacher(self):
@@ -729,10 +760,11 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
     teacher_w = teacher.head_weight if teacher_h is not None else None
     if cfg.flow == "dense":
         teacher_logits = teacher.head(teacher_h) if teacher_h is not None else None
-        loss = kd_loss(student.head(student_h), teacher_logits, targets, mask, cfg.T, lam, row_weights)
+        loss = kd_loss(student.head(student_h), teacher_logits, targets, mask, cfg.T, lam, row_weights,
+                       cfg.divergence)
     else:
         loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights)
+                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights, cfg.divergence)
     return loss, int(mask.sum())
 
 
@@ -747,6 +779,75 @@ def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):
         ce = 0.0 if cfg.lam == 1 else streamed_kd_loss(student_h, student.head_weight, None, None, targets,
                                                         lam=0.0, chunk_rows=cfg.chunk_rows or None)
     return loss + (1 - cfg.lam) * ce
+
+
+# ---------------------------------------------------------------------------- on-policy distillation
+# Agarwal et al. 2024 (GKD): the student also learns on text it wrote itself. A share of each batch's
+# sequences keep only their first P tokens as a prompt; the student samples the rest, and KD (SE-KD's
+# selection among the generated positions; reverse KL by default, as the paper's on-policy table)
+# is applied there. Generated text has no gold token, so lambda's CE part acts on real data only.
+
+@torch.no_grad()
+def sample_continuations(model, prompts, n_new, generator=None):
+    """Extend each prompt [B, P] by n_new tokens sampled from `model` at temperature 1, one at a
+    time; the whole prefix is recomputed for each token (no KV cache: cheap at these sizes).
+    Dropout is off while sampling. -> [B, P + n_new]."""
+    was_training = model.training
+    model.eval()
+    seq = prompts
+    for _ in range(n_new):
+        probs = F.softmax(_wide(model.head(model.hidden(seq)[:, -1])), dim=-1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    model.train(was_training)
+    return seq
+
+
+def on_policy_batch(student, idx, prompt_len, generator=None):
+    """On-policy sequences from data samples idx [B, L]: the first `prompt_len` tokens are the prompt,
+    the student samples the other L - P + 1. -> (x, targets), both [B, L]: x is the prompt and the
+    first L - P sampled tokens, targets x shifted by one with -1 (padding) before the first sampled
+    token, so the valid positions are exactly the L - P + 1 that predict a sampled token."""
+    L = idx.shape[1]
+    if not 1 <= prompt_len <= L:
+        raise ValueError(f"prompt length must be in [1, {L}] (the sequence length), got {prompt_len}")
+    seq = sample_continuations(student, idx[:, :prompt_len], L - prompt_len + 1, generator)
+    targets = seq[:, 1:].clone()
+    targets[:, :prompt_len - 1] = -1
+    return seq[:, :-1], targets
+
+
+def check_on_policy(cfg):
+    if not cfg.uses_teacher or cfg.method == "at_kd" or cfg.classes != "full":
+        raise ValueError(f"on-policy distillation needs a KD method with the teacher's full distribution "
+                         f"(full_kd, sekd, random_pos; lambda > 0), not {cfg.method} with {cfg.classes} classes")
+
+
+def on_policy_rows(batch_size, share):
+    """How many of a batch's sequences are on-policy: share * B rounded to the nearest integer."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"on-policy share must be in [0, 1], got {share}")
+    return int(math.floor(share * batch_size + 0.5))
+
+
+def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None):
+    """One step of mixed distillation: the last `on_policy_rows(B, share)` sequences of the batch
+    become on-policy (`on_policy_batch`), the others stay real data. The loss is the mean over
+    sequences (SPEC 1): (n_real * L_real + n_on * L_on) / B, where L_real is `distill_loss` on the
+    real sequences (lam * KD + (1 - lam) * CE) and L_on is the KD term alone on the on-policy ones
+    (lambda = 1: a sampled token is not a gold target). -> (loss, n_selected)."""
+    check_on_policy(cfg)
+    B = idx.shape[0]
+    n_on = on_policy_rows(B, share)
+    n_real = B - n_on
+    loss, n_sel = 0.0, 0
+    if n_real:
+        real, n = distill_loss(student, teacher, idx[:n_real], targets[:n_real], cfg, state)
+        loss, n_sel = loss + real * (n_real / B), n_sel + n
+    if n_on:
+        x, y = on_policy_batch(student, idx[n_real:], prompt_len, generator)
+        on, n = distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state)
+        loss, n_sel = loss + on * (n_on / B), n_sel + n
+    return loss, n_sel
 
 
 # ============================================================================ 3. class axis: RS-KD

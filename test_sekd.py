@@ -1,10 +1,14 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
+import errno
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from fractions import Fraction
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub name fails fast instead of retrying
@@ -1136,3 +1140,501 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
     monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
         train.axes_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
+
+
+# ============================================================================= on-policy distillation, reverse KL
+
+def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
+    """SPEC 1 with KL(q^T || p^T), by explicit loops: the KL term on the masked positions, CE(y, q)
+    on every valid one, each averaged per sequence, then over sequences."""
+    kl_seqs, ce_seqs = [], []
+    for b in range(len(targets)):
+        kl_b, ce_b = [], []
+        for t in range(len(targets[b])):
+            y = int(targets[b][t])
+            if y < 0:
+                continue
+            s_row, t_row = [float(v) for v in s_logits[b][t]], [float(v) for v in t_logits[b][t]]
+            ce_b.append(-math.log(ref_softmax(s_row)[y]))
+            if mask[b][t]:
+                kl_b.append(T * T * ref_kl(s_row, t_row, T))  # ref_kl(a, b) = KL(a || b)
+        kl_seqs.append(kl_b)
+        ce_seqs.append(ce_b)
+    return lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+
+
+@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)])
+def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
+    g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
+    y[2, 3:] = -1
+    mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam, divergence="reverse")
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, divergence="reverse")
+
+    def ref(h):
+        return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
+    assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
+    for a, b in zip(d_grads, s_grads):  # the hand-written gradient T q (log q - log p - KL) against autograd
+        assert torch.allclose(a, b, atol=1e-12)
+    fd = torch.zeros_like(hs)  # and against central differences of the brute force
+    for i in range(hs.numel()):
+        e = torch.zeros(hs.numel(), dtype=torch.float64)
+        e[i] = 1e-6
+        e = e.view_as(hs)
+        fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
+    assert torch.allclose(s_grads[0], fd, atol=1e-7)
+    assert not torch.allclose(streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk))  # not forward
+
+
+def test_reverse_kl_flags_are_checked():
+    with pytest.raises(ValueError, match="unknown divergence 'sideways'"):
+        sekd.KDConfig("sekd", divergence="sideways")
+    for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
+        with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
+            sekd.KDConfig(**kd, divergence="reverse")
+
+
+def test_sample_continuations_are_seeded_prompted_and_at_temperature_1():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    prompts = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(0))
+    a, b, c = (sekd.sample_continuations(model, prompts, 7, torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], prompts) and model.training
+    # each new token is a draw from the model's softmax at temperature 1 given the prefix so far:
+    # 4000 draws of the next token of one prefix, against its probabilities (4 standard errors)
+    n = 4000
+    draws = sekd.sample_continuations(model, a[:1, :8].expand(n, 8), 1, torch.Generator().manual_seed(5))[:, -1]
+    p = torch.softmax(model(a[:1, :8])[0, -1], -1)
+    freq = torch.bincount(draws, minlength=37).double() / n
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all()
+
+
+def test_on_policy_batch_keeps_the_data_prompt_and_marks_only_generated_positions():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(0))
+    x, y = sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (4, 12)
+    assert torch.equal(x[:, :5], idx[:, :5])  # the prompt is the data's first P tokens
+    assert (y[:, :4] == -1).all() and (y[:, 4:] >= 0).all()  # valid: the 12 - 5 + 1 positions predicting a sample
+    assert torch.equal(y[:, 4:-1], x[:, 5:])  # targets are the sampled tokens, shifted by one
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="prompt length must be in"):
+            sekd.on_policy_batch(model, idx, bad)
+
+
+def ref_topk_mask(logits, targets, k):
+    """Per sequence, the ceil(k n) valid positions with the highest brute-force entropy."""
+    mask = []
+    for b in range(len(targets)):
+        valid = [t for t in range(len(targets[b])) if targets[b][t] >= 0]
+        ent = {t: ref_entropy([float(v) for v in logits[b][t]]) for t in valid}
+        chosen = sorted(valid, key=lambda t: -ent[t])[:ref_topk_count(k, len(valid))]
+        mask.append([t in chosen for t in range(len(targets[b]))])
+    return mask
+
+
+@pytest.mark.parametrize("method,k", [("sekd", 0.25), ("full_kd", 1.0)])
+def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k):
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 37, (4, 12), generator=gen), torch.randint(0, 37, (4, 12), generator=gen)
+    cfg = sekd.KDConfig(method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
+    loss, n = sekd.on_policy_distill_loss(student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7))
+    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the student's
+    # continuations of their first 5 tokens (KL alone, at the 8 positions that predict a sampled token)
+    x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
+    m_real, m_on = ref_topk_mask(zs.tolist(), targets[:2].tolist(), k), ref_topk_mask(zs_on.tolist(), y.tolist(), k)
+    assert all(not m_on[b][t] for b in range(2) for t in range(4))  # never a prompt position
+    real = ref_reverse_loss(zs.tolist(), zt.tolist(), targets[:2].tolist(), m_real, 1.0, 0.5)
+    on = ref_reverse_loss(zs_on.tolist(), zt_on.tolist(), y.tolist(), m_on, 1.0, 1.0)
+    assert loss.item() == pytest.approx(0.5 * real + 0.5 * on, abs=1e-12)
+    assert n == sum(map(sum, m_real)) + sum(map(sum, m_on)) == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
+    loss.backward()  # and it trains the student
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    with pytest.raises(ValueError, match="on-policy distillation needs a KD method"):
+        sekd.on_policy_distill_loss(student, teacher, idx, targets, sekd.KDConfig("ce"), 0.5, 5)
+    assert [sekd.on_policy_rows(16, s) for s in (0.0, 0.25, 0.5, 0.03, 1.0)] == [0, 4, 8, 0, 16]
+
+
+@pytest.fixture(scope="module")
+def pretrained_pair(tmp_path_factory, tiny_corpus):
+    """A tiny teacher and initial student (TINY flags), trained once; `with_pair` copies them into an --out-dir."""
+    d = tmp_path_factory.mktemp("pair")
+    run_job(d, tiny_corpus, "--run", "distill", "--student-steps", "1")
+    return d
+
+
+def with_pair(path, pair):
+    path.mkdir(exist_ok=True)
+    for f in ("teacher.pt", "student_init.pt"):
+        shutil.copy(pair / f, path / f)
+    return path
+
+
+def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(tmp_path, tiny_corpus, pretrained_pair):
+    out = with_pair(tmp_path, pretrained_pair)
+    r = run_job(out, tiny_corpus, "--run", "distill", "--on-policy", "0.5", "--student-steps", "40", "--lr", "3e-3")
+    row = r["rows"][-1]
+    assert row["method"] == "SE-KD top 20% +50% on-policy" and math.isfinite(row["val_ppl"])
+    ckpt = torch.load(out / "student_sekd.pt", weights_only=True)
+    assert ckpt["kd"]["divergence"] == "reverse" and ckpt["run_key"]["prompt_len"] == 8  # auto: reverse; P = L / 2
+    teacher, init, final = (train.GPT_from(torch.load(out / f, weights_only=True))
+                            for f in ("teacher.pt", "student_init.pt", "student_sekd.pt"))
+    corpus = data.prepare(tiny_corpus[0], 16, cache_dir=tiny_corpus[1])
+    idx = torch.from_numpy(corpus.val[:32, :-1].astype(np.int64))
+    full = sekd.KDConfig("full_kd", k=1.0, divergence="reverse")
+
+    def on_policy_kl(student):  # reverse KL on the student's own continuations of validation prompts
+        with torch.no_grad():
+            return np.mean([sekd.on_policy_distill_loss(student, teacher, idx, idx, full, 1.0, 8,
+                                                        torch.Generator().manual_seed(s))[0].item() for s in range(4)])
+    assert on_policy_kl(final) < on_policy_kl(init)
+
+
+# ============================================================================= reliability catalogue
+# Every bad input or fault below ends in a one-line message that says what is wrong and how to fix it
+# (from `python train.py`, exit code 2: UserError and data.DataError are ValueErrors, which the
+# __main__ block prints as one line) and leaves no half-written file. CATALOGUE maps each item to the
+# tests that check it, some of them further up this file; README "Reliability" lists the same.
+
+CATALOGUE = {
+    "--k out of range": ["test_cli_user_errors_are_one_line_exit_2", "test_bad_budget_is_a_clear_error"],
+    "--l out of range": ["test_cli_axis_errors_are_one_line_exit_2"],
+    "--U out of range": ["test_cli_axis_errors_are_one_line_exit_2", "test_bad_draw_count_is_a_clear_error"],
+    "--T out of range": ["test_cli_user_errors_are_one_line_exit_2", "test_bad_temperature_lambda_method"],
+    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that cannot use them": [
+        "test_bad_on_policy_flags", "test_reverse_kl_flags_are_checked"],
+    "unknown method, metric, policy, divergence (any bad flag value)": ["test_unknown_choices_are_one_line_exit_2",
+                                                                        "test_position_flags_errors"],
+    "teacher and student vocabulary mismatch": ["test_vocab_mismatch_and_long_sequence",
+                                                "test_teacher_checkpoint_for_other_vocabulary_is_refused"],
+    "teacher trained with another tokenizer": ["test_checkpoint_for_another_tokenizer_is_refused"],
+    "vocabulary too large for the cache id width": ["test_cache_codec_is_lossless_and_never_truncates",
+                                                    "test_vocabulary_beyond_the_cache_format_is_refused"],
+    "sequence length above the teacher's block size": ["test_seq_len_above_the_teachers_block_size_is_refused"],
+    "missing or truncated checkpoint": ["test_corrupt_and_missing_checkpoints_are_clear_errors"],
+    "corrupt checkpoint (garbage, wrong keys or shapes)": ["test_garbage_checkpoints_are_refused"],
+    "unfinished checkpoint of another run": ["test_unfinished_checkpoint_of_another_run_is_not_resumed"],
+    "cache built for another teacher, dataset, U, T, seed or sample set": [
+        "test_mismatching_cache_is_refused_in_one_line", "test_mismatching_cache_is_refused_before_the_pre_pass"],
+    "truncated or interrupted cache": ["test_truncated_or_interrupted_cache_leaves_nothing_valid"],
+    "empty or too-short corpus": ["test_empty_and_too_short_corpus_are_clear_errors",
+                                  "test_too_short_corpus_is_one_line_exit_2"],
+    "NaN or inf loss or gradient": ["test_non_finite_loss_stops_and_keeps_the_last_checkpoint",
+                                    "test_huge_learning_rate_stops_in_one_line"],
+    "disk full while writing a checkpoint": ["test_disk_full_while_saving_a_checkpoint",
+                                             "test_write_failure_in_a_real_process"],
+    "disk full while writing the teacher cache": ["test_disk_full_while_building_the_cache"],
+    "disk full while writing the data memmaps": ["test_disk_full_while_writing_the_data"],
+    "SIGKILL mid-training": ["test_sigkill_then_resume_gives_the_same_weights",
+                             "test_interrupted_distillation_resumes_to_the_same_weights"],
+}
+
+
+def test_the_catalogue_has_15_items_each_with_a_test():
+    assert len(CATALOGUE) >= 15
+    for item, tests in CATALOGUE.items():
+        assert tests and all(callable(globals().get(t)) for t in tests), item
+
+
+def leftovers(folder):
+    """Temporary files left anywhere under `folder`: there must be none."""
+    return [f for _, _, files in os.walk(folder) for f in files if ".tmp" in f]
+
+
+def run_cli(*flags, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, flags)], capture_output=True,
+                          text=True, cwd=HERE, timeout=300, **kw)
+
+
+def assert_one_line_exit_2(r, msg):
+    """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come before)."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert msg in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert not any(line.startswith("error") for line in lines[:-1])
+
+
+def tiny_cli(tmp_path, corpus, *extra):
+    ds, cache = corpus
+    return TINY + ["--dataset", ds, "--data-dir", cache, "--out-dir", str(tmp_path)] + list(extra)
+
+
+@pytest.mark.parametrize("flags,msg", [(["--method", "magic"], "argument --method: invalid choice: 'magic'"),
+                                       (["--policy", "nope"], "unknown policy 'nope': choose one of topk")])
+def test_unknown_choices_are_one_line_exit_2(flags, msg):
+    assert_one_line_exit_2(run_cli(*flags), msg)
+    for bad, want in ((["--divergence", "sideways"], "invalid choice: 'sideways'"), (["--run", "nope"], "--run"),
+                      (["--k", "abc"], "invalid float value: 'abc'"), (["--no-such-flag"], "unrecognized arguments")):
+        with pytest.raises(train.UserError, match=want) as e:
+            train.main(bad)
+        assert "--help" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_on_policy_flags():
+    parse = train.build_parser().parse_args
+    for flags, msg in ((["--on-policy", "1.5"], "--on-policy must be in \\[0, 1\\]"),
+                       (["--on-policy", "0.01"], "rounds to no sequence: raise one of them"),
+                       (["--prompt-len", "200"], "--prompt-len must be in \\[0, --seq-len 128\\]"),
+                       (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
+                       (["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"], "full_kd, sekd, random_pos"),
+                       (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
+                       (["--on-policy", "0.5", "--run", "positions"], "--run compare or distill"),
+                       (["--divergence", "reverse", "--run", "axes"], "--divergence reverse works with --run compare"),
+                       (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "--divergence reverse")):
+        with pytest.raises(ValueError, match=msg):
+            train.check_args(parse(flags))
+    train.check_args(parse(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"]))
+    train.check_args(parse(["--divergence", "reverse", "--run", "compare"]))
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "vocab_size", "vocab_fingerprint"])
+def test_checkpoint_for_another_tokenizer_is_refused(tmp_path, tiny_corpus, pretrained_pair, field):
+    out = with_pair(tmp_path, pretrained_pair)
+    ckpt = torch.load(out / "teacher.pt", weights_only=True)
+    ckpt["signature"][field] = {"tokenizer": "llama3", "vocab_size": 151936, "vocab_fingerprint": "0" * 16}[field]
+    train.save_checkpoint(str(out / "teacher.pt"), ckpt)
+    with pytest.raises(train.UserError, match="trained on another vocabulary or tokenizer .* --retrain-teacher"):
+        run_job(out, tiny_corpus, "--run", "distill")
+    assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
+
+
+def test_vocabulary_beyond_the_cache_format_is_refused():
+    assert sekd.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
+    with pytest.raises(ValueError, match="does not fit the cache format"):
+        sekd.cache_bytes_per_class((1 << 49) + 1)
+    with pytest.raises(ValueError, match="outside the vocabulary \\[0, 11\\)"):
+        sekd.encode_draws(torch.tensor([[11]]), torch.tensor([[1]]), 11)
+    with pytest.raises(ValueError, match="7-bit counts"):
+        sekd.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
+    with pytest.raises(ValueError, match="a vocabulary of 131,073 needs 4"):
+        sekd.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
+
+
+def test_seq_len_above_the_teachers_block_size_is_refused(tmp_path, tiny_corpus, pretrained_pair):
+    out = with_pair(tmp_path, pretrained_pair)
+    with pytest.raises(train.UserError, match="block size 16, shorter than --seq-len 32: use --seq-len 16 or less"):
+        run_job(out, tiny_corpus, "--run", "distill", "--seq-len", "32")
+    assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong keys", "wrong shapes", "student garbage"])
+def test_garbage_checkpoints_are_refused(tmp_path, tiny_corpus, pretrained_pair, damage):
+    out = with_pair(tmp_path, pretrained_pair)
+    if damage == "garbage":
+        (out / "teacher.pt").write_bytes(os.urandom(5000))
+    elif damage == "wrong keys":
+        torch.save({"model": {}, "config": {"vocab_size": 3}}, out / "teacher.pt")
+    elif damage == "wrong shapes":
+        ckpt = torch.load(out / "teacher.pt", weights_only=True)
+        ckpt["config"]["n_embd"] = 64
+        torch.save(ckpt, out / "teacher.pt")
+    else:  # a distilled student's checkpoint, which the run would resume from
+        (out / "student_sekd.pt").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(train.UserError, match="is corrupt or truncated .*: delete it and train again") as e:
+        run_job(out, tiny_corpus, "--run", "distill")
+    assert "\n" not in str(e.value)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing written over
+
+
+def test_unfinished_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
+    model = tiny_gpt(dtype=torch.float32)
+    opt = train.make_optimizer(model, 1e-3, 0.1)
+    key = {"method": "sekd", "lr": 0.001, "seed": 1}
+    ckpt = {"model": model.state_dict(), "config": vars(model.config), "step": 10, "steps": 30,
+            "optimizer": opt.state_dict(), "run_key": key}
+    path = str(tmp_path / "student_sekd.pt")
+    train.save_checkpoint(path, ckpt)
+    assert train.resumable(path, key, "sekd")["step"] == 10
+    assert train.resumable(path, {**key, "lr": 0.002}, "sekd") is None
+    assert "unfinished checkpoint of another run (lr differ): training anew" in capsys.readouterr().out
+    train.save_checkpoint(path, {**ckpt, "step": 30})
+    assert train.resumable(path, key, "sekd") is None  # finished: a new run trains over it
+    assert train.resumable(str(tmp_path / "none.pt"), key, "sekd") is None
+
+
+def test_too_short_corpus_is_one_line_exit_2(tmp_path):
+    ds = write_corpus(tmp_path, "Short text.\n" * 3, "x\n")
+    r = run_cli("--dataset", ds, "--seq-len", "64", "--data-dir", tmp_path / "cache", "--out-dir", tmp_path / "out")
+    assert_one_line_exit_2(r, "too few for 2 samples of 65 tokens: use a bigger corpus or a smaller --seq-len")
+    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "out")
+    assert not any(f == "meta.json" for _, _, fs in os.walk(tmp_path / "cache") for f in fs)  # nothing reusable
+
+
+def inject_after_checkpoint(path, n, fault):
+    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first exists."""
+    real, calls = sekd.distill_loss, [0]
+
+    def loss(student, *a, **k):
+        out = real(student, *a, **k)
+        calls[0] += os.path.exists(path)
+        return (fault(out[0], student), out[1]) if calls[0] >= n else out
+    return loss
+
+
+@pytest.mark.parametrize("fault,what", [(lambda loss, s: loss * float("nan"), "loss became nan"),
+                                        (lambda loss, s: loss * float("inf"), "loss became inf"),
+                                        (lambda loss, s: loss + (s.wte.weight.sum() - s.wte.weight.sum().detach()).sqrt(),
+                                         "gradient norm became")])
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corpus, pretrained_pair, monkeypatch,
+                                                             fault, what):
+    out = with_pair(tmp_path, pretrained_pair)
+    path = out / "student_sekd.pt"
+    seen = {}
+
+    def faulty(loss, student):  # from the 3rd call after the step-5 checkpoint: step 8
+        seen.setdefault("bytes", path.read_bytes())
+        return fault(loss, student)
+    monkeypatch.setattr(sekd, "distill_loss", inject_after_checkpoint(str(path), 3, faulty))
+    with pytest.raises(train.UserError, match=f"{what}.* at step 8: stopped before the update, the checkpoint of "
+                                              "step 5 is kept; lower --lr") as e:
+        run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == seen["bytes"] and torch.load(path, weights_only=True)["step"] == 5
+    assert not leftovers(out)
+
+
+def test_huge_learning_rate_stops_in_one_line(tmp_path, tiny_corpus, pretrained_pair):
+    out = with_pair(tmp_path, pretrained_pair)
+    r = run_cli(*tiny_cli(out, tiny_corpus, "--run", "distill", "--lr", "1e30", "--warmup", "0"))
+    assert_one_line_exit_2(r, "[sekd] loss became nan at step 2: stopped before the update, no checkpoint was written")
+    assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
+
+
+class FullDisk:
+    """A stand-in for `open` in one module: files whose name contains `match` take half of a write
+    and then fail with ENOSPC (from the `after`-th such file on), as on a full disk."""
+
+    def __init__(self, match, after=1):
+        self.match, self.after, self.seen = match, after, 0
+
+    def __call__(self, path, mode="r", *a, **k):
+        f = open(path, mode, *a, **k)
+        if self.match in str(path) and "w" in mode:
+            self.seen += 1
+            if self.seen >= self.after:
+                real_write = f.write
+
+                def write(b):
+                    real_write(b[:len(b) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                f.write = write
+        return f
+
+
+def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_corpus, pretrained_pair, monkeypatch):
+    out = with_pair(tmp_path, pretrained_pair)
+    monkeypatch.setattr(data, "open", FullDisk("student_sekd.pt.tmp", after=2), raising=False)  # step 10 fails
+    with pytest.raises(data.DataError) as e:
+        run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"could not write {out / 'student_sekd.pt'}: No space left on device")
+    assert "disk full? free space or choose another --out-dir" in msg
+    assert torch.load(out / "student_sekd.pt", weights_only=True)["step"] == 5 and not leftovers(out)
+    monkeypatch.undo()  # space again: the run resumes from the step-5 checkpoint
+    assert run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")["rows"][-1]["resumed_at"] == 5
+
+
+@pytest.mark.parametrize("where", ["allocate", "header"])
+def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
+    args, corpus, teacher, kept = cache_setup
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    good = open(path, "rb").read()
+    args.rebuild_cache = True
+    if where == "allocate":
+        def no_space(fd, offset, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "posix_fallocate", no_space)
+    else:
+        monkeypatch.setattr(train, "open", FullDisk(".tmp"), raising=False)
+    with pytest.raises(train.UserError, match=f"could not write {path}: No space left on device .* the previous "
+                                              "file, if any, is unchanged"):
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    assert open(path, "rb").read() == good and not leftovers(os.path.dirname(path))
+
+
+def test_disk_full_while_writing_the_data(tmp_path, monkeypatch):
+    line = "Now is the winter of our discontent made glorious summer by this sun of York.\n"
+    ds = write_corpus(tmp_path, line * 200, line * 30)
+    real_save = np.save
+
+    def save(path, array):
+        if "val.npy" in str(path):
+            real_save(path, array[: len(array) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(path, array)
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(data.DataError, match="could not write .*val.npy: No space left on device"):
+        data.prepare(ds, 16, cache_dir=str(tmp_path / "cache"))
+    assert not leftovers(tmp_path) and not any(f == "meta.json" for _, _, fs in os.walk(tmp_path) for f in fs)
+    monkeypatch.undo()
+    assert len(data.prepare(ds, 16, cache_dir=str(tmp_path / "cache")).val) > 0  # rebuilt once there is space
+
+
+def limit_file_size():
+    """preexec_fn: writes past 200 kB fail with EFBIG (SIGXFSZ ignored), like a full disk."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_write_failure_in_a_real_process(tmp_path, tiny_corpus, pretrained_pair):
+    out = with_pair(tmp_path, pretrained_pair)
+    before = (out / "teacher.pt").read_bytes()
+    assert len(before) > 200_000
+    r = run_cli(*tiny_cli(out, tiny_corpus, "--run", "teacher", "--retrain-teacher"), preexec_fn=limit_file_size)
+    assert_one_line_exit_2(r, f"could not write {out / 'teacher.pt'}: File too large")
+    assert (out / "teacher.pt").read_bytes() == before and not leftovers(out)
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [["--policy", "gls", "--gls-queue", "50", "--on-policy", "0.5"],
+                                   ["--method", "random_pos"]])
+def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path, tiny_corpus, pretrained_pair, monkeypatch,
+                                                              extra):
+    """GLS's queue, on-policy sampling and RandomPos's global RNG all carry over a resume."""
+    flags = ["--run", "distill", "--eval-interval", "5", *extra]
+    name = f"student_{'random_pos' if 'random_pos' in extra else 'sekd'}.pt"
+    whole = run_job(with_pair(tmp_path / "a", pretrained_pair), tiny_corpus, *flags)
+    out = with_pair(tmp_path / "b", pretrained_pair)
+    stop = inject_after_checkpoint(str(out / name), 3, lambda loss, s: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sekd, "distill_loss", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(out, tiny_corpus, *flags)
+    monkeypatch.undo()
+    assert torch.load(out / name, weights_only=True)["step"] == 5
+    resumed = run_job(out, tiny_corpus, *flags)
+    assert resumed["rows"][-1]["resumed_at"] == 5 and whole["rows"][-1]["resumed_at"] is None
+    assert_same_weights(final_weights(tmp_path / "a" / name), final_weights(out / name))
+    assert resumed["rows"][-1]["val_ppl"] == whole["rows"][-1]["val_ppl"]
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretrained_pair):
+    flags = ["--run", "distill", "--student-steps", "60", "--eval-interval", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same in all three runs; and fast on busy cores
+    a, b = with_pair(tmp_path / "a", pretrained_pair), with_pair(tmp_path / "b", pretrained_pair)
+    assert run_cli(*tiny_cli(a, tiny_corpus, *flags), env=env).returncode == 0  # uninterrupted
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *tiny_cli(b, tiny_corpus, *flags)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (b / "student_sekd.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # mid-training: just after its first checkpoint
+    assert proc.wait() == -signal.SIGKILL
+    step = torch.load(b / "student_sekd.pt", weights_only=True)["step"]
+    assert 10 <= step < 60
+    r = run_cli(*tiny_cli(b, tiny_corpus, *flags), env=env)
+    assert r.returncode == 0 and f"[sekd] resuming at step {step}/60" in r.stdout
+    assert_same_weights(final_weights(a / "student_sekd.pt"), final_weights(b / "student_sekd.pt"))

@@ -40,6 +40,12 @@ class UserError(ValueError):
     """A mistake the user can fix (bad flag, bad checkpoint): printed as one line, exit 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is a UserError like the others: one line (not argparse's usage block), exit 2."""
+        raise UserError(f"{message} (python train.py --help lists every flag)")
+
+
 # The class and sample axes (SPEC 3-5) as named methods: name -> (positions, classes, samples).
 # positions: a sekd.METHODS entry; classes: full | rskd (drawn from the teacher online) | cache
 # (drawn once into SE-KD_3X's offline cache); samples: all | top (TopSmp) | random (RandomSmp).
@@ -51,7 +57,7 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare",
                    choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
@@ -85,7 +91,9 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=30, help="linear warm-up steps, then cosine to lr/10")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--eval-interval", type=int, default=100, help="steps between quick validation losses")
+    g.add_argument("--eval-interval", type=int, default=100,
+                   help="steps between checkpoints (of the teacher, the initial student and distilled students: "
+                        "a killed run, rerun, resumes from the last one) and the teacher's quick validation losses")
     g.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens for the final metrics")
     g.add_argument("--log-interval", type=int, default=20)
     g = p.add_argument_group("distillation")
@@ -106,6 +114,14 @@ def build_parser():
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
                    help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=int, default=0, help="rows of logits per chunk (0 = about 16 MB of float32)")
+    g.add_argument("--on-policy", type=float, default=0.0,
+                   help="share of each batch's sequences that are student-generated (on-policy distillation, "
+                        "Agarwal et al. 2024): the student continues the first --prompt-len tokens of a training "
+                        "sample and KD is applied on the tokens it wrote; 0 = off. KD methods only (CE stays on data)")
+    g.add_argument("--prompt-len", type=int, default=0, help="on-policy prompt tokens (0 = half of --seq-len)")
+    g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
+                   help="KD divergence: forward KL(teacher || student) or reverse KL(student || teacher); "
+                        "auto = reverse with --on-policy (as the paper's on-policy table), else forward")
     g = p.add_argument_group("benchmark (--run benchmark, random tokens; uses the model, --batch-size, --seq-len flags)")
     g.add_argument("--bench-vocab", default="151936,50257", help="vocabulary sizes, comma-separated")
     g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384",
@@ -157,6 +173,32 @@ def check_args(a):
     sekd.check_budget(a.k)
     sekd.check_temperature(a.T)
     check_axes_args(a)
+    check_on_policy_args(a)
+
+
+def check_on_policy_args(a):
+    if not 0.0 <= a.on_policy <= 1.0:
+        raise UserError(f"--on-policy must be in [0, 1] (the share of each batch's sequences that the student "
+                        f"writes), got {a.on_policy}")
+    if a.on_policy > 0 and sekd.on_policy_rows(a.batch_size, a.on_policy) == 0:
+        raise UserError(f"--on-policy {a.on_policy} of --batch-size {a.batch_size} rounds to no sequence: "
+                        "raise one of them")
+    if not 0 <= a.prompt_len <= a.seq_len:
+        raise UserError(f"--prompt-len must be in [0, --seq-len {a.seq_len}] (0 = half), got {a.prompt_len}")
+    methods = "a method with the teacher's full distribution (full_kd, sekd, random_pos, or their TopSmp / RandomSmp " \
+              "variants)"
+    full = a.run == "compare" or a.run == "distill" and full_distribution_method(a.method)
+    if a.on_policy > 0 and (not full or a.lam == 0):
+        raise UserError(f"--on-policy works with --run compare or distill, --lam > 0 and {methods}")
+    if a.divergence == "reverse" and not full:
+        raise UserError(f"--divergence reverse works with --run compare or distill and {methods}")
+
+
+def full_distribution_method(method):
+    """Whether `method`'s KD term reads the teacher's full distribution, as the reverse KL and on-policy
+    text need (AT-KD needs a gold token, RS-KD and SE-KD_3X read drawn or cached classes)."""
+    positions, classes, _ = AXES.get(method, (method, "full", "all"))
+    return positions in ("full_kd", "sekd", "random_pos") and classes == "full"
 
 
 def check_axes_args(a):
@@ -254,6 +296,8 @@ def fmt_time(s):
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0):
     """AdamW, warm-up + cosine, grad accumulation and clipping, progress with ETA.
     `loss_fn(x, y) -> (loss, n_selected)`. Saves `ckpt(step, opt)` every eval interval.
+    A loss or gradient that is not finite stops training before the optimizer step, with a
+    UserError: the last checkpoint stays as it was.
     Returns stats: train seconds, tokens seen, peak bytes (including `frozen_bytes`, the
     teacher's weights) and how they were measured."""
     opt = make_optimizer(model, lr, args.weight_decay)
@@ -262,6 +306,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
         opt.load_state_dict(resume["optimizer"])
         start = resume["step"]
         print(f"[{tag}] resuming at step {start}/{steps}")
+    saved = start if resume is not None else None
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
     if cuda:
@@ -281,10 +326,12 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                     loss, _ = loss_fn(x, y, *extra)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
-            if not math.isfinite(total):
-                raise UserError(f"[{tag}] loss became {total} at step {step}: lower --lr (the last good "
-                                "checkpoint is kept)")
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+            if not (math.isfinite(total) and math.isfinite(norm)):
+                what = f"loss became {total}" if not math.isfinite(total) else f"gradient norm became {norm}"
+                kept = f"the checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was written"
+                raise UserError(f"[{tag}] {what} at step {step + 1}: stopped before the update, {kept}; "
+                                "lower --lr or raise --warmup")
             opt.step()
             opt.zero_grad(set_to_none=True)
         if isinstance(meter, sekd.LiveBytes):
@@ -298,6 +345,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                   f"elapsed {fmt_time(time.time() - t0)} | ETA {fmt_time(eta)}", flush=True)
         if ckpt is not None and (done % args.eval_interval == 0 or done == steps):
             ckpt(done, opt)
+            saved = done
     state = sekd.state_bytes(model) * 2 + sum(sekd.state_bytes(t) for s in opt.state.values()
                                               for t in s.values() if torch.is_tensor(t))
     if cuda:
@@ -396,6 +444,10 @@ def pretrained(args, corpus, device, evalset, who):
     if must_exist or (os.path.exists(path) and reuse):
         ckpt = load_checkpoint(path)
         check_signature(ckpt, corpus, path)
+        block = ckpt["config"]["block_size"]
+        if who == "teacher" and block < args.seq_len:
+            raise UserError(f"teacher checkpoint {path} has block size {block}, shorter than --seq-len "
+                            f"{args.seq_len}: use --seq-len {block} or less, or --retrain-teacher")
     wanted = asdict(model_config(args, who, corpus.vocab.size))
     if who == "student" and ckpt is not None and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != (wanted, steps, seed):
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
@@ -440,10 +492,13 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     init), trained with `method` (one of sekd.METHODS, or an axes method of AXES), evaluated.
     `kd` overrides KDConfig fields (metric, policy, k, ...); save=False keeps no checkpoint."""
     positions, classes, samples = AXES.get(method, (method, "full", "all"))
+    on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
+    divergence = {"auto": "reverse" if on_policy > 0 else "forward"}.get(args.divergence, args.divergence)
     cfg = sekd.KDConfig(method=positions, k=1.0 if positions == "full_kd" else args.k, T=args.T, lam=args.lam,
                         flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
                         gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps,
-                        classes="full" if classes == "full" else "rskd", U=args.U)
+                        classes="full" if classes == "full" else "rskd", U=args.U,
+                        divergence=divergence if positions != "ce" else "forward")
     cfg = dataclasses.replace(cfg, **kd)
     torch.manual_seed(args.seed)
     student = new_model(args, "student", corpus.vocab.size, device)
@@ -455,25 +510,85 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     batches = plan.pop("batches")  # same data order for every method over the same samples
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
     state, calls = cfg.new_state(), [0]  # GLS's queue; curriculum follows the optimizer step
+    prompt_len = args.prompt_len or args.seq_len // 2
 
     def loss_fn(x, y, draws=None):
         state.step = calls[0] // args.grad_accum
         calls[0] += 1
+        if on_policy > 0:  # each micro-batch samples from its own seed: a resumed run writes the same text
+            gen = torch.Generator(device=x.device).manual_seed(derived_seed(args.seed, calls[0]))
+            return sekd.on_policy_distill_loss(s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
     name = axes_name(method, args) if method in AXES else method_label(cfg)
+    if on_policy > 0:
+        name += f" +{on_policy:.0%} on-policy"
+    path = os.path.join(args.out_dir, f"student_{method}.pt")
+    key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
+    resume = resumable(path, key, method) if save else None
+    if resume is not None:  # everything a step reads: weights, AdamW (train_loop), GLS queue, RNG, step
+        student.load_state_dict(resume["model"])
+        state.queue = resume["gls_queue"]
+        calls[0] = resume["step"] * args.grad_accum
+        set_rng_state(resume["rng"])
 
     def save_ckpt(step, opt):
-        if save and step == plan["steps"]:
-            save_checkpoint(os.path.join(args.out_dir, f"student_{method}.pt"),
-                            {"model": student.state_dict(), "config": asdict(student.config),
-                             "signature": corpus.signature, "step": step, "steps": plan["steps"],
-                             "kd": asdict(cfg)})
-    stats = train_loop(student, loss_fn, batches, plan["steps"], args.lr, args, method, ckpt=save_ckpt,
+        save_checkpoint(path, {"model": student.state_dict(), "config": asdict(student.config),
+                               "signature": corpus.signature, "step": step, "steps": plan["steps"],
+                               "kd": asdict(cfg), "run_key": key, "optimizer": opt.state_dict(),
+                               "gls_queue": state.queue, "rng": rng_state()})
+    stats = train_loop(student, loss_fn, batches, plan["steps"], args.lr, args, method,
+                       ckpt=save_ckpt if save else None, resume=resume,
                        frozen_bytes=sekd.state_bytes(teacher) if cfg.uses_teacher and t_body is not None else 0)
-    row = {"method": name, **evalset.evaluate(student, args), **stats, **plan}
+    row = {"method": name, **evalset.evaluate(student, args), **stats, **plan,
+           "resumed_at": resume["step"] if resume else None}
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
     row["total_s"] = row["train_s"] + (row["prepass_s"] or 0.0) + (row["cache_build_s"] or 0.0)
     return row
+
+
+# Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
+RUN_FLAGS = ("seed", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "grad_clip", "dtype",
+             "student_layers", "student_embd", "student_heads", "student_init_steps", "student_init_lr", "l")
+
+
+def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
+    """What a distillation checkpoint must match to be resumed: the method and its KD settings, the
+    data, the teacher and initial student files (by hash), the steps and RUN_FLAGS."""
+    init = os.path.join(args.out_dir, "student_init.pt")
+    return {"method": method, "kd": asdict(cfg), "steps": steps, "data": corpus.meta["data_fingerprint"],
+            "teacher": file_sha256(teacher_ckpt_path(args)) if os.path.exists(teacher_ckpt_path(args)) else None,
+            "student_init": file_sha256(init) if args.student_init_steps > 0 and os.path.exists(init) else None,
+            "on_policy": on_policy, "prompt_len": prompt_len, **{f: getattr(args, f) for f in RUN_FLAGS}}
+
+
+def resumable(path, key, tag):
+    """The unfinished checkpoint at `path` of the same run (`run_key`), or None: a finished one,
+    or one of another run, is trained over anew."""
+    if not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
+        return None
+    if ckpt.get("run_key") != key:
+        diff = sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k])
+        print(f"[{tag}] {path} is an unfinished checkpoint of another run ({', '.join(diff)} differ): training anew")
+        return None
+    return ckpt
+
+
+def derived_seed(*ints):
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
+
+
+def rng_state():
+    """torch's global generators (the random metric, pos-RS-KD's draws, online RS-KD, dropout)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def print_table(rows, device, title=None):
@@ -670,7 +785,7 @@ def build_cache(path, signature, teacher, corpus, kept, args, device):
     try:
         with open(tmp, "wb") as f:
             f.write(head)
-            f.truncate(len(head) + math.prod(shape))
+            data.preallocate(f, len(head) + math.prod(shape))  # a full disk fails here, not as a SIGBUS later
         out = np.memmap(tmp, np.uint8, "r+", len(head), shape)
         for i in range(0, len(kept), args.batch_size):
             x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
@@ -681,6 +796,8 @@ def build_cache(path, signature, teacher, corpus, kept, args, device):
         out.flush()
         del out
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(data.write_error(path, e)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1259,5 +1376,6 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are complete", file=sys.stderr)
+        print("interrupted; checkpoints written so far are complete: the same command resumes from the last",
+              file=sys.stderr)
         sys.exit(130)
