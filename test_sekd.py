@@ -1198,7 +1198,8 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
                     "--student-init-steps", "4", "--student-steps", "6", "--eval-interval", "3"]
     one = train.main(flags + ["--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py")] + flags + ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
+                        os.path.join(HERE, "train.py"), "--", "--run", "compare"] + flags +
+                       ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
                        capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("[sekd] step     6/6") == 1  # rank 1 prints nothing

@@ -10,7 +10,7 @@
     python train.py --run axes --seeds 3  # the paper's multi-axis, wall-time and storage tables
     python train.py --run storage        # storage accounting only (SPEC 7)
     python train.py --help               # every flag with its default
-    torchrun --standalone --nproc_per_node=2 train.py --run distill   # data parallel, one process per rank
+    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel, one process per rank
     python train.py --preset fineweb     # the paper's data: FineWeb-Edu streamed, 80M tokens (internet, a GPU)
 
 Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
@@ -67,7 +67,11 @@ PRESETS = {"fineweb": {
 
 
 def parse_args(argv=None):
-    """The flags, with --preset's values as the defaults (flags given explicitly still win)."""
+    """The flags, with --preset's values as the defaults (flags given explicitly still win).
+    A leading `--` is dropped: `torchrun ... train.py -- --run distill` needs it, because torchrun's
+    own parser rejects --run and --l after the script name (prefixes of its --run-path, --log-dir)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv
     p = build_parser()
     args = p.parse_args(argv)
     if args.preset != "none":
@@ -284,14 +288,14 @@ def barrier():
         dist.barrier()
 
 
-def rank0_first(fn, *args):
-    """fn(*args) on rank 0, then, once it is done, on the others: what rank 0 builds and writes
-    (the data memmaps), they find and read."""
+def rank0_first(fn):
+    """fn() on rank 0, then, once it is done, on the others: what rank 0 builds and writes (the
+    data memmaps), they find and read."""
     if RANK == 0:
-        out = fn(*args)
+        out = fn()
     barrier()
     if RANK != 0:
-        out = fn(*args)
+        out = fn()
     return out
 
 
@@ -1356,8 +1360,8 @@ def main(argv=None):
         return run_benchmark(args, device)
     init_distributed(device)
     t_start = time.time()
-    corpus = rank0_first(data.prepare, args.dataset, args.seq_len, args.full_vocab, args.data_dir, 2,
-                         args.max_tokens or None)
+    corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
+                                              max_tokens=args.max_tokens or None))
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
