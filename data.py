@@ -8,7 +8,9 @@ Samples are fixed-length windows with stable ids (their row number), written onc
 memmaps next to a small `meta.json` and reused.
 
 Any Hugging Face dataset (by name, optionally streamed) or local text files go through the
-same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`.
+same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `--max-tokens`
+stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
+those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
 """
 import glob
 import hashlib

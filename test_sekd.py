@@ -1158,6 +1158,7 @@ def as_rank(monkeypatch, rank, world):
 
 def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
+    args.U, kept = 8, kept[:40]  # a small cache is enough here
     student, dev = train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")), torch.device("cpu")
     monkeypatch.setattr(train, "_PREPASS", {})
     whole = train.sample_prepass(student, corpus, args, dev)[0]

@@ -276,6 +276,7 @@ def init_distributed(device):
 
 
 def finish_distributed():
+    """At the end of a run: wait for every rank, then leave the process group."""
     global RANK, WORLD
     if WORLD > 1:
         dist.barrier()
