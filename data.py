@@ -8,7 +8,9 @@ Samples are fixed-length windows with stable ids (their row number), written onc
 memmaps next to a small `meta.json` and reused.
 
 Any Hugging Face dataset (by name, optionally streamed) or local text files go through the
-same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`.
+same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `--max-tokens`
+stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
+those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
 """
 import errno
 import glob
@@ -126,42 +128,55 @@ def shakespeare_split():
 
 # ----------------------------------------------------------------------------- other corpora
 
-def hf_split(name, config=None, text_field="text", streaming=False, max_docs=None,
-             val_fraction=0.01, data_files=None):
-    """(train texts, val texts) from a Hugging Face dataset name, or local text/parquet files
-    (`name` = "text" / "parquet" with `data_files`). The last `val_fraction` of documents is
-    the validation split. Needs internet for Hub names; set HF_HUB_OFFLINE=1 to fail fast."""
+def open_dataset(name, config=None, data_files=None, streaming=False):
+    """The one call to `datasets.load_dataset` (the Hub, or local files): its train split."""
     import datasets
+    return datasets.load_dataset(name, config, data_files=data_files, split="train", streaming=streaming)
+
+
+def hf_split(name, config=None, text_field="text", streaming=False, max_docs=None,
+             val_fraction=0.01, data_files=None, max_tokens=None):
+    """(train texts, val texts) from a Hugging Face dataset name, or local text/parquet files
+    (`name` = "text" / "parquet" with `data_files`). Documents are read in order until `max_docs`,
+    or until they hold `max_tokens` GPT-2 tokens (with one <|endoftext|> each): with streaming,
+    that is all that is downloaded. The last `val_fraction` of the documents read is the
+    validation split. Needs internet for Hub names; set HF_HUB_OFFLINE=1 to fail fast."""
     try:
-        ds = datasets.load_dataset(name, config, data_files=data_files, split="train",
-                                   streaming=streaming)
+        ds = open_dataset(name, config, data_files, streaming)
     except Exception as e:  # the datasets library raises many types; keep the message
         raise DataError(f"could not load dataset '{name}': {str(e).splitlines()[0]} "
                         "(check the name, your internet, or use --dataset files:PATH)") from None
-    texts = []
+    enc = gpt2_encoding() if max_tokens else None
+    texts, n_tokens = [], 0
     for row in ds:
         if row.get(text_field):
             texts.append(row[text_field])
-        if max_docs and len(texts) >= max_docs:
+            if enc:
+                n_tokens += len(enc.encode_ordinary(row[text_field])) + 1
+        if (max_docs and len(texts) >= max_docs) or (max_tokens and n_tokens >= max_tokens):
             break
     n_val = max(1, int(len(texts) * val_fraction)) if len(texts) > 1 else 0
     return texts[:len(texts) - n_val], texts[len(texts) - n_val:]
 
 
-def load_split(dataset):
-    """Dispatch on the --dataset string: 'shakespeare', 'hf:NAME[:CONFIG]', 'files:A,B'."""
+def load_split(dataset, max_tokens=None):
+    """Dispatch on the --dataset string: 'shakespeare', 'hf:NAME[:CONFIG]', 'files:A,B'.
+    `max_tokens` caps the documents read (hf: streams them; without a cap, 200,000 documents)."""
     if dataset == "shakespeare":
+        if max_tokens:
+            raise DataError("--max-tokens applies to hf: and files: datasets, not shakespeare")
         return shakespeare_split()
     if dataset.startswith("hf:"):
         name, _, config = dataset[3:].partition(":")
-        return hf_split(name, config or None, streaming=True, max_docs=200_000)
+        return hf_split(name, config or None, streaming=True, max_docs=None if max_tokens else 200_000,
+                        max_tokens=max_tokens)
     if dataset.startswith("files:"):
         paths = dataset[6:].split(",")
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise DataError(f"--dataset files: {missing[0]} does not exist")
         kind = "parquet" if paths[0].endswith(".parquet") else "text"
-        return hf_split(kind, data_files=paths, val_fraction=0.1)
+        return hf_split(kind, data_files=paths, val_fraction=0.1, max_tokens=max_tokens)
     raise DataError(f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]")
 
 
@@ -257,15 +272,16 @@ class Corpus:
 
 
 def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="data_cache",
-            min_samples=2):
-    """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus."""
+            min_samples=2, max_tokens=None):
+    """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus.
+    `max_tokens`: read documents only until they hold this many tokens (see `hf_split`)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-    tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80]
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80] + (f"-T{max_tokens}" if max_tokens else "")
     folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{'full' if full_vocab else 'compact'}")
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
-        _build(dataset, seq_len, full_vocab, folder, min_samples)
+        _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -279,8 +295,8 @@ def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="dat
     return Corpus(arrays[0], arrays[1], vocab, meta)
 
 
-def _build(dataset, seq_len, full_vocab, folder, min_samples):
-    train_texts, val_texts = load_split(dataset)
+def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None):
+    train_texts, val_texts = load_split(dataset, max_tokens)
     if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
         raise DataError(f"dataset '{dataset}' has an empty train or validation split")
     enc = gpt2_encoding()
@@ -297,7 +313,8 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples):
     atomic_save_array(os.path.join(folder, "train.npy"), train.astype(dtype))
     atomic_save_array(os.path.join(folder, "val.npy"), val.astype(dtype))
     atomic_save_array(os.path.join(folder, "vocab.npy"), gpt2_ids.astype(np.int64))
-    meta = {"dataset": dataset, "seq_len": seq_len, "tokenizer": "gpt2", "full_vocab": full_vocab,
+    meta = {"dataset": dataset, "max_tokens": max_tokens, "seq_len": seq_len, "tokenizer": "gpt2",
+            "full_vocab": full_vocab,
             "vocab_size": vocab.size, "vocab_fingerprint": vocab.fingerprint(), "dtype": np.dtype(dtype).name,
             "train_samples": len(train), "val_samples": len(val),
             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),

@@ -1638,3 +1638,131 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
     r = run_cli(*tiny_cli(b, tiny_corpus, *flags), env=env)
     assert r.returncode == 0 and f"[sekd] resuming at step {step}/60" in r.stdout
     assert_same_weights(final_weights(a / "student_sekd.pt"), final_weights(b / "student_sekd.pt"))
+
+
+# ============================================================================= data parallel (torchrun)
+
+def test_batches_shard_the_global_batch_across_ranks():
+    corpus = type("C", (), {"train": np.arange(30 * 5).reshape(30, 5)})()
+    one = train.Batches(corpus, 6, 2, 0, "cpu")
+    ranks = [train.Batches(corpus, 2, 2, 0, "cpu", rank=r, world=3) for r in range(3)]
+    for step in range(6):  # 72 ids: crosses two epochs of 30 samples
+        for micro in range(2):
+            assert np.concatenate([b.ids(step, micro) for b in ranks]).tolist() == one.ids(step, micro).tolist()
+
+
+def as_rank(monkeypatch, rank, world):
+    """Run the job's code as `rank` of `world` in this process: collectives do nothing."""
+    monkeypatch.setattr(train, "RANK", rank)
+    monkeypatch.setattr(train, "WORLD", world)
+    monkeypatch.setattr(train, "barrier", lambda: None)
+    monkeypatch.setattr(train, "gather_concat", lambda a: a)
+
+
+def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
+    args, corpus, teacher, kept = cache_setup
+    args.U, kept = 8, kept[:40]  # a small cache is enough here
+    student, dev = train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")), torch.device("cpu")
+    monkeypatch.setattr(train, "_PREPASS", {})
+    whole = train.sample_prepass(student, corpus, args, dev)[0]
+    shards = []
+    for r in range(3):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
+        as_rank(monkeypatch, r, 3)
+        monkeypatch.setattr(train, "_PREPASS", {})
+        shards.append(train.sample_prepass(student, corpus, args, dev)[0])
+    assert 0 < len(shards[0]) < len(whole)
+    np.testing.assert_array_equal(np.concatenate(shards), whole)
+    as_rank(monkeypatch, 1, 2)  # a rank other than 0 never builds the cache, it waits for rank 0's
+    with pytest.raises(train.UserError, match="corrupt or truncated"):
+        train.teacher_cache(args, corpus, dev, teacher, kept)
+    as_rank(monkeypatch, 0, 1)
+    cache = train.teacher_cache(args, corpus, dev, teacher, kept)[0]
+    as_rank(monkeypatch, 1, 2)
+    before = os.stat(cache.path).st_mtime_ns
+    args.rebuild_cache = True
+    assert train.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
+    assert os.stat(cache.path).st_mtime_ns == before
+    # each rank reads the cache rows of its own samples: together, those of the 1-rank batch
+    one = train.CachedBatches(corpus, 4, 1, 3, dev, kept, cache=cache)
+    parts = [train.CachedBatches(corpus, 2, 1, 3, dev, kept, r, 2, cache=cache) for r in range(2)]
+
+    def rows(x, ids, counts):  # (sample, its draws), in a fixed order
+        return sorted((a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts))
+    for step in range(3):
+        x, _, (ids, counts) = one.get(step, 0)
+        merged = sorted(sum((rows(px, *draws) for px, _, draws in (p.get(step, 0) for p in parts)), []))
+        assert merged == rows(x, ids, counts)
+
+
+def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
+    """torchrun, 2 CPU ranks (gloo) with --batch-size 2 each against 1 rank with --batch-size 4:
+    every step's loss (teacher, initial student, CE, Full KD, SE-KD top-k) and the final weights."""
+    ds, cache = tiny_corpus
+    flags = TINY + ["--dataset", ds, "--data-dir", cache, "--device", "cpu", "--teacher-steps", "6",
+                    "--student-init-steps", "4", "--student-steps", "6", "--eval-interval", "3"]
+    one = train.main(flags + ["--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), "--", "--run", "compare"] + flags +
+                       ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
+                       capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("[sekd] step     6/6") == 1  # rank 1 prints nothing
+    two = json.loads((tmp_path / "two" / "results_compare.json").read_text())
+    assert [row["method"] for row in two["rows"]] == [row["method"] for row in one["rows"]]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert len(a["loss_curve"]) == len(b["loss_curve"]) > 0 and b["tokens"] == a["tokens"]  # all ranks' tokens
+        np.testing.assert_allclose(b["loss_curve"], a["loss_curve"], rtol=1e-5)
+        assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-4)
+    for name in ("teacher", "student_init", "student_ce", "student_full_kd", "student_sekd"):
+        wa, wb = (torch.load(tmp_path / d / f"{name}.pt", weights_only=True)["model"] for d in ("one", "two"))
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # no stray files
+
+
+def test_one_process_runs_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for run in ("benchmark", "storage", "show"):
+        with pytest.raises(train.UserError, match="not torchrun"):
+            train.check_args(train.parse_args(["--run", run]))
+    train.check_args(train.parse_args(["--run", "distill"]))
+
+
+# ============================================================================= the paper's data: --preset fineweb
+
+def test_preset_sets_defaults_and_explicit_flags_win():
+    a = train.parse_args(["--preset", "fineweb", "--teacher-layers", "1", "--no-full-vocab", "--lr", "0.01"])
+    assert a.dataset == "hf:HuggingFaceFW/fineweb-edu:sample-10BT" and a.seq_len == 512
+    assert a.max_tokens == 80_000_000 and a.lam == 1.0 and a.teacher_embd == 768
+    assert a.teacher_layers == 1 and not a.full_vocab and a.lr == 0.01  # given, so kept
+    plain = train.parse_args([])
+    assert plain.dataset == "shakespeare" and plain.seq_len == 128 and plain.max_tokens == 0 and not plain.full_vocab
+
+
+def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeypatch):
+    """The preset's data path offline: a local parquet file stands in for the Hub's FineWeb-Edu."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    text = "\n".join(data.shakespeare_split()[0][:3])
+    docs = [text[i:i + 8000] for i in range(0, 8000 * 30, 8000)]
+    pq.write_table(pa.table({"text": docs, "id": [str(i) for i in range(len(docs))]}), tmp_path / "fw.parquet")
+    calls, load = [], data.open_dataset
+
+    def hub(name, config=None, data_files=None, streaming=False):
+        calls.append((name, config, streaming))
+        return load("parquet", data_files=[str(tmp_path / "fw.parquet")], streaming=streaming)
+    monkeypatch.setattr(data, "open_dataset", hub)
+    tiny = ["--teacher-layers", "1", "--teacher-embd", "16", "--teacher-heads", "2", "--teacher-steps", "2",
+            "--batch-size", "2", "--grad-accum", "1", "--eval-tokens", "1024", "--warmup", "1", "--chunk-rows", "0"]
+    r = train.main(["--preset", "fineweb", "--run", "teacher", "--max-tokens", "20000", "--device", "cpu",
+                    "--data-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")] + tiny)
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", True)]
+    meta = r["data"]
+    enc = data.gpt2_encoding()
+    sizes = [len(enc.encode_ordinary(d)) + 1 for d in docs]
+    n_read = next(i + 1 for i in range(len(docs)) if sum(sizes[:i + 1]) >= 20000)  # documents up to the cap
+    assert n_read < len(docs) and meta["train_tokens"] + meta["val_tokens"] == sum(sizes[:n_read])
+    assert meta["val_tokens"] == sizes[n_read - 1]  # the last 1% of the documents read (here one) is held out
+    assert meta["seq_len"] == 512 and meta["vocab_size"] == 50257 and meta["max_tokens"] == 20000
+    assert meta["train_samples"] == meta["train_tokens"] // 513 and meta["val_samples"] == meta["val_tokens"] // 513
+    assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2

@@ -10,11 +10,14 @@
     python train.py --run axes --seeds 3  # the paper's multi-axis, wall-time and storage tables
     python train.py --run storage        # storage accounting only (SPEC 7)
     python train.py --help               # every flag with its default
+    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel, one process per rank
+    python train.py --preset fineweb     # the paper's data: FineWeb-Edu streamed, 80M tokens (internet, a GPU)
 
 Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
 """
 import argparse
 import dataclasses
+import datetime
 import gc
 import hashlib
 import html
@@ -31,6 +34,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 import sekd
@@ -54,6 +58,34 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
         "sekd_top_smp": ("sekd", "full", "top"), "sekd_3x": ("sekd", "cache", "top")}
 
 
+# The paper's data setting (SPEC 7: FineWeb-Edu, 80M training tokens, 512-token samples, pure KL,
+# lambda = 1) for one GPU, as a flag preset: it replaces defaults only, so flags given still win.
+# Model sizes are ours (the paper distils Qwen3-8B into Qwen3-1.7B): a GPT-2 small teacher, a
+# student of half its depth and width. --batch-size 16 x --grad-accum 4 x 512 positions = 32,768
+# tokens per step, so one epoch of the 80M tokens is about 2,400 steps.
+PRESETS = {"fineweb": {
+    "dataset": "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "max_tokens": 80_000_000, "seq_len": 512,
+    "full_vocab": True, "lam": 1.0, "teacher_layers": 12, "teacher_embd": 768, "teacher_heads": 12,
+    "student_layers": 6, "student_embd": 384, "student_heads": 6, "batch_size": 16, "grad_accum": 4,
+    "teacher_steps": 4800, "teacher_lr": 6e-4, "student_init_steps": 600, "student_init_lr": 1e-3,
+    "student_steps": 2400, "lr": 6e-4, "warmup": 100, "eval_interval": 500, "eval_tokens": 262_144,
+    "log_interval": 50, "chunk_rows": 1024}}
+
+
+def parse_args(argv=None):
+    """The flags, with --preset's values as the defaults (flags given explicitly still win).
+    A leading `--` is dropped: `torchrun ... train.py -- --run distill` needs it, because torchrun's
+    own parser rejects --run and --l after the script name (prefixes of its --run-path, --log-dir)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.preset != "none":
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    return args
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
@@ -66,10 +98,17 @@ def build_parser():
                         "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
                         "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
                         "storage accounting only; benchmark: memory and time of each flow")
+    p.add_argument("--preset", default="none", choices=["none", *PRESETS],
+                   help="fineweb: the paper's data (FineWeb-Edu sample-10BT streamed, 80M tokens, 512-token "
+                        "samples) and GPU-sized models (README); flags given explicitly override it")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
+    g.add_argument("--max-tokens", type=int, default=0,
+                   help="hf: / files: datasets: read documents only until they hold this many tokens "
+                        "(hf: streams just those); 0 = no cap (hf: then reads 200,000 documents)")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
-    g.add_argument("--full-vocab", action="store_true", help="keep all 50,257 GPT-2 ids instead of the compact vocabulary")
+    g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep all 50,257 GPT-2 ids instead of the compact vocabulary")
     g.add_argument("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
     g = p.add_argument_group("models")
     g.add_argument("--teacher-layers", type=int, default=4)
@@ -157,6 +196,8 @@ def check_args(a):
     for who in ("teacher", "student"):
         if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
             raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
+    if a.max_tokens < 0:
+        raise UserError(f"--max-tokens must be >= 0, got {a.max_tokens}")
     if a.student_init_steps < 0:
         raise UserError(f"--student-init-steps must be >= 0, got {a.student_init_steps}")
     if a.chunk_rows < 0 or min(a.lr, a.teacher_lr, a.student_init_lr) <= 0 or a.warmup < 0:
@@ -170,6 +211,8 @@ def check_args(a):
                         f"{a.curriculum_steps}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.run in ("benchmark", "storage", "show"):
+        raise UserError(f"--run {a.run} runs in one process: start it with python, not torchrun")
     sekd.check_budget(a.k)
     sekd.check_temperature(a.T)
     check_axes_args(a)
@@ -211,11 +254,14 @@ def check_axes_args(a):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, obj):
-    """torch.save through a temporary file + rename: an interrupted save leaves the old file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data.atomic_write_bytes(path, buf.getvalue())
+    """torch.save through a temporary file + rename: an interrupted save leaves the old file.
+    Data parallel: every rank calls it at the same point; rank 0 writes, the others wait for it."""
+    if RANK == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data.atomic_write_bytes(path, buf.getvalue())
+    barrier()
 
 
 def load_checkpoint(path):
@@ -246,20 +292,118 @@ def check_signature(ckpt, corpus, path):
                         "--full-vocab, or pass --retrain-teacher")
 
 
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+# `torchrun --standalone --nproc_per_node=N train.py ...` starts N copies of this job, one per rank, as
+# in nanoGPT. Every rank holds the whole student (and teacher) and runs the same code; each draws its
+# slice of every global batch (Batches), and the gradients are averaged over ranks before clipping
+# (average_gradients). Rank 0 prints and writes files; the others wait for it at barriers where they
+# read what it wrote. Without torchrun RANK = 0, WORLD = 1 and every function here does nothing.
+
+RANK, WORLD = 0, 1
+DIST_DEVICE = None  # where collectives run: the CPU (gloo) or this rank's GPU (nccl)
+DIST_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks wait this long while rank 0 alone builds data or a cache
+
+
+def init_distributed(device):
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE; the
+    device already follows LOCAL_RANK, see pick_device): gloo on CPU, nccl on CUDA. The stdout of
+    ranks other than 0 goes to /dev/null, so progress is printed once; errors still reach stderr."""
+    global RANK, WORLD, DIST_DEVICE
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    RANK, WORLD, DIST_DEVICE = dist.get_rank(), dist.get_world_size(), device
+    if RANK:
+        sys.stdout = open(os.devnull, "w")
+
+
+def finish_distributed():
+    """At the end of a run: wait for every rank, then leave the process group."""
+    global RANK, WORLD
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    RANK, WORLD = 0, 1
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then, once it is done, on the others: what rank 0 builds and writes (the
+    data memmaps), they find and read."""
+    if RANK == 0:
+        out = fn()
+    barrier()
+    if RANK != 0:
+        out = fn()
+    return out
+
+
+def broadcast_parameters(model):
+    """Rank 0's weights to every rank. They are equal already (every rank seeds alike or loads the
+    same checkpoint): this makes sure of it."""
+    if WORLD > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def average_gradients(model):
+    """Average the gradients over ranks, in one all-reduce of a flat buffer. Every rank's loss is
+    the mean over its B sequences (SPEC 1), so the average of the ranks' gradients is the gradient
+    of the mean over all W*B sequences: the gradient one rank with the whole batch would get.
+    Done by hand, not by DistributedDataParallel, because the losses call `model.hidden` and
+    `model.head_weight` rather than `model(...)`, which DDP's hooks expect."""
+    if WORLD == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)  # a sum (gloo has no average)
+    flat /= WORLD
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def mean_over_ranks(value):
+    """A float averaged over ranks (the logged loss)."""
+    if WORLD == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=DIST_DEVICE)
+    dist.all_reduce(t)
+    return t.item() / WORLD
+
+
+def gather_concat(array):
+    """Every rank's numpy array, concatenated in rank order, on every rank."""
+    if WORLD == 1:
+        return array
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
 # ----------------------------------------------------------------------------- training loop
 
 class Batches:
     """Deterministic sample order: epoch e visits the training samples in the permutation
-    drawn from (seed, e). Step s, micro-batch j always gets the same ids, for every method."""
+    drawn from (seed, e). Step s, micro-batch j always gets the same ids, for every method.
 
-    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None):
+    Data parallel (torchrun): `batch_size` is per rank; the global micro-batch is the
+    world * batch_size ids that one rank with that batch would draw, and rank r takes its r-th
+    slice of them. So every optimizer step sees the same samples whatever the number of ranks."""
+
+    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1):
         samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: SPEC 4's sample ids
         self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
+        self.rank, self.world = rank, world
         self._perm = {}
 
     def ids(self, step, micro):
+        """This rank's sample ids (rows of `self.samples`) of step `step`, micro-batch `micro`."""
         n = len(self.samples)
-        start = (step * self.accum + micro) * self.bs
+        start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
         out = []
         for g in range(start, start + self.bs):
             epoch = g // n
@@ -298,8 +442,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     `loss_fn(x, y) -> (loss, n_selected)`. Saves `ckpt(step, opt)` every eval interval.
     A loss or gradient that is not finite stops training before the optimizer step, with a
     UserError: the last checkpoint stays as it was.
+    Data parallel: gradients and the logged loss are averaged over ranks; tokens count all ranks.
     Returns stats: train seconds, tokens seen, peak bytes (including `frozen_bytes`, the
-    teacher's weights) and how they were measured."""
+    teacher's weights) and how they were measured, and the loss of every step (`loss_curve`)."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = 0
     if resume is not None:
@@ -311,8 +456,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    tokens_per_step = batches.bs * batches.accum * (batches.samples.shape[1] - 1)
-    t0, peak_cpu, train_time = time.time(), 0, 0.0
+    broadcast_parameters(model)
+    tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
+    t0, peak_cpu, train_time, curve = time.time(), 0, 0.0, []
     for step in range(start, steps):
         ts = time.time()
         for group in opt.param_groups:
@@ -326,6 +472,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                     loss, _ = loss_fn(x, y, *extra)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
+            total = mean_over_ranks(total)
+            curve.append(total)
+            average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             if not (math.isfinite(total) and math.isfinite(norm)):
                 what = f"loss became {total}" if not math.isfinite(total) else f"gradient norm became {norm}"
@@ -355,7 +504,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
         how = ("weights (student + teacher) + AdamW state + peak live tensor bytes of one training step, "
                "counted with a TorchDispatchMode (sekd.LiveBytes)")
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
-            "peak_how": how}
+            "peak_how": how, "loss_curve": curve}
 
 
 def autocast(args, dev):
@@ -408,9 +557,11 @@ class EvalSet:
 # ----------------------------------------------------------------------------- the jobs
 
 def pick_device(args):
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
 
 
 def model_config(args, who, vocab_size):
@@ -472,7 +623,8 @@ def pretrained(args, corpus, device, evalset, who):
                                "optimizer": opt.state_dict(), "val_ppl": ppl})
         print(f"[{who}] step {step}: quick val ppl {ppl:.2f}, saved {path}")
     stats = train_loop(model, lambda x, y: sekd.distill_loss(body, None, x, y, ce),
-                       Batches(corpus, args.batch_size, args.grad_accum, seed, device), steps, lr, args,
+                       Batches(corpus, args.batch_size, args.grad_accum, seed, device, rank=RANK, world=WORLD),
+                       steps, lr, args,
                        who, ckpt=save, resume=ckpt)
     ck = torch.load(path, weights_only=True)
     ck["train_s"] = stats["train_s"] + (ckpt or {}).get("train_s", 0.0)
@@ -509,14 +661,16 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     plan = axes_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")  # same data order for every method over the same samples
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
-    state, calls = cfg.new_state(), [0]  # GLS's queue; curriculum follows the optimizer step
+    if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
+        torch.manual_seed(args.seed + 1_000_003 * RANK)
+    state, calls = cfg.new_state(), [0]  # GLS's queue (one per rank); curriculum follows the optimizer step
     prompt_len = args.prompt_len or args.seq_len // 2
 
     def loss_fn(x, y, draws=None):
         state.step = calls[0] // args.grad_accum
         calls[0] += 1
         if on_policy > 0:  # each micro-batch samples from its own seed: a resumed run writes the same text
-            gen = torch.Generator(device=x.device).manual_seed(derived_seed(args.seed, calls[0]))
+            gen = torch.Generator(device=x.device).manual_seed(derived_seed(args.seed, calls[0], RANK))
             return sekd.on_policy_distill_loss(s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
     name = axes_name(method, args) if method in AXES else method_label(cfg)
@@ -645,7 +799,7 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
     if kept is not None:
         plan["n_kept"] = len(kept)
         plan["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    batch_args = (corpus, args.batch_size, args.grad_accum, args.seed, device, kept)
+    batch_args = (corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD)
     if classes == "cache":
         cache_ids = kept if kept is not None else np.arange(len(corpus.train))
         cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, cache_ids)
@@ -663,23 +817,26 @@ _PREPASS = {}  # (seed, student config, data, dtype) -> (scores, seconds): one p
 def sample_prepass(student, corpus, args, device):
     """SPEC 4: the frozen initial student scores every training sample by its mean entropy
     (no grad, chunked entropy). -> (scores [N] float64, seconds). Methods that share the seed's
-    initial student share one pre-pass; each reports its measured time."""
+    initial student share one pre-pass; each reports its measured time. Data parallel: each rank
+    scores its share of the batches and every rank gets all the scores."""
     key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
            args.dtype, str(device))
     if key not in _PREPASS:
         t0 = time.time()
         student.eval()
         scores = []
-        for i in range(0, len(corpus.train), args.batch_size):
+        starts = range(0, len(corpus.train), args.batch_size)
+        for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
             x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
             with autocast(args, device):
                 h = student.hidden(x)
             scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
-                                              args.chunk_rows or None).double().cpu())
+                                              args.chunk_rows or None).double().cpu().numpy())
         student.train()
+        scores = gather_concat(np.concatenate(scores) if scores else np.zeros(0))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        _PREPASS[key] = (torch.cat(scores).numpy(), time.time() - t0)
+        _PREPASS[key] = (scores, time.time() - t0)
         print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
     return _PREPASS[key]
 
@@ -805,22 +962,27 @@ def build_cache(path, signature, teacher, corpus, kept, args, device):
 
 def teacher_cache(args, corpus, device, teacher, kept):
     """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
-    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused)."""
+    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
+    Data parallel: rank 0 builds it (so its draws do not depend on the number of ranks) while the
+    others wait; each rank then reads only the rows of its own samples (CachedBatches)."""
     path = default_cache_path(args)
     signature = cache_signature(args, corpus, kept)
-    if os.path.exists(path) and not args.rebuild_cache:
-        cache = TeacherCache(path)
-        cache.check(signature)
-        print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
-        return cache, None, True
-    if teacher is None:
-        raise UserError("building the teacher cache needs the teacher")
-    t0 = time.time()
-    build_cache(path, signature, teacher, corpus, kept, args, device)
-    build_s = time.time() - t0
-    print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-          f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
-    return TeacherCache(path), build_s, False
+    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
+    if build:
+        if teacher is None:
+            raise UserError("building the teacher cache needs the teacher")
+        t0 = time.time()
+        build_cache(path, signature, teacher, corpus, kept, args, device)
+        build_s = time.time() - t0
+        print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
+              f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
+    barrier()
+    cache = TeacherCache(path)
+    if build:
+        return cache, build_s, False
+    cache.check(signature)
+    print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
+    return cache, None, True
 
 
 # ----------------------------------------------------------------------------- the multi-axis reproduction
@@ -1323,13 +1485,15 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     check_args(args)
     device = pick_device(args)
     if args.run == "benchmark":
         return run_benchmark(args, device)
+    init_distributed(device)
     t_start = time.time()
-    corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir)
+    corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
+                                              max_tokens=args.max_tokens or None))
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
@@ -1362,10 +1526,12 @@ def main(argv=None):
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
               "memory_account": accounts,
               "total_s": time.time() - t_start}
-    os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
-    data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+    if RANK == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
+    finish_distributed()
     return result
 
 
