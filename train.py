@@ -9,6 +9,7 @@
     python train.py --run distill --method sekd_3x --U 64 --l 0.2   # SPEC 5, offline teacher cache
     python train.py --run axes --seeds 3  # the paper's multi-axis, wall-time and storage tables
     python train.py --run storage        # storage accounting only (SPEC 7)
+    python train.py --run sample         # teacher's and students' continuations of validation prompts
     python train.py --help               # every flag with its default
 
 Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
@@ -53,13 +54,15 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare",
-                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark"],
+                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark",
+                            "sample"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
                         "(--seeds students per row); show: one validation sequence, selections coloured; "
                         "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
                         "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
-                        "storage accounting only; benchmark: memory and time of each flow")
+                        "storage accounting only; benchmark: memory and time of each flow; sample: the teacher's and every "
+                        "saved student's continuations of validation prompts, coloured by entropy")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
@@ -114,6 +117,12 @@ def build_parser():
     g.add_argument("--bench-warmup", type=int, default=2, help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0,
                    help="skip (and report) a row whose analytic peak exceeds this many GiB; 0 = no limit")
+    g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
+    g.add_argument("--sample-prompts", type=int, default=3, help="prompts, spread over the validation plays")
+    g.add_argument("--sample-prompt-len", type=int, default=24, help="tokens per prompt")
+    g.add_argument("--sample-len", type=int, default=40, help="tokens each model generates per prompt")
+    g.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    g.add_argument("--sample-top-k", type=int, default=0, help="sample among the k likeliest ids only; 0 = all")
     g = p.add_argument_group("class and sample axes, offline teacher cache (SPEC 3-5)")
     g.add_argument("--U", type=int, default=64, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
     g.add_argument("--l", type=float, default=0.2, help="share of training samples TopSmp / RandomSmp keep, in (0, 1]")
@@ -134,7 +143,7 @@ def build_parser():
 def check_args(a):
     positive = ["seq_len", "batch_size", "grad_accum", "teacher_steps", "student_steps", "eval_interval",
                 "eval_tokens", "log_interval", "teacher_layers", "teacher_embd", "teacher_heads",
-                "student_layers", "student_embd", "student_heads"]
+                "student_layers", "student_embd", "student_heads", "sample_prompts", "sample_prompt_len", "sample_len"]
     for name in positive:
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
@@ -147,6 +156,8 @@ def check_args(a):
         raise UserError("--chunk-rows, --warmup must be >= 0 and learning rates > 0")
     if a.seeds < 1 or a.show_sample < 0:
         raise UserError("--seeds must be at least 1 and --show-sample at least 0")
+    if a.sample_temperature < 0 or a.sample_top_k < 0:
+        raise UserError("--sample-temperature and --sample-top-k must be >= 0")
     sekd.get_metric(a.metric)
     sekd.get_policy(a.policy)
     if a.gls_queue < 1 or a.curriculum_steps < 1:
@@ -1191,6 +1202,88 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
             "html": out}
 
 
+# ----------------------------------------------------------------------------- text samples
+
+def sample_prompts(corpus, n, length, enc):
+    """n prompts of `length` tokens spread evenly over the validation plays, each starting just
+    after a line break or a document's end (a speaker's name or a verse line, in the plays), if
+    one comes within 200 tokens. -> (long [n, length], start offsets)."""
+    stream = np.asarray(corpus.val).reshape(-1).astype(np.int64)
+    if len(stream) < length + 1:
+        raise UserError(f"the validation split has {len(stream)} tokens, too few for --sample-prompt-len {length}")
+    last = len(stream) - length
+    is_break = lambda t: "\n" in t or t == enc.decode([enc.eot_token])
+    starts = []
+    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
+        breaks = [i + 1 for i in range(s, min(s + 200, last)) if is_break(corpus.vocab.decode([stream[i]], enc))]
+        starts.append(breaks[0] if breaks else int(s))
+    return torch.from_numpy(np.stack([stream[s:s + length] for s in starts])), starts
+
+
+def saved_students(out_dir):
+    """The students to sample from: OUT_DIR/student_<name>.pt (written by distillation runs, and
+    student_init.pt), the initial student first, then CE, Full KD, SE-KD, the rest by name."""
+    names = sorted(f[8:-3] for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if f.startswith("student_") and f.endswith(".pt"))
+    first = ["init", "ce", "full_kd", "sekd"]
+    names.sort(key=lambda n: (first.index(n) if n in first else len(first), n))
+    if not [n for n in names if n != "init"]:
+        raise UserError(f"no trained students (student_<method>.pt) in {out_dir}: run `python train.py` there "
+                        "(writes student_ce.pt, student_full_kd.pt, student_sekd.pt) or `python train.py --run "
+                        "distill --method METHOD` with this --out-dir")
+    return [(f"student_{n}", os.path.join(out_dir, f"student_{n}.pt")) for n in names]
+
+
+def colour_enabled():
+    """ANSI colour only on a terminal, and not when NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+def paint(token, rgb):
+    """One token on a coloured background; a line break shows as ↵ and is made outside the colour."""
+    r, g, b = rgb
+    return "\n".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
+                     for part in token.replace("\n", "\u21b5\n").split("\n"))
+
+
+def run_sample(args, corpus, device):
+    """--run sample: --sample-prompts validation prompts, and each model's continuation of them
+    (the teacher, then every saved student), one block under the other; each generated token is
+    coloured by that model's own entropy H(q_t) at that step (SPEC 2's student_entropy: what SE-KD
+    selects by). Same --seed, same text."""
+    t_path = args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+    models = [("teacher", t_path)] + saved_students(args.out_dir)
+    enc = data.gpt2_encoding()
+    prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
+    text, entropy = {}, {}
+    for name, path in models:
+        ckpt = load_checkpoint(path)
+        check_signature(ckpt, corpus, path)
+        model = GPT_from(ckpt).to(device).eval()
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out, ent = model.generate(prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g)
+        text[name] = [[corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1]:]] for row in out.cpu()]
+        entropy[name] = ent.cpu().tolist()
+    colour = colour_enabled()
+    hi = max(max(max(row) for row in e) for e in entropy.values())
+    print(f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
+          f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
+          + (f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats" if colour else ""))
+    for i, start in enumerate(starts):
+        print(f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}")
+        for name, _ in models:
+            tokens, ent = text[name][i], entropy[name][i]
+            body = "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent)) if colour else "".join(tokens)
+            print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
+    result = {"prompt_starts": starts, "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
+              "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()}, "entropy": entropy,
+              "args": vars(args)}
+    path = os.path.join(args.out_dir, "results_sample.json")
+    data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+    print(f"\ntext and per-token entropies written to {path}")
+    return result
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -1203,6 +1296,8 @@ def main(argv=None):
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
         return {"storage": storage_table(args, corpus, default_cache_path(args))}
+    if args.run == "sample":
+        return run_sample(args, corpus, device)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
@@ -1238,12 +1333,18 @@ def main(argv=None):
     return result
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: `main`, with a user error printed as one line and exit code 2. A script
+    that registers its own metric and then calls `train.cli()` gets the same command line."""
     try:
-        main()
+        return main(argv)
     except (UserError, data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are complete", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
