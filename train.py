@@ -1152,9 +1152,9 @@ def _heat(e, lo, hi):
 
 def show_selection(args, corpus, device, teacher, evalset, student_init=None):
     """One validation sequence, each predicted token coloured by the student's entropy H(q_t),
-    positions selected at budget --k marked: by SE-KD (student entropy) and by --metric (or
-    teacher entropy when --metric is student_entropy). ANSI in the terminal + an HTML file.
-    Uses OUT_DIR/student_sekd.pt (trains it first if missing)."""
+    positions selected at budget --k marked: by SE-KD (student entropy, top-k) and by --metric
+    with --policy (teacher entropy, top-k, when those are SE-KD's own). ANSI in the terminal + an
+    HTML file. Uses OUT_DIR/student_sekd.pt (trains it first if missing)."""
     path = os.path.join(args.out_dir, "student_sekd.pt")
     if not os.path.exists(path):
         distill_student(args, "sekd", corpus, device, teacher, evalset, student_init)
@@ -1163,22 +1163,32 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
     student = GPT_from(ckpt).to(device).eval()
     i = min(args.show_sample, len(evalset.x) - 1)
     x, y = evalset.x[i:i + 1], evalset.y[i:i + 1]
-    other = args.metric if args.metric != "student_entropy" else "teacher_entropy"
+    view = (args.metric, args.policy) if (args.metric, args.policy) != ("student_entropy", "topk") \
+        else ("teacher_entropy", "topk")
     valid = y >= 0
+    torch.manual_seed(args.seed)  # pos-RS-KD's draws
     with torch.no_grad():
         h, w = student.hidden(x).float(), student.head_weight.float()
         th = evalset.teacher_h[i:i + 1]
         ent = sekd.chunked_scores("student_entropy", h, w, valid)[0]
-        picks = {name: sekd.topk_positions(sekd.chunked_scores(name, h, w, valid, th, evalset.teacher_w, y),
-                                           args.k, valid)[0] for name in ("student_entropy", other)}
+        picks = {}  # name -> the policy's mask: bool, or pos-RS-KD's draw counts
+        for metric, policy in (("student_entropy", "topk"), view):
+            scores = sekd.chunked_scores(metric, h, w, valid, th, evalset.teacher_w, y)
+            state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # GLS, curriculum: as at step 0
+            picks[metric if policy == "topk" else f"{metric} {policy}"] = \
+                sekd.get_policy(policy)(scores, args.k, valid, state)[0]
+    other = list(picks)[1]
     enc = data.gpt2_encoding()
     tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
     first = corpus.vocab.decode([int(x[0, 0])], enc)
     lo, hi = float(ent.min()), float(ent.max())
     blocks = []
-    for name, sel in picks.items():
-        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name} top {args.k:.0%} " \
-                f"({int(sel.sum())} of {len(tokens)} positions marked)"
+    for name, m in picks.items():
+        sel = m > 0
+        draws = f", {int(m.sum())} draws" if m.dtype != torch.bool else ""
+        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}{' top' if ' ' not in name else ''} " \
+                f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean entropy " \
+                f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
         ansi = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
                        for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
                                                for t, s, e in zip(tokens, sel, ent)))
@@ -1188,12 +1198,13 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
                         f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
                         for t, s, e in zip(tokens, sel, ent))
         blocks.append(f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>")
-    overlap = int((picks["student_entropy"] & picks[other]).sum())
-    print(f"\nboth metrics marked {overlap} of {int(picks[other].sum())} positions")
+    overlap = int(((picks["student_entropy"] > 0) & (picks[other] > 0)).sum())
+    print(f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean entropy over "
+          f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats")
     page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
             "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
             f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both metrics marked {overlap} positions in common.</p>"
+            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in common.</p>"
             f"<div class='row'>{''.join(blocks)}</div>")
     out = os.path.join(args.out_dir, "selection.html")
     data.atomic_write_bytes(out, page.encode())
