@@ -1237,3 +1237,13 @@ def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, t
     assert r["rows"][-1]["method"] == "teacher_margin topk 20%"
     assert calls and all(s == t for s, t in calls)  # given the teacher's logits for the same rows
     assert len(ranked) == 3 and all(((v >= 1000) & (v <= 1001)).all() for v in ranked)  # one ranking per step
+
+
+def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
+    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
+    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--policy", "pos_rs_kd", "--student-init-steps", "0",
+                "--eval-tokens", "128")
+    out = capsys.readouterr().out
+    assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
+    assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
+    assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
