@@ -1247,3 +1247,17 @@ def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
     assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
     assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
     assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
+
+
+def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    script = readme.split("```python\n# my_metric.py")[1].split("```")[0]
+    (tmp_path / "my_metric.py").write_text("# my_metric.py" + script)
+    ds, cache = tiny_corpus
+    cmd = [sys.executable, "my_metric.py", "--run", "distill", "--metric", "teacher_margin", *TINY, "--dataset", ds,
+           "--data-dir", cache, "--out-dir", str(tmp_path), "--teacher-steps", "2", "--student-init-steps", "0",
+           "--student-steps", "2", "--eval-tokens", "128"]
+    env = {**os.environ, "PYTHONPATH": HERE}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "teacher_margin topk 20%" in r.stdout
