@@ -54,15 +54,15 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare",
-                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark",
-                            "sample"],
+                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage",
+                            "benchmark", "sample"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
                         "(--seeds students per row); show: one validation sequence, selections coloured; "
                         "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
                         "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
-                        "storage accounting only; benchmark: memory and time of each flow; sample: the teacher's and every "
-                        "saved student's continuations of validation prompts, coloured by entropy")
+                        "storage accounting only; benchmark: memory and time of each flow; sample: the teacher's "
+                        "and every saved student's continuations of validation prompts, coloured by entropy")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--seq-len", type=int, default=128, help="positions per sample (block size)")
@@ -1204,7 +1204,8 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
     page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
             "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
             f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in common.</p>"
+            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in "
+            "common.</p>"
             f"<div class='row'>{''.join(blocks)}</div>")
     out = os.path.join(args.out_dir, "selection.html")
     data.atomic_write_bytes(out, page.encode())
