@@ -3,7 +3,7 @@
 Read top to bottom. Section numbers follow SPEC.md (the method of "Rethinking Selective
 Knowledge Distillation", Tavor et al., arXiv 2602.01395):
 
-  0. the model: a nanoGPT whose forward is split into `hidden` and `head`
+  0. the model: a nanoGPT whose forward is split into `hidden` and `head`; `generate` samples text
   1. dense KD: `token_entropy`, `kl_per_position`, `kd_loss`              (SPEC 1)
   2. SE-KD positions: `chunked_entropy`, `topk_positions`                 (SPEC 2, 5)
      the position axis: importance metrics `METRICS`, `chunked_scores`,
@@ -119,6 +119,27 @@ class GPT(nn.Module):
 
     def forward(self, idx):
         return self.head(self.hidden(idx))
+
+    @torch.no_grad()
+    def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
+        """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the
+        k likeliest ids), the context cropped to the block size; only the last row goes through
+        the head. -> (idx [B, L + n_new], entropy [B, n_new]: H(q_t) at T = 1 of each step's full
+        distribution, the score SE-KD ranks positions by)."""
+        entropy = []
+        for _ in range(n_new):
+            logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size:])[:, -1]))
+            entropy.append(token_entropy(logits))
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], 1)
+        return idx, torch.stack(entropy, 1)
 
 
 def check_pair(teacher, student):

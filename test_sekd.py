@@ -1766,3 +1766,127 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     assert meta["seq_len"] == 512 and meta["vocab_size"] == 50257 and meta["max_tokens"] == 20000
     assert meta["train_samples"] == meta["train_tokens"] // 513 and meta["val_samples"] == meta["val_tokens"] // 513
     assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2
+# ----------------------------------------------------------------------------- teaching: text samples, exercise 2
+
+def test_generate_appends_tokens_with_their_entropy():
+    m = tiny_gpt(L=8)  # block size 8: 5 + 6 tokens exercise the context crop
+    idx = torch.randint(0, 37, (2, 5))
+    seeded = lambda: torch.Generator().manual_seed(3)
+    out, ent = m.generate(idx, 6, 1.0, 0, seeded())
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], idx) and ent.shape == (2, 6)
+    for j in range(6):
+        logits = m(out[:, :5 + j][:, -8:])[:, -1]
+        assert torch.allclose(ent[:, j], sekd.token_entropy(logits), atol=1e-12)
+    assert torch.equal(m.generate(idx, 6, 1.0, 0, seeded())[0], out)  # same seed, same tokens
+    greedy = m.generate(idx, 6, 0.0)[0]
+    for j in range(6):
+        assert torch.equal(greedy[:, 5 + j], m(greedy[:, :5 + j][:, -8:])[:, -1].argmax(-1))
+    assert torch.equal(m.generate(idx, 6, 1.0, 1, seeded())[0], greedy)  # top-1 sampling is greedy
+    top3 = m.generate(idx, 6, 5.0, 3, seeded())[0]
+    for j in range(6):
+        best = torch.topk(m(top3[:, :5 + j][:, -8:])[:, -1], 3).indices
+        assert (best == top3[:, 5 + j:6 + j]).any(1).all()
+
+
+def save_tiny_models(out, corpus, names):
+    """Untrained checkpoints in the layout the jobs write (TINY's sizes), made in a second."""
+    ds, cache = corpus
+    c = data.prepare(ds, 16, cache_dir=cache)
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        m = sekd.GPT(sekd.GPTConfig(vocab_size=c.vocab.size, block_size=16, n_layer=1, n_head=2,
+                                    n_embd=32 if name == "teacher" else 16))
+        train.save_checkpoint(str(out / f"{name}.pt"), {"model": m.state_dict(), "config": vars(m.config).copy(),
+                                                        "signature": c.signature, "step": 1, "steps": 1, "val_ppl": 1.0})
+    return c
+
+
+def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsys, monkeypatch):
+    corpus = save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"])
+    flags = ["--run", "sample", "--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
+    r1 = run_job(tmp_path, tiny_corpus, *flags)
+    out = capsys.readouterr().out
+    assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
+    stream = np.asarray(corpus.val).reshape(-1)
+    enc = data.gpt2_encoding()
+    for s, p in zip(r1["prompt_starts"], r1["prompts"]):
+        assert corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out  # starts a line (document)
+    for name in r1["continuations"]:
+        ent = np.array(r1["entropy"][name])
+        assert ent.shape == (2, 10) and (ent > 0).all() and (ent <= math.log(corpus.vocab.size) + 1e-4).all()
+        assert f"--- {name}, mean entropy {ent[1].mean():.2f} nats" in out
+    assert "\x1b[" not in out  # captured stdout is not a terminal: plain text
+    assert json.loads((tmp_path / "results_sample.json").read_text())["continuations"] == r1["continuations"]
+    assert run_job(tmp_path, tiny_corpus, *flags)["continuations"] == r1["continuations"]  # same seed, same text
+    capsys.readouterr()
+    monkeypatch.setattr(train, "colour_enabled", lambda: True)
+    other = run_job(tmp_path, tiny_corpus, *flags, "--seed", "7")["continuations"]
+    assert all(other[n] != r1["continuations"][n] for n in other)
+    assert "\x1b[48;2;" in capsys.readouterr().out
+
+
+def test_colour_only_on_a_terminal_and_without_no_color(monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    on = train.colour_enabled()
+    monkeypatch.setenv("NO_COLOR", "1")
+    off = train.colour_enabled()
+    monkeypatch.undo()
+    assert on and not off and not train.colour_enabled()  # pytest's captured stdout is no terminal
+
+
+def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corpus):
+    save_tiny_models(tmp_path, tiny_corpus, ["student_sekd"])
+    with pytest.raises(train.UserError, match="no.pt does not exist: train it first"):
+        run_job(tmp_path, tiny_corpus, "--run", "sample", "--teacher-ckpt", str(tmp_path / "no.pt"))
+    os.remove(tmp_path / "student_sekd.pt")
+    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
+    with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
+        run_job(tmp_path, tiny_corpus, "--run", "sample")
+
+
+def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, tiny_corpus, monkeypatch):
+    calls, ranked = [], []
+
+    def teacher_margin(zs, zt, y):  # README exercise 2, shifted by 1000 so that its scores are recognisable
+        calls.append((zs.shape, zt.shape))
+        top2 = torch.softmax(zt, -1).topk(2, -1).values
+        return top2[:, 0] - top2[:, 1] + 1000.0
+
+    def spy_topk(scores, k, valid=None, state=None):
+        ranked.append(scores[valid])
+        return sekd.topk_positions(scores, k, valid, state)
+    monkeypatch.setitem(sekd.METRICS, "teacher_margin", teacher_margin)
+    monkeypatch.setitem(sekd.POLICIES, "topk", spy_topk)
+    r = run_job(tmp_path, tiny_corpus, "--run", "distill", "--metric", "teacher_margin", "--teacher-steps", "3",
+                "--student-init-steps", "0", "--student-steps", "3")
+    assert r["rows"][-1]["method"] == "teacher_margin topk 20%"
+    assert calls and all(s == t for s, t in calls)  # given the teacher's logits for the same rows
+    assert len(ranked) == 3 and all(((v >= 1000) & (v <= 1001)).all() for v in ranked)  # one ranking per step
+
+
+def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
+    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
+    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--policy", "pos_rs_kd", "--student-init-steps", "0",
+                "--eval-tokens", "128")
+    out = capsys.readouterr().out
+    assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
+    assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
+    assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
+
+
+def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    script = readme.split("```python\n# my_metric.py")[1].split("```")[0]
+    (tmp_path / "my_metric.py").write_text("# my_metric.py" + script)
+    ds, cache = tiny_corpus
+    cmd = [sys.executable, "my_metric.py", "--run", "distill", "--metric", "teacher_margin", *TINY, "--dataset", ds,
+           "--data-dir", cache, "--out-dir", str(tmp_path), "--teacher-steps", "2", "--student-init-steps", "0",
+           "--student-steps", "2", "--eval-tokens", "128"]
+    env = {**os.environ, "PYTHONPATH": HERE}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "teacher_margin topk 20%" in r.stdout

@@ -9,6 +9,7 @@
     python train.py --run distill --method sekd_3x --U 64 --l 0.2   # SPEC 5, offline teacher cache
     python train.py --run axes --seeds 3  # the paper's multi-axis, wall-time and storage tables
     python train.py --run storage        # storage accounting only (SPEC 7)
+    python train.py --run sample         # teacher's and students' continuations of validation prompts
     python train.py --help               # every flag with its default
     torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel, one process per rank
     python train.py --preset fineweb     # the paper's data: FineWeb-Edu streamed, 80M tokens (internet, a GPU)
@@ -91,13 +92,15 @@ def parse_args(argv=None):
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare",
-                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark"],
+                   choices=["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage",
+                            "benchmark", "sample"],
                    help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
                         "distill: one student with --method; positions: the paper's position tables "
                         "(--seeds students per row); show: one validation sequence, selections coloured; "
                         "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
                         "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
-                        "storage accounting only; benchmark: memory and time of each flow")
+                        "storage accounting only; benchmark: memory and time of each flow; sample: the teacher's "
+                        "and every saved student's continuations of validation prompts, coloured by entropy")
     p.add_argument("--preset", default="none", choices=["none", *PRESETS],
                    help="fineweb: the paper's data (FineWeb-Edu sample-10BT streamed, 80M tokens, 512-token "
                         "samples) and GPU-sized models (README); flags given explicitly override it")
@@ -169,6 +172,12 @@ def build_parser():
     g.add_argument("--bench-warmup", type=int, default=2, help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0,
                    help="skip (and report) a row whose analytic peak exceeds this many GiB; 0 = no limit")
+    g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
+    g.add_argument("--sample-prompts", type=int, default=3, help="prompts, spread over the validation plays")
+    g.add_argument("--sample-prompt-len", type=int, default=24, help="tokens per prompt")
+    g.add_argument("--sample-len", type=int, default=40, help="tokens each model generates per prompt")
+    g.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    g.add_argument("--sample-top-k", type=int, default=0, help="sample among the k likeliest ids only; 0 = all")
     g = p.add_argument_group("class and sample axes, offline teacher cache (SPEC 3-5)")
     g.add_argument("--U", type=int, default=64, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
     g.add_argument("--l", type=float, default=0.2, help="share of training samples TopSmp / RandomSmp keep, in (0, 1]")
@@ -189,7 +198,7 @@ def build_parser():
 def check_args(a):
     positive = ["seq_len", "batch_size", "grad_accum", "teacher_steps", "student_steps", "eval_interval",
                 "eval_tokens", "log_interval", "teacher_layers", "teacher_embd", "teacher_heads",
-                "student_layers", "student_embd", "student_heads"]
+                "student_layers", "student_embd", "student_heads", "sample_prompts", "sample_prompt_len", "sample_len"]
     for name in positive:
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
@@ -204,6 +213,8 @@ def check_args(a):
         raise UserError("--chunk-rows, --warmup must be >= 0 and learning rates > 0")
     if a.seeds < 1 or a.show_sample < 0:
         raise UserError("--seeds must be at least 1 and --show-sample at least 0")
+    if a.sample_temperature < 0 or a.sample_top_k < 0:
+        raise UserError("--sample-temperature and --sample-top-k must be >= 0")
     sekd.get_metric(a.metric)
     sekd.get_policy(a.policy)
     if a.gls_queue < 1 or a.curriculum_steps < 1:
@@ -1434,9 +1445,9 @@ def _heat(e, lo, hi):
 
 def show_selection(args, corpus, device, teacher, evalset, student_init=None):
     """One validation sequence, each predicted token coloured by the student's entropy H(q_t),
-    positions selected at budget --k marked: by SE-KD (student entropy) and by --metric (or
-    teacher entropy when --metric is student_entropy). ANSI in the terminal + an HTML file.
-    Uses OUT_DIR/student_sekd.pt (trains it first if missing)."""
+    positions selected at budget --k marked: by SE-KD (student entropy, top-k) and by --metric
+    with --policy (teacher entropy, top-k, when those are SE-KD's own). ANSI in the terminal + an
+    HTML file. Uses OUT_DIR/student_sekd.pt (trains it first if missing)."""
     path = os.path.join(args.out_dir, "student_sekd.pt")
     if not os.path.exists(path):
         distill_student(args, "sekd", corpus, device, teacher, evalset, student_init)
@@ -1445,22 +1456,32 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
     student = GPT_from(ckpt).to(device).eval()
     i = min(args.show_sample, len(evalset.x) - 1)
     x, y = evalset.x[i:i + 1], evalset.y[i:i + 1]
-    other = args.metric if args.metric != "student_entropy" else "teacher_entropy"
+    view = (args.metric, args.policy) if (args.metric, args.policy) != ("student_entropy", "topk") \
+        else ("teacher_entropy", "topk")
     valid = y >= 0
+    torch.manual_seed(args.seed)  # pos-RS-KD's draws
     with torch.no_grad():
         h, w = student.hidden(x).float(), student.head_weight.float()
         th = evalset.teacher_h[i:i + 1]
         ent = sekd.chunked_scores("student_entropy", h, w, valid)[0]
-        picks = {name: sekd.topk_positions(sekd.chunked_scores(name, h, w, valid, th, evalset.teacher_w, y),
-                                           args.k, valid)[0] for name in ("student_entropy", other)}
+        picks = {}  # name -> the policy's mask: bool, or pos-RS-KD's draw counts
+        for metric, policy in (("student_entropy", "topk"), view):
+            scores = sekd.chunked_scores(metric, h, w, valid, th, evalset.teacher_w, y)
+            state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # GLS, curriculum: as at step 0
+            picks[metric if policy == "topk" else f"{metric} {policy}"] = \
+                sekd.get_policy(policy)(scores, args.k, valid, state)[0]
+    other = list(picks)[1]
     enc = data.gpt2_encoding()
     tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
     first = corpus.vocab.decode([int(x[0, 0])], enc)
     lo, hi = float(ent.min()), float(ent.max())
     blocks = []
-    for name, sel in picks.items():
-        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name} top {args.k:.0%} " \
-                f"({int(sel.sum())} of {len(tokens)} positions marked)"
+    for name, m in picks.items():
+        sel = m > 0
+        draws = f", {int(m.sum())} draws" if m.dtype != torch.bool else ""
+        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}{' top' if ' ' not in name else ''} " \
+                f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean entropy " \
+                f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
         ansi = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
                        for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
                                                for t, s, e in zip(tokens, sel, ent)))
@@ -1470,18 +1491,102 @@ def show_selection(args, corpus, device, teacher, evalset, student_init=None):
                         f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
                         for t, s, e in zip(tokens, sel, ent))
         blocks.append(f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>")
-    overlap = int((picks["student_entropy"] & picks[other]).sum())
-    print(f"\nboth metrics marked {overlap} of {int(picks[other].sum())} positions")
+    overlap = int(((picks["student_entropy"] > 0) & (picks[other] > 0)).sum())
+    print(f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean entropy over "
+          f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats")
     page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
             "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
             f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both metrics marked {overlap} positions in common.</p>"
+            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in "
+            "common.</p>"
             f"<div class='row'>{''.join(blocks)}</div>")
     out = os.path.join(args.out_dir, "selection.html")
     data.atomic_write_bytes(out, page.encode())
     print(f"HTML written to {out}")
     return {"sample": i, "student_entropy": ent.tolist(), "selected": {n: s.tolist() for n, s in picks.items()},
             "html": out}
+
+
+# ----------------------------------------------------------------------------- text samples
+
+def sample_prompts(corpus, n, length, enc):
+    """n prompts of `length` tokens spread evenly over the validation plays, each starting just
+    after a line break or a document's end (a speaker's name or a verse line, in the plays), if
+    one comes within 200 tokens. -> (long [n, length], start offsets)."""
+    stream = np.asarray(corpus.val).reshape(-1).astype(np.int64)
+    if len(stream) < length + 1:
+        raise UserError(f"the validation split has {len(stream)} tokens, too few for --sample-prompt-len {length}")
+    last = len(stream) - length
+    is_break = lambda t: "\n" in t or t == enc.decode([enc.eot_token])
+    starts = []
+    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
+        breaks = [i + 1 for i in range(s, min(s + 200, last)) if is_break(corpus.vocab.decode([stream[i]], enc))]
+        starts.append(breaks[0] if breaks else int(s))
+    return torch.from_numpy(np.stack([stream[s:s + length] for s in starts])), starts
+
+
+def saved_students(out_dir):
+    """The students to sample from: OUT_DIR/student_<name>.pt (written by distillation runs, and
+    student_init.pt), the initial student first, then CE, Full KD, SE-KD, the rest by name."""
+    names = sorted(f[8:-3] for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if f.startswith("student_") and f.endswith(".pt"))
+    first = ["init", "ce", "full_kd", "sekd"]
+    names.sort(key=lambda n: (first.index(n) if n in first else len(first), n))
+    if not [n for n in names if n != "init"]:
+        raise UserError(f"no trained students (student_<method>.pt) in {out_dir}: run `python train.py` there "
+                        "(writes student_ce.pt, student_full_kd.pt, student_sekd.pt) or `python train.py --run "
+                        "distill --method METHOD` with this --out-dir")
+    return [(f"student_{n}", os.path.join(out_dir, f"student_{n}.pt")) for n in names]
+
+
+def colour_enabled():
+    """ANSI colour only on a terminal, and not when NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+def paint(token, rgb):
+    """One token on a coloured background; a line break shows as ↵ and is made outside the colour."""
+    r, g, b = rgb
+    return "\n".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
+                     for part in token.replace("\n", "\u21b5\n").split("\n"))
+
+
+def run_sample(args, corpus, device):
+    """--run sample: --sample-prompts validation prompts, and each model's continuation of them
+    (the teacher, then every saved student), one block under the other; each generated token is
+    coloured by that model's own entropy H(q_t) at that step (SPEC 2's student_entropy: what SE-KD
+    selects by). Same --seed, same text."""
+    t_path = args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+    models = [("teacher", t_path)] + saved_students(args.out_dir)
+    enc = data.gpt2_encoding()
+    prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
+    text, entropy = {}, {}
+    for name, path in models:
+        ckpt = load_checkpoint(path)
+        check_signature(ckpt, corpus, path)
+        model = GPT_from(ckpt).to(device).eval()
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out, ent = model.generate(prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g)
+        text[name] = [[corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1]:]] for row in out.cpu()]
+        entropy[name] = ent.cpu().tolist()
+    colour = colour_enabled()
+    hi = max(max(max(row) for row in e) for e in entropy.values())
+    print(f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
+          f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
+          + (f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats" if colour else ""))
+    for i, start in enumerate(starts):
+        print(f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}")
+        for name, _ in models:
+            tokens, ent = text[name][i], entropy[name][i]
+            body = "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent)) if colour else "".join(tokens)
+            print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
+    result = {"prompt_starts": starts, "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
+              "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()}, "entropy": entropy,
+              "args": vars(args)}
+    path = os.path.join(args.out_dir, "results_sample.json")
+    data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+    print(f"\ntext and per-token entropies written to {path}")
+    return result
 
 
 def main(argv=None):
@@ -1498,6 +1603,8 @@ def main(argv=None):
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
         return {"storage": storage_table(args, corpus, default_cache_path(args))}
+    if args.run == "sample":
+        return run_sample(args, corpus, device)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
@@ -1535,9 +1642,11 @@ def main(argv=None):
     return result
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: `main`, with a user error printed as one line and exit code 2. A script
+    that registers its own metric and then calls `train.cli()` gets the same command line."""
     try:
-        main()
+        return main(argv)
     except (UserError, data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1545,3 +1654,7 @@ if __name__ == "__main__":
         print("interrupted; checkpoints written so far are complete: the same command resumes from the last",
               file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
