@@ -49,9 +49,10 @@ def seq_mean(values_per_seq):
     return sum(means) / len(means) if means else 0.0
 
 
-def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam):
-    """SPEC 1 with explicit loops: KL on the masked positions, CE on all valid ones, each
-    averaged per sequence, then over the sequences that have any such position."""
+def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False):
+    """SPEC 1 with explicit loops: KL(p^T || q^T) (or, reverse, KL(q^T || p^T)) on the masked
+    positions, CE on all valid ones, each averaged per sequence, then over the sequences that
+    have any such position."""
     kl_seqs, ce_seqs = [], []
     for b in range(len(targets)):
         kl_b, ce_b = [], []
@@ -59,10 +60,10 @@ def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam):
             y = int(targets[b][t])
             if y < 0:
                 continue
-            s_row, t_row = s_logits[b][t].tolist(), t_logits[b][t].tolist()
+            s_row, t_row = [float(v) for v in s_logits[b][t]], [float(v) for v in t_logits[b][t]]
             ce_b.append(-math.log(ref_softmax(s_row)[y]))
             if mask[b][t]:
-                kl_b.append(T * T * ref_kl(t_row, s_row, T))
+                kl_b.append(T * T * (ref_kl(s_row, t_row, T) if reverse else ref_kl(t_row, s_row, T)))
         kl_seqs.append(kl_b)
         ce_seqs.append(ce_b)
     return lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
@@ -1145,22 +1146,8 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
 # ============================================================================= on-policy distillation, reverse KL
 
 def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
-    """SPEC 1 with KL(q^T || p^T), by explicit loops: the KL term on the masked positions, CE(y, q)
-    on every valid one, each averaged per sequence, then over sequences."""
-    kl_seqs, ce_seqs = [], []
-    for b in range(len(targets)):
-        kl_b, ce_b = [], []
-        for t in range(len(targets[b])):
-            y = int(targets[b][t])
-            if y < 0:
-                continue
-            s_row, t_row = [float(v) for v in s_logits[b][t]], [float(v) for v in t_logits[b][t]]
-            ce_b.append(-math.log(ref_softmax(s_row)[y]))
-            if mask[b][t]:
-                kl_b.append(T * T * ref_kl(s_row, t_row, T))  # ref_kl(a, b) = KL(a || b)
-        kl_seqs.append(kl_b)
-        ce_seqs.append(ce_b)
-    return lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    """SPEC 1 with KL(q^T || p^T): `ref_kd_loss` with the divergence reversed."""
+    return ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=True)
 
 
 @pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)])
