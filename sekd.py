@@ -810,15 +810,12 @@ def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):
 
 @torch.no_grad()
 def sample_continuations(model, prompts, n_new, generator=None):
-    """Extend each prompt [B, P] by n_new tokens sampled from `model` at temperature 1, one at a
-    time; the whole prefix is recomputed for each token (no KV cache: cheap at these sizes).
+    """Extend each prompt [B, P] by n_new tokens sampled from `model` at temperature 1 (`GPT.generate`;
+    the whole prefix is recomputed for each token, no KV cache: cheap at these sizes).
     Dropout is off while sampling. -> [B, P + n_new]."""
     was_training = model.training
     model.eval()
-    seq = prompts
-    for _ in range(n_new):
-        probs = F.softmax(_wide(model.head(model.hidden(seq)[:, -1])), dim=-1)
-        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    seq, _ = model.generate(prompts, n_new, 1.0, 0, generator)
     model.train(was_training)
     return seq
 
