@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -532,7 +533,8 @@ class _StreamedHeadLoss(torch.autograd.Function):
     """sum_r w_r * rows_loss(h_r @ W^T), computed a chunk of rows at a time. The gradient of
     each chunk is computed in the forward pass (the loss is a sum over rows, so the chunks'
     gradients add up exactly), so one chunk of [rows, V] tensors is alive at a time and
-    backward only scales the stored dL/dh [N, D] and dL/dW [V, D]."""
+    backward only scales the stored dL/dh [N, D] and dL/dW [V, D], in place (no copies of the
+    [V, D] gradient; so backward runs once: no retain_graph)."""
 
     @staticmethod
     def forward(ctx, h, weight, row_weights, chunk_rows, rows_loss):
@@ -541,19 +543,23 @@ class _StreamedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for i in range(0, h.shape[0], chunk_rows):
             hr, wr = h[i:i + chunk_rows], row_weights[i:i + chunk_rows]
-            z = _wide(hr @ weight.T)
-            row_loss, grad_z = rows_loss(z, slice(i, i + chunk_rows))
+            row_loss, grad_z = rows_loss(_wide(hr @ weight.T), slice(i, i + chunk_rows))  # logits freed on return
             loss += (wr * row_loss).sum()
             grad_z = grad_z.mul_(wr[:, None])
             grad_h[i:i + chunk_rows] = (grad_z.to(weight.dtype) @ weight).to(h.dtype)
             grad_w += grad_z.T.to(hr.dtype) @ hr
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            del grad_z  # before the next chunk's logits exist
+        ctx.grads = (grad_h, grad_w.to(weight.dtype))  # not saved tensors: backward scales them in place
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_out * grad_h, grad_out * grad_w, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("the streamed loss's backward runs once: call backward without retain_graph")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None
 
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=None,
@@ -1282,13 +1288,21 @@ def chunk_sizes(n, chunk_rows):
     return [min(chunk_rows, n - i) for i in range(0, n, chunk_rows)]
 
 
-def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True):
+def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True, lam=1.0,
+                 sel_chunks=None):
     """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected
     (SPEC 6): which logits-sized tensors exist in which phase, and the peak bytes per phase.
-    select=False: no entropy pass (what `distill_loss` does for Full KD)."""
+    select=False: no entropy pass (what `distill_loss` does for Full KD).
+    lam < 1 (flows dense, chunked, streamed: those `distill_loss` runs): the CE term at every
+    row is added, as `kd_loss` and `_kd_and_ce_pass` compute it; lam = 0 is plain CE, no teacher.
+    `sel_chunks`: the streamed lam < 1 pass's selected rows per chunk of valid rows (default the
+    worst case, the n_sel selected rows packed into the first chunks)."""
     check_flow(flow)
+    check_lambda(lam)
+    if lam < 1 and flow not in ("dense", "chunked", "streamed"):
+        raise ValueError(f"the lambda < 1 account covers the dense, chunked and streamed flows, not '{flow}'")
     lg = LogitLedger(V, half)
-    dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
+    dense_t = lam > 0 and flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
     rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel  # kd_loss: KL at every row, then masked
     zt = zs = ws = None
@@ -1308,7 +1322,15 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
         zt, _ = lg.head(n_sel, d_teacher, "teacher", grad=False)
     lg.enter("loss")
     if flow == "streamed":
-        _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows)
+        if lam == 1:
+            _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows)
+        else:
+            sizes = chunk_sizes(BL, chunk_rows)
+            if lam == 0:  # plain CE: no KL rows
+                sel_chunks = []
+            elif sel_chunks is None:  # worst case: every chunk as full of selected rows as n_sel allows
+                sel_chunks = [max(0, min(c, n_sel - i * chunk_rows)) for i, c in enumerate(sizes)]
+            _mixed_ledger(lg, sizes, list(sel_chunks) + [0] * (len(sizes) - len(sel_chunks)), d_student, d_teacher)
         lg.enter("backward")
         lg.enter("optimizer step")
         return lg
@@ -1323,10 +1345,23 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
             zs = zs_rows
         else:
             zs, ws = lg.head(n_sel, d_student, "student", grad=True)
-    logq, p = lg.kl(rows)
+    logq = p = ce = None
+    if lam > 0:
+        logq, p = lg.kl(rows)
+    if lam < 1:  # F.cross_entropy over every row (no / T): its log-softmax is saved for backward
+        w = lg.wide(BL, "student (CE)")
+        ce = lg.new("student (CE) log-softmax", BL, 4)
+        lg.free(w)
     lg.free(zt, zs)  # the function returns: only what backward saved stays
     lg.enter("backward")
-    g = lg.kl_backward(rows, logq, p)
+    g = _ce_backward(lg, BL, ce) if lam < 1 else None  # autograd runs the CE branch first
+    if lam > 0:
+        g_kl = lg.kl_backward(rows, logq, p)
+        if g is not None:  # the two branches' logit gradients are summed
+            g_sum = lg.new("student logit gradient, CE + KL", BL, lg.lo)
+            lg.free(g, g_kl)
+            g_kl = g_sum
+        g = g_kl
     if flow == "teacher_head":  # the gather's backward scatters the rows' gradient into [B, L, V]
         zeros = lg.new("zeros [B, L, V] for the gathered rows' gradient", BL, lg.lo)
         scattered = lg.new("student logit gradient, scattered to [B, L, V]", BL, lg.lo)
@@ -1339,36 +1374,90 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
     return lg
 
 
+def _ce_backward(lg, rows, ce):
+    """F.cross_entropy's backward: the NLL's gradient, then the log-softmax's; under autocast the
+    result is copied back to the bf16 logits' dtype."""
+    g1 = lg.new("grad of the CE's NLL", rows, 4)
+    g2 = lg.new("grad of the CE's log-softmax", rows, 4)
+    lg.free(g1, ce)
+    if lg.half:
+        g3 = lg.new("CE logit gradient, bf16", rows, 2)
+        lg.free(g2)
+        return g3
+    return g2
+
+
+def _student_chunk(lg, c, d_student):
+    """One chunk's student logits in the streamed pass: h @ W.T, float32 (upcast under autocast)."""
+    zs, _ = lg.head(c, d_student, "student chunk", grad=False)
+    if lg.half:  # z = _wide(h @ W.T): the bf16 product is a temporary
+        zs_w = lg.new("student chunk logits, float32", c, 4)
+        lg.free(zs)
+        zs = zs_w
+    return zs
+
+
+def _teacher_chunk(lg, c, d_teacher):
+    zt, _ = lg.head(c, d_teacher, "teacher chunk", grad=False)
+    if lg.half:
+        zt_w = lg.new("teacher chunk logits, float32", c, 4)
+        lg.free(zt)
+        zt = zt_w
+    return zt
+
+
+def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
+    """`_kd_and_ce_pass` (0 < lam < 1) and plain streamed CE (lam = 0): per chunk of c valid rows,
+    the student logits and their CE log-softmax (turned into the gradient in place); at the chunk's
+    s selected rows, the rows' copy, the teacher's logits and the KL's tensors, then the KL
+    gradient added into the chunk's. Each chunk's tensors are freed before the next one starts."""
+    for c, s in zip(sizes, sel_chunks):
+        zs = _student_chunk(lg, c, d_student)
+        g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
+        if s:
+            zs_s = lg.new("student chunk, selected rows", s, 4)
+            zt = _teacher_chunk(lg, s, d_teacher)
+            logq, logp, p = _chunk_kl(lg, s, "student chunk (KL rows)")
+            diff = lg.new("q - p", s, 4)
+            g_kl = lg.new("selected rows' KL gradient T (q - p)", s, 4)
+            lg.free(diff, logq, logp, p, zt, zs_s)
+            g_rows = lg.new("chunk gradient, selected rows (grad[s])", s, 4)
+            scaled = lg.new("lambda-weighted KL gradient", s, 4)
+            lg.free(g_rows, scaled, g_kl)
+        lg.free(zs)  # rows_loss returns: only the chunk's gradient stays
+        _chunk_gradient_done(lg, c, g)
+
+
+def _chunk_kl(lg, c, student_what):
+    """_kd_rows's forward KL on a chunk: both log-softmaxes, p, and the KL's two temporaries."""
+    logq = lg.log_softmax(c, student_what, wide=False)
+    logp = lg.log_softmax(c, "teacher chunk", wide=False)
+    p = lg.new("teacher chunk softmax p", c, 4)
+    diff = lg.new("log p - log q", c, 4)
+    prod = lg.new("p * (log p - log q)", c, 4)
+    lg.free(prod, diff)
+    return logq, logp, p
+
+
+def _chunk_gradient_done(lg, c, g):
+    """The chunk's gradient goes through the head's two matmuls (under autocast as a bf16 copy), then dies."""
+    if lg.half:
+        lg.free(lg.new("chunk logit gradient, bf16", c, 2))
+    lg.free(g)
+
+
 def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
-    """streamed_kd_loss: per chunk of c rows, student and teacher logits (float32), the KL's
-    tensors and the gradient T (q - p). A chunk's student logits and gradient live until the
-    next chunk's replace them, so two chunks overlap briefly."""
-    prev_z = prev_g = None
+    """streamed_kd_loss (lam = 1): per chunk of c selected rows, student and teacher logits
+    (float32), the KL's tensors and the gradient T (q - p); each chunk's tensors are freed
+    before the next one starts, so the peak is one chunk's 7 tensors."""
     for c in chunk_sizes(n_sel, chunk_rows):
-        zs, _ = lg.head(c, d_student, "student chunk", grad=False)
-        if lg.half:  # z = _wide(h @ W.T): the bf16 product is a temporary
-            zs_w = lg.new("student chunk logits, float32", c, 4)
-            lg.free(zs)
-            zs = zs_w
-        lg.free(prev_z)
-        zt, _ = lg.head(c, d_teacher, "teacher chunk", grad=False)
-        if lg.half:
-            zt_w = lg.new("teacher chunk logits, float32", c, 4)
-            lg.free(zt)
-            zt = zt_w
-        logq = lg.log_softmax(c, "student chunk", wide=False)
-        logp = lg.log_softmax(c, "teacher chunk", wide=False)
-        p = lg.new("teacher chunk softmax p", c, 4)
-        diff = lg.new("log p - log q", c, 4)
-        prod = lg.new("p * (log p - log q)", c, 4)
-        lg.free(prod, diff)
+        zs = _student_chunk(lg, c, d_student)
+        zt = _teacher_chunk(lg, c, d_teacher)
+        logq, logp, p = _chunk_kl(lg, c, "student chunk")
         diff = lg.new("q - p", c, 4)
         g = lg.new("chunk logit gradient T (q - p)", c, 4)
-        lg.free(diff, logq, p, logp, zt, prev_g)
-        if lg.half:
-            lg.free(lg.new("chunk logit gradient, bf16", c, 2))
-        prev_z, prev_g = zs, g
-    lg.free(prev_z, prev_g)
+        lg.free(diff, logq, p, logp, zt, zs)
+        _chunk_gradient_done(lg, c, g)
 
 
 def param_bytes(model, trainable_only=False):
@@ -1397,21 +1486,24 @@ def activation_bytes(config, B, L, half=False, grad=True):
     return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
 
 
-def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True):
+def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
+                   lam=1.0):
     """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
     parameters, gradients and AdamW state per model, activation estimates, every logits-sized
-    tensor the flow creates (from `logit_ledger`), and the expected peak per phase.
+    tensor the flow creates (from `logit_ledger`, with the CE term when lam < 1), and the
+    expected peak per phase. lam = 0: plain CE, the teacher (resident) never runs.
     Assumes every position is valid (the benchmark's random tokens)."""
     V = student.config.vocab_size
     chunk = chunk_rows or default_chunk_rows(V)
     n_sel = B * L if flow == "dense" else int(budget_counts(1.0 if flow == "dense_entropy" else k,
                                                              torch.tensor([L])).item()) * B
-    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select)
+    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam)
     s_params, t_params = param_bytes(student), param_bytes(teacher)
     s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
          "activations": activation_bytes(student.config, B, L, half, grad=True)}
-    t = {"params": t_params, "activations": activation_bytes(teacher.config, B, L, half, grad=False)}
-    t_hidden = B * L * teacher.config.n_embd * 4  # ln_f output, float32 even under autocast
+    runs = lam > 0  # does the teacher's forward run at all?
+    t = {"params": t_params, "activations": activation_bytes(teacher.config, B, L, half, grad=False) * runs}
+    t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
     resident = s_params + t_params + s["adamw"]
     head_grad = V * student.config.n_embd * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
     phases = {
@@ -1427,7 +1519,7 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     t_logits = max((x["bytes"] for x in lg.tensors if x["what"].startswith("teacher")
                     and "logits" in x["what"]), default=0)
     total = max(phases.values())
-    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk,
+    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk, "lam": lam,
             "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
             "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
             "phases": phases, "total": total,

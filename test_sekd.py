@@ -200,8 +200,24 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk):
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(d_grads, s_grads):
         assert torch.allclose(a, b, atol=1e-12)
-    want = ref_kd_loss(hs @ ws.T, ht @ wt.T, y, mask.tolist(), T, lam)
+    want = ref_kd_loss((hs @ ws.T).detach(), ht @ wt.T, y, mask.tolist(), T, lam)
     assert dense.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_streamed_backward_scales_the_stored_gradients_in_place_once():
+    g = torch.Generator().manual_seed(6)
+    hs = torch.randn(2, 8, 6, generator=g, requires_grad=True)
+    ws = torch.randn(500, 6, generator=g, requires_grad=True)
+    ht, wt = torch.randn(2, 8, 5, generator=g), torch.randn(500, 5, generator=g)
+    y = torch.randint(0, 500, (2, 8), generator=g)
+    loss = 3.0 * sekd.streamed_kd_loss(hs, ws, ht, wt, y, chunk_rows=4)
+    with sekd.LiveBytes() as meter:
+        loss.backward(retain_graph=True)
+    assert meter.peak < ws.numel() * 4  # no copy of the [V, D] head gradient is made
+    want = torch.autograd.grad(3.0 * sekd.kd_loss(hs @ ws.T, ht @ wt.T, y), (hs, ws))
+    assert torch.allclose(hs.grad, want[0], atol=1e-5) and torch.allclose(ws.grad, want[1], atol=1e-5)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
 
 
 def test_streamed_gradients_through_a_model_match_dense_flow():
@@ -413,6 +429,10 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     assert all(r["peak_bytes"] > 0 for m, r in rows.items() if m != "teacher")
     saved = json.loads((tmp_path / "results_compare.json").read_text())
     assert [r["val_ppl"] for r in saved["rows"]] == [r["val_ppl"] for r in r1["rows"]]
+    acc = saved["memory_account"]  # every student's step is accounted, the CE term of lambda = 0.5 included
+    assert {m: a["lam"] for m, a in acc.items()} == {"ce": 0.0, "full_kd": 0.5, "sekd": 0.5}
+    assert all(any("CE" in t["what"] for t in a["logits"]) for a in acc.values())
+    assert acc["ce"]["teacher"]["activations"] == 0 and acc["sekd"]["teacher"]["activations"] > 0
     r2 = run_job(tmp_path, tiny_corpus)  # reuses the teacher, same seed: same numbers
     assert "reusing" in capsys.readouterr().out
     assert [r["val_ppl"] for r in r2["rows"]] == [r["val_ppl"] for r in r1["rows"]]
@@ -776,6 +796,53 @@ def test_logit_account_equals_tensors_created(flow, half):
     assert n_sel == (24 if flow in ("dense", "dense_entropy") else 2 * 3)
 
 
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("method,flow,lam", [("sekd", "streamed", 0.5), ("sekd", "dense", 0.5),
+                                             ("full_kd", "streamed", 0.5), ("full_kd", "dense", 0.5),
+                                             ("ce", "streamed", 0.0), ("ce", "dense", 0.0),
+                                             ("sekd", "streamed", 1.0), ("full_kd", "dense", 1.0)])
+def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, half):
+    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 included."""
+    student, teacher = tiny_pair()
+    V, B, L, chunk = 1000, 2, 12, 5
+    g = torch.Generator().manual_seed(7)
+    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
+    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+    meter = sekd.LiveBytes(match=sekd.logits_sized(V))
+    with meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            loss, n_sel = sekd.distill_loss(student, teacher, idx, y, cfg)
+        loss.backward()
+    sel = mask.flatten().long()
+    sel_chunks = [int(sel[i:i + chunk].sum()) for i in range(0, B * L, chunk)]
+    ledger_flow = train.account_flow(method, flow)
+    ledger = sekd.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks)
+    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+                 for _, shape, dt, b in meter.log)
+    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
+    assert got == want
+    assert max(ledger.peaks.values()) == meter.matched_peak
+    assert n_sel == (6 if method == "sekd" else 24)
+    if method == "sekd" and flow == "streamed" and lam < 1:  # the default worst case bounds this selection
+        worst = sekd.logit_ledger("streamed", B * L, n_sel, V, 16, 32, chunk, half, True, lam)
+        assert max(worst.peaks.values()) >= meter.matched_peak
+
+
+def test_training_account_covers_the_steps_it_models():
+    parse = train.build_parser().parse_args
+    modelled = {m: train.modelled_method(parse([]), m) for m in ("ce", "full_kd", "sekd", "top_smp", "sekd_top_smp",
+                                                                 "rskd", "sekd_3x", "at_kd", "random_pos")}
+    assert modelled == {"ce": "ce", "full_kd": "full_kd", "sekd": "sekd", "top_smp": "full_kd",
+                        "sekd_top_smp": "sekd", "rskd": None, "sekd_3x": None, "at_kd": None, "random_pos": None}
+    assert train.modelled_method(parse(["--metric", "kl"]), "sekd") is None
+    assert train.modelled_method(parse(["--divergence", "reverse"]), "sekd") is None
+    assert train.modelled_method(parse(["--k", "1"]), "sekd") == "full_kd"  # k = 1 skips the selection pass
+    with pytest.raises(ValueError, match="lambda < 1 account covers"):
+        sekd.logit_ledger("both_heads", 24, 6, 1000, 16, 32, 5, lam=0.5)
+
+
 def test_state_account_equals_parameters_gradients_and_adamw():
     student, teacher = tiny_pair()
     opt = train.make_optimizer(student, 1e-3, 0.1)
@@ -797,8 +864,8 @@ def test_streamed_logit_peak_does_not_grow_with_tokens():
     for B in (1, 4, 16):
         peaks[B] = {f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
                     for f in ("dense", "both_heads", "streamed")}
-    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 7 tensors + the previous chunk's gradient
-    assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 8 * 2 * 1000 * 4
+    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 7 tensors (the previous chunk's are freed)
+    assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 7 * 2 * 1000 * 4
     assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
     assert peaks[16]["both_heads"] == 16 * peaks[1]["both_heads"]
     assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4

@@ -1113,7 +1113,7 @@ def parse_ints(text, flag):
 
 def account_flow(method, flow):
     """The memory flow (sekd.FLOWS) that distill_loss runs for a method, and whether it selects."""
-    if method == "full_kd":
+    if method in ("full_kd", "ce"):
         return ("dense" if flow == "dense" else "streamed"), False
     return ("chunked" if flow == "dense" else "streamed"), True
 
@@ -1137,8 +1137,20 @@ def print_account(acc, title):
         print(f"    {phase:<16} {what:<52} [{rows}, V] {dtype}{times}: {mib(b)}")
     print("  peak per phase: " + ", ".join(f"{p} {mib(v)} (logits {mib(acc['logit_peaks'].get(p, 0))})"
                                            for p, v in acc["phases"].items()))
-    if acc.get("note"):
-        print(f"  note: {acc['note']}")
+
+
+def modelled_method(args, method):
+    """The method whose training step `sekd.logit_ledger` models for `method`, or None. Sample-axis
+    methods train like their position method on the chosen samples; RS-KD classes, AT-KD, other
+    metrics and policies, RandomPos, the reverse KL and on-policy steps make other tensors."""
+    positions, classes, _ = AXES.get(method, (method, "full", "all"))
+    if positions == "ce":
+        return "ce"
+    if classes != "full" or positions in ("at_kd", "random_pos") or args.on_policy > 0 or args.divergence == "reverse":
+        return None
+    if positions == "sekd" and (args.metric, args.policy) != ("student_entropy", "topk"):
+        return None
+    return "full_kd" if positions == "sekd" and args.k == 1.0 else positions  # k = 1: no selection pass
 
 
 def training_accounts(args, methods, teacher, vocab_size, device):
@@ -1147,16 +1159,16 @@ def training_accounts(args, methods, teacher, vocab_size, device):
     student = new_model(args, "student", vocab_size, torch.device("meta"))
     out = {}
     for m in methods:
-        if m == "ce":
-            continue  # no teacher: its logits are the student's alone, not modelled here
-        flow, select = account_flow(m, args.flow)
+        base = modelled_method(args, m)
+        if base is None:
+            print(f"\n{m}: no analytic memory account (only CE, Full KD and SE-KD with student entropy + top-k "
+                  "steps are modelled)")
+            continue
+        flow, select = account_flow(base, args.flow)
         acc = sekd.memory_account(student, teacher, args.batch_size, args.seq_len, flow,
-                                  1.0 if m == "full_kd" else args.k, args.chunk_rows or None, half,
-                                  device.type == "cuda", select)
-        if args.lam < 1:
-            acc["note"] = ("lambda < 1: this account models the lambda = 1 loss; the CE term over every row "
-                           "adds one chunk of CE tensors per chunk (not itemised here)")
-        print_account(acc, f"{m} ({flow} flow)")
+                                  args.k if base == "sekd" else 1.0, args.chunk_rows or None, half,
+                                  device.type == "cuda", select, 0.0 if base == "ce" else args.lam)
+        print_account(acc, f"{m} ({flow} flow, lambda {acc['lam']:g})")
         out[m] = acc
     return out
 
