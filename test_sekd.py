@@ -1748,6 +1748,36 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
         assert merged == rows(x, ids, counts)
 
 
+def test_checkpoint_keeps_each_ranks_random_stream(monkeypatch):
+    """A resumed data-parallel run: every rank continues its own generator, not rank 0's."""
+    states = []
+    for rank in range(2):  # two "ranks" in this process, each with its own stream
+        torch.manual_seed(100 + rank)
+        states.append({"cpu": torch.get_rng_state(), "cuda": []})
+    monkeypatch.setattr(train, "gather_objects", lambda obj: [states[0], obj])
+    as_rank(monkeypatch, 1, 2)
+    torch.manual_seed(101)
+    saved = train.rng_state()  # what rank 1 writes: both ranks' states
+    want = torch.rand(4)
+    torch.manual_seed(0)  # a restarted process
+    train.set_rng_state(saved)
+    assert torch.equal(torch.rand(4), want)
+    as_rank(monkeypatch, 0, 2)
+    train.set_rng_state(saved)
+    torch.manual_seed(100)
+    rank0 = torch.rand(4)
+    train.set_rng_state(saved)
+    assert torch.equal(torch.rand(4), rank0) and not torch.equal(rank0, want)
+    as_rank(monkeypatch, 2, 3)  # resumed with more ranks: the new rank keeps its own seed
+    torch.manual_seed(7)
+    fresh = torch.get_rng_state()
+    train.set_rng_state(saved)
+    assert torch.equal(torch.get_rng_state(), fresh)
+    as_rank(monkeypatch, 0, 1)  # a checkpoint from before per-rank states: one dict
+    train.set_rng_state(states[1])
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     """torchrun, 2 CPU ranks (gloo) with --batch-size 2 each against 1 rank with --batch-size 4:
     every step's loss (teacher, initial student, CE, Full KD, SE-KD top-k) and the final weights."""

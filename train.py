@@ -386,13 +386,18 @@ def mean_over_ranks(value):
     return t.item() / WORLD
 
 
+def gather_objects(obj):
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if WORLD == 1:
+        return [obj]
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def gather_concat(array):
     """Every rank's numpy array, concatenated in rank order, on every rank."""
-    if WORLD == 1:
-        return array
-    parts = [None] * WORLD
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts)
+    return array if WORLD == 1 else np.concatenate(gather_objects(array))
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -746,14 +751,21 @@ def derived_seed(*ints):
 
 
 def rng_state():
-    """torch's global generators (the random metric, pos-RS-KD's draws, online RS-KD, dropout)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """torch's global generators (the random metric, pos-RS-KD's draws, online RS-KD, dropout) of
+    every rank, in rank order: data-parallel ranks draw from different streams."""
+    return gather_objects({"cpu": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
 
 
 def set_rng_state(rng):
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    """This rank's generators from `rng_state()`. A rank the checkpoint has no state for (resumed
+    with more ranks) keeps its fresh seed."""
+    rng = [rng] if isinstance(rng, dict) else rng  # a checkpoint written before states were per rank
+    if RANK >= len(rng):
+        return
+    torch.set_rng_state(rng[RANK]["cpu"])
+    if rng[RANK]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
 
 
 def print_table(rows, device, title=None):
