@@ -1295,8 +1295,8 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
     select=False: no entropy pass (what `distill_loss` does for Full KD).
     lam < 1 (flows dense, chunked, streamed: those `distill_loss` runs): the CE term at every
     row is added, as `kd_loss` and `_kd_and_ce_pass` compute it; lam = 0 is plain CE, no teacher.
-    `sel_chunks`: the streamed lam < 1 pass's selected rows per chunk of valid rows (default the
-    worst case, the n_sel selected rows packed into the first chunks)."""
+    `sel_chunks`: the streamed lam < 1 pass's selected rows per chunk of valid rows (default: the
+    n_sel selected rows spread evenly, as SE-KD's per-sequence budget roughly does)."""
     check_flow(flow)
     check_lambda(lam)
     if lam < 1 and flow not in ("dense", "chunked", "streamed"):
@@ -1328,8 +1328,8 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
             sizes = chunk_sizes(BL, chunk_rows)
             if lam == 0:  # plain CE: no KL rows
                 sel_chunks = []
-            elif sel_chunks is None:  # worst case: every chunk as full of selected rows as n_sel allows
-                sel_chunks = [max(0, min(c, n_sel - i * chunk_rows)) for i, c in enumerate(sizes)]
+            elif sel_chunks is None:  # the selected rows spread evenly over the chunks
+                sel_chunks = [(i + c) * n_sel // BL - i * n_sel // BL for i, c in zip(range(0, BL, chunk_rows), sizes)]
             _mixed_ledger(lg, sizes, list(sel_chunks) + [0] * (len(sizes) - len(sel_chunks)), d_student, d_teacher)
         lg.enter("backward")
         lg.enter("optimizer step")
@@ -1491,17 +1491,17 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
     parameters, gradients and AdamW state per model, activation estimates, every logits-sized
     tensor the flow creates (from `logit_ledger`, with the CE term when lam < 1), and the
-    expected peak per phase. lam = 0: plain CE, the teacher (resident) never runs.
+    expected peak per phase. lam = 0: plain CE, no teacher in memory.
     Assumes every position is valid (the benchmark's random tokens)."""
     V = student.config.vocab_size
     chunk = chunk_rows or default_chunk_rows(V)
     n_sel = B * L if flow == "dense" else int(budget_counts(1.0 if flow == "dense_entropy" else k,
                                                              torch.tensor([L])).item()) * B
     lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam)
-    s_params, t_params = param_bytes(student), param_bytes(teacher)
+    runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
+    s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
     s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
          "activations": activation_bytes(student.config, B, L, half, grad=True)}
-    runs = lam > 0  # does the teacher's forward run at all?
     t = {"params": t_params, "activations": activation_bytes(teacher.config, B, L, half, grad=False) * runs}
     t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
     resident = s_params + t_params + s["adamw"]
