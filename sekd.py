@@ -1327,10 +1327,10 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
         else:
             sizes = chunk_sizes(BL, chunk_rows)
             if lam == 0:  # plain CE: no KL rows
-                sel_chunks = []
+                sel_chunks = [0] * len(sizes)
             elif sel_chunks is None:  # the selected rows spread evenly over the chunks
                 sel_chunks = [(i + c) * n_sel // BL - i * n_sel // BL for i, c in zip(range(0, BL, chunk_rows), sizes)]
-            _mixed_ledger(lg, sizes, list(sel_chunks) + [0] * (len(sizes) - len(sel_chunks)), d_student, d_teacher)
+            _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher)
         lg.enter("backward")
         lg.enter("optimizer step")
         return lg
@@ -1387,23 +1387,15 @@ def _ce_backward(lg, rows, ce):
     return g2
 
 
-def _student_chunk(lg, c, d_student):
-    """One chunk's student logits in the streamed pass: h @ W.T, float32 (upcast under autocast)."""
-    zs, _ = lg.head(c, d_student, "student chunk", grad=False)
-    if lg.half:  # z = _wide(h @ W.T): the bf16 product is a temporary
-        zs_w = lg.new("student chunk logits, float32", c, 4)
-        lg.free(zs)
-        zs = zs_w
-    return zs
-
-
-def _teacher_chunk(lg, c, d_teacher):
-    zt, _ = lg.head(c, d_teacher, "teacher chunk", grad=False)
+def _chunk_logits(lg, c, d, who):
+    """One chunk's logits in the streamed pass: _wide(h @ W.T), float32 (under autocast the bf16
+    product is a temporary)."""
+    z, _ = lg.head(c, d, f"{who} chunk", grad=False)
     if lg.half:
-        zt_w = lg.new("teacher chunk logits, float32", c, 4)
-        lg.free(zt)
-        zt = zt_w
-    return zt
+        z_wide = lg.new(f"{who} chunk logits, float32", c, 4)
+        lg.free(z)
+        z = z_wide
+    return z
 
 
 def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
@@ -1412,11 +1404,11 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
     s selected rows, the rows' copy, the teacher's logits and the KL's tensors, then the KL
     gradient added into the chunk's. Each chunk's tensors are freed before the next one starts."""
     for c, s in zip(sizes, sel_chunks):
-        zs = _student_chunk(lg, c, d_student)
+        zs = _chunk_logits(lg, c, d_student, "student")
         g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
         if s:
             zs_s = lg.new("student chunk, selected rows", s, 4)
-            zt = _teacher_chunk(lg, s, d_teacher)
+            zt = _chunk_logits(lg, s, d_teacher, "teacher")
             logq, logp, p = _chunk_kl(lg, s, "student chunk (KL rows)")
             diff = lg.new("q - p", s, 4)
             g_kl = lg.new("selected rows' KL gradient T (q - p)", s, 4)
@@ -1451,8 +1443,8 @@ def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
     (float32), the KL's tensors and the gradient T (q - p); each chunk's tensors are freed
     before the next one starts, so the peak is one chunk's 7 tensors."""
     for c in chunk_sizes(n_sel, chunk_rows):
-        zs = _student_chunk(lg, c, d_student)
-        zt = _teacher_chunk(lg, c, d_teacher)
+        zs = _chunk_logits(lg, c, d_student, "student")
+        zt = _chunk_logits(lg, c, d_teacher, "teacher")
         logq, logp, p = _chunk_kl(lg, c, "student chunk")
         diff = lg.new("q - p", c, 4)
         g = lg.new("chunk logit gradient T (q - p)", c, 4)
