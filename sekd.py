@@ -346,8 +346,12 @@ def ce_ratio_plus_student_entropy(zs, zt, y):
 
 @student_only
 def random(zs, zt, y):
-    """Uniform noise, from torch's global generator: with top-k it is the RandomPos baseline (SPEC 2)."""
+    """Uniform noise, from torch's global generator: with top-k it is the RandomPos baseline (SPEC 2).
+    It reads no logits, only how many rows there are: `chunked_scores` gives it the hidden rows."""
     return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
+
+
+random.needs_logits = False  # RandomPos pays for no LM-head pass
 
 
 METRICS = {fn.__name__: fn for fn in (student_entropy, teacher_entropy, student_ce, teacher_ce, kl, reverse_kl,
@@ -369,7 +373,7 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
                    chunk_rows=None):
     """u(t) of a named metric at every valid row -> [B, L] (0 at padding), without gradients and
     a chunk of rows at a time: never a [B, L, V] tensor. Teacher logits are made only when the
-    metric needs them (then at every valid row)."""
+    metric needs them (then at every valid row), student logits unless it reads none (`random`)."""
     fn = get_metric(metric)
     use_teacher = needs_teacher(metric)
     if use_teacher and teacher_h is None:
@@ -378,7 +382,8 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     ht = teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
-    parts = [fn(_wide(hs[i:i + chunk] @ student_w.T),
+    project = getattr(fn, "needs_logits", True)
+    parts = [fn(_wide(hs[i:i + chunk] @ student_w.T) if project else hs[i:i + chunk],
                 _wide(ht[i:i + chunk] @ teacher_w.T) if ht is not None else None,
                 y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
     dtype = _wide_dtype(hs)

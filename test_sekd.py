@@ -843,6 +843,25 @@ def test_training_account_covers_the_steps_it_models():
         sekd.logit_ledger("both_heads", 24, 6, 1000, 16, 32, 5, lam=0.5)
 
 
+def test_random_positions_make_no_logits_and_draw_chunk_by_chunk():
+    """RandomPos's selection projects nothing through the LM head; its draws are one torch.rand
+    per chunk of valid rows, as when it was handed the chunk's logits."""
+    student, _ = tiny_pair()
+    idx = torch.randint(0, 1000, (2, 12))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 9:] = False
+    cfg = sekd.KDConfig(method="random_pos", chunk_rows=5)
+    h = student.hidden(idx)
+    torch.manual_seed(3)
+    with sekd.LiveBytes(match=sekd.logits_sized(1000)) as meter:
+        mask = sekd.select_positions(h, student.head_weight, valid, cfg)
+    assert meter.log == [] and int(mask.sum()) == 3 + 2  # ceil(0.2 * 12) + ceil(0.2 * 9)
+    torch.manual_seed(3)
+    scores = torch.zeros(2, 12)
+    scores[valid] = torch.cat([torch.rand(n) for n in (5, 5, 5, 5, 1)])
+    assert torch.equal(mask, sekd.topk_positions(scores, 0.2, valid))
+
+
 def test_state_account_equals_parameters_gradients_and_adamw():
     student, teacher = tiny_pair()
     opt = train.make_optimizer(student, 1e-3, 0.1)
