@@ -1127,7 +1127,7 @@ def account_flow(method, flow):
     """The memory flow (sekd.FLOWS) that distill_loss runs for a method, and whether it selects."""
     if method in ("full_kd", "ce"):
         return ("dense" if flow == "dense" else "streamed"), False
-    return ("chunked" if flow == "dense" else "streamed"), True
+    return ("chunked" if flow == "dense" else "streamed"), method == "sekd"  # RandomPos selects without logits
 
 
 def print_account(acc, title):
@@ -1154,15 +1154,15 @@ def print_account(acc, title):
 def modelled_method(args, method):
     """The method whose training step `sekd.logit_ledger` models for `method`, or None. Sample-axis
     methods train like their position method on the chosen samples; RS-KD classes, AT-KD, other
-    metrics and policies, RandomPos, the reverse KL and on-policy steps make other tensors."""
+    metrics and policies, the reverse KL and on-policy steps make other tensors."""
     positions, classes, _ = AXES.get(method, (method, "full", "all"))
     if positions == "ce":
         return "ce"
-    if classes != "full" or positions in ("at_kd", "random_pos") or args.on_policy > 0 or args.divergence == "reverse":
+    if classes != "full" or positions == "at_kd" or args.on_policy > 0 or args.divergence == "reverse":
         return None
     if positions == "sekd" and (args.metric, args.policy) != ("student_entropy", "topk"):
         return None
-    return "full_kd" if positions == "sekd" and args.k == 1.0 else positions  # k = 1: no selection pass
+    return "full_kd" if args.k == 1.0 and positions != "ce" else positions  # k = 1: no selection
 
 
 def training_accounts(args, methods, teacher, vocab_size, device):
@@ -1173,12 +1173,12 @@ def training_accounts(args, methods, teacher, vocab_size, device):
     for m in methods:
         base = modelled_method(args, m)
         if base is None:
-            print(f"\n{m}: no analytic memory account (only CE, Full KD and SE-KD with student entropy + top-k "
-                  "steps are modelled)")
+            print(f"\n{m}: no analytic memory account (CE, Full KD, RandomPos and SE-KD with student entropy + "
+                  "top-k steps are modelled)")
             continue
         flow, select = account_flow(base, args.flow)
         acc = sekd.memory_account(student, teacher, args.batch_size, args.seq_len, flow,
-                                  args.k if base == "sekd" else 1.0, args.chunk_rows or None, half,
+                                  args.k if base in ("sekd", "random_pos") else 1.0, args.chunk_rows or None, half,
                                   device.type == "cuda", select, 0.0 if base == "ce" else args.lam)
         print_account(acc, f"{m} ({flow} flow, lambda {acc['lam']:g})")
         out[m] = acc
