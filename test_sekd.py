@@ -436,6 +436,9 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     assert acc["sekd"]["teacher"]["activations"] > 0
     for m, name in (("ce", "CE (no KD)"), ("full_kd", "Full KD"), ("sekd", "SE-KD top 20%")):
         assert abs(acc[m]["total"] - rows[name]["peak_bytes"]) <= 0.1 * rows[name]["peak_bytes"]  # analytic ~ measured
+    one_step = run_job(tmp_path / "one", tiny_corpus, "--run", "distill", "--student-steps", "1")
+    measured = one_step["rows"][-1]["peak_bytes"]  # a 1-step run measures its only step
+    assert abs(one_step["memory_account"]["sekd"]["total"] - measured) <= 0.1 * measured
     r2 = run_job(tmp_path, tiny_corpus)  # reuses the teacher, same seed: same numbers
     assert "reusing" in capsys.readouterr().out
     assert [r["val_ppl"] for r in r2["rows"]] == [r["val_ppl"] for r in r1["rows"]]

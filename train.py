@@ -479,7 +479,8 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
         ts = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, args.warmup)
-        meter = sekd.LiveBytes() if (not cuda and step == start + 1) else nullcontext()
+        measured = min(start + 1, steps - 1)  # the second step (AdamW's state exists), or the only one
+        meter = sekd.LiveBytes() if (not cuda and step == measured) else nullcontext()
         with meter:
             total = 0.0
             for micro in range(batches.accum):
