@@ -1413,11 +1413,8 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
         g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
         if s:
             zs_s = lg.new("student chunk, selected rows", s, 4)
-            zt = _chunk_logits(lg, s, d_teacher, "teacher")
-            logq, logp, p = _chunk_kl(lg, s, "student chunk (KL rows)")
-            diff = lg.new("q - p", s, 4)
-            g_kl = lg.new("selected rows' KL gradient T (q - p)", s, 4)
-            lg.free(diff, logq, logp, p, zt, zs_s)
+            g_kl = _chunk_kd(lg, s, d_teacher, "student chunk (KL rows)")
+            lg.free(zs_s)
             g_rows = lg.new("chunk gradient, selected rows (grad[s])", s, 4)
             scaled = lg.new("lambda-weighted KL gradient", s, 4)
             lg.free(g_rows, scaled, g_kl)
@@ -1425,15 +1422,20 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
         _chunk_gradient_done(lg, c, g)
 
 
-def _chunk_kl(lg, c, student_what):
-    """_kd_rows's forward KL on a chunk: both log-softmaxes, p, and the KL's two temporaries."""
+def _chunk_kd(lg, c, d_teacher, student_what):
+    """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes, p, the KL's two
+    temporaries, and the gradient T (q - p), the one tensor returned alive."""
+    zt = _chunk_logits(lg, c, d_teacher, "teacher")
     logq = lg.log_softmax(c, student_what, wide=False)
     logp = lg.log_softmax(c, "teacher chunk", wide=False)
     p = lg.new("teacher chunk softmax p", c, 4)
     diff = lg.new("log p - log q", c, 4)
     prod = lg.new("p * (log p - log q)", c, 4)
     lg.free(prod, diff)
-    return logq, logp, p
+    diff = lg.new("q - p", c, 4)
+    g = lg.new("chunk logit gradient T (q - p)", c, 4)
+    lg.free(diff, logq, logp, p, zt)
+    return g
 
 
 def _chunk_gradient_done(lg, c, g):
@@ -1449,11 +1451,8 @@ def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
     before the next one starts, so the peak is one chunk's 7 tensors."""
     for c in chunk_sizes(n_sel, chunk_rows):
         zs = _chunk_logits(lg, c, d_student, "student")
-        zt = _chunk_logits(lg, c, d_teacher, "teacher")
-        logq, logp, p = _chunk_kl(lg, c, "student chunk")
-        diff = lg.new("q - p", c, 4)
-        g = lg.new("chunk logit gradient T (q - p)", c, 4)
-        lg.free(diff, logq, p, logp, zt, zs)
+        g = _chunk_kd(lg, c, d_teacher, "student chunk")
+        lg.free(zs)
         _chunk_gradient_done(lg, c, g)
 
 
