@@ -163,6 +163,14 @@ def _wide_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def chunk_weight(w):
+    """The head weight a chunk loop multiplies by (SPEC 6): under autocast its low-precision copy,
+    made once per pass; otherwise w itself. (Left to autocast, every chunk's `h @ w.T` would cast
+    the whole [V, D] weight again: on a GPU that copy takes longer than a small chunk's matmul.)"""
+    device = w.device.type
+    return w.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else w
+
+
 def check_temperature(T):
     if not T > 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
@@ -251,7 +259,8 @@ def chunked_entropy(hidden, head_weight, T=1.0, chunk_rows=None):
     through the LM head a chunk of rows at a time: never a [B, L, V] tensor (SPEC 6)."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_rows or default_chunk_rows(head_weight.shape[0])
-    out = torch.cat([token_entropy(rows[i:i + chunk] @ head_weight.T, T)
+    w = chunk_weight(head_weight)
+    out = torch.cat([token_entropy(rows[i:i + chunk] @ w.T, T)
                      for i in range(0, rows.shape[0], chunk)])
     return out.view(hidden.shape[:-1])
 
@@ -383,8 +392,10 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     y = targets[valid] if targets is not None else None
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
     project = getattr(fn, "needs_logits", True)
-    parts = [fn(_wide(hs[i:i + chunk] @ student_w.T) if project else hs[i:i + chunk],
-                _wide(ht[i:i + chunk] @ teacher_w.T) if ht is not None else None,
+    ws = chunk_weight(student_w) if project else None
+    wt = chunk_weight(teacher_w) if use_teacher else None
+    parts = [fn(_wide(hs[i:i + chunk] @ ws.T) if project else hs[i:i + chunk],
+                _wide(ht[i:i + chunk] @ wt.T) if ht is not None else None,
                 y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
     dtype = _wide_dtype(hs)
     scores = torch.zeros(valid.shape, dtype=dtype, device=hs.device)
@@ -546,13 +557,15 @@ class _StreamedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=_wide_dtype(h), device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        w = chunk_weight(weight)
         for i in range(0, h.shape[0], chunk_rows):
             hr, wr = h[i:i + chunk_rows], row_weights[i:i + chunk_rows]
-            row_loss, grad_z = rows_loss(_wide(hr @ weight.T), slice(i, i + chunk_rows))  # logits freed on return
+            row_loss, grad_z = rows_loss(_wide(hr @ w.T), slice(i, i + chunk_rows))  # logits freed on return
             loss += (wr * row_loss).sum()
             grad_z = grad_z.mul_(wr[:, None])
-            grad_h[i:i + chunk_rows] = (grad_z.to(weight.dtype) @ weight).to(h.dtype)
-            grad_w += grad_z.T.to(hr.dtype) @ hr
+            grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
+            grad_h[i:i + chunk_rows] = (grad_z @ w).to(h.dtype)
+            grad_w += grad_z.T @ hr.to(w.dtype)
             del grad_z  # before the next chunk's logits exist
         ctx.grads = (grad_h, grad_w.to(weight.dtype))  # not saved tensors: backward scales them in place
         return loss
@@ -590,10 +603,11 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
         return _StreamedHeadLoss.apply(student_h[valid], student_w, per_sequence_weights(valid, dtype)[valid],
                                        chunk, lambda z, rows: _ce_rows(z, y[rows]))
     t_rows = teacher_h[mask if lam == 1 else valid]  # the rows the pass below walks
+    wt = chunk_weight(teacher_w)
 
     def kd_rows(z, rows):
         with torch.no_grad():
-            z_teacher = _wide(t_rows[rows] @ teacher_w.T)
+            z_teacher = _wide(t_rows[rows] @ wt.T)
         return DIVERGENCES[divergence](z, z_teacher, T)
     if lam == 1:
         return _StreamedHeadLoss.apply(student_h[mask], student_w, kd_weights[mask], chunk, kd_rows)
@@ -683,10 +697,11 @@ def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1
                         targets, chunk_rows)
     hard, w = at_kd_weights(ce, valid)
     t_rows, y, hard = teacher_h[valid], targets[valid], hard[valid]
+    wt = chunk_weight(teacher_w)
 
     def rows_loss(z, rows):
         with torch.no_grad():
-            z_teacher = _wide(t_rows[rows] @ teacher_w.T)
+            z_teacher = _wide(t_rows[rows] @ wt.T)
         with torch.enable_grad():
             z = z.detach().requires_grad_()
             loss = at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
@@ -919,7 +934,8 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=Non
     the teacher's head a chunk of rows at a time (never all [rows, V]). -> (ids, counts) [..., U]."""
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(teacher_w.shape[0])
-    parts = [rskd_sample(rows[i:i + chunk] @ teacher_w.T, U, T, generator) for i in range(0, rows.shape[0], chunk)]
+    w = chunk_weight(teacher_w)
+    parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator) for i in range(0, rows.shape[0], chunk)]
     if not parts:
         parts = [rskd_sample(rows.new_zeros(0, teacher_w.shape[0]), U, T)]
     shape = (*teacher_h.shape[:-1], U)
@@ -1071,8 +1087,9 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
     ht = teacher_h[valid] if teacher_h is not None else None
     chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
     out = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
+    ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
     for i in range(0, hs.shape[0], chunk):
-        zq = _wide(hs[i:i + chunk] @ student_w.T)
+        zq = _wide(hs[i:i + chunk] @ ws.T)
         logq = F.log_softmax(zq, -1)
         conf, pred = logq.max(-1)
         out["n"] += len(zq)
@@ -1080,7 +1097,7 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
         out["conf"].append(conf.exp().cpu())
         out["correct"].append((pred == y[i:i + chunk]).cpu())
         if ht is not None:
-            zp = _wide(ht[i:i + chunk] @ teacher_w.T)
+            zp = _wide(ht[i:i + chunk] @ wt.T)
             out["kl"] += kl_per_position(zp, zq).sum().item()
             out["agree"] += (zp.argmax(-1) == pred).sum().item()
     return out
@@ -1234,10 +1251,11 @@ class LogitLedger:
 
     # --- the operations of sekd.py, as the tensors they create
 
-    def head(self, rows, d, who, grad):
+    def head(self, rows, d, who, grad, chunked=False):
         """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
-        is saved for backward."""
-        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if self.half else None
+        is saved for backward. A chunk loop (`chunked`) multiplies by `chunk_weight`'s [V, D] copy,
+        made once per pass, not logits-sized: `memory_account` counts it."""
+        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if self.half and not chunked else None
         z = self.new(f"{who} logits", rows, self.lo)
         if not grad:
             self.free(w)
@@ -1320,7 +1338,7 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
     lg.enter("selection")
     if flow != "dense" and select:
         for c in chunk_sizes(BL, chunk_rows):
-            z, _ = lg.head(c, d_student, "student (selection)", grad=False)
+            z, _ = lg.head(c, d_student, "student (selection)", grad=False, chunked=True)
             lg.entropy(c, z)
     if flow in ("teacher_head", "both_heads"):
         lg.enter("teacher head")
@@ -1395,7 +1413,7 @@ def _ce_backward(lg, rows, ce):
 def _chunk_logits(lg, c, d, who):
     """One chunk's logits in the streamed pass: _wide(h @ W.T), float32 (under autocast the bf16
     product is a temporary)."""
-    z, _ = lg.head(c, d, f"{who} chunk", grad=False)
+    z, _ = lg.head(c, d, f"{who} chunk", grad=False, chunked=True)
     if lg.half:
         z_wide = lg.new(f"{who} chunk logits, float32", c, 4)
         lg.free(z)
@@ -1502,11 +1520,14 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
     resident = s_params + t_params + s["adamw"]
     head_grad = V * student.config.n_embd * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
+    # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through the chunked pass that made them
+    copies = {"selection": V * student.config.n_embd * 2 * half * select * (flow != "dense"),
+              "loss": V * (student.config.n_embd + teacher.config.n_embd * runs) * 2 * half * (flow == "streamed")}
     phases = {
         "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
         "student forward": resident + t_hidden + s["activations"] + lg.peaks["student forward"],
-        "selection": resident + t_hidden + s["activations"] + lg.peaks["selection"],
-        "loss": resident + t_hidden + s["activations"] + head_grad + lg.peaks["loss"],
+        "selection": resident + t_hidden + s["activations"] + copies["selection"] + lg.peaks["selection"],
+        "loss": resident + t_hidden + s["activations"] + head_grad + copies["loss"] + lg.peaks["loss"],
         "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
         "optimizer step": resident + s["grads"] + s_params,  # foreach AdamW: one parameter-sized temporary
     }
@@ -1518,6 +1539,6 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk, "lam": lam,
             "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
             "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
-            "phases": phases, "total": total,
+            "head_copies": copies, "phases": phases, "total": total,
             "teacher_total": t_params + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
             "student_total": total - t_params - t_hidden}

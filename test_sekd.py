@@ -1,5 +1,6 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
+import contextlib
 import errno
 import json
 import math
@@ -834,6 +835,29 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
     assert got == want
     assert max(ledger.peaks.values()) == meter.matched_peak
     assert n_sel == (24 if method in ("ce", "full_kd") else 6)
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 100])
+def test_chunked_passes_cast_each_head_weight_once(chunk):
+    """Under autocast a chunk loop multiplies by one bf16 copy of each head weight per pass (not one
+    per chunk), and those copies are what the account's `head_copies` adds per phase."""
+    student, teacher = tiny_pair()
+    V, B, L = 1000, 2, 12
+    idx = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
+    meter = sekd.LiveBytes(match=lambda t: t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] == V)  # [V, *]
+    copies = {}
+
+    @contextlib.contextmanager
+    def phase(name):
+        start = len(meter.log)
+        yield
+        copies[name] = [(shape, b) for op, shape, _, b in meter.log[start:] if op == "_to_copy"]
+    with meter, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = sekd.flow_loss(student, teacher, idx, idx, "streamed", 0.2, 1.0, chunk, phase)
+    assert copies["selection"] == [((V, 16), V * 16 * 2)]
+    assert sorted(copies["loss"]) == [((V, 16), V * 16 * 2), ((V, 32), V * 32 * 2)]
+    acc = sekd.memory_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
+    assert acc["head_copies"] == {name: sum(b for _, b in copies[name]) for name in ("selection", "loss")}
 
 
 def test_training_account_covers_the_steps_it_models():
