@@ -187,18 +187,23 @@ def check_divergence(divergence):
                          "reverse (KL(student || teacher))")
 
 
+def tempered(z, T):
+    """z / T, without the extra pass over [rows, V] at T = 1 (the paper's default)."""
+    return z if T == 1 else z / T
+
+
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
-    logp = F.log_softmax(_wide(logits) / T, dim=-1)
+    logp = F.log_softmax(tempered(_wide(logits), T), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
     """KL(p^T || q^T) over the last dim, p = teacher, q = student (SPEC 1)."""
     check_temperature(T)
-    logp = F.log_softmax(_wide(teacher_logits) / T, dim=-1)
-    logq = F.log_softmax(_wide(student_logits) / T, dim=-1)
+    logp = F.log_softmax(tempered(_wide(teacher_logits), T), dim=-1)
+    logq = F.log_softmax(tempered(_wide(student_logits), T), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -515,18 +520,19 @@ def kl_row_weights(m, k, valid, policy):
 
 def _kd_rows(z_student, z_teacher, T):
     """Per row: T^2 KL(p^T || q^T) and its gradient w.r.t. the student logits, T (q^T - p^T)."""
-    logq = F.log_softmax(z_student / T, dim=-1)
-    logp = F.log_softmax(z_teacher / T, dim=-1)
+    logq = F.log_softmax(tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
     p = logp.exp()
     loss = T * T * (p * (logp - logq)).sum(-1)
-    return loss, T * (logq.exp_() - p)
+    grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
+    return loss, grad if T == 1 else grad.mul_(T)
 
 
 def _reverse_kd_rows(z_student, z_teacher, T):
     """Per row: T^2 KL(q^T || p^T), the reverse KL (on-policy distillation's default, Agarwal et al.
     2024), and its gradient w.r.t. the student logits, T q^T (log q^T - log p^T - KL(q^T || p^T))."""
-    logq = F.log_softmax(z_student / T, dim=-1)
-    logp = F.log_softmax(z_teacher / T, dim=-1)
+    logq = F.log_softmax(tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
     q = logq.exp()
     diff = logq.sub_(logp)
     kl = (q * diff).sum(-1)
@@ -652,7 +658,7 @@ def at_kd_rows(zs, zt, y, hard, T=1.0):
     factor on the non-target term), as SPEC 2 states. Choices of ours where SPEC 2 is silent:
     the hard/easy split is made per sequence (ties to the earlier position), and T applies to
     both terms."""
-    zs, zt = _wide(zs) / T, _wide(zt) / T
+    zs, zt = tempered(_wide(zs), T), tempered(_wide(zt), T)
     gold = F.one_hot(y, zs.shape[-1]).bool()
 
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
@@ -913,7 +919,7 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     check_draws(U)
     check_temperature(T)
     V = teacher_logits.shape[-1]
-    p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
+    p = F.softmax(tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
     if p.shape[0] == 0:
         draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
     else:
@@ -946,10 +952,10 @@ def _rskd_rows(z_student, ids, counts, T):
     """Per row: T^2 sum_v p~(v) log(p~(v) / q^T(v)) over the drawn ids, p~ = counts / U, with q^T
     the student's softmax over all of V; and its gradient w.r.t. the student logits, T (q^T - p~)."""
     p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
-    logq = F.log_softmax(z_student / T, dim=-1)
+    logq = F.log_softmax(tempered(z_student, T), dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
     grad = logq.exp_().scatter_add_(1, ids, -p)
-    return loss, T * grad
+    return loss, grad if T == 1 else grad.mul_(T)
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None):
@@ -1230,8 +1236,8 @@ class LogitLedger:
     creates, in program order, with its dtype, and when it is freed; `peaks[phase]` is the
     most bytes of them alive at once during that phase (SPEC 6)."""
 
-    def __init__(self, V, half):
-        self.V, self.half, self.lo = V, half, 2 if half else 4  # head outputs: bf16 or float32
+    def __init__(self, V, half, T=1.0):
+        self.V, self.half, self.lo, self.T = V, half, 2 if half else 4, T  # head outputs: bf16 or float32
         self.live, self.phase, self.peaks, self.tensors = 0, None, {}, []
 
     def enter(self, phase):
@@ -1264,18 +1270,20 @@ class LogitLedger:
     def wide(self, rows, what):
         return self.new(f"{what}, float32 copy", rows, 4) if self.half else None
 
-    def log_softmax(self, rows, what, wide=True):
-        """F.log_softmax(_wide(z) / T): the copy and the division are freed once it exists."""
+    def log_softmax(self, rows, what, wide=True, T=None):
+        """F.log_softmax(tempered(_wide(z), T)): the copy and the division (none at T = 1) are
+        freed once it exists."""
         w = self.wide(rows, what) if wide else None
-        d = self.new(f"{what} / T", rows, 4)
+        d = self.new(f"{what} / T", rows, 4) if (self.T if T is None else T) != 1 else None
         self.free(w)
         out = self.new(f"{what} log-softmax", rows, 4)
         self.free(d)
         return out
 
     def entropy(self, rows, z):
-        """token_entropy of logits z: log-softmax, its exp, their product; all freed after."""
-        logq = self.log_softmax(rows, "student (selection)")
+        """token_entropy of logits z at T = 1 (selection scores are never tempered): log-softmax,
+        its exp, their product; all freed after."""
+        logq = self.log_softmax(rows, "student (selection)", T=1.0)
         q = self.new("student (selection) softmax", rows, 4)
         prod = self.new("q * log q", rows, 4)
         self.free(prod, q, logq, z)
@@ -1291,12 +1299,12 @@ class LogitLedger:
         return logq, p
 
     def kl_backward(self, rows, logq, p):
-        """The logit gradient of the KL, (q - p) / T, built in four steps."""
+        """The logit gradient of the KL, T (q - p), built in four steps (three at T = 1)."""
         g1 = self.new("grad of (log p - log q)", rows, 4)
         self.free(p)
         g2 = self.new("grad of log q", rows, 4)
         self.free(g1)
-        g3 = self.new("grad of student logits / T", rows, 4)
+        g3 = self.new("grad of student logits / T", rows, 4) if self.T != 1 else None
         self.free(g2, logq)
         g4 = self.new("student logit gradient", rows, 4)
         self.free(g3)
@@ -1312,7 +1320,7 @@ def chunk_sizes(n, chunk_rows):
 
 
 def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True, lam=1.0,
-                 sel_chunks=None):
+                 sel_chunks=None, T=1.0):
     """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected
     (SPEC 6): which logits-sized tensors exist in which phase, and the peak bytes per phase.
     select=False: no entropy pass (what `distill_loss` does for Full KD).
@@ -1324,7 +1332,7 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
     check_lambda(lam)
     if lam < 1 and flow not in ("dense", "chunked", "streamed"):
         raise ValueError(f"the lambda < 1 account covers the dense, chunked and streamed flows, not '{flow}'")
-    lg = LogitLedger(V, half)
+    lg = LogitLedger(V, half, T)
     dense_t = lam > 0 and flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
     rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel  # kd_loss: KL at every row, then masked
@@ -1442,18 +1450,15 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
 
 def _chunk_kd(lg, c, d_teacher, student_what):
     """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes, p, the KL's two
-    temporaries, and the gradient T (q - p), the one tensor returned alive."""
+    temporaries, and the gradient T (q - p) made in log q's storage, the one tensor returned alive."""
     zt = _chunk_logits(lg, c, d_teacher, "teacher")
     logq = lg.log_softmax(c, student_what, wide=False)
     logp = lg.log_softmax(c, "teacher chunk", wide=False)
     p = lg.new("teacher chunk softmax p", c, 4)
     diff = lg.new("log p - log q", c, 4)
     prod = lg.new("p * (log p - log q)", c, 4)
-    lg.free(prod, diff)
-    diff = lg.new("q - p", c, 4)
-    g = lg.new("chunk logit gradient T (q - p)", c, 4)
-    lg.free(diff, logq, logp, p, zt)
-    return g
+    lg.free(prod, diff, logp, p, zt)
+    return logq
 
 
 def _chunk_gradient_done(lg, c, g):
@@ -1501,7 +1506,7 @@ def activation_bytes(config, B, L, half=False, grad=True):
 
 
 def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
-                   lam=1.0):
+                   lam=1.0, T=1.0):
     """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
     parameters, gradients and AdamW state per model, activation estimates, every logits-sized
     tensor the flow creates (from `logit_ledger`, with the CE term when lam < 1), and the
@@ -1511,7 +1516,8 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     chunk = chunk_rows or default_chunk_rows(V)
     n_sel = B * L if flow == "dense" else int(budget_counts(1.0 if flow == "dense_entropy" else k,
                                                              torch.tensor([L])).item()) * B
-    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam)
+    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam,
+                      T=T)
     runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
     s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
     s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
@@ -1536,7 +1542,7 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     t_logits = max((x["bytes"] for x in lg.tensors if x["what"].startswith("teacher")
                     and "logits" in x["what"]), default=0)
     total = max(phases.values())
-    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk, "lam": lam,
+    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk, "lam": lam, "T": T,
             "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
             "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
             "head_copies": copies, "phases": phases, "total": total,

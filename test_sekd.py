@@ -775,7 +775,7 @@ def tiny_pair(V=1000, L=12):
     return student, teacher
 
 
-def measured_logits(student, teacher, B, L, flow, half, chunk=5):
+def measured_logits(student, teacher, B, L, flow, half, chunk=5, T=1.0):
     """LiveBytes over one forward + backward: every tensor with last dim V, and their peak."""
     V = student.config.vocab_size
     g = torch.Generator().manual_seed(B)
@@ -783,18 +783,19 @@ def measured_logits(student, teacher, B, L, flow, half, chunk=5):
     meter = sekd.LiveBytes(match=sekd.logits_sized(V))
     with meter:
         with torch.autocast("cpu", dtype=torch.bfloat16) if half else torch.autocast("cpu", enabled=False):
-            loss, mask = sekd.flow_loss(student, teacher, idx, y, flow, 0.2, 1.0, chunk)
+            loss, mask = sekd.flow_loss(student, teacher, idx, y, flow, 0.2, T, chunk)
         loss.backward()
     student.zero_grad(set_to_none=True)
     return meter, int(mask.sum())
 
 
-@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("half,T", [(False, 1.0), (True, 1.0), (False, 2.0), (True, 0.5)])
 @pytest.mark.parametrize("flow", list(sekd.FLOWS))
-def test_logit_account_equals_tensors_created(flow, half):
+def test_logit_account_equals_tensors_created(flow, half, T):
+    """At T = 1 no `z / T` tensor exists; at any other T the account has it too."""
     student, teacher = tiny_pair()
-    meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half)
-    ledger = sekd.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half)
+    meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half, T=T)
+    ledger = sekd.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half, T=T)
     got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
                  for _, shape, dt, b in meter.log)
     want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
@@ -804,18 +805,19 @@ def test_logit_account_equals_tensors_created(flow, half):
 
 
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("method,flow,lam", [("sekd", "streamed", 0.5), ("sekd", "dense", 0.5),
-                                             ("full_kd", "streamed", 0.5), ("full_kd", "dense", 0.5),
-                                             ("ce", "streamed", 0.0), ("ce", "dense", 0.0),
-                                             ("sekd", "streamed", 1.0), ("full_kd", "dense", 1.0),
-                                             ("random_pos", "streamed", 0.5), ("random_pos", "dense", 1.0)])
-def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, half):
-    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 included."""
+@pytest.mark.parametrize("method,flow,lam,T", [("sekd", "streamed", 0.5, 1.0), ("sekd", "dense", 0.5, 1.0),
+                                               ("full_kd", "streamed", 0.5, 1.0), ("full_kd", "dense", 0.5, 1.0),
+                                               ("ce", "streamed", 0.0, 1.0), ("ce", "dense", 0.0, 1.0),
+                                               ("sekd", "streamed", 1.0, 1.0), ("full_kd", "dense", 1.0, 1.0),
+                                               ("random_pos", "streamed", 0.5, 1.0), ("random_pos", "dense", 1.0, 1.0),
+                                               ("sekd", "streamed", 0.5, 2.0), ("full_kd", "dense", 0.5, 2.0)])
+def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, T, half):
+    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1 included."""
     student, teacher = tiny_pair()
     V, B, L, chunk = 1000, 2, 12, 5
     g = torch.Generator().manual_seed(7)
     idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
-    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk)
+    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T)
     torch.manual_seed(0)  # RandomPos: the same draws in both calls
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
@@ -828,7 +830,7 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
     sel = mask.flatten().long()
     sel_chunks = [int(sel[i:i + chunk].sum()) for i in range(0, B * L, chunk)]
     ledger_flow = train.account_flow(method, flow)
-    ledger = sekd.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks)
+    ledger = sekd.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks, T)
     got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
                  for _, shape, dt, b in meter.log)
     want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
