@@ -631,14 +631,14 @@ def _kd_and_ce_pass(student_h, student_w, targets, mask, kd_weights, lam, chunk,
     index = torch.arange(len(y), device=y.device)
 
     def mixed_rows(z, rows):
+        s = sel[rows]
+        kd = kd_rows(z[s], index[rows][s]) if s.any() else None  # first: its [s, V] tensors die before the CE's exist
         ce, grad = _ce_rows(z, y[rows])
         loss, grad = ce_w[rows] * ce, grad.mul_(ce_w[rows][:, None])
-        s = sel[rows]
-        if s.any():
-            kd, grad_kd = kd_rows(z[s], index[rows][s])
+        if kd is not None:
             w = kd_w[rows][s]
-            loss[s] += w * kd
-            grad[s] += w[:, None] * grad_kd
+            loss[s] += w * kd[0]
+            grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # grad[s] += ..., no copy of grad[s]
         return loss, grad
     return _StreamedHeadLoss.apply(student_h[valid], student_w, torch.ones_like(ce_w), chunk, mixed_rows)
 
@@ -1431,19 +1431,19 @@ def _chunk_logits(lg, c, d, who):
 
 def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
     """`_kd_and_ce_pass` (0 < lam < 1) and plain streamed CE (lam = 0): per chunk of c valid rows,
-    the student logits and their CE log-softmax (turned into the gradient in place); at the chunk's
-    s selected rows, the rows' copy, the teacher's logits and the KL's tensors, then the KL
-    gradient added into the chunk's. Each chunk's tensors are freed before the next one starts."""
+    the student logits; first, at the chunk's s selected rows, the rows' copy, the teacher's logits
+    and the KL's tensors, of which only the KL gradient survives; then the CE log-softmax of all c
+    rows (turned into the gradient in place), and the KL gradient added into it, in place. Peak
+    (float32): max(c + 7 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next starts."""
     for c, s in zip(sizes, sel_chunks):
         zs = _chunk_logits(lg, c, d_student, "student")
-        g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
-        if s:
+        if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
             zs_s = lg.new("student chunk, selected rows", s, 4)
             g_kl = _chunk_kd(lg, s, d_teacher, "student chunk (KL rows)")
             lg.free(zs_s)
-            g_rows = lg.new("chunk gradient, selected rows (grad[s])", s, 4)
-            scaled = lg.new("lambda-weighted KL gradient", s, 4)
-            lg.free(g_rows, scaled, g_kl)
+        g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
+        if s:
+            lg.free(g_kl)
         lg.free(zs)  # rows_loss returns: only the chunk's gradient stays
         _chunk_gradient_done(lg, c, g)
 

@@ -837,6 +837,9 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
     assert got == want
     assert max(ledger.peaks.values()) == meter.matched_peak
     assert n_sel == (24 if method in ("ce", "full_kd") else 6)
+    if flow == "streamed" and 0 < lam < 1 and not half:  # KL rows first, then the chunk's CE: not 2 c + 7 s
+        sizes = sekd.chunk_sizes(B * L, chunk)
+        assert meter.matched_peak == max(max(c + 7 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
 
 
 @pytest.mark.parametrize("chunk", [2, 5, 100])

@@ -1266,23 +1266,25 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
             "student": student_own, "logit_peak": max(v["logit_peak"] for v in ph.values())}
 
 
-def time_flow(student, teacher, opt, x, y, flow, args, dev):
-    """Median seconds of --bench-repeats steps after --bench-warmup."""
-    times = []
-    for i in range(args.bench_warmup + args.bench_repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        bench_step(student, teacher, opt, x, y, flow, args)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.bench_warmup:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def bench_batch(B, V, args, dev):
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    tokens = torch.randint(0, V, (B, args.seq_len + 1), generator=g).to(dev)
+    return tokens[:, :-1], tokens[:, 1:]
 
 
-def bench_row(student, teacher, opt, B, flow, args, dev, timed):
-    """One flow at batch B: analytic account, measured peaks, step time; OOM is a result."""
+def guard_oom(row, fn):
+    """Run fn(); a lack of memory marks the row "OOM" (a result, not a crash)."""
+    try:
+        fn()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        row["oom"] = "OOM"
+
+
+def bench_row(student, teacher, opt, B, flow, args, dev):
+    """One flow at batch B: analytic account and measured peaks (after a warm-up step); a row
+    whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
     half = autocast_dtype(args, dev) is not None
     acc = sekd.memory_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half, dev.type == "cuda",
@@ -1290,21 +1292,44 @@ def bench_row(student, teacher, opt, B, flow, args, dev, timed):
     row = {"flow": flow, "name": sekd.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
     if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
         return {**row, "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb"}
-    g = torch.Generator(device="cpu").manual_seed(args.seed)
-    tokens = torch.randint(0, V, (B, L + 1), generator=g).to(dev)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    try:
-        if timed:
-            row["step_s"] = time_flow(student, teacher, opt, x, y, flow, args, dev)
-        else:
-            bench_step(student, teacher, opt, x, y, flow, args)  # warm-up (allocator, AdamW state)
+    x, y = bench_batch(B, V, args, dev)
+
+    def warm_up_then_measure():
+        bench_step(student, teacher, opt, x, y, flow, args)  # allocator, AdamW state
         row.update(measure_flow(student, teacher, opt, x, y, flow, args, dev))
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not is_oom(e):
-            raise
-        row["oom"] = "OOM"
+    guard_oom(row, warm_up_then_measure)
     free_memory(opt, dev)
     return row
+
+
+def time_rows(student, teacher, opt, rows, args, dev):
+    """Each row's median step seconds (`step_s`) over --bench-repeats steps after --bench-warmup.
+    The flows take turns, one step each per round, so that a slow spell of a shared machine
+    slows every flow alike and the ratios between them stay fair."""
+    live = [r for r in rows if "oom" not in r]
+    x, y = bench_batch(live[0]["B"], live[0]["V"], args, dev) if live else (None, None)
+    times = {id(r): [] for r in live}
+    for i in range(args.bench_warmup + args.bench_repeats):
+        for r in [r for r in live if "oom" not in r]:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            guard_oom(r, lambda: bench_step(student, teacher, opt, x, y, r["flow"], args))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.bench_warmup:
+                times[id(r)].append(time.perf_counter() - t0)
+    for r in live:
+        if "oom" not in r:
+            r["step_s"] = float(np.median(times[id(r)]))
+    free_memory(opt, dev)
+    return rows
+
+
+def bench_rows(student, teacher, opt, B, args, dev):
+    """Every flow at batch B: measured, then timed side by side."""
+    rows = [bench_row(student, teacher, opt, B, f, args, dev) for f in sekd.FLOWS]
+    return time_rows(student, teacher, opt, rows, args, dev)
 
 
 def bench_models(args, V, dev):
@@ -1367,12 +1392,12 @@ def run_benchmark(args, device):
              f"torch {torch.__version__}, autocast {autocast_dtype(args, device) or 'off (float32)'}; "
              f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
              f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
-             f"{args.bench_warmup} warm-up"]
+             f"{args.bench_warmup} warm-up, the flows taking turns"]
     print(lines[0])
     result = {"args": vars(args), "machine": machine(), "tables": {}, "sweep": []}
     for i, V in enumerate(vocabs):
         student, teacher, opt = bench_models(args, V, device)
-        rows = [bench_row(student, teacher, opt, args.batch_size, f, args, device, timed=True) for f in sekd.FLOWS]
+        rows = bench_rows(student, teacher, opt, args.batch_size, args, device)
         table = [f"\nV = {V:,}: one step per flow; ratios to row 1"]
         print_bench_table(rows, table)
         print("\n".join(table), flush=True)
@@ -1381,9 +1406,8 @@ def run_benchmark(args, device):
         if i == 0 and sweep:
             grid = {f: [] for f in sekd.FLOWS}
             for t in sweep:
-                for f in sekd.FLOWS:
-                    r = bench_row(student, teacher, opt, t // args.seq_len, f, args, device, timed=True)
-                    grid[f].append(r)
+                for r in bench_rows(student, teacher, opt, t // args.seq_len, args, device):
+                    grid[r["flow"]].append(r)
                     result["sweep"].append(r)
             table = print_sweep_tables(V, sweep, grid)
             print("\n".join(table), flush=True)
