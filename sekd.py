@@ -196,7 +196,8 @@ def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
     logp = F.log_softmax(tempered(_wide(logits), T), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(-1)  # no gradient: one [rows, V] tensor fewer
 
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
@@ -1281,12 +1282,11 @@ class LogitLedger:
         return out
 
     def entropy(self, rows, z):
-        """token_entropy of logits z at T = 1 (selection scores are never tempered): log-softmax,
-        its exp, their product; all freed after."""
+        """token_entropy of logits z at T = 1 (selection scores are never tempered), without
+        gradient: log-softmax, its exp (then q log q in place); all freed after."""
         logq = self.log_softmax(rows, "student (selection)", T=1.0)
-        q = self.new("student (selection) softmax", rows, 4)
-        prod = self.new("q * log q", rows, 4)
-        self.free(prod, q, logq, z)
+        q = self.new("student (selection) softmax, then q log q", rows, 4)
+        self.free(q, logq, z)
 
     def kl(self, rows):
         """kl_per_position(zt, zs): keeps log q and p for backward, returns them."""
