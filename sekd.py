@@ -192,12 +192,18 @@ def tempered(z, T):
     return z if T == 1 else z / T
 
 
+def row_dot(a, b):
+    """(a * b).sum(-1), as a batched matmul: without making the [..., V] product. In the inputs'
+    own precision: autocast would round them to bf16 first."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.einsum("...v,...v->...", a, b)
+
+
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
     logp = F.log_softmax(tempered(_wide(logits), T), dim=-1)
-    p = logp.exp()
-    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(-1)  # no gradient: one [rows, V] tensor fewer
+    return -row_dot(logp.exp(), logp)
 
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
@@ -524,7 +530,7 @@ def _kd_rows(z_student, z_teacher, T):
     logq = F.log_softmax(tempered(z_student, T), dim=-1)
     logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
     p = logp.exp()
-    loss = T * T * (p * (logp - logq)).sum(-1)
+    loss = T * T * (row_dot(p, logp) - row_dot(p, logq))  # KL(p || q) with no [rows, V] temporaries
     grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
     return loss, grad if T == 1 else grad.mul_(T)
 
@@ -1282,10 +1288,10 @@ class LogitLedger:
         return out
 
     def entropy(self, rows, z):
-        """token_entropy of logits z at T = 1 (selection scores are never tempered), without
-        gradient: log-softmax, its exp (then q log q in place); all freed after."""
+        """token_entropy of logits z at T = 1 (selection scores are never tempered): log-softmax
+        and its exp (`row_dot` makes no product); all freed after."""
         logq = self.log_softmax(rows, "student (selection)", T=1.0)
-        q = self.new("student (selection) softmax, then q log q", rows, 4)
+        q = self.new("student (selection) softmax", rows, 4)
         self.free(q, logq, z)
 
     def kl(self, rows):
@@ -1434,7 +1440,7 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
     the student logits; first, at the chunk's s selected rows, the rows' copy, the teacher's logits
     and the KL's tensors, of which only the KL gradient survives; then the CE log-softmax of all c
     rows (turned into the gradient in place), and the KL gradient added into it, in place. Peak
-    (float32): max(c + 7 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next starts."""
+    (float32): max(c + 5 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next starts."""
     for c, s in zip(sizes, sel_chunks):
         zs = _chunk_logits(lg, c, d_student, "student")
         if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
@@ -1449,15 +1455,14 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
 
 
 def _chunk_kd(lg, c, d_teacher, student_what):
-    """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes, p, the KL's two
-    temporaries, and the gradient T (q - p) made in log q's storage, the one tensor returned alive."""
+    """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes and p (the KL
+    itself, by `row_dot`, makes no [c, V] tensor), and the gradient T (q - p) made in log q's
+    storage, the one tensor returned alive."""
     zt = _chunk_logits(lg, c, d_teacher, "teacher")
     logq = lg.log_softmax(c, student_what, wide=False)
     logp = lg.log_softmax(c, "teacher chunk", wide=False)
     p = lg.new("teacher chunk softmax p", c, 4)
-    diff = lg.new("log p - log q", c, 4)
-    prod = lg.new("p * (log p - log q)", c, 4)
-    lg.free(prod, diff, logp, p, zt)
+    lg.free(logp, p, zt)
     return logq
 
 
@@ -1471,7 +1476,7 @@ def _chunk_gradient_done(lg, c, g):
 def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
     """streamed_kd_loss (lam = 1): per chunk of c selected rows, student and teacher logits
     (float32), the KL's tensors and the gradient T (q - p); each chunk's tensors are freed
-    before the next one starts, so the peak is one chunk's 7 tensors."""
+    before the next one starts, so the peak is one chunk's 5 tensors."""
     for c in chunk_sizes(n_sel, chunk_rows):
         zs = _chunk_logits(lg, c, d_student, "student")
         g = _chunk_kd(lg, c, d_teacher, "student chunk")
