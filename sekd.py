@@ -192,18 +192,12 @@ def tempered(z, T):
     return z if T == 1 else z / T
 
 
-def row_dot(a, b):
-    """(a * b).sum(-1), as a batched matmul: without making the [..., V] product. In the inputs'
-    own precision: autocast would round them to bf16 first."""
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.einsum("...v,...v->...", a, b)
-
-
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim (SPEC 2, student_entropy)."""
     check_temperature(T)
     logp = F.log_softmax(tempered(_wide(logits), T), dim=-1)
-    return -row_dot(logp.exp(), logp)
+    p = logp.exp()
+    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(-1)  # no gradient: one [rows, V] tensor fewer
 
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
@@ -530,7 +524,7 @@ def _kd_rows(z_student, z_teacher, T):
     logq = F.log_softmax(tempered(z_student, T), dim=-1)
     logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
     p = logp.exp()
-    loss = T * T * (row_dot(p, logp) - row_dot(p, logq))  # KL(p || q) with no [rows, V] temporaries
+    loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # KL(p || q), in log p's storage (not needed again)
     grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
     return loss, grad if T == 1 else grad.mul_(T)
 
@@ -1288,10 +1282,10 @@ class LogitLedger:
         return out
 
     def entropy(self, rows, z):
-        """token_entropy of logits z at T = 1 (selection scores are never tempered): log-softmax
-        and its exp (`row_dot` makes no product); all freed after."""
+        """token_entropy of logits z at T = 1 (selection scores are never tempered), without
+        gradient: log-softmax, its exp (then q log q in place); all freed after."""
         logq = self.log_softmax(rows, "student (selection)", T=1.0)
-        q = self.new("student (selection) softmax", rows, 4)
+        q = self.new("student (selection) softmax, then q log q", rows, 4)
         self.free(q, logq, z)
 
     def kl(self, rows):
@@ -1456,8 +1450,8 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
 
 def _chunk_kd(lg, c, d_teacher, student_what):
     """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes and p (the KL
-    itself, by `row_dot`, makes no [c, V] tensor), and the gradient T (q - p) made in log q's
-    storage, the one tensor returned alive."""
+    is summed in log p's storage, so it makes no [c, V] tensor), and the gradient T (q - p) made in
+    log q's storage, the one tensor returned alive."""
     zt = _chunk_logits(lg, c, d_teacher, "teacher")
     logq = lg.log_softmax(c, student_what, wide=False)
     logp = lg.log_softmax(c, "teacher chunk", wide=False)
