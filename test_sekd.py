@@ -946,6 +946,18 @@ def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, caps
     assert "step ms (time / dense flow's time" in out and all(row["step_s"] > 0 for row in r["sweep"])
 
 
+def test_benchmark_times_the_flows_in_turns(monkeypatch):
+    """One step of each flow per round (after the warm-up round), so a slow spell hits all alike;
+    a skipped row is not timed."""
+    calls = []
+    monkeypatch.setattr(train, "bench_step", lambda *a, **k: calls.append(a[5]))
+    args = train.build_parser().parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"])
+    rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [{"flow": "chunked", "oom": "skipped"}]
+    train.time_rows(None, None, None, rows, args, torch.device("cpu"))
+    assert calls == ["dense", "streamed"] * 3
+    assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
+
+
 def test_benchmark_flag_errors_are_clear():
     with pytest.raises(train.UserError, match="multiples of --seq-len"):
         train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])

@@ -1306,11 +1306,14 @@ def time_rows(student, teacher, opt, rows, args, dev):
     """Each row's median step seconds (`step_s`) over --bench-repeats steps after --bench-warmup.
     The flows take turns, one step each per round, so that a slow spell of a shared machine
     slows every flow alike and the ratios between them stay fair."""
-    live = [r for r in rows if "oom" not in r]
-    x, y = bench_batch(live[0]["B"], live[0]["V"], args, dev) if live else (None, None)
-    times = {id(r): [] for r in live}
+    live = [(r, []) for r in rows if "oom" not in r]  # each row with its step times
+    if not live:
+        return rows
+    x, y = bench_batch(rows[0]["B"], rows[0]["V"], args, dev)
     for i in range(args.bench_warmup + args.bench_repeats):
-        for r in [r for r in live if "oom" not in r]:
+        for r, times in live:
+            if "oom" in r:  # ran out of memory in an earlier round
+                continue
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -1318,10 +1321,10 @@ def time_rows(student, teacher, opt, rows, args, dev):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.bench_warmup:
-                times[id(r)].append(time.perf_counter() - t0)
-    for r in live:
+                times.append(time.perf_counter() - t0)
+    for r, times in live:
         if "oom" not in r:
-            r["step_s"] = float(np.median(times[id(r)]))
+            r["step_s"] = float(np.median(times))
     free_memory(opt, dev)
     return rows
 
