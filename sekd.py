@@ -1436,15 +1436,13 @@ def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
     rows (turned into the gradient in place), and the KL gradient added into it, in place. Peak
     (float32): max(c + 5 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next starts."""
     for c, s in zip(sizes, sel_chunks):
-        zs = _chunk_logits(lg, c, d_student, "student")
+        zs, g_kl = _chunk_logits(lg, c, d_student, "student"), None
         if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
             zs_s = lg.new("student chunk, selected rows", s, 4)
             g_kl = _chunk_kd(lg, s, d_teacher, "student chunk (KL rows)")
             lg.free(zs_s)
         g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
-        if s:
-            lg.free(g_kl)
-        lg.free(zs)  # rows_loss returns: only the chunk's gradient stays
+        lg.free(g_kl, zs)  # rows_loss returns: only the chunk's gradient stays
         _chunk_gradient_done(lg, c, g)
 
 
