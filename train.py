@@ -1178,7 +1178,7 @@ def training_accounts(args, methods, teacher, vocab_size, device):
                   "top-k steps are modelled)")
             continue
         flow, select = account_flow(base, args.flow)
-        acc = sekd.memory_account(student, teacher, args.batch_size, args.seq_len, flow,
+        acc = sekd.ledger_account(student, teacher, args.batch_size, args.seq_len, flow,
                                   args.k if base in ("sekd", "random_pos") else 1.0, args.chunk_rows or None, half,
                                   device.type == "cuda", select, 0.0 if base == "ce" else args.lam, args.T)
         print_account(acc, f"{m} ({flow} flow, lambda {acc['lam']:g})")
@@ -1287,7 +1287,7 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
     half = autocast_dtype(args, dev) is not None
-    acc = sekd.memory_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half, dev.type == "cuda",
+    acc = sekd.ledger_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half, dev.type == "cuda",
                               T=args.T)
     row = {"flow": flow, "name": sekd.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
     if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
