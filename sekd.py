@@ -194,9 +194,8 @@ def topk_positions(scores, k, valid=None, state=None):
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
 
 
-# A metric scores one chunk of rows from the student's logits zs [R, V], the teacher's zt [R, V] (None
-# for a student-only metric) and the targets y [R] -> [R], higher = more important. To add one,
-# register it from any file, `METRICS["name"] = fn`, marked `student_only` if it never reads zt.
+# A metric (student logits zs [R, V], teacher's zt or None, targets y) -> [R] scores a chunk of rows.
+# Register one from anywhere, `METRICS["name"] = fn`, `student_only` if it never reads zt.
 
 def student_only(fn):
     fn.needs_teacher = False  # the teacher's LM head then stays selective
@@ -257,8 +256,7 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     return scores
 
 
-# A policy turns scores [B, L] into the position mask m: policy(scores, k, valid, state) -> bool
-# [B, L], or float counts for the sampling policies; `state` is what it remembers between batches.
+# A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
 
 @dataclass
 class PositionState:
@@ -293,7 +291,7 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     """pos-RS-KD: K = ceil(k n) i.i.d. draws per sequence with probability q(t), a position drawn c
     times counting c times: divided by K, the loss is unbiased for sum_t u(t) l(t) / sum_j u(j).
     star=True, pos-RS-KD*: each draw weighted by 1 / (n q(t)), so E[sum_t m_t l(t) / K] =
-    (1/n) sum_t l(t), Full KD (`distill_loss` divides by K: dividing by sum_t m_t would be biased)."""
+    (1/n) sum_t l(t), Full KD (`kl_row_weights` divides by K: dividing by sum_t m_t would be biased)."""
     u = scores.double().clamp_min(0) * valid  # q(t) = u(t) / sum_j u(j); negative scores count as 0
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.double())  # all 0: uniform
     q = u / u.sum(1, keepdim=True).clamp_min(1e-300)
@@ -307,6 +305,11 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
         return counts
     n = valid.sum(1, keepdim=True).double()
     return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0)
+
+def kl_row_weights(m, k, valid, policy):
+    """Per-sequence normalisation by sum_t m_t; pos-RS-KD* divides by its number of draws, K."""
+    K = budget_counts(k, valid.sum(1)) if policy == "pos_rs_kd_star" else None
+    return per_sequence_weights(m, torch.float64, K)
 
 POLICIES = {"topk": topk_positions, "gls": gls_positions, "curriculum": curriculum_positions,
             "pos_rs_kd": pos_rs_kd_positions, "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True)}
@@ -497,9 +500,8 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
     if cfg.method == "at_kd":
         return _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg), int(valid.sum())
     mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state)
-    if mask.dtype != torch.bool:  # pos-RS-KD's counts; pos-RS-KD* divides by its number of draws K instead
-        K = budget_counts(cfg.k, valid.sum(1)) if cfg.policy == "pos_rs_kd_star" else None
-        row_weights, mask = per_sequence_weights(mask, torch.float64, K), mask > 0
+    if mask.dtype != torch.bool:  # pos-RS-KD's counts
+        row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
             ids = torch.zeros(*mask.shape, cfg.U, dtype=torch.long, device=idx.device)
@@ -581,8 +583,7 @@ def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):  # lam AT
     return loss + (1 - cfg.lam) * ce
 
 # ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
-# Some sequences keep their first P tokens as a prompt and the student writes the rest; KD (SE-KD's
-# selection, the reverse KL by default as in the paper's on-policy table) applies there, CE on data only.
+# The student continues prompts; KD (the reverse KL by default, as the paper's on-policy table) applies there.
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
     """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x, targets),
@@ -595,8 +596,8 @@ def on_policy_batch(student, idx, prompt_len, generator=None):
     targets[:, :prompt_len - 1] = -1
     return seq[:, :-1], targets
 
-def on_policy_rows(batch_size, share):
-    return int(math.floor(share * batch_size + 0.5))  # share * B, rounded to the nearest integer
+def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest integer
+    return int(math.floor(share * batch_size + 0.5))
 
 def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None):
     """The last on_policy_rows(B, share) sequences go on-policy (KD alone); loss = mean over sequences."""
