@@ -1502,7 +1502,7 @@ def activation_bytes(config, B, L, half=False, grad=True):
     return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
 
 
-def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
+def ledger_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
                    lam=1.0, T=1.0):
     """The analytic memory account of one training step of `flow` (SPEC 6): bytes of
     parameters, gradients and AdamW state per model, activation estimates, every logits-sized
@@ -1545,3 +1545,61 @@ def memory_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
             "head_copies": copies, "phases": phases, "total": total,
             "teacher_total": t_params + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
             "student_total": total - t_params - t_hidden}
+
+
+def n_params(config):
+    """Parameters of a GPT, by hand: the token and position embeddings (V D + block D), per block two
+    LayerNorms (4 D), qkv (3 D^2 + 3 D), the attention projection (D^2 + D) and the MLP (8 D^2 + 5 D),
+    and the final LayerNorm (2 D). The LM head is tied to the token embedding: no extra weight."""
+    D = config.n_embd
+    return (config.vocab_size + config.block_size) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
+
+
+def memory_account(student_config, teacher_config, B, L, cfg, half=False):
+    """The closed-form memory of one training step of `cfg` (paper §6's accounting), in bytes; every
+    term can be checked with pencil and paper. N = B L rows, chunks of c rows, V the vocabulary.
+      resident: weights (student + teacher, 4 bytes per parameter) and AdamW's two moments (8 per
+        student parameter); gradients (4 per student parameter) during backward;
+      activations: what the student's body saves for backward (`activation_bytes`), the teacher's
+        final hidden states (N Dt floats) while the loss is computed;
+      logits, in [rows, V] float32 tensors alive at once (the formulas the streamed code was written to):
+        selection pass 3 c; streamed loss 5 c at lambda = 1, max(c + 5 s, 2 c + s) at 0 < lambda < 1
+        (s = the selected rows of a chunk), 2 c for plain CE; the dense loss 7 N (2 N for CE) and its
+        backward 3 N (5 N at 0 < lambda < 1); the streamed loss keeps its [V, Ds] head gradient;
+      under autocast (`half`), the chunk loops' bf16 copies of the head weights (V D 2 bytes each).
+    -> dict, or None for a step it does not model (RS-KD classes, AT-KD, teacher-reading metrics,
+    pos-RS-KD, the reverse KL)."""
+    if cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward" or (
+            cfg.method == "sekd" and (needs_teacher(cfg.metric) or cfg.policy.startswith("pos_rs_kd"))):
+        return None
+    V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
+    lam = 0.0 if cfg.method == "ce" else cfg.lam
+    c = min(N, cfg.chunk_rows or default_chunk_rows(V))
+    selects = cfg.method in ("sekd", "random_pos") and cfg.k < 1
+    share = int(budget_counts(cfg.k, torch.tensor(L))) / L if selects else 1.0
+    n_sel, s = round(share * N), math.ceil(share * c)  # selected rows: in all, in one chunk
+    row = V * 4  # one float32 row of logits
+    sel_rows = 3 * c if selects and cfg.method == "sekd" else 0  # RandomPos draws without logits
+    if cfg.flow == "streamed":
+        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if lam == 1 else max(c + 5 * s, 2 * c + s)
+        back_rows, head_grad = 0, V * Ds * 4
+    else:
+        loss_rows = 2 * N if lam == 0 else 7 * N
+        back_rows, head_grad = (5 if 0 < lam < 1 else 3) * N, 0
+    p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * (lam > 0)
+    a = {"student_params": p_s, "teacher_params": p_t, "grads": p_s, "adamw": 2 * p_s,
+         "activations": activation_bytes(student_config, B, L, half),
+         "teacher_hidden": N * Dt * 4 * (lam > 0), "head_grad": head_grad,
+         "head_copies": 2 * V * (Ds + Dt * (lam > 0)) * half * (cfg.flow == "streamed"),
+         "logits": max(sel_rows, loss_rows, back_rows) * row, "chunk_rows": c}
+    resident = p_s + p_t + a["adamw"]
+    held = resident + a["activations"] + a["teacher_hidden"]
+    a["phases"] = {
+        "teacher forward": resident + activation_bytes(teacher_config, B, L, half, grad=False) * (lam > 0),
+        "selection": held + 2 * V * Ds * half + sel_rows * row,
+        "loss": held + head_grad + a["head_copies"] + loss_rows * row,
+        "backward": resident + a["activations"] + a["grads"] + head_grad + back_rows * row,
+        "optimizer step": resident + a["grads"] + p_s}
+    a.update(method=cfg.method, B=B, L=L, V=V, n_sel=n_sel, lam=lam, dtype="bfloat16" if half else "float32",
+             total=max(a["phases"].values()))
+    return a

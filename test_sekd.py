@@ -861,7 +861,7 @@ def test_chunked_passes_cast_each_head_weight_once(chunk):
         loss, _ = sekd.flow_loss(student, teacher, idx, idx, "streamed", 0.2, 1.0, chunk, phase)
     assert copies["selection"] == [((V, 16), V * 16 * 2)]
     assert sorted(copies["loss"]) == [((V, 16), V * 16 * 2), ((V, 32), V * 32 * 2)]
-    acc = sekd.memory_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
+    acc = sekd.ledger_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
     assert acc["head_copies"] == {name: sum(b for _, b in copies[name]) for name in ("selection", "loss")}
 
 
@@ -906,7 +906,7 @@ def test_state_account_equals_parameters_gradients_and_adamw():
     grads = sum(p.grad.numel() * p.grad.element_size() for p in student.parameters())
     opt.step()
     adamw = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
-    acc = sekd.memory_account(student, teacher, 2, 12, "streamed")
+    acc = sekd.ledger_account(student, teacher, 2, 12, "streamed")
     assert acc["student"]["params"] == sekd.state_bytes(student)
     assert acc["student"]["grads"] == grads
     assert acc["student"]["adamw"] == adamw
