@@ -2,10 +2,9 @@
 
     python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
     python train.py --run teacher        # only the teacher
-    python train.py --run distill --method sekd --k 0.1
-    python train.py --run distill --metric reverse_kl --policy gls
+    python train.py --run distill --method sekd --k 0.1 --metric reverse_kl --policy gls
     python train.py --run distill --method sekd_3x --U 64 --l 0.2   # SE-KD_3X, offline teacher cache
-    python train.py --run positions      # the paper's position tables; experiments/ holds every --run table
+    python train.py --run positions      # a paper table: the --run tools live in experiments/
     python train.py --help               # every flag with its default
     torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel, one process per rank
     python train.py --preset fineweb     # the paper's data: FineWeb-Edu streamed, 80M tokens (internet, a GPU)
@@ -22,7 +21,6 @@ import json
 import math
 import os
 import platform
-import struct
 import sys
 import time
 import weakref
@@ -38,21 +36,19 @@ from torch.utils._pytree import tree_flatten
 import data
 import sekd
 
-
-class UserError(ValueError):
-    """A mistake the user can fix (bad flag, bad checkpoint): printed as one line, exit 2."""
-
+UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
+TeacherCache = data.TeacherCache  # SE-KD_3X's offline teacher cache (its file format is in data.py)
 
 # ----------------------------------------------------------------------------- command line
 
+
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is a UserError like the others: one line (not argparse's usage block), exit 2."""
+    def error(self, message):  # one line, not argparse's usage block
         raise UserError(f"{message} (python train.py --help lists every flag)")
 
 
 def number(kind, ok, what):
-    """An argparse type: `kind` (int or float) whose value must satisfy `ok`."""
+    """An argparse type: a `kind` (int or float) for which `ok(value)` holds."""
     def parse(text):
         value = kind(text)
         if not ok(value):
@@ -70,17 +66,15 @@ fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")  
 share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 draws = number(int, lambda v: 1 <= v <= sekd.MAX_DRAWS, f"in [1, {sekd.MAX_DRAWS}] (7-bit counts in the cache)")
 
-# The class and sample axes as named methods: name -> (positions, classes, samples).
-# positions: a sekd.METHODS entry; classes: full | rskd (drawn from the teacher online) | cache
-# (drawn once into SE-KD_3X's offline cache); samples: all | top (TopSmp) | random (RandomSmp).
+# The class and sample axes as named methods: name -> (positions: a sekd.METHODS entry, classes: full |
+# rskd (drawn from the teacher online) | cache (drawn once, SE-KD_3X), samples: all | top | random).
 AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"),
         "random_smp": ("full_kd", "full", "random"), "top_smp_rskd": ("full_kd", "rskd", "top"),
         "sekd_top_smp": ("sekd", "full", "top"), "sekd_3x": ("sekd", "cache", "top")}
 
-# The paper's data setting (FineWeb-Edu, 80M training tokens, 512-token samples, pure KL, lambda = 1)
-# for one GPU. It replaces defaults only, so flags given still win. The model sizes are ours (the
-# paper distils Qwen3-8B into Qwen3-1.7B): a GPT-2 small teacher, a student of half its depth and width.
-# 16 x 4 micro-batches x 512 positions = 32,768 tokens per step: one epoch of 80M tokens is ~2,400 steps.
+# The paper's data setting (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) for one GPU, as new
+# defaults: flags given still win. The models are ours (the paper distils Qwen3-8B into Qwen3-1.7B): a
+# GPT-2 small teacher, a student of half its depth and width. 16 x 4 x 512 = 32,768 tokens per step.
 PRESETS = {"fineweb": {
     "dataset": "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "max_tokens": 80_000_000, "seq_len": 512,
     "full_vocab": True, "lam": 1.0, "teacher_layers": 12, "teacher_embd": 768, "teacher_heads": 12,
@@ -89,28 +83,20 @@ PRESETS = {"fineweb": {
     "student_steps": 2400, "lr": 6e-4, "warmup": 100, "eval_interval": 500, "eval_tokens": 262_144,
     "log_interval": 50, "chunk_rows": 1024}}
 
-RUNS = ["compare", "teacher", "distill", "positions", "show", "axes", "walltime", "storage", "benchmark", "sample"]
-
 
 def build_parser():
-    """Built at call time: a metric or policy registered before `cli()` is a valid choice."""
+    """Built at each call, so a metric or policy registered before `cli()` is a valid choice."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=RUNS,
-                   help="compare: teacher + CE, Full KD, SE-KD students; teacher: train only the teacher; "
-                        "distill: one student with --method; positions: the paper's position tables "
-                        "(--seeds students per row); show: one validation sequence, selections coloured; "
-                        "axes: the multi-axis, wall-time and storage tables over --seeds; walltime: only the "
-                        "wall-time table (one seed; give it about one epoch of --student-steps); storage: the "
-                        "storage accounting only; benchmark: memory and time of each flow; sample: the teacher's "
-                        "and every saved student's continuations of validation prompts, coloured by entropy")
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show", "axes",
+                                                        "walltime", "storage", "benchmark", "sample"],
+                   help="compare: teacher + CE, Full KD, SE-KD students; teacher: only the teacher; distill: one "
+                        "student with --method; the others run the paper's tables and tools in experiments/ (README)")
     p.add_argument("--preset", default="none", choices=["none", *PRESETS],
-                   help="fineweb: the paper's data (FineWeb-Edu sample-10BT streamed, 80M tokens, 512-token "
-                        "samples) and GPU-sized models (README); flags given explicitly override it")
+                   help="fineweb: the paper's data and GPU-sized models (README); flags given explicitly override it")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--max-tokens", type=non_negative_int, default=0,
-                   help="hf: / files: datasets: read documents only until they hold this many tokens "
-                        "(hf: streams just those); 0 = no cap (hf: then reads 200,000 documents)")
+                   help="hf: / files: read documents until they hold this many tokens; 0 = all (hf: 200,000 documents)")
     g.add_argument("--seq-len", type=positive_int, default=128, help="positions per sample (block size)")
     g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False,
                    help="keep all 50,257 GPT-2 ids instead of the compact vocabulary")
@@ -124,8 +110,7 @@ def build_parser():
     g.add_argument("--teacher-steps", type=positive_int, default=1200)
     g.add_argument("--student-init-steps", type=non_negative_int, default=600,
                    help="CE steps that make the initial student every method starts from (0: random init)")
-    g.add_argument("--student-init-lr", type=positive_float, default=3e-3,
-                   help="peak learning rate of the initial student")
+    g.add_argument("--student-init-lr", type=positive_float, default=3e-3, help="peak learning rate of the initial student")
     g.add_argument("--student-steps", type=positive_int, default=300, help="distillation steps per method")
     g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -135,15 +120,13 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--eval-interval", type=positive_int, default=100,
-                   help="steps between checkpoints (of the teacher, the initial student and distilled students: "
-                        "a killed run, rerun, resumes from the last one) and the teacher's quick validation losses")
+                   help="steps between checkpoints (a killed run, rerun, resumes from the last) and quick val losses")
     g.add_argument("--eval-tokens", type=positive_int, default=32768, help="validation tokens for the final metrics")
     g.add_argument("--log-interval", type=positive_int, default=20)
     g = p.add_argument_group("distillation")
     g.add_argument("--method", default="sekd", choices=sekd.METHODS + tuple(AXES), help="for --run distill")
     g.add_argument("--k", type=fraction, default=0.2, help="SE-KD position budget, in (0, 1]")
-    g.add_argument("--metric", default="student_entropy", choices=list(sekd.METRICS),
-                   help="position importance metric of --method sekd")
+    g.add_argument("--metric", default="student_entropy", choices=list(sekd.METRICS), help="position importance")
     g.add_argument("--policy", default="topk", choices=list(sekd.POLICIES), help="position selection policy")
     g.add_argument("--gls-queue", type=positive_int, default=30_000, help="GLS: scores kept in the FIFO queue")
     g.add_argument("--curriculum-steps", type=positive_int, default=4_000,
@@ -151,40 +134,33 @@ def build_parser():
     g.add_argument("--seeds", type=positive_int, default=3, help="--run positions / axes: students (seeds) per row")
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
-    g.add_argument("--lam", type=share, default=0.5,
-                   help="KL weight lambda; 1 - lambda goes to CE on every position. The paper uses 1 (pure KL); "
-                        "from a small student 0.5 works better here (README)")
+    g.add_argument("--lam", type=share, default=0.5, help="KL weight lambda; 1 - lambda goes to CE on every position "
+                   "(the paper uses 1, pure KL; from a small student 0.5 works better here, README)")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
                    help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
-    g.add_argument("--chunk-rows", type=non_negative_int, default=0,
-                   help="rows of logits per chunk (0 = about 16 MB of float32)")
+    g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0 = ~16 MB)")
     g.add_argument("--on-policy", type=share, default=0.0,
-                   help="share of each batch's sequences that are student-generated (on-policy distillation, "
-                        "Agarwal et al. 2024): the student continues the first --prompt-len tokens of a training "
-                        "sample and KD is applied on the tokens it wrote; 0 = off. KD methods only (CE stays on data)")
-    g.add_argument("--prompt-len", type=non_negative_int, default=0,
-                   help="on-policy prompt tokens (0 = half of --seq-len)")
+                   help="share of each batch's sequences the student writes (on-policy distillation, Agarwal et al. "
+                        "2024) after --prompt-len tokens of a sample; KD on its tokens; 0 = off; CE stays on data")
+    g.add_argument("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt tokens (0 = --seq-len / 2)")
     g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
-                   help="KD divergence: forward KL(teacher || student) or reverse KL(student || teacher); "
-                        "auto = reverse with --on-policy (as the paper's on-policy table), else forward")
+                   help="forward KL(teacher || student) or reverse KL(student || teacher); auto = reverse with "
+                        "--on-policy (as the paper's on-policy table), else forward")
     g = p.add_argument_group("benchmark (--run benchmark, random tokens; uses the model, --batch-size, --seq-len flags)")
     g.add_argument("--bench-vocab", default="151936,50257", help="vocabulary sizes, comma-separated")
-    g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384",
-                   help="B*L of the scaling sweep (multiples of --seq-len); empty for none")
+    g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384", help="B*L of the scaling sweep; empty: none")
     g.add_argument("--bench-repeats", type=positive_int, default=5, help="timed steps per flow (the median is reported)")
     g.add_argument("--bench-warmup", type=non_negative_int, default=2, help="untimed steps per flow before timing")
-    g.add_argument("--bench-mem-gb", type=float, default=0.0,
-                   help="skip (and report) a row whose analytic peak exceeds this many GiB; 0 = no limit")
+    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak exceeds this; 0 = none")
     g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
     g.add_argument("--sample-prompts", type=positive_int, default=3, help="prompts, spread over the validation plays")
     g.add_argument("--sample-prompt-len", type=positive_int, default=24, help="tokens per prompt")
     g.add_argument("--sample-len", type=positive_int, default=40, help="tokens each model generates per prompt")
-    g.add_argument("--sample-temperature", type=non_negative_float, default=0.8, help="sampling temperature; 0 = greedy")
-    g.add_argument("--sample-top-k", type=non_negative_int, default=0,
-                   help="sample among the k likeliest ids only; 0 = all")
+    g.add_argument("--sample-temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    g.add_argument("--sample-top-k", type=non_negative_int, default=0, help="sample among the k likeliest ids; 0 = all")
     g = p.add_argument_group("class and sample axes, offline teacher cache")
     g.add_argument("--U", type=draws, default=64, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
-    g.add_argument("--l", type=fraction, default=0.2, help="share of training samples TopSmp / RandomSmp keep, in (0, 1]")
+    g.add_argument("--l", type=fraction, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     g.add_argument("--cache", default="", help="SE-KD_3X teacher cache file (default OUT_DIR/rskd_cache_seedSEED.bin)")
     g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
     g = p.add_argument_group("system")
@@ -200,9 +176,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, with --preset's values as the defaults (flags given explicitly still win).
-    We drop a leading `--`: `torchrun ... train.py -- --run distill` needs it, because torchrun's
-    own parser rejects --run and --l after the script name (prefixes of its --run-path, --log-dir)."""
+    """The flags, with --preset's values as defaults. We drop a leading `--`: `torchrun ... train.py --
+    --run distill` needs it, as torchrun's parser takes --run and --l for its --run-path and --log-dir."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
     p = build_parser()
@@ -213,15 +188,9 @@ def parse_args(argv=None):
     return args
 
 
-def full_distribution(method):
-    """Whether `method`'s KD term reads the teacher's full distribution, as on-policy text needs."""
-    positions, classes, _ = AXES.get(method, (method, "full", "all"))
-    return positions in ("full_kd", "sekd", "random_pos") and classes == "full"
-
-
 def check_flags(a):
     """What argparse types cannot check: flags that depend on each other, and the machine.
-    (KDConfig checks the method's own settings when main builds it.)"""
+    (KDConfig checks the method's own settings, when `kd_config` builds it.)"""
     for who in ("teacher", "student"):
         if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
             raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
@@ -232,7 +201,9 @@ def check_flags(a):
                         "raise one of them")
     if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in ("compare", "distill"):
         raise UserError("--on-policy and --divergence reverse work with --run compare or distill")
-    if a.on_policy > 0 and (a.lam == 0 or a.run == "distill" and not full_distribution(a.method)):
+    positions, classes, _ = AXES.get(a.method, (a.method, "full", "all"))
+    full = a.run == "compare" or positions in ("full_kd", "sekd", "random_pos") and classes == "full"
+    if a.on_policy > 0 and (a.lam == 0 or not full):  # the student's own text needs the teacher's full distribution
         raise UserError("--on-policy works with --lam > 0 and a method with the teacher's full distribution "
                         "(full_kd, sekd, random_pos, or their TopSmp / RandomSmp variants)")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -243,7 +214,7 @@ def check_flags(a):
 
 def kd_config(args, method, **kd):
     """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags; `kd` overrides fields.
-    KDConfig checks every setting and combination, so a bad one fails here in one line."""
+    KDConfig checks every setting and combination, so a bad one fails here, in one line."""
     positions, classes, _ = AXES.get(method, (method, "full", "all"))
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
     divergence = {"auto": "reverse" if on_policy > 0 else "forward"}.get(args.divergence, args.divergence)
@@ -299,35 +270,29 @@ def teacher_ckpt_path(args):
 
 
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- data parallel (torchrun)
 # `torchrun --standalone --nproc_per_node=N train.py ...` starts N copies of this job, as in nanoGPT.
-# Every rank holds the whole student (and teacher), takes its slice of each global batch (Batches),
-# and we average the gradients over ranks before clipping. Rank 0 prints and writes files; the others
-# wait at barriers where they read what it wrote. Without torchrun, RANK = 0, WORLD = 1 and every
-# function here does nothing.
+# Every rank holds the whole student (and teacher) and takes its slice of each global batch (Batches);
+# we average the gradients over ranks before clipping. Rank 0 prints and writes files; the others wait
+# at barriers. Without torchrun, RANK = 0, WORLD = 1 and these functions do nothing.
 
 RANK, WORLD = 0, 1
 DIST_DEVICE = None  # where collectives run: the CPU (gloo) or this rank's GPU (nccl)
-DIST_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks wait this long while rank 0 alone builds data or a cache
+DIST_TIMEOUT = datetime.timedelta(hours=3)  # the others wait this long while rank 0 builds data or a cache
 
 
 def init_distributed(device):
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA). Ranks other than 0 print to
-    /dev/null, so progress is printed once; their errors still reach stderr."""
+    """Join torchrun's process group. Ranks other than 0 print to /dev/null (errors still reach stderr)."""
     global RANK, WORLD, DIST_DEVICE
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
-    RANK, WORLD, DIST_DEVICE = dist.get_rank(), dist.get_world_size(), device
-    if RANK:
-        sys.stdout = open(os.devnull, "w")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        RANK, WORLD, DIST_DEVICE = dist.get_rank(), dist.get_world_size(), device
+        if RANK:
+            sys.stdout = open(os.devnull, "w")
 
 
 def finish_distributed():
@@ -344,27 +309,16 @@ def barrier():
 
 
 def rank0_first(fn):
-    """fn() on rank 0, then on the others: what rank 0 builds and writes (the data memmaps), they read."""
-    if RANK == 0:
-        out = fn()
+    """fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)."""
+    out = fn() if RANK == 0 else None
     barrier()
-    if RANK != 0:
-        out = fn()
-    return out
-
-
-def broadcast_parameters(model):
-    """Rank 0's weights to every rank (equal already, as every rank seeds alike: we make sure)."""
-    if WORLD > 1:
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
+    return fn() if RANK != 0 else out
 
 
 def average_gradients(model):
-    """Average the gradients over ranks in one all-reduce. Each rank's loss is the mean over its B
-    sequences (paper §3), so the average is the gradient of the mean over all W*B sequences. We do
-    it by hand because the losses call `model.hidden` and `model.head_weight`, not `model(...)`,
-    which DistributedDataParallel's hooks expect."""
+    """Each rank's loss is the mean over its B sequences (paper §3), so the average of the ranks'
+    gradients is that of the mean over all W*B sequences. We all-reduce by hand, not with
+    DistributedDataParallel, whose hooks expect `model(...)`; the losses call `model.hidden`."""
     if WORLD == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
@@ -399,32 +353,26 @@ def gather_concat(array):
 # ----------------------------------------------------------------------------- training loop
 
 class Batches:
-    """Deterministic sample order: epoch e visits the training samples in the permutation drawn
-    from (seed, e), so step s, micro-batch j gets the same ids for every method. Data parallel:
-    rank r takes the r-th slice of the world * batch_size ids one rank would draw, so every
-    optimizer step sees the same samples whatever the number of ranks."""
+    """Epoch e visits the training samples in the permutation drawn from (seed, e), so step s,
+    micro-batch j gets the same ids for every method. Data parallel: rank r takes the r-th slice of
+    the ids one rank with world * batch_size would draw, so a step sees the same samples on any world."""
 
     def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1):
         samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: the sample axis
         self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
-        self.rank, self.world = rank, world
-        self._perm = {}
+        self.rank, self.world, self._perm = rank, world, {}
 
     def ids(self, step, micro):
-        """This rank's sample ids (rows of `self.samples`) of step `step`, micro-batch `micro`."""
-        n = len(self.samples)
+        n, out = len(self.samples), []
         start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
-        out = []
         for g in range(start, start + self.bs):
-            epoch = g // n
-            if epoch not in self._perm:
-                self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
-            out.append(self._perm[epoch][g % n])
+            if g // n not in self._perm:
+                self._perm = {g // n: np.random.default_rng([self.seed, g // n]).permutation(n)}
+            out.append(self._perm[g // n][g % n])
         return np.array(out)
 
     def get(self, step, micro):
-        x = torch.from_numpy(self.samples[np.sort(self.ids(step, micro))].astype(np.int64))
-        x = x.to(self.device)
+        x = torch.from_numpy(self.samples[np.sort(self.ids(step, micro))].astype(np.int64)).to(self.device)
         return x[:, :-1], x[:, 1:]
 
 
@@ -443,7 +391,7 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def autocast_dtype(args, dev):
-    """--dtype auto: bfloat16 on CUDA; on the CPU float32, i.e. no autocast."""
+    """--dtype auto: bfloat16 on CUDA; float32 (no autocast) on the CPU."""
     return {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
             "bfloat16": torch.bfloat16}[args.dtype]
 
@@ -459,19 +407,15 @@ def fmt_time(s):
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tensor memory on any device, the CPU included: while active, every storage an op creates is
-    counted until it is freed; `peak` is the most bytes alive at once. Tensors made before (weights,
-    optimizer state) are not counted, nor scratch memory a kernel frees before it returns, nor an
-    output that shares storage with an input (in-place updates, views).
-    `match`, optional, picks some new tensors (e.g. the logits-sized ones): they are also counted in
-    `matched_live` / `matched_peak`, and `log` lists (op, shape, dtype, bytes)."""
+    """Tensor memory on any device, the CPU included: every storage an op makes while this is active
+    counts until freed; `peak` is the most bytes alive at once. Not counted: tensors made before
+    (weights, AdamW state), a kernel's scratch, an output sharing an input's storage (in place, views).
+    `match(t)`, optional, picks tensors also counted in `matched_live` / `matched_peak` and `log`."""
 
     def __init__(self, match=None):
         super().__init__()
-        self.live = self.peak = 0
-        self.match, self.log = match, []
-        self.matched_live = self.matched_peak = 0
-        self._seen = set()
+        self.live = self.peak = self.matched_live = self.matched_peak = 0
+        self.match, self.log, self._seen = match, [], set()
 
     def _free(self, key, nbytes, matched):
         self._seen.discard(key)
@@ -480,58 +424,53 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self._seen and key not in inputs:
-                    self._seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    matched = self.match is not None and bool(self.match(t))
-                    if matched:
-                        self.matched_live += nbytes
-                        self.matched_peak = max(self.matched_peak, self.matched_live)
-                        self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
-                    weakref.finalize(storage, self._free, key, nbytes, matched)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in self._seen and key not in inputs:
+                self._seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                matched = self.match is not None and bool(self.match(t))
+                if matched:
+                    self.matched_live += nbytes
+                    self.matched_peak = max(self.matched_peak, self.matched_live)
+                    self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
+                weakref.finalize(storage, self._free, key, nbytes, matched)
         return out
 
 
 def state_bytes(*tensors_or_modules):
     """Bytes held by the parameters and buffers of modules, or by plain tensors."""
-    total = 0
-    for x in tensors_or_modules:
-        ts = list(x.parameters()) + list(x.buffers()) if isinstance(x, torch.nn.Module) else [x]
-        total += sum(t.numel() * t.element_size() for t in ts)
-    return total
+    ts = [t for x in tensors_or_modules
+          for t in (list(x.parameters()) + list(x.buffers()) if isinstance(x, torch.nn.Module) else [x])]
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0):
-    """AdamW with warm-up + cosine, gradient accumulation and clipping. `loss_fn(x, y) -> (loss, n)`.
-    `ckpt(step, opt, train_s)` saves every --eval-interval steps. A loss or gradient that is not
-    finite stops before the optimizer step (UserError): the last checkpoint stays as it was.
-    -> stats: train seconds, tokens (all ranks), the peak bytes (with `frozen_bytes`, the teacher's
-    weights) and how they were measured, and every step's loss (`loss_curve`)."""
+    """AdamW with warm-up + cosine, gradient accumulation and clipping. `loss_fn(x, y) -> (loss, n)`;
+    `ckpt(step, opt, train_s)` saves every --eval-interval steps. A loss or gradient that is not finite
+    stops before the update, and the last checkpoint stays as it was. -> stats: train seconds, tokens
+    (all ranks), the peak bytes (with `frozen_bytes`, the teacher's weights) and every step's loss."""
     opt = make_optimizer(model, lr, args.weight_decay)
-    start = saved = 0
-    if resume is not None:
+    start = saved = resume["step"] if resume else 0
+    if resume:
         opt.load_state_dict(resume["optimizer"])
-        start = saved = resume["step"]
         print(f"[{tag}] resuming at step {start}/{steps}")
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    broadcast_parameters(model)
+    for p in model.parameters() if WORLD > 1 else []:  # every rank starts from rank 0's weights
+        dist.broadcast(p.data, 0)
     tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, peak_cpu, train_time, curve = time.time(), 0, 0.0, []
     for step in range(start, steps):
         ts = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, args.warmup)
-        measured = min(start + 1, steps - 1)  # we measure the second step (AdamW's state exists), or the only one
-        meter = LiveBytes() if dev.type != "cuda" and step == measured else nullcontext()
+        # on the CPU we count the live tensors of the second step (AdamW's state exists), or of the only one
+        meter = LiveBytes() if dev.type != "cuda" and step == min(start + 1, steps - 1) else nullcontext()
         with meter:
             total = 0.0
             for micro in range(batches.accum):
@@ -564,7 +503,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
             saved = done
     if dev.type == "cuda":
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-    else:  # weights + AdamW state + the live tensors of one measured step
+    else:
         adamw = sum(state_bytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         peak = state_bytes(model) + adamw + peak_cpu + frozen_bytes
         how = ("weights (student + teacher) + AdamW state + peak live tensor bytes of one training step, "
@@ -576,8 +515,8 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
 # ----------------------------------------------------------------------------- evaluation
 
 class EvalSet:
-    """A fixed slice of the validation split. We cache the teacher's final hidden states once
-    (small: [N, L, D]), so each student's KL and agreement cost only head projections."""
+    """A fixed slice of the validation split. We keep the teacher's final hidden states (small:
+    [N, L, D]), so each student's KL and agreement cost only head projections."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -607,10 +546,10 @@ class EvalSet:
                 tot[k] += s[k]
         model.train()
         ece = sekd.expected_calibration_error(torch.cat(tot["conf"]), torch.cat(tot["correct"]))
-        teacher = self.teacher_h is not None
+        t = self.teacher_h is not None
         return {"val_loss": tot["ce"] / tot["n"], "val_ppl": math.exp(tot["ce"] / tot["n"]),
-                "kl_to_teacher": tot["kl"] / tot["n"] if teacher else None,
-                "agreement": tot["agree"] / tot["n"] if teacher else None, "ece": ece, "eval_tokens": tot["n"]}
+                "kl_to_teacher": tot["kl"] / tot["n"] if t else None,
+                "agreement": tot["agree"] / tot["n"] if t else None, "ece": ece, "eval_tokens": tot["n"]}
 
 
 # ----------------------------------------------------------------------------- the teacher and the initial student
@@ -639,9 +578,9 @@ def maybe_compile(model, args):
 
 
 def pretrained(args, corpus, device, evalset, who):
-    """Train a model with plain CE, or reuse (and resume) its checkpoint. Two models are made this
-    way: the teacher, and the initial student every method starts from (we distil a pretrained
-    student, as the paper does: from random weights, a student's entropy ranks nothing yet)."""
+    """Train a model with plain CE, or reuse (and resume) its checkpoint: the teacher, and the initial
+    student every method starts from (we distil a pretrained student, as the paper does: a random
+    student's entropy ranks nothing yet)."""
     if who == "teacher":
         path, steps, lr, seed = teacher_ckpt_path(args), args.teacher_steps, args.teacher_lr, args.seed + 1
         must_exist = args.run == "distill" and bool(args.teacher_ckpt)  # a named teacher is never trained here
@@ -657,8 +596,8 @@ def pretrained(args, corpus, device, evalset, who):
         if who == "teacher" and block < args.seq_len:
             raise UserError(f"teacher checkpoint {path} has block size {block}, shorter than --seq-len "
                             f"{args.seq_len}: use --seq-len {block} or less, or --retrain-teacher")
-    wanted = asdict(model_config(args, who, corpus.vocab.size))
-    if who == "student" and ckpt is not None and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != (wanted, steps, seed):
+    wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
+    if who == "student" and ckpt is not None and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != wanted:
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
     if ckpt is not None and ckpt["step"] >= ckpt["steps"]:
@@ -670,9 +609,8 @@ def pretrained(args, corpus, device, evalset, who):
         raise UserError(f"teacher checkpoint {path} is unfinished: run --run teacher to complete it")
     torch.manual_seed(args.seed)
     model = GPT_from(ckpt).to(device) if ckpt else new_model(args, who, corpus.vocab.size, device)
-    body = maybe_compile(model, args)
-    ce = sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
-    before = (ckpt or {}).get("train_s", 0.0)  # the time of the run this one resumes
+    body, ce = maybe_compile(model, args), sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
+    before = (ckpt or {}).get("train_s", 0.0)  # the training time of the run this one resumes
 
     def save(step, opt, train_s):
         ppl = evalset.evaluate(model, args, limit=64)["val_ppl"]
@@ -699,9 +637,9 @@ def method_label(method, cfg, args):
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd):
-    """One student from the shared initial weights (`student_init`, or the seed's random init),
-    trained with `method` (sekd.METHODS or AXES) and evaluated. `kd` overrides KDConfig fields
-    (metric, policy, k, ...); save=False keeps no checkpoint. -> the results row."""
+    """One student from the shared initial weights (`student_init`, or the seed's random init), trained
+    with `method` (sekd.METHODS or AXES) and evaluated. `kd` overrides KDConfig fields (metric, policy,
+    k, ...); save=False keeps no checkpoint. -> the results row."""
     positions, classes, samples = AXES.get(method, (method, "full", "all"))
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
     cfg = kd_config(args, method, **kd)
@@ -711,7 +649,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         student.load_state_dict(student_init.state_dict())
     if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
-                        f"({student.config.vocab_size}) differ: train the teacher on the same data and --full-vocab setting")
+                        f"({student.config.vocab_size}) differ: train the teacher on the same data and --full-vocab")
     plan = axes_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")  # same data order for every method over the same samples
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
@@ -727,14 +665,12 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
             gen = torch.Generator(device=x.device).manual_seed(derived_seed(args.seed, calls[0], RANK))
             return sekd.on_policy_distill_loss(s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
-    name = method_label(method, cfg, args) + (f" +{on_policy:.0%} on-policy" if on_policy > 0 else "")
     path = os.path.join(args.out_dir, f"student_{method}.pt")
     key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
     resume = resumable(path, key, method) if save else None
     if resume is not None:  # everything a step reads: weights, AdamW (train_loop), GLS queue, RNG, step
         student.load_state_dict(resume["model"])
-        state.queue = resume["gls_queue"]
-        calls[0] = resume["step"] * args.grad_accum
+        state.queue, calls[0] = resume["gls_queue"], resume["step"] * args.grad_accum
         set_rng_state(resume["rng"])
 
     def save_ckpt(step, opt, train_s):
@@ -745,6 +681,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     stats = train_loop(student, loss_fn, batches, plan["steps"], args.lr, args, method,
                        ckpt=save_ckpt if save else None, resume=resume,
                        frozen_bytes=state_bytes(teacher) if cfg.uses_teacher and t_body is not None else 0)
+    name = method_label(method, cfg, args) + (f" +{on_policy:.0%} on-policy" if on_policy > 0 else "")
     row = {"method": name, **evalset.evaluate(student, args), **stats, **plan,
            "resumed_at": resume["step"] if resume else None}
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
@@ -768,11 +705,9 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
 
 
 def resumable(path, key, tag):
-    """The unfinished checkpoint at `path` of the same run (`run_key`), or None: we train anew over a
-    finished one, or one of another run."""
-    if not os.path.exists(path):
-        return None
-    ckpt = load_checkpoint(path)
+    """The unfinished checkpoint at `path` of the same run, or None: we train anew over a finished
+    checkpoint, or over one of another run."""
+    ckpt = load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
         return None
     if ckpt.get("run_key") != key:
@@ -787,32 +722,29 @@ def derived_seed(*ints):
 
 
 def rng_state():
-    """torch's global generators (the random metric, pos-RS-KD, online RS-KD, dropout) of every rank,
-    in rank order: data-parallel ranks draw from different streams."""
+    """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
     return gather_objects({"cpu": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
 
 
 def set_rng_state(rng):
-    """This rank's generators from `rng_state()`; a rank the checkpoint has no state for (resumed with
-    more ranks) keeps its fresh seed."""
+    """This rank's generators from `rng_state()`; a rank it has no state for keeps its fresh seed."""
     rng = [rng] if isinstance(rng, dict) else rng  # a checkpoint written before states were per rank
-    if RANK >= len(rng):
-        return
-    torch.set_rng_state(rng[RANK]["cpu"])
-    if rng[RANK]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
+    if RANK < len(rng):
+        torch.set_rng_state(rng[RANK]["cpu"])
+        if rng[RANK]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
 
 
 # ----------------------------------------------------------------------------- the sample axis and SE-KD_3X's cache
 
 def axes_plan(args, samples, classes, corpus, device, student, teacher):
-    """The paper's sample axis and teacher cache for one student: which training samples it sees (all;
-    TopSmp's, by the frozen initial student's entropy; RandomSmp's), for how many steps (as many epochs
-    as --student-steps makes over all samples, so l = 20% trains 20% of the steps: the wall-time saving),
-    and SE-KD_3X's cached teacher draws. -> dict: batches, steps, n_kept, prepass_s, cache_build_s, ..."""
+    """The sample axis and the teacher cache of one student: the samples it sees (all; TopSmp's, by the
+    frozen initial student's entropy; RandomSmp's), for as many epochs as --student-steps makes over
+    all samples (l = 20% trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
+    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
     plan = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
-            "cache_reused": None, "cache_bytes": None}
+            "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
     kept = None
     if classes == "cache" and os.path.exists(default_cache_path(args)) and not args.rebuild_cache:
         TeacherCache(default_cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
@@ -821,14 +753,13 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
         kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
     elif samples == "random":
         kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
-    plan["steps"] = args.student_steps
     if kept is not None:
         plan["n_kept"] = len(kept)
         plan["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
     batch_args = (corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD)
     if classes == "cache":
-        cache_ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, cache_ids)
+        ids = kept if kept is not None else np.arange(len(corpus.train))
+        cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
         plan["cache_bytes"] = os.path.getsize(cache.path)
         plan["batches"] = CachedBatches(*batch_args, cache=cache)
     else:
@@ -836,20 +767,18 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
     return plan
 
 
-_PREPASS = {}  # (seed, student config, data, dtype) -> (scores, seconds): one pre-pass per seed
+_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
 
 
 @torch.no_grad()
 def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy (no grad, chunked).
-    -> (scores [N] float64, seconds). Methods that share the seed's initial student share one pre-pass.
-    Data parallel: each rank scores its share of the batches and every rank gets all the scores."""
+    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
+    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
     key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
            args.dtype, str(device))
     if key not in _PREPASS:
-        t0 = time.time()
+        t0, scores = time.time(), []
         student.eval()
-        scores = []
         starts = range(0, len(corpus.train), args.batch_size)
         for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
             x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
@@ -867,8 +796,8 @@ def sample_prepass(student, corpus, args, device):
 
 
 class CachedBatches(Batches):
-    """Batches of kept samples with their teacher draws from the cache, whose row i is kept sample i
-    (row i of `self.samples`). get -> (x, y, (ids, counts) [B, L, U])."""
+    """Batches of kept samples with their teacher draws, read from the cache (its row i is kept
+    sample i, row i of `self.samples`). get -> (x, y, (ids, counts) [B, L, U])."""
 
     def __init__(self, *batch_args, cache):
         super().__init__(*batch_args)
@@ -876,10 +805,8 @@ class CachedBatches(Batches):
 
     def get(self, step, micro):
         x, y = super().get(step, micro)
-        return x, y, self.cache.draws(np.sort(self.ids(step, micro)), self.device)
-
-
-CACHE_MAGIC = b"SEKDRS1\n"
+        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[np.sort(self.ids(step, micro))]))
+        return x, y, sekd.decode_draws(raw.to(self.device), self.cache.signature["V"])
 
 
 def default_cache_path(args):
@@ -897,94 +824,26 @@ def cache_signature(args, corpus, kept):
             "kept": [int(i) for i in kept]}
 
 
-def cache_header(signature, shape):
-    """Magic, the JSON length (8 bytes), the JSON {signature, shape}; zero-padded to 64 bytes."""
-    body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
-    head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
-    return head + bytes(-len(head) % 64)
-
-
-class TeacherCache:
-    """SE-KD_3X's offline teacher cache: one file, `cache_header` then the encoded draws at every
-    position of every kept sample, uint8 [n_kept, seq_len, U, bytes per class], memory-mapped."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                if f.read(len(CACHE_MAGIC)) != CACHE_MAGIC:
-                    raise ValueError("not a teacher cache")
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            self.signature, self.shape = header["signature"], tuple(header["shape"])
-            self.offset = len(cache_header(self.signature, self.shape))
-            if os.path.getsize(path) != self.offset + math.prod(self.shape):
-                raise ValueError(f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}")
-            self.data = np.memmap(path, np.uint8, "r", self.offset, self.shape)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-            raise UserError(f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
-                            "--rebuild-cache") from None
-
-    def check(self, signature, skip=()):
-        """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
-        def show(v):
-            return f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}" \
-                if isinstance(v, list) else v
-        for key, want in signature.items():
-            got = self.signature.get(key)
-            if got != want and key not in skip:
-                raise UserError(f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
-                                f"cache, {show(want)} now): pass --rebuild-cache or another --cache path")
-
-    def draws(self, rows, device):
-        raw = torch.from_numpy(np.ascontiguousarray(self.data[rows])).to(device)
-        return sekd.decode_draws(raw, self.signature["V"])
-
-
-@torch.no_grad()
-def build_cache(path, signature, teacher, corpus, kept, args, device):
-    """Draw U classes from the teacher at every position of every kept sample and write them to a
-    temporary file, renamed over `path` only once complete."""
-    V = corpus.vocab.size
-    shape = (len(kept), args.seq_len, args.U, sekd.cache_bytes_per_class(V))
-    head = cache_header(signature, shape)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            data.preallocate(f, len(head) + math.prod(shape))  # a full disk fails here, not as a SIGBUS later
-        out = np.memmap(tmp, np.uint8, "r+", len(head), shape)
-        for i in range(0, len(kept), args.batch_size):
-            x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
-            with autocast(args, device):
-                ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
-                                                 args.chunk_rows or None, gen)
-            out[i:i + len(x)] = sekd.encode_draws(ids, counts, V).cpu().numpy()
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(data.write_error(path, e)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def teacher_cache(args, corpus, device, teacher, kept):
     """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
     not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
-    Data parallel: rank 0 builds it (so its draws do not depend on the number of ranks) while the
-    others wait; each rank then reads only the rows of its own samples (CachedBatches)."""
-    path = default_cache_path(args)
-    signature = cache_signature(args, corpus, kept)
+    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
+    path, signature = default_cache_path(args), cache_signature(args, corpus, kept)
     build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
     if build:
         if teacher is None:
             raise UserError("building the teacher cache needs the teacher")
-        t0 = time.time()
-        build_cache(path, signature, teacher, corpus, kept, args, device)
+        t0, V, gen = time.time(), corpus.vocab.size, torch.Generator(device=device).manual_seed(args.seed)
+
+        @torch.no_grad()
+        def blocks():  # U classes drawn from the teacher at every position of every kept sample
+            for i in range(0, len(kept), args.batch_size):
+                x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
+                with autocast(args, device):
+                    ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
+                                                     args.chunk_rows or None, gen)
+                yield sekd.encode_draws(ids, counts, V).cpu().numpy()
+        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, sekd.cache_bytes_per_class(V)), blocks())
         build_s = time.time() - t0
         print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
               f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
@@ -997,18 +856,16 @@ def teacher_cache(args, corpus, device, teacher, kept):
     return cache, None, True
 
 
-# ----------------------------------------------------------------------------- results
+# ----------------------------------------------------------------------------- results and main
 
 def print_table(rows, device, title=None):
     """Rows of results; a row with `<key>_std` entries (mean over seeds) shows them as mean ± std."""
-    w = max([22] + [len(r["method"]) for r in rows])
-    c = 14 if any("val_ppl_std" in r for r in rows) else 8
+    w, c = max([22] + [len(r["method"]) for r in rows]), 14 if any("val_ppl_std" in r for r in rows) else 8
 
     def cell(r, key, fmt, scale=1.0):
         if r.get(key) is None:
             return "-"
-        std = "±" + fmt.format(scale * r[key + "_std"]) if r.get(key + "_std") is not None else ""
-        return fmt.format(scale * r[key]) + std
+        return fmt.format(scale * r[key]) + ("±" + fmt.format(scale * r[key + "_std"]) if r.get(key + "_std") is not None else "")
     head = (f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} {'wall':>8} "
             f"{'tok/s':>8} {'peak MiB':>9}")
     print(("\n" + title if title else "") + "\n" + head + "\n" + "-" * len(head))
@@ -1023,40 +880,39 @@ def print_table(rows, device, title=None):
         print(f"peak memory on {device}: {how}")
 
 
-def print_memory_account(method, acc):
-    """sekd.memory_account's closed form of one training step, in MiB, printed before training."""
-    if acc is None:
-        print(f"\n[{method}] no closed-form memory account for this step (it covers CE, Full KD, RandomPos and "
-              "SE-KD with student-only metrics, forward KL, full classes, off-policy)")
-        return
-    mib = lambda key: f"{acc[key] / 2**20:,.1f}"
-    print(f"\n[{method}] memory account (MiB), B={acc['B']} L={acc['L']} V={acc['V']:,} selected rows "
-          f"{acc['n_sel']:,}, lambda {acc['lam']:g}, {acc['dtype']}:\n"
-          f"  weights: student {mib('student_params')}, teacher {mib('teacher_params')}; grads {mib('grads')}; "
-          f"AdamW {mib('adamw')}; activations {mib('activations')}\n"
-          f"  teacher hidden {mib('teacher_hidden')}; head grad {mib('head_grad')}; logits peak {mib('logits')} "
-          f"(chunks of {acc['chunk_rows']:,} rows); total {mib('total')}")
+ACCOUNT = {"student_params": "student weights", "teacher_params": "teacher weights", "grads": "grads",
+           "adamw": "AdamW", "activations": "activations", "teacher_hidden": "teacher hidden", "head_grad": "head grad",
+           "logits": "logits peak", "total": "total"}
+
+
+def memory_accounts(args, configs, corpus, teacher, device):
+    """sekd.memory_account's closed form of each method's step, printed (MiB) before training."""
+    out = {}
+    for m, cfg in configs.items():  # sekd.memory_account models no on-policy step
+        acc = None if args.on_policy > 0 and cfg.method != "ce" else sekd.memory_account(
+            model_config(args, "student", corpus.vocab.size), teacher.config, args.batch_size, args.seq_len, cfg,
+            autocast_dtype(args, device) is not None)
+        print(f"\n[{m}] memory account, MiB: " + ("not modelled for this step" if acc is None else ", ".join(
+            f"{label} {acc[key] / 2**20:,.1f}" for key, label in ACCOUNT.items()) + f" (chunks of {acc['chunk_rows']} "
+            f"rows, {acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected, lambda {acc['lam']:g}, {acc['dtype']})"))
+        out.update({m: acc} if acc else {})
+    return out
 
 
 def machine():
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def run_methods(args):
-    """The students `--run compare` and `--run distill` train (the other runs choose their own)."""
-    return {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    configs = {m: kd_config(args, m) for m in run_methods(args)}  # a bad method setting fails before any work
+    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
+    configs = {m: kd_config(args, m) for m in methods}  # a bad method setting fails here, before any work
     device = pick_device(args)
-    experiment = {"walltime": "axes"}.get(args.run, args.run)  # the --run tools of experiments/
+    tool = "experiments." + {"walltime": "axes"}.get(args.run, args.run)  # the other --run jobs live in experiments/
     if args.run == "benchmark":
-        return importlib.import_module("experiments.benchmark").run(args, device)
+        return importlib.import_module(tool).run(args, device)
     init_distributed(device)
     t_start = time.time()
     corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
@@ -1064,9 +920,9 @@ def main(argv=None):
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
-        return {"storage": importlib.import_module("experiments.axes").storage(args, corpus)}
+        return {"storage": importlib.import_module(tool).storage(args, corpus)}
     if args.run == "sample":
-        return importlib.import_module("experiments.sample").run(args, corpus, device)
+        return importlib.import_module(tool).run(args, corpus, device)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
@@ -1078,23 +934,15 @@ def main(argv=None):
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, s_stats = pretrained(args, corpus, device, evalset, "student")
         rows.append({"method": "student init (CE)", **evalset.evaluate(student_init, args), **s_stats})
-    accounts = {}
-    for m, cfg in configs.items():  # the closed form, printed before training (on-policy steps are not modelled)
-        student = model_config(args, "student", corpus.vocab.size)
-        acc = None if args.on_policy > 0 and cfg.method != "ce" else sekd.memory_account(
-            student, teacher.config, args.batch_size, args.seq_len, cfg, autocast_dtype(args, device) is not None)
-        print_memory_account(m, acc)
-        if acc is not None:
-            accounts[m] = acc
-    for m in configs:
+    accounts = memory_accounts(args, configs, corpus, teacher, device)
+    for m in methods:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
     if args.run == "teacher":
         print_table(rows, device)
     extra = {}
-    if experiment in ("positions", "show", "axes"):
-        extra = importlib.import_module(f"experiments.{experiment}").run(args, corpus, device, teacher, evalset,
-                                                                          student_init)
+    if args.run in ("positions", "show", "axes", "walltime"):
+        extra = importlib.import_module(tool).run(args, corpus, device, teacher, evalset, student_init)
         rows += extra.pop("rows", [])
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
               "memory_account": accounts, "total_s": time.time() - t_start}
@@ -1108,11 +956,11 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """The command line: `main`, with a user error printed as one line and exit code 2. A script
-    that registers its own metric and then calls `train.cli()` gets the same command line."""
+    """The command line: `main`, with a user error printed as one line and exit code 2. A script that
+    registers its own metric and then calls `train.cli()` gets the same command line."""
     try:
         return main(argv)
-    except (UserError, data.DataError, ValueError) as e:
+    except ValueError as e:  # UserError (= data.DataError) and KDConfig's errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
