@@ -292,7 +292,7 @@ def test_evaluation_sums_match_dense():
 # ----------------------------------------------------------------------------- memory meter
 
 def test_live_bytes_counts_allocations_and_frees():
-    with sekd.LiveBytes() as meter:
+    with train.LiveBytes() as meter:
         a = torch.empty(1000, 250)  # 1 MB
         b = torch.empty(500, 250)   # 0.5 MB
         del a
@@ -393,6 +393,18 @@ def test_empty_and_too_short_corpus_are_clear_errors(tmp_path):
         data.prepare("nosuch", 16, cache_dir=str(tmp_path / "c4"))
 
 
+def test_empty_or_binary_local_file_says_so(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 20)
+    for name, what in (("empty.txt", "is empty: give a text file"), ("blank.txt", "is empty"),
+                       ("model.bin", "is not UTF-8 text: give plain text files")):
+        with pytest.raises(data.DataError, match=f"files:{tmp_path / name} {what}"):
+            data.prepare(f"files:{tmp_path / name}", 16, cache_dir=str(tmp_path / "c"))
+    r = run_cli("--dataset", f"files:{tmp_path / 'empty.txt'}", "--data-dir", tmp_path / "c", "--out-dir", tmp_path)
+    assert_one_line_exit_2(r, "empty.txt is empty")
+
+
 def test_hub_dataset_offline_fails_fast_with_one_line(tmp_path):
     with pytest.raises(data.DataError, match="could not load dataset"):
         data.prepare("hf:no-such-user/no-such-dataset", 16, cache_dir=str(tmp_path / "c"))
@@ -432,9 +444,10 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     assert [r["val_ppl"] for r in saved["rows"]] == [r["val_ppl"] for r in r1["rows"]]
     acc = saved["memory_account"]  # every student's step is accounted, the CE term of lambda = 0.5 included
     assert {m: a["lam"] for m, a in acc.items()} == {"ce": 0.0, "full_kd": 0.5, "sekd": 0.5}
-    assert all(any("CE" in t["what"] for t in a["logits"]) for a in acc.values())
-    assert acc["ce"]["teacher"]["activations"] == acc["ce"]["teacher"]["params"] == 0
-    assert acc["sekd"]["teacher"]["activations"] > 0
+    assert all(a["logits"] > 0 and a["chunk_rows"] > 0 for a in acc.values())
+    assert acc["ce"]["teacher_hidden"] == acc["ce"]["teacher_params"] == 0
+    assert acc["sekd"]["teacher_hidden"] > 0 and acc["sekd"]["n_sel"] < acc["full_kd"]["n_sel"]
+    assert "[sekd] memory account, MiB: student weights" in out
     for m, name in (("ce", "CE (no KD)"), ("full_kd", "Full KD"), ("sekd", "SE-KD top 20%")):
         assert abs(acc[m]["total"] - rows[name]["peak_bytes"]) <= 0.1 * rows[name]["peak_bytes"]  # analytic ~ measured
     one_step = run_job(tmp_path / "one", tiny_corpus, "--run", "distill", "--student-steps", "1")
@@ -443,6 +456,7 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     r2 = run_job(tmp_path, tiny_corpus)  # reuses the teacher, same seed: same numbers
     assert "reusing" in capsys.readouterr().out
     assert [r["val_ppl"] for r in r2["rows"]] == [r["val_ppl"] for r in r1["rows"]]
+    assert r2["rows"][0]["train_s"] == r1["rows"][0]["train_s"]  # a reused teacher reports its training time
 
 
 def test_training_loss_falls(tmp_path, tiny_corpus, capsys):
@@ -478,8 +492,10 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
 
 
-@pytest.mark.parametrize("flags,msg", [(["--k", "1.5"], "budget k must be in"), (["--k", "0"], "budget k"),
-                                       (["--T", "0"], "temperature"), (["--seq-len", "0"], "--seq-len"),
+@pytest.mark.parametrize("flags,msg", [(["--k", "1.5"], "argument --k: must be in (0, 1]"),
+                                       (["--k", "0"], "argument --k: must be in (0, 1]"),
+                                       (["--T", "0"], "argument --T: must be > 0, got 0"),
+                                       (["--seq-len", "0"], "argument --seq-len: must be at least 1"),
                                        (["--student-embd", "15"], "divisible")])
 def test_cli_user_errors_are_one_line_exit_2(flags, msg):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + flags, capture_output=True, text=True,
@@ -549,7 +565,7 @@ def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
     def low_entropy(zs, zt, y):
         return -sekd.token_entropy(zs)
     monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
-    train.check_args(train.build_parser().parse_args(["--metric", "low_entropy"]))
+    assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
     student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
     cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
@@ -736,238 +752,17 @@ def test_every_method_streamed_equals_dense_through_a_model(kd):
 
 
 def test_position_flags_errors():
-    parse = train.build_parser().parse_args
-    for flags, msg in ((["--policy", "nope"], "unknown policy 'nope'"), (["--gls-queue", "0"], "--gls-queue"),
-                       (["--curriculum-steps", "-1"], "--curriculum-steps"), (["--seeds", "0"], "--seeds")):
+    for flags, msg in ((["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
+                       (["--gls-queue", "0"], "argument --gls-queue: must be at least 1, got 0"),
+                       (["--curriculum-steps", "-1"], "argument --curriculum-steps"),
+                       (["--seeds", "0"], "argument --seeds")):
         with pytest.raises(ValueError, match=msg):
-            train.check_args(parse(flags))
+            train.parse_args(flags)
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--metric", "nope"], capture_output=True,
                        text=True, cwd=HERE, timeout=120)
-    assert r.returncode == 2 and "unknown metric 'nope': choose one of student_entropy" in r.stderr
+    assert r.returncode == 2 and "argument --metric: invalid choice: 'nope' (choose from 'student_entropy'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-
-def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
-    r = run_job(tmp_path, tiny_corpus, "--run", "positions", "--student-steps", "2", "--seeds", "2",
-                "--teacher-steps", "5", "--eval-tokens", "128")
-    t = r["tables"]
-    assert len(t["metrics"]) == 12 and len(t["policies"]) == 5 and len(t["budget"]) == 12
-    assert {"Full KD", "AT-KD", "RandomPos 20% (random)", "student_entropy top 20%"} <= {x["method"] for x in t["metrics"]}
-    assert all(len(x["seeds"]) == 2 and "val_ppl_std" in x for rows in t.values() for x in rows)
-    assert r["students_trained"] == 2 * (12 + 4 + 8)  # shared configurations trained once
-    saved = json.loads((tmp_path / "results_positions.json").read_text())
-    assert saved["tables"]["budget"][5]["val_ppl"] == t["metrics"][0]["val_ppl"]  # 100% = Full KD
-    assert "(3) budget sweep" in capsys.readouterr().out
-    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--student-steps", "2", "--eval-tokens", "128")
-    out = capsys.readouterr().out
-    assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
-    assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()
-
-
-# ----------------------------------------------------------------------------- memory account (SPEC 6)
-
-def tiny_pair(V=1000, L=12):
-    torch.manual_seed(0)
-    student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=16))
-    teacher = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32)).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
-
-
-def measured_logits(student, teacher, B, L, flow, half, chunk=5, T=1.0):
-    """LiveBytes over one forward + backward: every tensor with last dim V, and their peak."""
-    V = student.config.vocab_size
-    g = torch.Generator().manual_seed(B)
-    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
-    meter = sekd.LiveBytes(match=sekd.logits_sized(V))
-    with meter:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if half else torch.autocast("cpu", enabled=False):
-            loss, mask = sekd.flow_loss(student, teacher, idx, y, flow, 0.2, T, chunk)
-        loss.backward()
-    student.zero_grad(set_to_none=True)
-    return meter, int(mask.sum())
-
-
-@pytest.mark.parametrize("half,T", [(False, 1.0), (True, 1.0), (False, 2.0), (True, 0.5)])
-@pytest.mark.parametrize("flow", list(sekd.FLOWS))
-def test_logit_account_equals_tensors_created(flow, half, T):
-    """At T = 1 no `z / T` tensor exists; at any other T the account has it too."""
-    student, teacher = tiny_pair()
-    meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half, T=T)
-    ledger = sekd.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half, T=T)
-    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
-                 for _, shape, dt, b in meter.log)
-    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
-    assert got == want  # the same tensors, of the same sizes and dtypes
-    assert max(ledger.peaks.values()) == meter.matched_peak
-    assert n_sel == (24 if flow in ("dense", "dense_entropy") else 2 * 3)
-
-
-@pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("method,flow,lam,T", [("sekd", "streamed", 0.5, 1.0), ("sekd", "dense", 0.5, 1.0),
-                                               ("full_kd", "streamed", 0.5, 1.0), ("full_kd", "dense", 0.5, 1.0),
-                                               ("ce", "streamed", 0.0, 1.0), ("ce", "dense", 0.0, 1.0),
-                                               ("sekd", "streamed", 1.0, 1.0), ("full_kd", "dense", 1.0, 1.0),
-                                               ("random_pos", "streamed", 0.5, 1.0), ("random_pos", "dense", 1.0, 1.0),
-                                               ("sekd", "streamed", 0.5, 2.0), ("full_kd", "dense", 0.5, 2.0)])
-def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, T, half):
-    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1 included."""
-    student, teacher = tiny_pair()
-    V, B, L, chunk = 1000, 2, 12, 5
-    g = torch.Generator().manual_seed(7)
-    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
-    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T)
-    torch.manual_seed(0)  # RandomPos: the same draws in both calls
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
-        mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
-    meter = sekd.LiveBytes(match=sekd.logits_sized(V))
-    torch.manual_seed(0)
-    with meter:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
-            loss, n_sel = sekd.distill_loss(student, teacher, idx, y, cfg)
-        loss.backward()
-    sel = mask.flatten().long()
-    sel_chunks = [int(sel[i:i + chunk].sum()) for i in range(0, B * L, chunk)]
-    ledger_flow = train.account_flow(method, flow)
-    ledger = sekd.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks, T)
-    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
-                 for _, shape, dt, b in meter.log)
-    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in ledger.tensors)
-    assert got == want
-    assert max(ledger.peaks.values()) == meter.matched_peak
-    assert n_sel == (24 if method in ("ce", "full_kd") else 6)
-    if flow == "streamed" and 0 < lam < 1 and not half:  # KL rows first, then the chunk's CE: not 2 c + 7 s
-        sizes = sekd.chunk_sizes(B * L, chunk)
-        assert meter.matched_peak == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
-
-
-@pytest.mark.parametrize("chunk", [2, 5, 100])
-def test_chunked_passes_cast_each_head_weight_once(chunk):
-    """Under autocast a chunk loop multiplies by one bf16 copy of each head weight per pass (not one
-    per chunk), and those copies are what the account's `head_copies` adds per phase."""
-    student, teacher = tiny_pair()
-    V, B, L = 1000, 2, 12
-    idx = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
-    meter = sekd.LiveBytes(match=lambda t: t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] == V)  # [V, *]
-    copies = {}
-
-    @contextlib.contextmanager
-    def phase(name):
-        start = len(meter.log)
-        yield
-        copies[name] = [(shape, b) for op, shape, _, b in meter.log[start:] if op == "_to_copy"]
-    with meter, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = sekd.flow_loss(student, teacher, idx, idx, "streamed", 0.2, 1.0, chunk, phase)
-    assert copies["selection"] == [((V, 16), V * 16 * 2)]
-    assert sorted(copies["loss"]) == [((V, 16), V * 16 * 2), ((V, 32), V * 32 * 2)]
-    acc = sekd.ledger_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
-    assert acc["head_copies"] == {name: sum(b for _, b in copies[name]) for name in ("selection", "loss")}
-
-
-def test_training_account_covers_the_steps_it_models():
-    parse = train.build_parser().parse_args
-    modelled = {m: train.modelled_method(parse([]), m) for m in ("ce", "full_kd", "sekd", "top_smp", "sekd_top_smp",
-                                                                 "rskd", "sekd_3x", "at_kd", "random_pos")}
-    assert modelled == {"ce": "ce", "full_kd": "full_kd", "sekd": "sekd", "top_smp": "full_kd",
-                        "sekd_top_smp": "sekd", "rskd": None, "sekd_3x": None, "at_kd": None,
-                        "random_pos": "random_pos"}
-    assert train.modelled_method(parse(["--metric", "kl"]), "sekd") is None
-    assert train.modelled_method(parse(["--divergence", "reverse"]), "sekd") is None
-    assert train.modelled_method(parse(["--k", "1"]), "sekd") == "full_kd"  # k = 1 skips the selection pass
-    with pytest.raises(ValueError, match="lambda < 1 account covers"):
-        sekd.logit_ledger("both_heads", 24, 6, 1000, 16, 32, 5, lam=0.5)
-
-
-def test_random_positions_make_no_logits_and_draw_chunk_by_chunk():
-    """RandomPos's selection projects nothing through the LM head; its draws are one torch.rand
-    per chunk of valid rows, as when it was handed the chunk's logits."""
-    student, _ = tiny_pair()
-    idx = torch.randint(0, 1000, (2, 12))
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    valid[1, 9:] = False
-    cfg = sekd.KDConfig(method="random_pos", chunk_rows=5)
-    h = student.hidden(idx)
-    torch.manual_seed(3)
-    with sekd.LiveBytes(match=sekd.logits_sized(1000)) as meter:
-        mask = sekd.select_positions(h, student.head_weight, valid, cfg)
-    assert meter.log == [] and int(mask.sum()) == 3 + 2  # ceil(0.2 * 12) + ceil(0.2 * 9)
-    torch.manual_seed(3)
-    scores = torch.zeros(2, 12)
-    scores[valid] = torch.cat([torch.rand(n) for n in (5, 5, 5, 5, 1)])
-    assert torch.equal(mask, sekd.topk_positions(scores, 0.2, valid))
-
-
-def test_state_account_equals_parameters_gradients_and_adamw():
-    student, teacher = tiny_pair()
-    opt = train.make_optimizer(student, 1e-3, 0.1)
-    idx = torch.randint(0, 1000, (2, 12))
-    sekd.flow_loss(student, teacher, idx, idx, "streamed")[0].backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in student.parameters())
-    opt.step()
-    adamw = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
-    acc = sekd.ledger_account(student, teacher, 2, 12, "streamed")
-    assert acc["student"]["params"] == sekd.state_bytes(student)
-    assert acc["student"]["grads"] == grads
-    assert acc["student"]["adamw"] == adamw
-    assert acc["teacher"]["params"] == sekd.state_bytes(teacher)
-
-
-def test_streamed_logit_peak_does_not_grow_with_tokens():
-    student, teacher = tiny_pair(L=20)
-    peaks = {}
-    for B in (1, 4, 16):
-        peaks[B] = {f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
-                    for f in ("dense", "both_heads", "streamed")}
-    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 5 tensors (the previous chunk's are freed)
-    assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 5 * 2 * 1000 * 4
-    assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
-    assert peaks[16]["both_heads"] == 16 * peaks[1]["both_heads"]
-    assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4
-
-
-def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
-    r = train.main(["--run", "benchmark", "--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
-                    "--batch-size", "2", "--bench-repeats", "1", "--bench-warmup", "0", "--chunk-rows", "4",
-                    "--teacher-layers", "1", "--teacher-embd", "32", "--student-embd", "16",
-                    "--out-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "scaling sweep" in out and (tmp_path / "results_benchmark.json").exists()
-    rows = r["tables"]["3000"]
-    assert [row["flow"] for row in rows] == list(sekd.FLOWS)
-    for row in rows + r["sweep"]:
-        assert row["logit_peak"] == row["analytic"]["logit_peak"]
-        assert abs(row["total"] - row["analytic"]["total"]) <= 0.1 * row["total"]
-        assert row["student"] > 0 and row["teacher"] > 0 and row["total"] >= row["teacher"]
-    assert rows[-1]["logit_peak"] < rows[0]["logit_peak"] / 4
-    sweep = {(row["flow"], row["tokens"]): row["logit_peak"] for row in r["sweep"]}
-    assert sweep[("streamed", 64)] == sweep[("streamed", 128)]
-    assert sweep[("dense", 128)] == 2 * sweep[("dense", 64)]
-    assert "step ms (time / dense flow's time" in out and all(row["step_s"] > 0 for row in r["sweep"])
-
-
-def test_benchmark_times_the_flows_in_turns(monkeypatch):
-    """One step of each flow per round (after the warm-up round), so a slow spell hits all alike;
-    a skipped row is not timed."""
-    calls = []
-    monkeypatch.setattr(train, "bench_step", lambda *a, **k: calls.append(a[5]))
-    args = train.build_parser().parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"])
-    rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [{"flow": "chunked", "oom": "skipped"}]
-    train.time_rows(None, None, None, rows, args, torch.device("cpu"))
-    assert calls == ["dense", "streamed"] * 3
-    assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
-
-
-def test_benchmark_flag_errors_are_clear():
-    with pytest.raises(train.UserError, match="multiples of --seq-len"):
-        train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])
-    with pytest.raises(train.UserError, match="positive integers"):
-        train.main(["--run", "benchmark", "--bench-vocab", "abc"])
-    with pytest.raises(ValueError, match="unknown memory flow"):
-        sekd.check_flow("magic")
-
-
-# ----------------------------------------------------------------------------- SPEC 3: RS-KD classes
 
 def test_rskd_sample_layout_counts_and_support():
     g = torch.Generator().manual_seed(10)
@@ -1178,7 +973,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     again, build_s2, reused2 = train.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
-    ids, counts = again.draws(rows, "cpu")
+    ids, counts = sekd.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
     assert ids.shape == (3, args.seq_len, 64) and (counts.sum(-1) == 64).all()
     # the draws are the teacher's, from the seeded generator, in kept order
     x = torch.from_numpy(corpus.train[kept][:, :-1].astype(np.int64))
@@ -1235,33 +1030,8 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
 
 
-def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
-    r = run_job(tmp_path, tiny_corpus, "--run", "axes", "--seeds", "1", "--student-steps", "10", "--U", "64")
-    out = capsys.readouterr().out
-    assert "multi-axis table" in out and "wall-time table" in out and "storage per training position" in out
-    names = [row["method"] for row in r["rows"][2:]]  # after the teacher and the initial student
-    assert names == ["Full KD", "RandomPos 20%", "RandomSmp 20%", "SE-KD top 20%", "RS-KD U=64", "TopSmp 20%",
-                     "TopSmp+RS-KD", "SE-KD+TopSmp", "SE-KD_3X"]
-    rows = {row["key"]: row for row in r["rows"][2:]}
-    n_train = r["data"]["train_samples"]
-    top = rows["top_smp"]
-    assert top["n_kept"] == math.ceil(0.2 * n_train) and top["steps"] == math.ceil(10 * top["n_kept"] / n_train)
-    assert top["prepass_s"] > 0 and rows["full_kd"]["prepass_s"] is None and rows["random_smp"]["prepass_s"] is None
-    walls = {w["key"]: w for w in r["walltime"]}
-    assert list(walls) == ["full_kd", "random_pos", "top_smp", "sekd_3x", "sekd_3x_reuse"]
-    build, reuse = walls["sekd_3x"], walls["sekd_3x_reuse"]
-    assert build["cache_build_s"] > 0 and not build["cache_reused"]
-    assert reuse["cache_build_s"] is None and reuse["cache_reused"]
-    assert reuse["val_ppl"] == build["val_ppl"] and reuse["kl_to_teacher"] == build["kl_to_teacher"]
-    assert all(w["total_s"] >= w["train_s"] for w in r["walltime"])
-    c = r["storage"]["cache"]
-    assert abs(c["bytes"] - c["accounted_bytes"]) <= 0.01 * c["accounted_bytes"]
-    assert c["positions"] == top["n_kept"] * 16
-    assert json.loads((tmp_path / "results_axes.json").read_text())["summary"]["SE-KD_3X"]["val_ppl"]["n"] == 1
-
-
-@pytest.mark.parametrize("flags,msg", [(["--U", "128"], "U must be an integer in [1, 127]"),
-                                       (["--l", "0"], "budget l must be in")])
+@pytest.mark.parametrize("flags,msg", [(["--U", "128"], "argument --U: must be in [1, 127]"),
+                                       (["--l", "0"], "argument --l: must be in (0, 1]")])
 def test_cli_axis_errors_are_one_line_exit_2(flags, msg):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + flags, capture_output=True, text=True,
                        cwd=HERE, timeout=120)
@@ -1431,7 +1201,7 @@ CATALOGUE = {
         "test_bad_on_policy_flags", "test_reverse_kl_flags_are_checked"],
     "unknown method, metric, policy, divergence (any bad flag value)": ["test_unknown_choices_are_one_line_exit_2",
                                                                         "test_position_flags_errors"],
-    "teacher and student vocabulary mismatch": ["test_vocab_mismatch_and_long_sequence",
+    "teacher and student vocabulary mismatch": ["test_teacher_and_student_vocabularies_must_match",
                                                 "test_teacher_checkpoint_for_other_vocabulary_is_refused"],
     "teacher trained with another tokenizer": ["test_checkpoint_for_another_tokenizer_is_refused"],
     "vocabulary too large for the cache id width": ["test_cache_codec_is_lossless_and_never_truncates",
@@ -1443,8 +1213,9 @@ CATALOGUE = {
     "cache built for another teacher, dataset, U, T, seed or sample set": [
         "test_mismatching_cache_is_refused_in_one_line", "test_mismatching_cache_is_refused_before_the_pre_pass"],
     "truncated or interrupted cache": ["test_truncated_or_interrupted_cache_leaves_nothing_valid"],
-    "empty or too-short corpus": ["test_empty_and_too_short_corpus_are_clear_errors",
-                                  "test_too_short_corpus_is_one_line_exit_2"],
+    "empty, binary or too-short corpus": ["test_empty_and_too_short_corpus_are_clear_errors",
+                                          "test_empty_or_binary_local_file_says_so",
+                                          "test_too_short_corpus_is_one_line_exit_2"],
     "NaN or inf loss or gradient": ["test_non_finite_loss_stops_and_keeps_the_last_checkpoint",
                                     "test_huge_learning_rate_stops_in_one_line"],
     "disk full while writing a checkpoint": ["test_disk_full_while_saving_a_checkpoint",
@@ -1486,7 +1257,7 @@ def tiny_cli(tmp_path, corpus, *extra):
 
 
 @pytest.mark.parametrize("flags,msg", [(["--method", "magic"], "argument --method: invalid choice: 'magic'"),
-                                       (["--policy", "nope"], "unknown policy 'nope': choose one of topk")])
+                                       (["--policy", "nope"], "argument --policy: invalid choice: 'nope'")])
 def test_unknown_choices_are_one_line_exit_2(flags, msg):
     assert_one_line_exit_2(run_cli(*flags), msg)
     for bad, want in ((["--divergence", "sideways"], "invalid choice: 'sideways'"), (["--run", "nope"], "--run"),
@@ -1496,21 +1267,32 @@ def test_unknown_choices_are_one_line_exit_2(flags, msg):
         assert "--help" in str(e.value) and "\n" not in str(e.value)
 
 
+def checked(flags):
+    """What `train.main` checks before any work: the flags, their combinations, each method's KDConfig."""
+    args = train.parse_args(flags)
+    train.check_flags(args)
+    return [train.kd_config(args, m) for m in {"compare": ["ce", "full_kd", "sekd"]}.get(args.run, [args.method])]
+
+
 def test_bad_on_policy_flags():
-    parse = train.build_parser().parse_args
-    for flags, msg in ((["--on-policy", "1.5"], "--on-policy must be in \\[0, 1\\]"),
+    for flags, msg in ((["--on-policy", "1.5"], "argument --on-policy: must be in \\[0, 1\\], got 1.5"),
                        (["--on-policy", "0.01"], "rounds to no sequence: raise one of them"),
                        (["--prompt-len", "200"], "--prompt-len must be in \\[0, --seq-len 128\\]"),
                        (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
                        (["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"], "full_kd, sekd, random_pos"),
                        (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
                        (["--on-policy", "0.5", "--run", "positions"], "--run compare or distill"),
-                       (["--divergence", "reverse", "--run", "axes"], "--divergence reverse works with --run compare"),
-                       (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "--divergence reverse")):
+                       (["--divergence", "reverse", "--run", "axes"], "--divergence reverse work with --run compare"),
+                       (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "reverse KL needs the "
+                                                                                             "teacher's full")):
         with pytest.raises(ValueError, match=msg):
-            train.check_args(parse(flags))
-    train.check_args(parse(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"]))
-    train.check_args(parse(["--divergence", "reverse", "--run", "compare"]))
+            checked(flags)
+    assert_one_line_exit_2(run_cli("--divergence", "reverse", "--run", "distill", "--method", "rskd"),
+                           "the reverse KL needs the teacher's full distribution")  # KDConfig's, before any work
+    assert [c.divergence for c in checked(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"])] \
+        == ["reverse"]
+    assert [c.divergence for c in checked(["--divergence", "reverse", "--run", "compare"])] == \
+        ["forward", "reverse", "reverse"]  # CE, the no-KD baseline, has no divergence
 
 
 @pytest.mark.parametrize("field", ["tokenizer", "vocab_size", "vocab_fingerprint"])
@@ -1534,6 +1316,14 @@ def test_vocabulary_beyond_the_cache_format_is_refused():
         sekd.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
     with pytest.raises(ValueError, match="a vocabulary of 131,073 needs 4"):
         sekd.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
+
+
+def test_teacher_and_student_vocabularies_must_match(cache_setup):
+    args, corpus, _, _ = cache_setup
+    other = train.new_model(args, "teacher", corpus.vocab.size + 1, torch.device("cpu"))
+    with pytest.raises(train.UserError, match=f"teacher vocabulary \\({corpus.vocab.size + 1}\\) and student "
+                                              f"vocabulary \\({corpus.vocab.size}\\) differ"):
+        train.distill_student(args, "sekd", corpus, torch.device("cpu"), other, None)
 
 
 def test_seq_len_above_the_teachers_block_size_is_refused(tmp_path, tiny_corpus, pretrained_pair):
@@ -1672,7 +1462,7 @@ def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(os, "posix_fallocate", no_space)
     else:
-        monkeypatch.setattr(train, "open", FullDisk(".tmp"), raising=False)
+        monkeypatch.setattr(data, "open", FullDisk(".tmp"), raising=False)
     with pytest.raises(train.UserError, match=f"could not write {path}: No space left on device .* the previous "
                                               "file, if any, is unchanged"):
         train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
@@ -1875,8 +1665,8 @@ def test_one_process_runs_refuse_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for run in ("benchmark", "storage", "show"):
         with pytest.raises(train.UserError, match="not torchrun"):
-            train.check_args(train.parse_args(["--run", run]))
-    train.check_args(train.parse_args(["--run", "distill"]))
+            train.check_flags(train.parse_args(["--run", run]))
+    train.check_flags(train.parse_args(["--run", "distill"]))
 
 
 # ============================================================================= the paper's data: --preset fineweb
@@ -1939,66 +1729,6 @@ def test_generate_appends_tokens_with_their_entropy():
         assert (best == top3[:, 5 + j:6 + j]).any(1).all()
 
 
-def save_tiny_models(out, corpus, names):
-    """Untrained checkpoints in the layout the jobs write (TINY's sizes), made in a second."""
-    ds, cache = corpus
-    c = data.prepare(ds, 16, cache_dir=cache)
-    for i, name in enumerate(names):
-        torch.manual_seed(i)
-        m = sekd.GPT(sekd.GPTConfig(vocab_size=c.vocab.size, block_size=16, n_layer=1, n_head=2,
-                                    n_embd=32 if name == "teacher" else 16))
-        train.save_checkpoint(str(out / f"{name}.pt"), {"model": m.state_dict(), "config": vars(m.config).copy(),
-                                                        "signature": c.signature, "step": 1, "steps": 1, "val_ppl": 1.0})
-    return c
-
-
-def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsys, monkeypatch):
-    corpus = save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"])
-    flags = ["--run", "sample", "--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
-    r1 = run_job(tmp_path, tiny_corpus, *flags)
-    out = capsys.readouterr().out
-    assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
-    stream = np.asarray(corpus.val).reshape(-1)
-    enc = data.gpt2_encoding()
-    for s, p in zip(r1["prompt_starts"], r1["prompts"]):
-        assert corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out  # starts a line (document)
-    for name in r1["continuations"]:
-        ent = np.array(r1["entropy"][name])
-        assert ent.shape == (2, 10) and (ent > 0).all() and (ent <= math.log(corpus.vocab.size) + 1e-4).all()
-        assert f"--- {name}, mean entropy {ent[1].mean():.2f} nats" in out
-    assert "\x1b[" not in out  # captured stdout is not a terminal: plain text
-    assert json.loads((tmp_path / "results_sample.json").read_text())["continuations"] == r1["continuations"]
-    assert run_job(tmp_path, tiny_corpus, *flags)["continuations"] == r1["continuations"]  # same seed, same text
-    capsys.readouterr()
-    monkeypatch.setattr(train, "colour_enabled", lambda: True)
-    other = run_job(tmp_path, tiny_corpus, *flags, "--seed", "7")["continuations"]
-    assert all(other[n] != r1["continuations"][n] for n in other)
-    assert "\x1b[48;2;" in capsys.readouterr().out
-
-
-def test_colour_only_on_a_terminal_and_without_no_color(monkeypatch):
-    class Terminal:
-        def isatty(self):
-            return True
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.setattr(sys, "stdout", Terminal())
-    on = train.colour_enabled()
-    monkeypatch.setenv("NO_COLOR", "1")
-    off = train.colour_enabled()
-    monkeypatch.undo()
-    assert on and not off and not train.colour_enabled()  # pytest's captured stdout is no terminal
-
-
-def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corpus):
-    save_tiny_models(tmp_path, tiny_corpus, ["student_sekd"])
-    with pytest.raises(train.UserError, match="no.pt does not exist: train it first"):
-        run_job(tmp_path, tiny_corpus, "--run", "sample", "--teacher-ckpt", str(tmp_path / "no.pt"))
-    os.remove(tmp_path / "student_sekd.pt")
-    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
-    with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
-        run_job(tmp_path, tiny_corpus, "--run", "sample")
-
-
 def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, tiny_corpus, monkeypatch):
     calls, ranked = [], []
 
@@ -2017,16 +1747,6 @@ def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, t
     assert r["rows"][-1]["method"] == "teacher_margin topk 20%"
     assert calls and all(s == t for s, t in calls)  # given the teacher's logits for the same rows
     assert len(ranked) == 3 and all(((v >= 1000) & (v <= 1001)).all() for v in ranked)  # one ranking per step
-
-
-def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
-    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
-    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--policy", "pos_rs_kd", "--student-init-steps", "0",
-                "--eval-tokens", "128")
-    out = capsys.readouterr().out
-    assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
-    assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
-    assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
 
 
 def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
