@@ -95,11 +95,9 @@ def build_parser():
                    help="fineweb: the paper's data and GPU-sized models (README); flags given explicitly override it")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
-    g.add_argument("--max-tokens", type=non_negative_int, default=0,
-                   help="hf: / files: read documents until they hold this many tokens; 0 = all (hf: 200,000 documents)")
+    g.add_argument("--max-tokens", type=non_negative_int, default=0, help="read documents up to this many tokens")
     g.add_argument("--seq-len", type=positive_int, default=128, help="positions per sample (block size)")
-    g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep all 50,257 GPT-2 ids instead of the compact vocabulary")
+    g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False, help="all 50,257 GPT-2 ids")
     g.add_argument("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
     g = p.add_argument_group("models")
     for who, (layers, embd, heads) in {"teacher": (4, 256, 4), "student": (1, 64, 2)}.items():
@@ -108,9 +106,8 @@ def build_parser():
         g.add_argument(f"--{who}-heads", type=positive_int, default=heads)
     g = p.add_argument_group("training")
     g.add_argument("--teacher-steps", type=positive_int, default=1200)
-    g.add_argument("--student-init-steps", type=non_negative_int, default=600,
-                   help="CE steps that make the initial student every method starts from (0: random init)")
-    g.add_argument("--student-init-lr", type=positive_float, default=3e-3, help="peak learning rate of the initial student")
+    g.add_argument("--student-init-steps", type=non_negative_int, default=600, help="CE steps of the initial student")
+    g.add_argument("--student-init-lr", type=positive_float, default=3e-3, help="peak lr of the initial student")
     g.add_argument("--student-steps", type=positive_int, default=300, help="distillation steps per method")
     g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -119,8 +116,7 @@ def build_parser():
     g.add_argument("--warmup", type=non_negative_int, default=30, help="linear warm-up steps, then cosine to lr/10")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--eval-interval", type=positive_int, default=100,
-                   help="steps between checkpoints (a killed run, rerun, resumes from the last) and quick val losses")
+    g.add_argument("--eval-interval", type=positive_int, default=100, help="steps between checkpoints (resume points)")
     g.add_argument("--eval-tokens", type=positive_int, default=32768, help="validation tokens for the final metrics")
     g.add_argument("--log-interval", type=positive_int, default=20)
     g = p.add_argument_group("distillation")
@@ -129,29 +125,25 @@ def build_parser():
     g.add_argument("--metric", default="student_entropy", choices=list(sekd.METRICS), help="position importance")
     g.add_argument("--policy", default="topk", choices=list(sekd.POLICIES), help="position selection policy")
     g.add_argument("--gls-queue", type=positive_int, default=30_000, help="GLS: scores kept in the FIFO queue")
-    g.add_argument("--curriculum-steps", type=positive_int, default=4_000,
-                   help="curriculum: steps for the window to slide from the lowest to the top scores")
+    g.add_argument("--curriculum-steps", type=positive_int, default=4_000, help="curriculum: steps to reach the top-k")
     g.add_argument("--seeds", type=positive_int, default=3, help="--run positions / axes: students (seeds) per row")
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=share, default=0.5, help="KL weight lambda; 1 - lambda goes to CE on every position "
                    "(the paper uses 1, pure KL; from a small student 0.5 works better here, README)")
-    g.add_argument("--flow", default="streamed", choices=["streamed", "dense"],
-                   help="streamed: selective LM heads, rows in chunks; dense: full [B, L, V] logits")
+    g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0 = ~16 MB)")
     g.add_argument("--on-policy", type=share, default=0.0,
-                   help="share of each batch's sequences the student writes (on-policy distillation, Agarwal et al. "
-                        "2024) after --prompt-len tokens of a sample; KD on its tokens; 0 = off; CE stays on data")
+                   help="share of each batch's sequences the student writes after --prompt-len tokens (on-policy KD)")
     g.add_argument("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt tokens (0 = --seq-len / 2)")
     g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
-                   help="forward KL(teacher || student) or reverse KL(student || teacher); auto = reverse with "
-                        "--on-policy (as the paper's on-policy table), else forward")
-    g = p.add_argument_group("benchmark (--run benchmark, random tokens; uses the model, --batch-size, --seq-len flags)")
+                   help="forward KL(teacher || student), reverse KL(student || teacher); auto: reverse when on-policy")
+    g = p.add_argument_group("benchmark (--run benchmark, random tokens; also the model, batch and length flags)")
     g.add_argument("--bench-vocab", default="151936,50257", help="vocabulary sizes, comma-separated")
     g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384", help="B*L of the scaling sweep; empty: none")
-    g.add_argument("--bench-repeats", type=positive_int, default=5, help="timed steps per flow (the median is reported)")
+    g.add_argument("--bench-repeats", type=positive_int, default=5, help="timed steps per flow (median reported)")
     g.add_argument("--bench-warmup", type=non_negative_int, default=2, help="untimed steps per flow before timing")
-    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak exceeds this; 0 = none")
+    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
     g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
     g.add_argument("--sample-prompts", type=positive_int, default=3, help="prompts, spread over the validation plays")
     g.add_argument("--sample-prompt-len", type=positive_int, default=24, help="tokens per prompt")
@@ -165,8 +157,7 @@ def build_parser():
     g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--out-dir", default="out")
@@ -865,7 +856,8 @@ def print_table(rows, device, title=None):
     def cell(r, key, fmt, scale=1.0):
         if r.get(key) is None:
             return "-"
-        return fmt.format(scale * r[key]) + ("±" + fmt.format(scale * r[key + "_std"]) if r.get(key + "_std") is not None else "")
+        std = r.get(key + "_std")
+        return fmt.format(scale * r[key]) + ("" if std is None else "±" + fmt.format(scale * std))
     head = (f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} {'wall':>8} "
             f"{'tok/s':>8} {'peak MiB':>9}")
     print(("\n" + title if title else "") + "\n" + head + "\n" + "-" * len(head))
@@ -874,7 +866,8 @@ def print_table(rows, device, title=None):
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
         print(f"{r['method']:<{w}} {cell(r, 'val_ppl', '{:.2f}'):>{c}} {cell(r, 'kl_to_teacher', '{:.3f}'):>{c + 1}} "
-              f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} {wall:>8} {tps:>8} {peak:>9}")
+              f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} {wall:>8} {tps:>8} "
+              f"{peak:>9}")
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")
@@ -900,8 +893,9 @@ def memory_accounts(args, configs, corpus, teacher, device):
 
 
 def machine():
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu}
 
 
 def main(argv=None):
