@@ -39,8 +39,8 @@ import sekd
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
 TeacherCache = data.TeacherCache  # SE-KD_3X's offline teacher cache (its file format is in data.py)
 
-# ----------------------------------------------------------------------------- command line
 
+# ----------------------------------------------------------------------------- command line
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
