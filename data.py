@@ -11,13 +11,17 @@ Any Hugging Face dataset (by name, optionally streamed) or local text files go t
 same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `--max-tokens`
 stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
 those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
+
+The last section is the file format of SE-KD_3X's offline teacher cache.
 """
 import errno
 import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import struct
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +32,8 @@ UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
 
 
 class DataError(ValueError):
-    """A corpus or data-cache problem the user can fix; train.py prints it as one line."""
+    """A problem the user can fix (a corpus, a data or teacher cache, a full disk): one line, exit 2.
+    train.py raises it too, as `train.UserError`."""
 
 
 # ----------------------------------------------------------------------------- files, atomically
@@ -176,8 +181,23 @@ def load_split(dataset, max_tokens=None):
         if missing:
             raise DataError(f"--dataset files: {missing[0]} does not exist")
         kind = "parquet" if paths[0].endswith(".parquet") else "text"
+        for p in paths if kind == "text" else []:
+            require_text(p)
         return hf_split(kind, data_files=paths, val_fraction=0.1, max_tokens=max_tokens)
     raise DataError(f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]")
+
+
+def require_text(path):
+    """We say plainly what is wrong with an empty or binary file (the `datasets` loader would only
+    say that it could not generate the dataset). Reads the whole file, as the loader will."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            blank = sum(bool(line.strip()) for line in f) == 0
+    except UnicodeDecodeError:
+        raise DataError(f"files:{path} is not UTF-8 text: give plain text files, or .parquet files with a "
+                        "'text' column") from None
+    if blank:
+        raise DataError(f"files:{path} is empty: give a text file with at least a few thousand words")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -320,3 +340,66 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None):
             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
             "data_fingerprint": hashlib.sha256(train.tobytes()).hexdigest()[:16]}
     atomic_write_bytes(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
+
+
+# ----------------------------------------------------------------------------- the teacher cache file (SE-KD_3X)
+
+CACHE_MAGIC = b"SEKDRS1\n"
+
+
+def cache_header(signature, shape):
+    """Magic, the JSON length (8 bytes), the JSON {signature, shape}; zero-padded to 64 bytes."""
+    body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
+    head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
+    return head + bytes(-len(head) % 64)
+
+
+def write_cache(path, signature, shape, blocks):
+    """A teacher cache file: the header, then `blocks` (uint8 arrays of consecutive rows of `shape`),
+    written to a temporary file that is renamed over `path` only once complete."""
+    head = cache_header(signature, shape)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with _replacing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(head)
+            preallocate(f, len(head) + math.prod(shape))  # a full disk fails here, not as a SIGBUS later
+        out, i = np.memmap(tmp, np.uint8, "r+", len(head), shape), 0
+        for block in blocks:
+            out[i:i + len(block)] = block
+            i += len(block)
+        out.flush()
+        del out
+
+
+class TeacherCache:
+    """SE-KD_3X's offline teacher cache: `cache_header`, then the encoded draws at every position of
+    every kept sample, uint8 [n_kept, seq_len, U, bytes per class], memory-mapped."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(CACHE_MAGIC)) != CACHE_MAGIC:
+                    raise ValueError("not a teacher cache")
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self.signature, self.shape = header["signature"], tuple(header["shape"])
+            self.offset = len(cache_header(self.signature, self.shape))
+            if os.path.getsize(path) != self.offset + math.prod(self.shape):
+                raise ValueError(f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}")
+            self.data = np.memmap(path, np.uint8, "r", self.offset, self.shape)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise DataError(f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
+                            "--rebuild-cache") from None
+
+    def check(self, signature, skip=()):
+        """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
+        def show(v):
+            return f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}" \
+                if isinstance(v, list) else v
+        for key, want in signature.items():
+            got = self.signature.get(key)
+            if got != want and key not in skip:
+                raise DataError(f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
+                                f"cache, {show(want)} now): pass --rebuild-cache or another --cache path")
