@@ -3,13 +3,9 @@
     python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
     python train.py --run teacher        # only the teacher
     python train.py --run distill --method sekd --k 0.1 --metric reverse_kl --policy gls
-    python train.py --run distill --method sekd_3x --U 64 --l 0.2   # SE-KD_3X, offline teacher cache
-    python train.py --run positions      # a paper table: the --run tools live in experiments/
-    python train.py --help               # every flag with its default
-    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel, one process per rank
-    python train.py --preset fineweb     # the paper's data: FineWeb-Edu streamed, 80M tokens (internet, a GPU)
-
-Runs on CUDA when present (bf16 autocast), otherwise on the CPU; --device overrides.
+    python train.py --run positions      # a paper table: the other --run jobs live in experiments/
+    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel
+Runs on CUDA when present (bf16 autocast), otherwise on the CPU. --help lists every flag.
 """
 import argparse
 import dataclasses
@@ -23,29 +19,27 @@ import os
 import platform
 import sys
 import time
-import weakref
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import data
 import sekd
+from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
 TeacherCache = data.TeacherCache  # SE-KD_3X's offline teacher cache (its file format is in data.py)
-
+TOOLS = {"positions": "positions", "show": "show", "axes": "axes", "walltime": "axes", "storage": "axes",
+         "benchmark": "benchmark", "sample": "sample"}  # --run NAME -> its module in experiments/
 
 # ----------------------------------------------------------------------------- command line
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise UserError(f"{message} (python train.py --help lists every flag)")
-
 
 def number(kind, ok, what):
     """An argparse type: a `kind` (int or float) for which `ok(value)` holds."""
@@ -56,7 +50,6 @@ def number(kind, ok, what):
         return value
     parse.__name__ = kind.__name__  # so that argparse says "invalid float value: 'abc'"
     return parse
-
 
 positive_int = number(int, lambda v: v >= 1, "at least 1")
 non_negative_int = number(int, lambda v: v >= 0, "at least 0")
@@ -83,16 +76,12 @@ PRESETS = {"fineweb": {
     "student_steps": 2400, "lr": 6e-4, "warmup": 100, "eval_interval": 500, "eval_tokens": 262_144,
     "log_interval": 50, "chunk_rows": 1024}}
 
-
 def build_parser():
     """Built at each call, so a metric or policy registered before `cli()` is a valid choice."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", "positions", "show", "axes",
-                                                        "walltime", "storage", "benchmark", "sample"],
-                   help="compare: teacher + CE, Full KD, SE-KD students; teacher: only the teacher; distill: one "
-                        "student with --method; the others run the paper's tables and tools in experiments/ (README)")
-    p.add_argument("--preset", default="none", choices=["none", *PRESETS],
-                   help="fineweb: the paper's data and GPU-sized models (README); flags given explicitly override it")
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", *TOOLS],
+                   help="teacher + CE / Full KD / SE-KD; only the teacher; one --method; or a tool in experiments/")
+    p.add_argument("--preset", default="none", choices=["none", *PRESETS], help="fineweb: the paper's data (docs/)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--max-tokens", type=non_negative_int, default=0, help="read documents up to this many tokens")
@@ -129,32 +118,20 @@ def build_parser():
     g.add_argument("--seeds", type=positive_int, default=3, help="--run positions / axes: students (seeds) per row")
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
-    g.add_argument("--lam", type=share, default=0.5, help="KL weight lambda; 1 - lambda goes to CE on every position "
-                   "(the paper uses 1, pure KL; from a small student 0.5 works better here, README)")
+    g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: CE at every position (paper: 1)")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0 = ~16 MB)")
-    g.add_argument("--on-policy", type=share, default=0.0,
-                   help="share of each batch's sequences the student writes after --prompt-len tokens (on-policy KD)")
+    g.add_argument("--on-policy", type=share, default=0.0, help="share of sequences the student writes (on-policy)")
     g.add_argument("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt tokens (0 = --seq-len / 2)")
     g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
-                   help="forward KL(teacher || student), reverse KL(student || teacher); auto: reverse when on-policy")
-    g = p.add_argument_group("benchmark (--run benchmark, random tokens; also the model, batch and length flags)")
-    g.add_argument("--bench-vocab", default="151936,50257", help="vocabulary sizes, comma-separated")
-    g.add_argument("--bench-tokens", default="1024,2048,4096,8192,16384", help="B*L of the scaling sweep; empty: none")
-    g.add_argument("--bench-repeats", type=positive_int, default=5, help="timed steps per flow (median reported)")
-    g.add_argument("--bench-warmup", type=non_negative_int, default=2, help="untimed steps per flow before timing")
-    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
-    g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
-    g.add_argument("--sample-prompts", type=positive_int, default=3, help="prompts, spread over the validation plays")
-    g.add_argument("--sample-prompt-len", type=positive_int, default=24, help="tokens per prompt")
-    g.add_argument("--sample-len", type=positive_int, default=40, help="tokens each model generates per prompt")
-    g.add_argument("--sample-temperature", type=non_negative_float, default=0.8, help="0 = greedy")
-    g.add_argument("--sample-top-k", type=non_negative_int, default=0, help="sample among the k likeliest ids; 0 = all")
+                   help="KL(teacher || student) or KL(student || teacher); auto: reverse when on-policy")
     g = p.add_argument_group("class and sample axes, offline teacher cache")
     g.add_argument("--U", type=draws, default=64, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
     g.add_argument("--l", type=fraction, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     g.add_argument("--cache", default="", help="SE-KD_3X teacher cache file (default OUT_DIR/rskd_cache_seedSEED.bin)")
     g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
+    for tool in ("benchmark", "sample"):  # the tools' own flags live beside their code
+        importlib.import_module(f"experiments.{tool}").add_flags(p, number)
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA")
@@ -165,10 +142,9 @@ def build_parser():
     g.add_argument("--retrain-teacher", action="store_true", help="ignore a saved teacher and train a new one")
     return p
 
-
 def parse_args(argv=None):
-    """The flags, with --preset's values as defaults. We drop a leading `--`: `torchrun ... train.py --
-    --run distill` needs it, as torchrun's parser takes --run and --l for its --run-path and --log-dir."""
+    """The flags, with --preset's values as defaults. We drop a leading `--` (torchrun needs one before
+    the job's flags, or takes --run and --l for its own --run-path and --log-dir)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
     p = build_parser()
@@ -178,10 +154,8 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
     return args
 
-
 def check_flags(a):
-    """What argparse types cannot check: flags that depend on each other, and the machine.
-    (KDConfig checks the method's own settings, when `kd_config` builds it.)"""
+    """What argparse types cannot check: flags that depend on each other, and the machine."""
     for who in ("teacher", "student"):
         if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
             raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
@@ -202,10 +176,8 @@ def check_flags(a):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.run in ("benchmark", "storage", "show"):
         raise UserError(f"--run {a.run} runs in one process: start it with python, not torchrun")
 
-
 def kd_config(args, method, **kd):
-    """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags; `kd` overrides fields.
-    KDConfig checks every setting and combination, so a bad one fails here, in one line."""
+    """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags, which it checks."""
     positions, classes, _ = AXES.get(method, (method, "full", "all"))
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
     divergence = {"auto": "reverse" if on_policy > 0 else "forward"}.get(args.divergence, args.divergence)
@@ -216,19 +188,16 @@ def kd_config(args, method, **kd):
                         divergence=divergence if positions != "ce" else "forward")
     return dataclasses.replace(cfg, **kd)
 
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, obj):
-    """torch.save through a temporary file + rename: an interrupted save leaves the old file.
-    Every rank calls it at the same point; rank 0 writes, the others wait for it."""
+    """Through a temporary file and a rename: an interrupted save leaves the old file. Rank 0 writes."""
     if RANK == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         buf = io.BytesIO()
         torch.save(obj, buf)
         data.atomic_write_bytes(path, buf.getvalue())
     barrier()
-
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -241,12 +210,10 @@ def load_checkpoint(path):
                         "delete it and train again") from None
     return ckpt
 
-
 def GPT_from(ckpt):
     model = sekd.GPT(sekd.GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model
-
 
 def check_signature(ckpt, corpus, path):
     """Refuse a checkpoint trained with another tokenizer or vocabulary than this data."""
@@ -255,36 +222,29 @@ def check_signature(ckpt, corpus, path):
                         f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
                         "--full-vocab, or pass --retrain-teacher")
 
-
 def teacher_ckpt_path(args):
     return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
-
 
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
-
 # ----------------------------------------------------------------------------- data parallel (torchrun)
-# `torchrun --standalone --nproc_per_node=N train.py ...` starts N copies of this job, as in nanoGPT.
-# Every rank holds the whole student (and teacher) and takes its slice of each global batch (Batches);
-# we average the gradients over ranks before clipping. Rank 0 prints and writes files; the others wait
-# at barriers. Without torchrun, RANK = 0, WORLD = 1 and these functions do nothing.
+# torchrun starts N copies of this job, as in nanoGPT. Each rank takes its slice of each global batch
+# (Batches); we average gradients before clipping; rank 0 prints and writes. Alone: RANK 0, WORLD 1.
 
 RANK, WORLD = 0, 1
 DIST_DEVICE = None  # where collectives run: the CPU (gloo) or this rank's GPU (nccl)
 DIST_TIMEOUT = datetime.timedelta(hours=3)  # the others wait this long while rank 0 builds data or a cache
 
-
 def init_distributed(device):
-    """Join torchrun's process group. Ranks other than 0 print to /dev/null (errors still reach stderr)."""
+    """Join torchrun's process group; ranks other than 0 print nothing (errors still reach stderr)."""
     global RANK, WORLD, DIST_DEVICE
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         RANK, WORLD, DIST_DEVICE = dist.get_rank(), dist.get_world_size(), device
         if RANK:
             sys.stdout = open(os.devnull, "w")
-
 
 def finish_distributed():
     global RANK, WORLD
@@ -293,11 +253,9 @@ def finish_distributed():
         dist.destroy_process_group()
     RANK, WORLD = 0, 1
 
-
 def barrier():
     if WORLD > 1:
         dist.barrier()
-
 
 def rank0_first(fn):
     """fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)."""
@@ -305,11 +263,9 @@ def rank0_first(fn):
     barrier()
     return fn() if RANK != 0 else out
 
-
 def average_gradients(model):
-    """Each rank's loss is the mean over its B sequences (paper §3), so the average of the ranks'
-    gradients is that of the mean over all W*B sequences. We all-reduce by hand, not with
-    DistributedDataParallel, whose hooks expect `model(...)`; the losses call `model.hidden`."""
+    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
+    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
     if WORLD == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,7 +275,6 @@ def average_gradients(model):
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
 
-
 def mean_over_ranks(value):
     if WORLD == 1:
         return value
@@ -327,31 +282,24 @@ def mean_over_ranks(value):
     dist.all_reduce(t)
     return t.item() / WORLD
 
-
 def gather_objects(obj):
-    """Every rank's picklable `obj`, in rank order, on every rank."""
     if WORLD == 1:
         return [obj]
     parts = [None] * WORLD
     dist.all_gather_object(parts, obj)
     return parts
 
-
-def gather_concat(array):
-    return array if WORLD == 1 else np.concatenate(gather_objects(array))
-
-
 # ----------------------------------------------------------------------------- training loop
 
 class Batches:
-    """Epoch e visits the training samples in the permutation drawn from (seed, e), so step s,
-    micro-batch j gets the same ids for every method. Data parallel: rank r takes the r-th slice of
-    the ids one rank with world * batch_size would draw, so a step sees the same samples on any world."""
+    """Epoch e visits the samples in the permutation drawn from (seed, e): every method sees the same
+    batches, on any number of ranks (rank r takes the r-th slice). With `cache` (SE-KD_3X), each batch
+    comes with its samples' teacher draws."""
 
-    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1):
+    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None):
         samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: the sample axis
         self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
-        self.rank, self.world, self._perm = rank, world, {}
+        self.rank, self.world, self.cache, self._perm = rank, world, cache, {}
 
     def ids(self, step, micro):
         n, out = len(self.samples), []
@@ -363,9 +311,12 @@ class Batches:
         return np.array(out)
 
     def get(self, step, micro):
-        x = torch.from_numpy(self.samples[np.sort(self.ids(step, micro))].astype(np.int64)).to(self.device)
-        return x[:, :-1], x[:, 1:]
-
+        ids = np.sort(self.ids(step, micro))
+        x = torch.from_numpy(self.samples[ids].astype(np.int64)).to(self.device)
+        if self.cache is None:
+            return x[:, :-1], x[:, 1:]
+        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)  # row i: kept sample i
+        return x[:, :-1], x[:, 1:], sekd.decode_draws(raw, self.cache.signature["V"])
 
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
@@ -373,77 +324,27 @@ def lr_at(step, steps, peak, warmup):
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-
 def make_optimizer(model, lr, weight_decay):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
-
 def autocast_dtype(args, dev):
-    """--dtype auto: bfloat16 on CUDA; float32 (no autocast) on the CPU."""
     return {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
             "bfloat16": torch.bfloat16}[args.dtype]
-
 
 def autocast(args, dev):
     dtype = autocast_dtype(args, dev)
     return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
 
-
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-
-class LiveBytes(TorchDispatchMode):
-    """Tensor memory on any device, the CPU included: every storage an op makes while this is active
-    counts until freed; `peak` is the most bytes alive at once. Not counted: tensors made before
-    (weights, AdamW state), a kernel's scratch, an output sharing an input's storage (in place, views).
-    `match(t)`, optional, picks tensors also counted in `matched_live` / `matched_peak` and `log`."""
-
-    def __init__(self, match=None):
-        super().__init__()
-        self.live = self.peak = self.matched_live = self.matched_peak = 0
-        self.match, self.log, self._seen = match, [], set()
-
-    def _free(self, key, nbytes, matched):
-        self._seen.discard(key)
-        self.live -= nbytes
-        self.matched_live -= nbytes if matched else 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
-        for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes and key not in self._seen and key not in inputs:
-                self._seen.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                matched = self.match is not None and bool(self.match(t))
-                if matched:
-                    self.matched_live += nbytes
-                    self.matched_peak = max(self.matched_peak, self.matched_live)
-                    self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
-                weakref.finalize(storage, self._free, key, nbytes, matched)
-        return out
-
-
-def state_bytes(*tensors_or_modules):
-    """Bytes held by the parameters and buffers of modules, or by plain tensors."""
-    ts = [t for x in tensors_or_modules
-          for t in (list(x.parameters()) + list(x.buffers()) if isinstance(x, torch.nn.Module) else [x])]
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0):
-    """AdamW with warm-up + cosine, gradient accumulation and clipping. `loss_fn(x, y) -> (loss, n)`;
-    `ckpt(step, opt, train_s)` saves every --eval-interval steps. A loss or gradient that is not finite
-    stops before the update, and the last checkpoint stays as it was. -> stats: train seconds, tokens
-    (all ranks), the peak bytes (with `frozen_bytes`, the teacher's weights) and every step's loss."""
+    """AdamW, warm-up + cosine, accumulation, clipping; `ckpt(step, opt, train_s)` every --eval-interval
+    steps. A non-finite loss or gradient stops before the update. -> seconds, tokens, peak bytes, losses."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = saved = resume["step"] if resume else 0
     if resume:
@@ -498,16 +399,15 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
         adamw = sum(state_bytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         peak = state_bytes(model) + adamw + peak_cpu + frozen_bytes
         how = ("weights (student + teacher) + AdamW state + peak live tensor bytes of one training step, "
-               "counted with a TorchDispatchMode (train.LiveBytes)")
+               "counted with a TorchDispatchMode (experiments/meter.py)")
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
             "peak_how": how, "loss_curve": curve}
-
 
 # ----------------------------------------------------------------------------- evaluation
 
 class EvalSet:
-    """A fixed slice of the validation split. We keep the teacher's final hidden states (small:
-    [N, L, D]), so each student's KL and agreement cost only head projections."""
+    """A fixed slice of the validation split, with the teacher's final hidden states kept (small), so a
+    student's KL and agreement cost only head projections."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -542,7 +442,6 @@ class EvalSet:
                 "kl_to_teacher": tot["kl"] / tot["n"] if t else None,
                 "agreement": tot["agree"] / tot["n"] if t else None, "ece": ece, "eval_tokens": tot["n"]}
 
-
 # ----------------------------------------------------------------------------- the teacher and the initial student
 
 def pick_device(args):
@@ -552,26 +451,22 @@ def pick_device(args):
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
-
 def model_config(args, who, vocab_size):
     return sekd.GPTConfig(vocab_size=vocab_size, block_size=args.seq_len, n_layer=getattr(args, f"{who}_layers"),
                           n_head=getattr(args, f"{who}_heads"), n_embd=getattr(args, f"{who}_embd"))
 
-
 def new_model(args, who, vocab_size, device):
     return sekd.GPT(model_config(args, who, vocab_size)).to(device)
-
 
 def maybe_compile(model, args):
     if args.compile:
         model.hidden = torch.compile(model.hidden)
     return model
 
-
 def pretrained(args, corpus, device, evalset, who):
-    """Train a model with plain CE, or reuse (and resume) its checkpoint: the teacher, and the initial
-    student every method starts from (we distil a pretrained student, as the paper does: a random
-    student's entropy ranks nothing yet)."""
+    """The teacher, or the initial student every method starts from, trained with CE or reused (or
+    resumed) from its checkpoint. We distil a pretrained student, as the paper: a random one's entropy
+    ranks nothing."""
     if who == "teacher":
         path, steps, lr, seed = teacher_ckpt_path(args), args.teacher_steps, args.teacher_lr, args.seed + 1
         must_exist = args.run == "distill" and bool(args.teacher_ckpt)  # a named teacher is never trained here
@@ -614,7 +509,6 @@ def pretrained(args, corpus, device, evalset, who):
                        ckpt=save, resume=ckpt)
     return model, {**stats, "reused": False}
 
-
 # ----------------------------------------------------------------------------- distillation
 
 def method_label(method, cfg, args):
@@ -626,11 +520,9 @@ def method_label(method, cfg, args):
     return {"ce": "CE (no KD)", "full_kd": "Full KD", "sekd": f"SE-KD top {cfg.k:.0%}",
             "random_pos": f"RandomPos {cfg.k:.0%}", "at_kd": "AT-KD"}[cfg.method]
 
-
 def distill_student(args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd):
-    """One student from the shared initial weights (`student_init`, or the seed's random init), trained
-    with `method` (sekd.METHODS or AXES) and evaluated. `kd` overrides KDConfig fields (metric, policy,
-    k, ...); save=False keeps no checkpoint. -> the results row."""
+    """One student from the shared initial weights, trained with `method` (sekd.METHODS or AXES) and
+    evaluated; `kd` overrides KDConfig fields; save=False keeps no checkpoint. -> the results row."""
     positions, classes, samples = AXES.get(method, (method, "full", "all"))
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
     cfg = kd_config(args, method, **kd)
@@ -679,25 +571,20 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     row["total_s"] = row["train_s"] + (row["prepass_s"] or 0.0) + (row["cache_build_s"] or 0.0)
     return row
 
-
 # Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
 RUN_FLAGS = ("seed", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "grad_clip", "dtype",
              "student_layers", "student_embd", "student_heads", "student_init_steps", "student_init_lr", "l")
 
-
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
-    """What a distillation checkpoint must match to be resumed: the method and its KD settings, the
-    data, the teacher and initial student files (by hash), the steps and RUN_FLAGS."""
+    """What a checkpoint must match to be resumed: the settings, data, teacher and initial student."""
     init, teacher = os.path.join(args.out_dir, "student_init.pt"), teacher_ckpt_path(args)
     return {"method": method, "kd": asdict(cfg), "steps": steps, "data": corpus.meta["data_fingerprint"],
             "teacher": file_sha256(teacher) if os.path.exists(teacher) else None,
             "student_init": file_sha256(init) if args.student_init_steps > 0 and os.path.exists(init) else None,
             "on_policy": on_policy, "prompt_len": prompt_len, **{f: getattr(args, f) for f in RUN_FLAGS}}
 
-
 def resumable(path, key, tag):
-    """The unfinished checkpoint at `path` of the same run, or None: we train anew over a finished
-    checkpoint, or over one of another run."""
+    """The unfinished checkpoint at `path` of the same run, or None (a finished one, another run's)."""
     ckpt = load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
         return None
@@ -707,16 +594,13 @@ def resumable(path, key, tag):
         return None
     return ckpt
 
-
 def derived_seed(*ints):
     return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
-
 
 def rng_state():
     """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
     return gather_objects({"cpu": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
-
 
 def set_rng_state(rng):
     """This rank's generators from `rng_state()`; a rank it has no state for keeps its fresh seed."""
@@ -725,7 +609,6 @@ def set_rng_state(rng):
         torch.set_rng_state(rng[RANK]["cpu"])
         if rng[RANK]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
-
 
 # ----------------------------------------------------------------------------- the sample axis and SE-KD_3X's cache
 
@@ -736,7 +619,7 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
     -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
     plan = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
             "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
-    kept = None
+    kept, cache = None, None
     if classes == "cache" and os.path.exists(default_cache_path(args)) and not args.rebuild_cache:
         TeacherCache(default_cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
     if samples == "top":
@@ -747,19 +630,14 @@ def axes_plan(args, samples, classes, corpus, device, student, teacher):
     if kept is not None:
         plan["n_kept"] = len(kept)
         plan["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    batch_args = (corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD)
     if classes == "cache":
         ids = kept if kept is not None else np.arange(len(corpus.train))
         cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
         plan["cache_bytes"] = os.path.getsize(cache.path)
-        plan["batches"] = CachedBatches(*batch_args, cache=cache)
-    else:
-        plan["batches"] = Batches(*batch_args)
+    plan["batches"] = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
     return plan
 
-
 _PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
-
 
 @torch.no_grad()
 def sample_prepass(student, corpus, args, device):
@@ -778,31 +656,15 @@ def sample_prepass(student, corpus, args, device):
             scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
                                               args.chunk_rows or None).double().cpu().numpy())
         student.train()
-        scores = gather_concat(np.concatenate(scores) if scores else np.zeros(0))
+        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         _PREPASS[key] = (scores, time.time() - t0)
         print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
     return _PREPASS[key]
 
-
-class CachedBatches(Batches):
-    """Batches of kept samples with their teacher draws, read from the cache (its row i is kept
-    sample i, row i of `self.samples`). get -> (x, y, (ids, counts) [B, L, U])."""
-
-    def __init__(self, *batch_args, cache):
-        super().__init__(*batch_args)
-        self.cache = cache
-
-    def get(self, step, micro):
-        x, y = super().get(step, micro)
-        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[np.sort(self.ids(step, micro))]))
-        return x, y, sekd.decode_draws(raw.to(self.device), self.cache.signature["V"])
-
-
 def default_cache_path(args):
     return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-
 
 def cache_signature(args, corpus, kept):
     """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
@@ -813,7 +675,6 @@ def cache_signature(args, corpus, kept):
     return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
             "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
             "kept": [int(i) for i in kept]}
-
 
 def teacher_cache(args, corpus, device, teacher, kept):
     """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
@@ -846,7 +707,6 @@ def teacher_cache(args, corpus, device, teacher, kept):
     print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
     return cache, None, True
 
-
 # ----------------------------------------------------------------------------- results and main
 
 def print_table(rows, device, title=None):
@@ -872,14 +732,12 @@ def print_table(rows, device, title=None):
     if how:
         print(f"peak memory on {device}: {how}")
 
-
 ACCOUNT = {"student_params": "student weights", "teacher_params": "teacher weights", "grads": "grads",
            "adamw": "AdamW", "activations": "activations", "teacher_hidden": "teacher hidden", "head_grad": "head grad",
            "logits": "logits peak", "total": "total"}
 
-
 def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account's closed form of each method's step, printed (MiB) before training."""
+    """sekd.memory_account of each method's step, printed (MiB) before training."""
     out = {}
     for m, cfg in configs.items():  # sekd.memory_account models no on-policy step
         acc = None if args.on_policy > 0 and cfg.method != "ce" else sekd.memory_account(
@@ -891,12 +749,10 @@ def memory_accounts(args, configs, corpus, teacher, device):
         out.update({m: acc} if acc else {})
     return out
 
-
 def machine():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu}
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -904,9 +760,9 @@ def main(argv=None):
     methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
     configs = {m: kd_config(args, m) for m in methods}  # a bad method setting fails here, before any work
     device = pick_device(args)
-    tool = "experiments." + {"walltime": "axes"}.get(args.run, args.run)  # the other --run jobs live in experiments/
+    tool = importlib.import_module(f"experiments.{TOOLS[args.run]}") if args.run in TOOLS else None
     if args.run == "benchmark":
-        return importlib.import_module(tool).run(args, device)
+        return tool.run(args, device)
     init_distributed(device)
     t_start = time.time()
     corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
@@ -914,9 +770,9 @@ def main(argv=None):
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
-        return {"storage": importlib.import_module(tool).storage(args, corpus)}
+        return {"storage": tool.storage(args, corpus)}
     if args.run == "sample":
-        return importlib.import_module(tool).run(args, corpus, device)
+        return tool.run(args, corpus, device)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval()
@@ -934,10 +790,8 @@ def main(argv=None):
         print_table(rows, device)
     if args.run == "teacher":
         print_table(rows, device)
-    extra = {}
-    if args.run in ("positions", "show", "axes", "walltime"):
-        extra = importlib.import_module(tool).run(args, corpus, device, teacher, evalset, student_init)
-        rows += extra.pop("rows", [])
+    extra = tool.run(args, corpus, device, teacher, evalset, student_init) if tool else {}
+    rows += extra.pop("rows", [])
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
               "memory_account": accounts, "total_s": time.time() - t_start}
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
@@ -948,10 +802,9 @@ def main(argv=None):
     finish_distributed()
     return result
 
-
 def cli(argv=None):
-    """The command line: `main`, with a user error printed as one line and exit code 2. A script that
-    registers its own metric and then calls `train.cli()` gets the same command line."""
+    """`main`, a user error printed in one line with exit code 2 (a script that registers a metric and
+    calls `train.cli()` gets the same command line)."""
     try:
         return main(argv)
     except ValueError as e:  # UserError (= data.DataError) and KDConfig's errors
@@ -962,6 +815,6 @@ def cli(argv=None):
               file=sys.stderr)
         sys.exit(130)
 
-
 if __name__ == "__main__":
+    sys.modules["train"] = sys.modules[__name__]  # experiments/ imports this module, not a second copy of it
     cli()
