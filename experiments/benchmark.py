@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 import data
-import sekd
 import train
 from experiments import ledger
 
@@ -90,7 +89,7 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     with pm.meter:
         bench_step(student, teacher, opt, x, y, flow, args, pm)
     ph = pm.phases
-    t_params = sekd.param_bytes(teacher)
+    t_params = ledger.param_bytes(teacher)
     t_hidden = x.numel() * teacher.config.n_embd * 4
     delta = lambda p: ph[p]["peak"] - ph[p]["start"] if p in ph else 0
     teacher_own = delta("teacher forward")

@@ -53,7 +53,8 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow == "dense":
             mask = valid
         else:
-            scores = sekd.chunked_entropy(student_h.detach(), student.head_weight.detach(), 1.0, chunk_rows)
+            scores = sekd.chunked_scores("student_entropy", student_h, student.head_weight, valid,
+                                         chunk_rows=chunk_rows)
             mask = sekd.topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
     if flow in ("teacher_head", "both_heads"):
         with phase("teacher head"), torch.no_grad():
@@ -332,6 +333,17 @@ def account_flow(method, flow):
     return ("chunked" if flow == "dense" else "streamed"), method == "sekd"
 
 
+def param_bytes(model, trainable_only=False):
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def adamw_bytes(model, step_on_device=True):
+    """AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
+    float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return 2 * sum(p.numel() * p.element_size() for p in ps) + (4 * len(ps) if step_on_device else 0)
+
+
 def ledger_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
                    lam=1.0, T=1.0):
     """The analytic memory account of one training step of `flow`: bytes of parameters, gradients
@@ -346,8 +358,8 @@ def ledger_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam,
                       T=T)
     runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
-    s_params, t_params = sekd.param_bytes(student), sekd.param_bytes(teacher) * runs
-    s = {"params": s_params, "grads": sekd.param_bytes(student, True), "adamw": sekd.adamw_bytes(student, not on_cuda),
+    s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
+    s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
          "activations": sekd.activation_bytes(student.config, B, L, half, grad=True)}
     t = {"params": t_params, "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs}
     t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
