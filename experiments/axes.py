@@ -3,6 +3,7 @@ samples), its wall-time table and its storage table, at small scale."""
 import argparse
 import os
 
+import data
 import sekd
 import train
 from experiments.positions import mean_std_row
@@ -94,7 +95,7 @@ def storage(args, corpus):
     print("(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 byte per logit)")
     cache_path = train.default_cache_path(args)
     if os.path.exists(cache_path):
-        cache = train.TeacherCache(cache_path)
+        cache = data.TeacherCache(cache_path)
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
         predicted = n_pos * sekd.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
         out["cache"] = {"path": cache_path, "bytes": real, "positions": n_pos, "accounted_bytes": predicted,

@@ -43,7 +43,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             scores = sekd.chunked_scores(metric, h, w, valid, th, evalset.teacher_w, y)
             state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # GLS, curriculum: as at step 0
             picks[metric if policy == "topk" else f"{metric} {policy}"] = \
-                sekd.get_policy(policy)(scores, args.k, valid, state)[0]
+                sekd.POLICIES[policy](scores, args.k, valid, state)[0]
     other = list(picks)[1]
     enc = data.gpt2_encoding()
     tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
