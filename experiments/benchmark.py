@@ -1,0 +1,262 @@
+"""`--run benchmark`: one training step of each memory flow (experiments/ledger.py) side by side,
+on random tokens: measured peak bytes per phase beside the ledger's account, and step times.
+Then a sweep over B*L, to show which flows' logit memory grows with the batch (the paper's
+memory table, at our scale)."""
+import gc
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+import data
+import train
+from experiments import ledger
+
+GiB = 2 ** 30
+
+
+def parse_ints(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise train.UserError(f"{flag} takes positive integers separated by commas, e.g. 1024,2048; got '{text}'")
+    return values
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+def free_memory(opt, dev):
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class PhaseMeter:
+    """Measured peak bytes per phase of one step, beside the analytic ones: on CUDA from the
+    allocator (reset_peak_memory_stats, max_memory_allocated); on CPU the resident state plus
+    train.LiveBytes. On both, LiveBytes also gives the peak of the logits-sized tensors."""
+
+    def __init__(self, dev, resident, V):
+        self.cuda, self.resident, self.phases = dev.type == "cuda", resident, {}
+        self.meter = train.LiveBytes(match=ledger.logits_sized(V))
+
+    def now(self):
+        return torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
+
+    @contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.meter.peak, self.meter.matched_peak = self.meter.live, self.meter.matched_live
+        start = self.now()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self.resident + self.meter.peak
+        self.phases[name] = {"start": start, "peak": peak, "logit_peak": self.meter.matched_peak}
+
+
+def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
+    """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
+    with train.autocast(args, x.device):
+        loss, _ = ledger.flow_loss(student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase)
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer step"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def measure_flow(student, teacher, opt, x, y, flow, args, dev):
+    """Peaks of one step, per phase, split the way the paper's memory table reports them (student
+    and teacher apart): teacher = its parameters + what its forward (and selective head)
+    allocates; student = the step's peak in the student's phases less the teacher's parameters
+    and hidden states; total = the step's peak with both models in one process."""
+    resident = train.state_bytes(student, teacher) + sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+        if torch.is_tensor(t) and t.device == dev)
+    pm = PhaseMeter(dev, resident, student.config.vocab_size)
+    with pm.meter:
+        bench_step(student, teacher, opt, x, y, flow, args, pm)
+    ph = pm.phases
+    t_params = ledger.param_bytes(teacher)
+    t_hidden = x.numel() * teacher.config.n_embd * 4
+    delta = lambda p: ph[p]["peak"] - ph[p]["start"] if p in ph else 0
+    teacher_own = delta("teacher forward")
+    if "teacher head" in ph:
+        teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
+    held = {"student forward", "selection", "teacher head", "loss"}  # teacher_h is alive
+    student_own = max(v["peak"] - t_params - (t_hidden if p in held else 0)
+                      for p, v in ph.items() if p != "teacher forward")
+    return {"phases": ph, "total": max(v["peak"] for v in ph.values()), "teacher": t_params + teacher_own,
+            "student": student_own, "logit_peak": max(v["logit_peak"] for v in ph.values())}
+
+
+def bench_batch(B, V, args, dev):
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    tokens = torch.randint(0, V, (B, args.seq_len + 1), generator=g).to(dev)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def guard_oom(row, fn):
+    """Run fn(); a lack of memory marks the row "OOM" (a result, not a crash)."""
+    try:
+        fn()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        row["oom"] = "OOM"
+
+
+def bench_row(student, teacher, opt, B, flow, args, dev):
+    """One flow at batch B: analytic account and measured peaks (after a warm-up step); a row
+    whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
+    V, L = student.config.vocab_size, args.seq_len
+    half = train.autocast_dtype(args, dev) is not None
+    acc = ledger.ledger_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half,
+                                dev.type == "cuda", T=args.T)
+    row = {"flow": flow, "name": ledger.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
+    if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
+        return {**row, "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb"}
+    x, y = bench_batch(B, V, args, dev)
+
+    def warm_up_then_measure():
+        bench_step(student, teacher, opt, x, y, flow, args)  # allocator, AdamW state
+        row.update(measure_flow(student, teacher, opt, x, y, flow, args, dev))
+    guard_oom(row, warm_up_then_measure)
+    free_memory(opt, dev)
+    return row
+
+
+def time_rows(student, teacher, opt, rows, args, dev):
+    """Each row's median step seconds (`step_s`) over --bench-repeats steps after --bench-warmup.
+    The flows take turns, one step each per round, so that a slow spell of a shared machine
+    slows every flow alike and the ratios between them stay fair."""
+    live = [(r, []) for r in rows if "oom" not in r]  # each row with its step times
+    if not live:
+        return rows
+    x, y = bench_batch(rows[0]["B"], rows[0]["V"], args, dev)
+    for i in range(args.bench_warmup + args.bench_repeats):
+        for r, times in live:
+            if "oom" in r:  # ran out of memory in an earlier round
+                continue
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            guard_oom(r, lambda: bench_step(student, teacher, opt, x, y, r["flow"], args))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.bench_warmup:
+                times.append(time.perf_counter() - t0)
+    for r, times in live:
+        if "oom" not in r:
+            r["step_s"] = float(np.median(times))
+    free_memory(opt, dev)
+    return rows
+
+
+def bench_rows(student, teacher, opt, B, args, dev):
+    """Every flow at batch B: measured, then timed side by side."""
+    rows = [bench_row(student, teacher, opt, B, f, args, dev) for f in ledger.FLOWS]
+    return time_rows(student, teacher, opt, rows, args, dev)
+
+
+def bench_models(args, V, dev):
+    torch.manual_seed(args.seed)
+    teacher, student = train.new_model(args, "teacher", V, dev), train.new_model(args, "student", V, dev)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher, train.make_optimizer(student, 1e-5, args.weight_decay)
+
+
+def print_bench_table(rows, lines):
+    base = rows[0]
+    head = (f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} {'(analytic)':>10} "
+            f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}")
+    lines += [head, "-" * len(head)]
+    for i, r in enumerate(rows, 1):
+        if "oom" in r:
+            lines.append(f"{i:>2} {r['name']:<44} {r['oom']}")
+            continue
+        a = r["analytic"]
+        ratio_m = f"{r['total'] / base['total']:.2f}" if "total" in base else "-"
+        ratio_t = f"{r['step_s'] / base['step_s']:.2f}" if "step_s" in base and "step_s" in r else "-"
+        ms = f"{1000 * r['step_s']:.1f}" if "step_s" in r else "-"
+        lines.append(f"{i:>2} {r['name']:<44} {r['student'] / GiB:>11.3f} {r['teacher'] / GiB:>11.3f} "
+                     f"{r['total'] / GiB:>9.3f} {a['total'] / GiB:>10.3f} {r['logit_peak'] / GiB:>10.3f} "
+                     f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}")
+
+
+def print_sweep_tables(V, sweep, grid):
+    """The scaling sweep as two tables: memory (logit peak / total peak) and step time (ms, and
+    the ratio to the dense flow at the same B*L). A row that ran out of memory says so."""
+    def cells(f, fmt):
+        return "".join(f"{c:>18}" for c in (("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r else fmt(r, i)
+                                            for i, r in enumerate(grid[f])))
+    dense = grid["dense"]
+
+    def time_cell(r, i):
+        ratio = f" ({r['step_s'] / dense[i]['step_s']:.2f}x)" if "step_s" in dense[i] else ""
+        return f"{1000 * r['step_s']:.1f}{ratio}"
+    cols = f"{'flow':<44}" + "".join(f"{t:>18,}" for t in sweep)
+    table = [f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L", cols]
+    table += [f"{ledger.FLOWS[f]:<44}" + cells(f, lambda r, i: f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}")
+              for f in ledger.FLOWS]
+    table += [f"\nscaling sweep, V = {V:,}: step ms (time / dense flow's time at the same B*L)", cols]
+    table += [f"{ledger.FLOWS[f]:<44}" + cells(f, time_cell) for f in ledger.FLOWS]
+    return table
+
+
+def run(args, device):
+    """One training step of each flow side by side, on random tokens, per vocabulary size
+    (--bench-vocab); then a sweep over B*L (--bench-tokens) for the first vocabulary. Writes
+    OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json."""
+    vocabs = parse_ints(args.bench_vocab, "--bench-vocab")
+    sweep = parse_ints(args.bench_tokens, "--bench-tokens") if args.bench_tokens else []
+    if any(t % args.seq_len for t in sweep):
+        raise train.UserError(f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L")
+    if args.bench_repeats < 1 or args.bench_warmup < 0:
+        raise train.UserError("--bench-repeats must be >= 1 and --bench-warmup >= 0")
+    where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"benchmark on {device} ({where}), "
+             f"torch {torch.__version__}, autocast {train.autocast_dtype(args, device) or 'off (float32)'}; "
+             f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
+             f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
+             f"{args.bench_warmup} warm-up, the flows taking turns"]
+    print(lines[0])
+    result = {"args": vars(args), "machine": train.machine(), "tables": {}, "sweep": []}
+    for i, V in enumerate(vocabs):
+        student, teacher, opt = bench_models(args, V, device)
+        rows = bench_rows(student, teacher, opt, args.batch_size, args, device)
+        table = [f"\nV = {V:,}: one step per flow; ratios to row 1"]
+        print_bench_table(rows, table)
+        print("\n".join(table), flush=True)
+        lines += table
+        result["tables"][str(V)] = rows
+        if i == 0 and sweep:
+            grid = {f: [] for f in ledger.FLOWS}
+            for t in sweep:
+                for r in bench_rows(student, teacher, opt, t // args.seq_len, args, device):
+                    grid[r["flow"]].append(r)
+                    result["sweep"].append(r)
+            table = print_sweep_tables(V, sweep, grid)
+            print("\n".join(table), flush=True)
+            lines += table
+        del student, teacher, opt
+        free_memory(None, device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    data.atomic_write_bytes(os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode())
+    data.atomic_write_bytes(os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode())
+    print(f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json")
+    return result

@@ -1,0 +1,92 @@
+"""`--run sample`: the teacher's and every saved student's continuations of the same validation
+prompts, each generated token coloured by that model's own entropy at that step."""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data
+import train
+from experiments.show import _heat
+
+def sample_prompts(corpus, n, length, enc):
+    """n prompts of `length` tokens spread evenly over the validation plays, each starting just
+    after a line break or a document's end (a speaker's name or a verse line, in the plays), if
+    one comes within 200 tokens. -> (long [n, length], start offsets)."""
+    stream = np.asarray(corpus.val).reshape(-1).astype(np.int64)
+    if len(stream) < length + 1:
+        raise train.UserError(f"the validation split has {len(stream)} tokens, too few for "
+                              f"--sample-prompt-len {length}")
+    last = len(stream) - length
+    is_break = lambda t: "\n" in t or t == enc.decode([enc.eot_token])
+    starts = []
+    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
+        breaks = [i + 1 for i in range(s, min(s + 200, last)) if is_break(corpus.vocab.decode([stream[i]], enc))]
+        starts.append(breaks[0] if breaks else int(s))
+    return torch.from_numpy(np.stack([stream[s:s + length] for s in starts])), starts
+
+
+def saved_students(out_dir):
+    """The students to sample from: OUT_DIR/student_<name>.pt (written by distillation runs, and
+    student_init.pt), the initial student first, then CE, Full KD, SE-KD, the rest by name."""
+    names = sorted(f[8:-3] for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if f.startswith("student_") and f.endswith(".pt"))
+    first = ["init", "ce", "full_kd", "sekd"]
+    names.sort(key=lambda n: (first.index(n) if n in first else len(first), n))
+    if not [n for n in names if n != "init"]:
+        raise train.UserError(f"no trained students (student_<method>.pt) in {out_dir}: run `python train.py` "
+                              "there (writes student_ce.pt, student_full_kd.pt, student_sekd.pt) or `python train.py "
+                              "--run distill --method METHOD` with this --out-dir")
+    return [(f"student_{n}", os.path.join(out_dir, f"student_{n}.pt")) for n in names]
+
+
+def colour_enabled():
+    """ANSI colour only on a terminal, and not when NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+def paint(token, rgb):
+    """One token on a coloured background; a line break shows as ↵ and is made outside the colour."""
+    r, g, b = rgb
+    return "\n".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
+                     for part in token.replace("\n", "\u21b5\n").split("\n"))
+
+
+def run(args, corpus, device):
+    """--run sample: --sample-prompts validation prompts, and each model's continuation of them
+    (the teacher, then every saved student), one block under the other; each generated token is
+    coloured by that model's own entropy H(q_t) at that step (the student_entropy metric: what SE-KD
+    selects by). Same --seed, same text."""
+    models = [("teacher", train.teacher_ckpt_path(args))] + saved_students(args.out_dir)
+    enc = data.gpt2_encoding()
+    prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
+    text, entropy = {}, {}
+    for name, path in models:
+        ckpt = train.load_checkpoint(path)
+        train.check_signature(ckpt, corpus, path)
+        model = train.GPT_from(ckpt).to(device).eval()
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out, ent = model.generate(prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g)
+        text[name] = [[corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1]:]] for row in out.cpu()]
+        entropy[name] = ent.cpu().tolist()
+    colour = colour_enabled()
+    hi = max(max(max(row) for row in e) for e in entropy.values())
+    print(f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
+          f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
+          + (f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats" if colour else ""))
+    for i, start in enumerate(starts):
+        print(f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}")
+        for name, _ in models:
+            tokens, ent = text[name][i], entropy[name][i]
+            body = "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent)) if colour else "".join(tokens)
+            print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
+    result = {"prompt_starts": starts, "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
+              "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()}, "entropy": entropy,
+              "args": vars(args)}
+    path = os.path.join(args.out_dir, "results_sample.json")
+    data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+    print(f"\ntext and per-token entropies written to {path}")
+    return result
+

@@ -1,0 +1,335 @@
+"""Tests of the paper-table runs and tools: the memory ledger against the tensors each flow really
+creates, the benchmark, and `--run positions | show | axes | sample` end to end on a tiny corpus."""
+import contextlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import sekd
+import train
+from experiments import benchmark, ledger, sample
+from test_sekd import run_job, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
+
+
+# ----------------------------------------------------------------------------- the ledger: every logits-sized tensor
+
+def tiny_pair(V=1000, L=12):
+    torch.manual_seed(0)
+    student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=16))
+    teacher = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32)).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def measured_logits(student, teacher, B, L, flow, half, chunk=5, T=1.0):
+    """LiveBytes over one forward + backward: every tensor with last dim V, and their peak."""
+    V = student.config.vocab_size
+    g = torch.Generator().manual_seed(B)
+    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
+    meter = train.LiveBytes(match=ledger.logits_sized(V))
+    with meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if half else torch.autocast("cpu", enabled=False):
+            loss, mask = ledger.flow_loss(student, teacher, idx, y, flow, 0.2, T, chunk)
+        loss.backward()
+    student.zero_grad(set_to_none=True)
+    return meter, int(mask.sum())
+
+
+@pytest.mark.parametrize("half,T", [(False, 1.0), (True, 1.0), (False, 2.0), (True, 0.5)])
+@pytest.mark.parametrize("flow", list(ledger.FLOWS))
+def test_logit_account_equals_tensors_created(flow, half, T):
+    """At T = 1 no `z / T` tensor exists; at any other T the account has it too."""
+    student, teacher = tiny_pair()
+    meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half, T=T)
+    lg = ledger.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half, T=T)
+    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+                 for _, shape, dt, b in meter.log)
+    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in lg.tensors)
+    assert got == want  # the same tensors, of the same sizes and dtypes
+    assert max(lg.peaks.values()) == meter.matched_peak
+    assert n_sel == (24 if flow in ("dense", "dense_entropy") else 2 * 3)
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("method,flow,lam,T", [("sekd", "streamed", 0.5, 1.0), ("sekd", "dense", 0.5, 1.0),
+                                               ("full_kd", "streamed", 0.5, 1.0), ("full_kd", "dense", 0.5, 1.0),
+                                               ("ce", "streamed", 0.0, 1.0), ("ce", "dense", 0.0, 1.0),
+                                               ("sekd", "streamed", 1.0, 1.0), ("full_kd", "dense", 1.0, 1.0),
+                                               ("random_pos", "streamed", 0.5, 1.0), ("random_pos", "dense", 1.0, 1.0),
+                                               ("sekd", "streamed", 0.5, 2.0), ("full_kd", "dense", 0.5, 2.0)])
+def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, T, half):
+    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1 included."""
+    student, teacher = tiny_pair()
+    V, B, L, chunk = 1000, 2, 12, 5
+    g = torch.Generator().manual_seed(7)
+    idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
+    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T)
+    torch.manual_seed(0)  # RandomPos: the same draws in both calls
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+    meter = train.LiveBytes(match=ledger.logits_sized(V))
+    torch.manual_seed(0)
+    with meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            loss, n_sel = sekd.distill_loss(student, teacher, idx, y, cfg)
+        loss.backward()
+    sel = mask.flatten().long()
+    sel_chunks = [int(sel[i:i + chunk].sum()) for i in range(0, B * L, chunk)]
+    ledger_flow = ledger.account_flow(method, flow)
+    lg = ledger.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks, T)
+    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+                 for _, shape, dt, b in meter.log)
+    want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in lg.tensors)
+    assert got == want
+    assert max(lg.peaks.values()) == meter.matched_peak
+    assert n_sel == (24 if method in ("ce", "full_kd") else 6)
+    if flow == "streamed" and 0 < lam < 1 and not half:  # KL rows first, then the chunk's CE: not 2 c + 7 s
+        sizes = ledger.chunk_sizes(B * L, chunk)
+        assert meter.matched_peak == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 100])
+def test_chunked_passes_cast_each_head_weight_once(chunk):
+    """Under autocast a chunk loop multiplies by one bf16 copy of each head weight per pass (not one
+    per chunk), and those copies are what the account's `head_copies` adds per phase."""
+    student, teacher = tiny_pair()
+    V, B, L = 1000, 2, 12
+    idx = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
+    meter = train.LiveBytes(match=lambda t: t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] == V)  # [V, *]
+    copies = {}
+
+    @contextlib.contextmanager
+    def phase(name):
+        start = len(meter.log)
+        yield
+        copies[name] = [(shape, b) for op, shape, _, b in meter.log[start:] if op == "_to_copy"]
+    with meter, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = ledger.flow_loss(student, teacher, idx, idx, "streamed", 0.2, 1.0, chunk, phase)
+    assert copies["selection"] == [((V, 16), V * 16 * 2)]
+    assert sorted(copies["loss"]) == [((V, 16), V * 16 * 2), ((V, 32), V * 32 * 2)]
+    acc = ledger.ledger_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
+    assert acc["head_copies"] == {name: sum(b for _, b in copies[name]) for name in ("selection", "loss")}
+
+
+def test_the_lambda_below_1_ledger_covers_the_flows_distill_loss_runs():
+    with pytest.raises(ValueError, match="lambda < 1 account covers"):
+        ledger.logit_ledger("both_heads", 24, 6, 1000, 16, 32, 5, lam=0.5)
+
+
+def test_random_positions_make_no_logits_and_draw_chunk_by_chunk():
+    """RandomPos's selection projects nothing through the LM head; its draws are one torch.rand
+    per chunk of valid rows, as when it was handed the chunk's logits."""
+    student, _ = tiny_pair()
+    idx = torch.randint(0, 1000, (2, 12))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 9:] = False
+    cfg = sekd.KDConfig(method="random_pos", chunk_rows=5)
+    h = student.hidden(idx)
+    torch.manual_seed(3)
+    with train.LiveBytes(match=ledger.logits_sized(1000)) as meter:
+        mask = sekd.select_positions(h, student.head_weight, valid, cfg)
+    assert meter.log == [] and int(mask.sum()) == 3 + 2  # ceil(0.2 * 12) + ceil(0.2 * 9)
+    torch.manual_seed(3)
+    scores = torch.zeros(2, 12)
+    scores[valid] = torch.cat([torch.rand(n) for n in (5, 5, 5, 5, 1)])
+    assert torch.equal(mask, sekd.topk_positions(scores, 0.2, valid))
+
+
+def test_state_account_equals_parameters_gradients_and_adamw():
+    student, teacher = tiny_pair()
+    opt = train.make_optimizer(student, 1e-3, 0.1)
+    idx = torch.randint(0, 1000, (2, 12))
+    ledger.flow_loss(student, teacher, idx, idx, "streamed")[0].backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in student.parameters())
+    opt.step()
+    adamw = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    acc = ledger.ledger_account(student, teacher, 2, 12, "streamed")
+    assert acc["student"]["params"] == train.state_bytes(student)
+    assert acc["student"]["grads"] == grads
+    assert acc["student"]["adamw"] == adamw
+    assert acc["teacher"]["params"] == train.state_bytes(teacher)
+
+
+def test_streamed_logit_peak_does_not_grow_with_tokens():
+    student, teacher = tiny_pair(L=20)
+    peaks = {}
+    for B in (1, 4, 16):
+        peaks[B] = {f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
+                    for f in ("dense", "both_heads", "streamed")}
+    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 5 tensors (the previous chunk's are freed)
+    assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 5 * 2 * 1000 * 4
+    assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
+    assert peaks[16]["both_heads"] == 16 * peaks[1]["both_heads"]
+    assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4
+
+
+# ----------------------------------------------------------------------------- --run benchmark
+
+def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
+    r = train.main(["--run", "benchmark", "--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
+                    "--batch-size", "2", "--bench-repeats", "1", "--bench-warmup", "0", "--chunk-rows", "4",
+                    "--teacher-layers", "1", "--teacher-embd", "32", "--student-embd", "16",
+                    "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "scaling sweep" in out and (tmp_path / "results_benchmark.json").exists()
+    rows = r["tables"]["3000"]
+    assert [row["flow"] for row in rows] == list(ledger.FLOWS)
+    for row in rows + r["sweep"]:
+        assert row["logit_peak"] == row["analytic"]["logit_peak"]
+        assert abs(row["total"] - row["analytic"]["total"]) <= 0.1 * row["total"]
+        assert row["student"] > 0 and row["teacher"] > 0 and row["total"] >= row["teacher"]
+    assert rows[-1]["logit_peak"] < rows[0]["logit_peak"] / 4
+    sweep = {(row["flow"], row["tokens"]): row["logit_peak"] for row in r["sweep"]}
+    assert sweep[("streamed", 64)] == sweep[("streamed", 128)]
+    assert sweep[("dense", 128)] == 2 * sweep[("dense", 64)]
+    assert "step ms (time / dense flow's time" in out and all(row["step_s"] > 0 for row in r["sweep"])
+
+
+def test_benchmark_times_the_flows_in_turns(monkeypatch):
+    """One step of each flow per round (after the warm-up round), so a slow spell hits all alike;
+    a skipped row is not timed."""
+    calls = []
+    monkeypatch.setattr(benchmark, "bench_step", lambda *a, **k: calls.append(a[5]))
+    args = train.build_parser().parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"])
+    rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [{"flow": "chunked", "oom": "skipped"}]
+    benchmark.time_rows(None, None, None, rows, args, torch.device("cpu"))
+    assert calls == ["dense", "streamed"] * 3
+    assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
+
+
+def test_benchmark_flag_errors_are_clear():
+    with pytest.raises(train.UserError, match="multiples of --seq-len"):
+        train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])
+    with pytest.raises(train.UserError, match="positive integers"):
+        train.main(["--run", "benchmark", "--bench-vocab", "abc"])
+    with pytest.raises(ValueError, match="unknown memory flow"):
+        ledger.check_flow("magic")
+
+
+# ----------------------------------------------------------------------------- --run positions, show, axes, storage
+
+def save_tiny_models(out, corpus, names):
+    """Untrained checkpoints in the layout the jobs write (TINY's sizes), made in a second."""
+    ds, cache = corpus
+    c = data.prepare(ds, 16, cache_dir=cache)
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        m = sekd.GPT(sekd.GPTConfig(vocab_size=c.vocab.size, block_size=16, n_layer=1, n_head=2,
+                                    n_embd=32 if name == "teacher" else 16))
+        train.save_checkpoint(str(out / f"{name}.pt"), {"model": m.state_dict(), "config": vars(m.config).copy(),
+                                                        "signature": c.signature, "step": 1, "steps": 1, "val_ppl": 1.0})
+    return c
+
+
+def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
+    r = run_job(tmp_path, tiny_corpus, "--run", "positions", "--student-steps", "2", "--seeds", "2",
+                "--teacher-steps", "5", "--eval-tokens", "128")
+    t = r["tables"]
+    assert len(t["metrics"]) == 12 and len(t["policies"]) == 5 and len(t["budget"]) == 12
+    assert {"Full KD", "AT-KD", "RandomPos 20% (random)", "student_entropy top 20%"} <= {x["method"] for x in t["metrics"]}
+    assert all(len(x["seeds"]) == 2 and "val_ppl_std" in x for rows in t.values() for x in rows)
+    assert r["students_trained"] == 2 * (12 + 4 + 8)  # shared configurations trained once
+    saved = json.loads((tmp_path / "results_positions.json").read_text())
+    assert saved["tables"]["budget"][5]["val_ppl"] == t["metrics"][0]["val_ppl"]  # 100% = Full KD
+    assert "(3) budget sweep" in capsys.readouterr().out
+    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--student-steps", "2", "--eval-tokens", "128")
+    out = capsys.readouterr().out
+    assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
+    assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()
+
+
+def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
+    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
+    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--policy", "pos_rs_kd", "--student-init-steps", "0",
+                "--eval-tokens", "128")
+    out = capsys.readouterr().out
+    assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
+    assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
+    assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
+
+
+def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
+    r = run_job(tmp_path, tiny_corpus, "--run", "axes", "--seeds", "1", "--student-steps", "10", "--U", "64")
+    out = capsys.readouterr().out
+    assert "multi-axis table" in out and "wall-time table" in out and "storage per training position" in out
+    names = [row["method"] for row in r["rows"][2:]]  # after the teacher and the initial student
+    assert names == ["Full KD", "RandomPos 20%", "RandomSmp 20%", "SE-KD top 20%", "RS-KD U=64", "TopSmp 20%",
+                     "TopSmp+RS-KD", "SE-KD+TopSmp", "SE-KD_3X"]
+    rows = {row["key"]: row for row in r["rows"][2:]}
+    n_train = r["data"]["train_samples"]
+    top = rows["top_smp"]
+    assert top["n_kept"] == math.ceil(0.2 * n_train) and top["steps"] == math.ceil(10 * top["n_kept"] / n_train)
+    assert top["prepass_s"] > 0 and rows["full_kd"]["prepass_s"] is None and rows["random_smp"]["prepass_s"] is None
+    walls = {w["key"]: w for w in r["walltime"]}
+    assert list(walls) == ["full_kd", "random_pos", "top_smp", "sekd_3x", "sekd_3x_reuse"]
+    build, reuse = walls["sekd_3x"], walls["sekd_3x_reuse"]
+    assert build["cache_build_s"] > 0 and not build["cache_reused"]
+    assert reuse["cache_build_s"] is None and reuse["cache_reused"]
+    assert reuse["val_ppl"] == build["val_ppl"] and reuse["kl_to_teacher"] == build["kl_to_teacher"]
+    assert all(w["total_s"] >= w["train_s"] for w in r["walltime"])
+    c = r["storage"]["cache"]
+    assert abs(c["bytes"] - c["accounted_bytes"]) <= 0.01 * c["accounted_bytes"]
+    assert c["positions"] == top["n_kept"] * 16
+    assert json.loads((tmp_path / "results_axes.json").read_text())["summary"]["SE-KD_3X"]["val_ppl"]["n"] == 1
+
+
+def test_storage_run_prints_the_papers_storage_table(tmp_path, tiny_corpus, capsys):
+    r = run_job(tmp_path, tiny_corpus, "--run", "storage")["storage"]
+    assert r["paper_scale"]["rskd"] == 192 and "cache" not in r  # no cache built in this folder yet
+    assert "storage per training position" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- --run sample
+
+def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsys, monkeypatch):
+    corpus = save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"])
+    flags = ["--run", "sample", "--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
+    r1 = run_job(tmp_path, tiny_corpus, *flags)
+    out = capsys.readouterr().out
+    assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
+    stream = np.asarray(corpus.val).reshape(-1)
+    enc = data.gpt2_encoding()
+    for s, p in zip(r1["prompt_starts"], r1["prompts"]):
+        assert corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out  # starts a line (document)
+    for name in r1["continuations"]:
+        ent = np.array(r1["entropy"][name])
+        assert ent.shape == (2, 10) and (ent > 0).all() and (ent <= math.log(corpus.vocab.size) + 1e-4).all()
+        assert f"--- {name}, mean entropy {ent[1].mean():.2f} nats" in out
+    assert "\x1b[" not in out  # captured stdout is not a terminal: plain text
+    assert json.loads((tmp_path / "results_sample.json").read_text())["continuations"] == r1["continuations"]
+    assert run_job(tmp_path, tiny_corpus, *flags)["continuations"] == r1["continuations"]  # same seed, same text
+    capsys.readouterr()
+    monkeypatch.setattr(sample, "colour_enabled", lambda: True)
+    other = run_job(tmp_path, tiny_corpus, *flags, "--seed", "7")["continuations"]
+    assert all(other[n] != r1["continuations"][n] for n in other)
+    assert "\x1b[48;2;" in capsys.readouterr().out
+
+
+def test_colour_only_on_a_terminal_and_without_no_color(monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    on = sample.colour_enabled()
+    monkeypatch.setenv("NO_COLOR", "1")
+    off = sample.colour_enabled()
+    monkeypatch.undo()
+    assert on and not off and not sample.colour_enabled()  # pytest's captured stdout is no terminal
+
+
+def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corpus):
+    save_tiny_models(tmp_path, tiny_corpus, ["student_sekd"])
+    with pytest.raises(train.UserError, match="no.pt does not exist: train it first"):
+        run_job(tmp_path, tiny_corpus, "--run", "sample", "--teacher-ckpt", str(tmp_path / "no.pt"))
+    os.remove(tmp_path / "student_sekd.pt")
+    save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
+    with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
+        run_job(tmp_path, tiny_corpus, "--run", "sample")
