@@ -4,8 +4,7 @@
     python train.py --run teacher        # only the teacher
     python train.py --run distill --method sekd --k 0.1 --metric reverse_kl --policy gls
     python train.py --run positions      # a paper table: the other --run jobs live in experiments/
-    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel
-Runs on CUDA when present (bf16 autocast), otherwise on the CPU. --help lists every flag.
+    torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel; --help: every flag
 """
 import argparse
 import dataclasses
@@ -31,9 +30,7 @@ import sekd
 from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
-TeacherCache = data.TeacherCache  # SE-KD_3X's offline teacher cache (its file format is in data.py)
-TOOLS = {"positions": "positions", "show": "show", "axes": "axes", "walltime": "axes", "storage": "axes",
-         "benchmark": "benchmark", "sample": "sample"}  # --run NAME -> its module in experiments/
+TOOLS = {**{t: t for t in ("positions", "show", "axes", "benchmark", "sample")}, "walltime": "axes", "storage": "axes"}
 
 # ----------------------------------------------------------------------------- command line
 
@@ -42,7 +39,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (python train.py --help lists every flag)")
 
 def number(kind, ok, what):
-    """An argparse type: a `kind` (int or float) for which `ok(value)` holds."""
     def parse(text):
         value = kind(text)
         if not ok(value):
@@ -54,20 +50,17 @@ def number(kind, ok, what):
 positive_int = number(int, lambda v: v >= 1, "at least 1")
 non_negative_int = number(int, lambda v: v >= 0, "at least 0")
 positive_float = number(float, lambda v: v > 0, "> 0")
-non_negative_float = number(float, lambda v: v >= 0, ">= 0")
 fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")  # a budget: k, l
 share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 draws = number(int, lambda v: 1 <= v <= sekd.MAX_DRAWS, f"in [1, {sekd.MAX_DRAWS}] (7-bit counts in the cache)")
 
-# The class and sample axes as named methods: name -> (positions: a sekd.METHODS entry, classes: full |
-# rskd (drawn from the teacher online) | cache (drawn once, SE-KD_3X), samples: all | top | random).
+# The class and sample axes as methods: name -> (positions, classes: full | rskd | cache, samples: all | top | random)
 AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"),
         "random_smp": ("full_kd", "full", "random"), "top_smp_rskd": ("full_kd", "rskd", "top"),
         "sekd_top_smp": ("sekd", "full", "top"), "sekd_3x": ("sekd", "cache", "top")}
 
-# The paper's data setting (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) for one GPU, as new
-# defaults: flags given still win. The models are ours (the paper distils Qwen3-8B into Qwen3-1.7B): a
-# GPT-2 small teacher, a student of half its depth and width. 16 x 4 x 512 = 32,768 tokens per step.
+# The paper's data (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) as new defaults for one GPU; our
+# models (a GPT-2 small teacher, a student half its size); 16 x 4 x 512 = 32,768 tokens per step.
 PRESETS = {"fineweb": {
     "dataset": "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "max_tokens": 80_000_000, "seq_len": 512,
     "full_vocab": True, "lam": 1.0, "teacher_layers": 12, "teacher_embd": 768, "teacher_heads": 12,
@@ -162,8 +155,7 @@ def check_flags(a):
     if a.prompt_len > a.seq_len:
         raise UserError(f"--prompt-len must be in [0, --seq-len {a.seq_len}] (0 = half), got {a.prompt_len}")
     if a.on_policy > 0 and sekd.on_policy_rows(a.batch_size, a.on_policy) == 0:
-        raise UserError(f"--on-policy {a.on_policy} of --batch-size {a.batch_size} rounds to no sequence: "
-                        "raise one of them")
+        raise UserError(f"--on-policy {a.on_policy} of --batch-size {a.batch_size} rounds to no sequence: raise one")
     if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in ("compare", "distill"):
         raise UserError("--on-policy and --divergence reverse work with --run compare or distill")
     positions, classes, _ = AXES.get(a.method, (a.method, "full", "all"))
@@ -215,8 +207,7 @@ def GPT_from(ckpt):
     model.load_state_dict(ckpt["model"])
     return model
 
-def check_signature(ckpt, corpus, path):
-    """Refuse a checkpoint trained with another tokenizer or vocabulary than this data."""
+def check_signature(ckpt, corpus, path):  # refuse a checkpoint of another tokenizer or vocabulary
     if ckpt.get("signature") != corpus.signature:
         raise UserError(f"checkpoint {path} was trained on another vocabulary or tokenizer "
                         f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
@@ -234,15 +225,14 @@ def file_sha256(path):
 # (Batches); we average gradients before clipping; rank 0 prints and writes. Alone: RANK 0, WORLD 1.
 
 RANK, WORLD = 0, 1
-DIST_DEVICE = None  # where collectives run: the CPU (gloo) or this rank's GPU (nccl)
-DIST_TIMEOUT = datetime.timedelta(hours=3)  # the others wait this long while rank 0 builds data or a cache
 
 def init_distributed(device):
     """Join torchrun's process group; ranks other than 0 print nothing (errors still reach stderr)."""
-    global RANK, WORLD, DIST_DEVICE
+    global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
-        RANK, WORLD, DIST_DEVICE = dist.get_rank(), dist.get_world_size(), device
+        # the others may wait hours while rank 0 alone builds the data or a teacher cache
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+        RANK, WORLD = dist.get_rank(), dist.get_world_size()
         if RANK:
             sys.stdout = open(os.devnull, "w")
 
@@ -258,7 +248,7 @@ def barrier():
         dist.barrier()
 
 def rank0_first(fn):
-    """fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)."""
+    # fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)
     out = fn() if RANK == 0 else None
     barrier()
     return fn() if RANK != 0 else out
@@ -275,14 +265,7 @@ def average_gradients(model):
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
 
-def mean_over_ranks(value):
-    if WORLD == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=DIST_DEVICE)
-    dist.all_reduce(t)
-    return t.item() / WORLD
-
-def gather_objects(obj):
+def gather_objects(obj):  # every rank's obj, in rank order
     if WORLD == 1:
         return [obj]
     parts = [None] * WORLD
@@ -371,7 +354,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                     loss, _ = loss_fn(x, y, *cached)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
-            total = mean_over_ranks(total)
+            total = sum(gather_objects(total)) / WORLD  # the logged loss: the mean over ranks
             curve.append(total)
             average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
@@ -398,16 +381,14 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     else:
         adamw = sum(state_bytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         peak = state_bytes(model) + adamw + peak_cpu + frozen_bytes
-        how = ("weights (student + teacher) + AdamW state + peak live tensor bytes of one training step, "
-               "counted with a TorchDispatchMode (experiments/meter.py)")
+        how = "weights (student + teacher) + AdamW state + the live tensors of one step (experiments/meter.py)"
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
             "peak_how": how, "loss_curve": curve}
 
 # ----------------------------------------------------------------------------- evaluation
 
 class EvalSet:
-    """A fixed slice of the validation split, with the teacher's final hidden states kept (small), so a
-    student's KL and agreement cost only head projections."""
+    """Validation samples, and the teacher's hidden states on them: a student's KL costs two heads only."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -464,9 +445,8 @@ def maybe_compile(model, args):
     return model
 
 def pretrained(args, corpus, device, evalset, who):
-    """The teacher, or the initial student every method starts from, trained with CE or reused (or
-    resumed) from its checkpoint. We distil a pretrained student, as the paper: a random one's entropy
-    ranks nothing."""
+    """The teacher, or the initial student every method starts from (as in the paper: a random student's
+    entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
     if who == "teacher":
         path, steps, lr, seed = teacher_ckpt_path(args), args.teacher_steps, args.teacher_lr, args.seed + 1
         must_exist = args.run == "distill" and bool(args.teacher_ckpt)  # a named teacher is never trained here
@@ -533,8 +513,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
                         f"({student.config.vocab_size}) differ: train the teacher on the same data and --full-vocab")
-    plan = axes_plan(args, samples, classes, corpus, device, student, teacher)
-    batches = plan.pop("batches")  # same data order for every method over the same samples
+    plan = importlib.import_module("experiments.axes").plan(args, samples, classes, corpus, device, student, teacher)
+    batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
     if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
         torch.manual_seed(args.seed + 1_000_003 * RANK)
@@ -545,7 +525,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         state.step = calls[0] // args.grad_accum
         calls[0] += 1
         if on_policy > 0:  # each micro-batch samples from its own seed: a resumed run writes the same text
-            gen = torch.Generator(device=x.device).manual_seed(derived_seed(args.seed, calls[0], RANK))
+            seed = int(np.random.SeedSequence([args.seed, calls[0], RANK]).generate_state(1)[0])
+            gen = torch.Generator(device=x.device).manual_seed(seed)
             return sekd.on_policy_distill_loss(s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
     path = os.path.join(args.out_dir, f"student_{method}.pt")
@@ -594,9 +575,6 @@ def resumable(path, key, tag):
         return None
     return ckpt
 
-def derived_seed(*ints):
-    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
-
 def rng_state():
     """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
     return gather_objects({"cpu": torch.get_rng_state(),
@@ -609,103 +587,6 @@ def set_rng_state(rng):
         torch.set_rng_state(rng[RANK]["cpu"])
         if rng[RANK]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
-
-# ----------------------------------------------------------------------------- the sample axis and SE-KD_3X's cache
-
-def axes_plan(args, samples, classes, corpus, device, student, teacher):
-    """The sample axis and the teacher cache of one student: the samples it sees (all; TopSmp's, by the
-    frozen initial student's entropy; RandomSmp's), for as many epochs as --student-steps makes over
-    all samples (l = 20% trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
-    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
-    plan = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
-            "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
-    kept, cache = None, None
-    if classes == "cache" and os.path.exists(default_cache_path(args)) and not args.rebuild_cache:
-        TeacherCache(default_cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
-    if samples == "top":
-        scores, plan["prepass_s"] = sample_prepass(student, corpus, args, device)
-        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
-    elif samples == "random":
-        kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
-    if kept is not None:
-        plan["n_kept"] = len(kept)
-        plan["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    if classes == "cache":
-        ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, plan["cache_build_s"], plan["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
-        plan["cache_bytes"] = os.path.getsize(cache.path)
-    plan["batches"] = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
-    return plan
-
-_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
-
-@torch.no_grad()
-def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
-    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
-    key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
-           args.dtype, str(device))
-    if key not in _PREPASS:
-        t0, scores = time.time(), []
-        student.eval()
-        starts = range(0, len(corpus.train), args.batch_size)
-        for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
-            with autocast(args, device):
-                h = student.hidden(x)
-            scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
-                                              args.chunk_rows or None).double().cpu().numpy())
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PREPASS[key] = (scores, time.time() - t0)
-        print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
-    return _PREPASS[key]
-
-def default_cache_path(args):
-    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-
-def cache_signature(args, corpus, kept):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
-    path = teacher_ckpt_path(args)
-    if not os.path.exists(path):
-        raise UserError(f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-                        "train it first (python train.py --run teacher)")
-    return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
-            "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
-            "kept": [int(i) for i in kept]}
-
-def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
-    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
-    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
-    path, signature = default_cache_path(args), cache_signature(args, corpus, kept)
-    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
-    if build:
-        if teacher is None:
-            raise UserError("building the teacher cache needs the teacher")
-        t0, V, gen = time.time(), corpus.vocab.size, torch.Generator(device=device).manual_seed(args.seed)
-
-        @torch.no_grad()
-        def blocks():  # U classes drawn from the teacher at every position of every kept sample
-            for i in range(0, len(kept), args.batch_size):
-                x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
-                with autocast(args, device):
-                    ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
-                                                     args.chunk_rows or None, gen)
-                yield sekd.encode_draws(ids, counts, V).cpu().numpy()
-        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, sekd.cache_bytes_per_class(V)), blocks())
-        build_s = time.time() - t0
-        print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-              f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
-    barrier()
-    cache = TeacherCache(path)
-    if build:
-        return cache, build_s, False
-    cache.check(signature)
-    print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
-    return cache, None, True
 
 # ----------------------------------------------------------------------------- results and main
 
@@ -775,9 +656,7 @@ def main(argv=None):
         return tool.run(args, corpus, device)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.eval().requires_grad_(False)
     evalset.set_teacher(teacher, args)
     rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **t_stats}]
     student_init = None

@@ -2,6 +2,7 @@
 on random tokens: measured peak bytes per phase beside the ledger's account, and step times.
 Then a sweep over B*L, to show which flows' logit memory grows with the batch (the paper's
 memory table, at our scale)."""
+import argparse
 import gc
 import json
 import os
@@ -18,14 +19,28 @@ from experiments import ledger
 GiB = 2 ** 30
 
 
-def parse_ints(text, flag):
+def positive_ints(text):
+    """An argparse type: positive integers separated by commas, e.g. 1024,2048 ("" is none)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise train.UserError(f"{flag} takes positive integers separated by commas, e.g. 1024,2048; got '{text}'")
+        values = [0]
+    if min(values, default=1) < 1:
+        raise argparse.ArgumentTypeError(f"takes positive integers separated by commas, e.g. 1024,2048; got '{text}'")
     return values
+
+
+def add_flags(p, number):
+    """The benchmark's flags (it also reads the model, --batch-size and --seq-len flags)."""
+    g = p.add_argument_group("benchmark (--run benchmark, on random tokens)")
+    g.add_argument("--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes")
+    g.add_argument("--bench-tokens", type=positive_ints, default="1024,2048,4096,8192,16384",
+                   help="B*L of the scaling sweep; empty: none")
+    g.add_argument("--bench-repeats", type=number(int, lambda v: v >= 1, "at least 1"), default=5,
+                   help="timed steps per flow (median reported)")
+    g.add_argument("--bench-warmup", type=number(int, lambda v: v >= 0, "at least 0"), default=2,
+                   help="untimed steps per flow before timing")
+    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
 
 
 def is_oom(e):
@@ -222,12 +237,11 @@ def run(args, device):
     """One training step of each flow side by side, on random tokens, per vocabulary size
     (--bench-vocab); then a sweep over B*L (--bench-tokens) for the first vocabulary. Writes
     OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json."""
-    vocabs = parse_ints(args.bench_vocab, "--bench-vocab")
-    sweep = parse_ints(args.bench_tokens, "--bench-tokens") if args.bench_tokens else []
+    vocabs, sweep = args.bench_vocab, args.bench_tokens
+    if not vocabs:
+        raise train.UserError("--bench-vocab takes positive integers separated by commas, e.g. 151936,50257")
     if any(t % args.seq_len for t in sweep):
         raise train.UserError(f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L")
-    if args.bench_repeats < 1 or args.bench_warmup < 0:
-        raise train.UserError("--bench-repeats must be >= 1 and --bench-warmup >= 0")
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
     lines = [f"benchmark on {device} ({where}), "
              f"torch {torch.__version__}, autocast {train.autocast_dtype(args, device) or 'off (float32)'}; "

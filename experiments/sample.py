@@ -11,6 +11,17 @@ import data
 import train
 from experiments.show import _heat
 
+def add_flags(p, number):
+    g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
+    positive, non_negative = number(int, lambda v: v >= 1, "at least 1"), number(int, lambda v: v >= 0, "at least 0")
+    g.add_argument("--sample-prompts", type=positive, default=3, help="prompts, spread over the validation plays")
+    g.add_argument("--sample-prompt-len", type=positive, default=24, help="tokens per prompt")
+    g.add_argument("--sample-len", type=positive, default=40, help="tokens each model generates per prompt")
+    g.add_argument("--sample-temperature", type=number(float, lambda v: v >= 0, ">= 0"), default=0.8,
+                   help="0 = greedy")
+    g.add_argument("--sample-top-k", type=non_negative, default=0, help="sample among the k likeliest ids; 0 = all")
+
+
 def sample_prompts(corpus, n, length, enc):
     """n prompts of `length` tokens spread evenly over the validation plays, each starting just
     after a line break or a document's end (a speaker's name or a verse line, in the plays), if

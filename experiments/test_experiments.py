@@ -207,8 +207,11 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
 def test_benchmark_flag_errors_are_clear():
     with pytest.raises(train.UserError, match="multiples of --seq-len"):
         train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])
-    with pytest.raises(train.UserError, match="positive integers"):
-        train.main(["--run", "benchmark", "--bench-vocab", "abc"])
+    for bad in ("abc", "0", "1,-2"):
+        with pytest.raises(train.UserError, match="argument --bench-vocab: takes positive integers"):
+            train.main(["--run", "benchmark", "--bench-vocab", bad])
+    with pytest.raises(train.UserError, match="--bench-vocab takes positive integers"):
+        train.main(["--run", "benchmark", "--bench-vocab", ""])
     with pytest.raises(ValueError, match="unknown memory flow"):
         ledger.check_flow("magic")
 
