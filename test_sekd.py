@@ -1815,7 +1815,7 @@ def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, t
 
 
 def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
-    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(HERE, "docs", "exercises.md"), encoding="utf-8").read()
     script = readme.split("```python\n# my_metric.py")[1].split("```")[0]
     (tmp_path / "my_metric.py").write_text("# my_metric.py" + script)
     ds, cache = tiny_corpus
