@@ -1,6 +1,5 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
-import contextlib
 import errno
 import json
 import math
