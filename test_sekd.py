@@ -327,9 +327,8 @@ def measured_step_peak(student, teacher, cfg, x, y):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    resident = nbytes(student.parameters()) + nbytes(teacher.parameters()) * cfg.uses_teacher + nbytes(state)
+    resident = train.state_bytes(student, *state) + train.state_bytes(teacher) * cfg.uses_teacher
     return resident + meter.peak, meter.matched_peak
 
 
