@@ -147,23 +147,24 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
     return m / per_seq.clamp_min(1e-30) / n_seq
 
 def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, row_weights=None,
-            divergence="forward"):
+            divergence="forward", ce_at="selected"):
     """The KD loss on dense logits [B, L, V], the reference every faster path must equal: lam T^2
-    KL(p^T || q^T) over the positions in `mask` (all valid ones when None: Full KD) + (1 - lam) CE over
-    every valid position, each averaged per sequence, then over sequences. `row_weights` replace the KL
-    weights (pos-RS-KD); divergence='reverse' is KL(q^T || p^T); teacher_logits may be None at lam 0."""
+    KL(p^T || q^T) + (1 - lam) CE over the positions in `mask` (all valid ones when None: Full KD), each
+    averaged per sequence, then over sequences: paper Eq. 3. ce_at='all' puts the CE term on every valid
+    position instead. `row_weights` replace the mask's weights (pos-RS-KD); divergence='reverse' is
+    KL(q^T || p^T); teacher_logits may be None at lam 0."""
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
-    loss = student_logits.new_zeros((), dtype=_wide_dtype(student_logits))
+    dtype = _wide_dtype(student_logits)
+    w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype) * valid
+    loss = student_logits.new_zeros((), dtype=dtype)
     if lam > 0:
         pair = (teacher_logits, student_logits) if divergence == "forward" else (student_logits, teacher_logits)
-        kl = T * T * kl_per_position(*pair, T)
-        w = per_sequence_weights(mask, kl.dtype) if row_weights is None else row_weights.to(kl.dtype) * valid
-        loss = loss + lam * (w * kl).sum()
+        loss = loss + lam * (w * T * T * kl_per_position(*pair, T)).sum()
     if lam < 1:
         ce = F.cross_entropy(_wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten(),
                              reduction="none").view_as(targets)
-        loss = loss + (1 - lam) * (per_sequence_weights(valid, ce.dtype) * ce).sum()
+        loss = loss + (1 - lam) * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
     return loss
 
 # ============================================================================ 3. positions
@@ -378,12 +379,12 @@ class _StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=None, T=1.0, lam=1.0,
-                     chunk_rows=None, row_weights=None, divergence="forward", kd_rows=None):
+                     chunk_rows=None, row_weights=None, divergence="forward", kd_rows=None, ce_at="selected"):
     """`kd_loss` through selective heads, equal in value and gradient to kd_loss(student_h @ student_w.T,
-    teacher_h @ teacher_w.T, ...), in one pass a chunk of rows at a time. At lam = 1 we walk only the
-    selected rows: the memory win. Otherwise we walk every valid row once, a chunk's KD rows first, so
-    their tensors die before the CE's exist. `kd_rows(z, i)`, if given, replaces the KD term of walked
-    rows i (RS-KD's draws, AT-KD)."""
+    teacher_h @ teacher_w.T, ...), in one pass a chunk of rows at a time. With the loss under the mask
+    (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all' we walk
+    every valid row once, a chunk's KD rows first, so their tensors die before the CE's exist.
+    `kd_rows(z, i)`, if given, replaces the KD term of walked rows i (RS-KD's draws, AT-KD)."""
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_h)
@@ -391,7 +392,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
         kd_weights = per_sequence_weights(mask, dtype)
     else:
         mask, kd_weights = (row_weights != 0) & valid, row_weights.to(dtype)
-    rows = mask if lam == 1 else valid  # the rows the pass walks
+    rows = mask if lam == 1 or ce_at == "selected" else valid  # the rows the pass walks
     if kd_rows is None and lam > 0:
         t_rows, wt = teacher_h[rows], chunk_weight(teacher_w)
         def kd_rows(z, i):
@@ -400,14 +401,14 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
             return DIVERGENCES[divergence](z, z_teacher, T)
     sel, y = mask[rows], targets[rows]
     kd_w = lam * kd_weights[rows]
-    ce_w = (1 - lam) * per_sequence_weights(valid, kd_w.dtype)[rows]
+    ce_w = (1 - lam) * (kd_weights if ce_at == "selected" else per_sequence_weights(valid, dtype))[rows]
     index = torch.arange(len(y), device=y.device)
     def rows_loss(z, r):
         if lam == 1:
             loss, grad = kd_rows(z, r)
             return kd_w[r] * loss, grad.mul_(kd_w[r][:, None])
         s = sel[r]
-        kd = kd_rows(z[s], index[r][s]) if lam > 0 and s.any() else None
+        kd = kd_rows(z if rows is mask else z[s], index[r][s]) if lam > 0 and s.any() else None
         loss, grad = _ce_rows(z, y[r])
         loss, grad = ce_w[r] * loss, grad.mul_(ce_w[r][:, None])
         if kd is not None:
@@ -441,6 +442,7 @@ class KDConfig:
     classes: str = "full"
     U: int = 64
     divergence: str = "forward"
+    ce_at: str = "selected"  # where the (1 - lam) CE goes: the selected positions (paper Eq. 3) or all
 
     def __post_init__(self):
         full, one_of = self.classes == "full", lambda xs: "choose one of " + ", ".join(xs)
@@ -461,6 +463,7 @@ class KDConfig:
                           "RS-KD classes need a KD method (not ce) and the streamed flow"),
                          (self.divergence in DIVERGENCES, f"unknown divergence '{self.divergence}': choose forward "
                           "(KL(teacher || student)) or reverse (KL(student || teacher))"),
+                         (self.ce_at in ("selected", "all"), f"unknown ce_at '{self.ce_at}': choose selected or all"),
                          (self.divergence == "forward" or full and self.method not in ("ce", "at_kd"), "the reverse "
                           "KL needs the teacher's full distribution: full_kd, sekd or random_pos, full classes")]:
             if not ok:
@@ -508,13 +511,14 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
             counts = torch.zeros_like(ids)
             ids[mask], counts[mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows or None)
             draws = ids, counts
-        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows or None)
+        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows or None,
+                         cfg.ce_at)
     elif cfg.flow == "dense":
         loss = kd_loss(student.head(student_h), teacher.head(teacher_h) if lam > 0 else None, targets, mask, cfg.T,
-                       lam, row_weights, cfg.divergence)
+                       lam, row_weights, cfg.divergence, cfg.ce_at)
     else:
         loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights, cfg.divergence)
+                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights, cfg.divergence, ce_at=cfg.ce_at)
     return loss, int(mask.sum())
 
 # ============================================================================ 6. the baselines and the other axes
@@ -650,13 +654,14 @@ def _rskd_rows(z_student, ids, counts, T):
     grad = logq.exp_().scatter_add_(1, ids, -p)
     return loss, grad if T == 1 else grad.mul_(T)
 
-def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None):
+def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None,
+              ce_at="selected"):
     """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
-    rows = valid if mask is None or lam != 1 else mask & valid  # the rows streamed_kd_loss walks
+    rows = valid if mask is None or lam < 1 and ce_at == "all" else mask & valid  # the rows streamed_kd_loss walks
     ids_w, counts_w = ids[rows], counts[rows]
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, T, lam, chunk_rows,
-                            kd_rows=lambda z, i: _rskd_rows(z, ids_w[i], counts_w[i], T))
+                            kd_rows=lambda z, i: _rskd_rows(z, ids_w[i], counts_w[i], T), ce_at=ce_at)
 
 # ---------------------------------------------------------------------------- sample axis: TopSmp, RandomSmp
 
@@ -765,7 +770,7 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False):
     """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
     weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
     activations and the teacher's hidden states (4 N Dt); [rows, V] float32 logits alive at once:
-    selection 3 c, streamed loss 5 c (lambda = 1), max(c + 5 s, 2 c + s) (0 < lambda < 1), 2 c (CE),
+    selection 3 c, streamed loss 5 c (lambda = 1, or Eq. 3's CE), max(c + 5 s, 2 c + s) (CE at all), 2 c (CE),
     plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N (5 N if 0 < lambda < 1);
     under autocast, the chunk loops' bf16 head copies. None for a step it does not model."""
     if cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward" or (
@@ -779,7 +784,8 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False):
     n_sel, s = round(share * N), math.ceil(share * c)
     sel_rows = 3 * c if selects and cfg.method == "sekd" else 0  # RandomPos draws without logits
     if cfg.flow == "streamed":
-        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if lam == 1 else max(c + 5 * s, 2 * c + s)
+        under_mask = lam == 1 or cfg.ce_at == "selected"  # the pass walks the selected rows only
+        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else max(c + 5 * s, 2 * c + s)
         back_rows, head_grad = 0, V * Ds * 4
     else:
         loss_rows, back_rows, head_grad = (2 if lam == 0 else 7) * N, (5 if 0 < lam < 1 else 3) * N, 0

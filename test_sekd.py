@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from fractions import Fraction
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub name fails fast instead of retrying
 
@@ -50,13 +51,13 @@ def seq_mean(values_per_seq):
     return sum(means) / len(means) if means else 0.0
 
 
-def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False):
-    """Eq. 3 with explicit loops: KL(p^T || q^T) (or, reverse, KL(q^T || p^T)) on the masked
-    positions, CE on all valid ones, each averaged per sequence, then over the sequences that
-    have any such position."""
-    kl_seqs, ce_seqs = [], []
+def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at="selected"):
+    """Eq. 3 with explicit loops: L_i = sum_t m_t [lam KL(p^T || q^T) + (1 - lam) CE] / sum_t m_t
+    (reverse: KL(q^T || p^T)), then the mean over the sequences with a selected position. ce_at='all':
+    lam times that mean of the KL alone, plus (1 - lam) times the same mean of CE over all valid ones."""
+    eq3_seqs, kl_seqs, ce_seqs = [], [], []
     for b in range(len(targets)):
-        kl_b, ce_b = [], []
+        eq3_b, kl_b, ce_b = [], [], []
         for t in range(len(targets[b])):
             y = int(targets[b][t])
             if y < 0:
@@ -65,9 +66,11 @@ def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False):
             ce_b.append(-math.log(ref_softmax(s_row)[y]))
             if mask[b][t]:
                 kl_b.append(T * T * (ref_kl(s_row, t_row, T) if reverse else ref_kl(t_row, s_row, T)))
+                eq3_b.append(lam * kl_b[-1] + (1 - lam) * ce_b[-1])
+        eq3_seqs.append(eq3_b)
         kl_seqs.append(kl_b)
         ce_seqs.append(ce_b)
-    return lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    return seq_mean(eq3_seqs) if ce_at == "selected" else lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
 
 
 def ref_topk_count(k, n):
@@ -109,14 +112,28 @@ def random_case(B=3, L=6, V=7, seed=0, pad=True):
     return s, t, y
 
 
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
 @pytest.mark.parametrize("lam,T", [(1.0, 1.0), (1.0, 2.0), (0.5, 1.0), (0.0, 1.0), (0.3, 1.5)])
-def test_kd_loss_per_sequence_normalisation(lam, T):
+def test_kd_loss_per_sequence_normalisation(lam, T, ce_at):
     s, t, y = random_case()
     mask = torch.rand(y.shape, generator=torch.Generator().manual_seed(3)) < 0.5
     mask[1] = False  # a sequence with no selected position drops out of the KL average
-    got = sekd.kd_loss(s, t, y, mask, T, lam).item()
-    want = ref_kd_loss(s, t, y, (mask & (y >= 0)).tolist(), T, lam)
+    got = sekd.kd_loss(s, t, y, mask, T, lam, ce_at=ce_at).item()
+    want = ref_kd_loss(s, t, y, (mask & (y >= 0)).tolist(), T, lam, ce_at=ce_at)
     assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_eq3_puts_the_ce_under_the_mask():
+    """At 0 < lam < 1 the two CE placements differ, and Eq. 3's equals the mean over sequences of
+    sum_t m_t [lam KL + (1 - lam) CE] / sum_t m_t, written out with whole-row softmaxes."""
+    s, t, y = random_case(pad=False)
+    mask = torch.zeros(y.shape, dtype=torch.bool)
+    mask[:, ::2] = True
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    ce = -s.log_softmax(-1).gather(2, y[..., None]).squeeze(-1)
+    want = ((0.5 * kl + 0.5 * ce) * mask).sum(1).div(mask.sum(1)).mean()
+    assert sekd.kd_loss(s, t, y, mask, lam=0.5).item() == pytest.approx(want.item(), abs=1e-12)
+    assert abs(sekd.kd_loss(s, t, y, mask, lam=0.5, ce_at="all").item() - want.item()) > 1e-3
 
 
 def test_kd_loss_full_is_mean_over_valid_positions():
@@ -187,8 +204,9 @@ def test_chunked_entropy_equals_dense_entropy(chunk):
     assert torch.allclose(got, dense * valid, atol=1e-12)
 
 
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
 @pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.0, 1.0, 5), (0.7, 0.5, 1000)])
-def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk):
+def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
     g = torch.Generator().manual_seed(5)
     B, L, D, Dt, V = 3, 8, 6, 5, 13
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -197,15 +215,20 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk):
     y = torch.randint(0, V, (B, L), generator=g)
     y[2, 5:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.3, y >= 0)
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam, ce_at=ce_at)
     d_grads = torch.autograd.grad(dense, (hs, ws))
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk)
+    walked = []  # the rows the streamed pass makes logits for
+    apply = sekd._StreamedHeadLoss.apply
+    with mock.patch.object(sekd._StreamedHeadLoss, "apply", lambda h, *a: walked.append(len(h)) or apply(h, *a)):
+        streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, ce_at=ce_at)
     s_grads = torch.autograd.grad(streamed, (hs, ws))
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(d_grads, s_grads):
         assert torch.allclose(a, b, atol=1e-12)
-    want = ref_kd_loss((hs @ ws.T).detach(), ht @ wt.T, y, mask.tolist(), T, lam)
+    want = ref_kd_loss((hs @ ws.T).detach(), ht @ wt.T, y, mask.tolist(), T, lam, ce_at=ce_at)
     assert dense.item() == pytest.approx(want, abs=1e-12)
+    under_mask = lam == 1 or ce_at == "selected"  # then the pass touches the selected rows only
+    assert walked == [int(mask.sum()) if under_mask else int((y >= 0).sum())]
 
 
 def test_streamed_backward_scales_the_stored_gradients_in_place_once():
@@ -741,18 +764,20 @@ def float64_heads(seed, B, L, D, V, Dt=5):
     return g, hs, ws, ht, wt, torch.randint(0, V, (B, L), generator=g)
 
 
-def test_streamed_row_weights_equal_dense():
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
+def test_streamed_row_weights_equal_dense(ce_at):
     g, hs, ws, ht, wt, y = float64_heads(14, 3, 8, 6, 13)
     y[2, 5:] = -1
     w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (torch.rand(y.shape, generator=g) < 0.5)
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w)
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w, ce_at=ce_at)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w, ce_at=ce_at)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
     kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
     ce = torch.nn.functional.cross_entropy((hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none").view_as(y)
-    want = 0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (sekd.per_sequence_weights(y >= 0, torch.float64) * ce).sum()
+    ce_w = w * (y >= 0) if ce_at == "selected" else sekd.per_sequence_weights(y >= 0, torch.float64)
+    want = 0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (ce_w * ce).sum()  # Eq. 3: pos-RS-KD's weights on both
     assert dense.item() == pytest.approx(want.item(), abs=1e-12)
 
 
@@ -881,11 +906,12 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
     assert ((topk_grad - want).abs() / (se + 1e-12)).max() > 20
 
 
-def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam):
-    """RS-KD with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V."""
-    rs_seqs, ce_seqs = [], []
+def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
+    """RS-KD with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V; the CE
+    term as in `ref_kd_loss`."""
+    rs_seqs, ce_seqs, eq3_seqs = [], [], []
     for b in range(len(targets)):
-        rs_b, ce_b = [], []
+        rs_b, ce_b, eq3_b = [], [], []
         for t in range(len(targets[b])):
             if targets[b][t] < 0:
                 continue
@@ -896,13 +922,16 @@ def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam):
                 U = sum(counts[b][t].tolist())
                 rs_b.append(T * T * sum(c / U * math.log(c / U / q[i])
                                         for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist()) if c > 0))
+                eq3_b.append(lam * rs_b[-1] + (1 - lam) * ce_b[-1])
         rs_seqs.append(rs_b)
         ce_seqs.append(ce_b)
-    return lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
+        eq3_seqs.append(eq3_b)
+    return seq_mean(eq3_seqs) if ce_at == "selected" else lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
 
 
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
 @pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)])
-def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
+def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     g = torch.Generator().manual_seed(12)
     B, L, D, V, U = 3, 7, 5, 11, 6
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -911,15 +940,15 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     y = torch.randint(0, V, (B, L), generator=g)
     y[1, 4:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
-    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk)
+    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk, ce_at)
     z = hs @ ws.T
-    assert loss.item() == pytest.approx(ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam), abs=1e-12)
+    assert loss.item() == pytest.approx(ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12)
     # the gradient against autograd of a dense formulation: p~ scattered over all of V
     p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
     logq = torch.log_softmax(z / T, -1)
     rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
     dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + \
-        (1 - lam) * sekd.kd_loss(z, None, y, lam=0.0)
+        (1 - lam) * sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, lam=0.0)
     assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)

@@ -30,7 +30,8 @@ import sekd
 from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
-TOOLS = {**{t: t for t in ("positions", "show", "axes", "benchmark", "sample")}, "walltime": "axes", "storage": "axes"}
+TOOLS = {**{t: t for t in ("positions", "show", "axes", "benchmark", "sample", "regimes")}, "walltime": "axes",
+         "storage": "axes"}
 
 # ----------------------------------------------------------------------------- command line
 
@@ -111,7 +112,9 @@ def build_parser():
     g.add_argument("--seeds", type=positive_int, default=3, help="--run positions / axes: students (seeds) per row")
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
-    g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: CE at every position (paper: 1)")
+    g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper: lam 1)")
+    g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="CE at the selected positions "
+                   "(paper Eq. 3) or at every position, when lam < 1")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0 = ~16 MB)")
     g.add_argument("--on-policy", type=share, default=0.0, help="share of sequences the student writes (on-policy)")
@@ -123,7 +126,7 @@ def build_parser():
     g.add_argument("--l", type=fraction, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     g.add_argument("--cache", default="", help="SE-KD_3X teacher cache file (default OUT_DIR/rskd_cache_seedSEED.bin)")
     g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
-    for tool in ("benchmark", "sample"):  # the tools' own flags live beside their code
+    for tool in ("benchmark", "sample", "regimes"):  # the tools' own flags live beside their code
         importlib.import_module(f"experiments.{tool}").add_flags(p, number)
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -177,7 +180,7 @@ def kd_config(args, method, **kd):
                         flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
                         gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps,
                         classes="full" if classes == "full" else "rskd", U=args.U,
-                        divergence=divergence if positions != "ce" else "forward")
+                        divergence=divergence if positions != "ce" else "forward", ce_at=args.ce_at)
     return dataclasses.replace(cfg, **kd)
 
 # ----------------------------------------------------------------------------- checkpoints
