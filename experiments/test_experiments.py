@@ -13,7 +13,7 @@ import torch
 import data
 import sekd
 import train
-from experiments import benchmark, ledger, sample
+from experiments import benchmark, ledger, regimes, sample
 from test_sekd import run_job, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
 
 
@@ -70,7 +70,7 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
     V, B, L, chunk = 1000, 2, 12, 5
     g = torch.Generator().manual_seed(7)
     idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
-    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T)
+    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T, ce_at="all")  # the ledger's CE
     torch.manual_seed(0)  # RandomPos: the same draws in both calls
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
@@ -336,3 +336,26 @@ def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corp
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
     with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
         run_job(tmp_path, tiny_corpus, "--run", "sample")
+
+
+def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
+    cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "random_pos", "te")),
+             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("full_kd", "sekd"))}
+    monkeypatch.setattr(regimes, "CELLS", cells)
+    args = ("--run", "regimes", "--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--student-embd", "16")
+    r = run_job(tmp_path, tiny_corpus, *args)["regimes"]
+    runs = json.loads((tmp_path / "regimes_runs.json").read_text())
+    assert len(runs) == 2 * (4 + 2)  # every (cell, method, seed), each trained once
+    a = r["cells"]["A tiny lam1"]
+    assert set(a["rows"]) == {"full_kd", "sekd", "random_pos", "te"} and "sekd-random_pos" in a
+    for key in regimes.KEYS:  # the gap is the mean over seeds of the seed-by-seed differences
+        d = [s[key] - f[key] for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])]
+        assert a["sekd-full_kd"][key][0] == pytest.approx(np.mean(d))
+        assert a["sekd-full_kd"][key][1] == pytest.approx(np.std(d, ddof=1))
+    d = r["diagnosis"]["1x16"]
+    assert -1 <= d["corr_sent_kl"] <= 1 and d["top"]["s_ent"] >= d["random"]["s_ent"]  # top-k picks the unsure
+    assert d["hard_kl"] == pytest.approx(d["top"]["kl"])  # the hard positions are the top-k ones
+    assert (tmp_path / "regimes_2x16" / "student_init.pt").exists() and (tmp_path / "regimes.png").exists()
+    monkeypatch.setattr(train, "distill_student", lambda *a, **k: pytest.fail("a finished student was trained again"))
+    again = run_job(tmp_path, tiny_corpus, *args)["regimes"]
+    assert again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"] == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]

@@ -1,0 +1,198 @@
+"""`--run regimes`: a map of when selective KD works at small scale. Each cell is a regime (student
+size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD and
+RandomPos from the same initial student on the same batches, --seeds seeds each, and report the
+paired gaps SE-KD - Full KD and SE-KD - RandomPos (mean ± std over seeds) in val PPL, KL to the
+teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy).
+
+Before any training, a diagnosis of each initial student on validation data: what SE-KD's positions
+are (student and teacher entropy, student CE, KL, the norm of the KL gradient per row) against
+random ones, and how well the student's entropy predicts the KL (Pearson correlation).
+
+Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run resumes where it was."""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+import data
+import sekd
+import train
+from experiments.positions import mean_std_row
+
+# name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most telling first
+CELLS = {
+    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos", "te")),
+    "B  1x64 lr1e-4 lam1": ("1x64", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "C  2x160 lr1e-4 lam1": ("2x160", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "D  1x64 lr1e-3 lam.5 Eq.3": ("1x64", 1e-3, 120, 0.5, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, ("full_kd", "sekd", "random_pos")),
+    "F  1x64 lr1e-3 lam1 k.5": ("1x64", 1e-3, 120, 1.0, "selected", 0.5, ("full_kd", "sekd", "random_pos")),
+    "G  1x64 lr3e-4 lam1": ("1x64", 3e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "H  2x160 lr1e-3 lam1": ("2x160", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "I  1x64 lr1e-3 lam1 480 steps": ("1x64", 1e-3, 480, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+}
+# a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
+METHODS = {"full_kd": ("full_kd", {}, "Full KD"), "sekd": ("sekd", {}, "SE-KD"),
+           "random_pos": ("random_pos", {}, "RandomPos"), "te": ("sekd", {"metric": "teacher_entropy"}, "teacher entropy"),
+           "pos_rs_kd": ("sekd", {"policy": "pos_rs_kd"}, "pos-RS-KD"), "rskd": ("rskd", {}, "RS-KD"),
+           "top_smp": ("top_smp", {}, "TopSmp"), "random_smp": ("random_smp", {}, "RandomSmp")}
+KEYS = ("val_ppl", "kl_to_teacher", "agreement", "hard_kl", "hard_agreement")
+
+
+def add_flags(p, number):
+    g = p.add_argument_group("regimes (--run regimes)")
+    g.add_argument("--cells", default="", help="comma-separated cell letters to run (default: all, in order)")
+    g.add_argument("--cell-batch", type=number(int, lambda v: v >= 1, "at least 1"), default=8,
+                   help="sequences per step in the cells (the teacher and initial students keep --batch-size)")
+
+
+def student_args(args, size):
+    """The flags of a student size: 1x64 is the default initial student; others live in their own folder."""
+    layers, embd = (int(v) for v in size.split("x"))
+    if (layers, embd) == (args.student_layers, args.student_embd):
+        return args
+    return argparse.Namespace(**{**vars(args), "student_layers": layers, "student_embd": embd, "student_heads": 2,
+                                 "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
+                                 "teacher_ckpt": train.teacher_ckpt_path(args)})
+
+
+@torch.no_grad()
+def position_stats(model, evalset, k=0.2, seed=0):
+    """Per validation position: the student's entropy, the teacher's, the student's CE, KL(p || q),
+    and the norm of the KL's logit gradient |q - p|; then means at SE-KD's top-k and at random k."""
+    cols = {n: [] for n in ("s_ent", "t_ent", "s_ce", "kl", "grad")}
+    for i in range(0, len(evalset.x), evalset.bs):
+        x, y = evalset.x[i:i + evalset.bs], evalset.y[i:i + evalset.bs]
+        zs = model.head(model.hidden(x)).float()
+        zt = evalset.teacher_h[i:i + evalset.bs] @ evalset.teacher_w.T
+        p, q = zt.softmax(-1), zs.softmax(-1)
+        for n, v in (("s_ent", sekd.token_entropy(zs)), ("t_ent", sekd.token_entropy(zt)),
+                     ("s_ce", torch.nn.functional.cross_entropy(zs.transpose(1, 2), y, reduction="none")),
+                     ("kl", sekd.kl_per_position(zt, zs)), ("grad", (q - p).norm(dim=-1))):
+            cols[n].append(v)
+    c = {n: torch.cat(v) for n, v in cols.items()}
+    valid = torch.ones_like(c["s_ent"], dtype=torch.bool)
+    top = sekd.topk_positions(c["s_ent"], k, valid)
+    rand = sekd.topk_positions(torch.rand(c["s_ent"].shape, generator=torch.Generator().manual_seed(seed)), k, valid)
+    out = {"corr_sent_kl": float(np.corrcoef(c["s_ent"].flatten(), c["kl"].flatten())[0, 1]),
+           "corr_sent_tent": float(np.corrcoef(c["s_ent"].flatten(), c["t_ent"].flatten())[0, 1])}
+    for tag, m in (("top", top), ("random", rand)):
+        out[tag] = {n: float(v[m].mean()) for n, v in c.items()}
+        out[tag]["kl_share"] = float(c["kl"][m].sum() / c["kl"].sum())
+    return out, top
+
+
+class WithHard:
+    """The evaluation set, whose `evaluate` adds KL to the teacher and top-1 agreement at the `hard`
+    positions (those the initial student was least sure of): where SE-KD puts its loss."""
+
+    def __init__(self, evalset, hard):
+        self.evalset, self.hard = evalset, hard
+
+    @torch.no_grad()
+    def evaluate(self, model, args):
+        e, kl, agree = self.evalset, [], []
+        for i in range(0, len(e.x), e.bs):
+            zs = model.head(model.hidden(e.x[i:i + e.bs])).float()
+            zt = e.teacher_h[i:i + e.bs] @ e.teacher_w.T
+            m = self.hard[i:i + e.bs]
+            kl.append(sekd.kl_per_position(zt, zs)[m])
+            agree.append((zs.argmax(-1) == zt.argmax(-1))[m])
+        return {**e.evaluate(model, args), "hard_kl": float(torch.cat(kl).mean()),
+                "hard_agreement": float(torch.cat(agree).float().mean())}
+
+
+def paired_gap(a_rows, b_rows, key):
+    """mean and std over seeds of a - b, seed by seed (both methods saw the same batches)."""
+    d = [a[key] - b[key] for a, b in zip(a_rows, b_rows)]
+    return float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else None
+
+
+def run(args, corpus, device, teacher, evalset, student_init=None):
+    path = os.path.join(args.out_dir, "regimes_runs.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    wanted = [c for c in CELLS if not args.cells or c[0] in args.cells.upper().split(",")]
+    inits, diagnosis, cells = {}, {}, {}
+    for name in wanted:
+        size, lr, steps, lam, ce_at, k, methods = CELLS[name]
+        if size not in inits:
+            a = student_args(args, size)
+            model = student_init if a is args else train.pretrained(a, corpus, device, evalset, "student")[0]
+            model.eval()
+            diagnosis[size], hard = position_stats(model, evalset, seed=args.seed)
+            inits[size] = (a, model, WithHard(evalset, hard))
+            diagnosis[size].update(inits[size][2].evaluate(model, args))
+            print(f"\n[regimes] initial student {size}: " + json.dumps(diagnosis[size]))
+        a, model, hard_eval = inits[size]
+        rows = {}
+        for m in methods:
+            per_seed = []
+            for s in range(args.seed, args.seed + args.seeds):
+                full = m == "full_kd"  # Full KD is the same run whatever k and where the CE goes
+                key = (f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|{'-' if full else ce_at}|k{1 if full else k:g}"
+                       f"|b{args.cell_batch}|s{s}")
+                if key not in done:
+                    ca = argparse.Namespace(**{**vars(a), "seed": s, "lr": lr, "student_steps": steps, "lam": lam,
+                                               "ce_at": ce_at, "k": k, "batch_size": args.cell_batch})
+                    method, kd, _ = METHODS[m]
+                    r = train.distill_student(ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd)
+                    done[key] = {x: r[x] for x in ("val_ppl", "kl_to_teacher", "agreement", "ece", "train_s",
+                                                   "hard_kl", "hard_agreement")}
+                    data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
+                per_seed.append(done[key])
+            rows[m] = per_seed
+        cells[name] = summarise(name, rows)
+        print_cell(cells[name])
+    plot(cells, diagnosis, os.path.join(args.out_dir, "regimes.png"))
+    return {"regimes": {"cells": cells, "diagnosis": diagnosis, "cell_batch": args.cell_batch, "seeds": args.seeds}}
+
+
+def summarise(name, rows):
+    out = {"cell": name, "rows": {m: mean_std_row(METHODS[m][2], r, keys=KEYS)
+                                  for m, r in rows.items()}}
+    for other in ("full_kd", "random_pos"):
+        if other in rows and "sekd" in rows:
+            out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key)
+                                    for key in KEYS}
+    return out
+
+
+def print_cell(c):
+    print(f"\n[regimes] {c['cell']}")
+    for m, r in c["rows"].items():
+        print(f"  {r['method']:<16} ppl {r['val_ppl']:8.2f} ± {r.get('val_ppl_std') or 0:5.2f}   "
+              f"KL {r['kl_to_teacher']:.4f} ± {r.get('kl_to_teacher_std') or 0:.4f}   "
+              f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}")
+    for g in ("sekd-full_kd", "sekd-random_pos"):
+        if g in c:
+            print(f"  {g:<16} " + "   ".join(f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items()))
+
+
+def plot(cells, diagnosis, path):
+    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL and in KL to the
+    teacher, mean ± std over seeds: below 0, SE-KD is better."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [c for c in cells if "sekd-full_kd" in cells[c] or "sekd-random_pos" in cells[c]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
+    for ax, key, unit in zip(axes, ("val_ppl", "kl_to_teacher"), ("val PPL", "KL(teacher || student), nats")):
+        for j, (gap, colour) in enumerate((("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))):
+            ys = [i + 0.15 * (1 - 2 * j) for i, c in enumerate(names) if gap in cells[c]]
+            m = [cells[c][gap][key][0] for c in names if gap in cells[c]]
+            e = [cells[c][gap][key][1] or 0 for c in names if gap in cells[c]]
+            ax.errorbar(m, ys, xerr=e, fmt="o", color=colour, capsize=3, label=gap.replace("_kd", " KD").replace(
+                "sekd-", "SE-KD - ").replace("random_pos", "RandomPos").replace("full KD", "Full KD"))
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(f"gap in {unit} (< 0: SE-KD better)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="best")
+    corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
+    fig.suptitle(f"When does SE-KD (student entropy, top k) help? Mean ± std over seeds; corr(student entropy, KL) {corr}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
