@@ -59,9 +59,10 @@ def student_args(args, size):
 
 
 @torch.no_grad()
-def position_stats(model, evalset, k=0.2, seed=0):
+def position_stats(model, evalset, k=0.2, seed=0, decode=None):
     """Per validation position: the student's entropy, the teacher's, the student's CE, KL(p || q),
-    and the norm of the KL's logit gradient |q - p|; then means at SE-KD's top-k and at random k."""
+    and the norm of the KL's logit gradient |q - p|; then means at SE-KD's top-k and at random k,
+    and the input tokens SE-KD's positions most often read."""
     cols = {n: [] for n in ("s_ent", "t_ent", "s_ce", "kl", "grad")}
     for i in range(0, len(evalset.x), evalset.bs):
         x, y = evalset.x[i:i + evalset.bs], evalset.y[i:i + evalset.bs]
@@ -81,6 +82,9 @@ def position_stats(model, evalset, k=0.2, seed=0):
     for tag, m in (("top", top), ("random", rand)):
         out[tag] = {n: float(v[m].mean()) for n, v in c.items()}
         out[tag]["kl_share"] = float(c["kl"][m].sum() / c["kl"].sum())
+        ids, counts = evalset.x[m].unique(return_counts=True)
+        out[tag]["inputs"] = [(decode(int(i)) if decode else int(i), round(float(n) / int(m.sum()), 3))
+                              for n, i in sorted(zip(counts.tolist(), ids.tolist()), reverse=True)[:8]]
     return out, top
 
 
@@ -115,16 +119,18 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     done = json.load(open(path)) if os.path.exists(path) else {}
     wanted = [c for c in CELLS if not args.cells or c[0] in args.cells.upper().split(",")]
     inits, diagnosis, cells = {}, {}, {}
+    enc = data.gpt2_encoding()
+    decode = lambda i: corpus.vocab.decode([i], enc)  # noqa: E731
     for name in wanted:
         size, lr, steps, lam, ce_at, k, methods = CELLS[name]
         if size not in inits:
             a = student_args(args, size)
             model = student_init if a is args else train.pretrained(a, corpus, device, evalset, "student")[0]
             model.eval()
-            diagnosis[size], hard = position_stats(model, evalset, seed=args.seed)
+            diagnosis[size], hard = position_stats(model, evalset, seed=args.seed, decode=decode)
             inits[size] = (a, model, WithHard(evalset, hard))
             diagnosis[size].update(inits[size][2].evaluate(model, args))
-            print(f"\n[regimes] initial student {size}: " + json.dumps(diagnosis[size]))
+            print_diagnosis(size, diagnosis[size])
         a, model, hard_eval = inits[size]
         rows = {}
         for m in methods:
@@ -157,6 +163,18 @@ def summarise(name, rows):
             out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key)
                                     for key in KEYS}
     return out
+
+
+def print_diagnosis(size, d):
+    print(f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, KL) "
+          f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}")
+    print(f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} {'|q - p|':>7} "
+          f"{'KL share':>8}")
+    for tag, label in (("top", "SE-KD top 20%"), ("random", "random 20%")):
+        r = d[tag]
+        print(f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} {r['grad']:7.3f} "
+              f"{r['kl_share']:8.0%}")
+        print(f"  {'':<14} inputs: " + ", ".join(f"{t!r} {share:.0%}" for t, share in r["inputs"]))
 
 
 def print_cell(c):

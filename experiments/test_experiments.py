@@ -340,9 +340,10 @@ def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corp
 
 def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
     cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "random_pos", "te")),
-             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("full_kd", "sekd"))}
+             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd", "te"))}
     monkeypatch.setattr(regimes, "CELLS", cells)
-    args = ("--run", "regimes", "--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--student-embd", "16")
+    args = ("--run", "regimes", "--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
+            "--student-init-steps", "5")
     r = run_job(tmp_path, tiny_corpus, *args)["regimes"]
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
     assert len(runs) == 2 * (4 + 2)  # every (cell, method, seed), each trained once
