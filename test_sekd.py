@@ -996,21 +996,21 @@ def test_batches_iterate_over_kept_samples_only():
 
 @pytest.mark.parametrize("V,nbytes", [(11, 3), (50257, 3), (131072, 3), (131073, 4), (1 << 25, 4), ((1 << 25) + 1, 5)])
 def test_cache_codec_is_lossless_and_never_truncates(V, nbytes):
-    assert sekd.cache_bytes_per_class(V) == nbytes
+    assert data.cache_bytes_per_class(V) == nbytes
     ids = torch.tensor([[0, V - 1, V // 2, 0]])
     counts = torch.tensor([[127, 1, 64, 0]])
-    raw = sekd.encode_draws(ids, counts, V)
+    raw = data.encode_draws(ids, counts, V)
     assert raw.dtype == torch.uint8 and raw.shape == (1, 4, nbytes)
-    got_ids, got_counts = sekd.decode_draws(raw, V)
+    got_ids, got_counts = data.decode_draws(raw, V)
     assert torch.equal(got_ids, ids) and torch.equal(got_counts, counts)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        sekd.encode_draws(torch.tensor([V]), torch.tensor([1]), V)
+        data.encode_draws(torch.tensor([V]), torch.tensor([1]), V)
     with pytest.raises(ValueError, match="7-bit counts"):
-        sekd.encode_draws(torch.tensor([0]), torch.tensor([128]), V)
+        data.encode_draws(torch.tensor([0]), torch.tensor([128]), V)
 
 
 def test_storage_accounting_at_the_papers_scale():
-    per = sekd.storage_bytes_per_position(100_000, 64, 0.2)
+    per = data.storage_bytes_per_position(100_000, 64, 0.2)
     tb = {k: v * 1e11 / 1e12 for k, v in per.items()}
     assert per["rskd"] == 192 and per["sekd_3x"] == pytest.approx(38.4) and per["ce"] == 3
     assert tb["rskd"] == pytest.approx(19.2) and tb["sekd_3x"] == pytest.approx(3.84) and tb["ce"] == pytest.approx(0.3)
@@ -1039,7 +1039,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     again, build_s2, reused2 = axes.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
-    ids, counts = sekd.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
+    ids, counts = data.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
     assert ids.shape == (3, args.seq_len, 64) and (counts.sum(-1) == 64).all()
     # the draws are the teacher's, from the seeded generator, in kept order
     x = torch.from_numpy(corpus.train[kept][:, :-1].astype(np.int64))
@@ -1047,7 +1047,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     assert torch.equal(ids, want[0][rows]) and torch.equal(counts, want[1][rows])
     # size on disk against the storage accounting: within 1%, and the data part exactly
     real = os.path.getsize(cache.path)
-    per_position = sekd.storage_bytes_per_position(corpus.vocab.size, 64)["rskd"]
+    per_position = data.storage_bytes_per_position(corpus.vocab.size, 64)["rskd"]
     accounted = len(kept) * args.seq_len * per_position
     assert per_position == 64 * 3 and abs(real - accounted) <= 0.01 * accounted
     assert real - cache.offset == accounted
@@ -1089,8 +1089,8 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_encode(*a)
-    real_encode = sekd.encode_draws
-    monkeypatch.setattr(sekd, "encode_draws", failing_encode)
+    real_encode = data.encode_draws
+    monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
@@ -1370,15 +1370,15 @@ def test_checkpoint_for_another_tokenizer_is_refused(tmp_path, tiny_corpus, pret
 
 
 def test_vocabulary_beyond_the_cache_format_is_refused():
-    assert sekd.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
+    assert data.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
     with pytest.raises(ValueError, match="does not fit the cache format"):
-        sekd.cache_bytes_per_class((1 << 49) + 1)
+        data.cache_bytes_per_class((1 << 49) + 1)
     with pytest.raises(ValueError, match="outside the vocabulary \\[0, 11\\)"):
-        sekd.encode_draws(torch.tensor([[11]]), torch.tensor([[1]]), 11)
+        data.encode_draws(torch.tensor([[11]]), torch.tensor([[1]]), 11)
     with pytest.raises(ValueError, match="7-bit counts"):
-        sekd.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
+        data.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
     with pytest.raises(ValueError, match="a vocabulary of 131,073 needs 4"):
-        sekd.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
+        data.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
 
 
 def test_teacher_and_student_vocabularies_must_match(cache_setup):

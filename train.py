@@ -299,7 +299,7 @@ class Batches:
         if self.cache is None:
             return x[:, :-1], x[:, 1:]
         raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)  # row i: kept sample i
-        return x[:, :-1], x[:, 1:], sekd.decode_draws(raw, self.cache.signature["V"])
+        return x[:, :-1], x[:, 1:], data.decode_draws(raw, self.cache.signature["V"])
 
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
