@@ -179,16 +179,16 @@ def default_chunk_rows(vocab_size, device="cpu"):
 def fused(fn):
     """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
     (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, or after a failed compile (no C++ compiler, no triton)."""
-    compiled = torch.compile(fn, dynamic=True)
     def call(*args):
         if call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda"):
-            try:
-                return compiled(*args)
+            try:  # compiled at first use, as importing the compiler takes seconds
+                call.compiled = call.compiled or torch.compile(fn, dynamic=True)
+                return call.compiled(*args)
             except Exception as e:  # fn is pure: its eager run gives the same result
                 call.on = False
                 warnings.warn(f"sekd: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); eager from now on")
         return fn(*args)
-    call.on, call.eager = True, fn
+    call.on, call.eager, call.compiled = True, fn, None
     return update_wrapper(call, fn)
 
 def chunk_weight(w):

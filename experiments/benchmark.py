@@ -41,7 +41,7 @@ def add_flags(p, number):
     g.add_argument("--bench-warmup", type=number(int, lambda v: v >= 0, "at least 0"), default=2,
                    help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
-    head_bench.add_flags(g, number)
+    head_bench.add_flags(g, number, positive_ints)
 
 
 def is_oom(e):

@@ -19,13 +19,13 @@ from experiments.meter import LiveBytes
 MB = 2 ** 20
 
 
-def add_flags(g, number):
+def add_flags(g, number, ints):
     g.add_argument("--head-only", action="store_true", help="time one loss step at the LM head only (the peers too)")
-    g.add_argument("--head-vocab", default="50257,151936", help="--head-only: vocabulary sizes")
-    g.add_argument("--head-tokens", default="1024,2048", help="--head-only: rows N = B*L")
-    g.add_argument("--head-dims", default="256,512", help="--head-only: student and teacher widths")
+    g.add_argument("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
+    g.add_argument("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
+    g.add_argument("--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths")
     g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--head-chunk-mb", default="", help="--head-only: time our flows at these MB per chunk instead")
+    g.add_argument("--head-chunk-mb", type=ints, default="", help="--head-only: time our flows at these MB per chunk instead")
     g.add_argument("--head-rounds", type=number(int, lambda v: v >= 1, "at least 1"), default=3,
                    help="--head-only: timed rounds, after one untimed round that checks and measures")
     g.add_argument("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
@@ -156,13 +156,13 @@ def rel_err(grads, ref):
 
 def bench_shape(V, N, args, device, peers):
     """Every flow at one (V, N): a checked, measured step, then timed rounds in turns. -> rows."""
-    ds, dt = (int(v) for v in args.head_dims.split(","))
+    ds, dt = args.head_dims
     dtype = getattr(torch, args.head_dtype)
     x = inputs(N, V, ds, dt, dtype, device, args.seed)
     fits = 7 * N * V * 4 / 2 ** 30 <= args.head_dense_max_gb
     flows = {} if args.head_chunk_mb or not fits else {"dense kd_loss": dense}
     if args.head_chunk_mb:
-        for mb in (int(v) for v in args.head_chunk_mb.split(",")):
+        for mb in args.head_chunk_mb:
             c = max(1, (mb << 20) // (4 * V))
             flows.update(list(our_flows(args.k, c, tag=f" @ {mb} MB ({c} rows)").items())[:2])
     else:
@@ -247,10 +247,12 @@ def plot(rows, path):
 
 def run(args, device):
     """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json and .png."""
+    if len(args.head_dims) != 2:
+        raise ValueError("--head-dims takes two widths, the student's and the teacher's, e.g. 256,512")
     peers, peer_versions = ({}, {}) if args.head_chunk_mb else peer_flows(args.k)
     rows = []
-    for V in (int(v) for v in args.head_vocab.split(",")):
-        for N in (int(n) for n in args.head_tokens.split(",")):
+    for V in args.head_vocab:
+        for N in args.head_tokens:
             shape_rows = bench_shape(V, N, args, device, peers)
             print("\n" + "\n".join(table(shape_rows)), flush=True)
             rows += shape_rows

@@ -13,7 +13,7 @@ import torch
 import data
 import sekd
 import train
-from experiments import benchmark, ledger, sample
+from experiments import benchmark, head_bench, ledger, sample
 from test_sekd import run_job, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
 
 
@@ -202,6 +202,22 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
     benchmark.time_rows(None, None, None, rows, args, torch.device("cpu"))
     assert calls == ["dense", "streamed"] * 3
     assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
+
+
+def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monkeypatch):
+    """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient agrees
+    with dense, each flow has a time and a memory figure, and the JSON is written."""
+    monkeypatch.setattr(head_bench, "compiled", lambda on: contextlib.nullcontext())
+    monkeypatch.setattr(head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
+    out = train.main(["--run", "benchmark", "--head-only", "--head-vocab", "97", "--head-tokens", "16,32", "--head-dims",
+                      "8,12", "--head-rounds", "1", "--device", "cpu", "--out-dir", str(tmp_path)])
+    rows = out["rows"]
+    assert {r["flow"] for r in rows} >= {"dense kd_loss", "sekd streamed Full KD", "of which the selection alone"}
+    assert len(rows) == 2 * 7 and all(r["ms"] > 0 and ("live_mb" in r or "rss_mb" in r) for r in rows)
+    assert all(r["grad_rel_err"] < 1e-5 for r in rows if r["grad_rel_err"] is not None)
+    assert json.loads((tmp_path / "head_benchmark_cpu.json").read_text())["meta"]["liger-kernel"] == "not installed"
+    with pytest.raises(train.UserError, match="argument --head-tokens: takes positive integers"):
+        train.main(["--run", "benchmark", "--head-only", "--head-tokens", "0"])
 
 
 def test_benchmark_flag_errors_are_clear():
