@@ -25,7 +25,8 @@ def add_flags(g, number, ints):
     g.add_argument("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
     g.add_argument("--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths")
     g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--head-chunk-mb", type=ints, default="", help="--head-only: time our flows at these MB per chunk instead")
+    g.add_argument("--head-chunk-mb", type=ints, default="",
+                   help="--head-only: time our flows at these MB per chunk instead")
     g.add_argument("--head-rounds", type=number(int, lambda v: v >= 1, "at least 1"), default=3,
                    help="--head-only: timed rounds, after one untimed round that checks and measures")
     g.add_argument("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
@@ -39,7 +40,10 @@ def compiled(on):
     try:
         yield
     finally:
-        os.environ.pop("SEKD_COMPILE") if before is None else os.environ.__setitem__("SEKD_COMPILE", before)
+        if before is None:
+            del os.environ["SEKD_COMPILE"]
+        else:
+            os.environ["SEKD_COMPILE"] = before
 
 
 def selection(x, k, chunk):
@@ -49,7 +53,8 @@ def selection(x, k, chunk):
 
 
 def our_flows(k, chunk=None, compile_on=True, tag=""):
-    """Each flow: inputs -> loss, its backward run (hidden states are one sequence of N rows)."""
+    """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N rows
+    are one sequence, so the loss is their mean."""
     def streamed(x, mask=None):
         return sekd.streamed_kd_loss(x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, chunk_rows=chunk)
 
@@ -58,8 +63,9 @@ def our_flows(k, chunk=None, compile_on=True, tag=""):
             with compiled(compile_on):
                 return fn(x)
         return run
+    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk)))
     return {f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x)),
-            f"sekd SE-KD k={k:g} (selection included){tag}": with_compile(lambda x: streamed(x, selection(x, k, chunk))),
+            f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
             f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk))}
 
 
@@ -77,7 +83,7 @@ def peer_flows(k):
         for on in (False, True):
             jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on)
             name = f"Liger fused linear JSD beta=0, {'compiled' if on else 'eager'}"
-            flows[name] = lambda x, jsd=jsd: jsd(x["hs"], x["ws"], x["ht"], x["wt"], x["y"][0])
+            flows[name] = lambda x, jsd=jsd: jsd(*rows(x, None))
             flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, selection(x, k, None)))
     except (ImportError, PackageNotFoundError) as e:
         versions["liger-kernel"] = f"not installed ({str(e).splitlines()[0][:60]})"
@@ -90,8 +96,7 @@ def peer_flows(k):
             with torch.no_grad():
                 zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
             return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
-        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(x["hs"], x["ws"], x["ht"], x["wt"],
-                                                                                      x["y"][0])
+        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(*rows(x, None))
         flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, selection(x, k, None)))
     except (ImportError, PackageNotFoundError) as e:
         versions["torchtune"] = f"not installed ({str(e).splitlines()[0][:60]})"
@@ -99,8 +104,8 @@ def peer_flows(k):
 
 
 def rows(x, mask):
-    """A peer's inputs at SE-KD's rows: (student rows, student weight, teacher rows, teacher weight, targets)."""
-    sel = mask[0]
+    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's, targets."""
+    sel = slice(None) if mask is None else mask[0]
     return x["hs"][sel], x["ws"], x["ht"][sel], x["wt"], x["y"][0][sel]
 
 
@@ -231,12 +236,15 @@ def plot(rows, path):
     vocabs = sorted({r["V"] for r in rows})
     fig, axes = plt.subplots(len(vocabs), 2, figsize=(13, 4.5 * len(vocabs)), squeeze=False)
     for (ax_t, ax_m), V in zip(axes, vocabs):
-        for flow in dict.fromkeys(r["flow"] for r in rows if r["V"] == V):
+        for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
+            ours = flow.startswith(("sekd", "of which", "dense"))  # solid, eager dashed; the peers dotted
+            style = dict(color=plt.cm.tab20(i % 20), label=flow, marker="o",
+                         linestyle=("--" if "eager" in flow else "-") if ours else ":")
             pts = sorted((r["N"], r["ms"], r.get("live_mb", r.get("rss_mb"))) for r in rows
                          if r["V"] == V and r["flow"] == flow and r.get("ms"))
             if pts:
-                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=flow)
-                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=flow)
+                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], **style)
         for ax, what in ((ax_t, "ms per step"), (ax_m, "peak extra MB (live tensors; compiled: RSS growth)")):
             ax.set(xlabel="N rows", ylabel=what, title=f"V = {V:,}", xscale="log", yscale="log")
         ax_t.legend(fontsize=6)
