@@ -170,7 +170,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
 
 # ============================================================================ 3. positions
 
-CHUNK_MB = {"cpu": 64, "cuda": 256}  # float32 MB per [rows, V] chunk: measured, results/head_benchmark_cpu.md
+CHUNK_MB = {"cpu": 64, "cuda": 256}  # float32 MB a [rows, V] chunk: CPU measured, CUDA reasoned (results/)
 
 def default_chunk_rows(vocab_size, device="cpu"):
     # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often.
