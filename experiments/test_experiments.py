@@ -13,7 +13,7 @@ import torch
 import data
 import sekd
 import train
-from experiments import benchmark, head_bench, ledger, sample
+from experiments import benchmark, ledger, sample
 from test_sekd import run_job, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
 
 
@@ -207,8 +207,8 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
 def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monkeypatch):
     """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient agrees
     with dense, each flow has a time and a memory figure, and the JSON is written."""
-    monkeypatch.setattr(head_bench, "compiled", lambda on: contextlib.nullcontext())
-    monkeypatch.setattr(head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
+    monkeypatch.setattr(benchmark.head_bench, "compiled", lambda on: contextlib.nullcontext())
+    monkeypatch.setattr(benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
     out = train.main(["--run", "benchmark", "--head-only", "--head-vocab", "97", "--head-tokens", "16", "--head-dims",
                       "8,12", "--head-rounds", "1", "--device", "cpu", "--out-dir", str(tmp_path)])
     rows = out["rows"]
