@@ -27,6 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from sekd import COUNT_BITS, MAX_DRAWS
 
 UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
 
@@ -370,6 +373,42 @@ def write_cache(path, signature, shape, blocks):
             i += len(block)
         out.flush()
         del out
+
+
+# A cached class is one little-endian word, its token id << 7 | its draw count (sekd.MAX_DRAWS, 7 bits).
+
+def cache_bytes_per_class(V):
+    """One cached class, id << 7 | count in little-endian bytes: 3 (the paper's) up to V = 2^17, then more."""
+    id_bits = max(17, (V - 1).bit_length())
+    if id_bits + COUNT_BITS > 56:
+        raise ValueError(f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)")
+    return math.ceil((id_bits + COUNT_BITS) / 8)
+
+
+def encode_draws(ids, counts, V):
+    """(ids, counts) [..., U] -> uint8 [..., U, bytes], losslessly: what does not fit is refused."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > MAX_DRAWS):
+        raise ValueError(f"a draw count is outside [0, {MAX_DRAWS}]: the cache stores 7-bit counts")
+    word = (ids.long() << COUNT_BITS) | counts.long()
+    shifts = 8 * torch.arange(cache_bytes_per_class(V), device=word.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8)
+
+
+def decode_draws(raw, V):
+    """uint8 [..., U, nbytes] -> (ids, counts) [..., U] int64, the inverse of `encode_draws`."""
+    nb = cache_bytes_per_class(V)
+    if raw.shape[-1] != nb:
+        raise ValueError(f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}")
+    word = (raw.long() << (8 * torch.arange(nb, device=raw.device))).sum(-1)
+    return word >> COUNT_BITS, word & MAX_DRAWS
+
+
+def storage_bytes_per_position(V, U=64, l=0.2):
+    """Bytes per training position (the paper's storage table) of each way to ship the teacher."""
+    rskd = U * cache_bytes_per_class(V)
+    return {"full_fp16": 2 * V, "rskd": rskd, "sekd_3x": l * rskd, "ce": math.ceil((V - 1).bit_length() / 8)}
 
 
 class TeacherCache:

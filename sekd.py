@@ -7,8 +7,10 @@ Conventions: logits are [..., V]; `targets` are [B, L] with -1 at padding, so `v
 a position mask is a bool [B, L]; losses are averaged per sequence, then over sequences.
 """
 import math
+import os
+import warnings
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import partial, update_wrapper
 
 import torch
 import torch.nn as nn
@@ -169,9 +171,26 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
 
 # ============================================================================ 3. positions
 
-def default_chunk_rows(vocab_size, elements=1 << 22):
-    # a [rows, V] float32 chunk of ~16 MB: small enough for the CPU allocator to reuse its pages
-    return max(1, elements // vocab_size)
+CHUNK_MB = {"cpu": 64, "cuda": 256}  # float32 MB a [rows, V] chunk: CPU measured, CUDA reasoned (results/)
+
+def default_chunk_rows(vocab_size, device="cpu"):
+    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often.
+    return max(1, (CHUNK_MB.get(torch.device(device).type, 64) << 20) // (4 * vocab_size))
+
+def fused(fn):
+    """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
+    (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, or after a failed compile (no C++ compiler, no triton)."""
+    def call(*args):
+        if call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda"):
+            try:  # compiled at first use, as importing the compiler takes seconds
+                call.compiled = call.compiled or torch.compile(fn, dynamic=True)
+                return call.compiled(*args)
+            except Exception as e:  # fn is pure: its eager run gives the same result
+                call.on = False
+                warnings.warn(f"sekd: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); eager from now on")
+        return fn(*args)
+    call.on, call.eager, call.compiled = True, fn, None
+    return update_wrapper(call, fn)
 
 def chunk_weight(w):
     """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
@@ -205,6 +224,8 @@ def student_only(fn):
 def _ce(logits, targets):
     return F.cross_entropy(_wide(logits), targets, reduction="none")
 
+chunk_entropy = fused(token_entropy)  # we compile it: about 3x faster a chunk than eager on a CPU
+
 def _ce_ratio(zs, zt, y):
     teacher = _ce(zt, y)  # a teacher CE of exactly 0 is read as the tiniest float
     return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
@@ -217,8 +238,8 @@ def uniform(zs, zt, y):
 uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
 
 METRICS = {  # the paper's position-axis metrics
-    "student_entropy": student_only(lambda zs, zt, y: token_entropy(zs)),  # H(q_t): SE-KD's
-    "teacher_entropy": lambda zs, zt, y: token_entropy(zt),  # H(p_t)
+    "student_entropy": student_only(lambda zs, zt, y: chunk_entropy(zs)),  # H(q_t): SE-KD's
+    "teacher_entropy": lambda zs, zt, y: chunk_entropy(zt),  # H(p_t)
     "student_ce": student_only(lambda zs, zt, y: _ce(zs, y)),  # -log q_t(y_t)
     "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
@@ -243,17 +264,16 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     hs = student_h[valid]
     ht = teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
+    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
     project = getattr(fn, "needs_logits", True)
     ws = chunk_weight(student_w) if project else None
     wt = chunk_weight(teacher_w) if use_teacher else None
     parts = [fn(_wide(hs[i:i + chunk] @ ws.T) if project else hs[i:i + chunk],
                 _wide(ht[i:i + chunk] @ wt.T) if ht is not None else None,
                 y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
-    dtype = _wide_dtype(hs)
-    scores = torch.zeros(valid.shape, dtype=dtype, device=hs.device)
+    scores = torch.zeros(valid.shape, dtype=_wide_dtype(hs), device=hs.device)
     if parts:
-        scores[valid] = torch.cat(parts).to(dtype)
+        scores[valid] = torch.cat(parts).to(scores.dtype)
     return scores
 
 
@@ -317,8 +337,10 @@ POLICIES = {"topk": topk_positions, "gls": gls_positions, "curriculum": curricul
 
 # ============================================================================ 4. the streamed loss
 # The selective LM head: logits only at the rows the loss needs, one chunk at a time. Each `_*_rows`
-# gives a chunk's per-row loss and its logit gradient in closed form, in place where it can.
+# gives a chunk's per-row loss and its logit gradient in closed form, in place where it can. Eager, each line is
+# a pass over [rows, V]; we compile the KL (`fused`): 1.8x faster a chunk on a CPU. The CE gained nothing: eager.
 
+@fused
 def _kd_rows(z_student, z_teacher, T):
     """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
     logq = F.log_softmax(tempered(z_student, T), dim=-1)
@@ -416,7 +438,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
             loss[s] += w * kd[0]
             grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # grad[s] += ..., no copy of grad[s]
         return loss, grad
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
+    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
     return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
 
 
@@ -639,7 +661,7 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
 def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
-    chunk = chunk_rows or default_chunk_rows(teacher_w.shape[0])
+    chunk = chunk_rows or default_chunk_rows(teacher_w.shape[0], teacher_w.device)
     w = chunk_weight(teacher_w)
     parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
              for i in range(0, max(1, rows.shape[0]), chunk)]
@@ -683,38 +705,6 @@ def random_samples(n_samples, l, generator=None):
     n = int(budget_counts(l, torch.tensor(n_samples)))
     return torch.randperm(n_samples, generator=generator)[:n].sort().values
 
-# ---------------------------------------------------------------------------- SE-KD_3X's offline cache codec
-
-def cache_bytes_per_class(V):
-    """One cached class, id << 7 | count in little-endian bytes: 3 (the paper's) up to V = 2^17, then more."""
-    id_bits = max(17, (V - 1).bit_length())
-    if id_bits + COUNT_BITS > 56:
-        raise ValueError(f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)")
-    return math.ceil((id_bits + COUNT_BITS) / 8)
-
-def encode_draws(ids, counts, V):
-    """(ids, counts) [..., U] -> uint8 [..., U, bytes], losslessly: what does not fit is refused."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it")
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > MAX_DRAWS):
-        raise ValueError(f"a draw count is outside [0, {MAX_DRAWS}]: the cache stores 7-bit counts")
-    word = (ids.long() << COUNT_BITS) | counts.long()
-    shifts = 8 * torch.arange(cache_bytes_per_class(V), device=word.device)
-    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8)
-
-def decode_draws(raw, V):
-    """uint8 [..., U, nbytes] -> (ids, counts) [..., U] int64, the inverse of `encode_draws`."""
-    nb = cache_bytes_per_class(V)
-    if raw.shape[-1] != nb:
-        raise ValueError(f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}")
-    word = (raw.long() << (8 * torch.arange(nb, device=raw.device))).sum(-1)
-    return word >> COUNT_BITS, word & MAX_DRAWS
-
-def storage_bytes_per_position(V, U=64, l=0.2):
-    """Bytes per training position (the paper's storage table) of each way to ship the teacher."""
-    rskd = U * cache_bytes_per_class(V)
-    return {"full_fp16": 2 * V, "rskd": rskd, "sekd_3x": l * rskd, "ce": math.ceil((V - 1).bit_length() / 8)}
-
 # ============================================================================ 7. evaluation
 
 def expected_calibration_error(confidence, correct, n_bins=15):
@@ -731,7 +721,7 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
     valid = targets >= 0
     hs, y = student_h[valid], targets[valid]
     ht = teacher_h[valid] if teacher_h is not None else None
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0])
+    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
     out = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
     ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
     for i in range(0, hs.shape[0], chunk):
@@ -766,7 +756,7 @@ def activation_bytes(config, B, L, half=False, grad=True):
         return tokens * (n * (D * (2 * 4 + 14 * act) + 4 * (4 + H)) + 2 * D * 4 + 8)
     return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
 
-def memory_account(student_config, teacher_config, B, L, cfg, half=False):
+def memory_account(student_config, teacher_config, B, L, cfg, half=False, device="cpu"):
     """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
     weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
     activations and the teacher's hidden states (4 N Dt); [rows, V] float32 logits alive at once:
@@ -778,7 +768,7 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False):
         return None
     V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
     lam = 0.0 if cfg.method == "ce" else cfg.lam
-    c = min(N, cfg.chunk_rows or default_chunk_rows(V))
+    c = min(N, cfg.chunk_rows or default_chunk_rows(V, device))
     selects = cfg.method in ("sekd", "random_pos") and cfg.k < 1
     share = int(budget_counts(cfg.k, torch.tensor(L))) / L if selects else 1.0
     n_sel, s = round(share * N), math.ceil(share * c)

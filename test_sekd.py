@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from fractions import Fraction
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub name fails fast instead of retrying
+os.environ.setdefault("SEKD_COMPILE", "0")  # compiling every test's shapes would double the suite's time
 
 import numpy as np
 import pytest
@@ -229,6 +231,29 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
     assert dense.item() == pytest.approx(want, abs=1e-12)
     under_mask = lam == 1 or ce_at == "selected"  # then the pass touches the selected rows only
     assert walked == [int(mask.sum()) if under_mask else int((y >= 0).sum())]
+
+
+def test_compiled_chunk_formulas_equal_eager(monkeypatch):
+    """SE-KD's step with the entropy and the KL compiled (`sekd.fused`) equals the eager one, in the
+    scores, the loss and its gradients; skipped where torch.compile cannot run (no C++ compiler)."""
+    g = torch.Generator().manual_seed(7)
+    hs = torch.randn(2, 12, 8, generator=g, requires_grad=True)
+    ws = torch.randn(50, 8, generator=g, requires_grad=True)
+    ht, wt = torch.randn(2, 12, 6, generator=g), torch.randn(50, 6, generator=g)
+    y = torch.randint(0, 50, (2, 12), generator=g)
+
+    def step():  # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
+        scores = sekd.chunked_scores("student_entropy", hs.detach(), ws.detach(), y >= 0, chunk_rows=5)
+        loss = sekd.streamed_kd_loss(hs, ws, ht, wt, y, sekd.topk_positions(scores, 0.5, y >= 0), chunk_rows=7)
+        return scores, loss, *torch.autograd.grad(loss, (hs, ws))
+    eager = step()
+    monkeypatch.setenv("SEKD_COMPILE", "1")
+    with warnings.catch_warnings(record=True):
+        compiled = step()
+    if not (sekd._kd_rows.on and sekd.chunk_entropy.on):
+        pytest.skip("torch.compile failed here (no C++ compiler?): sekd stays eager")
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_streamed_backward_scales_the_stored_gradients_in_place_once():
@@ -1025,21 +1050,21 @@ def test_batches_iterate_over_kept_samples_only():
 
 @pytest.mark.parametrize("V,nbytes", [(11, 3), (50257, 3), (131072, 3), (131073, 4), (1 << 25, 4), ((1 << 25) + 1, 5)])
 def test_cache_codec_is_lossless_and_never_truncates(V, nbytes):
-    assert sekd.cache_bytes_per_class(V) == nbytes
+    assert data.cache_bytes_per_class(V) == nbytes
     ids = torch.tensor([[0, V - 1, V // 2, 0]])
     counts = torch.tensor([[127, 1, 64, 0]])
-    raw = sekd.encode_draws(ids, counts, V)
+    raw = data.encode_draws(ids, counts, V)
     assert raw.dtype == torch.uint8 and raw.shape == (1, 4, nbytes)
-    got_ids, got_counts = sekd.decode_draws(raw, V)
+    got_ids, got_counts = data.decode_draws(raw, V)
     assert torch.equal(got_ids, ids) and torch.equal(got_counts, counts)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        sekd.encode_draws(torch.tensor([V]), torch.tensor([1]), V)
+        data.encode_draws(torch.tensor([V]), torch.tensor([1]), V)
     with pytest.raises(ValueError, match="7-bit counts"):
-        sekd.encode_draws(torch.tensor([0]), torch.tensor([128]), V)
+        data.encode_draws(torch.tensor([0]), torch.tensor([128]), V)
 
 
 def test_storage_accounting_at_the_papers_scale():
-    per = sekd.storage_bytes_per_position(100_000, 64, 0.2)
+    per = data.storage_bytes_per_position(100_000, 64, 0.2)
     tb = {k: v * 1e11 / 1e12 for k, v in per.items()}
     assert per["rskd"] == 192 and per["sekd_3x"] == pytest.approx(38.4) and per["ce"] == 3
     assert tb["rskd"] == pytest.approx(19.2) and tb["sekd_3x"] == pytest.approx(3.84) and tb["ce"] == pytest.approx(0.3)
@@ -1068,7 +1093,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     again, build_s2, reused2 = axes.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
-    ids, counts = sekd.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
+    ids, counts = data.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
     assert ids.shape == (3, args.seq_len, 64) and (counts.sum(-1) == 64).all()
     # the draws are the teacher's, from the seeded generator, in kept order
     x = torch.from_numpy(corpus.train[kept][:, :-1].astype(np.int64))
@@ -1076,7 +1101,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     assert torch.equal(ids, want[0][rows]) and torch.equal(counts, want[1][rows])
     # size on disk against the storage accounting: within 1%, and the data part exactly
     real = os.path.getsize(cache.path)
-    per_position = sekd.storage_bytes_per_position(corpus.vocab.size, 64)["rskd"]
+    per_position = data.storage_bytes_per_position(corpus.vocab.size, 64)["rskd"]
     accounted = len(kept) * args.seq_len * per_position
     assert per_position == 64 * 3 and abs(real - accounted) <= 0.01 * accounted
     assert real - cache.offset == accounted
@@ -1118,8 +1143,8 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_encode(*a)
-    real_encode = sekd.encode_draws
-    monkeypatch.setattr(sekd, "encode_draws", failing_encode)
+    real_encode = data.encode_draws
+    monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
@@ -1399,15 +1424,15 @@ def test_checkpoint_for_another_tokenizer_is_refused(tmp_path, tiny_corpus, pret
 
 
 def test_vocabulary_beyond_the_cache_format_is_refused():
-    assert sekd.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
+    assert data.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
     with pytest.raises(ValueError, match="does not fit the cache format"):
-        sekd.cache_bytes_per_class((1 << 49) + 1)
+        data.cache_bytes_per_class((1 << 49) + 1)
     with pytest.raises(ValueError, match="outside the vocabulary \\[0, 11\\)"):
-        sekd.encode_draws(torch.tensor([[11]]), torch.tensor([[1]]), 11)
+        data.encode_draws(torch.tensor([[11]]), torch.tensor([[1]]), 11)
     with pytest.raises(ValueError, match="7-bit counts"):
-        sekd.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
+        data.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
     with pytest.raises(ValueError, match="a vocabulary of 131,073 needs 4"):
-        sekd.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
+        data.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
 
 
 def test_teacher_and_student_vocabularies_must_match(cache_setup):

@@ -116,7 +116,7 @@ def build_parser():
     g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="CE at the selected positions "
                    "(paper Eq. 3) or at every position, when lam < 1")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
-    g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0 = ~16 MB)")
+    g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0: sekd.CHUNK_MB by device)")
     g.add_argument("--on-policy", type=share, default=0.0, help="share of sequences the student writes (on-policy)")
     g.add_argument("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt tokens (0 = --seq-len / 2)")
     g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
@@ -302,7 +302,7 @@ class Batches:
         if self.cache is None:
             return x[:, :-1], x[:, 1:]
         raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)  # row i: kept sample i
-        return x[:, :-1], x[:, 1:], sekd.decode_draws(raw, self.cache.signature["V"])
+        return x[:, :-1], x[:, 1:], data.decode_draws(raw, self.cache.signature["V"])
 
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
@@ -626,7 +626,7 @@ def memory_accounts(args, configs, corpus, teacher, device):
     for m, cfg in configs.items():  # sekd.memory_account models no on-policy step
         acc = None if args.on_policy > 0 and cfg.method != "ce" else sekd.memory_account(
             model_config(args, "student", corpus.vocab.size), teacher.config, args.batch_size, args.seq_len, cfg,
-            autocast_dtype(args, device) is not None)
+            autocast_dtype(args, device) is not None, device.type)
         print(f"\n[{m}] memory account, MiB: " + ("not modelled for this step" if acc is None else ", ".join(
             f"{label} {acc[key] / 2**20:,.1f}" for key, label in ACCOUNT.items()) + f" (chunks of {acc['chunk_rows']} "
             f"rows, {acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected, lambda {acc['lam']:g}, {acc['dtype']})"))

@@ -105,8 +105,8 @@ def teacher_cache(args, corpus, device, teacher, kept):
                 with train.autocast(args, device):
                     ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
                                                      args.chunk_rows or None, gen)
-                yield sekd.encode_draws(ids, counts, V).cpu().numpy()
-        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, sekd.cache_bytes_per_class(V)), blocks())
+                yield data.encode_draws(ids, counts, V).cpu().numpy()
+        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V)), blocks())
         build_s = time.time() - t0
         print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
               f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
@@ -190,8 +190,8 @@ def storage(args, corpus):
     the paper's scale (V = 100,000, U = 64, l = 0.2, 10^11 tokens) and for this corpus and flags;
     then the teacher cache on disk (default_cache_path), if there is one, against its
     accounting. -> dict."""
-    paper = sekd.storage_bytes_per_position(100_000, 64, 0.2)
-    here = sekd.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
+    paper = data.storage_bytes_per_position(100_000, 64, 0.2)
+    here = data.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
     n_here = len(corpus.train) * args.seq_len
     print(f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
           f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)")
@@ -208,7 +208,7 @@ def storage(args, corpus):
     if os.path.exists(cache_path):
         cache = data.TeacherCache(cache_path)
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
-        predicted = n_pos * sekd.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
+        predicted = n_pos * data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
         out["cache"] = {"path": cache_path, "bytes": real, "positions": n_pos, "accounted_bytes": predicted,
                         "header_bytes": cache.offset}
         print(f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = {real / n_pos:.2f} B/position; "

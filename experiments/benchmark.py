@@ -14,7 +14,7 @@ import torch
 
 import data
 import train
-from experiments import ledger
+from experiments import head_bench, ledger
 
 GiB = 2 ** 30
 
@@ -41,6 +41,7 @@ def add_flags(p, number):
     g.add_argument("--bench-warmup", type=number(int, lambda v: v >= 0, "at least 0"), default=2,
                    help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
+    head_bench.add_flags(g, number, positive_ints)
 
 
 def is_oom(e):
@@ -236,7 +237,9 @@ def print_sweep_tables(V, sweep, grid):
 def run(args, device):
     """One training step of each flow side by side, on random tokens, per vocabulary size
     (--bench-vocab); then a sweep over B*L (--bench-tokens) for the first vocabulary. Writes
-    OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json."""
+    OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json. --head-only: head_bench.run."""
+    if args.head_only:
+        return head_bench.run(args, device)
     vocabs, sweep = args.bench_vocab, args.bench_tokens
     if not vocabs:
         raise train.UserError("--bench-vocab takes positive integers separated by commas, e.g. 151936,50257")

@@ -204,6 +204,22 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
     assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
 
 
+def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monkeypatch):
+    """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient agrees
+    with dense, each flow has a time and a memory figure, and the JSON is written."""
+    monkeypatch.setattr(benchmark.head_bench, "compiled", lambda on: contextlib.nullcontext())
+    monkeypatch.setattr(benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
+    out = train.main(["--run", "benchmark", "--head-only", "--head-vocab", "97", "--head-tokens", "16", "--head-dims",
+                      "8,12", "--head-rounds", "1", "--device", "cpu", "--out-dir", str(tmp_path)])
+    rows = out["rows"]
+    assert {r["flow"] for r in rows} >= {"dense kd_loss", "sekd streamed Full KD", "of which the selection alone"}
+    assert len(rows) == 7 and all(r["ms"] > 0 and ("live_mb" in r or "rss_mb" in r) for r in rows)
+    assert all(r["grad_rel_err"] < 1e-5 for r in rows if r["grad_rel_err"] is not None)
+    assert json.loads((tmp_path / "head_benchmark_cpu.json").read_text())["meta"]["liger-kernel"] == "not installed"
+    with pytest.raises(train.UserError, match="argument --head-tokens: takes positive integers"):
+        train.main(["--run", "benchmark", "--head-only", "--head-tokens", "0"])
+
+
 def test_benchmark_flag_errors_are_clear():
     with pytest.raises(train.UserError, match="multiples of --seq-len"):
         train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])

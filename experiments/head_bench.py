@@ -1,0 +1,276 @@
+"""`--run benchmark --head-only`: one loss step (forward + backward) at the LM head alone, from random hidden
+states and head weights, for each flow side by side: dense `kd_loss`, the streamed Full KD, SE-KD with its
+selection, the selection alone, our chunk formulas eager and compiled, and, when they are installed, the
+peers: Liger's fused linear JSD (beta = 0, the forward KL) and torchtune's chunked forward KL, on all rows and
+on SE-KD's rows. Every flow's gradient is checked against dense (against the streamed loss where dense does
+not fit); the flows are timed in turns; we write a JSON and plot time and memory against N."""
+import gc
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+import sekd
+from experiments.meter import LiveBytes
+
+MB = 2 ** 20
+
+
+def add_flags(g, number, ints):
+    g.add_argument("--head-only", action="store_true", help="time one loss step at the LM head only (the peers too)")
+    g.add_argument("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
+    g.add_argument("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
+    g.add_argument("--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths")
+    g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--head-chunk-mb", type=ints, default="",
+                   help="--head-only: time our flows at these MB per chunk instead")
+    g.add_argument("--head-rounds", type=number(int, lambda v: v >= 1, "at least 1"), default=3,
+                   help="--head-only: timed rounds, after one untimed round that checks and measures")
+    g.add_argument("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
+
+
+@contextmanager
+def compiled(on):
+    """Our chunk formulas compiled (sekd.fused) or eager, for one flow."""
+    before = os.environ.get("SEKD_COMPILE")
+    os.environ["SEKD_COMPILE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SEKD_COMPILE"]
+        else:
+            os.environ["SEKD_COMPILE"] = before
+
+
+def selection(x, k, chunk):
+    valid = x["y"] >= 0
+    scores = sekd.chunked_scores("student_entropy", x["hs"][None].detach(), x["ws"].detach(), valid, chunk_rows=chunk)
+    return sekd.topk_positions(scores, k, valid)
+
+
+def our_flows(k, chunk=None, compile_on=True, tag=""):
+    """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N rows
+    are one sequence, so the loss is their mean."""
+    def streamed(x, mask=None):
+        return sekd.streamed_kd_loss(x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, chunk_rows=chunk)
+
+    def with_compile(fn):
+        def run(x):
+            with compiled(compile_on):
+                return fn(x)
+        return run
+    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk)))
+    return {f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x)),
+            f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
+            f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk))}
+
+
+def dense(x, mask=None):
+    return sekd.kd_loss((x["hs"] @ x["ws"].T)[None], (x["ht"] @ x["wt"].T)[None], x["y"], mask)
+
+
+def peer_flows(k):
+    """Liger and torchtune, if installed: {name: flow} and {package: version or 'not installed'}."""
+    from importlib.metadata import version, PackageNotFoundError
+    flows, versions = {}, {}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        versions["liger-kernel"] = version("liger-kernel")
+        for on in (False, True):
+            jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on)
+            name = f"Liger fused linear JSD beta=0, {'compiled' if on else 'eager'}"
+            flows[name] = lambda x, jsd=jsd: jsd(*rows(x, None))
+            flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, selection(x, k, None)))
+    except (ImportError, PackageNotFoundError) as e:
+        versions["liger-kernel"] = f"not installed ({str(e).splitlines()[0][:60]})"
+    try:
+        from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+        versions["torchtune"] = version("torchtune")
+        kl = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+
+        def tune(hs, ws, ht, wt, y):  # it takes the logits in its 8 chunks, the student's all kept for backward
+            with torch.no_grad():
+                zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
+            return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
+        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(*rows(x, None))
+        flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, selection(x, k, None)))
+    except (ImportError, PackageNotFoundError) as e:
+        versions["torchtune"] = f"not installed ({str(e).splitlines()[0][:60]})"
+    return flows, versions
+
+
+def rows(x, mask):
+    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's, targets."""
+    sel = slice(None) if mask is None else mask[0]
+    return x["hs"][sel], x["ws"], x["ht"][sel], x["wt"], x["y"][0][sel]
+
+
+def inputs(N, V, ds, dt, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+    return {"hs": make(N, ds).requires_grad_(), "ws": make(V, ds, scale=ds ** -0.5 * 2).requires_grad_(),
+            "ht": make(N, dt), "wt": make(V, dt, scale=dt ** -0.5 * 3),
+            "y": torch.randint(0, V, (1, N), generator=g).to(device)}
+
+
+def rss_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def one_step(flow, x):
+    x["hs"].grad = x["ws"].grad = None
+    loss = flow(x)
+    if loss.dtype != torch.bool:  # the selection alone returns its mask
+        loss.backward()
+    grads = (x["hs"].grad, x["ws"].grad)
+    x["hs"].grad = x["ws"].grad = None
+    return grads
+
+
+def measure(flow, x, device, compiled_code):
+    """Peak extra memory of one step: on CUDA the allocator's peak; on a CPU the live tensor bytes (LiveBytes),
+    but for compiled code, which that meter cannot see, the process's peak-RSS growth (Linux)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        grads = one_step(flow, x)
+        return grads, {"live_mb": (torch.cuda.max_memory_allocated() - base) / MB}
+    if compiled_code and os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        base = rss_bytes("VmRSS")
+        grads = one_step(flow, x)
+        return grads, {"rss_mb": (rss_bytes("VmHWM") - base) / MB}
+    with LiveBytes() as meter:
+        grads = one_step(flow, x)
+    return grads, {"live_mb": meter.peak / MB}
+
+
+def rel_err(grads, ref):
+    errs = [(a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
+            for a, b in zip(grads, ref) if a is not None and b is not None]
+    return max(errs) if errs else None
+
+
+def bench_shape(V, N, args, device, peers):
+    """Every flow at one (V, N): a checked, measured step, then timed rounds in turns. -> rows."""
+    ds, dt = args.head_dims
+    dtype = getattr(torch, args.head_dtype)
+    x = inputs(N, V, ds, dt, dtype, device, args.seed)
+    fits = 7 * N * V * 4 / 2 ** 30 <= args.head_dense_max_gb
+    flows = {} if args.head_chunk_mb or not fits else {"dense kd_loss": dense}
+    if args.head_chunk_mb:
+        for mb in args.head_chunk_mb:
+            c = max(1, (mb << 20) // (4 * V))
+            flows.update(list(our_flows(args.k, c, tag=f" @ {mb} MB ({c} rows)").items())[:2])
+    else:
+        flows.update(our_flows(args.k))
+        flows.update(our_flows(args.k, compile_on=False, tag=", eager"))
+        flows.update(peers)
+    with compiled(False):
+        mask = selection(x, args.k, None)
+        ref_all = one_step(dense if fits else our_flows(args.k)["sekd streamed Full KD"], x)
+        ref_sel = one_step(lambda x: dense(x, mask) if fits else sekd.streamed_kd_loss(
+            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask), x)
+    small = inputs(min(N, 64), V, ds, dt, dtype, device, args.seed)
+    for flow in flows.values():  # compiles (ours for every N; a peer's maybe not) before memory is measured
+        one_step(flow, small)
+    results = {}
+    for name, flow in flows.items():
+        row = {"flow": name, "V": V, "N": N, "ds": ds, "dt": dt, "dtype": args.head_dtype, "times": []}
+        try:
+            grads, mem = measure(flow, x, device, "compiled" in name or name.startswith(("sekd", "of which"))
+                                 and "eager" not in name)
+            selected = "SE-KD" in name or "selection" in name
+            row.update(mem, grad_rel_err=rel_err(grads, ref_sel if selected else ref_all))
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            row["error"] = str(e).splitlines()[0][:120]
+        results[name] = row
+    for _ in range(args.head_rounds):
+        for name, flow in flows.items():
+            if "error" not in results[name]:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                one_step(flow, x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                results[name]["times"].append(time.perf_counter() - t)
+    for r in results.values():
+        r["ms"] = 1000 * statistics.median(r["times"]) if r["times"] else None
+    return list(results.values())
+
+
+def table(rows):
+    base = next((r for r in rows if r["flow"] == "dense kd_loss" and r.get("ms")), rows[0])
+    lines = [f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, {rows[0]['dtype']}; "
+             f"ratios to '{base['flow']}'",
+             f"{'flow':<62} {'live MB':>9} {'RSS MB':>8} {'ms':>9} {'x time':>7} {'grad err':>9}", "-" * 109]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['flow']:<62} {r['error']}")
+            continue
+        live, rss = (f"{r[key]:,.0f}" if key in r else "-" for key in ("live_mb", "rss_mb"))
+        err = f"{r['grad_rel_err']:.1e}" if r.get("grad_rel_err") is not None else "-"
+        lines.append(f"{r['flow']:<62} {live:>9} {rss:>8} {r['ms']:>9,.0f} "
+                     f"{r['ms'] / base['ms']:>7.2f} {err:>9}")
+    return lines
+
+
+def plot(rows, path):
+    """ms and peak memory against N, one line per flow, one pair of panels per vocabulary."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    vocabs = sorted({r["V"] for r in rows})
+    fig, axes = plt.subplots(len(vocabs), 2, figsize=(13, 4.5 * len(vocabs)), squeeze=False)
+    for (ax_t, ax_m), V in zip(axes, vocabs):
+        for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
+            ours = flow.startswith(("sekd", "of which", "dense"))  # solid, eager dashed; the peers dotted
+            style = dict(color=plt.cm.tab20(i % 20), label=flow, marker="o",
+                         linestyle=("--" if "eager" in flow else "-") if ours else ":")
+            pts = sorted((r["N"], r["ms"], r.get("live_mb", r.get("rss_mb"))) for r in rows
+                         if r["V"] == V and r["flow"] == flow and r.get("ms"))
+            if pts:
+                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        for ax, what in ((ax_t, "ms per step"), (ax_m, "peak extra MB (live tensors; compiled: RSS growth)")):
+            ax.set(xlabel="N rows", ylabel=what, title=f"V = {V:,}", xscale="log", yscale="log")
+        ax_t.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def run(args, device):
+    """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json and .png."""
+    if len(args.head_dims) != 2:
+        raise ValueError("--head-dims takes two widths, the student's and the teacher's, e.g. 256,512")
+    peers, peer_versions = ({}, {}) if args.head_chunk_mb else peer_flows(args.k)
+    rows = []
+    for V in args.head_vocab:
+        for N in args.head_tokens:
+            shape_rows = bench_shape(V, N, args, device, peers)
+            print("\n" + "\n".join(table(shape_rows)), flush=True)
+            rows += shape_rows
+            gc.collect()
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else ""))
+    meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), **peer_versions,
+            "rounds": args.head_rounds, "k": args.k}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    png = plot(rows, stem + ".png")
+    print(f"\n{meta}\nwritten: {stem}.json" + (f", {png}" if png else ""))
+    return {"meta": meta, "rows": rows}
