@@ -30,8 +30,7 @@ import sekd
 from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
-TOOLS = {**{t: t for t in ("positions", "show", "axes", "benchmark", "sample", "regimes")}, "walltime": "axes",
-         "storage": "axes"}
+TOOLS = dict(walltime="axes", storage="axes", **{t: t for t in "positions show axes benchmark sample regimes".split()})
 
 # ----------------------------------------------------------------------------- command line
 
@@ -113,10 +112,9 @@ def build_parser():
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper: lam 1)")
-    g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="CE at the selected positions "
-                   "(paper Eq. 3) or at every position, when lam < 1")
+    g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="where CE goes (Eq. 3: selected)")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
-    g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows of logits per chunk (0: sekd.CHUNK_MB by device)")
+    g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows per logits chunk (0: sekd.CHUNK_MB)")
     g.add_argument("--on-policy", type=share, default=0.0, help="share of sequences the student writes (on-policy)")
     g.add_argument("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt tokens (0 = --seq-len / 2)")
     g.add_argument("--divergence", default="auto", choices=["auto", "forward", "reverse"],
