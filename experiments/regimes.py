@@ -189,14 +189,15 @@ def print_cell(c):
 
 
 def plot(cells, diagnosis, path):
-    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL and in KL to the
-    teacher, mean ± std over seeds: below 0, SE-KD is better."""
+    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in KL to the teacher
+    and in KL at the hard positions, mean ± std over seeds: below 0, SE-KD is better."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [c for c in cells if "sekd-full_kd" in cells[c] or "sekd-random_pos" in cells[c]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
-    for ax, key, unit in zip(axes, ("val_ppl", "kl_to_teacher"), ("val PPL", "KL(teacher || student), nats")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(names) + 2.5), sharey=True)
+    for ax, key, unit in zip(axes, ("val_ppl", "kl_to_teacher", "hard_kl"),
+                             ("val PPL", "KL(teacher || student)", "KL at the hard positions")):
         for j, (gap, colour) in enumerate((("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))):
             ys = [i + 0.15 * (1 - 2 * j) for i, c in enumerate(names) if gap in cells[c]]
             m = [cells[c][gap][key][0] for c in names if gap in cells[c]]
@@ -210,7 +211,8 @@ def plot(cells, diagnosis, path):
     axes[0].invert_yaxis()
     axes[0].legend(loc="best")
     corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
-    fig.suptitle(f"When does SE-KD (student entropy, top k) help? Mean ± std over seeds; corr(student entropy, KL) {corr}")
+    fig.suptitle(f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of the paired "
+                 f"gap; corr(student entropy, KL) {corr}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
