@@ -355,16 +355,17 @@ def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corp
 
 
 def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
-    cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "random_pos", "te")),
-             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd", "te"))}
+    cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "te")),
+             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",))}
     monkeypatch.setattr(regimes, "CELLS", cells)
     args = ("--run", "regimes", "--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
             "--student-init-steps", "5")
     r = run_job(tmp_path, tiny_corpus, *args)["regimes"]
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
-    assert len(runs) == 2 * (4 + 2)  # every (cell, method, seed), each trained once
+    assert len(runs) == 2 * (3 + 1)  # every (cell, method, seed), each trained once
     a = r["cells"]["A tiny lam1"]
-    assert set(a["rows"]) == {"full_kd", "sekd", "random_pos", "te"} and "sekd-random_pos" in a
+    assert set(a["rows"]) == {"full_kd", "sekd", "te"} and "sekd-random_pos" not in a
+    assert a["rows"]["te"]["val_ppl"] != a["rows"]["sekd"]["val_ppl"]  # another metric, another student
     for key in regimes.KEYS:  # the gap is the mean over seeds of the seed-by-seed differences
         d = [s[key] - f[key] for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])]
         assert a["sekd-full_kd"][key][0] == pytest.approx(np.mean(d))
