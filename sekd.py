@@ -171,11 +171,15 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
 
 # ============================================================================ 3. positions
 
-CHUNK_MB = {"cpu": 64, "cuda": 256}  # float32 MB a [rows, V] chunk: CPU measured, CUDA reasoned (results/)
+CHUNK_MB = {"cpu": 16, "cuda": 256}  # float32 MB a [rows, V] chunk, on a CPU per 64 of the head's width D
 
-def default_chunk_rows(vocab_size, device="cpu"):
-    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often.
-    return max(1, (CHUNK_MB.get(torch.device(device).type, 64) << 20) // (4 * vocab_size))
+def default_chunk_rows(vocab_size, width=64, device="cpu"):
+    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often. On
+    # a CPU big chunks cost memory traffic, which pays only where each logit costs more (a wide D): we give
+    # a chunk 16 MB per 64 of D, the fastest measured at D = 64 and 256 (results/head_benchmark_cpu.md).
+    kind = torch.device(device).type
+    mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
+    return max(1, (mb << 20) // (4 * vocab_size))
 
 def fused(fn):
     """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
@@ -264,7 +268,7 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     hs = student_h[valid]
     ht = teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
+    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     project = getattr(fn, "needs_logits", True)
     ws = chunk_weight(student_w) if project else None
     wt = chunk_weight(teacher_w) if use_teacher else None
@@ -438,7 +442,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
             loss[s] += w * kd[0]
             grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # grad[s] += ..., no copy of grad[s]
         return loss, grad
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
+    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
 
 
@@ -661,7 +665,7 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
 def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
-    chunk = chunk_rows or default_chunk_rows(teacher_w.shape[0], teacher_w.device)
+    chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
     w = chunk_weight(teacher_w)
     parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
              for i in range(0, max(1, rows.shape[0]), chunk)]
@@ -721,7 +725,7 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
     valid = targets >= 0
     hs, y = student_h[valid], targets[valid]
     ht = teacher_h[valid] if teacher_h is not None else None
-    chunk = chunk_rows or default_chunk_rows(student_w.shape[0], student_w.device)
+    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     out = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
     ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
     for i in range(0, hs.shape[0], chunk):
@@ -768,7 +772,7 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
         return None
     V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
     lam = 0.0 if cfg.method == "ce" else cfg.lam
-    c = min(N, cfg.chunk_rows or default_chunk_rows(V, device))
+    c = min(N, cfg.chunk_rows or default_chunk_rows(V, Ds, device))
     selects = cfg.method in ("sekd", "random_pos") and cfg.k < 1
     share = int(budget_counts(cfg.k, torch.tensor(L))) / L if selects else 1.0
     n_sel, s = round(share * N), math.ceil(share * c)

@@ -352,7 +352,7 @@ def ledger_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=Fa
     lam = 0: plain CE, no teacher in memory. Assumes every position is valid (the benchmark's
     random tokens)."""
     V = student.config.vocab_size
-    chunk = chunk_rows or sekd.default_chunk_rows(V, "cuda" if on_cuda else "cpu")
+    chunk = chunk_rows or sekd.default_chunk_rows(V, student.config.n_embd, "cuda" if on_cuda else "cpu")
     n_sel = B * L if flow == "dense" else int(sekd.budget_counts(1.0 if flow == "dense_entropy" else k,
                                                                   torch.tensor([L])).item()) * B
     lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam,
