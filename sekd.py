@@ -183,9 +183,12 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 
 def fused(fn):
     """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
-    (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, or after a failed compile (no C++ compiler, no triton)."""
+    (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, after a failed compile (no C++ compiler, no triton), and
+    under a dispatch mode such as a memory meter (a graph compiled there serves later calls, which then round
+    otherwise: a resumed run, which meets no meter, would end on other weights)."""
     def call(*args):
-        if call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda"):
+        if (call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda")
+                and torch._C._len_torch_dispatch_stack() == 0):
             try:  # compiled at first use, as importing the compiler takes seconds
                 call.compiled = call.compiled or torch.compile(fn, dynamic=True)
                 return call.compiled(*args)

@@ -327,7 +327,7 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0):
-    """AdamW, warm-up + cosine, accumulation, clipping; `ckpt(step, opt, train_s)` every --eval-interval
+    """AdamW, warm-up + cosine, accumulation, clipping; `ckpt(step, opt, train_s, live_peak)` every --eval-interval
     steps. A non-finite loss or gradient stops before the update. -> seconds, tokens, peak bytes, losses."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = saved = resume["step"] if resume else 0
@@ -340,13 +340,16 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     for p in model.parameters() if WORLD > 1 else []:  # every rank starts from rank 0's weights
         dist.broadcast(p.data, 0)
     tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
-    t0, peak_cpu, train_time, curve = time.time(), 0, 0.0, []
+    t0, train_time, curve = time.time(), 0.0, []
+    # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only step, at
+    # whatever step a run resumes: under the meter the compiled chunk formulas run eager and round otherwise,
+    # so metering another step would end a resumed run on another student. Its checkpoint keeps the peak.
+    metered, peak_cpu = min(1, steps - 1), (resume or {}).get("live_peak", 0)
     for step in range(start, steps):
         ts = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, args.warmup)
-        # on the CPU we count the live tensors of the second step (AdamW's state exists), or of the only one
-        meter = LiveBytes() if dev.type != "cuda" and step == min(start + 1, steps - 1) else nullcontext()
+        meter = LiveBytes() if dev.type != "cuda" and step == metered else nullcontext()
         with meter:
             total = 0.0
             for micro in range(batches.accum):
@@ -375,7 +378,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
             print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {rate:,.0f} tok/s | "
                   f"elapsed {fmt_time(time.time() - t0)} | ETA {fmt_time(eta)}", flush=True)
         if ckpt is not None and (done % args.eval_interval == 0 or done == steps):
-            ckpt(done, opt, train_time)
+            ckpt(done, opt, train_time, peak_cpu)
             saved = done
     if dev.type == "cuda":
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
@@ -479,11 +482,12 @@ def pretrained(args, corpus, device, evalset, who):
     body, ce = maybe_compile(model, args), sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
     before = (ckpt or {}).get("train_s", 0.0)  # the training time of the run this one resumes
 
-    def save(step, opt, train_s):
+    def save(step, opt, train_s, live_peak):
         ppl = evalset.evaluate(model, args, limit=64)["val_ppl"]
         save_checkpoint(path, {"model": model.state_dict(), "config": asdict(model.config), "seed": seed,
                                "signature": corpus.signature, "step": step, "steps": steps,
-                               "optimizer": opt.state_dict(), "val_ppl": ppl, "train_s": before + train_s})
+                               "optimizer": opt.state_dict(), "val_ppl": ppl, "train_s": before + train_s,
+                               "live_peak": live_peak})
         print(f"[{who}] step {step}: quick val ppl {ppl:.2f}, saved {path}")
     batches = Batches(corpus, args.batch_size, args.grad_accum, seed, device, rank=RANK, world=WORLD)
     stats = train_loop(model, lambda x, y: sekd.distill_loss(body, None, x, y, ce), batches, steps, lr, args, who,
@@ -538,11 +542,11 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         state.queue, calls[0] = resume["gls_queue"], resume["step"] * args.grad_accum
         set_rng_state(resume["rng"])
 
-    def save_ckpt(step, opt, train_s):
+    def save_ckpt(step, opt, train_s, live_peak):
         save_checkpoint(path, {"model": student.state_dict(), "config": asdict(student.config),
                                "signature": corpus.signature, "step": step, "steps": plan["steps"],
                                "kd": asdict(cfg), "run_key": key, "optimizer": opt.state_dict(),
-                               "gls_queue": state.queue, "rng": rng_state()})
+                               "gls_queue": state.queue, "rng": rng_state(), "live_peak": live_peak})
     stats = train_loop(student, loss_fn, batches, plan["steps"], args.lr, args, method,
                        ckpt=save_ckpt if save else None, resume=resume,
                        frozen_bytes=state_bytes(teacher) if cfg.uses_teacher and t_body is not None else 0)
