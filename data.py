@@ -226,7 +226,7 @@ def gpt2_encoding():
 
 def tokenize(texts, enc):
     """One flat int64 array: each document's GPT-2 ids followed by <|endoftext|>.
-    Uses `datasets.Dataset.map` (batched) as the issue asks, so big corpora tokenize in chunks."""
+    We use `datasets.Dataset.map` (batched) so that big corpora tokenize in chunks."""
     import datasets
     datasets.disable_progress_bars()
     ds = datasets.Dataset.from_dict({"text": list(texts)})
@@ -295,16 +295,20 @@ class Corpus:
 
 
 def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="data_cache",
-            min_samples=2, max_tokens=None):
+            min_samples=2, max_tokens=None, vocab_size=0):
     """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus.
-    `max_tokens`: read documents only until they hold this many tokens (see `hf_split`)."""
+    `max_tokens`: read documents only until they hold this many tokens (see `hf_split`);
+    `vocab_size`: see `frequent_ids` (ignored with `full_vocab`)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    if vocab_size == 1 or vocab_size < 0:
+        raise DataError(f"--vocab-size must be 0 (every id of the training text) or at least 2, got {vocab_size}")
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80] + (f"-T{max_tokens}" if max_tokens else "")
-    folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{'full' if full_vocab else 'compact'}")
+    kind = "full" if full_vocab else f"top{vocab_size}" if vocab_size else "compact"
+    folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{kind}")
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
-        _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens)
+        _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens, 0 if full_vocab else vocab_size)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -318,13 +322,23 @@ def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="dat
     return Corpus(arrays[0], arrays[1], vocab, meta)
 
 
-def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None):
+def frequent_ids(ids, vocab_size=0):
+    """The distinct GPT-2 ids of the training text, increasing; with vocab_size N only its N - 1 most
+    frequent (ties: the lower id), so that with the id for all the others the vocabulary has N ids.
+    Every LM-head pass costs time in proportion to V: a small V is what makes a CPU run quick."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    if not vocab_size or vocab_size > len(uniq):
+        return uniq
+    return np.sort(uniq[np.argsort(-counts, kind="stable")[:vocab_size - 1]])
+
+
+def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, vocab_size=0):
     train_texts, val_texts = load_split(dataset, max_tokens)
     if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
         raise DataError(f"dataset '{dataset}' has an empty train or validation split")
     enc = gpt2_encoding()
     train_ids, val_ids = tokenize(train_texts, enc), tokenize(val_texts, enc)
-    gpt2_ids = np.arange(enc.n_vocab) if full_vocab else np.unique(train_ids)
+    gpt2_ids = np.arange(enc.n_vocab) if full_vocab else frequent_ids(train_ids, vocab_size)
     vocab = Vocab(gpt2_ids, full_vocab)
     train, val = pack(vocab.encode(train_ids), seq_len), pack(vocab.encode(val_ids), seq_len)
     for name, arr, n_tok in (("train", train, len(train_ids)), ("val", val, len(val_ids))):
@@ -337,7 +351,7 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None):
     atomic_save_array(os.path.join(folder, "val.npy"), val.astype(dtype))
     atomic_save_array(os.path.join(folder, "vocab.npy"), gpt2_ids.astype(np.int64))
     meta = {"dataset": dataset, "max_tokens": max_tokens, "seq_len": seq_len, "tokenizer": "gpt2",
-            "full_vocab": full_vocab,
+            "full_vocab": full_vocab, "vocab_cap": vocab_size, "unk_share": float(np.mean(train == vocab.unk)),
             "vocab_size": vocab.size, "vocab_fingerprint": vocab.fingerprint(), "dtype": np.dtype(dtype).name,
             "train_samples": len(train), "val_samples": len(val),
             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),

@@ -583,6 +583,24 @@ def test_training_loss_falls(tmp_path, tiny_corpus, capsys):
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
+    ids = np.random.default_rng(0).zipf(1.5, 5000) % 300 + 7
+    count = {}
+    for i in ids.tolist():
+        count[i] = count.get(i, 0) + 1
+    ranked = sorted(count, key=lambda i: (-count[i], i))  # by count, ties to the lower id
+    for n in (2, 10, 50):
+        assert data.frequent_ids(ids, n).tolist() == sorted(ranked[:n - 1])
+    assert data.frequent_ids(ids, 0).tolist() == data.frequent_ids(ids, 10_000).tolist() == sorted(count)
+    text = "\n".join(data.shakespeare_split()[0][0].splitlines()[:400])
+    ds = write_corpus(tmp_path, text, text)
+    corpus = data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=64)
+    assert corpus.vocab.size == 64 and 0 < corpus.meta["unk_share"] < 1
+    assert corpus.train.max() == corpus.vocab.unk  # every rarer id maps to the reserved one
+    with pytest.raises(data.DataError, match="--vocab-size must be 0 .* or at least 2, got 1"):
+        data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=1)
+
+
 def test_teacher_checkpoint_for_other_vocabulary_is_refused(tmp_path, tiny_corpus):
     run_job(tmp_path, tiny_corpus, "--run", "teacher", "--teacher-steps", "5")
     ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)

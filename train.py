@@ -61,7 +61,10 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 
 # The paper's data (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) as new defaults for one GPU; our
 # models (a GPT-2 small teacher, a student half its size); 16 x 4 x 512 = 32,768 tokens per step.
-PRESETS = {"fineweb": {
+# The default job is sized to finish in minutes on a 2-core CPU (results/quick_default_cpu.md). "full": the
+# sizes it had before, 4-6x slower (results/compare_cpu.md).
+PRESETS = {"full": {"vocab_size": 0, "teacher_embd": 256, "teacher_steps": 1200, "student_init_steps": 600,
+                    "student_steps": 300, "eval_tokens": 32768}, "fineweb": {
     "dataset": "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "max_tokens": 80_000_000, "seq_len": 512,
     "full_vocab": True, "lam": 1.0, "teacher_layers": 12, "teacher_embd": 768, "teacher_heads": 12,
     "student_layers": 6, "student_embd": 384, "student_heads": 6, "batch_size": 16, "grad_accum": 4,
@@ -74,23 +77,27 @@ def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", *TOOLS],
                    help="teacher + CE / Full KD / SE-KD; only the teacher; one --method; or a tool in experiments/")
-    p.add_argument("--preset", default="none", choices=["none", *PRESETS], help="fineweb: the paper's data (docs/)")
+    p.add_argument("--preset", default="none", choices=["none", *PRESETS],
+                   help="full: the earlier, larger default job; fineweb: the paper's data (docs/fineweb.md)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--max-tokens", type=non_negative_int, default=0, help="read documents up to this many tokens")
     g.add_argument("--seq-len", type=positive_int, default=128, help="positions per sample (block size)")
-    g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False, help="all 50,257 GPT-2 ids")
+    g.add_argument("--vocab-size", type=non_negative_int, default=8192,
+                   help="the training text's most frequent ids, one more for the rest (0: all its ids)")
+    g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False,
+                   help="all 50,257 GPT-2 ids (--vocab-size is then not used)")
     g.add_argument("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
     g = p.add_argument_group("models")
-    for who, (layers, embd, heads) in {"teacher": (4, 256, 4), "student": (1, 64, 2)}.items():
+    for who, (layers, embd, heads) in {"teacher": (4, 128, 4), "student": (1, 64, 2)}.items():
         g.add_argument(f"--{who}-layers", type=positive_int, default=layers)
         g.add_argument(f"--{who}-embd", type=positive_int, default=embd)
         g.add_argument(f"--{who}-heads", type=positive_int, default=heads)
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-steps", type=positive_int, default=1200)
-    g.add_argument("--student-init-steps", type=non_negative_int, default=600, help="CE steps of the initial student")
+    g.add_argument("--teacher-steps", type=positive_int, default=600)
+    g.add_argument("--student-init-steps", type=non_negative_int, default=300, help="CE steps of the initial student")
     g.add_argument("--student-init-lr", type=positive_float, default=3e-3, help="peak lr of the initial student")
-    g.add_argument("--student-steps", type=positive_int, default=300, help="distillation steps per method")
+    g.add_argument("--student-steps", type=positive_int, default=150, help="distillation steps per method")
     g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of distillation (every method)")
@@ -99,7 +106,7 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--eval-interval", type=positive_int, default=100, help="steps between checkpoints (resume points)")
-    g.add_argument("--eval-tokens", type=positive_int, default=32768, help="validation tokens for the final metrics")
+    g.add_argument("--eval-tokens", type=positive_int, default=16384, help="validation tokens for the final metrics")
     g.add_argument("--log-interval", type=positive_int, default=20)
     g = p.add_argument_group("distillation")
     g.add_argument("--method", default="sekd", choices=sekd.METHODS + tuple(AXES), help="for --run distill")
@@ -652,7 +659,7 @@ def main(argv=None):
     init_distributed(device)
     t_start = time.time()
     corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
-                                              max_tokens=args.max_tokens or None))
+                                              max_tokens=args.max_tokens or None, vocab_size=args.vocab_size))
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
     if args.run == "storage":
