@@ -18,16 +18,18 @@ import os
 import platform
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import data
 import sekd
-from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
 TOOLS = dict(walltime="axes", storage="axes", **{t: t for t in "positions show axes benchmark sample regimes".split()})
@@ -273,6 +275,49 @@ def gather_objects(obj):  # every rank's obj, in rank order
     dist.all_gather_object(parts, obj)
     return parts
 
+# ----------------------------------------------------------------------------- memory meter
+# The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
+
+class LiveBytes(TorchDispatchMode):
+    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes alive
+    at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an output
+    sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also counted in
+    `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits)."""
+
+    def __init__(self, match=None):
+        super().__init__()
+        self.live = self.peak = self.matched_live = self.matched_peak = 0
+        self.match, self.log, self._seen = match, [], set()
+
+    def _free(self, key, nbytes, matched):
+        self._seen.discard(key)
+        self.live -= nbytes
+        self.matched_live -= nbytes if matched else 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in self._seen and key not in inputs:
+                self._seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                matched = self.match is not None and bool(self.match(t))
+                if matched:
+                    self.matched_live += nbytes
+                    self.matched_peak = max(self.matched_peak, self.matched_live)
+                    self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
+                weakref.finalize(storage, self._free, key, nbytes, matched)
+        return out
+
+def state_bytes(*tensors_or_modules):
+    """Bytes held by the parameters and buffers of modules, or by plain tensors."""
+    ts = [t for x in tensors_or_modules
+          for t in (list(x.parameters()) + list(x.buffers()) if isinstance(x, torch.nn.Module) else [x])]
+    return sum(t.numel() * t.element_size() for t in ts)
+
 # ----------------------------------------------------------------------------- training loop
 
 class Batches:
@@ -382,7 +427,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     else:
         adamw = sum(state_bytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         peak = state_bytes(model) + adamw + peak_cpu + frozen_bytes
-        how = "weights (student + teacher) + AdamW state + the live tensors of one step (experiments/meter.py)"
+        how = "weights (student + teacher) + AdamW state + the live tensors of one step (LiveBytes)"
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
             "peak_how": how, "loss_curve": curve}
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 import sekd
-from experiments.meter import LiveBytes
+import train
 
 MB = 2 ** 20
 
@@ -148,7 +148,7 @@ def measure(flow, x, device, compiled_code):
         base = rss_bytes("VmRSS")
         grads = one_step(flow, x)
         return grads, {"rss_mb": (rss_bytes("VmHWM") - base) / MB}
-    with LiveBytes() as meter:
+    with train.LiveBytes() as meter:
         grads = one_step(flow, x)
     return grads, {"live_mb": meter.peak / MB}
 
