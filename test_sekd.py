@@ -23,7 +23,6 @@ import torch
 import data
 import sekd
 import train
-from experiments import axes
 
 torch.set_default_dtype(torch.float32)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1106,9 +1105,9 @@ def cache_setup(tmp_path, tiny_corpus):
 
 def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     args, corpus, teacher, kept = cache_setup
-    cache, build_s, reused = axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    cache, build_s, reused = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert build_s > 0 and not reused
-    again, build_s2, reused2 = axes.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
+    again, build_s2, reused2 = train.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
     ids, counts = data.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
@@ -1130,7 +1129,7 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
                                         ("kept", "kept:"), ("teacher", "teacher_sha256:")])
 def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
     args, corpus, teacher, kept = cache_setup
-    path = axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     args.cache = path
     if change == "kept":
         kept = kept[1:]
@@ -1139,20 +1138,20 @@ def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
     else:
         vars(args).update(change)
     with pytest.raises(train.UserError, match=key) as e:
-        axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert "--rebuild-cache" in str(e.value) and "\n" not in str(e.value)
     args.rebuild_cache = True
-    assert not axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
+    assert not train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
 
 
 def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    path = axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     blob = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(blob[:-100])
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     os.remove(path)
     calls = []
 
@@ -1164,7 +1163,7 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
     real_encode = data.encode_draws
     monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
-        axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
 
 
@@ -1178,11 +1177,11 @@ def test_cli_axis_errors_are_one_line_exit_2(flags, msg):
 
 def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     args.U = 32
-    monkeypatch.setattr(axes, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
+    monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
-        axes.plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
+        train.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
 # ============================================================================= on-policy distillation, reverse KL
@@ -1416,8 +1415,7 @@ def test_bad_on_policy_flags():
                        (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
                        (["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"], "full_kd, sekd, random_pos"),
                        (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
-                       (["--on-policy", "0.5", "--run", "positions"], "--run compare or distill"),
-                       (["--divergence", "reverse", "--run", "axes"], "--divergence reverse work with --run compare"),
+                       (["--on-policy", "0.5", "--run", "teacher"], "--run compare or distill"),
                        (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "reverse KL needs the "
                                                                                              "teacher's full")):
         with pytest.raises(ValueError, match=msg):
@@ -1589,7 +1587,7 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_corpus, pretrained_p
 @pytest.mark.parametrize("where", ["allocate", "header"])
 def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
     args, corpus, teacher, kept = cache_setup
-    path = axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     good = open(path, "rb").read()
     args.rebuild_cache = True
     if where == "allocate":
@@ -1600,7 +1598,7 @@ def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
         monkeypatch.setattr(data, "open", FullDisk(".tmp"), raising=False)
     with pytest.raises(train.UserError, match=f"could not write {path}: No space left on device .* the previous "
                                               "file, if any, is unchanged"):
-        axes.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert open(path, "rb").read() == good and not leftovers(os.path.dirname(path))
 
 
@@ -1710,25 +1708,25 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
     args.U, kept = 8, kept[:40]  # a small cache is enough here
     student, dev = train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")), torch.device("cpu")
-    monkeypatch.setattr(axes, "_PREPASS", {})
-    whole = axes.sample_prepass(student, corpus, args, dev)[0]
+    monkeypatch.setattr(train, "_PREPASS", {})
+    whole = train.sample_prepass(student, corpus, args, dev)[0]
     shards = []
     for r in range(3):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
         as_rank(monkeypatch, r, 3)
         monkeypatch.setattr(train, "gather_objects", lambda obj: [obj])  # this rank's share alone
-        monkeypatch.setattr(axes, "_PREPASS", {})
-        shards.append(axes.sample_prepass(student, corpus, args, dev)[0])
+        monkeypatch.setattr(train, "_PREPASS", {})
+        shards.append(train.sample_prepass(student, corpus, args, dev)[0])
     assert 0 < len(shards[0]) < len(whole)
     np.testing.assert_array_equal(np.concatenate(shards), whole)
     as_rank(monkeypatch, 1, 2)  # a rank other than 0 never builds the cache, it waits for rank 0's
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        axes.teacher_cache(args, corpus, dev, teacher, kept)
+        train.teacher_cache(args, corpus, dev, teacher, kept)
     as_rank(monkeypatch, 0, 1)
-    cache = axes.teacher_cache(args, corpus, dev, teacher, kept)[0]
+    cache = train.teacher_cache(args, corpus, dev, teacher, kept)[0]
     as_rank(monkeypatch, 1, 2)
     before = os.stat(cache.path).st_mtime_ns
     args.rebuild_cache = True
-    assert axes.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
+    assert train.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
     assert os.stat(cache.path).st_mtime_ns == before
     # each rank reads the cache rows of its own samples: together, those of the 1-rank batch
     one = train.Batches(corpus, 4, 1, 3, dev, kept, cache=cache)
@@ -1796,14 +1794,6 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
         for key in wa:
             torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # no stray files
-
-
-def test_one_process_runs_refuse_torchrun(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for run in ("benchmark", "storage", "show"):
-        with pytest.raises(train.UserError, match="not torchrun"):
-            train.check_flags(train.parse_args(["--run", run]))
-    train.check_flags(train.parse_args(["--run", "distill"]))
 
 
 # ============================================================================= the paper's data: --preset fineweb

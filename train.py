@@ -3,14 +3,13 @@
     python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
     python train.py --run teacher        # only the teacher
     python train.py --run distill --method sekd --k 0.1 --metric reverse_kl --policy gls
-    python train.py --run positions      # a paper table: the other --run jobs live in experiments/
+    python -m experiments.positions      # a paper table: each lives in experiments/, building on this file
     torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel; --help: every flag
 """
 import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -18,25 +17,26 @@ import os
 import platform
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import data
 import sekd
-from experiments.meter import LiveBytes, state_bytes
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
-TOOLS = dict(walltime="axes", storage="axes", **{t: t for t in "positions show axes benchmark sample regimes".split()})
 
 # ----------------------------------------------------------------------------- command line
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        raise UserError(f"{message} (python train.py --help lists every flag)")
+        raise UserError(f"{message} (--help lists every flag)")
 
 def number(kind, ok, what):
     def parse(text):
@@ -75,8 +75,8 @@ PRESETS = {"full": {"vocab_size": 0, "teacher_embd": 256, "teacher_steps": 1200,
 def build_parser():
     """Built at each call, so a metric or policy registered before `cli()` is a valid choice."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill", *TOOLS],
-                   help="teacher + CE / Full KD / SE-KD; only the teacher; one --method; or a tool in experiments/")
+    p.add_argument("--run", default="compare", choices=["compare", "teacher", "distill"],
+                   help="teacher + CE / Full KD / SE-KD; only the teacher; one --method")
     p.add_argument("--preset", default="none", choices=["none", *PRESETS],
                    help="full: the earlier, larger default job; fineweb: the paper's data (docs/fineweb.md)")
     g = p.add_argument_group("data")
@@ -115,8 +115,8 @@ def build_parser():
     g.add_argument("--policy", default="topk", choices=list(sekd.POLICIES), help="position selection policy")
     g.add_argument("--gls-queue", type=positive_int, default=30_000, help="GLS: scores kept in the FIFO queue")
     g.add_argument("--curriculum-steps", type=positive_int, default=4_000, help="curriculum: steps to reach the top-k")
-    g.add_argument("--seeds", type=positive_int, default=3, help="--run positions / axes: students (seeds) per row")
-    g.add_argument("--show-sample", type=non_negative_int, default=0, help="--run show: which validation sequence")
+    g.add_argument("--seeds", type=positive_int, default=3, help="experiments/: students (seeds) per row")
+    g.add_argument("--show-sample", type=non_negative_int, default=0, help="experiments.show: the validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper: lam 1)")
     g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="where CE goes (Eq. 3: selected)")
@@ -131,8 +131,6 @@ def build_parser():
     g.add_argument("--l", type=fraction, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     g.add_argument("--cache", default="", help="SE-KD_3X teacher cache file (default OUT_DIR/rskd_cache_seedSEED.bin)")
     g.add_argument("--rebuild-cache", action="store_true", help="build the teacher cache anew even if one exists")
-    for tool in ("benchmark", "sample", "regimes"):  # the tools' own flags live beside their code
-        importlib.import_module(f"experiments.{tool}").add_flags(p, number)
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA")
@@ -143,12 +141,12 @@ def build_parser():
     g.add_argument("--retrain-teacher", action="store_true", help="ignore a saved teacher and train a new one")
     return p
 
-def parse_args(argv=None):
+def parse_args(argv=None, parser=None):
     """The flags, with --preset's values as defaults. We drop a leading `--` (torchrun needs one before
     the job's flags, or takes --run and --l for its own --run-path and --log-dir)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
-    p = build_parser()
+    p = parser or build_parser()
     args = p.parse_args(argv)
     if args.preset != "none":
         p.set_defaults(**PRESETS[args.preset])
@@ -173,8 +171,6 @@ def check_flags(a):
                         "(full_kd, sekd, random_pos, or their TopSmp / RandomSmp variants)")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.run in ("benchmark", "storage", "show"):
-        raise UserError(f"--run {a.run} runs in one process: start it with python, not torchrun")
 
 def kd_config(args, method, **kd):
     """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags, which it checks."""
@@ -279,6 +275,49 @@ def gather_objects(obj):  # every rank's obj, in rank order
     parts = [None] * WORLD
     dist.all_gather_object(parts, obj)
     return parts
+
+# ----------------------------------------------------------------------------- memory meter
+# The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
+
+class LiveBytes(TorchDispatchMode):
+    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes alive
+    at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an output
+    sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also counted in
+    `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits)."""
+
+    def __init__(self, match=None):
+        super().__init__()
+        self.live = self.peak = self.matched_live = self.matched_peak = 0
+        self.match, self.log, self._seen = match, [], set()
+
+    def _free(self, key, nbytes, matched):
+        self._seen.discard(key)
+        self.live -= nbytes
+        self.matched_live -= nbytes if matched else 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in self._seen and key not in inputs:
+                self._seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                matched = self.match is not None and bool(self.match(t))
+                if matched:
+                    self.matched_live += nbytes
+                    self.matched_peak = max(self.matched_peak, self.matched_live)
+                    self.log.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype, nbytes))
+                weakref.finalize(storage, self._free, key, nbytes, matched)
+        return out
+
+def state_bytes(*tensors_or_modules):
+    """Bytes held by the parameters and buffers of modules, or by plain tensors."""
+    ts = [t for x in tensors_or_modules
+          for t in (list(x.parameters()) + list(x.buffers()) if isinstance(x, torch.nn.Module) else [x])]
+    return sum(t.numel() * t.element_size() for t in ts)
 
 # ----------------------------------------------------------------------------- training loop
 
@@ -392,7 +431,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     else:
         adamw = sum(state_bytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         peak = state_bytes(model) + adamw + peak_cpu + frozen_bytes
-        how = "weights (student + teacher) + AdamW state + the live tensors of one step (experiments/meter.py)"
+        how = "weights (student + teacher) + AdamW state + the live tensors of one step (LiveBytes)"
     return {"train_s": train_time, "tokens": (steps - start) * tokens_per_step, "peak_bytes": peak,
             "peak_how": how, "loss_curve": curve}
 
@@ -501,6 +540,105 @@ def pretrained(args, corpus, device, evalset, who):
                        ckpt=save, resume=ckpt)
     return model, {**stats, "reused": False}
 
+# ----------------------------------------------------------------------------- the sample and class axes
+# TopSmp / RandomSmp train on a share --l of the samples, for that share of the steps; SE-KD_3X reads the
+# teacher's draws from a file written once (data.py has its format), so that training holds the student only.
+
+def sample_plan(args, samples, classes, corpus, device, student, teacher):
+    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the frozen initial
+    student's entropy; RandomSmp's), for as many epochs as --student-steps makes over all samples (l = 20%
+    trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
+    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
+    out = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
+           "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
+    kept, cache = None, None
+    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
+        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
+    if samples == "top":
+        scores, out["prepass_s"] = sample_prepass(student, corpus, args, device)
+        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
+    elif samples == "random":
+        kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
+    if kept is not None:
+        out["n_kept"] = len(kept)
+        out["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
+    if classes == "cache":
+        ids = kept if kept is not None else np.arange(len(corpus.train))
+        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
+        out["cache_bytes"] = os.path.getsize(cache.path)
+    out["batches"] = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
+    return out
+
+_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
+
+@torch.no_grad()
+def sample_prepass(student, corpus, args, device):
+    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
+    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
+    key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
+           args.dtype, str(device))
+    if key not in _PREPASS:
+        t0, scores = time.time(), []
+        student.eval()
+        starts = range(0, len(corpus.train), args.batch_size)
+        for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
+            x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
+            with autocast(args, device):
+                h = student.hidden(x)
+            scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
+                                              args.chunk_rows or None).double().cpu().numpy())
+        student.train()
+        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PREPASS[key] = (scores, time.time() - t0)
+        print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
+    return _PREPASS[key]
+
+def cache_path(args):
+    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
+
+def cache_signature(args, corpus, kept):
+    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
+    path = teacher_ckpt_path(args)
+    if not os.path.exists(path):
+        raise UserError(f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
+                        "train it first (python train.py --run teacher)")
+    return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
+            "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
+            "kept": [int(i) for i in kept]}
+
+def teacher_cache(args, corpus, device, teacher, kept):
+    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
+    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
+    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
+    path, signature = cache_path(args), cache_signature(args, corpus, kept)
+    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
+    if build:
+        if teacher is None:
+            raise UserError("building the teacher cache needs the teacher")
+        t0, V, gen = time.time(), corpus.vocab.size, torch.Generator(device=device).manual_seed(args.seed)
+
+        @torch.no_grad()
+        def blocks():  # U classes drawn from the teacher at every position of every kept sample
+            for i in range(0, len(kept), args.batch_size):
+                x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
+                with autocast(args, device):
+                    ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
+                                                     args.chunk_rows or None, gen)
+                yield data.encode_draws(ids, counts, V).cpu().numpy()
+        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V)), blocks())
+        build_s = time.time() - t0
+        print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
+              f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
+    barrier()
+    cache = data.TeacherCache(path)
+    if build:
+        return cache, build_s, False
+    cache.check(signature)
+    print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
+    return cache, None, True
+
 # ----------------------------------------------------------------------------- distillation
 
 def method_label(method, cfg, args):
@@ -525,7 +663,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
                         f"({student.config.vocab_size}) differ: train the teacher on the same data and --full-vocab")
-    plan = importlib.import_module("experiments.axes").plan(args, samples, classes, corpus, device, student, teacher)
+    plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
     if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
@@ -647,25 +785,21 @@ def machine():
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu}
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_flags(args)
-    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
-    configs = {m: kd_config(args, m) for m in methods}  # a bad method setting fails here, before any work
+def load_data(args):
+    """The device and the corpus every job starts from (rank 0 builds the memmaps, the others read them)."""
     device = pick_device(args)
-    tool = importlib.import_module(f"experiments.{TOOLS[args.run]}") if args.run in TOOLS else None
-    if args.run == "benchmark":
-        return tool.run(args, device)
     init_distributed(device)
-    t_start = time.time()
     corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
                                               max_tokens=args.max_tokens or None, vocab_size=args.vocab_size))
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
-    if args.run == "storage":
-        return {"storage": tool.storage(args, corpus)}
-    if args.run == "sample":
-        return tool.run(args, corpus, device)
+    return corpus, device
+
+def setup(args):
+    """What every job that distils starts from (ours, and each in experiments/): the data, the evaluation set,
+    the teacher and, but for --run teacher, the initial student. -> (corpus, device, evalset, teacher,
+    student_init, the teacher's and the initial student's result rows)"""
+    corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
     teacher.eval().requires_grad_(False)
@@ -675,16 +809,12 @@ def main(argv=None):
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, s_stats = pretrained(args, corpus, device, evalset, "student")
         rows.append({"method": "student init (CE)", **evalset.evaluate(student_init, args), **s_stats})
-    accounts = memory_accounts(args, configs, corpus, teacher, device)
-    for m in methods:
-        rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
-        print_table(rows, device)
-    if args.run == "teacher":
-        print_table(rows, device)
-    extra = tool.run(args, corpus, device, teacher, evalset, student_init) if tool else {}
-    rows += extra.pop("rows", [])
-    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, "rows": rows, **extra,
-              "memory_account": accounts, "total_s": time.time() - t_start}
+    return corpus, device, evalset, teacher, student_init, rows
+
+def write_results(args, corpus, t_start, **results):
+    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, then `results`."""
+    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results,
+              "total_s": time.time() - t_start}
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
     if RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -693,11 +823,26 @@ def main(argv=None):
     finish_distributed()
     return result
 
-def cli(argv=None):
-    """`main`, a user error printed in one line with exit code 2 (a script that registers a metric and
-    calls `train.cli()` gets the same command line)."""
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
+    configs = {m: kd_config(args, m) for m in methods}  # a bad method setting fails here, before any work
+    t_start = time.time()
+    corpus, device, evalset, teacher, student_init, rows = setup(args)
+    accounts = memory_accounts(args, configs, corpus, teacher, device)
+    for m in methods:
+        rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
+        print_table(rows, device)
+    if args.run == "teacher":
+        print_table(rows, device)
+    return write_results(args, corpus, t_start, rows=rows, memory_account=accounts)
+
+def cli(argv=None, job=None):
+    """`job` (default `main`; an entry point in experiments/ passes its own), a user error printed in one line
+    with exit code 2 (a script that registers a metric and calls `train.cli()` gets the same command line)."""
     try:
-        return main(argv)
+        return (job or main)(argv)
     except ValueError as e:  # UserError (= data.DataError) and KDConfig's errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -707,5 +852,4 @@ def cli(argv=None):
         sys.exit(130)
 
 if __name__ == "__main__":
-    sys.modules["train"] = sys.modules[__name__]  # experiments/ imports this module, not a second copy of it
     cli()

@@ -1,7 +1,10 @@
-"""`--run benchmark`: one training step of each memory flow (experiments/ledger.py) side by side,
-on random tokens: measured peak bytes per phase beside the ledger's account, and step times.
-Then a sweep over B*L, to show which flows' logit memory grows with the batch (the paper's
-memory table, at our scale)."""
+"""One training step of each memory flow (experiments/ledger.py) side by side, on random tokens:
+measured peak bytes per phase beside the ledger's account, and step times. Then a sweep over B*L, to
+show which flows' logit memory grows with the batch (the paper's memory table, at our scale):
+
+    python -m experiments.benchmark --bench-vocab 50257 --batch-size 2 --seq-len 512   # any flag of train.py
+    python -m experiments.benchmark --head-only        # the LM head's loss step alone (experiments/head_bench.py)
+"""
 import argparse
 import gc
 import json
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 import data
+import experiments
 import train
 from experiments import head_bench, ledger
 
@@ -30,18 +34,17 @@ def positive_ints(text):
     return values
 
 
-def add_flags(p, number):
+def add_flags(p):
     """The benchmark's flags (it also reads the model, --batch-size and --seq-len flags)."""
-    g = p.add_argument_group("benchmark (--run benchmark, on random tokens)")
+    g = p.add_argument_group("benchmark (on random tokens)")
     g.add_argument("--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes")
     g.add_argument("--bench-tokens", type=positive_ints, default="1024,2048,4096,8192,16384",
                    help="B*L of the scaling sweep; empty: none")
-    g.add_argument("--bench-repeats", type=number(int, lambda v: v >= 1, "at least 1"), default=5,
-                   help="timed steps per flow (median reported)")
-    g.add_argument("--bench-warmup", type=number(int, lambda v: v >= 0, "at least 0"), default=2,
+    g.add_argument("--bench-repeats", type=train.positive_int, default=5, help="timed steps per flow (median reported)")
+    g.add_argument("--bench-warmup", type=train.non_negative_int, default=2,
                    help="untimed steps per flow before timing")
     g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
-    head_bench.add_flags(g, number, positive_ints)
+    head_bench.add_flags(g, positive_ints)
 
 
 def is_oom(e):
@@ -277,3 +280,13 @@ def run(args, device):
     data.atomic_write_bytes(os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode())
     print(f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json")
     return result
+
+
+def main(argv=None):
+    args = experiments.parse_args(argv, "benchmark", __doc__, add_flags)
+    experiments.one_process(args)
+    return run(args, train.pick_device(args))
+
+
+if __name__ == "__main__":
+    train.cli(job=main)

@@ -1,9 +1,9 @@
-"""`--run benchmark --head-only`: one loss step (forward + backward) at the LM head alone, from random hidden
-states and head weights, for each flow side by side: dense `kd_loss`, the streamed Full KD, SE-KD with its
-selection, the selection alone, our chunk formulas eager and compiled, and, when they are installed, the
-peers: Liger's fused linear JSD (beta = 0, the forward KL) and torchtune's chunked forward KL, on all rows and
-on SE-KD's rows. Every flow's gradient is checked against dense (against the streamed loss where dense does
-not fit); the flows are timed in turns; we write a JSON and plot time and memory against N."""
+"""`python -m experiments.benchmark --head-only`: one loss step (forward + backward) at the LM head alone,
+from random hidden states and head weights, for each flow side by side: dense `kd_loss`, the streamed Full
+KD, SE-KD with its selection, the selection alone, our chunk formulas eager and compiled, and, when they are
+installed, the peers: Liger's fused linear JSD (beta = 0, the forward KL) and torchtune's chunked forward KL,
+on all rows and on SE-KD's rows. Every flow's gradient is checked against dense (against the streamed loss
+where dense does not fit); the flows are timed in turns; we write a JSON and plot time and memory against N."""
 import gc
 import json
 import os
@@ -14,12 +14,12 @@ from contextlib import contextmanager
 import torch
 
 import sekd
-from experiments.meter import LiveBytes
+import train
 
 MB = 2 ** 20
 
 
-def add_flags(g, number, ints):
+def add_flags(g, ints):
     g.add_argument("--head-only", action="store_true", help="time one loss step at the LM head only (the peers too)")
     g.add_argument("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
     g.add_argument("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
@@ -27,7 +27,7 @@ def add_flags(g, number, ints):
     g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--head-chunk-mb", type=ints, default="",
                    help="--head-only: time our flows at these MB per chunk instead")
-    g.add_argument("--head-rounds", type=number(int, lambda v: v >= 1, "at least 1"), default=3,
+    g.add_argument("--head-rounds", type=train.positive_int, default=3,
                    help="--head-only: timed rounds, after one untimed round that checks and measures")
     g.add_argument("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
 
@@ -148,7 +148,7 @@ def measure(flow, x, device, compiled_code):
         base = rss_bytes("VmRSS")
         grads = one_step(flow, x)
         return grads, {"rss_mb": (rss_bytes("VmHWM") - base) / MB}
-    with LiveBytes() as meter:
+    with train.LiveBytes() as meter:
         grads = one_step(flow, x)
     return grads, {"live_mb": meter.peak / MB}
 

@@ -14,6 +14,6 @@ else
            --head-dense-max-gb 100)
     sweep=(--head-tokens 16384)
 fi
-python train.py --run benchmark --head-only --head-dtype bfloat16 --k 0.2 "${shape[@]}" --out-dir "$out"
-python train.py --run benchmark --head-only --head-dtype bfloat16 --k 0.2 "${shape[@]}" "${sweep[@]}" \
+python -m experiments.benchmark --head-only --head-dtype bfloat16 --k 0.2 "${shape[@]}" --out-dir "$out"
+python -m experiments.benchmark --head-only --head-dtype bfloat16 --k 0.2 "${shape[@]}" "${sweep[@]}" \
     --head-chunk-mb 64,256,1024 --out-dir "$out"

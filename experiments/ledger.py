@@ -1,7 +1,7 @@
-"""The exact memory ledger behind `--run benchmark`: seven ways ("flows") to compute one step's
-KD loss, from dense [B, L, V] logits to the streamed selective loss (the paper's memory table:
-chunked entropy and the selective LM heads), and a model of every logits-sized tensor each flow
-creates and frees.
+"""The exact memory ledger behind `python -m experiments.benchmark`: seven ways ("flows") to compute
+one step's KD loss, from dense [B, L, V] logits to the streamed selective loss (the paper's memory
+table: chunked entropy and the selective LM heads), and a model of every logits-sized tensor each
+flow creates and frees.
 
 sekd.memory_account is the closed form one can check by hand; this file is its fine print. We
 replay sekd.py's operations tensor by tensor (`LogitLedger`) so that the benchmark can hold each

@@ -1,4 +1,6 @@
-"""`--run positions`: the paper's position-axis tables at small scale, each row --seeds students.
+"""The paper's position-axis tables at small scale, each row --seeds students:
+
+    python -m experiments.positions --seeds 2 --student-steps 60     # and any flag of train.py
 
 (1) every importance metric with top-k, beside Full KD, RandomPos and AT-KD; (2) student entropy
 with every selection policy; (3) the budget sweep BUDGETS for student entropy and reverse KL.
@@ -7,6 +9,7 @@ import argparse
 
 import numpy as np
 
+import experiments
 import sekd
 import train
 
@@ -71,3 +74,11 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     for name, rows in tables.items():  # the three tables again, together at the end
         train.print_table(rows, device, f"table: {name}")
     return {"tables": tables, "seeds": seeds, "students_trained": len(done) * len(seeds)}
+
+
+def main(argv=None):
+    return experiments.run_table(experiments.parse_args(argv, "positions", __doc__), run)
+
+
+if __name__ == "__main__":
+    train.cli(job=main)

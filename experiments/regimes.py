@@ -1,4 +1,4 @@
-"""`--run regimes`: a map of when selective KD works at small scale. Each cell is a regime (student
+"""A map of when selective KD works at small scale. Each cell is a regime (student
 size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD and
 RandomPos from the same initial student on the same batches, --seeds seeds each, and report the
 paired gaps SE-KD - Full KD and SE-KD - RandomPos (mean ± std over seeds) in val PPL, KL to the
@@ -8,7 +8,10 @@ Before any training, a diagnosis of each initial student on validation data: wha
 are (student and teacher entropy, student CE, KL, the norm of the KL gradient per row) against
 random ones, and how well the student's entropy predicts the KL (Pearson correlation).
 
-Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run resumes where it was."""
+Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run resumes where it was:
+
+    python -m experiments.regimes --cells A,B --seeds 3     # and any flag of train.py
+"""
 import argparse
 import json
 import os
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 import data
+import experiments
 import sekd
 import train
 from experiments.positions import mean_std_row
@@ -41,10 +45,10 @@ METHODS = {"full_kd": ("full_kd", {}, "Full KD"), "sekd": ("sekd", {}, "SE-KD"),
 KEYS = ("val_ppl", "kl_to_teacher", "agreement", "hard_kl", "hard_agreement")
 
 
-def add_flags(p, number):
-    g = p.add_argument_group("regimes (--run regimes)")
+def add_flags(p):
+    g = p.add_argument_group("regimes")
     g.add_argument("--cells", default="", help="comma-separated cell letters to run (default: all, in order)")
-    g.add_argument("--cell-batch", type=number(int, lambda v: v >= 1, "at least 1"), default=8,
+    g.add_argument("--cell-batch", type=train.positive_int, default=8,
                    help="sequences per step in the cells (the teacher and initial students keep --batch-size)")
 
 
@@ -216,3 +220,11 @@ def plot(cells, diagnosis, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    return experiments.run_table(experiments.parse_args(argv, "regimes", __doc__, add_flags), run)
+
+
+if __name__ == "__main__":
+    train.cli(job=main)

@@ -1,5 +1,8 @@
-"""`--run sample`: the teacher's and every saved student's continuations of the same validation
-prompts, each generated token coloured by that model's own entropy at that step."""
+"""The teacher's and every saved student's continuations of the same validation prompts, each
+generated token coloured by that model's own entropy at that step; trains nothing:
+
+    python -m experiments.sample --sample-prompts 5 --sample-temperature 0     # and any flag of train.py
+"""
 import json
 import os
 import sys
@@ -8,18 +11,21 @@ import numpy as np
 import torch
 
 import data
+import experiments
 import train
 from experiments.show import _heat
 
-def add_flags(p, number):
-    g = p.add_argument_group("text samples (--run sample; uses the checkpoints in --out-dir)")
-    positive, non_negative = number(int, lambda v: v >= 1, "at least 1"), number(int, lambda v: v >= 0, "at least 0")
+
+def add_flags(p):
+    g = p.add_argument_group("text samples (uses the checkpoints in --out-dir)")
+    positive = train.positive_int
     g.add_argument("--sample-prompts", type=positive, default=3, help="prompts, spread over the validation plays")
     g.add_argument("--sample-prompt-len", type=positive, default=24, help="tokens per prompt")
     g.add_argument("--sample-len", type=positive, default=40, help="tokens each model generates per prompt")
-    g.add_argument("--sample-temperature", type=number(float, lambda v: v >= 0, ">= 0"), default=0.8,
+    g.add_argument("--sample-temperature", type=train.number(float, lambda v: v >= 0, ">= 0"), default=0.8,
                    help="0 = greedy")
-    g.add_argument("--sample-top-k", type=non_negative, default=0, help="sample among the k likeliest ids; 0 = all")
+    g.add_argument("--sample-top-k", type=train.non_negative_int, default=0,
+                   help="sample among the k likeliest ids; 0 = all")
 
 
 def sample_prompts(corpus, n, length, enc):
@@ -66,7 +72,7 @@ def paint(token, rgb):
 
 
 def run(args, corpus, device):
-    """--run sample: --sample-prompts validation prompts, and each model's continuation of them
+    """--sample-prompts validation prompts, and each model's continuation of them
     (the teacher, then every saved student), one block under the other; each generated token is
     coloured by that model's own entropy H(q_t) at that step (the student_entropy metric: what SE-KD
     selects by). Same --seed, same text."""
@@ -101,3 +107,11 @@ def run(args, corpus, device):
     print(f"\ntext and per-token entropies written to {path}")
     return result
 
+
+def main(argv=None):
+    args = experiments.parse_args(argv, "sample", __doc__, add_flags)
+    return run(args, *train.load_data(args))
+
+
+if __name__ == "__main__":
+    train.cli(job=main)

@@ -1,11 +1,15 @@
-"""`--run show`: one validation sequence, each predicted token coloured by the student's entropy,
-with the positions two selections pick marked; in the terminal (ANSI) and as an HTML page."""
+"""One validation sequence, each predicted token coloured by the student's entropy, with the positions
+two selections pick marked; in the terminal (ANSI) and as an HTML page:
+
+    python -m experiments.show --policy pos_rs_kd --show-sample 3     # and any flag of train.py
+"""
 import html
 import os
 
 import torch
 
 import data
+import experiments
 import sekd
 import train
 
@@ -80,3 +84,12 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     return {"sample": i, "student_entropy": ent.tolist(), "selected": {n: s.tolist() for n, s in picks.items()},
             "html": out}
 
+
+def main(argv=None):
+    args = experiments.parse_args(argv, "show", __doc__)
+    experiments.one_process(args)
+    return experiments.run_table(args, run)
+
+
+if __name__ == "__main__":
+    train.cli(job=main)

@@ -1,9 +1,12 @@
 """Tests of the paper-table runs and tools: the memory ledger against the tensors each flow really
-creates, the benchmark, and `--run positions | show | axes | sample` end to end on a tiny corpus."""
+creates, the benchmark, `python -m experiments.positions | show | axes | sample | regimes` end to end on a
+tiny corpus, and the direction of the imports (experiments/ builds on train.py, never the other way)."""
 import contextlib
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -11,10 +14,16 @@ import pytest
 import torch
 
 import data
+import experiments
 import sekd
 import train
-from experiments import benchmark, ledger, regimes, sample
-from test_sekd import run_job, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
+from experiments import axes, benchmark, ledger, positions, regimes, sample, show
+from test_sekd import HERE, tiny_cli, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
+
+
+def run_job(tool, tmp_path, corpus, *extra):
+    """python -m experiments.TOOL on the tiny corpus, with the test models' sizes and steps (test_sekd.TINY)."""
+    return tool.main(tiny_cli(tmp_path, corpus, *extra))
 
 
 # ----------------------------------------------------------------------------- the ledger: every logits-sized tensor
@@ -170,10 +179,10 @@ def test_streamed_logit_peak_does_not_grow_with_tokens():
     assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4
 
 
-# ----------------------------------------------------------------------------- --run benchmark
+# ----------------------------------------------------------------------------- python -m experiments.benchmark
 
 def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
-    r = train.main(["--run", "benchmark", "--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
+    r = benchmark.main(["--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
                     "--batch-size", "2", "--bench-repeats", "1", "--bench-warmup", "0", "--chunk-rows", "4",
                     "--teacher-layers", "1", "--teacher-embd", "32", "--student-embd", "16",
                     "--out-dir", str(tmp_path)])
@@ -197,7 +206,8 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
     a skipped row is not timed."""
     calls = []
     monkeypatch.setattr(benchmark, "bench_step", lambda *a, **k: calls.append(a[5]))
-    args = train.build_parser().parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"])
+    args = experiments.parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"], "benchmark", "",
+                                  benchmark.add_flags)
     rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [{"flow": "chunked", "oom": "skipped"}]
     benchmark.time_rows(None, None, None, rows, args, torch.device("cpu"))
     assert calls == ["dense", "streamed"] * 3
@@ -209,7 +219,7 @@ def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monk
     with dense, each flow has a time and a memory figure, and the JSON is written."""
     monkeypatch.setattr(benchmark.head_bench, "compiled", lambda on: contextlib.nullcontext())
     monkeypatch.setattr(benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
-    out = train.main(["--run", "benchmark", "--head-only", "--head-vocab", "97", "--head-tokens", "16", "--head-dims",
+    out = benchmark.main(["--head-only", "--head-vocab", "97", "--head-tokens", "16", "--head-dims",
                       "8,12", "--head-rounds", "1", "--device", "cpu", "--out-dir", str(tmp_path)])
     rows = out["rows"]
     assert {r["flow"] for r in rows} >= {"dense kd_loss", "sekd streamed Full KD", "of which the selection alone"}
@@ -217,22 +227,22 @@ def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monk
     assert all(r["grad_rel_err"] < 1e-5 for r in rows if r["grad_rel_err"] is not None)
     assert json.loads((tmp_path / "head_benchmark_cpu.json").read_text())["meta"]["liger-kernel"] == "not installed"
     with pytest.raises(train.UserError, match="argument --head-tokens: takes positive integers"):
-        train.main(["--run", "benchmark", "--head-only", "--head-tokens", "0"])
+        benchmark.main(["--head-only", "--head-tokens", "0"])
 
 
 def test_benchmark_flag_errors_are_clear():
     with pytest.raises(train.UserError, match="multiples of --seq-len"):
-        train.main(["--run", "benchmark", "--bench-tokens", "100", "--seq-len", "64"])
+        benchmark.main(["--bench-tokens", "100", "--seq-len", "64"])
     for bad in ("abc", "0", "1,-2"):
         with pytest.raises(train.UserError, match="argument --bench-vocab: takes positive integers"):
-            train.main(["--run", "benchmark", "--bench-vocab", bad])
+            benchmark.main(["--bench-vocab", bad])
     with pytest.raises(train.UserError, match="--bench-vocab takes positive integers"):
-        train.main(["--run", "benchmark", "--bench-vocab", ""])
+        benchmark.main(["--bench-vocab", ""])
     with pytest.raises(ValueError, match="unknown memory flow"):
         ledger.check_flow("magic")
 
 
-# ----------------------------------------------------------------------------- --run positions, show, axes, storage
+# ----------------------------------------------------------------------------- positions, show, axes
 
 def save_tiny_models(out, corpus, names):
     """Untrained checkpoints in the layout the jobs write (TINY's sizes), made in a second."""
@@ -248,7 +258,7 @@ def save_tiny_models(out, corpus, names):
 
 
 def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
-    r = run_job(tmp_path, tiny_corpus, "--run", "positions", "--student-steps", "2", "--seeds", "2",
+    r = run_job(positions, tmp_path, tiny_corpus, "--student-steps", "2", "--seeds", "2",
                 "--teacher-steps", "5", "--eval-tokens", "128")
     t = r["tables"]
     assert len(t["metrics"]) == 12 and len(t["policies"]) == 5 and len(t["budget"]) == 12
@@ -258,7 +268,7 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
     saved = json.loads((tmp_path / "results_positions.json").read_text())
     assert saved["tables"]["budget"][5]["val_ppl"] == t["metrics"][0]["val_ppl"]  # 100% = Full KD
     assert "(3) budget sweep" in capsys.readouterr().out
-    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--student-steps", "2", "--eval-tokens", "128")
+    s = run_job(show, tmp_path, tiny_corpus, "--student-steps", "2", "--eval-tokens", "128")
     out = capsys.readouterr().out
     assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
     assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()
@@ -266,7 +276,7 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
 
 def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
-    s = run_job(tmp_path, tiny_corpus, "--run", "show", "--policy", "pos_rs_kd", "--student-init-steps", "0",
+    s = run_job(show, tmp_path, tiny_corpus, "--policy", "pos_rs_kd", "--student-init-steps", "0",
                 "--eval-tokens", "128")
     out = capsys.readouterr().out
     assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
@@ -275,7 +285,7 @@ def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
 
 
 def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
-    r = run_job(tmp_path, tiny_corpus, "--run", "axes", "--seeds", "1", "--student-steps", "10", "--U", "64")
+    r = run_job(axes, tmp_path, tiny_corpus, "--seeds", "1", "--student-steps", "10", "--U", "64")
     out = capsys.readouterr().out
     assert "multi-axis table" in out and "wall-time table" in out and "storage per training position" in out
     names = [row["method"] for row in r["rows"][2:]]  # after the teacher and the initial student
@@ -300,17 +310,17 @@ def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
 
 
 def test_storage_run_prints_the_papers_storage_table(tmp_path, tiny_corpus, capsys):
-    r = run_job(tmp_path, tiny_corpus, "--run", "storage")["storage"]
+    r = run_job(axes, tmp_path, tiny_corpus, "--table", "storage")["storage"]
     assert r["paper_scale"]["rskd"] == 192 and "cache" not in r  # no cache built in this folder yet
     assert "storage per training position" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- --run sample
+# ----------------------------------------------------------------------------- sample, regimes
 
 def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsys, monkeypatch):
     corpus = save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"])
-    flags = ["--run", "sample", "--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
-    r1 = run_job(tmp_path, tiny_corpus, *flags)
+    flags = ["--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
+    r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
     out = capsys.readouterr().out
     assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
     stream = np.asarray(corpus.val).reshape(-1)
@@ -323,10 +333,11 @@ def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsy
         assert f"--- {name}, mean entropy {ent[1].mean():.2f} nats" in out
     assert "\x1b[" not in out  # captured stdout is not a terminal: plain text
     assert json.loads((tmp_path / "results_sample.json").read_text())["continuations"] == r1["continuations"]
-    assert run_job(tmp_path, tiny_corpus, *flags)["continuations"] == r1["continuations"]  # same seed, same text
+    again = run_job(sample, tmp_path, tiny_corpus, *flags)["continuations"]
+    assert again == r1["continuations"]  # same seed, same text
     capsys.readouterr()
     monkeypatch.setattr(sample, "colour_enabled", lambda: True)
-    other = run_job(tmp_path, tiny_corpus, *flags, "--seed", "7")["continuations"]
+    other = run_job(sample, tmp_path, tiny_corpus, *flags, "--seed", "7")["continuations"]
     assert all(other[n] != r1["continuations"][n] for n in other)
     assert "\x1b[48;2;" in capsys.readouterr().out
 
@@ -347,20 +358,20 @@ def test_colour_only_on_a_terminal_and_without_no_color(monkeypatch):
 def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corpus):
     save_tiny_models(tmp_path, tiny_corpus, ["student_sekd"])
     with pytest.raises(train.UserError, match="no.pt does not exist: train it first"):
-        run_job(tmp_path, tiny_corpus, "--run", "sample", "--teacher-ckpt", str(tmp_path / "no.pt"))
+        run_job(sample, tmp_path, tiny_corpus, "--teacher-ckpt", str(tmp_path / "no.pt"))
     os.remove(tmp_path / "student_sekd.pt")
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
     with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
-        run_job(tmp_path, tiny_corpus, "--run", "sample")
+        run_job(sample, tmp_path, tiny_corpus)
 
 
 def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
     cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "te")),
              "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",))}
     monkeypatch.setattr(regimes, "CELLS", cells)
-    args = ("--run", "regimes", "--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
+    args = ("--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
             "--student-init-steps", "5")
-    r = run_job(tmp_path, tiny_corpus, *args)["regimes"]
+    r = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
     assert len(runs) == 2 * (3 + 1)  # every (cell, method, seed), each trained once
     a = r["cells"]["A tiny lam1"]
@@ -375,5 +386,43 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
     assert d["hard_kl"] == pytest.approx(d["top"]["kl"])  # the hard positions are the top-k ones
     assert (tmp_path / "regimes_2x16" / "student_init.pt").exists() and (tmp_path / "regimes.png").exists()
     monkeypatch.setattr(train, "distill_student", lambda *a, **k: pytest.fail("a finished student was trained again"))
-    again = run_job(tmp_path, tiny_corpus, *args)["regimes"]
+    again = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
     assert again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"] == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
+
+
+# ----------------------------------------------------------------------------- entry points, direction of imports
+
+def test_train_imports_no_experiment():
+    """sekd <- data <- train <- experiments: importing train and parsing its flags loads nothing of
+    experiments/, and no line of sekd.py, data.py or train.py imports it, lazily (importlib) or not."""
+    code = ("import sys, train; train.check_flags(train.parse_args([])); "
+            "print([m for m in sys.modules if m.split('.')[0] == 'experiments'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+    imports = re.compile(r"\bexperiments\b.*\bimport\b|\b(import|import_module|__import__)\b.*\bexperiments\b")
+    for name in ("sekd.py", "data.py", "train.py"):
+        with open(os.path.join(HERE, name)) as f:
+            for i, line in enumerate(f, 1):
+                assert not imports.search(line), f"{name}:{i} imports experiments/: {line.strip()}"
+
+
+def test_each_tool_checks_train_flags_and_its_own_in_one_line():
+    with pytest.raises(train.UserError, match="--run compare or distill"):
+        positions.main(["--on-policy", "0.5"])
+    with pytest.raises(train.UserError, match="--divergence reverse work with --run compare"):
+        axes.main(["--divergence", "reverse"])
+    with pytest.raises(train.UserError, match="--run distill is a job of python train.py"):
+        regimes.main(["--run", "distill"])
+    with pytest.raises(train.UserError, match="argument --run: invalid choice: 'positions'"):
+        train.main(["--run", "positions"])  # the paper-table runs left train.py
+    r = subprocess.run([sys.executable, "-m", "experiments.axes", "--table", "nope"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "argument --table: invalid choice: 'nope'" in r.stderr and "--help" in r.stderr
+
+
+def test_one_process_runs_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for tool, flags in ((benchmark, []), (axes, ["--table", "storage"]), (show, [])):
+        with pytest.raises(train.UserError, match="runs in one process: start it with python, not torchrun"):
+            tool.main(flags)
