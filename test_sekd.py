@@ -1055,7 +1055,7 @@ def test_sample_scores_and_selection():
 def test_batches_iterate_over_kept_samples_only():
     corpus = type("C", (), {"train": np.arange(40 * 5).reshape(40, 5)})()
     kept = np.array([3, 7, 8, 21, 39])
-    b = train.Batches(corpus, 2, 1, 0, "cpu", kept)
+    b = data.Batches(corpus, 2, 1, 0, "cpu", kept)
     seen = set()
     for step in range(10):
         x, _ = b.get(step, 0)
@@ -1098,16 +1098,16 @@ def cache_setup(tmp_path, tiny_corpus):
                                                    "--U", "64"])
     corpus = data.prepare(ds, args.seq_len, cache_dir=cache_dir)
     teacher = train.new_model(args, "teacher", corpus.vocab.size, torch.device("cpu"))
-    train.save_checkpoint(train.teacher_ckpt_path(args), {"model": teacher.state_dict()})
+    train.save_checkpoint(data.teacher_ckpt_path(args), {"model": teacher.state_dict()})
     kept = np.arange(0, len(corpus.train), 4)
     return args, corpus, teacher, kept
 
 
 def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     args, corpus, teacher, kept = cache_setup
-    cache, build_s, reused = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    cache, build_s, reused = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert build_s > 0 and not reused
-    again, build_s2, reused2 = train.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
+    again, build_s2, reused2 = data.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
     ids, counts = data.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
@@ -1129,29 +1129,29 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
                                         ("kept", "kept:"), ("teacher", "teacher_sha256:")])
 def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
     args, corpus, teacher, kept = cache_setup
-    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     args.cache = path
     if change == "kept":
         kept = kept[1:]
     elif change == "teacher":
-        train.save_checkpoint(train.teacher_ckpt_path(args), {"model": tiny_gpt().state_dict()})
+        train.save_checkpoint(data.teacher_ckpt_path(args), {"model": tiny_gpt().state_dict()})
     else:
         vars(args).update(change)
     with pytest.raises(train.UserError, match=key) as e:
-        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert "--rebuild-cache" in str(e.value) and "\n" not in str(e.value)
     args.rebuild_cache = True
-    assert not train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
+    assert not data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
 
 
 def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     blob = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(blob[:-100])
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     os.remove(path)
     calls = []
 
@@ -1163,7 +1163,7 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
     real_encode = data.encode_draws
     monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
-        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
 
 
@@ -1177,11 +1177,11 @@ def test_cli_axis_errors_are_one_line_exit_2(flags, msg):
 
 def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     args.U = 32
-    monkeypatch.setattr(train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
+    monkeypatch.setattr(data, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
-        train.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
+        data.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
 # ============================================================================= on-policy distillation, reverse KL
@@ -1587,7 +1587,7 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_corpus, pretrained_p
 @pytest.mark.parametrize("where", ["allocate", "header"])
 def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
     args, corpus, teacher, kept = cache_setup
-    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     good = open(path, "rb").read()
     args.rebuild_cache = True
     if where == "allocate":
@@ -1598,7 +1598,7 @@ def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
         monkeypatch.setattr(data, "open", FullDisk(".tmp"), raising=False)
     with pytest.raises(train.UserError, match=f"could not write {path}: No space left on device .* the previous "
                                               "file, if any, is unchanged"):
-        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert open(path, "rb").read() == good and not leftovers(os.path.dirname(path))
 
 
@@ -1690,8 +1690,8 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
 
 def test_batches_shard_the_global_batch_across_ranks():
     corpus = type("C", (), {"train": np.arange(30 * 5).reshape(30, 5)})()
-    one = train.Batches(corpus, 6, 2, 0, "cpu")
-    ranks = [train.Batches(corpus, 2, 2, 0, "cpu", rank=r, world=3) for r in range(3)]
+    one = data.Batches(corpus, 6, 2, 0, "cpu")
+    ranks = [data.Batches(corpus, 2, 2, 0, "cpu", rank=r, world=3) for r in range(3)]
     for step in range(6):  # 72 ids: crosses two epochs of 30 samples
         for micro in range(2):
             assert np.concatenate([b.ids(step, micro) for b in ranks]).tolist() == one.ids(step, micro).tolist()
@@ -1699,38 +1699,38 @@ def test_batches_shard_the_global_batch_across_ranks():
 
 def as_rank(monkeypatch, rank, world):
     """Run the job's code as `rank` of `world` in this process: collectives do nothing."""
-    monkeypatch.setattr(train, "RANK", rank)
-    monkeypatch.setattr(train, "WORLD", world)
-    monkeypatch.setattr(train, "barrier", lambda: None)
+    monkeypatch.setattr(data, "RANK", rank)
+    monkeypatch.setattr(data, "WORLD", world)
+    monkeypatch.setattr(data, "barrier", lambda: None)
 
 
 def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
     args.U, kept = 8, kept[:40]  # a small cache is enough here
     student, dev = train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")), torch.device("cpu")
-    monkeypatch.setattr(train, "_PREPASS", {})
-    whole = train.sample_prepass(student, corpus, args, dev)[0]
+    monkeypatch.setattr(data, "_PREPASS", {})
+    whole = data.sample_prepass(student, corpus, args, dev)[0]
     shards = []
     for r in range(3):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
         as_rank(monkeypatch, r, 3)
-        monkeypatch.setattr(train, "gather_objects", lambda obj: [obj])  # this rank's share alone
-        monkeypatch.setattr(train, "_PREPASS", {})
-        shards.append(train.sample_prepass(student, corpus, args, dev)[0])
+        monkeypatch.setattr(data, "gather_objects", lambda obj: [obj])  # this rank's share alone
+        monkeypatch.setattr(data, "_PREPASS", {})
+        shards.append(data.sample_prepass(student, corpus, args, dev)[0])
     assert 0 < len(shards[0]) < len(whole)
     np.testing.assert_array_equal(np.concatenate(shards), whole)
     as_rank(monkeypatch, 1, 2)  # a rank other than 0 never builds the cache, it waits for rank 0's
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        train.teacher_cache(args, corpus, dev, teacher, kept)
+        data.teacher_cache(args, corpus, dev, teacher, kept)
     as_rank(monkeypatch, 0, 1)
-    cache = train.teacher_cache(args, corpus, dev, teacher, kept)[0]
+    cache = data.teacher_cache(args, corpus, dev, teacher, kept)[0]
     as_rank(monkeypatch, 1, 2)
     before = os.stat(cache.path).st_mtime_ns
     args.rebuild_cache = True
-    assert train.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
+    assert data.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
     assert os.stat(cache.path).st_mtime_ns == before
     # each rank reads the cache rows of its own samples: together, those of the 1-rank batch
-    one = train.Batches(corpus, 4, 1, 3, dev, kept, cache=cache)
-    parts = [train.Batches(corpus, 2, 1, 3, dev, kept, r, 2, cache=cache) for r in range(2)]
+    one = data.Batches(corpus, 4, 1, 3, dev, kept, cache=cache)
+    parts = [data.Batches(corpus, 2, 1, 3, dev, kept, r, 2, cache=cache) for r in range(2)]
 
     def rows(x, ids, counts):  # (sample, its draws), in a fixed order
         return sorted((a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts))
@@ -1746,7 +1746,7 @@ def test_checkpoint_keeps_each_ranks_random_stream(monkeypatch):
     for rank in range(2):  # two "ranks" in this process, each with its own stream
         torch.manual_seed(100 + rank)
         states.append({"cpu": torch.get_rng_state(), "cuda": []})
-    monkeypatch.setattr(train, "gather_objects", lambda obj: [states[0], obj])
+    monkeypatch.setattr(data, "gather_objects", lambda obj: [states[0], obj])
     as_rank(monkeypatch, 1, 2)
     torch.manual_seed(101)
     saved = train.rng_state()  # what rank 1 writes: both ranks' states

@@ -8,8 +8,6 @@
 """
 import argparse
 import dataclasses
-import datetime
-import hashlib
 import io
 import json
 import math
@@ -29,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 import data
 import sekd
+from data import Batches, autocast, autocast_dtype, file_sha256, sample_plan, teacher_ckpt_path
 
 UserError = data.DataError  # a mistake the user can fix (a flag, a checkpoint, a file): one line, exit 2
 
@@ -83,7 +82,7 @@ def build_parser():
     g.add_argument("--dataset", default="shakespeare", help="shakespeare | hf:NAME[:CONFIG] | files:PATH[,PATH]")
     g.add_argument("--max-tokens", type=non_negative_int, default=0, help="read documents up to this many tokens")
     g.add_argument("--seq-len", type=positive_int, default=128, help="positions per sample (block size)")
-    g.add_argument("--vocab-size", type=non_negative_int, default=8192,
+    g.add_argument("--vocab-size", type=non_negative_int, default=4096,
                    help="the training text's most frequent ids, one more for the rest (0: all its ids)")
     g.add_argument("--full-vocab", action=argparse.BooleanOptionalAction, default=False,
                    help="all 50,257 GPT-2 ids (--vocab-size is then not used)")
@@ -94,7 +93,7 @@ def build_parser():
         g.add_argument(f"--{who}-embd", type=positive_int, default=embd)
         g.add_argument(f"--{who}-heads", type=positive_int, default=heads)
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-steps", type=positive_int, default=600)
+    g.add_argument("--teacher-steps", type=positive_int, default=300)
     g.add_argument("--student-init-steps", type=non_negative_int, default=300, help="CE steps of the initial student")
     g.add_argument("--student-init-lr", type=positive_float, default=3e-3, help="peak lr of the initial student")
     g.add_argument("--student-steps", type=positive_int, default=150, help="distillation steps per method")
@@ -188,12 +187,12 @@ def kd_config(args, method, **kd):
 
 def save_checkpoint(path, obj):
     """Through a temporary file and a rename: an interrupted save leaves the old file. Rank 0 writes."""
-    if RANK == 0:
+    if data.RANK == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         buf = io.BytesIO()
         torch.save(obj, buf)
         data.atomic_write_bytes(path, buf.getvalue())
-    barrier()
+    data.barrier()
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -216,65 +215,6 @@ def check_signature(ckpt, corpus, path):  # refuse a checkpoint of another token
         raise UserError(f"checkpoint {path} was trained on another vocabulary or tokenizer "
                         f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
                         "--full-vocab, or pass --retrain-teacher")
-
-def teacher_ckpt_path(args):
-    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-# ----------------------------------------------------------------------------- data parallel (torchrun)
-# torchrun starts N copies of this job, as in nanoGPT. Each rank takes its slice of each global batch
-# (Batches); we average gradients before clipping; rank 0 prints and writes. Alone: RANK 0, WORLD 1.
-
-RANK, WORLD = 0, 1
-
-def init_distributed(device):
-    """Join torchrun's process group; ranks other than 0 print nothing (errors still reach stderr)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
-
-def finish_distributed():
-    global RANK, WORLD
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    RANK, WORLD = 0, 1
-
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-def rank0_first(fn):
-    # fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)
-    out = fn() if RANK == 0 else None
-    barrier()
-    return fn() if RANK != 0 else out
-
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
-    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
-    if WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-def gather_objects(obj):  # every rank's obj, in rank order
-    if WORLD == 1:
-        return [obj]
-    parts = [None] * WORLD
-    dist.all_gather_object(parts, obj)
-    return parts
 
 # ----------------------------------------------------------------------------- memory meter
 # The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
@@ -321,32 +261,18 @@ def state_bytes(*tensors_or_modules):
 
 # ----------------------------------------------------------------------------- training loop
 
-class Batches:
-    """Epoch e visits the samples in the permutation drawn from (seed, e): every method sees the same
-    batches, on any number of ranks (rank r takes the r-th slice). With `cache` (SE-KD_3X), each batch
-    comes with its samples' teacher draws."""
+def average_gradients(model):
+    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
+    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
+    if data.WORLD == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)  # a sum (gloo has no average)
+    flat /= data.WORLD
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
-    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None):
-        samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: the sample axis
-        self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
-        self.rank, self.world, self.cache, self._perm = rank, world, cache, {}
-
-    def ids(self, step, micro):
-        n, out = len(self.samples), []
-        start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
-        for g in range(start, start + self.bs):
-            if g // n not in self._perm:
-                self._perm = {g // n: np.random.default_rng([self.seed, g // n]).permutation(n)}
-            out.append(self._perm[g // n][g % n])
-        return np.array(out)
-
-    def get(self, step, micro):
-        ids = np.sort(self.ids(step, micro))
-        x = torch.from_numpy(self.samples[ids].astype(np.int64)).to(self.device)
-        if self.cache is None:
-            return x[:, :-1], x[:, 1:]
-        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)  # row i: kept sample i
-        return x[:, :-1], x[:, 1:], data.decode_draws(raw, self.cache.signature["V"])
 
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
@@ -359,14 +285,6 @@ def make_optimizer(model, lr, weight_decay):
     other = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-def autocast_dtype(args, dev):
-    return {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
-            "bfloat16": torch.bfloat16}[args.dtype]
-
-def autocast(args, dev):
-    dtype = autocast_dtype(args, dev)
-    return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
 
 def fmt_time(s):
     s = int(s)
@@ -383,9 +301,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for p in model.parameters() if WORLD > 1 else []:  # every rank starts from rank 0's weights
+    for p in model.parameters() if data.WORLD > 1 else []:  # every rank starts from rank 0's weights
         dist.broadcast(p.data, 0)
-    tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
+    tokens_per_step = data.WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, train_time, curve = time.time(), 0.0, []
     # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only step, at
     # whatever step a run resumes: under the meter the compiled chunk formulas run eager and round otherwise,
@@ -404,7 +322,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                     loss, _ = loss_fn(x, y, *cached)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
-            total = sum(gather_objects(total)) / WORLD  # the logged loss: the mean over ranks
+            total = sum(data.gather_objects(total)) / data.WORLD  # the logged loss: the mean over ranks
             curve.append(total)
             average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
@@ -535,109 +453,10 @@ def pretrained(args, corpus, device, evalset, who):
                                "optimizer": opt.state_dict(), "val_ppl": ppl, "train_s": before + train_s,
                                "live_peak": live_peak})
         print(f"[{who}] step {step}: quick val ppl {ppl:.2f}, saved {path}")
-    batches = Batches(corpus, args.batch_size, args.grad_accum, seed, device, rank=RANK, world=WORLD)
+    batches = Batches(corpus, args.batch_size, args.grad_accum, seed, device, rank=data.RANK, world=data.WORLD)
     stats = train_loop(model, lambda x, y: sekd.distill_loss(body, None, x, y, ce), batches, steps, lr, args, who,
                        ckpt=save, resume=ckpt)
     return model, {**stats, "reused": False}
-
-# ----------------------------------------------------------------------------- the sample and class axes
-# TopSmp / RandomSmp train on a share --l of the samples, for that share of the steps; SE-KD_3X reads the
-# teacher's draws from a file written once (data.py has its format), so that training holds the student only.
-
-def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the frozen initial
-    student's entropy; RandomSmp's), for as many epochs as --student-steps makes over all samples (l = 20%
-    trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
-    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
-    out = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
-           "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
-    kept, cache = None, None
-    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
-        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
-    if samples == "top":
-        scores, out["prepass_s"] = sample_prepass(student, corpus, args, device)
-        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
-    elif samples == "random":
-        kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
-    if kept is not None:
-        out["n_kept"] = len(kept)
-        out["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    if classes == "cache":
-        ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
-        out["cache_bytes"] = os.path.getsize(cache.path)
-    out["batches"] = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
-    return out
-
-_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
-
-@torch.no_grad()
-def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
-    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
-    key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
-           args.dtype, str(device))
-    if key not in _PREPASS:
-        t0, scores = time.time(), []
-        student.eval()
-        starts = range(0, len(corpus.train), args.batch_size)
-        for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
-            with autocast(args, device):
-                h = student.hidden(x)
-            scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
-                                              args.chunk_rows or None).double().cpu().numpy())
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PREPASS[key] = (scores, time.time() - t0)
-        print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
-    return _PREPASS[key]
-
-def cache_path(args):
-    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-
-def cache_signature(args, corpus, kept):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
-    path = teacher_ckpt_path(args)
-    if not os.path.exists(path):
-        raise UserError(f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-                        "train it first (python train.py --run teacher)")
-    return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
-            "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
-            "kept": [int(i) for i in kept]}
-
-def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
-    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
-    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
-    path, signature = cache_path(args), cache_signature(args, corpus, kept)
-    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
-    if build:
-        if teacher is None:
-            raise UserError("building the teacher cache needs the teacher")
-        t0, V, gen = time.time(), corpus.vocab.size, torch.Generator(device=device).manual_seed(args.seed)
-
-        @torch.no_grad()
-        def blocks():  # U classes drawn from the teacher at every position of every kept sample
-            for i in range(0, len(kept), args.batch_size):
-                x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
-                with autocast(args, device):
-                    ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
-                                                     args.chunk_rows or None, gen)
-                yield data.encode_draws(ids, counts, V).cpu().numpy()
-        data.write_cache(path, signature, (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V)), blocks())
-        build_s = time.time() - t0
-        print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-              f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
-    barrier()
-    cache = data.TeacherCache(path)
-    if build:
-        return cache, build_s, False
-    cache.check(signature)
-    print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
-    return cache, None, True
 
 # ----------------------------------------------------------------------------- distillation
 
@@ -666,8 +485,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
-    if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
-        torch.manual_seed(args.seed + 1_000_003 * RANK)
+    if data.RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
+        torch.manual_seed(args.seed + 1_000_003 * data.RANK)
     state, calls = cfg.new_state(), [0]  # GLS's queue (one per rank); curriculum follows the optimizer step
     prompt_len = args.prompt_len or args.seq_len // 2
 
@@ -675,7 +494,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         state.step = calls[0] // args.grad_accum
         calls[0] += 1
         if on_policy > 0:  # each micro-batch samples from its own seed: a resumed run writes the same text
-            seed = int(np.random.SeedSequence([args.seed, calls[0], RANK]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence([args.seed, calls[0], data.RANK]).generate_state(1)[0])
             gen = torch.Generator(device=x.device).manual_seed(seed)
             return sekd.on_policy_distill_loss(s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
@@ -727,16 +546,16 @@ def resumable(path, key, tag):
 
 def rng_state():
     """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
-    return gather_objects({"cpu": torch.get_rng_state(),
+    return data.gather_objects({"cpu": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
 
 def set_rng_state(rng):
     """This rank's generators from `rng_state()`; a rank it has no state for keeps its fresh seed."""
     rng = [rng] if isinstance(rng, dict) else rng  # a checkpoint written before states were per rank
-    if RANK < len(rng):
-        torch.set_rng_state(rng[RANK]["cpu"])
-        if rng[RANK]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
+    if data.RANK < len(rng):
+        torch.set_rng_state(rng[data.RANK]["cpu"])
+        if rng[data.RANK]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng[data.RANK]["cuda"])
 
 # ----------------------------------------------------------------------------- results and main
 
@@ -788,8 +607,8 @@ def machine():
 def load_data(args):
     """The device and the corpus every job starts from (rank 0 builds the memmaps, the others read them)."""
     device = pick_device(args)
-    init_distributed(device)
-    corpus = rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
+    data.init_distributed(device)
+    corpus = data.rank0_first(lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir,
                                               max_tokens=args.max_tokens or None, vocab_size=args.vocab_size))
     print(f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
           f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}")
@@ -816,11 +635,11 @@ def write_results(args, corpus, t_start, **results):
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results,
               "total_s": time.time() - t_start}
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
-    if RANK == 0:
+    if data.RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
-    finish_distributed()
+    data.finish_distributed()
     return result
 
 def main(argv=None):

@@ -87,7 +87,7 @@ class PhaseMeter:
 
 def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
     """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
-    with train.autocast(args, x.device):
+    with data.autocast(args, x.device):
         loss, _ = ledger.flow_loss(student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase)
     with phase("backward"):
         loss.backward()
@@ -141,7 +141,7 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     """One flow at batch B: analytic account and measured peaks (after a warm-up step); a row
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
-    half = train.autocast_dtype(args, dev) is not None
+    half = data.autocast_dtype(args, dev) is not None
     acc = ledger.ledger_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half,
                                 dev.type == "cuda", T=args.T)
     row = {"flow": flow, "name": ledger.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
@@ -250,7 +250,7 @@ def run(args, device):
         raise train.UserError(f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L")
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
     lines = [f"benchmark on {device} ({where}), "
-             f"torch {torch.__version__}, autocast {train.autocast_dtype(args, device) or 'off (float32)'}; "
+             f"torch {torch.__version__}, autocast {data.autocast_dtype(args, device) or 'off (float32)'}; "
              f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
              f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
              f"{args.bench_warmup} warm-up, the flows taking turns"]

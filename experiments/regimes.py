@@ -59,7 +59,7 @@ def student_args(args, size):
         return args
     return argparse.Namespace(**{**vars(args), "student_layers": layers, "student_embd": embd, "student_heads": 2,
                                  "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
-                                 "teacher_ckpt": train.teacher_ckpt_path(args)})
+                                 "teacher_ckpt": data.teacher_ckpt_path(args)})
 
 
 @torch.no_grad()
