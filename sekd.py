@@ -529,8 +529,11 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
             raise ValueError(f"{cfg.method} needs the teacher, or (RS-KD classes) cached draws")
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
+    if cfg.method == "at_kd" and cfg.flow == "dense":
+        return at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam), int(valid.sum())
     if cfg.method == "at_kd":
-        return _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg), int(valid.sum())
+        return streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets, cfg.T, cfg.lam,
+                                   cfg.chunk_rows or None), int(valid.sum())
     mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts
         row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
@@ -576,23 +579,21 @@ def at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     w = per_sequence_weights(valid, torch.float64)
     return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
 
-def at_kd_loss(student_logits, teacher_logits, targets, T=1.0):
-    """AT-KD on dense logits [B, L, V]: the reference."""
-    valid = targets >= 0
-    y = targets.clamp_min(0)
+def at_kd_loss(student_logits, teacher_logits, targets, T=1.0, lam=1.0):
+    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], each over every valid position: the reference."""
+    valid, y = targets >= 0, targets.clamp_min(0)
     with torch.no_grad():
         hard, w = at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
     rows = at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], T)
-    return (w[valid].to(rows.dtype) * rows).sum()
+    ce = kd_loss(student_logits, None, targets, lam=0.0) if lam < 1 else 0.0
+    return lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - lam) * ce
 
-def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, chunk_rows=None):
-    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk."""
+def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, lam=1.0, chunk_rows=None):
+    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk, CE alongside."""
     valid = targets >= 0
-    ce = chunked_scores("teacher_ce", student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
-                        targets, chunk_rows)
+    ce = chunked_scores("teacher_ce", student_h, student_w, valid, teacher_h, teacher_w, targets, chunk_rows)
     hard, w = at_kd_weights(ce, valid)
-    t_rows, y, hard = teacher_h[valid], targets[valid], hard[valid]
-    wt = chunk_weight(teacher_w)
+    t_rows, y, hard, wt = teacher_h[valid], targets[valid], hard[valid], chunk_weight(teacher_w)
     def kd_rows(z, rows):
         with torch.no_grad():
             z_teacher = _wide(t_rows[rows] @ wt.T)
@@ -601,19 +602,8 @@ def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1
             loss = at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
             grad, = torch.autograd.grad(loss.sum(), z)
         return loss.detach(), grad
-    return streamed_kd_loss(student_h, student_w, None, None, targets, T=T, chunk_rows=chunk_rows, row_weights=w,
-                            kd_rows=kd_rows)
-
-def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):  # lam AT-KD + (1 - lam) CE
-    if cfg.flow == "dense":
-        loss = cfg.lam * at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T)
-        ce = kd_loss(student.head(student_h), None, targets, T=cfg.T, lam=0.0) if cfg.lam < 1 else 0.0
-    else:
-        loss = cfg.lam * streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
-                                             targets, cfg.T, cfg.chunk_rows or None)
-        ce = 0.0 if cfg.lam == 1 else streamed_kd_loss(student_h, student.head_weight, None, None, targets,
-                                                        lam=0.0, chunk_rows=cfg.chunk_rows or None)
-    return loss + (1 - cfg.lam) * ce
+    return streamed_kd_loss(student_h, student_w, None, None, targets, T=T, lam=lam, chunk_rows=chunk_rows,
+                            row_weights=w, kd_rows=kd_rows, ce_at="all")  # the CE's weights: each position alike
 
 # ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
 # The student continues prompts; KD (the reverse KL by default, as the paper's on-policy table) applies there.
