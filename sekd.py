@@ -40,8 +40,7 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 class Block(nn.Module):
@@ -164,8 +163,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
         pair = (teacher_logits, student_logits) if divergence == "forward" else (student_logits, teacher_logits)
         loss = loss + lam * (w * T * T * kl_per_position(*pair, T)).sum()
     if lam < 1:
-        ce = F.cross_entropy(_wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten(),
-                             reduction="none").view_as(targets)
+        ce = _ce(student_logits.flatten(0, 1), targets.clamp_min(0).flatten()).view_as(targets)
         loss = loss + (1 - lam) * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
     return loss
 
@@ -202,24 +200,20 @@ def fused(fn):
 def chunk_weight(w):
     """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
     autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
-    device = w.device.type
-    return w.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else w
+    return w.to(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else w
 
 def budget_counts(k, n):
     """ceil(k n) per sequence, exact for decimal k (0.1 * 30 is 3, not 4)."""
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 def score_ranks(scores, valid):
-    """Rank in its row, 0 = the highest (finite) score, ties to the earlier position, padding last."""
-    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
-    return torch.empty_like(order).scatter_(1, order, positions)
+    """Rank in its row (the sort order's inverse), 0 = the highest (finite) score, ties to the earlier, padding last."""
+    return torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices.argsort(1)
 
 def topk_positions(scores, k, valid=None, state=None):
     """SE-KD's policy: the ceil(k n) highest-scored of each sequence's n valid positions. -> bool [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
-
 
 # A metric (student logits zs [R, V], teacher's zt or None, targets y) -> [R] scores a chunk of rows.
 # Register one from anywhere, `METRICS["name"] = fn`, `student_only` if it never reads zt.
@@ -261,8 +255,7 @@ def needs_teacher(metric):
     return getattr(METRICS[metric], "needs_teacher", True)
 
 @torch.no_grad()
-def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None,
-                   chunk_rows=None):
+def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=None):
     """u(t) at every valid row -> [B, L] (0 at padding), no grad, a chunk of rows at a time; teacher
     logits only for a metric that reads them."""
     fn, use_teacher = METRICS[metric], needs_teacher(metric)
@@ -283,7 +276,6 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
         scores[valid] = torch.cat(parts).to(scores.dtype)
     return scores
 
-
 # A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
 
 @dataclass
@@ -301,15 +293,13 @@ def gls_positions(scores, k, valid, state):
     else:
         m = (scores >= torch.quantile(state.queue.double(), 1.0 - k).item()) & valid
     new = scores[valid].detach()
-    state.queue = new if state.queue is None else torch.cat([state.queue.to(new), new])
-    state.queue = state.queue[-state.gls_queue:]
+    state.queue = (new if state.queue is None else torch.cat([state.queue.to(new), new]))[-state.gls_queue:]
     return m
 
 def curriculum_positions(scores, k, valid, state):
     """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
     the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, and stays there."""
-    rank = score_ranks(scores, valid)  # 0 = highest
-    n = valid.sum(1)
+    rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
     first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # rank the window starts at
@@ -417,10 +407,9 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_h)
-    if row_weights is None:
-        kd_weights = per_sequence_weights(mask, dtype)
-    else:
-        mask, kd_weights = (row_weights != 0) & valid, row_weights.to(dtype)
+    if row_weights is not None:  # pos-RS-KD, AT-KD: the rows they weigh are the mask
+        mask = (row_weights != 0) & valid
+    kd_weights = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
     rows = mask if lam == 1 or ce_at == "selected" else valid  # the rows the pass walks
     if kd_rows is None and lam > 0:
         t_rows, wt = teacher_h[rows], chunk_weight(teacher_w)
@@ -447,7 +436,6 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
         return loss, grad
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
-
 
 # ============================================================================ 5. one distillation step
 
@@ -508,13 +496,10 @@ class KDConfig:
 def select_positions(student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None):
     """The mask m: all valid positions for Full KD, else cfg.metric's scores through cfg.policy.
     -> bool [B, L], or float counts for pos-RS-KD."""
-    if cfg.method not in ("sekd", "random_pos"):
-        return valid
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
-    if cfg.k == 1.0 and policy in ("topk", "curriculum"):
+    if cfg.method not in ("sekd", "random_pos") or cfg.k == 1.0 and policy in ("topk", "curriculum"):
         return valid
-    scores = chunked_scores(metric, student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
-                            targets, cfg.chunk_rows or None)
+    scores = chunked_scores(metric, student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
     return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
@@ -533,24 +518,21 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
         return at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam), int(valid.sum())
     if cfg.method == "at_kd":
         return streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets, cfg.T, cfg.lam,
-                                   cfg.chunk_rows or None), int(valid.sum())
+                                   cfg.chunk_rows), int(valid.sum())
     mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts
         row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
-            ids = torch.zeros(*mask.shape, cfg.U, dtype=torch.long, device=idx.device)
-            counts = torch.zeros_like(ids)
-            ids[mask], counts[mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows or None)
-            draws = ids, counts
-        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows or None,
-                         cfg.ce_at)
+            draws = torch.zeros(2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device)  # ids, counts
+            draws[0][mask], draws[1][mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows)
+        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows, cfg.ce_at)
     elif cfg.flow == "dense":
         loss = kd_loss(student.head(student_h), teacher.head(teacher_h) if lam > 0 else None, targets, mask, cfg.T,
                        lam, row_weights, cfg.divergence, cfg.ce_at)
     else:
         loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights, cfg.divergence, ce_at=cfg.ce_at)
+                                mask, cfg.T, lam, cfg.chunk_rows, row_weights, cfg.divergence, ce_at=cfg.ce_at)
     return loss, int(mask.sum())
 
 # ============================================================================ 6. the baselines and the other axes
@@ -641,18 +623,12 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     increasing, each with its count, then padding (0, 0), the cache's layout; p~ = counts / U."""
     V = teacher_logits.shape[-1]
     p = F.softmax(tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
-    if p.shape[0] == 0:
-        draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
-    else:
-        draws = torch.multinomial(p, U, replacement=True, generator=generator)
-    draws = draws.sort(dim=1).values
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = first.cumsum(1) - 1  # equal draws are adjacent after the sort: one slot per distinct id
+    draws = (torch.multinomial(p, U, replacement=True, generator=generator) if p.shape[0] else
+             torch.zeros(0, U, dtype=torch.long, device=p.device)).sort(dim=1).values  # no rows: nothing to draw
+    slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-    shape = (*teacher_logits.shape[:-1], U)
-    return ids.view(shape), counts.view(shape)
+    return ids.view(*teacher_logits.shape[:-1], U), counts.view(*teacher_logits.shape[:-1], U)
 
 @torch.no_grad()
 def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
@@ -662,8 +638,7 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=Non
     w = chunk_weight(teacher_w)
     parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
              for i in range(0, max(1, rows.shape[0]), chunk)]
-    shape = (*teacher_h.shape[:-1], U)
-    return torch.cat([i for i, _ in parts]).view(shape), torch.cat([c for _, c in parts]).view(shape)
+    return tuple(torch.cat(part).view(*teacher_h.shape[:-1], U) for part in zip(*parts))  # ids, counts
 
 def _rskd_rows(z_student, ids, counts, T):
     """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
@@ -673,8 +648,7 @@ def _rskd_rows(z_student, ids, counts, T):
     grad = logq.exp_().scatter_add_(1, ids, -p)
     return loss, grad if T == 1 else grad.mul_(T)
 
-def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None,
-              ce_at="selected"):
+def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None, ce_at="selected"):
     """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
     rows = valid if mask is None or lam < 1 and ce_at == "all" else mask & valid  # the rows streamed_kd_loss walks
