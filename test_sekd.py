@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from fractions import Fraction
 from unittest import mock
@@ -1457,8 +1458,9 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(tmp_
 
 # ============================================================================= reliability catalogue
 # Every bad input or fault below ends in a one-line message that says what is wrong and how to fix it
-# (from `python train.py`, exit code 2: UserError and data.DataError are ValueErrors, which the
-# __main__ block prints as one line) and leaves no half-written file. CATALOGUE maps each item to the
+# (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one line; where
+# train.py builds a library object from flags, it turns the library's ValueError into one) and leaves no
+# half-written file. CATALOGUE maps each item to the
 # tests that check it, some of them further up this file; README "Reliability" lists the same.
 
 CATALOGUE = {
@@ -1541,6 +1543,29 @@ def checked(flags):
     args = train.parse_args(flags)
     train.check_flags(args)
     return [train.kd_config(args, m) for m in {"compare": ["ce", "full_kd", "sekd"]}.get(args.run, [args.method])]
+
+
+def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
+    for flags, msg in ((["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
+                        "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method"),
+                       (["--student-embd", "15"], "the student (--student-layers, --student-heads, --student-embd, "
+                                                  "--seq-len): (n_embd, n_head) must be divisible, n_embd by n_head")):
+        with pytest.raises(SystemExit) as e:  # GPTConfig's, checked before any work
+            train.cli(flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {msg}") and err.count("\n") == 1, err
+
+
+def test_a_bug_in_a_registered_metric_keeps_its_traceback(tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys):
+    @sekd.student_only
+    def buggy_metric(zs, zt, y):
+        raise ValueError("a bug in the user's own metric")
+    monkeypatch.setitem(sekd.METRICS, "buggy_metric", buggy_metric)
+    out = with_pair(tmp_path, pretrained_pair)
+    with pytest.raises(ValueError, match="a bug in the user's own metric") as e:  # not SystemExit(2): cli lets it by
+        train.cli(tiny_cli(out, tiny_corpus, "--run", "distill", "--metric", "buggy_metric", "--student-steps", "1"))
+    assert not isinstance(e.value, train.UserError) and "error:" not in capsys.readouterr().err
+    assert "buggy_metric" in [frame.name for frame in traceback.extract_tb(e.tb)]  # the traceback reaches the bug
 
 
 def test_bad_on_policy_flags():
