@@ -471,14 +471,16 @@ def public_calls():
         "needs_teacher": call(sekd.needs_teacher, metric="kl"),
         "chunked_scores": call(sekd.chunked_scores, metric="student_entropy", student_h=s, student_w=eye, valid=valid),
         "sample_entropy": call(sekd.sample_entropy, s, eye),
-        "at_kd_loss": call(sekd.at_kd_loss, s, t, y), "streamed_at_kd_loss": call(sekd.streamed_at_kd_loss, s, eye, t, eye, y),
+        "at_kd_loss": call(sekd.at_kd_loss, s, t, y),
+        "streamed_at_kd_loss": call(sekd.streamed_at_kd_loss, s, eye, t, eye, y),
         "on_policy_batch": call(sekd.on_policy_batch, model, idx, prompt_len=4),
         "on_policy_rows": call(sekd.on_policy_rows, 16, share=0.5),
-        "on_policy_distill_loss": call(sekd.on_policy_distill_loss, model, model, idx, idx, sekd.KDConfig("full_kd", k=1.0),
-                                       share=0.5, prompt_len=4),
+        "on_policy_distill_loss": call(sekd.on_policy_distill_loss, model, model, idx, idx,
+                                       sekd.KDConfig("full_kd", k=1.0), share=0.5, prompt_len=4),
         "rskd_sample": call(sekd.rskd_sample, t, U=4), "teacher_draws": call(sekd.teacher_draws, t, eye, U=4),
         "rskd_loss": call(sekd.rskd_loss, s, eye, ids, counts, y),
-        "top_samples": call(sekd.top_samples, torch.rand(10), l=0.5), "random_samples": call(sekd.random_samples, 10, l=0.5),
+        "top_samples": call(sekd.top_samples, torch.rand(10), l=0.5),
+        "random_samples": call(sekd.random_samples, 10, l=0.5),
         "expected_calibration_error": call(sekd.expected_calibration_error, torch.rand(20), torch.rand(20) < 0.5),
         "evaluation_sums": call(sekd.evaluation_sums, s, eye, t, eye, y),
         "GPTConfig": call(sekd.GPTConfig, vocab_size=7, n_embd=8, n_head=2), "KDConfig": call(sekd.KDConfig),
@@ -521,8 +523,9 @@ BAD = [  # (a public function, arguments that make no sense, the start of its me
     ("KDConfig", {"flow": "magic"}, "flow must be one of streamed, dense, got 'magic'"),
     ("KDConfig", {"policy": "nope"}, "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, "),
     ("KDConfig", {"classes": "some"}, "classes must be one of full, rskd, got 'some'"),
-    ("KDConfig", {"classes": "rskd", "flow": "dense"}, "(classes, method, flow) must be ('full', any, any) or "
-                                                       "('rskd', a KD method (not ce), 'streamed'), got ('rskd', 'sekd'"),
+    ("KDConfig", {"classes": "rskd", "flow": "dense"},
+     "(classes, method, flow) must be ('full', any, any) or ('rskd', a KD method (not ce), 'streamed'), "
+     "got ('rskd', 'sekd', 'dense')"),
     ("KDConfig", {"divergence": "reverse", "method": "at_kd"}, "(divergence, method, classes) must be ('forward', any"),
     *[("expected_calibration_error", {"n_bins": n}, f"n_bins must be an integer >= 1, got {n}") for n in (0, 2.5)],
     *[("default_chunk_rows", {"vocab_size": v}, f"vocab_size must be an integer >= 1, got {v}") for v in (0, -5)],
@@ -553,7 +556,8 @@ def test_every_public_function_has_a_case_for_each_argument_it_checks():
 
 @pytest.mark.parametrize("name,edge", [
     ("topk_positions", {"k": 1}), ("budget_counts", {"k": 1.0}), ("kd_loss", {"lam": 0.0}), ("kd_loss", {"lam": 1}),
-    ("streamed_kd_loss", {"lam": 0.0}), ("streamed_kd_loss", {"chunk_rows": 0}), ("streamed_kd_loss", {"chunk_rows": None}),
+    ("streamed_kd_loss", {"lam": 0.0}), ("streamed_kd_loss", {"chunk_rows": 0}),
+    ("streamed_kd_loss", {"chunk_rows": None}),
     ("at_kd_loss", {"lam": 0.0}), ("streamed_at_kd_loss", {"lam": 0}), ("rskd_loss", {"lam": 0.0, "ce_at": "all"}),
     ("rskd_sample", {"U": 1}), ("rskd_sample", {"U": 127}), ("on_policy_rows", {"share": 0.0}),
     ("on_policy_rows", {"share": 1}), ("on_policy_batch", {"prompt_len": 1}), ("on_policy_batch", {"prompt_len": 8}),
@@ -562,8 +566,8 @@ def test_every_public_function_has_a_case_for_each_argument_it_checks():
     ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}), ("gls_positions", {"k": 1.0})])
 def test_boundary_values_are_accepted(name, edge):
     out = public_calls()[name](**edge)
-    leaves = out if isinstance(out, tuple) else (out,)
-    assert all(torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all() for x in leaves if not hasattr(x, "__dataclass_fields__"))
+    numbers = [x for x in (out if isinstance(out, tuple) else (out,)) if not hasattr(x, "__dataclass_fields__")]
+    assert all(torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all() for x in numbers)  # a config: built
 
 
 def test_boundary_values_select_and_keep_everything():
