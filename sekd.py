@@ -19,13 +19,15 @@ from torch.autograd.function import once_differentiable
 
 # ============================================================================ argument checks
 # We write each rule once: a public function checks its scalar arguments at entry by name, `check(k=k, T=T)`.
+MAX_DRAWS, COUNT_BITS = 127, 7  # RS-KD: a draw count is stored in 7 bits in the cache; 0 marks padding
 _BUDGET, _SHARE = (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {  # a name -> (is its value fine?, what it must be), or () -> the names it is one of (read at each check)
     "k": _BUDGET, "l": _BUDGET, "lam": _SHARE, "share": _SHARE, "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "chunk_rows": (lambda v: v is None or type(v) is int and v >= 0, "an integer >= 0, or None (0, None: automatic)"),
-    "U": (lambda v: type(v) is int and 1 <= v <= MAX_DRAWS, "an integer in [1, MAX_DRAWS = 127] (7-bit counts)"),
-    **dict.fromkeys(("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_bins", "gls_queue",
+    "U": (lambda v: type(v) is int and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}] (7-bit counts)"),
+    **dict.fromkeys(("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_new", "n_bins", "gls_queue",
                      "curriculum_steps"), (lambda v: type(v) is int and v >= 1, "an integer >= 1")),
+    "temperature": (lambda v: v >= 0, ">= 0"), "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
     "T": (lambda v: v > 0, "> 0"), "(n_embd, n_head)": (lambda v: v[0] % v[1] == 0, "divisible, n_embd by n_head"),
     "(prompt_len, L)": (lambda v: type(v[0]) is int and 1 <= v[0] <= v[1], "1 <= prompt_len <= L, the sequence length"),
     "method": lambda: METHODS, "metric": lambda: METRICS, "policy": lambda: POLICIES, "divergence": lambda: DIVERGENCES,
@@ -132,6 +134,7 @@ class GPT(nn.Module):
     def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
         """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the k
         likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), SE-KD's score)."""
+        check(n_new=n_new, temperature=temperature, top_k=top_k)
         entropy = []
         for _ in range(n_new):
             logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size:])[:, -1]))
@@ -487,9 +490,8 @@ METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
 
 @dataclass
 class KDConfig:
-    """One method, its settings checked at construction. 'sekd' picks positions by `metric` and
-    `policy` at budget k (the defaults are SE-KD). flow 'dense' makes [B, L, V] logits, as the paper's
-    code; classes 'rskd' draws U classes from the teacher."""
+    """One method, checked at construction: 'sekd' picks positions by `metric` and `policy` at budget k (defaults:
+    SE-KD); flow 'dense' makes [B, L, V] logits, as the paper's code; classes 'rskd': U draws from the teacher."""
     method: str = "sekd"
     k: float = 0.2
     T: float = 1.0
@@ -642,8 +644,6 @@ def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_le
     return sum(loss * (n / B) for (loss, _), n in parts), sum(n_sel for (_, n_sel), _ in parts)
 
 # ---------------------------------------------------------------------------- class axis: RS-KD (Anshumann et al. 2025)
-
-MAX_DRAWS, COUNT_BITS = 127, 7  # a draw count is stored in 7 bits in the cache; 0 marks padding
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct ids,

@@ -484,7 +484,7 @@ def public_calls():
         "expected_calibration_error": call(sekd.expected_calibration_error, torch.rand(20), torch.rand(20) < 0.5),
         "evaluation_sums": call(sekd.evaluation_sums, s, eye, t, eye, y),
         "GPTConfig": call(sekd.GPTConfig, vocab_size=7, n_embd=8, n_head=2), "KDConfig": call(sekd.KDConfig),
-        "PositionState": call(sekd.PositionState),
+        "PositionState": call(sekd.PositionState), "GPT.generate": call(model.generate, idx, n_new=2),
     }
 
 
@@ -504,7 +504,7 @@ BAD = [  # (a public function, arguments that make no sense, the start of its me
     *[(f, {"chunk_rows": c}, f"chunk_rows must be an integer >= 0, or None (0, None: automatic), got {c}")
       for f in ("streamed_kd_loss", "chunked_scores", "sample_entropy", "streamed_at_kd_loss", "teacher_draws",
                 "rskd_loss", "evaluation_sums", "KDConfig") for c in (-1, 2.5)],
-    *[(f, {"U": U}, f"U must be an integer in [1, MAX_DRAWS = 127] (7-bit counts), got {U}")
+    *[(f, {"U": U}, f"U must be an integer in [1, 127] (7-bit counts), got {U}")
       for f in ("rskd_sample", "teacher_draws", "KDConfig") for U in (0, 128, 2.5)],
     *[(f, {"divergence": "sideways"}, "divergence must be one of forward, reverse, got 'sideways'")
       for f in ("kd_loss", "streamed_kd_loss", "KDConfig")],
@@ -533,6 +533,9 @@ BAD = [  # (a public function, arguments that make no sense, the start of its me
       for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")],
     ("GPTConfig", {"n_embd": 15, "n_head": 2}, "(n_embd, n_head) must be divisible, n_embd by n_head, got (15, 2)"),
     ("GPTConfig", {"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+    *[("GPT.generate", {"n_new": n}, f"n_new must be an integer >= 1, got {n}") for n in (0, 2.5)],
+    ("GPT.generate", {"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+    *[("GPT.generate", {"top_k": v}, f"top_k must be an integer >= 0, got {v}") for v in (-1, 2.5)],
 ]
 
 
@@ -563,7 +566,8 @@ def test_every_public_function_has_a_case_for_each_argument_it_checks():
     ("on_policy_rows", {"share": 1}), ("on_policy_batch", {"prompt_len": 1}), ("on_policy_batch", {"prompt_len": 8}),
     ("top_samples", {"l": 1.0}), ("random_samples", {"l": 1}), ("expected_calibration_error", {"n_bins": 1}),
     ("GPTConfig", {"n_embd": 2, "n_head": 2, "dropout": 0.0}), ("KDConfig", {"k": 1.0, "lam": 0.0}),
-    ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}), ("gls_positions", {"k": 1.0})])
+    ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}), ("gls_positions", {"k": 1.0}),
+    ("GPT.generate", {"n_new": 1, "temperature": 0}), ("GPT.generate", {"top_k": 0})])
 def test_boundary_values_are_accepted(name, edge):
     out = public_calls()[name](**edge)
     numbers = [x for x in (out if isinstance(out, tuple) else (out,)) if not hasattr(x, "__dataclass_fields__")]
@@ -1169,7 +1173,7 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
 
 @pytest.mark.parametrize("U", [0, 128, 2.5, True])
 def test_bad_draw_count_is_a_clear_error(U):
-    with pytest.raises(ValueError, match=r"^U must be an integer in \[1, MAX_DRAWS = 127\] \(7-bit counts\)"):
+    with pytest.raises(ValueError, match=r"^U must be an integer in \[1, 127\] \(7-bit counts\)"):
         sekd.KDConfig("sekd", classes="rskd", U=U)
 
 
