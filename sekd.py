@@ -17,6 +17,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+# ============================================================================ argument checks
+# We write each rule once: a public function checks its scalar arguments at entry by name, `check(k=k, T=T)`.
+MAX_DRAWS, COUNT_BITS = 127, 7  # RS-KD: a draw count is stored in 7 bits in the cache; 0 marks padding
+_BUDGET, _SHARE = (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+CHECKS = {  # a name -> (is its value fine?, what it must be), or () -> the names it is one of (read at each check)
+    "k": _BUDGET, "l": _BUDGET, "lam": _SHARE, "share": _SHARE, "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "chunk_rows": (lambda v: v is None or type(v) is int and v >= 0, "an integer >= 0, or None (0, None: automatic)"),
+    "U": (lambda v: type(v) is int and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}] (7-bit counts)"),
+    **dict.fromkeys(("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_new", "n_bins", "gls_queue",
+                     "curriculum_steps"), (lambda v: type(v) is int and v >= 1, "an integer >= 1")),
+    "temperature": (lambda v: v >= 0, ">= 0"), "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "T": (lambda v: v > 0, "> 0"), "(n_embd, n_head)": (lambda v: v[0] % v[1] == 0, "divisible, n_embd by n_head"),
+    "(prompt_len, L)": (lambda v: type(v[0]) is int and 1 <= v[0] <= v[1], "1 <= prompt_len <= L, the sequence length"),
+    "method": lambda: METHODS, "metric": lambda: METRICS, "policy": lambda: POLICIES, "divergence": lambda: DIVERGENCES,
+    "flow": lambda: ("streamed", "dense"), "classes": lambda: ("full", "rskd"), "ce_at": lambda: ("selected", "all"),
+    "(classes, method, flow)": (lambda v: v[0] == "full" or v[1] != "ce" and v[2] == "streamed",
+                                "('full', any, any) or ('rskd', a KD method (not ce), 'streamed')"),
+    "(divergence, method, classes)": (lambda v: v[0] == "forward" or v[1] not in ("ce", "at_kd") and v[2] == "full",
+                                      "('forward', any, any) or ('reverse', full_kd, sekd or random_pos, 'full'): "
+                                      "the reverse KL needs the teacher's full distribution"),
+}
+
+def check(**values):
+    """A one-line ValueError for the first value that makes no sense. Python scalars only: no device sync."""
+    for name, v in values.items():
+        rule = CHECKS[name]
+        ok, what = (v in rule(), "one of " + ", ".join(rule())) if callable(rule) else (rule[0](v), rule[1])
+        if not ok:
+            raise ValueError(f"{name} must be {what}, got {v!r}")
+
 # ============================================================================ 1. the model
 
 @dataclass
@@ -27,6 +57,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 192
     dropout: float = 0.0
+
+    def __post_init__(self):
+        check(**vars(self), **{"(n_embd, n_head)": (self.n_embd, self.n_head)})
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, c):
@@ -40,8 +73,7 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 class Block(nn.Module):
@@ -102,6 +134,7 @@ class GPT(nn.Module):
     def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
         """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the k
         likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), SE-KD's score)."""
+        check(n_new=n_new, temperature=temperature, top_k=top_k)
         entropy = []
         for _ in range(n_new):
             logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size:])[:, -1]))
@@ -125,19 +158,21 @@ def _wide(x):  # half-precision logits are upcast for softmax maths
 def _wide_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
-def tempered(z, T):
+def _tempered(z, T):
     return z if T == 1 else z / T  # at T = 1, the paper's default, we skip a pass over [rows, V]
 
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim: SE-KD's importance score."""
-    logp = F.log_softmax(tempered(_wide(logits), T), dim=-1)
+    check(T=T)
+    logp = F.log_softmax(_tempered(_wide(logits), T), dim=-1)
     p = logp.exp()
     return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(-1)  # no gradient: one [rows, V] fewer
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
     """KL(p^T || q^T) over the last dim, p = teacher, q = student."""
-    logp = F.log_softmax(tempered(_wide(teacher_logits), T), dim=-1)
-    logq = F.log_softmax(tempered(_wide(student_logits), T), dim=-1)
+    check(T=T)
+    logp = F.log_softmax(_tempered(_wide(teacher_logits), T), dim=-1)
+    logq = F.log_softmax(_tempered(_wide(student_logits), T), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
@@ -155,6 +190,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
     averaged per sequence, then over sequences: paper Eq. 3. ce_at='all' puts the CE term on every valid
     position instead. `row_weights` replace the mask's weights (pos-RS-KD); divergence='reverse' is
     KL(q^T || p^T); teacher_logits may be None at lam 0."""
+    check(T=T, lam=lam, divergence=divergence, ce_at=ce_at)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_logits)
@@ -164,8 +200,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
         pair = (teacher_logits, student_logits) if divergence == "forward" else (student_logits, teacher_logits)
         loss = loss + lam * (w * T * T * kl_per_position(*pair, T)).sum()
     if lam < 1:
-        ce = F.cross_entropy(_wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten(),
-                             reduction="none").view_as(targets)
+        ce = _ce(student_logits.flatten(0, 1), targets.clamp_min(0).flatten()).view_as(targets)
         loss = loss + (1 - lam) * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
     return loss
 
@@ -177,6 +212,7 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
     # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often. On
     # a CPU big chunks cost memory traffic, which pays only where each logit costs more (a wide D): we give
     # a chunk 16 MB per 64 of D, the fastest measured at D = 64 and 256 (results/head_benchmark_cpu.md).
+    check(vocab_size=vocab_size)
     kind = torch.device(device).type
     mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
     return max(1, (mb << 20) // (4 * vocab_size))
@@ -184,8 +220,7 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 def fused(fn):
     """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
     (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, after a failed compile (no C++ compiler, no triton), and
-    under a dispatch mode such as a memory meter (a graph compiled there serves later calls, which then round
-    otherwise: a resumed run, which meets no meter, would end on other weights)."""
+    under a dispatch mode, e.g. a memory meter: a graph compiled there serves later calls, rounding otherwise."""
     def call(*args):
         if (call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda")
                 and torch._C._len_torch_dispatch_stack() == 0):
@@ -202,24 +237,21 @@ def fused(fn):
 def chunk_weight(w):
     """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
     autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
-    device = w.device.type
-    return w.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else w
+    return w.to(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else w
 
 def budget_counts(k, n):
-    """ceil(k n) per sequence, exact for decimal k (0.1 * 30 is 3, not 4)."""
+    """ceil(k n) per sequence, exact for decimal k (0.1 * 30 is 3, not 4). The policies' budget: it checks k."""
+    check(k=k)
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 def score_ranks(scores, valid):
-    """Rank in its row, 0 = the highest (finite) score, ties to the earlier position, padding last."""
-    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
-    return torch.empty_like(order).scatter_(1, order, positions)
+    """Rank in its row (the sort order's inverse), 0 = the highest (finite) score, ties to the earlier, padding last."""
+    return torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices.argsort(1)
 
 def topk_positions(scores, k, valid=None, state=None):
     """SE-KD's policy: the ceil(k n) highest-scored of each sequence's n valid positions. -> bool [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
-
 
 # A metric (student logits zs [R, V], teacher's zt or None, targets y) -> [R] scores a chunk of rows.
 # Register one from anywhere, `METRICS["name"] = fn`, `student_only` if it never reads zt.
@@ -258,14 +290,15 @@ METRICS = {  # the paper's position-axis metrics
 }
 
 def needs_teacher(metric):
+    check(metric=metric)
     return getattr(METRICS[metric], "needs_teacher", True)
 
 @torch.no_grad()
-def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None,
-                   chunk_rows=None):
+def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=None):
     """u(t) at every valid row -> [B, L] (0 at padding), no grad, a chunk of rows at a time; teacher
     logits only for a metric that reads them."""
-    fn, use_teacher = METRICS[metric], needs_teacher(metric)
+    check(chunk_rows=chunk_rows)
+    use_teacher, fn = needs_teacher(metric), METRICS[metric]  # needs_teacher checks the name
     if use_teacher and teacher_h is None:
         raise ValueError(f"metric '{metric}' needs the teacher's outputs: pass teacher_h and teacher_w")
     hs = student_h[valid]
@@ -283,7 +316,6 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
         scores[valid] = torch.cat(parts).to(scores.dtype)
     return scores
 
-
 # A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
 
 @dataclass
@@ -294,22 +326,24 @@ class PositionState:
     queue: torch.Tensor = None
     step: int = 0
 
+    def __post_init__(self):
+        check(gls_queue=self.gls_queue, curriculum_steps=self.curriculum_steps)
+
 def gls_positions(scores, k, valid, state):
     """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins the queue."""
+    check(k=k)
     if state.queue is None or state.queue.numel() == 0:
         m = topk_positions(scores, k, valid)
     else:
         m = (scores >= torch.quantile(state.queue.double(), 1.0 - k).item()) & valid
     new = scores[valid].detach()
-    state.queue = new if state.queue is None else torch.cat([state.queue.to(new), new])
-    state.queue = state.queue[-state.gls_queue:]
+    state.queue = (new if state.queue is None else torch.cat([state.queue.to(new), new]))[-state.gls_queue:]
     return m
 
 def curriculum_positions(scores, k, valid, state):
     """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
     the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, and stays there."""
-    rank = score_ranks(scores, valid)  # 0 = highest
-    n = valid.sum(1)
+    rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
     first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # rank the window starts at
@@ -336,6 +370,7 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
 
 def kl_row_weights(m, k, valid, policy):
     """Per-sequence normalisation by sum_t m_t; pos-RS-KD* divides by its number of draws, K."""
+    check(k=k, policy=policy)
     K = budget_counts(k, valid.sum(1)) if policy == "pos_rs_kd_star" else None
     return per_sequence_weights(m, torch.float64, K)
 
@@ -350,8 +385,8 @@ POLICIES = {"topk": topk_positions, "gls": gls_positions, "curriculum": curricul
 @fused
 def _kd_rows(z_student, z_teacher, T):
     """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
-    logq = F.log_softmax(tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
     p = logp.exp()
     loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # in log p's storage (not needed again)
     grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
@@ -359,8 +394,8 @@ def _kd_rows(z_student, z_teacher, T):
 
 def _reverse_kd_rows(z_student, z_teacher, T):
     """T^2 KL(q^T || p^T) per row (on-policy's default), and its gradient T q^T (log q^T - log p^T - KL)."""
-    logq = F.log_softmax(tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(tempered(z_teacher, T), dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
     q = logq.exp()
     diff = logq.sub_(logp)
     kl = (q * diff).sum(-1)
@@ -414,13 +449,13 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all' we walk
     every valid row once, a chunk's KD rows first, so their tensors die before the CE's exist.
     `kd_rows(z, i)`, if given, replaces the KD term of walked rows i (RS-KD's draws, AT-KD)."""
+    check(T=T, lam=lam, chunk_rows=chunk_rows, divergence=divergence, ce_at=ce_at)
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_h)
-    if row_weights is None:
-        kd_weights = per_sequence_weights(mask, dtype)
-    else:
-        mask, kd_weights = (row_weights != 0) & valid, row_weights.to(dtype)
+    if row_weights is not None:  # pos-RS-KD, AT-KD: the rows they weigh are the mask
+        mask = (row_weights != 0) & valid
+    kd_weights = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
     rows = mask if lam == 1 or ce_at == "selected" else valid  # the rows the pass walks
     if kd_rows is None and lam > 0:
         t_rows, wt = teacher_h[rows], chunk_weight(teacher_w)
@@ -448,16 +483,15 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
 
-
 # ============================================================================ 5. one distillation step
 
 METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
 
 @dataclass
 class KDConfig:
-    """One method, and the one place its settings are checked. 'sekd' picks positions by `metric` and
-    `policy` at budget k (the defaults are SE-KD). flow 'dense' makes [B, L, V] logits, as the paper's
-    code; classes 'rskd' draws U classes from the teacher."""
+    """One method, checked at construction: 'sekd' picks positions by `metric` and `policy` at budget k (defaults:
+    SE-KD as the paper runs it, pure KL: lam 1; train.py's are lam 0.5, ce_at 'all'); flow 'dense' makes [B, L, V]
+    logits, as the paper's code; classes 'rskd': U draws from the teacher."""
     method: str = "sekd"
     k: float = 0.2
     T: float = 1.0
@@ -474,29 +508,8 @@ class KDConfig:
     ce_at: str = "selected"  # where the (1 - lam) CE goes: the selected positions (paper Eq. 3) or all
 
     def __post_init__(self):
-        full, one_of = self.classes == "full", lambda xs: "choose one of " + ", ".join(xs)
-        for ok, what in [(self.method in METHODS, f"unknown method '{self.method}': {one_of(METHODS)}"),
-                         (self.flow in ("streamed", "dense"), f"unknown flow '{self.flow}': choose streamed or dense"),
-                         (0 < self.k <= 1, f"budget k must be in (0, 1], got {self.k} (e.g. 0.2 for 20%)"),
-                         (self.T > 0, f"temperature T must be > 0, got {self.T}"),
-                         (0 <= self.lam <= 1, f"the KL weight lambda must be in [0, 1], got {self.lam}"),
-                         (self.chunk_rows >= 0, f"chunk rows must be >= 0 (0: automatic), got {self.chunk_rows}"),
-                         (self.metric in METRICS, f"unknown metric '{self.metric}': {one_of(METRICS)}"),
-                         (self.policy in POLICIES, f"unknown policy '{self.policy}': {one_of(POLICIES)}"),
-                         (min(self.gls_queue, self.curriculum_steps) >= 1, "the GLS queue and the curriculum steps "
-                          f"must be at least 1, got {self.gls_queue} and {self.curriculum_steps}"),
-                         (self.classes in ("full", "rskd"), f"unknown classes '{self.classes}': choose full or rskd"),
-                         (full or type(self.U) is int and 1 <= self.U <= MAX_DRAWS,
-                          f"RS-KD draws U must be an integer in [1, {MAX_DRAWS}] (7-bit counts), got {self.U}"),
-                         (full or self.method != "ce" and self.flow == "streamed",
-                          "RS-KD classes need a KD method (not ce) and the streamed flow"),
-                         (self.divergence in DIVERGENCES, f"unknown divergence '{self.divergence}': choose forward "
-                          "(KL(teacher || student)) or reverse (KL(student || teacher))"),
-                         (self.ce_at in ("selected", "all"), f"unknown ce_at '{self.ce_at}': choose selected or all"),
-                         (self.divergence == "forward" or full and self.method not in ("ce", "at_kd"), "the reverse "
-                          "KL needs the teacher's full distribution: full_kd, sekd or random_pos, full classes")]:
-            if not ok:
-                raise ValueError(what)
+        check(**vars(self), **{"(classes, method, flow)": (self.classes, self.method, self.flow),
+                               "(divergence, method, classes)": (self.divergence, self.method, self.classes)})
 
     @property
     def uses_teacher(self):
@@ -508,13 +521,10 @@ class KDConfig:
 def select_positions(student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None):
     """The mask m: all valid positions for Full KD, else cfg.metric's scores through cfg.policy.
     -> bool [B, L], or float counts for pos-RS-KD."""
-    if cfg.method not in ("sekd", "random_pos"):
-        return valid
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
-    if cfg.k == 1.0 and policy in ("topk", "curriculum"):
+    if cfg.method not in ("sekd", "random_pos") or cfg.k == 1.0 and policy in ("topk", "curriculum"):
         return valid
-    scores = chunked_scores(metric, student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
-                            targets, cfg.chunk_rows or None)
+    scores = chunked_scores(metric, student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
     return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
@@ -529,35 +539,35 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
             raise ValueError(f"{cfg.method} needs the teacher, or (RS-KD classes) cached draws")
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
+    if cfg.method == "at_kd" and cfg.flow == "dense":
+        return at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam), int(valid.sum())
     if cfg.method == "at_kd":
-        return _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg), int(valid.sum())
+        return streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets, cfg.T, cfg.lam,
+                                   cfg.chunk_rows), int(valid.sum())
     mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts
         row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
-            ids = torch.zeros(*mask.shape, cfg.U, dtype=torch.long, device=idx.device)
-            counts = torch.zeros_like(ids)
-            ids[mask], counts[mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows or None)
-            draws = ids, counts
-        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows or None,
-                         cfg.ce_at)
+            draws = torch.zeros(2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device)  # ids, counts
+            draws[0][mask], draws[1][mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows)
+        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows, cfg.ce_at)
     elif cfg.flow == "dense":
         loss = kd_loss(student.head(student_h), teacher.head(teacher_h) if lam > 0 else None, targets, mask, cfg.T,
                        lam, row_weights, cfg.divergence, cfg.ce_at)
     else:
         loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows or None, row_weights, cfg.divergence, ce_at=cfg.ce_at)
+                                mask, cfg.T, lam, cfg.chunk_rows, row_weights, cfg.divergence, ce_at=cfg.ce_at)
     return loss, int(mask.sum())
 
 # ============================================================================ 6. the baselines and the other axes
 # ---------------------------------------------------------------------------- AT-KD (Zhong et al. 2024)
 
-def at_kd_rows(zs, zt, y, hard, T=1.0):
+def _at_kd_rows(zs, zt, y, hard, T=1.0):
     """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for all,
     non-target = KL(p(.|not y) || q(.|not y)), each renormalised (the exact KL weighs it by 1 - p(y)).
     Where the paper is silent we split hard/easy per sequence and temper both terms."""
-    zs, zt = tempered(_wide(zs), T), tempered(_wide(zt), T)
+    zs, zt = _tempered(_wide(zs), T), _tempered(_wide(zt), T)
     gold = F.one_hot(y, zs.shape[-1]).bool()
 
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
@@ -569,51 +579,40 @@ def at_kd_rows(zs, zt, y, hard, T=1.0):
     non_target = (lp_rest.exp() * (lp_rest - lq_rest).masked_fill(gold, 0.0)).sum(-1)
     return T * T * (hard * binary + non_target)
 
-def at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
+def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     """The half of each sequence where the teacher is least sure of the gold token is hard; weights
     make L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i. -> (hard, weights), both [B, L]."""
     hard = topk_positions(-torch.expm1(-gold_ce), hard_share, valid)
     w = per_sequence_weights(valid, torch.float64)
     return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
 
-def at_kd_loss(student_logits, teacher_logits, targets, T=1.0):
-    """AT-KD on dense logits [B, L, V]: the reference."""
-    valid = targets >= 0
-    y = targets.clamp_min(0)
+def at_kd_loss(student_logits, teacher_logits, targets, T=1.0, lam=1.0):
+    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], each over every valid position: the reference."""
+    check(T=T, lam=lam)
+    valid, y = targets >= 0, targets.clamp_min(0)
     with torch.no_grad():
-        hard, w = at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
-    rows = at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], T)
-    return (w[valid].to(rows.dtype) * rows).sum()
+        hard, w = _at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
+    rows = _at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], T)
+    ce = kd_loss(student_logits, None, targets, lam=0.0) if lam < 1 else 0.0
+    return lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - lam) * ce
 
-def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, chunk_rows=None):
-    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk."""
+def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, lam=1.0, chunk_rows=None):
+    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk, CE alongside."""
+    check(T=T, lam=lam, chunk_rows=chunk_rows)
     valid = targets >= 0
-    ce = chunked_scores("teacher_ce", student_h.detach(), student_w.detach(), valid, teacher_h, teacher_w,
-                        targets, chunk_rows)
-    hard, w = at_kd_weights(ce, valid)
-    t_rows, y, hard = teacher_h[valid], targets[valid], hard[valid]
-    wt = chunk_weight(teacher_w)
+    ce = chunked_scores("teacher_ce", student_h, student_w, valid, teacher_h, teacher_w, targets, chunk_rows)
+    hard, w = _at_kd_weights(ce, valid)
+    t_rows, y, hard, wt = teacher_h[valid], targets[valid], hard[valid], chunk_weight(teacher_w)
     def kd_rows(z, rows):
         with torch.no_grad():
             z_teacher = _wide(t_rows[rows] @ wt.T)
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            loss = at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
+            loss = _at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
             grad, = torch.autograd.grad(loss.sum(), z)
         return loss.detach(), grad
-    return streamed_kd_loss(student_h, student_w, None, None, targets, T=T, chunk_rows=chunk_rows, row_weights=w,
-                            kd_rows=kd_rows)
-
-def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):  # lam AT-KD + (1 - lam) CE
-    if cfg.flow == "dense":
-        loss = cfg.lam * at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T)
-        ce = kd_loss(student.head(student_h), None, targets, T=cfg.T, lam=0.0) if cfg.lam < 1 else 0.0
-    else:
-        loss = cfg.lam * streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
-                                             targets, cfg.T, cfg.chunk_rows or None)
-        ce = 0.0 if cfg.lam == 1 else streamed_kd_loss(student_h, student.head_weight, None, None, targets,
-                                                        lam=0.0, chunk_rows=cfg.chunk_rows or None)
-    return loss + (1 - cfg.lam) * ce
+    return streamed_kd_loss(student_h, student_w, None, None, targets, T=T, lam=lam, chunk_rows=chunk_rows,
+                            row_weights=w, kd_rows=kd_rows, ce_at="all")  # the CE's weights: each position alike
 
 # ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
 # The student continues prompts; KD (the reverse KL by default, as the paper's on-policy table) applies there.
@@ -621,6 +620,7 @@ def _at_kd_step(student, teacher, student_h, teacher_h, targets, cfg):  # lam AT
 def on_policy_batch(student, idx, prompt_len, generator=None):
     """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x, targets),
     targets -1 before the first sampled token: only positions that predict a sampled token count."""
+    check(**{"(prompt_len, L)": (prompt_len, idx.shape[1])})
     L, was_training = idx.shape[1], student.training
     student.eval()
     seq, _ = student.generate(idx[:, :prompt_len], L - prompt_len + 1, 1.0, 0, generator)
@@ -630,6 +630,7 @@ def on_policy_batch(student, idx, prompt_len, generator=None):
     return seq[:, :-1], targets
 
 def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest integer
+    check(share=share)
     return int(math.floor(share * batch_size + 0.5))
 
 def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None):
@@ -644,47 +645,39 @@ def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_le
 
 # ---------------------------------------------------------------------------- class axis: RS-KD (Anshumann et al. 2025)
 
-MAX_DRAWS, COUNT_BITS = 127, 7  # a draw count is stored in 7 bits in the cache; 0 marks padding
-
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct ids,
     increasing, each with its count, then padding (0, 0), the cache's layout; p~ = counts / U."""
+    check(U=U, T=T)
     V = teacher_logits.shape[-1]
-    p = F.softmax(tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
-    if p.shape[0] == 0:
-        draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
-    else:
-        draws = torch.multinomial(p, U, replacement=True, generator=generator)
-    draws = draws.sort(dim=1).values
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = first.cumsum(1) - 1  # equal draws are adjacent after the sort: one slot per distinct id
+    p = F.softmax(_tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
+    draws = (torch.multinomial(p, U, replacement=True, generator=generator) if p.shape[0] else
+             torch.zeros(0, U, dtype=torch.long, device=p.device)).sort(dim=1).values  # no rows: nothing to draw
+    slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-    shape = (*teacher_logits.shape[:-1], U)
-    return ids.view(shape), counts.view(shape)
+    return ids.view(*teacher_logits.shape[:-1], U), counts.view(*teacher_logits.shape[:-1], U)
 
 @torch.no_grad()
 def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
+    check(U=U, T=T, chunk_rows=chunk_rows)
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
     w = chunk_weight(teacher_w)
     parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
              for i in range(0, max(1, rows.shape[0]), chunk)]
-    shape = (*teacher_h.shape[:-1], U)
-    return torch.cat([i for i, _ in parts]).view(shape), torch.cat([c for _, c in parts]).view(shape)
+    return tuple(torch.cat(part).view(*teacher_h.shape[:-1], U) for part in zip(*parts))  # ids, counts
 
 def _rskd_rows(z_student, ids, counts, T):
     """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
     p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
-    logq = F.log_softmax(tempered(z_student, T), dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
     grad = logq.exp_().scatter_add_(1, ids, -p)
     return loss, grad if T == 1 else grad.mul_(T)
 
-def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None,
-              ce_at="selected"):
+def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None, ce_at="selected"):
     """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
     rows = valid if mask is None or lam < 1 and ce_at == "all" else mask & valid  # the rows streamed_kd_loss walks
@@ -703,12 +696,14 @@ def sample_entropy(hidden, head_weight, valid=None, chunk_rows=None):
 
 def top_samples(scores, l):
     """TopSmp: ids of the ceil(l N) samples with the highest score (ties: lower id), increasing."""
+    check(l=l)
     scores = torch.as_tensor(scores)
     n = int(budget_counts(l, torch.tensor(len(scores))))
     return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
 
 def random_samples(n_samples, l, generator=None):
     """RandomSmp: ceil(l N) sample ids drawn uniformly without replacement, increasing."""
+    check(l=l)
     n = int(budget_counts(l, torch.tensor(n_samples)))
     return torch.randperm(n_samples, generator=generator)[:n].sort().values
 
@@ -717,6 +712,7 @@ def random_samples(n_samples, l, generator=None):
 def expected_calibration_error(confidence, correct, n_bins=15):
     """ECE in percent, as the paper reports it: equal-width bins of the top-1 probability,
     sum_b share_b |accuracy_b - confidence_b| = sum_b |sum correct - sum confidence| / N."""
+    check(n_bins=n_bins)
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -725,6 +721,7 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 @torch.no_grad()
 def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=None):
     """Sums over valid rows, a chunk at a time: CE, KL(p || q), agreement, (confidence, correct)."""
+    check(chunk_rows=chunk_rows)
     valid = targets >= 0
     hs, y = student_h[valid], targets[valid]
     ht = teacher_h[valid] if teacher_h is not None else None

@@ -1,6 +1,7 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
 import errno
+import inspect
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from fractions import Fraction
 from unittest import mock
@@ -423,21 +425,162 @@ def test_memory_account_models_only_the_steps_it_knows():
 
 @pytest.mark.parametrize("k", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_budget_is_a_clear_error(k):
-    with pytest.raises(ValueError, match=r"budget k must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^k must be in \(0, 1\] \(e.g. 0.2 for 20%\), got "):
         sekd.KDConfig("sekd", k=k)
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("T", 0.0, "temperature T must be > 0"), ("lam", 1.5, r"lambda must be in \[0, 1\]"),
-    ("method", "magic", "unknown method 'magic'"), ("flow", "magic", "unknown flow"),
-    ("chunk_rows", -1, "chunk rows must be >= 0"), ("gls_queue", 0, "GLS queue and the curriculum steps"),
-    ("curriculum_steps", 0, "GLS queue and the curriculum steps"), ("classes", "some", "unknown classes"),
-    ("divergence", "sideways", "unknown divergence")])
+    ("T", 0.0, "T must be > 0, got 0.0"), ("lam", 1.5, r"lam must be in \[0, 1\], got 1.5"),
+    ("method", "magic", "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'"),
+    ("flow", "magic", "flow must be one of streamed, dense, got 'magic'"),
+    ("chunk_rows", -1, "chunk_rows must be an integer >= 0"), ("chunk_rows", 2.5, "chunk_rows must be an integer"),
+    ("gls_queue", 0, "gls_queue must be an integer >= 1, got 0"),
+    ("curriculum_steps", 0, "curriculum_steps must be an integer >= 1, got 0"),
+    ("classes", "some", "classes must be one of full, rskd, got 'some'"),
+    ("divergence", "sideways", "divergence must be one of forward, reverse, got 'sideways'"),
+    ("ce_at", "every", "ce_at must be one of selected, all, got 'every'")])
 def test_kdconfig_checks_every_setting_in_one_line(field, value, message):
     sekd.KDConfig(**{field: getattr(sekd.KDConfig(), field)})  # the default is accepted
     with pytest.raises(ValueError, match=message) as e:
         sekd.KDConfig(**{field: value})
     assert "\n" not in str(e.value) and "--" not in str(e.value)  # one line, no CLI flag names
+
+
+def public_calls():
+    """Each public function of sekd on small valid inputs: calls[name](**bad) replaces arguments by name."""
+    s, t, y = random_case(seed=30)
+    eye, valid, scores = torch.eye(7, dtype=torch.float64), y >= 0, s[..., 0]
+    ids, counts = sekd.rskd_sample(t, 4, generator=torch.Generator().manual_seed(0))
+    model, idx = tiny_gpt(V=7, D=8, L=8), torch.randint(0, 7, (2, 8), generator=torch.Generator().manual_seed(1))
+    gls_state = sekd.PositionState(queue=torch.rand(20, dtype=torch.float64))  # a queue: GLS's quantile path
+
+    def call(fn, *args, **defaults):
+        return lambda **bad: fn(*args, **{**defaults, **bad})
+    return {
+        "token_entropy": call(sekd.token_entropy, s), "chunk_entropy": lambda T=1.0: sekd.chunk_entropy(s, T),
+        "kl_per_position": call(sekd.kl_per_position, t, s), "kd_loss": call(sekd.kd_loss, s, t, y),
+        "streamed_kd_loss": call(sekd.streamed_kd_loss, s, eye, t, eye, y),
+        "default_chunk_rows": call(sekd.default_chunk_rows, vocab_size=50257),
+        "budget_counts": call(sekd.budget_counts, k=0.5, n=valid.sum(1)),
+        "topk_positions": call(sekd.topk_positions, scores, k=0.5, valid=valid),
+        "gls_positions": call(sekd.gls_positions, scores, k=0.5, valid=valid, state=gls_state),
+        "curriculum_positions": call(sekd.curriculum_positions, scores, k=0.5, valid=valid, state=sekd.PositionState()),
+        "pos_rs_kd_positions": call(sekd.pos_rs_kd_positions, scores.abs(), k=0.5, valid=valid),
+        "kl_row_weights": call(sekd.kl_row_weights, valid.double(), k=0.5, valid=valid, policy="pos_rs_kd_star"),
+        "needs_teacher": call(sekd.needs_teacher, metric="kl"),
+        "chunked_scores": call(sekd.chunked_scores, metric="student_entropy", student_h=s, student_w=eye, valid=valid),
+        "sample_entropy": call(sekd.sample_entropy, s, eye),
+        "at_kd_loss": call(sekd.at_kd_loss, s, t, y),
+        "streamed_at_kd_loss": call(sekd.streamed_at_kd_loss, s, eye, t, eye, y),
+        "on_policy_batch": call(sekd.on_policy_batch, model, idx, prompt_len=4),
+        "on_policy_rows": call(sekd.on_policy_rows, 16, share=0.5),
+        "on_policy_distill_loss": call(sekd.on_policy_distill_loss, model, model, idx, idx,
+                                       sekd.KDConfig("full_kd", k=1.0), share=0.5, prompt_len=4),
+        "rskd_sample": call(sekd.rskd_sample, t, U=4), "teacher_draws": call(sekd.teacher_draws, t, eye, U=4),
+        "rskd_loss": call(sekd.rskd_loss, s, eye, ids, counts, y),
+        "top_samples": call(sekd.top_samples, torch.rand(10), l=0.5),
+        "random_samples": call(sekd.random_samples, 10, l=0.5),
+        "expected_calibration_error": call(sekd.expected_calibration_error, torch.rand(20), torch.rand(20) < 0.5),
+        "evaluation_sums": call(sekd.evaluation_sums, s, eye, t, eye, y),
+        "GPTConfig": call(sekd.GPTConfig, vocab_size=7, n_embd=8, n_head=2), "KDConfig": call(sekd.KDConfig),
+        "PositionState": call(sekd.PositionState), "GPT.generate": call(model.generate, idx, n_new=2),
+    }
+
+
+BAD = [  # (a public function, arguments that make no sense, the start of its message: the argument's name)
+    *[(f, {"T": T}, f"T must be > 0, got {T}") for f in ("token_entropy", "chunk_entropy", "kl_per_position", "kd_loss",
+                                                         "streamed_kd_loss", "at_kd_loss", "streamed_at_kd_loss",
+                                                         "rskd_sample", "teacher_draws", "rskd_loss", "KDConfig")
+      for T in (0, -1.0)],
+    *[(f, {"lam": lam}, f"lam must be in [0, 1], got {lam}") for f in ("kd_loss", "streamed_kd_loss", "at_kd_loss",
+                                                                      "streamed_at_kd_loss", "rskd_loss", "KDConfig")
+      for lam in (1.5, -0.1)],
+    *[(f, {"k": k}, f"k must be in (0, 1] (e.g. 0.2 for 20%), got {k}")
+      for f in ("budget_counts", "topk_positions", "gls_positions", "curriculum_positions", "pos_rs_kd_positions",
+                "kl_row_weights", "KDConfig") for k in (1.5, 0, -0.1, float("nan"))],
+    *[(f, {"l": l}, f"l must be in (0, 1] (e.g. 0.2 for 20%), got {l}") for f in ("top_samples", "random_samples")
+      for l in (1.5, 0, -0.1)],
+    *[(f, {"chunk_rows": c}, f"chunk_rows must be an integer >= 0, or None (0, None: automatic), got {c}")
+      for f in ("streamed_kd_loss", "chunked_scores", "sample_entropy", "streamed_at_kd_loss", "teacher_draws",
+                "rskd_loss", "evaluation_sums", "KDConfig") for c in (-1, 2.5)],
+    *[(f, {"U": U}, f"U must be an integer in [1, 127] (7-bit counts), got {U}")
+      for f in ("rskd_sample", "teacher_draws", "KDConfig") for U in (0, 128, 2.5)],
+    *[(f, {"divergence": "sideways"}, "divergence must be one of forward, reverse, got 'sideways'")
+      for f in ("kd_loss", "streamed_kd_loss", "KDConfig")],
+    *[(f, {"ce_at": "every"}, "ce_at must be one of selected, all, got 'every'")
+      for f in ("kd_loss", "streamed_kd_loss", "rskd_loss", "KDConfig")],
+    *[(f, {"metric": "nope"}, "metric must be one of student_entropy, teacher_entropy,")
+      for f in ("needs_teacher", "chunked_scores", "KDConfig")],
+    ("kl_row_weights", {"policy": "nope"}, "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, "),
+    *[(f, {"share": v}, f"share must be in [0, 1], got {v}") for f in ("on_policy_rows", "on_policy_distill_loss")
+      for v in (1.5, -0.1)],
+    *[("on_policy_batch", {"prompt_len": p}, f"(prompt_len, L) must be 1 <= prompt_len <= L, the sequence length, "
+                                             f"got ({p}, 8)") for p in (0, 9)],
+    *[(f, {field: v}, f"{field} must be an integer >= 1, got {v}") for f in ("PositionState", "KDConfig")
+      for field in ("gls_queue", "curriculum_steps") for v in (0, 2.5)],
+    ("KDConfig", {"method": "magic"}, "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'"),
+    ("KDConfig", {"flow": "magic"}, "flow must be one of streamed, dense, got 'magic'"),
+    ("KDConfig", {"policy": "nope"}, "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, "),
+    ("KDConfig", {"classes": "some"}, "classes must be one of full, rskd, got 'some'"),
+    ("KDConfig", {"classes": "rskd", "flow": "dense"},
+     "(classes, method, flow) must be ('full', any, any) or ('rskd', a KD method (not ce), 'streamed'), "
+     "got ('rskd', 'sekd', 'dense')"),
+    ("KDConfig", {"divergence": "reverse", "method": "at_kd"}, "(divergence, method, classes) must be ('forward', any"),
+    *[("expected_calibration_error", {"n_bins": n}, f"n_bins must be an integer >= 1, got {n}") for n in (0, 2.5)],
+    *[("default_chunk_rows", {"vocab_size": v}, f"vocab_size must be an integer >= 1, got {v}") for v in (0, -5)],
+    *[("GPTConfig", {f: 0}, f"{f} must be an integer >= 1, got 0")
+      for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")],
+    ("GPTConfig", {"n_embd": 15, "n_head": 2}, "(n_embd, n_head) must be divisible, n_embd by n_head, got (15, 2)"),
+    ("GPTConfig", {"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+    *[("GPT.generate", {"n_new": n}, f"n_new must be an integer >= 1, got {n}") for n in (0, 2.5)],
+    ("GPT.generate", {"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+    *[("GPT.generate", {"top_k": v}, f"top_k must be an integer >= 0, got {v}") for v in (-1, 2.5)],
+]
+
+
+@pytest.mark.parametrize("name,bad,message", BAD, ids=[f"{n}-{b}" for n, b, _ in BAD])
+def test_every_public_function_refuses_a_senseless_argument_in_one_line(name, bad, message):
+    calls = public_calls()
+    calls[name]()  # the inputs as given are fine
+    with pytest.raises(ValueError) as e:
+        calls[name](**bad)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_every_public_function_has_a_case_for_each_argument_it_checks():
+    """A public function (a new one too) with an argument CHECKS names has a case in BAD for that argument."""
+    cases = {(name, arg) for name, bad, _ in BAD for arg in bad}
+    for name, fn in vars(sekd).items():
+        if callable(fn) and getattr(fn, "__module__", None) == "sekd" and not name.startswith("_"):
+            for arg in inspect.signature(fn).parameters.keys() & sekd.CHECKS.keys():
+                assert (name, arg) in cases, f"sekd.{name}({arg}=...) has no case in BAD"
+
+
+@pytest.mark.parametrize("name,edge", [
+    ("topk_positions", {"k": 1}), ("budget_counts", {"k": 1.0}), ("kd_loss", {"lam": 0.0}), ("kd_loss", {"lam": 1}),
+    ("streamed_kd_loss", {"lam": 0.0}), ("streamed_kd_loss", {"chunk_rows": 0}),
+    ("streamed_kd_loss", {"chunk_rows": None}),
+    ("at_kd_loss", {"lam": 0.0}), ("streamed_at_kd_loss", {"lam": 0}), ("rskd_loss", {"lam": 0.0, "ce_at": "all"}),
+    ("rskd_sample", {"U": 1}), ("rskd_sample", {"U": 127}), ("on_policy_rows", {"share": 0.0}),
+    ("on_policy_rows", {"share": 1}), ("on_policy_batch", {"prompt_len": 1}), ("on_policy_batch", {"prompt_len": 8}),
+    ("top_samples", {"l": 1.0}), ("random_samples", {"l": 1}), ("expected_calibration_error", {"n_bins": 1}),
+    ("GPTConfig", {"n_embd": 2, "n_head": 2, "dropout": 0.0}), ("KDConfig", {"k": 1.0, "lam": 0.0}),
+    ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}), ("gls_positions", {"k": 1.0}),
+    ("GPT.generate", {"n_new": 1, "temperature": 0}), ("GPT.generate", {"top_k": 0})])
+def test_boundary_values_are_accepted(name, edge):
+    out = public_calls()[name](**edge)
+    numbers = [x for x in (out if isinstance(out, tuple) else (out,)) if not hasattr(x, "__dataclass_fields__")]
+    assert all(torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all() for x in numbers)  # a config: built
+
+
+def test_boundary_values_select_and_keep_everything():
+    calls = public_calls()
+    _, _, y = random_case(seed=30)
+    assert torch.equal(calls["topk_positions"](k=1), y >= 0)
+    assert calls["top_samples"](l=1).tolist() == calls["random_samples"](l=1).tolist() == list(range(10))
+    assert (calls["on_policy_rows"](share=0), calls["on_policy_rows"](share=1)) == (0, 16)
+    x, targets = calls["on_policy_batch"](prompt_len=8)  # the whole sequence as the prompt: one sampled token
+    assert x.shape == (2, 8) and (targets[:, :7] == -1).all() and (targets[:, 7] >= 0).all()
 
 
 def test_long_sequence_is_refused():
@@ -707,9 +850,9 @@ def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
     ent = sekd.token_entropy(student(idx))
     for b in range(2):
         assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(torch.topk(-ent[b], 3).indices.tolist())
-    with pytest.raises(ValueError, match="unknown metric 'nope'"):
-        sekd.KDConfig("sekd", metric="nope")
-    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+    with pytest.raises(ValueError, match="metric must be one of student_entropy, .*, random, low_entropy, got 'nope'"):
+        sekd.KDConfig("sekd", metric="nope")  # the message lists the metric registered here too
+    with pytest.raises(ValueError, match="policy must be one of topk, gls, .*, got 'nope'"):
         sekd.KDConfig("sekd", policy="nope")
 
 
@@ -1029,7 +1172,7 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
 
 @pytest.mark.parametrize("U", [0, 128, 2.5, True])
 def test_bad_draw_count_is_a_clear_error(U):
-    with pytest.raises(ValueError, match=r"U must be an integer in \[1, 127\]"):
+    with pytest.raises(ValueError, match=r"^U must be an integer in \[1, 127\] \(7-bit counts\)"):
         sekd.KDConfig("sekd", classes="rskd", U=U)
 
 
@@ -1217,7 +1360,7 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
 
 
 def test_reverse_kl_flags_are_checked():
-    with pytest.raises(ValueError, match="unknown divergence 'sideways'"):
+    with pytest.raises(ValueError, match="divergence must be one of forward, reverse, got 'sideways'"):
         sekd.KDConfig("sekd", divergence="sideways")
     for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
         with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
@@ -1322,8 +1465,9 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(tmp_
 
 # ============================================================================= reliability catalogue
 # Every bad input or fault below ends in a one-line message that says what is wrong and how to fix it
-# (from `python train.py`, exit code 2: UserError and data.DataError are ValueErrors, which the
-# __main__ block prints as one line) and leaves no half-written file. CATALOGUE maps each item to the
+# (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one line; where
+# train.py builds a library object from flags, it turns the library's ValueError into one) and leaves no
+# half-written file. CATALOGUE maps each item to the
 # tests that check it, some of them further up this file; README "Reliability" lists the same.
 
 CATALOGUE = {
@@ -1406,6 +1550,29 @@ def checked(flags):
     args = train.parse_args(flags)
     train.check_flags(args)
     return [train.kd_config(args, m) for m in {"compare": ["ce", "full_kd", "sekd"]}.get(args.run, [args.method])]
+
+
+def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
+    for flags, msg in ((["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
+                        "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method"),
+                       (["--student-embd", "15"], "the student (--student-layers, --student-heads, --student-embd, "
+                                                  "--seq-len): (n_embd, n_head) must be divisible, n_embd by n_head")):
+        with pytest.raises(SystemExit) as e:  # GPTConfig's, checked before any work
+            train.cli(flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {msg}") and err.count("\n") == 1, err
+
+
+def test_a_bug_in_a_registered_metric_keeps_its_traceback(tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys):
+    @sekd.student_only
+    def buggy_metric(zs, zt, y):
+        raise ValueError("a bug in the user's own metric")
+    monkeypatch.setitem(sekd.METRICS, "buggy_metric", buggy_metric)
+    out = with_pair(tmp_path, pretrained_pair)
+    with pytest.raises(ValueError, match="a bug in the user's own metric") as e:  # not SystemExit(2): cli lets it by
+        train.cli(tiny_cli(out, tiny_corpus, "--run", "distill", "--metric", "buggy_metric", "--student-steps", "1"))
+    assert not isinstance(e.value, train.UserError) and "error:" not in capsys.readouterr().err
+    assert "buggy_metric" in [frame.name for frame in traceback.extract_tb(e.tb)]  # the traceback reaches the bug
 
 
 def test_bad_on_policy_flags():

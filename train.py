@@ -7,7 +7,6 @@
     torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel; --help: every flag
 """
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -117,8 +116,8 @@ def build_parser():
     g.add_argument("--seeds", type=positive_int, default=3, help="experiments/: students (seeds) per row")
     g.add_argument("--show-sample", type=non_negative_int, default=0, help="experiments.show: the validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
-    g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper: lam 1)")
-    g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="where CE goes (Eq. 3: selected)")
+    g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper and KDConfig: 1)")
+    g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="where CE goes (Eq. 3, KDConfig: selected)")
     g.add_argument("--flow", default="streamed", choices=["streamed", "dense"], help="dense: full [B, L, V] logits")
     g.add_argument("--chunk-rows", type=non_negative_int, default=0, help="rows per logits chunk (0: sekd.CHUNK_MB)")
     g.add_argument("--on-policy", type=share, default=0.0, help="share of sequences the student writes (on-policy)")
@@ -154,9 +153,8 @@ def parse_args(argv=None, parser=None):
 
 def check_flags(a):
     """What argparse types cannot check: flags that depend on each other, and the machine."""
-    for who in ("teacher", "student"):
-        if getattr(a, f"{who}_embd") % getattr(a, f"{who}_heads"):
-            raise UserError(f"--{who}-embd must be divisible by --{who}-heads")
+    for who in ("teacher", "student"):  # sekd.GPTConfig checks the sizes now, before any work (V: 1 until the data)
+        model_config(a, who, vocab_size=1)
     if a.prompt_len > a.seq_len:
         raise UserError(f"--prompt-len must be in [0, --seq-len {a.seq_len}] (0 = half), got {a.prompt_len}")
     if a.on_policy > 0 and sekd.on_policy_rows(a.batch_size, a.on_policy) == 0:
@@ -171,17 +169,25 @@ def check_flags(a):
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
 
+def from_flags(flags, make, **fields):
+    """make(**fields), a library object built from the user's `flags`: what it refuses is a user error."""
+    try:
+        return make(**fields)
+    except ValueError as e:  # the library's own check, in one line
+        raise UserError(f"{flags}: {e}") from None
+
 def kd_config(args, method, **kd):
-    """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags, which it checks."""
+    """The sekd.KDConfig of `method` (sekd.METHODS or AXES) under these flags, which it checks; `kd`
+    overrides fields."""
     positions, classes, _ = AXES.get(method, (method, "full", "all"))
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline, stays on real data
     divergence = {"auto": "reverse" if on_policy > 0 else "forward"}.get(args.divergence, args.divergence)
-    cfg = sekd.KDConfig(method=positions, k=1.0 if positions == "full_kd" else args.k, T=args.T, lam=args.lam,
-                        flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
-                        gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps,
-                        classes="full" if classes == "full" else "rskd", U=args.U,
-                        divergence=divergence if positions != "ce" else "forward", ce_at=args.ce_at)
-    return dataclasses.replace(cfg, **kd)
+    fields = dict(method=positions, k=1.0 if positions == "full_kd" else args.k, T=args.T, lam=args.lam,
+                  flow=args.flow, chunk_rows=args.chunk_rows, metric=args.metric, policy=args.policy,
+                  gls_queue=args.gls_queue, curriculum_steps=args.curriculum_steps,
+                  classes="full" if classes == "full" else "rskd", U=args.U,
+                  divergence=divergence if positions != "ce" else "forward", ce_at=args.ce_at)
+    return from_flags(f"--method {method}", sekd.KDConfig, **{**fields, **kd})
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -401,8 +407,9 @@ def pick_device(args):
     return torch.device(name)
 
 def model_config(args, who, vocab_size):
-    return sekd.GPTConfig(vocab_size=vocab_size, block_size=args.seq_len, n_layer=getattr(args, f"{who}_layers"),
-                          n_head=getattr(args, f"{who}_heads"), n_embd=getattr(args, f"{who}_embd"))
+    return from_flags(f"the {who} (--{who}-layers, --{who}-heads, --{who}-embd, --seq-len)", sekd.GPTConfig,
+                      vocab_size=vocab_size, block_size=args.seq_len, n_layer=getattr(args, f"{who}_layers"),
+                      n_head=getattr(args, f"{who}_heads"), n_embd=getattr(args, f"{who}_embd"))
 
 def new_model(args, who, vocab_size, device):
     return sekd.GPT(model_config(args, who, vocab_size)).to(device)
@@ -659,10 +666,11 @@ def main(argv=None):
 
 def cli(argv=None, job=None):
     """`job` (default `main`; an entry point in experiments/ passes its own), a user error printed in one line
-    with exit code 2 (a script that registers a metric and calls `train.cli()` gets the same command line)."""
+    with exit code 2 (a script that registers a metric and calls `train.cli()` gets the same command line).
+    Any other exception is a bug, in a registered metric too: it keeps its traceback."""
     try:
         return (job or main)(argv)
-    except ValueError as e:  # UserError (= data.DataError) and KDConfig's errors
+    except UserError as e:  # = data.DataError; `from_flags` turns the library's refusals of flags into one
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
