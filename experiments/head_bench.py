@@ -256,7 +256,7 @@ def plot(rows, path):
 def run(args, device):
     """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json and .png."""
     if len(args.head_dims) != 2:
-        raise ValueError("--head-dims takes two widths, the student's and the teacher's, e.g. 256,512")
+        raise train.UserError("--head-dims takes two widths, the student's and the teacher's, e.g. 256,512")
     peers, peer_versions = ({}, {}) if args.head_chunk_mb else peer_flows(args.k)
     rows = []
     for V in args.head_vocab:

@@ -120,7 +120,7 @@ class LogitLedger:
         return self.new(f"{what}, float32 copy", rows, 4) if self.half else None
 
     def log_softmax(self, rows, what, wide=True, T=None):
-        """F.log_softmax(tempered(_wide(z), T)): the copy and the division (none at T = 1) are
+        """F.log_softmax(sekd._tempered(_wide(z), T)): the copy and the division (none at T = 1) are
         freed once it exists."""
         w = self.wide(rows, what) if wide else None
         d = self.new(f"{what} / T", rows, 4) if (self.T if T is None else T) != 1 else None

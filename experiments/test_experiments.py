@@ -238,6 +238,8 @@ def test_benchmark_flag_errors_are_clear():
             benchmark.main(["--bench-vocab", bad])
     with pytest.raises(train.UserError, match="--bench-vocab takes positive integers"):
         benchmark.main(["--bench-vocab", ""])
+    with pytest.raises(train.UserError, match="--head-dims takes two widths"):
+        benchmark.main(["--head-only", "--head-dims", "8"])
     with pytest.raises(ValueError, match="unknown memory flow"):
         ledger.check_flow("magic")
 
