@@ -60,7 +60,7 @@ AXES = {"rskd": ("full_kd", "rskd", "all"), "top_smp": ("full_kd", "full", "top"
 # The paper's data (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) as new defaults for one GPU; our
 # models (a GPT-2 small teacher, a student half its size); 16 x 4 x 512 = 32,768 tokens per step.
 # The default job is sized to finish in minutes on a 2-core CPU (results/quick_default_cpu.md). "full": the
-# sizes it had before, 4-6x slower (results/compare_cpu.md).
+# sizes it had before, 7-12x slower (results/compare_cpu.md).
 PRESETS = {"full": {"vocab_size": 0, "teacher_embd": 256, "teacher_steps": 1200, "student_init_steps": 600,
                     "student_steps": 300, "eval_tokens": 32768}, "fineweb": {
     "dataset": "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "max_tokens": 80_000_000, "seq_len": 512,
@@ -220,7 +220,7 @@ def check_signature(ckpt, corpus, path):  # refuse a checkpoint of another token
     if ckpt.get("signature") != corpus.signature:
         raise UserError(f"checkpoint {path} was trained on another vocabulary or tokenizer "
                         f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
-                        "--full-vocab, or pass --retrain-teacher")
+                        "--vocab-size/--full-vocab, or pass --retrain-teacher")
 
 # ----------------------------------------------------------------------------- memory meter
 # The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
@@ -488,7 +488,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, student_init
         student.load_state_dict(student_init.state_dict())
     if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
-                        f"({student.config.vocab_size}) differ: train the teacher on the same data and --full-vocab")
+                        f"({student.config.vocab_size}) differ: train the teacher on the same data, --vocab-size "
+                        "and --full-vocab")
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
