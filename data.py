@@ -15,6 +15,8 @@ those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 1
 Then the file format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
 each rank's share of them under torchrun, the sample axis (TopSmp, RandomSmp) and the teacher cache.
 """
+import bisect
+import collections
 import datetime
 import errno
 import glob
@@ -365,6 +367,115 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
     atomic_write_bytes(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
+# ----------------------------------------------------------------------------- the paper's kind of evaluation
+# The paper's PPL is LAMBADA's: the last word of a passage that only the passage makes predictable; its
+# accuracy is multiple choice (HellaSwag, PIQA) scored by log-likelihood. We build both kinds of item from
+# the held-out text alone, the same items for every model, as windows of seq_len + 1 tokens whose targets
+# are their last n tokens (the word, or the option), so a model scores them as it scores validation samples.
+
+COMMON_WORDS, OPTIONS, MIN_ITEMS = 100, 4, 20  # a target is none of the training text's 100 commonest words
+
+
+def token_texts(vocab, enc):
+    """Each model id's text: '' for the id of every unseen token, and a newline for the end of a document
+    (a document ends as a line does; a files: dataset has a document per line)."""
+    texts = [enc.decode([int(g)]) for g in vocab.gpt2_ids] + ([] if vocab.full else [""])
+    return [t if t != "<|endoftext|>" else "\n" for t in texts]
+
+
+def unk_free(ids, text):  # no unseen token: every id has its text
+    return all(text[i] for i in ids.tolist())
+
+
+def word_spans(ids, text):
+    """[(start, end, line)] of each word of a token stream: a word is GPT-2's ' ?letters' piece, a token
+    ' abc' (or 'abc' first on its line) and the letters-only tokens after it; line: where its line begins."""
+    spans, start, word_line, line, first = [], None, 0, 0, True
+    for t, s in enumerate(text[i] for i in ids.tolist()):
+        if start is not None and not s.isalpha():
+            spans.append((start, t, word_line))
+            start = None
+        if start is None and (s[:1] == " " and s[1:].isalpha() or first and s.isalpha()):
+            start, word_line = t, line
+        line, first = (t + 1, True) if "\n" in s else (line, False)
+    return spans
+
+
+def word_text(ids, a, b, text, strip=True):
+    s = "".join(text[i] for i in ids[a:b].tolist())
+    return s.strip() if strip else s
+
+
+def cloze_items(ids, spans, text, common, seq_len):
+    """LAMBADA-like: the window ending at a target word, which occurred earlier in the window but not on its
+    own line (the passage predicts it, its line alone does not). A target has 3 letters or more, some of them
+    lower case (not a speaker's name), is not a common word, and is whole: no unseen token in it or right
+    after it. The windows do not overlap. -> [(window, n_target)]"""
+    words = [word_text(ids, a, b, text) for a, b, _ in spans]
+    key, starts, items, free = [w.lower() for w in words], [a for a, _, _ in spans], [], 0  # free: see below
+    for j, (a, b, line) in enumerate(spans):
+        if b - seq_len - 1 < free or len(key[j]) < 3 or words[j].isupper() or key[j] in common \
+                or not unk_free(ids[a:b + 1], text):
+            continue
+        before = [starts[i] for i in range(bisect.bisect_left(starts, b - seq_len - 1), j) if key[i] == key[j]]
+        if before and max(before) < line:
+            items.append((ids[b - seq_len - 1:b], b - a))
+            free = b  # where the next window may begin
+    return items
+
+
+def choice_items(ids, text, seq_len, seed=0, near=50):
+    """HellaSwag-like: the context is the text up to the middle of a line; the options are the rest of that
+    line (first) and of OPTIONS - 1 lines among the `near` before and after it, drawn with a fixed seed. A
+    line has 6 words or more, no unseen token, and its second half at most seq_len // 4 tokens (with its
+    newline). The items do not overlap. -> [(window, n_target, bytes)]"""
+    cuts = [0] + [t + 1 for t, i in enumerate(ids.tolist()) if "\n" in text[i]]
+    halves = []  # (where the line's second half begins, where the line ends)
+    for a, b in zip(cuts, cuts[1:]):
+        words = word_spans(ids[a:b], text) if unk_free(ids[a:b], text) else []
+        if len(words) >= 6 and b - a - words[len(words) // 2][0] <= max(3, seq_len // 4):
+            halves.append((a + words[len(words) // 2][0], b))
+    rng, items, free = np.random.default_rng(seed), [], 0
+    for j, (a, b) in enumerate(halves):
+        others = halves[max(0, j - near):j] + halves[j + 1:j + 1 + near]
+        if a - seq_len < free or len(others) < OPTIONS - 1:
+            continue
+        for x, y in [(a, b)] + [others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)]:
+            n = y - x  # the context before (a, b), then the option: seq_len + 1 tokens in all
+            items.append((np.concatenate([ids[a - (seq_len + 1 - n):a], ids[x:y]]), n,
+                          len(word_text(ids, x, y, text, strip=False).encode())))
+        free = b
+    return items
+
+
+def at_the_end(windows, n, *more):
+    """Items as windows whose targets are their last n tokens -> (x, y: -1 before them, n, the item of each
+    target row, what more the item holds), tensors."""
+    w, n = torch.from_numpy(windows), torch.from_numpy(n)
+    y = w[:, 1:].masked_fill(torch.arange(w.shape[1] - 1) < w.shape[1] - 1 - n[:, None], -1)
+    return w[:, :-1], y, n, torch.repeat_interleave(torch.arange(len(n)), n), *(torch.from_numpy(m) for m in more)
+
+
+def eval_items(corpus):
+    """The cloze and multiple-choice items of the validation split, as `at_the_end` gives them; a kind with
+    fewer than MIN_ITEMS items is left out. -> ({"cloze": (x, y, n, row), "choice": (x, y, n, row, n_bytes)},
+    a line that says what there is, or why a kind is not scored)"""
+    enc, L = gpt2_encoding(), corpus.val.shape[1] - 1
+    text = token_texts(corpus.vocab, enc)
+    train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
+    words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
+    common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
+    made = {"cloze": cloze_items(val, word_spans(val, text), text, common, L),
+            "choice": choice_items(val, text, L)}
+    out, said = {}, []
+    for kind, items in made.items():
+        n = len(items) // (OPTIONS if kind == "choice" else 1)
+        if n >= MIN_ITEMS:
+            out[kind] = at_the_end(*(np.array(col, dtype=np.int64) for col in zip(*items)))
+        said.append(f"{n:,} {kind} items" + ("" if n >= MIN_ITEMS else f", fewer than {MIN_ITEMS}: not scored"))
+    return out, "; ".join(said)
+
+
 # ----------------------------------------------------------------------------- the teacher cache file (SE-KD_3X)
 
 CACHE_MAGIC = b"SEKDRS1\n"
@@ -503,6 +614,19 @@ def finish_distributed():
         dist.barrier()
         dist.destroy_process_group()
     RANK, WORLD = 0, 1
+
+
+def average_gradients(model):
+    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
+    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
+    if WORLD == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)  # a sum (gloo has no average)
+    flat /= WORLD
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 def barrier():

@@ -720,20 +720,20 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 
 @torch.no_grad()
 def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=None):
-    """Sums over valid rows, a chunk at a time: CE, KL(p || q), agreement, (confidence, correct)."""
+    """A chunk of valid rows at a time: the sums of KL(p || q) and of agreement; per valid row, in order,
+    nll = -log q(y), conf = max q and correct = (argmax q == y)."""
     check(chunk_rows=chunk_rows)
     valid = targets >= 0
     hs, y = student_h[valid], targets[valid]
     ht = teacher_h[valid] if teacher_h is not None else None
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
-    out = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
+    out = {"kl": 0.0, "agree": 0, "nll": [], "conf": [], "correct": []}
     ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
     for i in range(0, hs.shape[0], chunk):
         zq = _wide(hs[i:i + chunk] @ ws.T)
         logq = F.log_softmax(zq, -1)
         conf, pred = logq.max(-1)
-        out["n"] += len(zq)
-        out["ce"] += F.nll_loss(logq, y[i:i + chunk], reduction="sum").item()
+        out["nll"].append(F.nll_loss(logq, y[i:i + chunk], reduction="none").cpu())
         out["conf"].append(conf.exp().cpu())
         out["correct"].append((pred == y[i:i + chunk]).cpu())
         if ht is not None:

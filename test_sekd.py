@@ -1,10 +1,12 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
+import argparse
 import errno
 import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -334,9 +336,10 @@ def test_evaluation_sums_match_dense():
     # a head of identity weights makes the logits equal the hidden states
     out = sekd.evaluation_sums(s, torch.eye(7, dtype=torch.float64), t, torch.eye(7, dtype=torch.float64), y, chunk_rows=4)
     valid = y >= 0
-    ce = torch.nn.functional.cross_entropy(s[valid], y[valid], reduction="sum").item()
-    assert out["n"] == int(valid.sum())
-    assert out["ce"] == pytest.approx(ce, abs=1e-9)
+    logq = torch.log_softmax(s[valid], -1)
+    assert torch.allclose(torch.cat(out["nll"]), -logq.gather(1, y[valid][:, None])[:, 0], atol=1e-12)
+    assert torch.allclose(torch.cat(out["conf"]).double(), logq.exp().max(-1).values, atol=1e-6)
+    assert torch.equal(torch.cat(out["correct"]), logq.argmax(-1) == y[valid])
     assert out["kl"] == pytest.approx(sekd.kl_per_position(t[valid], s[valid]).sum().item(), abs=1e-9)
     assert out["agree"] == int((s[valid].argmax(-1) == t[valid].argmax(-1)).sum())
 
@@ -693,7 +696,8 @@ def run_job(tmp_path, corpus, *extra):
 def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpus, capsys):
     r1 = run_job(tmp_path, tiny_corpus)
     out = capsys.readouterr().out
-    assert "ETA" in out and "KL(T||S)" in out
+    assert "ETA" in out and "KL(T||S)" in out and "cloze %" in out
+    assert "cloze items, fewer than 20: not scored" in out  # too few in the tiny corpus's held-out text
     rows = {r["method"]: r for r in r1["rows"]}
     assert set(rows) == {"teacher", "student init (CE)", "CE (no KD)", "Full KD", "SE-KD top 20%"}
     uniform = r1["data"]["vocab_size"]  # the perplexity of a model that learned nothing
@@ -741,6 +745,94 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
     assert corpus.train.max() == corpus.vocab.unk  # every rarer id maps to the reserved one
     with pytest.raises(data.DataError, match="--vocab-size must be 0 .* or at least 2, got 1"):
         data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=1)
+
+
+# ----------------------------------------------------------------------------- the paper's kind of evaluation
+
+def test_word_spans_and_cloze_items_on_a_hand_made_stream():
+    text = ["\n", " the", " King", " is", " dead", ".", " long", " live", "K", "ing", " Ri", "chard", "", ":",
+            " Rich"]
+    ids = np.array([1, 2, 3, 4, 5, 0, 8, 9, 6, 7, 1, 10, 11, 0, 3, 1, 2, 0, 14, 12, 1, 10, 11])
+    #               the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
+    spans = data.word_spans(ids, text)
+    words = [data.word_text(ids, a, b, text) for a, b, _ in spans]
+    assert words == ["the", "King", "is", "dead", "King", "long", "live", "the", "Richard", "is", "the", "King",
+                     "Rich", "the"]  # "Rich" + the unseen token ends; the last word has no end in the stream
+    assert [line for _, _, line in spans][:5] == [0, 0, 0, 0, 6]
+    items = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10)
+    # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is new; "Rich"
+    # is followed by an unseen token; "the" is common
+    assert [(w.tolist(), n) for w, n in items] == [(ids[6:17].tolist(), 1)]
+    assert data.cloze_items(ids, spans, text, common={"king", "the"}, seq_len=10) == []
+    assert data.cloze_items(ids, spans, text, common={"the"}, seq_len=4) == []  # the earlier King is out of reach
+
+
+@pytest.fixture(scope="module")
+def scored_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scored")  # a files: corpus (a document per line), 10% of it held out
+    lines = [line for play in data.shakespeare_split()[0][:6] for line in play.splitlines()][:20000]
+    (d / "plays.txt").write_text("\n".join(lines))
+    return data.prepare(f"files:{d / 'plays.txt'}", 32, cache_dir=str(d / "cache"), vocab_size=1024)
+
+
+def test_eval_items_follow_their_rules_against_the_decoded_text(scored_corpus):
+    enc, corpus = data.gpt2_encoding(), scored_corpus
+    items, said = data.eval_items(corpus)
+    x, y, n, row = items["cloze"]
+    assert len(n) >= data.MIN_ITEMS and f"{len(n):,} cloze items" in said
+    text = [t or data.UNK for t in data.token_texts(corpus.vocab, enc)]  # an unseen token is not a letter
+    for i in range(len(n)):
+        window = torch.cat([x[i], y[i, -1:]]).tolist()
+        target = "".join(text[t] for t in window[-int(n[i]):]).strip()
+        before = "".join(text[t] for t in window[:-int(n[i])])
+        line_start = before.rfind("\n") + 1
+        earlier = [w.lower() for w in re.findall(r"[^\W\d_]+", before[:line_start])]
+        own_line = [w.lower() for w in re.findall(r"[^\W\d_]+", before[line_start:])]
+        assert target.isalpha() and len(target) >= 3 and not target.isupper()
+        assert target.lower() in earlier and target.lower() not in own_line
+        assert (y[i, :-int(n[i])] == -1).all() and (y[i, -int(n[i]):] >= 0).all()
+    x, y, n, row, n_bytes = items["choice"]
+    assert len(n) % data.OPTIONS == 0 and len(n) // data.OPTIONS >= data.MIN_ITEMS
+    for i in range(0, len(n), data.OPTIONS):  # one context, four endings of a line each
+        ctx = [x[j, :x.shape[1] - int(n[j]) + 1] for j in range(i, i + data.OPTIONS)]
+        assert all(torch.equal(c[-5:], ctx[0][-5:]) for c in ctx)
+        endings = ["".join(text[t] for t in y[j, -int(n[j]):].tolist()) for j in range(i, i + data.OPTIONS)]
+        assert all(e.endswith("\n") for e in endings) and len(set(endings)) == data.OPTIONS
+        assert [len(e.encode()) for e in endings] == n_bytes[i:i + data.OPTIONS].tolist()
+
+
+def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
+    torch.manual_seed(0)
+    corpus = scored_corpus
+    model = sekd.GPT(sekd.GPTConfig(vocab_size=corpus.vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ev = train.EvalSet(corpus, 256, torch.device("cpu"), 7)
+    got = ev.evaluate(model, argparse.Namespace(dtype="float32"))
+    with torch.no_grad():
+        def logp(x):  # every position's full softmax, in float64
+            return torch.log_softmax(model(x).double(), -1)
+        x, y, n, _ = ev.items["cloze"]
+        lp, words, greedy, conf, correct = logp(x), [], [], [], []
+        for i in range(len(n)):
+            nll, ok = 0.0, True
+            for t in range(x.shape[1] - int(n[i]), x.shape[1]):
+                nll -= lp[i, t, y[i, t]].item()
+                ok &= bool(lp[i, t].argmax() == y[i, t])
+                conf.append(lp[i, t].exp().max().item())
+                correct.append(bool(lp[i, t].argmax() == y[i, t]))
+            words.append(nll)
+            greedy.append(ok)
+        assert got["cloze_ppl"] == pytest.approx(math.exp(sum(words) / len(words)), rel=1e-5)
+        assert got["cloze_acc"] == pytest.approx(sum(greedy) / len(greedy))
+        assert got["cloze_ece"] == pytest.approx(sekd.expected_calibration_error(torch.tensor(conf),
+                                                                                  torch.tensor(correct)), abs=1e-4)
+        x, y, n, _, n_bytes = ev.items["choice"]
+        lp, right = logp(x), 0
+        for i in range(0, len(n), data.OPTIONS):
+            per_byte = [sum(lp[j, t, y[j, t]].item() for t in range(x.shape[1] - int(n[j]), x.shape[1]))
+                        / int(n_bytes[j]) for j in range(i, i + data.OPTIONS)]
+            right += max(range(data.OPTIONS), key=per_byte.__getitem__) == 0
+        assert got["choice_acc"] == pytest.approx(right / (len(n) // data.OPTIONS))
+        assert got["choice_items"] == len(n) // data.OPTIONS and got["cloze_items"] == len(ev.items["cloze"][2])
 
 
 def test_teacher_checkpoint_for_other_vocabulary_is_refused(tmp_path, tiny_corpus):

@@ -114,7 +114,6 @@ def build_parser():
     g.add_argument("--gls-queue", type=positive_int, default=30_000, help="GLS: scores kept in the FIFO queue")
     g.add_argument("--curriculum-steps", type=positive_int, default=4_000, help="curriculum: steps to reach the top-k")
     g.add_argument("--seeds", type=positive_int, default=3, help="experiments/: students (seeds) per row")
-    g.add_argument("--show-sample", type=non_negative_int, default=0, help="experiments.show: the validation sequence")
     g.add_argument("--T", type=positive_float, default=1.0, help="KD temperature")
     g.add_argument("--lam", type=share, default=0.5, help="KL weight; 1 - lam: the CE weight (paper and KDConfig: 1)")
     g.add_argument("--ce-at", default="all", choices=["selected", "all"], help="where CE goes (Eq. 3, KDConfig: selected)")
@@ -267,19 +266,6 @@ def state_bytes(*tensors_or_modules):
 
 # ----------------------------------------------------------------------------- training loop
 
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
-    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
-    if data.WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= data.WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -330,7 +316,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
                 total += loss.item() / batches.accum
             total = sum(data.gather_objects(total)) / data.WORLD  # the logged loss: the mean over ranks
             curve.append(total)
-            average_gradients(model)
+            data.average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             if not (math.isfinite(total) and math.isfinite(norm)):
                 what = f"loss became {total}" if not math.isfinite(total) else f"gradient norm became {norm}"
@@ -361,14 +347,23 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
 
 # ----------------------------------------------------------------------------- evaluation
 
+def per_item(row, v):
+    return torch.zeros(int(row[-1]) + 1, dtype=torch.float64).index_add_(0, row, v.double())
+
 class EvalSet:
-    """Validation samples, and the teacher's hidden states on them: a student's KL costs two heads only."""
+    """What every model is scored on: validation samples at every position (with the teacher's hidden states
+    on them, a student's KL costs two heads only), and the paper's kind of items (data.eval_items). The cloze
+    of hard words: PPL as lm-eval-harness gives LAMBADA's (exp of the mean -log p of a whole word), accuracy
+    (the greedy continuation is the word) and ECE at its tokens. Multiple choice: the option of highest
+    log-likelihood per byte (lm-eval-harness's acc_norm), against a chance of 1 / data.OPTIONS."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
         rows = np.linspace(0, len(corpus.val) - 1, n).astype(np.int64)
         x = torch.from_numpy(corpus.val[rows].astype(np.int64)).to(device)
         self.x, self.y, self.bs, self.teacher_h, self.teacher_w = x[:, :-1], x[:, 1:], batch_size, None, None
+        self.items, said = data.eval_items(corpus)
+        print(f"evaluation: {self.y.numel():,} validation tokens; {said}")
 
     @torch.no_grad()
     def set_teacher(self, teacher, args):
@@ -377,25 +372,42 @@ class EvalSet:
                                         for i in range(0, len(self.x), self.bs)])
         self.teacher_w = teacher.head_weight.detach().float()
 
+    def sums(self, model, args, x, y, teacher_h=None):
+        """sekd.evaluation_sums over batches of x: the sums added, the per-row lists joined."""
+        tot, dev = {}, self.x.device
+        for i in range(0, len(x), self.bs):
+            with autocast(args, dev):
+                h = model.hidden(x[i:i + self.bs].to(dev)).float()
+            th = teacher_h[i:i + self.bs] if teacher_h is not None else None
+            for k, v in sekd.evaluation_sums(h, model.head_weight.float(), th, self.teacher_w,
+                                             y[i:i + self.bs].to(dev)).items():
+                tot[k] = tot.get(k, type(v)()) + v
+        return {k: torch.cat(v) if isinstance(v, list) else v for k, v in tot.items()}
+
     @torch.no_grad()
     def evaluate(self, model, args, limit=None):
+        """Every measure; with `limit` (a quick look during training), val PPL on `limit` samples only."""
         model.eval()
         n = len(self.x) if limit is None else min(limit, len(self.x))
-        tot = {"n": 0, "ce": 0.0, "kl": 0.0, "agree": 0, "conf": [], "correct": []}
-        for i in range(0, n, self.bs):
-            j = min(n, i + self.bs)
-            with autocast(args, self.x.device):
-                h = model.hidden(self.x[i:j]).float()
-            th = self.teacher_h[i:j] if self.teacher_h is not None else None
-            s = sekd.evaluation_sums(h, model.head_weight.float(), th, self.teacher_w, self.y[i:j])
-            for k in tot:
-                tot[k] += s[k]
-        model.train()
-        ece = sekd.expected_calibration_error(torch.cat(tot["conf"]), torch.cat(tot["correct"]))
         t = self.teacher_h is not None
-        return {"val_loss": tot["ce"] / tot["n"], "val_ppl": math.exp(tot["ce"] / tot["n"]),
-                "kl_to_teacher": tot["kl"] / tot["n"] if t else None,
-                "agreement": tot["agree"] / tot["n"] if t else None, "ece": ece, "eval_tokens": tot["n"]}
+        s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None)
+        n, ce = len(s["nll"]), s["nll"].double().mean().item()
+        out = {"val_loss": ce, "val_ppl": math.exp(ce), "kl_to_teacher": s["kl"] / n if t else None,
+               "agreement": s["agree"] / n if t else None, "eval_tokens": n,
+               "ece": sekd.expected_calibration_error(s["conf"], s["correct"])}
+        if limit is None and "cloze" in self.items:
+            x, y, n, row = self.items["cloze"]
+            s = self.sums(model, args, x, y)
+            out |= {"cloze_ppl": math.exp(per_item(row, s["nll"]).mean()), "cloze_items": len(n),
+                    "cloze_acc": (per_item(row, ~s["correct"]) == 0).double().mean().item(),
+                    "cloze_ece": sekd.expected_calibration_error(s["conf"], s["correct"])}
+        if limit is None and "choice" in self.items:
+            x, y, n, row, n_bytes = self.items["choice"]
+            logp_per_byte = -per_item(row, self.sums(model, args, x, y)["nll"]) / n_bytes
+            best = logp_per_byte.view(-1, data.OPTIONS).argmax(1)  # the true option is option 0
+            out |= {"choice_acc": (best == 0).double().mean().item(), "choice_items": len(best)}
+        model.train()
+        return out
 
 # ----------------------------------------------------------------------------- the teacher and the initial student
 
@@ -576,16 +588,21 @@ def print_table(rows, device, title=None):
             return "-"
         std = r.get(key + "_std")
         return fmt.format(scale * r[key]) + ("" if std is None else "±" + fmt.format(scale * std))
-    head = (f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} {'wall':>8} "
-            f"{'tok/s':>8} {'peak MiB':>9}")
+    head = (f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} "
+            f"{'cloze PPL':>{c}} {'cloze %':>{c}} {'choice %':>{c}} {'wall':>8} {'tok/s':>8} {'peak MiB':>9}")
     print(("\n" + title if title else "") + "\n" + head + "\n" + "-" * len(head))
     for r in rows:
         wall = fmt_time(r["train_s"]) if r.get("train_s") else "-"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
         print(f"{r['method']:<{w}} {cell(r, 'val_ppl', '{:.2f}'):>{c}} {cell(r, 'kl_to_teacher', '{:.3f}'):>{c + 1}} "
-              f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} {wall:>8} {tps:>8} "
-              f"{peak:>9}")
+              f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} "
+              f"{cell(r, 'cloze_ppl', '{:.1f}'):>{c}} {cell(r, 'cloze_acc', '{:.1f}', 100):>{c}} "
+              f"{cell(r, 'choice_acc', '{:.1f}', 100):>{c}} {wall:>8} {tps:>8} {peak:>9}")
+    items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), None)
+    if items:
+        print(f"cloze: {items.get('cloze_items', 0):,} hard words, PPL and greedy accuracy; choice: "
+              f"{items.get('choice_items', 0):,} items of {data.OPTIONS} options, chance {100 / data.OPTIONS:.0f}%")
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")

@@ -2,7 +2,8 @@
 size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD and
 RandomPos from the same initial student on the same batches, --seeds seeds each, and report the
 paired gaps SE-KD - Full KD and SE-KD - RandomPos (mean ± std over seeds) in val PPL, KL to the
-teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy).
+teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy), and
+on the paper's kind of measure: the cloze of hard words and multiple choice (train.EvalSet).
 
 Before any training, a diagnosis of each initial student on validation data: what SE-KD's positions
 are (student and teacher entropy, student CE, KL, the norm of the KL gradient per row) against
@@ -27,22 +28,28 @@ from experiments.positions import mean_std_row
 
 # name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most telling first
 CELLS = {
-    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos", "te")),
+    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos", "te",
+                                                                     "pos_rs_kd")),
     "B  1x64 lr1e-4 lam1": ("1x64", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
     "C  2x160 lr1e-4 lam1": ("2x160", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
     "D  1x64 lr1e-3 lam.5 Eq.3": ("1x64", 1e-3, 120, 0.5, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, ("full_kd", "sekd", "random_pos")),
+    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, ("full_kd", "sekd", "random_pos", "te",
+                                                                             "pos_rs_kd")),
     "F  1x64 lr1e-3 lam1 k.5": ("1x64", 1e-3, 120, 1.0, "selected", 0.5, ("full_kd", "sekd", "random_pos")),
     "G  1x64 lr3e-4 lam1": ("1x64", 3e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
     "H  2x160 lr1e-3 lam1": ("2x160", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
     "I  1x64 lr1e-3 lam1 480 steps": ("1x64", 1e-3, 480, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "J  1x64 distilled init lam1": ("1x64kd", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "K  1x64 lr2e-4 lam1 600 steps": ("1x64", 2e-4, 600, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
 }
+# "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as the paper's was (Qwen3-1.7B
+# came out of distillation from larger Qwen3 models). K: a long, gentle distillation, 5x the steps at a low lr.
 # a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
 METHODS = {"full_kd": ("full_kd", {}, "Full KD"), "sekd": ("sekd", {}, "SE-KD"),
            "random_pos": ("random_pos", {}, "RandomPos"), "te": ("sekd", {"metric": "teacher_entropy"}, "teacher entropy"),
            "pos_rs_kd": ("sekd", {"policy": "pos_rs_kd"}, "pos-RS-KD"), "rskd": ("rskd", {}, "RS-KD"),
            "top_smp": ("top_smp", {}, "TopSmp"), "random_smp": ("random_smp", {}, "RandomSmp")}
-KEYS = ("val_ppl", "kl_to_teacher", "agreement", "hard_kl", "hard_agreement")
+KEYS = ("val_ppl", "kl_to_teacher", "agreement", "hard_kl", "hard_agreement", "cloze_ppl", "cloze_acc", "choice_acc")
 
 
 def add_flags(p):
@@ -54,8 +61,8 @@ def add_flags(p):
 
 def student_args(args, size):
     """The flags of a student size: 1x64 is the default initial student; others live in their own folder."""
-    layers, embd = (int(v) for v in size.split("x"))
-    if (layers, embd) == (args.student_layers, args.student_embd):
+    layers, embd = (int(v) for v in size.removesuffix("kd").split("x"))
+    if (layers, embd) == (args.student_layers, args.student_embd) and not size.endswith("kd"):
         return args
     return argparse.Namespace(**{**vars(args), "student_layers": layers, "student_embd": embd, "student_heads": 2,
                                  "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
@@ -112,10 +119,24 @@ class WithHard:
                 "hard_agreement": float(torch.cat(agree).float().mean())}
 
 
+def distilled_init(a, corpus, device, teacher, evalset):
+    """An initial student pretrained by Full KD (lambda = 1) from random weights, for --student-init-steps at
+    --student-init-lr, in its own folder; reused once finished."""
+    a = argparse.Namespace(**{**vars(a), "lr": a.student_init_lr, "student_steps": a.student_init_steps,
+                              "lam": 1.0, "seed": a.seed + 2})
+    path = os.path.join(a.out_dir, "student_full_kd.pt")
+    ckpt = train.load_checkpoint(path) if os.path.exists(path) else {}
+    if ckpt.get("step") != a.student_init_steps:
+        print(f"[regimes] an initial student distilled from the teacher: {path}")
+        train.distill_student(a, "full_kd", corpus, device, teacher, evalset)
+        ckpt = train.load_checkpoint(path)
+    return train.GPT_from(ckpt).to(device)
+
+
 def paired_gap(a_rows, b_rows, key):
     """mean and std over seeds of a - b, seed by seed (both methods saw the same batches)."""
-    d = [a[key] - b[key] for a, b in zip(a_rows, b_rows)]
-    return float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else None
+    d = [a[key] - b[key] for a, b in zip(a_rows, b_rows) if a.get(key) is not None and b.get(key) is not None]
+    return (float(np.mean(d)) if d else None), float(np.std(d, ddof=1)) if len(d) > 1 else None
 
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
@@ -129,7 +150,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         size, lr, steps, lam, ce_at, k, methods = CELLS[name]
         if size not in inits:
             a = student_args(args, size)
-            model = student_init if a is args else train.pretrained(a, corpus, device, evalset, "student")[0]
+            model = student_init if a is args else distilled_init(a, corpus, device, teacher, evalset) \
+                if size.endswith("kd") else train.pretrained(a, corpus, device, evalset, "student")[0]
             model.eval()
             diagnosis[size], hard = position_stats(model, evalset, seed=args.seed, decode=decode)
             inits[size] = (a, model, WithHard(evalset, hard))
@@ -148,8 +170,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                                                "ce_at": ce_at, "k": k, "batch_size": args.cell_batch})
                     method, kd, _ = METHODS[m]
                     r = train.distill_student(ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd)
-                    done[key] = {x: r[x] for x in ("val_ppl", "kl_to_teacher", "agreement", "ece", "train_s",
-                                                   "hard_kl", "hard_agreement")}
+                    done[key] = {x: r.get(x) for x in KEYS + ("ece", "train_s")}
                     data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
                 per_seed.append(done[key])
             rows[m] = per_seed
@@ -186,10 +207,13 @@ def print_cell(c):
     for m, r in c["rows"].items():
         print(f"  {r['method']:<16} ppl {r['val_ppl']:8.2f} ± {r.get('val_ppl_std') or 0:5.2f}   "
               f"KL {r['kl_to_teacher']:.4f} ± {r.get('kl_to_teacher_std') or 0:.4f}   "
-              f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}")
+              f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}   "
+              f"cloze ppl {r.get('cloze_ppl', float('nan')):8.1f} ± {r.get('cloze_ppl_std') or 0:5.1f}   "
+              f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± {100 * (r.get('choice_acc_std') or 0):.2f}")
     for g in ("sekd-full_kd", "sekd-random_pos"):
         if g in c:
-            print(f"  {g:<16} " + "   ".join(f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items()))
+            print(f"  {g:<16} " + "   ".join(f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items()
+                                           if m is not None))
 
 
 def plot(cells, diagnosis, path):
@@ -199,12 +223,13 @@ def plot(cells, diagnosis, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [c for c in cells if "sekd-full_kd" in cells[c] or "sekd-random_pos" in cells[c]]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(names) + 2.5), sharey=True)
-    for ax, key, unit in zip(axes, ("val_ppl", "kl_to_teacher", "hard_kl"),
-                             ("val PPL", "KL(teacher || student)", "KL at the hard positions")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 0.5 * len(names) + 2.5), sharey=True)
+    for ax, key, unit in zip(axes, ("val_ppl", "cloze_ppl", "kl_to_teacher", "hard_kl"),
+                             ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions")):
         for j, (gap, colour) in enumerate((("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))):
             ys = [i + 0.15 * (1 - 2 * j) for i, c in enumerate(names) if gap in cells[c]]
-            m = [cells[c][gap][key][0] for c in names if gap in cells[c]]
+            m = [cells[c][gap][key][0] if cells[c][gap][key][0] is not None else np.nan for c in names
+                 if gap in cells[c]]
             e = [cells[c][gap][key][1] or 0 for c in names if gap in cells[c]]
             ax.errorbar(m, ys, xerr=e, fmt="o", color=colour, capsize=3, label=gap.replace("_kd", " KD").replace(
                 "sekd-", "SE-KD - ").replace("random_pos", "RandomPos").replace("full KD", "Full KD"))

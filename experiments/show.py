@@ -85,8 +85,13 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             "html": out}
 
 
+def add_flags(p):
+    p.add_argument_group("show").add_argument("--show-sample", type=train.non_negative_int, default=0,
+                                              help="the validation sequence shown")
+
+
 def main(argv=None):
-    args = experiments.parse_args(argv, "show", __doc__)
+    args = experiments.parse_args(argv, "show", __doc__, add_flags)
     experiments.one_process(args)
     return experiments.run_table(args, run)
 

@@ -369,17 +369,18 @@ def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corp
 
 def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
     cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "te")),
-             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",))}
+             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",)),
+             "C tiny distilled": ("1x16kd", 1e-3, 2, 1.0, "selected", 0.25, ("sekd",))}
     monkeypatch.setattr(regimes, "CELLS", cells)
     args = ("--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
             "--student-init-steps", "5")
     r = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
-    assert len(runs) == 2 * (3 + 1)  # every (cell, method, seed), each trained once
+    assert len(runs) == 2 * (3 + 1 + 1)  # every (cell, method, seed), each trained once
     a = r["cells"]["A tiny lam1"]
     assert set(a["rows"]) == {"full_kd", "sekd", "te"} and "sekd-random_pos" not in a
     assert a["rows"]["te"]["val_ppl"] != a["rows"]["sekd"]["val_ppl"]  # another metric, another student
-    for key in regimes.KEYS:  # the gap is the mean over seeds of the seed-by-seed differences
+    for key in ("val_ppl", "kl_to_teacher", "hard_kl"):  # the gap: the mean over seeds of the seed-by-seed gaps
         d = [s[key] - f[key] for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])]
         assert a["sekd-full_kd"][key][0] == pytest.approx(np.mean(d))
         assert a["sekd-full_kd"][key][1] == pytest.approx(np.std(d, ddof=1))
@@ -387,6 +388,9 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
     assert -1 <= d["corr_sent_kl"] <= 1 and d["top"]["s_ent"] >= d["random"]["s_ent"]  # top-k picks the unsure
     assert d["hard_kl"] == pytest.approx(d["top"]["kl"])  # the hard positions are the top-k ones
     assert (tmp_path / "regimes_2x16" / "student_init.pt").exists() and (tmp_path / "regimes.png").exists()
+    kd_init = torch.load(tmp_path / "regimes_1x16kd" / "student_full_kd.pt", weights_only=True)
+    assert kd_init["kd"]["method"] == "full_kd" and kd_init["kd"]["lam"] == 1.0 and kd_init["step"] == 5
+    assert r["diagnosis"]["1x16kd"]["val_ppl"] != d["val_ppl"]  # distilled, not the CE-pretrained student
     monkeypatch.setattr(train, "distill_student", lambda *a, **k: pytest.fail("a finished student was trained again"))
     again = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
     assert again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"] == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
