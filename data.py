@@ -12,7 +12,8 @@ same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `-
 stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
 those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
 
-Then the file format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
+Then the items of the paper's kind of evaluation (a cloze of hard words, multiple choice), the file
+format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
 each rank's share of them under torchrun, the sample axis (TopSmp, RandomSmp) and the teacher cache.
 """
 import bisect
