@@ -12,6 +12,7 @@ random ones, and how well the student's entropy predicts the KL (Pearson correla
 Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run resumes where it was:
 
     python -m experiments.regimes --cells A,B --seeds 3     # and any flag of train.py
+    python -m experiments.regimes --preset full --cells C,H # a 2x160 student beats the quick default's teacher
 """
 import argparse
 import json
@@ -144,6 +145,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     done = json.load(open(path)) if os.path.exists(path) else {}
     wanted = [c for c in CELLS if not args.cells or c[0] in args.cells.upper().split(",")]
     inits, diagnosis, cells = {}, {}, {}
+    teacher_ppl = evalset.evaluate(teacher, args, limit=len(evalset.x))["val_ppl"]
     enc = data.gpt2_encoding()
     decode = lambda i: corpus.vocab.decode([i], enc)  # noqa: E731
     for name in wanted:
@@ -155,7 +157,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             model.eval()
             diagnosis[size], hard = position_stats(model, evalset, seed=args.seed, decode=decode)
             inits[size] = (a, model, WithHard(evalset, hard))
-            diagnosis[size].update(inits[size][2].evaluate(model, args))
+            diagnosis[size].update(inits[size][2].evaluate(model, args), teacher_val_ppl=teacher_ppl)
             print_diagnosis(size, diagnosis[size])
         a, model, hard_eval = inits[size]
         rows = {}
@@ -193,6 +195,9 @@ def summarise(name, rows):
 def print_diagnosis(size, d):
     print(f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, KL) "
           f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}")
+    if d["val_ppl"] <= d["teacher_val_ppl"]:
+        print(f"  note: this student is already better than the teacher (val PPL {d['teacher_val_ppl']:.2f}), so its "
+              "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset full)")
     print(f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} {'|q - p|':>7} "
           f"{'KL share':>8}")
     for tag, label in (("top", "SE-KD top 20%"), ("random", "random 20%")):

@@ -372,9 +372,13 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
              "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",)),
              "C tiny distilled": ("1x16kd", 1e-3, 2, 1.0, "selected", 0.25, ("sekd",))}
     monkeypatch.setattr(regimes, "CELLS", cells)
-    args = ("--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "5",
+    args = ("--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "3",
             "--student-init-steps", "5")
-    r = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
+    res = run_job(regimes, tmp_path, tiny_corpus, *args)
+    r, out = res["regimes"], capsys.readouterr().out
+    weaker = [s for s, d in r["diagnosis"].items() if d["val_ppl"] <= res["rows"][0]["val_ppl"]]
+    assert weaker == ["2x16"]  # a 3-step teacher: the 2x16 student starts above it, the 1x16 ones below
+    assert out.count("already better than the teacher") == 1
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
     assert len(runs) == 2 * (3 + 1 + 1)  # every (cell, method, seed), each trained once
     a = r["cells"]["A tiny lam1"]
