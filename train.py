@@ -347,8 +347,8 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=
 
 # ----------------------------------------------------------------------------- evaluation
 
-def per_item(row, v, n):  # the sums over each item's target rows; n: the items' target lengths
-    return torch.zeros(len(n), dtype=torch.float64).index_add_(0, row, v.double())
+def per_item(row, v, lengths):  # the sums over each item's target rows; lengths: its targets' tokens
+    return torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, row, v.double())
 
 class EvalSet:
     """What every model is scored on: validation samples at every position (with the teacher's hidden states
@@ -396,14 +396,14 @@ class EvalSet:
                "agreement": s["agree"] / n if t else None, "eval_tokens": n,
                "ece": sekd.expected_calibration_error(s["conf"], s["correct"])}
         if limit is None and "cloze" in self.items:
-            x, y, n, row = self.items["cloze"]
+            x, y, lengths, row = self.items["cloze"]
             s = self.sums(model, args, x, y)
-            out |= {"cloze_ppl": math.exp(per_item(row, s["nll"], n).mean()), "cloze_items": len(n),
-                    "cloze_acc": (per_item(row, ~s["correct"], n) == 0).double().mean().item(),
+            out |= {"cloze_ppl": math.exp(per_item(row, s["nll"], lengths).mean()), "cloze_items": len(lengths),
+                    "cloze_acc": (per_item(row, ~s["correct"], lengths) == 0).double().mean().item(),
                     "cloze_ece": sekd.expected_calibration_error(s["conf"], s["correct"])}
         if limit is None and "choice" in self.items:
-            x, y, n, row, n_bytes = self.items["choice"]
-            logp_per_byte = -per_item(row, self.sums(model, args, x, y)["nll"], n) / n_bytes
+            x, y, lengths, row, n_bytes = self.items["choice"]
+            logp_per_byte = -per_item(row, self.sums(model, args, x, y)["nll"], lengths) / n_bytes
             best = logp_per_byte.view(-1, data.OPTIONS).argmax(1)  # the true option is option 0
             out |= {"choice_acc": (best == 0).double().mean().item(), "choice_items": len(best)}
         model.train()
