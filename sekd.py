@@ -6,6 +6,7 @@
 Conventions: logits are [..., V]; `targets` are [B, L] with -1 at padding, so `valid = targets >= 0`;
 a position mask is a bool [B, L]; losses are averaged per sequence, then over sequences.
 """
+
 import math
 import os
 import warnings
@@ -19,35 +20,84 @@ from torch.autograd.function import once_differentiable
 
 # ============================================================================ argument checks
 # We write each rule once: a public function checks its scalar arguments at entry by name, `check(k=k, T=T)`.
-MAX_DRAWS, COUNT_BITS = 127, 7  # RS-KD: a draw count is stored in 7 bits in the cache; 0 marks padding
-_BUDGET, _SHARE = (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+MAX_DRAWS, COUNT_BITS = (
+    127,
+    7,
+)  # RS-KD: a draw count is stored in 7 bits in the cache; 0 marks padding
+_BUDGET, _SHARE = (
+    (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)"),
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
 CHECKS = {  # a name -> (is its value fine?, what it must be), or () -> the names it is one of (read at each check)
-    "k": _BUDGET, "l": _BUDGET, "lam": _SHARE, "share": _SHARE, "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "chunk_rows": (lambda v: v is None or type(v) is int and v >= 0, "an integer >= 0, or None (0, None: automatic)"),
-    "U": (lambda v: type(v) is int and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}] (7-bit counts)"),
-    **dict.fromkeys(("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_new", "n_bins", "gls_queue",
-                     "curriculum_steps"), (lambda v: type(v) is int and v >= 1, "an integer >= 1")),
-    "temperature": (lambda v: v >= 0, ">= 0"), "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
-    "T": (lambda v: v > 0, "> 0"), "(n_embd, n_head)": (lambda v: v[0] % v[1] == 0, "divisible, n_embd by n_head"),
-    "(prompt_len, L)": (lambda v: type(v[0]) is int and 1 <= v[0] <= v[1], "1 <= prompt_len <= L, the sequence length"),
-    "method": lambda: METHODS, "metric": lambda: METRICS, "policy": lambda: POLICIES, "divergence": lambda: DIVERGENCES,
-    "flow": lambda: ("streamed", "dense"), "classes": lambda: ("full", "rskd"), "ce_at": lambda: ("selected", "all"),
-    "(classes, method, flow)": (lambda v: v[0] == "full" or v[1] != "ce" and v[2] == "streamed",
-                                "('full', any, any) or ('rskd', a KD method (not ce), 'streamed')"),
-    "(divergence, method, classes)": (lambda v: v[0] == "forward" or v[1] not in ("ce", "at_kd") and v[2] == "full",
-                                      "('forward', any, any) or ('reverse', full_kd, sekd or random_pos, 'full'): "
-                                      "the reverse KL needs the teacher's full distribution"),
+    "k": _BUDGET,
+    "l": _BUDGET,
+    "lam": _SHARE,
+    "share": _SHARE,
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "chunk_rows": (
+        lambda v: v is None or type(v) is int and v >= 0,
+        "an integer >= 0, or None (0, None: automatic)",
+    ),
+    "U": (
+        lambda v: type(v) is int and 1 <= v <= MAX_DRAWS,
+        f"an integer in [1, {MAX_DRAWS}] (7-bit counts)",
+    ),
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "n_new",
+            "n_bins",
+            "gls_queue",
+            "curriculum_steps",
+        ),
+        (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    ),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "T": (lambda v: v > 0, "> 0"),
+    "(n_embd, n_head)": (lambda v: v[0] % v[1] == 0, "divisible, n_embd by n_head"),
+    "(prompt_len, L)": (
+        lambda v: type(v[0]) is int and 1 <= v[0] <= v[1],
+        "1 <= prompt_len <= L, the sequence length",
+    ),
+    "method": lambda: METHODS,
+    "metric": lambda: METRICS,
+    "policy": lambda: POLICIES,
+    "divergence": lambda: DIVERGENCES,
+    "flow": lambda: ("streamed", "dense"),
+    "classes": lambda: ("full", "rskd"),
+    "ce_at": lambda: ("selected", "all"),
+    "(classes, method, flow)": (
+        lambda v: v[0] == "full" or v[1] != "ce" and v[2] == "streamed",
+        "('full', any, any) or ('rskd', a KD method (not ce), 'streamed')",
+    ),
+    "(divergence, method, classes)": (
+        lambda v: v[0] == "forward" or v[1] not in ("ce", "at_kd") and v[2] == "full",
+        "('forward', any, any) or ('reverse', full_kd, sekd or random_pos, 'full'): "
+        "the reverse KL needs the teacher's full distribution",
+    ),
 }
+
 
 def check(**values):
     """A one-line ValueError for the first value that makes no sense. Python scalars only: no device sync."""
     for name, v in values.items():
         rule = CHECKS[name]
-        ok, what = (v in rule(), "one of " + ", ".join(rule())) if callable(rule) else (rule[0](v), rule[1])
+        ok, what = (
+            (v in rule(), "one of " + ", ".join(rule()))
+            if callable(rule)
+            else (rule[0](v), rule[1])
+        )
         if not ok:
             raise ValueError(f"{name} must be {what}, got {v!r}")
 
+
 # ============================================================================ 1. the model
+
 
 @dataclass
 class GPTConfig:
@@ -61,6 +111,7 @@ class GPTConfig:
     def __post_init__(self):
         check(**vars(self), **{"(n_embd, n_head)": (self.n_embd, self.n_head)})
 
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -73,20 +124,28 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
 
 class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
         self.attn = CausalSelfAttention(c)
-        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(),
-                                 nn.Linear(4 * c.n_embd, c.n_embd), nn.Dropout(c.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(c.n_embd, 4 * c.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * c.n_embd, c.n_embd),
+            nn.Dropout(c.dropout),
+        )
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
 
 class GPT(nn.Module):
     """nanoGPT, LM head tied to the embedding. We split `hidden(idx)` [B, L, D] from `head(h)`, which
@@ -118,7 +177,9 @@ class GPT(nn.Module):
     def hidden(self, idx):
         L = idx.shape[1]
         if L > self.config.block_size:
-            raise ValueError(f"sequence length {L} is longer than the model's block size {self.config.block_size}")
+            raise ValueError(
+                f"sequence length {L} is longer than the model's block size {self.config.block_size}"
+            )
         x = self.wte(idx) + self.wpe(torch.arange(L, device=idx.device))
         for block in self.blocks:
             x = block(x)
@@ -137,7 +198,7 @@ class GPT(nn.Module):
         check(n_new=n_new, temperature=temperature, top_k=top_k)
         entropy = []
         for _ in range(n_new):
-            logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size:])[:, -1]))
+            logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size :])[:, -1]))
             entropy.append(token_entropy(logits))
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
@@ -150,23 +211,31 @@ class GPT(nn.Module):
             idx = torch.cat([idx, nxt], 1)
         return idx, torch.stack(entropy, 1)
 
+
 # ============================================================================ 2. dense KD
+
 
 def _wide(x):  # half-precision logits are upcast for softmax maths
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
+
 def _wide_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
+
 def _tempered(z, T):
     return z if T == 1 else z / T  # at T = 1, the paper's default, we skip a pass over [rows, V]
+
 
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim: SE-KD's importance score."""
     check(T=T)
     logp = F.log_softmax(_tempered(_wide(logits), T), dim=-1)
     p = logp.exp()
-    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(-1)  # no gradient: one [rows, V] fewer
+    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(
+        -1
+    )  # no gradient: one [rows, V] fewer
+
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
     """KL(p^T || q^T) over the last dim, p = teacher, q = student."""
@@ -174,6 +243,7 @@ def kl_per_position(teacher_logits, student_logits, T=1.0):
     logp = F.log_softmax(_tempered(_wide(teacher_logits), T), dim=-1)
     logq = F.log_softmax(_tempered(_wide(student_logits), T), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
 
 def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
     """Row weights for Eq. 3: L = mean over sequences with a selected position of L_i = sum_t m_t l(t)
@@ -183,8 +253,18 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
     per_seq = m.sum(1, keepdim=True) if per_seq is None else per_seq.to(dtype).view(-1, 1)
     return m / per_seq.clamp_min(1e-30) / n_seq
 
-def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, row_weights=None,
-            divergence="forward", ce_at="selected"):
+
+def kd_loss(
+    student_logits,
+    teacher_logits,
+    targets,
+    mask=None,
+    T=1.0,
+    lam=1.0,
+    row_weights=None,
+    divergence="forward",
+    ce_at="selected",
+):
     """The KD loss on dense logits [B, L, V], the reference every faster path must equal: lam T^2
     KL(p^T || q^T) + (1 - lam) CE over the positions in `mask` (all valid ones when None: Full KD), each
     averaged per sequence, then over sequences: paper Eq. 3. ce_at='all' puts the CE term on every valid
@@ -197,16 +277,29 @@ def kd_loss(student_logits, teacher_logits, targets, mask=None, T=1.0, lam=1.0, 
     w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype) * valid
     loss = student_logits.new_zeros((), dtype=dtype)
     if lam > 0:
-        pair = (teacher_logits, student_logits) if divergence == "forward" else (student_logits, teacher_logits)
+        pair = (
+            (teacher_logits, student_logits)
+            if divergence == "forward"
+            else (student_logits, teacher_logits)
+        )
         loss = loss + lam * (w * T * T * kl_per_position(*pair, T)).sum()
     if lam < 1:
         ce = _ce(student_logits.flatten(0, 1), targets.clamp_min(0).flatten()).view_as(targets)
-        loss = loss + (1 - lam) * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
+        loss = (
+            loss
+            + (1 - lam)
+            * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
+        )
     return loss
+
 
 # ============================================================================ 3. positions
 
-CHUNK_MB = {"cpu": 16, "cuda": 256}  # float32 MB a [rows, V] chunk, on a CPU per 64 of the head's width D
+CHUNK_MB = {
+    "cpu": 16,
+    "cuda": 256,
+}  # float32 MB a [rows, V] chunk, on a CPU per 64 of the head's width D
+
 
 def default_chunk_rows(vocab_size, width=64, device="cpu"):
     # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often. On
@@ -217,62 +310,88 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
     mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
     return max(1, (mb << 20) // (4 * vocab_size))
 
+
 def fused(fn):
     """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
     (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, after a failed compile (no C++ compiler, no triton), and
     under a dispatch mode, e.g. a memory meter: a graph compiled there serves later calls, rounding otherwise."""
+
     def call(*args):
-        if (call.on and os.environ.get("SEKD_COMPILE", "1") != "0" and args[0].device.type in ("cpu", "cuda")
-                and torch._C._len_torch_dispatch_stack() == 0):
+        if (
+            call.on
+            and os.environ.get("SEKD_COMPILE", "1") != "0"
+            and args[0].device.type in ("cpu", "cuda")
+            and torch._C._len_torch_dispatch_stack() == 0
+        ):
             try:  # compiled at first use, as importing the compiler takes seconds
                 call.compiled = call.compiled or torch.compile(fn, dynamic=True)
                 return call.compiled(*args)
             except Exception as e:  # fn is pure: its eager run gives the same result
                 call.on = False
-                warnings.warn(f"sekd: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); eager from now on")
+                warnings.warn(
+                    f"sekd: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); eager from now on"
+                )
         return fn(*args)
+
     call.on, call.eager, call.compiled = True, fn, None
     return update_wrapper(call, fn)
+
 
 def chunk_weight(w):
     """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
     autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
-    return w.to(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else w
+    return (
+        w.to(torch.get_autocast_dtype(w.device.type))
+        if torch.is_autocast_enabled(w.device.type)
+        else w
+    )
+
 
 def budget_counts(k, n):
     """ceil(k n) per sequence, exact for decimal k (0.1 * 30 is 3, not 4). The policies' budget: it checks k."""
     check(k=k)
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
+
 def score_ranks(scores, valid):
     """Rank in its row (the sort order's inverse), 0 = the highest (finite) score, ties to the earlier, padding last."""
-    return torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices.argsort(1)
+    return torch.sort(
+        scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True
+    ).indices.argsort(1)
+
 
 def topk_positions(scores, k, valid=None, state=None):
     """SE-KD's policy: the ceil(k n) highest-scored of each sequence's n valid positions. -> bool [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
 
+
 # A metric (student logits zs [R, V], teacher's zt or None, targets y) -> [R] scores a chunk of rows.
 # Register one from anywhere, `METRICS["name"] = fn`, `student_only` if it never reads zt.
+
 
 def student_only(fn):
     fn.needs_teacher = False  # the teacher's LM head then stays selective
     return fn
 
+
 def _ce(logits, targets):
     return F.cross_entropy(_wide(logits), targets, reduction="none")
 
+
 chunk_entropy = fused(token_entropy)  # we compile it: about 3x faster a chunk than eager on a CPU
+
 
 def _ce_ratio(zs, zt, y):
     teacher = _ce(zt, y)  # a teacher CE of exactly 0 is read as the tiniest float
     return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
 
+
 @student_only
 def uniform(zs, zt, y):
     """Noise: with top-k, the RandomPos baseline. It reads no logits (`chunked_scores` passes rows)."""
     return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
+
 
 uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
 
@@ -289,18 +408,31 @@ METRICS = {  # the paper's position-axis metrics
     "random": uniform,
 }
 
+
 def needs_teacher(metric):
     check(metric=metric)
     return getattr(METRICS[metric], "needs_teacher", True)
 
+
 @torch.no_grad()
-def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=None):
+def chunked_scores(
+    metric,
+    student_h,
+    student_w,
+    valid,
+    teacher_h=None,
+    teacher_w=None,
+    targets=None,
+    chunk_rows=None,
+):
     """u(t) at every valid row -> [B, L] (0 at padding), no grad, a chunk of rows at a time; teacher
     logits only for a metric that reads them."""
     check(chunk_rows=chunk_rows)
     use_teacher, fn = needs_teacher(metric), METRICS[metric]  # needs_teacher checks the name
     if use_teacher and teacher_h is None:
-        raise ValueError(f"metric '{metric}' needs the teacher's outputs: pass teacher_h and teacher_w")
+        raise ValueError(
+            f"metric '{metric}' needs the teacher's outputs: pass teacher_h and teacher_w"
+        )
     hs = student_h[valid]
     ht = teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
@@ -308,19 +440,27 @@ def chunked_scores(metric, student_h, student_w, valid, teacher_h=None, teacher_
     project = getattr(fn, "needs_logits", True)
     ws = chunk_weight(student_w) if project else None
     wt = chunk_weight(teacher_w) if use_teacher else None
-    parts = [fn(_wide(hs[i:i + chunk] @ ws.T) if project else hs[i:i + chunk],
-                _wide(ht[i:i + chunk] @ wt.T) if ht is not None else None,
-                y[i:i + chunk] if y is not None else None) for i in range(0, hs.shape[0], chunk)]
+    parts = [
+        fn(
+            _wide(hs[i : i + chunk] @ ws.T) if project else hs[i : i + chunk],
+            _wide(ht[i : i + chunk] @ wt.T) if ht is not None else None,
+            y[i : i + chunk] if y is not None else None,
+        )
+        for i in range(0, hs.shape[0], chunk)
+    ]
     scores = torch.zeros(valid.shape, dtype=_wide_dtype(hs), device=hs.device)
     if parts:
         scores[valid] = torch.cat(parts).to(scores.dtype)
     return scores
 
+
 # A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
+
 
 @dataclass
 class PositionState:
     """GLS's FIFO queue of recent scores, and the training step that curriculum's window follows."""
+
     gls_queue: int = 30_000
     curriculum_steps: int = 4_000
     queue: torch.Tensor = None
@@ -328,6 +468,7 @@ class PositionState:
 
     def __post_init__(self):
         check(gls_queue=self.gls_queue, curriculum_steps=self.curriculum_steps)
+
 
 def gls_positions(scores, k, valid, state):
     """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins the queue."""
@@ -337,8 +478,11 @@ def gls_positions(scores, k, valid, state):
     else:
         m = (scores >= torch.quantile(state.queue.double(), 1.0 - k).item()) & valid
     new = scores[valid].detach()
-    state.queue = (new if state.queue is None else torch.cat([state.queue.to(new), new]))[-state.gls_queue:]
+    state.queue = (new if state.queue is None else torch.cat([state.queue.to(new), new]))[
+        -state.gls_queue :
+    ]
     return m
+
 
 def curriculum_positions(scores, k, valid, state):
     """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
@@ -346,8 +490,11 @@ def curriculum_positions(scores, k, valid, state):
     rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
-    first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # rank the window starts at
+    first = torch.round((1.0 - progress) * (n - K).double()).long()[
+        :, None
+    ]  # rank the window starts at
     return (rank >= first) & (rank < first + K[:, None]) & valid
+
 
 def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     """pos-RS-KD: K = ceil(k n) i.i.d. draws per sequence with probability q(t), a position drawn c
@@ -368,19 +515,27 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     n = valid.sum(1, keepdim=True).double()
     return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0)
 
+
 def kl_row_weights(m, k, valid, policy):
     """Per-sequence normalisation by sum_t m_t; pos-RS-KD* divides by its number of draws, K."""
     check(k=k, policy=policy)
     K = budget_counts(k, valid.sum(1)) if policy == "pos_rs_kd_star" else None
     return per_sequence_weights(m, torch.float64, K)
 
-POLICIES = {"topk": topk_positions, "gls": gls_positions, "curriculum": curriculum_positions,
-            "pos_rs_kd": pos_rs_kd_positions, "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True)}
+
+POLICIES = {
+    "topk": topk_positions,
+    "gls": gls_positions,
+    "curriculum": curriculum_positions,
+    "pos_rs_kd": pos_rs_kd_positions,
+    "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True),
+}
 
 # ============================================================================ 4. the streamed loss
 # The selective LM head: logits only at the rows the loss needs, one chunk at a time. Each `_*_rows`
 # gives a chunk's per-row loss and its logit gradient in closed form, in place where it can. Eager, each line is
 # a pass over [rows, V]; we compile the KL (`fused`): 1.8x faster a chunk on a CPU. The CE gained nothing: eager.
+
 
 @fused
 def _kd_rows(z_student, z_teacher, T):
@@ -392,6 +547,7 @@ def _kd_rows(z_student, z_teacher, T):
     grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
     return loss, grad if T == 1 else grad.mul_(T)
 
+
 def _reverse_kd_rows(z_student, z_teacher, T):
     """T^2 KL(q^T || p^T) per row (on-policy's default), and its gradient T q^T (log q^T - log p^T - KL)."""
     logq = F.log_softmax(_tempered(z_student, T), dim=-1)
@@ -401,7 +557,9 @@ def _reverse_kd_rows(z_student, z_teacher, T):
     kl = (q * diff).sum(-1)
     return T * T * kl, diff.sub_(kl[:, None]).mul_(q).mul_(T)
 
+
 DIVERGENCES = {"forward": _kd_rows, "reverse": _reverse_kd_rows}  # KL(p || q), KL(q || p)
+
 
 def _ce_rows(z_student, targets):
     """CE(y, q) per row, and its gradient q - onehot(y)."""
@@ -410,6 +568,7 @@ def _ce_rows(z_student, targets):
     grad = logq.exp_()
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1
     return loss, grad
+
 
 class _StreamedHeadLoss(torch.autograd.Function):
     """sum over rows of rows_loss(h @ W^T), a chunk at a time. The chunks' gradients add up exactly,
@@ -423,11 +582,13 @@ class _StreamedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         w = chunk_weight(weight)
         for i in range(0, h.shape[0], chunk_rows):
-            hr = h[i:i + chunk_rows]
-            row_loss, grad_z = rows_loss(_wide(hr @ w.T), slice(i, i + chunk_rows))  # logits freed on return
+            hr = h[i : i + chunk_rows]
+            row_loss, grad_z = rows_loss(
+                _wide(hr @ w.T), slice(i, i + chunk_rows)
+            )  # logits freed on return
             loss += row_loss.sum()
             grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
-            grad_h[i:i + chunk_rows] = (grad_z @ w).to(h.dtype)
+            grad_h[i : i + chunk_rows] = (grad_z @ w).to(h.dtype)
             grad_w += grad_z.T @ hr.to(w.dtype)
             del grad_z  # before the next chunk's logits exist
         ctx.grads = (grad_h, grad_w.to(weight.dtype))
@@ -437,13 +598,29 @@ class _StreamedHeadLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         if ctx.grads is None:
-            raise RuntimeError("the streamed loss's backward runs once: call backward without retain_graph")
+            raise RuntimeError(
+                "the streamed loss's backward runs once: call backward without retain_graph"
+            )
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None
 
-def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=None, T=1.0, lam=1.0,
-                     chunk_rows=None, row_weights=None, divergence="forward", kd_rows=None, ce_at="selected"):
+
+def streamed_kd_loss(
+    student_h,
+    student_w,
+    teacher_h,
+    teacher_w,
+    targets,
+    mask=None,
+    T=1.0,
+    lam=1.0,
+    chunk_rows=None,
+    row_weights=None,
+    divergence="forward",
+    kd_rows=None,
+    ce_at="selected",
+):
     """`kd_loss` through selective heads, equal in value and gradient to kd_loss(student_h @ student_w.T,
     teacher_h @ teacher_w.T, ...), in one pass a chunk of rows at a time. With the loss under the mask
     (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all' we walk
@@ -459,14 +636,19 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
     rows = mask if lam == 1 or ce_at == "selected" else valid  # the rows the pass walks
     if kd_rows is None and lam > 0:
         t_rows, wt = teacher_h[rows], chunk_weight(teacher_w)
+
         def kd_rows(z, i):
             with torch.no_grad():
                 z_teacher = _wide(t_rows[i] @ wt.T)
             return DIVERGENCES[divergence](z, z_teacher, T)
+
     sel, y = mask[rows], targets[rows]
     kd_w = lam * kd_weights[rows]
-    ce_w = (1 - lam) * (kd_weights if ce_at == "selected" else per_sequence_weights(valid, dtype))[rows]
+    ce_w = (1 - lam) * (kd_weights if ce_at == "selected" else per_sequence_weights(valid, dtype))[
+        rows
+    ]
     index = torch.arange(len(y), device=y.device)
+
     def rows_loss(z, r):
         if lam == 1:
             loss, grad = kd_rows(z, r)
@@ -478,20 +660,26 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask=N
         if kd is not None:
             w = kd_w[r][s]
             loss[s] += w * kd[0]
-            grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # grad[s] += ..., no copy of grad[s]
+            grad.index_put_(
+                (s,), kd[1].mul_(w[:, None]), accumulate=True
+            )  # grad[s] += ..., no copy of grad[s]
         return loss, grad
+
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
+
 
 # ============================================================================ 5. one distillation step
 
 METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
+
 
 @dataclass
 class KDConfig:
     """One method, checked at construction: 'sekd' picks positions by `metric` and `policy` at budget k (defaults:
     SE-KD as the paper runs it, pure KL: lam 1; train.py's are lam 0.5, ce_at 'all'); flow 'dense' makes [B, L, V]
     logits, as the paper's code; classes 'rskd': U draws from the teacher."""
+
     method: str = "sekd"
     k: float = 0.2
     T: float = 1.0
@@ -505,11 +693,18 @@ class KDConfig:
     classes: str = "full"
     U: int = 64
     divergence: str = "forward"
-    ce_at: str = "selected"  # where the (1 - lam) CE goes: the selected positions (paper Eq. 3) or all
+    ce_at: str = (
+        "selected"  # where the (1 - lam) CE goes: the selected positions (paper Eq. 3) or all
+    )
 
     def __post_init__(self):
-        check(**vars(self), **{"(classes, method, flow)": (self.classes, self.method, self.flow),
-                               "(divergence, method, classes)": (self.divergence, self.method, self.classes)})
+        check(
+            **vars(self),
+            **{
+                "(classes, method, flow)": (self.classes, self.method, self.flow),
+                "(divergence, method, classes)": (self.divergence, self.method, self.classes),
+            },
+        )
 
     @property
     def uses_teacher(self):
@@ -518,14 +713,24 @@ class KDConfig:
     def new_state(self):
         return PositionState(self.gls_queue, self.curriculum_steps)
 
-def select_positions(student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None):
+
+def select_positions(
+    student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None
+):
     """The mask m: all valid positions for Full KD, else cfg.metric's scores through cfg.policy.
     -> bool [B, L], or float counts for pos-RS-KD."""
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
-    if cfg.method not in ("sekd", "random_pos") or cfg.k == 1.0 and policy in ("topk", "curriculum"):
+    if (
+        cfg.method not in ("sekd", "random_pos")
+        or cfg.k == 1.0
+        and policy in ("topk", "curriculum")
+    ):
         return valid
-    scores = chunked_scores(metric, student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
+    scores = chunked_scores(
+        metric, student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows
+    )
     return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
+
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
     """One step: hidden states (the teacher's without grad), positions, then the streamed or dense
@@ -540,28 +745,77 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
     if cfg.method == "at_kd" and cfg.flow == "dense":
-        return at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam), int(valid.sum())
+        return at_kd_loss(
+            student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam
+        ), int(valid.sum())
     if cfg.method == "at_kd":
-        return streamed_at_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets, cfg.T, cfg.lam,
-                                   cfg.chunk_rows), int(valid.sum())
-    mask = select_positions(student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state)
+        return streamed_at_kd_loss(
+            student_h,
+            student.head_weight,
+            teacher_h,
+            teacher_w,
+            targets,
+            cfg.T,
+            cfg.lam,
+            cfg.chunk_rows,
+        ), int(valid.sum())
+    mask = select_positions(
+        student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state
+    )
     if mask.dtype != torch.bool:  # pos-RS-KD's counts
         row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
-            draws = torch.zeros(2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device)  # ids, counts
-            draws[0][mask], draws[1][mask] = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows)
-        loss = rskd_loss(student_h, student.head_weight, *draws, targets, mask, cfg.T, lam, cfg.chunk_rows, cfg.ce_at)
+            draws = torch.zeros(
+                2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device
+            )  # ids, counts
+            draws[0][mask], draws[1][mask] = teacher_draws(
+                teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows
+            )
+        loss = rskd_loss(
+            student_h,
+            student.head_weight,
+            *draws,
+            targets,
+            mask,
+            cfg.T,
+            lam,
+            cfg.chunk_rows,
+            cfg.ce_at,
+        )
     elif cfg.flow == "dense":
-        loss = kd_loss(student.head(student_h), teacher.head(teacher_h) if lam > 0 else None, targets, mask, cfg.T,
-                       lam, row_weights, cfg.divergence, cfg.ce_at)
+        loss = kd_loss(
+            student.head(student_h),
+            teacher.head(teacher_h) if lam > 0 else None,
+            targets,
+            mask,
+            cfg.T,
+            lam,
+            row_weights,
+            cfg.divergence,
+            cfg.ce_at,
+        )
     else:
-        loss = streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher_w, targets,
-                                mask, cfg.T, lam, cfg.chunk_rows, row_weights, cfg.divergence, ce_at=cfg.ce_at)
+        loss = streamed_kd_loss(
+            student_h,
+            student.head_weight,
+            teacher_h,
+            teacher_w,
+            targets,
+            mask,
+            cfg.T,
+            lam,
+            cfg.chunk_rows,
+            row_weights,
+            cfg.divergence,
+            ce_at=cfg.ce_at,
+        )
     return loss, int(mask.sum())
+
 
 # ============================================================================ 6. the baselines and the other axes
 # ---------------------------------------------------------------------------- AT-KD (Zhong et al. 2024)
+
 
 def _at_kd_rows(zs, zt, y, hard, T=1.0):
     """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for all,
@@ -573,11 +827,13 @@ def _at_kd_rows(zs, zt, y, hard, T=1.0):
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
         lse, rest = torch.logsumexp(z, -1), z.masked_fill(gold, float("-inf"))
         return z[gold] - lse, torch.logsumexp(rest, -1) - lse, F.log_softmax(rest, -1)
+
     lp_y, lp_not, lp_rest = split(zt)
     lq_y, lq_not, lq_rest = split(zs)
     binary = lp_y.exp() * (lp_y - lq_y) + lp_not.exp() * (lp_not - lq_not)
     non_target = (lp_rest.exp() * (lp_rest - lq_rest).masked_fill(gold, 0.0)).sum(-1)
     return T * T * (hard * binary + non_target)
+
 
 def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     """The half of each sequence where the teacher is least sure of the gold token is hard; weights
@@ -585,6 +841,7 @@ def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     hard = topk_positions(-torch.expm1(-gold_ce), hard_share, valid)
     w = per_sequence_weights(valid, torch.float64)
     return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
+
 
 def at_kd_loss(student_logits, teacher_logits, targets, T=1.0, lam=1.0):
     """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], each over every valid position: the reference."""
@@ -596,26 +853,46 @@ def at_kd_loss(student_logits, teacher_logits, targets, T=1.0, lam=1.0):
     ce = kd_loss(student_logits, None, targets, lam=0.0) if lam < 1 else 0.0
     return lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - lam) * ce
 
-def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, T=1.0, lam=1.0, chunk_rows=None):
+
+def streamed_at_kd_loss(
+    student_h, student_w, teacher_h, teacher_w, targets, T=1.0, lam=1.0, chunk_rows=None
+):
     """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk, CE alongside."""
     check(T=T, lam=lam, chunk_rows=chunk_rows)
     valid = targets >= 0
-    ce = chunked_scores("teacher_ce", student_h, student_w, valid, teacher_h, teacher_w, targets, chunk_rows)
+    ce = chunked_scores(
+        "teacher_ce", student_h, student_w, valid, teacher_h, teacher_w, targets, chunk_rows
+    )
     hard, w = _at_kd_weights(ce, valid)
     t_rows, y, hard, wt = teacher_h[valid], targets[valid], hard[valid], chunk_weight(teacher_w)
+
     def kd_rows(z, rows):
         with torch.no_grad():
             z_teacher = _wide(t_rows[rows] @ wt.T)
         with torch.enable_grad():
             z = z.detach().requires_grad_()
             loss = _at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
-            grad, = torch.autograd.grad(loss.sum(), z)
+            (grad,) = torch.autograd.grad(loss.sum(), z)
         return loss.detach(), grad
-    return streamed_kd_loss(student_h, student_w, None, None, targets, T=T, lam=lam, chunk_rows=chunk_rows,
-                            row_weights=w, kd_rows=kd_rows, ce_at="all")  # the CE's weights: each position alike
+
+    return streamed_kd_loss(
+        student_h,
+        student_w,
+        None,
+        None,
+        targets,
+        T=T,
+        lam=lam,
+        chunk_rows=chunk_rows,
+        row_weights=w,
+        kd_rows=kd_rows,
+        ce_at="all",
+    )  # the CE's weights: each position alike
+
 
 # ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
 # The student continues prompts; KD (the reverse KL by default, as the paper's on-policy table) applies there.
+
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
     """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x, targets),
@@ -626,24 +903,36 @@ def on_policy_batch(student, idx, prompt_len, generator=None):
     seq, _ = student.generate(idx[:, :prompt_len], L - prompt_len + 1, 1.0, 0, generator)
     student.train(was_training)
     targets = seq[:, 1:].clone()
-    targets[:, :prompt_len - 1] = -1
+    targets[:, : prompt_len - 1] = -1
     return seq[:, :-1], targets
+
 
 def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest integer
     check(share=share)
     return int(math.floor(share * batch_size + 0.5))
 
-def on_policy_distill_loss(student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None):
+
+def on_policy_distill_loss(
+    student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None
+):
     """The last on_policy_rows(B, share) sequences go on-policy (KD alone); loss = mean over sequences."""
     B = idx.shape[0]
     n_real = B - on_policy_rows(B, share)
-    parts = [(distill_loss(student, teacher, idx[:n_real], targets[:n_real], cfg, state), n_real)] if n_real else []
+    parts = (
+        [(distill_loss(student, teacher, idx[:n_real], targets[:n_real], cfg, state), n_real)]
+        if n_real
+        else []
+    )
     if n_real < B:
         x, y = on_policy_batch(student, idx[n_real:], prompt_len, generator)
-        parts.append((distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state), B - n_real))
+        parts.append(
+            (distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state), B - n_real)
+        )
     return sum(loss * (n / B) for (loss, _), n in parts), sum(n_sel for (_, n_sel), _ in parts)
 
+
 # ---------------------------------------------------------------------------- class axis: RS-KD (Anshumann et al. 2025)
+
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct ids,
@@ -651,12 +940,20 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     check(U=U, T=T)
     V = teacher_logits.shape[-1]
     p = F.softmax(_tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
-    draws = (torch.multinomial(p, U, replacement=True, generator=generator) if p.shape[0] else
-             torch.zeros(0, U, dtype=torch.long, device=p.device)).sort(dim=1).values  # no rows: nothing to draw
+    draws = (
+        (
+            torch.multinomial(p, U, replacement=True, generator=generator)
+            if p.shape[0]
+            else torch.zeros(0, U, dtype=torch.long, device=p.device)
+        )
+        .sort(dim=1)
+        .values
+    )  # no rows: nothing to draw
     slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
     return ids.view(*teacher_logits.shape[:-1], U), counts.view(*teacher_logits.shape[:-1], U)
+
 
 @torch.no_grad()
 def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
@@ -665,9 +962,14 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=Non
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
     w = chunk_weight(teacher_w)
-    parts = [rskd_sample(rows[i:i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
-             for i in range(0, max(1, rows.shape[0]), chunk)]
-    return tuple(torch.cat(part).view(*teacher_h.shape[:-1], U) for part in zip(*parts))  # ids, counts
+    parts = [
+        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
+        for i in range(0, max(1, rows.shape[0]), chunk)
+    ]
+    return tuple(
+        torch.cat(part).view(*teacher_h.shape[:-1], U) for part in zip(*parts)
+    )  # ids, counts
+
 
 def _rskd_rows(z_student, ids, counts, T):
     """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
@@ -677,22 +979,54 @@ def _rskd_rows(z_student, ids, counts, T):
     grad = logq.exp_().scatter_add_(1, ids, -p)
     return loss, grad if T == 1 else grad.mul_(T)
 
-def rskd_loss(student_h, student_w, ids, counts, targets, mask=None, T=1.0, lam=1.0, chunk_rows=None, ce_at="selected"):
+
+def rskd_loss(
+    student_h,
+    student_w,
+    ids,
+    counts,
+    targets,
+    mask=None,
+    T=1.0,
+    lam=1.0,
+    chunk_rows=None,
+    ce_at="selected",
+):
     """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
-    rows = valid if mask is None or lam < 1 and ce_at == "all" else mask & valid  # the rows streamed_kd_loss walks
+    rows = (
+        valid if mask is None or lam < 1 and ce_at == "all" else mask & valid
+    )  # the rows streamed_kd_loss walks
     ids_w, counts_w = ids[rows], counts[rows]
-    return streamed_kd_loss(student_h, student_w, None, None, targets, mask, T, lam, chunk_rows,
-                            kd_rows=lambda z, i: _rskd_rows(z, ids_w[i], counts_w[i], T), ce_at=ce_at)
+    return streamed_kd_loss(
+        student_h,
+        student_w,
+        None,
+        None,
+        targets,
+        mask,
+        T,
+        lam,
+        chunk_rows,
+        kd_rows=lambda z, i: _rskd_rows(z, ids_w[i], counts_w[i], T),
+        ce_at=ce_at,
+    )
+
 
 # ---------------------------------------------------------------------------- sample axis: TopSmp, RandomSmp
+
 
 @torch.no_grad()
 def sample_entropy(hidden, head_weight, valid=None, chunk_rows=None):
     """A sample's score: its mean student entropy over its valid positions. hidden [B, L, D] -> [B]."""
-    valid = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device) if valid is None else valid
+    valid = (
+        torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+        if valid is None
+        else valid
+    )
     ent = chunked_scores("student_entropy", hidden, head_weight, valid, chunk_rows=chunk_rows)
     return (ent * valid).sum(1) / valid.sum(1).clamp_min(1)
+
 
 def top_samples(scores, l):
     """TopSmp: ids of the ceil(l N) samples with the highest score (ties: lower id), increasing."""
@@ -701,13 +1035,16 @@ def top_samples(scores, l):
     n = int(budget_counts(l, torch.tensor(len(scores))))
     return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
 
+
 def random_samples(n_samples, l, generator=None):
     """RandomSmp: ceil(l N) sample ids drawn uniformly without replacement, increasing."""
     check(l=l)
     n = int(budget_counts(l, torch.tensor(n_samples)))
     return torch.randperm(n_samples, generator=generator)[:n].sort().values
 
+
 # ============================================================================ 7. evaluation
+
 
 def expected_calibration_error(confidence, correct, n_bins=15):
     """ECE in percent, as the paper reports it: equal-width bins of the top-1 probability,
@@ -717,6 +1054,7 @@ def expected_calibration_error(confidence, correct, n_bins=15):
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
     return 100.0 * gap.abs().sum().item() / max(1, confidence.numel())
+
 
 @torch.no_grad()
 def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=None):
@@ -730,26 +1068,31 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
     out = {"kl": 0.0, "agree": 0, "nll": [], "conf": [], "correct": []}
     ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
     for i in range(0, hs.shape[0], chunk):
-        zq = _wide(hs[i:i + chunk] @ ws.T)
+        zq = _wide(hs[i : i + chunk] @ ws.T)
         logq = F.log_softmax(zq, -1)
         conf, pred = logq.max(-1)
-        out["nll"].append(F.nll_loss(logq, y[i:i + chunk], reduction="none").cpu())
+        out["nll"].append(F.nll_loss(logq, y[i : i + chunk], reduction="none").cpu())
         out["conf"].append(conf.exp().cpu())
-        out["correct"].append((pred == y[i:i + chunk]).cpu())
+        out["correct"].append((pred == y[i : i + chunk]).cpu())
         if ht is not None:
-            zp = _wide(ht[i:i + chunk] @ wt.T)
+            zp = _wide(ht[i : i + chunk] @ wt.T)
             out["kl"] += kl_per_position(zp, zq).sum().item()
             out["agree"] += (zp.argmax(-1) == pred).sum().item()
     return out
 
+
 # ============================================================================ 8. memory
 # One step's bytes in closed form, to check with pencil and paper (a test holds it within 10% of a measurement).
+
 
 def n_params(config):
     """Embeddings (V + block) D; per block two LayerNorms 4 D, qkv 3 D^2 + 3 D, the attention output
     D^2 + D, the MLP 8 D^2 + 5 D; the final LayerNorm 2 D. The tied LM head adds nothing."""
     D = config.n_embd
-    return (config.vocab_size + config.block_size) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
+    return (
+        (config.vocab_size + config.block_size) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
+    )
+
 
 def activation_bytes(config, B, L, half=False, grad=True):
     """With grad, what autograd saves per layer and token: ~16 vectors of width D (the MLP's count 4),
@@ -760,6 +1103,7 @@ def activation_bytes(config, B, L, half=False, grad=True):
         return tokens * (n * (D * (2 * 4 + 14 * act) + 4 * (4 + H)) + 2 * D * 4 + 8)
     return tokens * D * (3 * 4 + 8 * act) + tokens * D * 4
 
+
 def memory_account(student_config, teacher_config, B, L, cfg, half=False, device="cpu"):
     """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
     weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
@@ -767,8 +1111,15 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     selection 3 c, streamed loss 5 c (lambda = 1, or Eq. 3's CE), max(c + 5 s, 2 c + s) (CE at all), 2 c (CE),
     plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N (5 N if 0 < lambda < 1);
     under autocast, the chunk loops' bf16 head copies. None for a step it does not model."""
-    if cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward" or (
-            cfg.method == "sekd" and (needs_teacher(cfg.metric) or cfg.policy.startswith("pos_rs_kd"))):
+    if (
+        cfg.classes != "full"
+        or cfg.method == "at_kd"
+        or cfg.divergence != "forward"
+        or (
+            cfg.method == "sekd"
+            and (needs_teacher(cfg.metric) or cfg.policy.startswith("pos_rs_kd"))
+        )
+    ):
         return None
     V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
     lam = 0.0 if cfg.method == "ce" else cfg.lam
@@ -779,22 +1130,47 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     sel_rows = 3 * c if selects and cfg.method == "sekd" else 0  # RandomPos draws without logits
     if cfg.flow == "streamed":
         under_mask = lam == 1 or cfg.ce_at == "selected"  # the pass walks the selected rows only
-        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else max(c + 5 * s, 2 * c + s)
+        loss_rows = (
+            2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else max(c + 5 * s, 2 * c + s)
+        )
         back_rows, head_grad = 0, V * Ds * 4
     else:
-        loss_rows, back_rows, head_grad = (2 if lam == 0 else 7) * N, (5 if 0 < lam < 1 else 3) * N, 0
+        loss_rows, back_rows, head_grad = (
+            (2 if lam == 0 else 7) * N,
+            (5 if 0 < lam < 1 else 3) * N,
+            0,
+        )
     p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * (lam > 0)
-    a = {"student_params": p_s, "teacher_params": p_t, "grads": p_s, "adamw": 2 * p_s,
-         "activations": activation_bytes(student_config, B, L, half), "teacher_hidden": 4 * N * Dt * (lam > 0),
-         "head_grad": head_grad, "head_copies": 2 * V * (Ds + Dt * (lam > 0)) * half * (cfg.flow == "streamed"),
-         "logits": 4 * V * max(sel_rows, loss_rows, back_rows), "chunk_rows": c}
+    a = {
+        "student_params": p_s,
+        "teacher_params": p_t,
+        "grads": p_s,
+        "adamw": 2 * p_s,
+        "activations": activation_bytes(student_config, B, L, half),
+        "teacher_hidden": 4 * N * Dt * (lam > 0),
+        "head_grad": head_grad,
+        "head_copies": 2 * V * (Ds + Dt * (lam > 0)) * half * (cfg.flow == "streamed"),
+        "logits": 4 * V * max(sel_rows, loss_rows, back_rows),
+        "chunk_rows": c,
+    }
     resident = p_s + p_t + a["adamw"]
     held = resident + a["activations"] + a["teacher_hidden"]
-    a["phases"] = {"teacher forward": resident + activation_bytes(teacher_config, B, L, half, False) * (lam > 0),
-                   "selection": held + 2 * V * Ds * half + 4 * V * sel_rows,
-                   "loss": held + head_grad + a["head_copies"] + 4 * V * loss_rows,
-                   "backward": resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
-                   "optimizer step": resident + a["grads"] + p_s}
-    a.update(method=cfg.method, B=B, L=L, V=V, n_sel=n_sel, lam=lam, dtype="bfloat16" if half else "float32",
-             total=max(a["phases"].values()))
+    a["phases"] = {
+        "teacher forward": resident
+        + activation_bytes(teacher_config, B, L, half, False) * (lam > 0),
+        "selection": held + 2 * V * Ds * half + 4 * V * sel_rows,
+        "loss": held + head_grad + a["head_copies"] + 4 * V * loss_rows,
+        "backward": resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
+        "optimizer step": resident + a["grads"] + p_s,
+    }
+    a.update(
+        method=cfg.method,
+        B=B,
+        L=L,
+        V=V,
+        n_sel=n_sel,
+        lam=lam,
+        dtype="bfloat16" if half else "float32",
+        total=max(a["phases"].values()),
+    )
     return a

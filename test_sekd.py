@@ -1,5 +1,6 @@
 """Tests for sekd: every formula against an independent float64 brute force (explicit loops or
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
+
 import argparse
 import errno
 import inspect
@@ -18,7 +19,9 @@ from fractions import Fraction
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub name fails fast instead of retrying
-os.environ.setdefault("SEKD_COMPILE", "0")  # compiling every test's shapes would double the suite's time
+os.environ.setdefault(
+    "SEKD_COMPILE", "0"
+)  # compiling every test's shapes would double the suite's time
 
 import numpy as np
 import pytest
@@ -33,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- brute-force references
+
 
 def ref_softmax(row):
     m = max(row)
@@ -70,12 +74,18 @@ def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at=
             s_row, t_row = [float(v) for v in s_logits[b][t]], [float(v) for v in t_logits[b][t]]
             ce_b.append(-math.log(ref_softmax(s_row)[y]))
             if mask[b][t]:
-                kl_b.append(T * T * (ref_kl(s_row, t_row, T) if reverse else ref_kl(t_row, s_row, T)))
+                kl_b.append(
+                    T * T * (ref_kl(s_row, t_row, T) if reverse else ref_kl(t_row, s_row, T))
+                )
                 eq3_b.append(lam * kl_b[-1] + (1 - lam) * ce_b[-1])
         eq3_seqs.append(eq3_b)
         kl_seqs.append(kl_b)
         ce_seqs.append(ce_b)
-    return seq_mean(eq3_seqs) if ce_at == "selected" else lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    return (
+        seq_mean(eq3_seqs)
+        if ce_at == "selected"
+        else lam * seq_mean(kl_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    )
 
 
 def ref_topk_count(k, n):
@@ -83,6 +93,7 @@ def ref_topk_count(k, n):
 
 
 # ----------------------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
+
 
 @pytest.mark.parametrize("T", [1.0, 0.5, 2.0])
 def test_token_entropy_matches_brute_force(T):
@@ -94,8 +105,12 @@ def test_token_entropy_matches_brute_force(T):
 
 
 def test_token_entropy_extremes():
-    assert sekd.token_entropy(torch.zeros(7, dtype=torch.float64)).item() == pytest.approx(math.log(7))
-    assert sekd.token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+    assert sekd.token_entropy(torch.zeros(7, dtype=torch.float64)).item() == pytest.approx(
+        math.log(7)
+    )
+    assert sekd.token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("T", [1.0, 3.0])
@@ -113,7 +128,7 @@ def random_case(B=3, L=6, V=7, seed=0, pad=True):
     t = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
     y = torch.randint(0, V, (B, L), generator=g)
     if pad:
-        y[0, L - 2:] = -1  # padding at the end of one sequence
+        y[0, L - 2 :] = -1  # padding at the end of one sequence
     return s, t, y
 
 
@@ -149,6 +164,7 @@ def test_kd_loss_full_is_mean_over_valid_positions():
 
 # ----------------------------------------------------------------------------- top-k
 
+
 def test_budget_counts_are_exact_ceilings():
     for k in (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
         n = torch.arange(0, 301)
@@ -163,7 +179,7 @@ def test_topk_positions_counts_and_choice(k):
     scores = torch.randint(0, 5, (B, L), generator=g).double()  # many ties
     valid = torch.ones(B, L, dtype=torch.bool)
     for b in range(B):
-        valid[b, L - 7 * b:] = False  # 40, 33, 26, ... valid positions
+        valid[b, L - 7 * b :] = False  # 40, 33, 26, ... valid positions
     mask = sekd.topk_positions(scores, k, valid)
     for b in range(B):
         n = int(valid[b].sum())
@@ -184,9 +200,12 @@ def test_topk_positions_all_padding_row_and_default_valid():
 
 # ----------------------------------------------------------------------------- selective heads, chunks, the streamed loss
 
+
 def tiny_gpt(V=37, D=16, L=12, layers=2, heads=2, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=layers, n_head=heads, n_embd=D)).to(dtype)
+    return sekd.GPT(
+        sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=layers, n_head=heads, n_embd=D)
+    ).to(dtype)
 
 
 def test_selective_head_equals_gathered_dense_logits():
@@ -210,13 +229,18 @@ def test_chunked_entropy_equals_dense_entropy(chunk):
 
 
 @pytest.mark.parametrize("ce_at", ["selected", "all"])
-@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.0, 1.0, 5), (0.7, 0.5, 1000)])
+@pytest.mark.parametrize(
+    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.0, 1.0, 5), (0.7, 0.5, 1000)]
+)
 def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
     g = torch.Generator().manual_seed(5)
     B, L, D, Dt, V = 3, 8, 6, 5, 13
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(B, L, Dt, generator=g, dtype=torch.float64), torch.randn(V, Dt, generator=g, dtype=torch.float64)
+    ht, wt = (
+        torch.randn(B, L, Dt, generator=g, dtype=torch.float64),
+        torch.randn(V, Dt, generator=g, dtype=torch.float64),
+    )
     y = torch.randint(0, V, (B, L), generator=g)
     y[2, 5:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.3, y >= 0)
@@ -224,7 +248,9 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
     d_grads = torch.autograd.grad(dense, (hs, ws))
     walked = []  # the rows the streamed pass makes logits for
     apply = sekd._StreamedHeadLoss.apply
-    with mock.patch.object(sekd._StreamedHeadLoss, "apply", lambda h, *a: walked.append(len(h)) or apply(h, *a)):
+    with mock.patch.object(
+        sekd._StreamedHeadLoss, "apply", lambda h, *a: walked.append(len(h)) or apply(h, *a)
+    ):
         streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, ce_at=ce_at)
     s_grads = torch.autograd.grad(streamed, (hs, ws))
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
@@ -246,9 +272,14 @@ def test_compiled_chunk_formulas_equal_eager(monkeypatch):
     y = torch.randint(0, 50, (2, 12), generator=g)
 
     def step():  # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
-        scores = sekd.chunked_scores("student_entropy", hs.detach(), ws.detach(), y >= 0, chunk_rows=5)
-        loss = sekd.streamed_kd_loss(hs, ws, ht, wt, y, sekd.topk_positions(scores, 0.5, y >= 0), chunk_rows=7)
+        scores = sekd.chunked_scores(
+            "student_entropy", hs.detach(), ws.detach(), y >= 0, chunk_rows=5
+        )
+        loss = sekd.streamed_kd_loss(
+            hs, ws, ht, wt, y, sekd.topk_positions(scores, 0.5, y >= 0), chunk_rows=7
+        )
         return scores, loss, *torch.autograd.grad(loss, (hs, ws))
+
     eager = step()
     monkeypatch.setenv("SEKD_COMPILE", "1")
     with warnings.catch_warnings(record=True):
@@ -270,7 +301,9 @@ def test_streamed_backward_scales_the_stored_gradients_in_place_once():
         loss.backward(retain_graph=True)
     assert meter.peak < ws.numel() * 4  # no copy of the [V, D] head gradient is made
     want = torch.autograd.grad(3.0 * sekd.kd_loss(hs @ ws.T, ht @ wt.T, y), (hs, ws))
-    assert torch.allclose(hs.grad, want[0], atol=1e-5) and torch.allclose(ws.grad, want[1], atol=1e-5)
+    assert torch.allclose(hs.grad, want[0], atol=1e-5) and torch.allclose(
+        ws.grad, want[1], atol=1e-5
+    )
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
 
@@ -282,7 +315,9 @@ def test_streamed_gradients_through_a_model_match_dense_flow():
     grads = []
     for flow in ("dense", "streamed"):
         student.zero_grad()
-        loss, n = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("sekd", k=0.25, flow=flow, chunk_rows=2))
+        loss, n = sekd.distill_loss(
+            student, teacher, idx, y, sekd.KDConfig("sekd", k=0.25, flow=flow, chunk_rows=2)
+        )
         loss.backward()
         grads.append([p.grad.clone() for p in student.parameters()])
         assert n == 2 * 3
@@ -306,7 +341,9 @@ def test_sekd_selects_highest_student_entropy():
     student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
     idx = torch.randint(0, 37, (2, 12))
     h = student.hidden(idx)
-    mask = sekd.select_positions(h, student.head_weight, torch.ones(2, 12, dtype=torch.bool), sekd.KDConfig("sekd", k=0.25))
+    mask = sekd.select_positions(
+        h, student.head_weight, torch.ones(2, 12, dtype=torch.bool), sekd.KDConfig("sekd", k=0.25)
+    )
     ent = sekd.token_entropy(student(idx))
     for b in range(2):
         chosen = set(torch.nonzero(mask[b]).flatten().tolist())
@@ -314,6 +351,7 @@ def test_sekd_selects_highest_student_entropy():
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 def test_ece_matches_bin_loop():
     g = torch.Generator().manual_seed(6)
@@ -334,22 +372,29 @@ def test_ece_matches_bin_loop():
 def test_evaluation_sums_match_dense():
     s, t, y = random_case(pad=True)
     # a head of identity weights makes the logits equal the hidden states
-    out = sekd.evaluation_sums(s, torch.eye(7, dtype=torch.float64), t, torch.eye(7, dtype=torch.float64), y, chunk_rows=4)
+    out = sekd.evaluation_sums(
+        s, torch.eye(7, dtype=torch.float64), t, torch.eye(7, dtype=torch.float64), y, chunk_rows=4
+    )
     valid = y >= 0
     logq = torch.log_softmax(s[valid], -1)
-    assert torch.allclose(torch.cat(out["nll"]), -logq.gather(1, y[valid][:, None])[:, 0], atol=1e-12)
+    assert torch.allclose(
+        torch.cat(out["nll"]), -logq.gather(1, y[valid][:, None])[:, 0], atol=1e-12
+    )
     assert torch.allclose(torch.cat(out["conf"]).double(), logq.exp().max(-1).values, atol=1e-6)
     assert torch.equal(torch.cat(out["correct"]), logq.argmax(-1) == y[valid])
-    assert out["kl"] == pytest.approx(sekd.kl_per_position(t[valid], s[valid]).sum().item(), abs=1e-9)
+    assert out["kl"] == pytest.approx(
+        sekd.kl_per_position(t[valid], s[valid]).sum().item(), abs=1e-9
+    )
     assert out["agree"] == int((s[valid].argmax(-1) == t[valid].argmax(-1)).sum())
 
 
 # ----------------------------------------------------------------------------- memory meter
 
+
 def test_live_bytes_counts_allocations_and_frees():
     with train.LiveBytes() as meter:
         a = torch.empty(1000, 250)  # 1 MB
-        b = torch.empty(500, 250)   # 0.5 MB
+        b = torch.empty(500, 250)  # 0.5 MB
         del a
         c = torch.empty(100, 250)
     assert meter.peak == 1_500_000
@@ -360,11 +405,16 @@ def test_live_bytes_counts_allocations_and_frees():
 
 # ----------------------------------------------------------------------------- the closed-form memory account
 
-@pytest.mark.parametrize("V,L,layers,D", [(37, 12, 2, 16), (1000, 64, 1, 48), (50257, 1024, 12, 768)])
+
+@pytest.mark.parametrize(
+    "V,L,layers,D", [(37, 12, 2, 16), (1000, 64, 1, 48), (50257, 1024, 12, 768)]
+)
 def test_n_params_counts_every_parameter(V, L, layers, D):
     config = sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=layers, n_head=4, n_embd=D)
     model = sekd.GPT(config) if V < 50257 else None
-    want = sum(p.numel() for p in model.parameters()) if model else 124_439_808  # GPT-2 small, tied head
+    want = (
+        sum(p.numel() for p in model.parameters()) if model else 124_439_808
+    )  # GPT-2 small, tied head
     assert sekd.n_params(config) == want
 
 
@@ -384,19 +434,33 @@ def measured_step_peak(student, teacher, cfg, x, y):
     return resident + meter.peak, meter.matched_peak
 
 
-@pytest.mark.parametrize("method,lam,flow", [
-    ("ce", 0.5, "streamed"), ("full_kd", 1.0, "streamed"), ("full_kd", 0.5, "streamed"), ("sekd", 1.0, "streamed"),
-    ("sekd", 0.5, "streamed"), ("random_pos", 0.5, "streamed"), ("ce", 0.5, "dense"), ("full_kd", 0.5, "dense"),
-    ("sekd", 1.0, "dense")])
+@pytest.mark.parametrize(
+    "method,lam,flow",
+    [
+        ("ce", 0.5, "streamed"),
+        ("full_kd", 1.0, "streamed"),
+        ("full_kd", 0.5, "streamed"),
+        ("sekd", 1.0, "streamed"),
+        ("sekd", 0.5, "streamed"),
+        ("random_pos", 0.5, "streamed"),
+        ("ce", 0.5, "dense"),
+        ("full_kd", 0.5, "dense"),
+        ("sekd", 1.0, "dense"),
+    ],
+)
 def test_memory_account_is_within_10_percent_of_the_measured_peak(method, lam, flow):
     """The closed form against the live-tensor meter on the CPU (and the allocator on CUDA), float32.
     Its logit term is exact where every chunk selects the same number of rows."""
     torch.manual_seed(0)
     V, B, L = 8000, 8, 64
     student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=48))
-    teacher = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=96)).requires_grad_(False)
+    teacher = sekd.GPT(
+        sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=96)
+    ).requires_grad_(False)
     x, y = torch.randint(0, V, (B, L)), torch.randint(0, V, (B, L))
-    cfg = sekd.KDConfig(method, k=1.0 if method == "full_kd" else 0.2, lam=lam, flow=flow, chunk_rows=64)
+    cfg = sekd.KDConfig(
+        method, k=1.0 if method == "full_kd" else 0.2, lam=lam, flow=flow, chunk_rows=64
+    )
     acc = sekd.memory_account(student.config, teacher.config, B, L, cfg)
     total, logits = measured_step_peak(student, teacher, cfg, x, y)
     assert abs(acc["total"] - total) <= 0.1 * total, (acc["total"], total)
@@ -417,8 +481,13 @@ def test_memory_account_is_within_10_percent_of_the_measured_peak(method, lam, f
 
 def test_memory_account_models_only_the_steps_it_knows():
     s, t = sekd.GPTConfig(vocab_size=100), sekd.GPTConfig(vocab_size=100)
-    for cfg in (sekd.KDConfig("at_kd"), sekd.KDConfig("sekd", classes="rskd"), sekd.KDConfig("sekd", metric="kl"),
-                sekd.KDConfig("sekd", policy="pos_rs_kd"), sekd.KDConfig("full_kd", divergence="reverse")):
+    for cfg in (
+        sekd.KDConfig("at_kd"),
+        sekd.KDConfig("sekd", classes="rskd"),
+        sekd.KDConfig("sekd", metric="kl"),
+        sekd.KDConfig("sekd", policy="pos_rs_kd"),
+        sekd.KDConfig("full_kd", divergence="reverse"),
+    ):
         assert sekd.memory_account(s, t, 2, 8, cfg) is None
     acc = sekd.memory_account(s, t, 2, 8, sekd.KDConfig("ce"))
     assert acc["teacher_params"] == acc["teacher_hidden"] == 0  # plain CE holds no teacher
@@ -426,22 +495,33 @@ def test_memory_account_models_only_the_steps_it_knows():
 
 # ----------------------------------------------------------------------------- user errors
 
+
 @pytest.mark.parametrize("k", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_budget_is_a_clear_error(k):
     with pytest.raises(ValueError, match=r"^k must be in \(0, 1\] \(e.g. 0.2 for 20%\), got "):
         sekd.KDConfig("sekd", k=k)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("T", 0.0, "T must be > 0, got 0.0"), ("lam", 1.5, r"lam must be in \[0, 1\], got 1.5"),
-    ("method", "magic", "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'"),
-    ("flow", "magic", "flow must be one of streamed, dense, got 'magic'"),
-    ("chunk_rows", -1, "chunk_rows must be an integer >= 0"), ("chunk_rows", 2.5, "chunk_rows must be an integer"),
-    ("gls_queue", 0, "gls_queue must be an integer >= 1, got 0"),
-    ("curriculum_steps", 0, "curriculum_steps must be an integer >= 1, got 0"),
-    ("classes", "some", "classes must be one of full, rskd, got 'some'"),
-    ("divergence", "sideways", "divergence must be one of forward, reverse, got 'sideways'"),
-    ("ce_at", "every", "ce_at must be one of selected, all, got 'every'")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("T", 0.0, "T must be > 0, got 0.0"),
+        ("lam", 1.5, r"lam must be in \[0, 1\], got 1.5"),
+        (
+            "method",
+            "magic",
+            "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'",
+        ),
+        ("flow", "magic", "flow must be one of streamed, dense, got 'magic'"),
+        ("chunk_rows", -1, "chunk_rows must be an integer >= 0"),
+        ("chunk_rows", 2.5, "chunk_rows must be an integer"),
+        ("gls_queue", 0, "gls_queue must be an integer >= 1, got 0"),
+        ("curriculum_steps", 0, "curriculum_steps must be an integer >= 1, got 0"),
+        ("classes", "some", "classes must be one of full, rskd, got 'some'"),
+        ("divergence", "sideways", "divergence must be one of forward, reverse, got 'sideways'"),
+        ("ce_at", "every", "ce_at must be one of selected, all, got 'every'"),
+    ],
+)
 def test_kdconfig_checks_every_setting_in_one_line(field, value, message):
     sekd.KDConfig(**{field: getattr(sekd.KDConfig(), field)})  # the default is accepted
     with pytest.raises(ValueError, match=message) as e:
@@ -454,86 +534,220 @@ def public_calls():
     s, t, y = random_case(seed=30)
     eye, valid, scores = torch.eye(7, dtype=torch.float64), y >= 0, s[..., 0]
     ids, counts = sekd.rskd_sample(t, 4, generator=torch.Generator().manual_seed(0))
-    model, idx = tiny_gpt(V=7, D=8, L=8), torch.randint(0, 7, (2, 8), generator=torch.Generator().manual_seed(1))
-    gls_state = sekd.PositionState(queue=torch.rand(20, dtype=torch.float64))  # a queue: GLS's quantile path
+    model, idx = (
+        tiny_gpt(V=7, D=8, L=8),
+        torch.randint(0, 7, (2, 8), generator=torch.Generator().manual_seed(1)),
+    )
+    gls_state = sekd.PositionState(
+        queue=torch.rand(20, dtype=torch.float64)
+    )  # a queue: GLS's quantile path
 
     def call(fn, *args, **defaults):
         return lambda **bad: fn(*args, **{**defaults, **bad})
+
     return {
-        "token_entropy": call(sekd.token_entropy, s), "chunk_entropy": lambda T=1.0: sekd.chunk_entropy(s, T),
-        "kl_per_position": call(sekd.kl_per_position, t, s), "kd_loss": call(sekd.kd_loss, s, t, y),
+        "token_entropy": call(sekd.token_entropy, s),
+        "chunk_entropy": lambda T=1.0: sekd.chunk_entropy(s, T),
+        "kl_per_position": call(sekd.kl_per_position, t, s),
+        "kd_loss": call(sekd.kd_loss, s, t, y),
         "streamed_kd_loss": call(sekd.streamed_kd_loss, s, eye, t, eye, y),
         "default_chunk_rows": call(sekd.default_chunk_rows, vocab_size=50257),
         "budget_counts": call(sekd.budget_counts, k=0.5, n=valid.sum(1)),
         "topk_positions": call(sekd.topk_positions, scores, k=0.5, valid=valid),
         "gls_positions": call(sekd.gls_positions, scores, k=0.5, valid=valid, state=gls_state),
-        "curriculum_positions": call(sekd.curriculum_positions, scores, k=0.5, valid=valid, state=sekd.PositionState()),
+        "curriculum_positions": call(
+            sekd.curriculum_positions, scores, k=0.5, valid=valid, state=sekd.PositionState()
+        ),
         "pos_rs_kd_positions": call(sekd.pos_rs_kd_positions, scores.abs(), k=0.5, valid=valid),
-        "kl_row_weights": call(sekd.kl_row_weights, valid.double(), k=0.5, valid=valid, policy="pos_rs_kd_star"),
+        "kl_row_weights": call(
+            sekd.kl_row_weights, valid.double(), k=0.5, valid=valid, policy="pos_rs_kd_star"
+        ),
         "needs_teacher": call(sekd.needs_teacher, metric="kl"),
-        "chunked_scores": call(sekd.chunked_scores, metric="student_entropy", student_h=s, student_w=eye, valid=valid),
+        "chunked_scores": call(
+            sekd.chunked_scores, metric="student_entropy", student_h=s, student_w=eye, valid=valid
+        ),
         "sample_entropy": call(sekd.sample_entropy, s, eye),
         "at_kd_loss": call(sekd.at_kd_loss, s, t, y),
         "streamed_at_kd_loss": call(sekd.streamed_at_kd_loss, s, eye, t, eye, y),
         "on_policy_batch": call(sekd.on_policy_batch, model, idx, prompt_len=4),
         "on_policy_rows": call(sekd.on_policy_rows, 16, share=0.5),
-        "on_policy_distill_loss": call(sekd.on_policy_distill_loss, model, model, idx, idx,
-                                       sekd.KDConfig("full_kd", k=1.0), share=0.5, prompt_len=4),
-        "rskd_sample": call(sekd.rskd_sample, t, U=4), "teacher_draws": call(sekd.teacher_draws, t, eye, U=4),
+        "on_policy_distill_loss": call(
+            sekd.on_policy_distill_loss,
+            model,
+            model,
+            idx,
+            idx,
+            sekd.KDConfig("full_kd", k=1.0),
+            share=0.5,
+            prompt_len=4,
+        ),
+        "rskd_sample": call(sekd.rskd_sample, t, U=4),
+        "teacher_draws": call(sekd.teacher_draws, t, eye, U=4),
         "rskd_loss": call(sekd.rskd_loss, s, eye, ids, counts, y),
         "top_samples": call(sekd.top_samples, torch.rand(10), l=0.5),
         "random_samples": call(sekd.random_samples, 10, l=0.5),
-        "expected_calibration_error": call(sekd.expected_calibration_error, torch.rand(20), torch.rand(20) < 0.5),
+        "expected_calibration_error": call(
+            sekd.expected_calibration_error, torch.rand(20), torch.rand(20) < 0.5
+        ),
         "evaluation_sums": call(sekd.evaluation_sums, s, eye, t, eye, y),
-        "GPTConfig": call(sekd.GPTConfig, vocab_size=7, n_embd=8, n_head=2), "KDConfig": call(sekd.KDConfig),
-        "PositionState": call(sekd.PositionState), "GPT.generate": call(model.generate, idx, n_new=2),
+        "GPTConfig": call(sekd.GPTConfig, vocab_size=7, n_embd=8, n_head=2),
+        "KDConfig": call(sekd.KDConfig),
+        "PositionState": call(sekd.PositionState),
+        "GPT.generate": call(model.generate, idx, n_new=2),
     }
 
 
 BAD = [  # (a public function, arguments that make no sense, the start of its message: the argument's name)
-    *[(f, {"T": T}, f"T must be > 0, got {T}") for f in ("token_entropy", "chunk_entropy", "kl_per_position", "kd_loss",
-                                                         "streamed_kd_loss", "at_kd_loss", "streamed_at_kd_loss",
-                                                         "rskd_sample", "teacher_draws", "rskd_loss", "KDConfig")
-      for T in (0, -1.0)],
-    *[(f, {"lam": lam}, f"lam must be in [0, 1], got {lam}") for f in ("kd_loss", "streamed_kd_loss", "at_kd_loss",
-                                                                      "streamed_at_kd_loss", "rskd_loss", "KDConfig")
-      for lam in (1.5, -0.1)],
-    *[(f, {"k": k}, f"k must be in (0, 1] (e.g. 0.2 for 20%), got {k}")
-      for f in ("budget_counts", "topk_positions", "gls_positions", "curriculum_positions", "pos_rs_kd_positions",
-                "kl_row_weights", "KDConfig") for k in (1.5, 0, -0.1, float("nan"))],
-    *[(f, {"l": l}, f"l must be in (0, 1] (e.g. 0.2 for 20%), got {l}") for f in ("top_samples", "random_samples")
-      for l in (1.5, 0, -0.1)],
-    *[(f, {"chunk_rows": c}, f"chunk_rows must be an integer >= 0, or None (0, None: automatic), got {c}")
-      for f in ("streamed_kd_loss", "chunked_scores", "sample_entropy", "streamed_at_kd_loss", "teacher_draws",
-                "rskd_loss", "evaluation_sums", "KDConfig") for c in (-1, 2.5)],
-    *[(f, {"U": U}, f"U must be an integer in [1, 127] (7-bit counts), got {U}")
-      for f in ("rskd_sample", "teacher_draws", "KDConfig") for U in (0, 128, 2.5)],
-    *[(f, {"divergence": "sideways"}, "divergence must be one of forward, reverse, got 'sideways'")
-      for f in ("kd_loss", "streamed_kd_loss", "KDConfig")],
-    *[(f, {"ce_at": "every"}, "ce_at must be one of selected, all, got 'every'")
-      for f in ("kd_loss", "streamed_kd_loss", "rskd_loss", "KDConfig")],
-    *[(f, {"metric": "nope"}, "metric must be one of student_entropy, teacher_entropy,")
-      for f in ("needs_teacher", "chunked_scores", "KDConfig")],
-    ("kl_row_weights", {"policy": "nope"}, "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, "),
-    *[(f, {"share": v}, f"share must be in [0, 1], got {v}") for f in ("on_policy_rows", "on_policy_distill_loss")
-      for v in (1.5, -0.1)],
-    *[("on_policy_batch", {"prompt_len": p}, f"(prompt_len, L) must be 1 <= prompt_len <= L, the sequence length, "
-                                             f"got ({p}, 8)") for p in (0, 9)],
-    *[(f, {field: v}, f"{field} must be an integer >= 1, got {v}") for f in ("PositionState", "KDConfig")
-      for field in ("gls_queue", "curriculum_steps") for v in (0, 2.5)],
-    ("KDConfig", {"method": "magic"}, "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'"),
+    *[
+        (f, {"T": T}, f"T must be > 0, got {T}")
+        for f in (
+            "token_entropy",
+            "chunk_entropy",
+            "kl_per_position",
+            "kd_loss",
+            "streamed_kd_loss",
+            "at_kd_loss",
+            "streamed_at_kd_loss",
+            "rskd_sample",
+            "teacher_draws",
+            "rskd_loss",
+            "KDConfig",
+        )
+        for T in (0, -1.0)
+    ],
+    *[
+        (f, {"lam": lam}, f"lam must be in [0, 1], got {lam}")
+        for f in (
+            "kd_loss",
+            "streamed_kd_loss",
+            "at_kd_loss",
+            "streamed_at_kd_loss",
+            "rskd_loss",
+            "KDConfig",
+        )
+        for lam in (1.5, -0.1)
+    ],
+    *[
+        (f, {"k": k}, f"k must be in (0, 1] (e.g. 0.2 for 20%), got {k}")
+        for f in (
+            "budget_counts",
+            "topk_positions",
+            "gls_positions",
+            "curriculum_positions",
+            "pos_rs_kd_positions",
+            "kl_row_weights",
+            "KDConfig",
+        )
+        for k in (1.5, 0, -0.1, float("nan"))
+    ],
+    *[
+        (f, {"l": l}, f"l must be in (0, 1] (e.g. 0.2 for 20%), got {l}")
+        for f in ("top_samples", "random_samples")
+        for l in (1.5, 0, -0.1)
+    ],
+    *[
+        (
+            f,
+            {"chunk_rows": c},
+            f"chunk_rows must be an integer >= 0, or None (0, None: automatic), got {c}",
+        )
+        for f in (
+            "streamed_kd_loss",
+            "chunked_scores",
+            "sample_entropy",
+            "streamed_at_kd_loss",
+            "teacher_draws",
+            "rskd_loss",
+            "evaluation_sums",
+            "KDConfig",
+        )
+        for c in (-1, 2.5)
+    ],
+    *[
+        (f, {"U": U}, f"U must be an integer in [1, 127] (7-bit counts), got {U}")
+        for f in ("rskd_sample", "teacher_draws", "KDConfig")
+        for U in (0, 128, 2.5)
+    ],
+    *[
+        (
+            f,
+            {"divergence": "sideways"},
+            "divergence must be one of forward, reverse, got 'sideways'",
+        )
+        for f in ("kd_loss", "streamed_kd_loss", "KDConfig")
+    ],
+    *[
+        (f, {"ce_at": "every"}, "ce_at must be one of selected, all, got 'every'")
+        for f in ("kd_loss", "streamed_kd_loss", "rskd_loss", "KDConfig")
+    ],
+    *[
+        (f, {"metric": "nope"}, "metric must be one of student_entropy, teacher_entropy,")
+        for f in ("needs_teacher", "chunked_scores", "KDConfig")
+    ],
+    (
+        "kl_row_weights",
+        {"policy": "nope"},
+        "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, ",
+    ),
+    *[
+        (f, {"share": v}, f"share must be in [0, 1], got {v}")
+        for f in ("on_policy_rows", "on_policy_distill_loss")
+        for v in (1.5, -0.1)
+    ],
+    *[
+        (
+            "on_policy_batch",
+            {"prompt_len": p},
+            f"(prompt_len, L) must be 1 <= prompt_len <= L, the sequence length, got ({p}, 8)",
+        )
+        for p in (0, 9)
+    ],
+    *[
+        (f, {field: v}, f"{field} must be an integer >= 1, got {v}")
+        for f in ("PositionState", "KDConfig")
+        for field in ("gls_queue", "curriculum_steps")
+        for v in (0, 2.5)
+    ],
+    (
+        "KDConfig",
+        {"method": "magic"},
+        "method must be one of ce, full_kd, sekd, random_pos, at_kd, got 'magic'",
+    ),
     ("KDConfig", {"flow": "magic"}, "flow must be one of streamed, dense, got 'magic'"),
-    ("KDConfig", {"policy": "nope"}, "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, "),
+    (
+        "KDConfig",
+        {"policy": "nope"},
+        "policy must be one of topk, gls, curriculum, pos_rs_kd, pos_rs_kd_star, ",
+    ),
     ("KDConfig", {"classes": "some"}, "classes must be one of full, rskd, got 'some'"),
-    ("KDConfig", {"classes": "rskd", "flow": "dense"},
-     "(classes, method, flow) must be ('full', any, any) or ('rskd', a KD method (not ce), 'streamed'), "
-     "got ('rskd', 'sekd', 'dense')"),
-    ("KDConfig", {"divergence": "reverse", "method": "at_kd"}, "(divergence, method, classes) must be ('forward', any"),
-    *[("expected_calibration_error", {"n_bins": n}, f"n_bins must be an integer >= 1, got {n}") for n in (0, 2.5)],
-    *[("default_chunk_rows", {"vocab_size": v}, f"vocab_size must be an integer >= 1, got {v}") for v in (0, -5)],
-    *[("GPTConfig", {f: 0}, f"{f} must be an integer >= 1, got 0")
-      for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")],
-    ("GPTConfig", {"n_embd": 15, "n_head": 2}, "(n_embd, n_head) must be divisible, n_embd by n_head, got (15, 2)"),
+    (
+        "KDConfig",
+        {"classes": "rskd", "flow": "dense"},
+        "(classes, method, flow) must be ('full', any, any) or ('rskd', a KD method (not ce), 'streamed'), "
+        "got ('rskd', 'sekd', 'dense')",
+    ),
+    (
+        "KDConfig",
+        {"divergence": "reverse", "method": "at_kd"},
+        "(divergence, method, classes) must be ('forward', any",
+    ),
+    *[
+        ("expected_calibration_error", {"n_bins": n}, f"n_bins must be an integer >= 1, got {n}")
+        for n in (0, 2.5)
+    ],
+    *[
+        ("default_chunk_rows", {"vocab_size": v}, f"vocab_size must be an integer >= 1, got {v}")
+        for v in (0, -5)
+    ],
+    *[
+        ("GPTConfig", {f: 0}, f"{f} must be an integer >= 1, got 0")
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    ],
+    (
+        "GPTConfig",
+        {"n_embd": 15, "n_head": 2},
+        "(n_embd, n_head) must be divisible, n_embd by n_head, got (15, 2)",
+    ),
     ("GPTConfig", {"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
     *[("GPT.generate", {"n_new": n}, f"n_new must be an integer >= 1, got {n}") for n in (0, 2.5)],
     ("GPT.generate", {"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
@@ -559,30 +773,61 @@ def test_every_public_function_has_a_case_for_each_argument_it_checks():
                 assert (name, arg) in cases, f"sekd.{name}({arg}=...) has no case in BAD"
 
 
-@pytest.mark.parametrize("name,edge", [
-    ("topk_positions", {"k": 1}), ("budget_counts", {"k": 1.0}), ("kd_loss", {"lam": 0.0}), ("kd_loss", {"lam": 1}),
-    ("streamed_kd_loss", {"lam": 0.0}), ("streamed_kd_loss", {"chunk_rows": 0}),
-    ("streamed_kd_loss", {"chunk_rows": None}),
-    ("at_kd_loss", {"lam": 0.0}), ("streamed_at_kd_loss", {"lam": 0}), ("rskd_loss", {"lam": 0.0, "ce_at": "all"}),
-    ("rskd_sample", {"U": 1}), ("rskd_sample", {"U": 127}), ("on_policy_rows", {"share": 0.0}),
-    ("on_policy_rows", {"share": 1}), ("on_policy_batch", {"prompt_len": 1}), ("on_policy_batch", {"prompt_len": 8}),
-    ("top_samples", {"l": 1.0}), ("random_samples", {"l": 1}), ("expected_calibration_error", {"n_bins": 1}),
-    ("GPTConfig", {"n_embd": 2, "n_head": 2, "dropout": 0.0}), ("KDConfig", {"k": 1.0, "lam": 0.0}),
-    ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}), ("gls_positions", {"k": 1.0}),
-    ("GPT.generate", {"n_new": 1, "temperature": 0}), ("GPT.generate", {"top_k": 0})])
+@pytest.mark.parametrize(
+    "name,edge",
+    [
+        ("topk_positions", {"k": 1}),
+        ("budget_counts", {"k": 1.0}),
+        ("kd_loss", {"lam": 0.0}),
+        ("kd_loss", {"lam": 1}),
+        ("streamed_kd_loss", {"lam": 0.0}),
+        ("streamed_kd_loss", {"chunk_rows": 0}),
+        ("streamed_kd_loss", {"chunk_rows": None}),
+        ("at_kd_loss", {"lam": 0.0}),
+        ("streamed_at_kd_loss", {"lam": 0}),
+        ("rskd_loss", {"lam": 0.0, "ce_at": "all"}),
+        ("rskd_sample", {"U": 1}),
+        ("rskd_sample", {"U": 127}),
+        ("on_policy_rows", {"share": 0.0}),
+        ("on_policy_rows", {"share": 1}),
+        ("on_policy_batch", {"prompt_len": 1}),
+        ("on_policy_batch", {"prompt_len": 8}),
+        ("top_samples", {"l": 1.0}),
+        ("random_samples", {"l": 1}),
+        ("expected_calibration_error", {"n_bins": 1}),
+        ("GPTConfig", {"n_embd": 2, "n_head": 2, "dropout": 0.0}),
+        ("KDConfig", {"k": 1.0, "lam": 0.0}),
+        ("KDConfig", {"lam": 1.0, "U": 127, "chunk_rows": 0}),
+        ("gls_positions", {"k": 1.0}),
+        ("GPT.generate", {"n_new": 1, "temperature": 0}),
+        ("GPT.generate", {"top_k": 0}),
+    ],
+)
 def test_boundary_values_are_accepted(name, edge):
     out = public_calls()[name](**edge)
-    numbers = [x for x in (out if isinstance(out, tuple) else (out,)) if not hasattr(x, "__dataclass_fields__")]
-    assert all(torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all() for x in numbers)  # a config: built
+    numbers = [
+        x
+        for x in (out if isinstance(out, tuple) else (out,))
+        if not hasattr(x, "__dataclass_fields__")
+    ]
+    assert all(
+        torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all() for x in numbers
+    )  # a config: built
 
 
 def test_boundary_values_select_and_keep_everything():
     calls = public_calls()
     _, _, y = random_case(seed=30)
     assert torch.equal(calls["topk_positions"](k=1), y >= 0)
-    assert calls["top_samples"](l=1).tolist() == calls["random_samples"](l=1).tolist() == list(range(10))
+    assert (
+        calls["top_samples"](l=1).tolist()
+        == calls["random_samples"](l=1).tolist()
+        == list(range(10))
+    )
     assert (calls["on_policy_rows"](share=0), calls["on_policy_rows"](share=1)) == (0, 16)
-    x, targets = calls["on_policy_batch"](prompt_len=8)  # the whole sequence as the prompt: one sampled token
+    x, targets = calls["on_policy_batch"](
+        prompt_len=8
+    )  # the whole sequence as the prompt: one sampled token
     assert x.shape == (2, 8) and (targets[:, :7] == -1).all() and (targets[:, 7] >= 0).all()
 
 
@@ -593,9 +838,13 @@ def test_long_sequence_is_refused():
 
 # ----------------------------------------------------------------------------- data
 
+
 def test_markdown_is_stripped_to_play_text():
     md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n*\\[Aside.\\]*\n"
-    assert data.markdown_to_play_text(md) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n[Aside.]\n"
+    assert (
+        data.markdown_to_play_text(md)
+        == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n[Aside.]\n"
+    )
 
 
 def test_shakespeare_split_holds_out_whole_plays():
@@ -619,7 +868,7 @@ def test_pack_and_vocab_round_trip():
     samples = data.pack(vocab.encode(ids), 9)
     assert samples.shape[1] == 10
     flat = samples.reshape(-1)
-    assert vocab.decode(flat, enc) == enc.decode(ids[:len(flat)].tolist())
+    assert vocab.decode(flat, enc) == enc.decode(ids[: len(flat)].tolist())
     unseen = vocab.encode(np.array(enc.encode_ordinary(" zebra")))
     assert (unseen == vocab.unk).all() and data.UNK in vocab.decode(unseen, enc)
     full = data.Vocab(np.arange(50257), full=True)
@@ -648,7 +897,9 @@ def test_empty_and_too_short_corpus_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="empty"):
         data.prepare(write_corpus(tmp_path, "\n\n", "\n"), 16, cache_dir=str(tmp_path / "c1"))
     with pytest.raises(data.DataError, match="too few"):
-        data.prepare(write_corpus(tmp_path, "Short text.\n" * 3, "x\n"), 64, cache_dir=str(tmp_path / "c2"))
+        data.prepare(
+            write_corpus(tmp_path, "Short text.\n" * 3, "x\n"), 64, cache_dir=str(tmp_path / "c2")
+        )
     with pytest.raises(data.DataError, match="does not exist"):
         data.prepare("files:/nonexistent/x.txt", 16, cache_dir=str(tmp_path / "c3"))
     with pytest.raises(data.DataError, match="unknown --dataset"):
@@ -659,11 +910,21 @@ def test_empty_or_binary_local_file_says_so(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 20)
-    for name, what in (("empty.txt", "is empty: give a text file"), ("blank.txt", "is empty"),
-                       ("model.bin", "is not UTF-8 text: give plain text files")):
+    for name, what in (
+        ("empty.txt", "is empty: give a text file"),
+        ("blank.txt", "is empty"),
+        ("model.bin", "is not UTF-8 text: give plain text files"),
+    ):
         with pytest.raises(data.DataError, match=f"files:{tmp_path / name} {what}"):
             data.prepare(f"files:{tmp_path / name}", 16, cache_dir=str(tmp_path / "c"))
-    r = run_cli("--dataset", f"files:{tmp_path / 'empty.txt'}", "--data-dir", tmp_path / "c", "--out-dir", tmp_path)
+    r = run_cli(
+        "--dataset",
+        f"files:{tmp_path / 'empty.txt'}",
+        "--data-dir",
+        tmp_path / "c",
+        "--out-dir",
+        tmp_path,
+    )
     assert_one_line_exit_2(r, "empty.txt is empty")
 
 
@@ -674,10 +935,38 @@ def test_hub_dataset_offline_fails_fast_with_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the training job
 
-TINY = ["--teacher-layers", "1", "--teacher-embd", "32", "--teacher-heads", "2", "--student-layers", "1",
-        "--student-embd", "16", "--student-heads", "2", "--seq-len", "16", "--batch-size", "4",
-        "--teacher-steps", "40", "--student-init-steps", "30", "--student-steps", "20", "--eval-tokens", "512", "--log-interval", "10",
-        "--eval-interval", "10", "--warmup", "3"]
+TINY = [
+    "--teacher-layers",
+    "1",
+    "--teacher-embd",
+    "32",
+    "--teacher-heads",
+    "2",
+    "--student-layers",
+    "1",
+    "--student-embd",
+    "16",
+    "--student-heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--teacher-steps",
+    "40",
+    "--student-init-steps",
+    "30",
+    "--student-steps",
+    "20",
+    "--eval-tokens",
+    "512",
+    "--log-interval",
+    "10",
+    "--eval-interval",
+    "10",
+    "--warmup",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -690,14 +979,18 @@ def tiny_corpus(tmp_path_factory):
 
 def run_job(tmp_path, corpus, *extra):
     ds, cache = corpus
-    return train.main(TINY + ["--dataset", ds, "--data-dir", cache, "--out-dir", str(tmp_path)] + list(extra))
+    return train.main(
+        TINY + ["--dataset", ds, "--data-dir", cache, "--out-dir", str(tmp_path)] + list(extra)
+    )
 
 
 def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpus, capsys):
     r1 = run_job(tmp_path, tiny_corpus)
     out = capsys.readouterr().out
     assert "ETA" in out and "KL(T||S)" in out and "cloze %" in out
-    assert "cloze items, fewer than 20: not scored" in out  # too few in the tiny corpus's held-out text
+    assert (
+        "cloze items, fewer than 20: not scored" in out
+    )  # too few in the tiny corpus's held-out text
     rows = {r["method"]: r for r in r1["rows"]}
     assert set(rows) == {"teacher", "student init (CE)", "CE (no KD)", "Full KD", "SE-KD top 20%"}
     uniform = r1["data"]["vocab_size"]  # the perplexity of a model that learned nothing
@@ -705,27 +998,36 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     assert all(r["peak_bytes"] > 0 for m, r in rows.items() if m != "teacher")
     saved = json.loads((tmp_path / "results_compare.json").read_text())
     assert [r["val_ppl"] for r in saved["rows"]] == [r["val_ppl"] for r in r1["rows"]]
-    acc = saved["memory_account"]  # every student's step is accounted, the CE term of lambda = 0.5 included
+    acc = saved[
+        "memory_account"
+    ]  # every student's step is accounted, the CE term of lambda = 0.5 included
     assert {m: a["lam"] for m, a in acc.items()} == {"ce": 0.0, "full_kd": 0.5, "sekd": 0.5}
     assert all(a["logits"] > 0 and a["chunk_rows"] > 0 for a in acc.values())
     assert acc["ce"]["teacher_hidden"] == acc["ce"]["teacher_params"] == 0
     assert acc["sekd"]["teacher_hidden"] > 0 and acc["sekd"]["n_sel"] < acc["full_kd"]["n_sel"]
     assert "[sekd] memory account, MiB: student weights" in out
     for m, name in (("ce", "CE (no KD)"), ("full_kd", "Full KD"), ("sekd", "SE-KD top 20%")):
-        assert abs(acc[m]["total"] - rows[name]["peak_bytes"]) <= 0.1 * rows[name]["peak_bytes"]  # analytic ~ measured
+        assert (
+            abs(acc[m]["total"] - rows[name]["peak_bytes"]) <= 0.1 * rows[name]["peak_bytes"]
+        )  # analytic ~ measured
     one_step = run_job(tmp_path / "one", tiny_corpus, "--run", "distill", "--student-steps", "1")
     measured = one_step["rows"][-1]["peak_bytes"]  # a 1-step run measures its only step
     assert abs(one_step["memory_account"]["sekd"]["total"] - measured) <= 0.1 * measured
     r2 = run_job(tmp_path, tiny_corpus)  # reuses the teacher, same seed: same numbers
     assert "reusing" in capsys.readouterr().out
     assert [r["val_ppl"] for r in r2["rows"]] == [r["val_ppl"] for r in r1["rows"]]
-    assert r2["rows"][0]["train_s"] == r1["rows"][0]["train_s"]  # a reused teacher reports its training time
+    assert (
+        r2["rows"][0]["train_s"] == r1["rows"][0]["train_s"]
+    )  # a reused teacher reports its training time
 
 
 def test_training_loss_falls(tmp_path, tiny_corpus, capsys):
     run_job(tmp_path, tiny_corpus, "--run", "teacher", "--teacher-steps", "40")
-    losses = [float(line.split("| loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
-              if line.startswith("[teacher] step") and "| loss " in line]
+    losses = [
+        float(line.split("| loss ")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("[teacher] step") and "| loss " in line
+    ]
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -736,8 +1038,12 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
         count[i] = count.get(i, 0) + 1
     ranked = sorted(count, key=lambda i: (-count[i], i))  # by count, ties to the lower id
     for n in (2, 10, 50):
-        assert data.frequent_ids(ids, n).tolist() == sorted(ranked[:n - 1])
-    assert data.frequent_ids(ids, 0).tolist() == data.frequent_ids(ids, 10_000).tolist() == sorted(count)
+        assert data.frequent_ids(ids, n).tolist() == sorted(ranked[: n - 1])
+    assert (
+        data.frequent_ids(ids, 0).tolist()
+        == data.frequent_ids(ids, 10_000).tolist()
+        == sorted(count)
+    )
     text = "\n".join(data.shakespeare_split()[0][0].splitlines()[:400])
     ds = write_corpus(tmp_path, text, text)
     corpus = data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=64)
@@ -749,27 +1055,61 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
 
 # ----------------------------------------------------------------------------- the paper's kind of evaluation
 
+
 def test_word_spans_and_cloze_items_on_a_hand_made_stream():
-    text = ["\n", " the", " King", " is", " dead", ".", " long", " live", "K", "ing", " Ri", "chard", "", ":",
-            " Rich"]
+    text = [
+        "\n",
+        " the",
+        " King",
+        " is",
+        " dead",
+        ".",
+        " long",
+        " live",
+        "K",
+        "ing",
+        " Ri",
+        "chard",
+        "",
+        ":",
+        " Rich",
+    ]
     ids = np.array([1, 2, 3, 4, 5, 0, 8, 9, 6, 7, 1, 10, 11, 0, 3, 1, 2, 0, 14, 12, 1, 10, 11])
     #               the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
     spans = data.word_spans(ids, text)
     words = [data.word_text(ids, a, b, text) for a, b, _ in spans]
-    assert words == ["the", "King", "is", "dead", "King", "long", "live", "the", "Richard", "is", "the", "King",
-                     "Rich", "the"]  # "Rich" + the unseen token ends; the last word has no end in the stream
+    assert words == [
+        "the",
+        "King",
+        "is",
+        "dead",
+        "King",
+        "long",
+        "live",
+        "the",
+        "Richard",
+        "is",
+        "the",
+        "King",
+        "Rich",
+        "the",
+    ]  # "Rich" + the unseen token ends; the last word has no end in the stream
     assert [line for _, _, line in spans][:5] == [0, 0, 0, 0, 6]
     items = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10)
     # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is new; "Rich"
     # is followed by an unseen token; "the" is common
     assert [(w.tolist(), n) for w, n in items] == [(ids[6:17].tolist(), 1)]
     assert data.cloze_items(ids, spans, text, common={"king", "the"}, seq_len=10) == []
-    assert data.cloze_items(ids, spans, text, common={"the"}, seq_len=4) == []  # the earlier King is out of reach
+    assert (
+        data.cloze_items(ids, spans, text, common={"the"}, seq_len=4) == []
+    )  # the earlier King is out of reach
 
 
 @pytest.fixture(scope="module")
 def scored_corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("scored")  # a files: corpus (a document per line), 10% of it held out
+    d = tmp_path_factory.mktemp(
+        "scored"
+    )  # a files: corpus (a document per line), 10% of it held out
     lines = [line for play in data.shakespeare_split()[0][:6] for line in play.splitlines()][:20000]
     (d / "plays.txt").write_text("\n".join(lines))
     return data.prepare(f"files:{d / 'plays.txt'}", 32, cache_dir=str(d / "cache"), vocab_size=1024)
@@ -780,36 +1120,45 @@ def test_eval_items_follow_their_rules_against_the_decoded_text(scored_corpus):
     items, said = data.eval_items(corpus)
     x, y, n, row = items["cloze"]
     assert len(n) >= data.MIN_ITEMS and f"{len(n):,} cloze items" in said
-    text = [t or data.UNK for t in data.token_texts(corpus.vocab, enc)]  # an unseen token is not a letter
+    text = [
+        t or data.UNK for t in data.token_texts(corpus.vocab, enc)
+    ]  # an unseen token is not a letter
     for i in range(len(n)):
         window = torch.cat([x[i], y[i, -1:]]).tolist()
-        target = "".join(text[t] for t in window[-int(n[i]):]).strip()
-        before = "".join(text[t] for t in window[:-int(n[i])])
+        target = "".join(text[t] for t in window[-int(n[i]) :]).strip()
+        before = "".join(text[t] for t in window[: -int(n[i])])
         line_start = before.rfind("\n") + 1
         earlier = [w.lower() for w in re.findall(r"[^\W\d_]+", before[:line_start])]
         own_line = [w.lower() for w in re.findall(r"[^\W\d_]+", before[line_start:])]
         assert target.isalpha() and len(target) >= 3 and not target.isupper()
         assert target.lower() in earlier and target.lower() not in own_line
-        assert (y[i, :-int(n[i])] == -1).all() and (y[i, -int(n[i]):] >= 0).all()
+        assert (y[i, : -int(n[i])] == -1).all() and (y[i, -int(n[i]) :] >= 0).all()
     x, y, n, row, n_bytes = items["choice"]
     assert len(n) % data.OPTIONS == 0 and len(n) // data.OPTIONS >= data.MIN_ITEMS
     for i in range(0, len(n), data.OPTIONS):  # one context, four endings of a line each
-        ctx = [x[j, :x.shape[1] - int(n[j]) + 1] for j in range(i, i + data.OPTIONS)]
+        ctx = [x[j, : x.shape[1] - int(n[j]) + 1] for j in range(i, i + data.OPTIONS)]
         assert all(torch.equal(c[-5:], ctx[0][-5:]) for c in ctx)
-        endings = ["".join(text[t] for t in y[j, -int(n[j]):].tolist()) for j in range(i, i + data.OPTIONS)]
+        endings = [
+            "".join(text[t] for t in y[j, -int(n[j]) :].tolist())
+            for j in range(i, i + data.OPTIONS)
+        ]
         assert all(e.endswith("\n") for e in endings) and len(set(endings)) == data.OPTIONS
-        assert [len(e.encode()) for e in endings] == n_bytes[i:i + data.OPTIONS].tolist()
+        assert [len(e.encode()) for e in endings] == n_bytes[i : i + data.OPTIONS].tolist()
 
 
 def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
     torch.manual_seed(0)
     corpus = scored_corpus
-    model = sekd.GPT(sekd.GPTConfig(vocab_size=corpus.vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    model = sekd.GPT(
+        sekd.GPTConfig(vocab_size=corpus.vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    )
     ev = train.EvalSet(corpus, 256, torch.device("cpu"), 7)
     got = ev.evaluate(model, argparse.Namespace(dtype="float32"))
     with torch.no_grad():
+
         def logp(x):  # every position's full softmax, in float64
             return torch.log_softmax(model(x).double(), -1)
+
         x, y, n, _ = ev.items["cloze"]
         lp, words, greedy, conf, correct = logp(x), [], [], [], []
         for i in range(len(n)):
@@ -823,16 +1172,22 @@ def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
             greedy.append(ok)
         assert got["cloze_ppl"] == pytest.approx(math.exp(sum(words) / len(words)), rel=1e-5)
         assert got["cloze_acc"] == pytest.approx(sum(greedy) / len(greedy))
-        assert got["cloze_ece"] == pytest.approx(sekd.expected_calibration_error(torch.tensor(conf),
-                                                                                  torch.tensor(correct)), abs=1e-4)
+        assert got["cloze_ece"] == pytest.approx(
+            sekd.expected_calibration_error(torch.tensor(conf), torch.tensor(correct)), abs=1e-4
+        )
         x, y, n, _, n_bytes = ev.items["choice"]
         lp, right = logp(x), 0
         for i in range(0, len(n), data.OPTIONS):
-            per_byte = [sum(lp[j, t, y[j, t]].item() for t in range(x.shape[1] - int(n[j]), x.shape[1]))
-                        / int(n_bytes[j]) for j in range(i, i + data.OPTIONS)]
+            per_byte = [
+                sum(lp[j, t, y[j, t]].item() for t in range(x.shape[1] - int(n[j]), x.shape[1]))
+                / int(n_bytes[j])
+                for j in range(i, i + data.OPTIONS)
+            ]
             right += max(range(data.OPTIONS), key=per_byte.__getitem__) == 0
         assert got["choice_acc"] == pytest.approx(right / (len(n) // data.OPTIONS))
-        assert got["choice_items"] == len(n) // data.OPTIONS and got["cloze_items"] == len(ev.items["cloze"][2])
+        assert got["choice_items"] == len(n) // data.OPTIONS and got["cloze_items"] == len(
+            ev.items["cloze"][2]
+        )
 
 
 def test_teacher_checkpoint_for_other_vocabulary_is_refused(tmp_path, tiny_corpus):
@@ -851,7 +1206,9 @@ def test_corrupt_and_missing_checkpoints_are_clear_errors(tmp_path, tiny_corpus)
     with pytest.raises(train.UserError, match="corrupt or truncated"):
         run_job(tmp_path, tiny_corpus, "--run", "distill")
     with pytest.raises(train.UserError, match="does not exist"):
-        run_job(tmp_path, tiny_corpus, "--run", "distill", "--teacher-ckpt", str(tmp_path / "none.pt"))
+        run_job(
+            tmp_path, tiny_corpus, "--run", "distill", "--teacher-ckpt", str(tmp_path / "none.pt")
+        )
 
 
 def test_checkpoints_are_written_atomically(tmp_path):
@@ -861,14 +1218,21 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
 
 
-@pytest.mark.parametrize("flags,msg", [(["--k", "1.5"], "argument --k: must be in (0, 1]"),
-                                       (["--k", "0"], "argument --k: must be in (0, 1]"),
-                                       (["--T", "0"], "argument --T: must be > 0, got 0"),
-                                       (["--seq-len", "0"], "argument --seq-len: must be at least 1"),
-                                       (["--student-embd", "15"], "divisible")])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--k", "1.5"], "argument --k: must be in (0, 1]"),
+        (["--k", "0"], "argument --k: must be in (0, 1]"),
+        (["--T", "0"], "argument --T: must be > 0, got 0"),
+        (["--seq-len", "0"], "argument --seq-len: must be at least 1"),
+        (["--student-embd", "15"], "divisible"),
+    ],
+)
 def test_cli_user_errors_are_one_line_exit_2(flags, msg, capsys):
     code, err = cli_in_process(flags, capsys)
-    assert code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    )
 
 
 def cli_in_process(flags, capsys):
@@ -880,15 +1244,31 @@ def cli_in_process(flags, capsys):
 
 
 def test_help_lists_every_flag_with_defaults():
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True,
-                       cwd=HERE, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+    )
     assert r.returncode == 0
-    for flag in ("--run", "--method", "--k", "--T", "--lam", "--flow", "--device", "--compile", "--seed"):
+    for flag in (
+        "--run",
+        "--method",
+        "--k",
+        "--T",
+        "--lam",
+        "--flow",
+        "--device",
+        "--compile",
+        "--seed",
+    ):
         assert flag in r.stdout
     assert "(default: 0.2)" in r.stdout
 
 
 # ============================================================================= the position axis: metrics and policies
+
 
 def ref_ce(row, y):
     return -math.log(ref_softmax(row)[y])
@@ -915,7 +1295,11 @@ def test_every_metric_matches_brute_force(name):
     got = sekd.chunked_scores(name, s, eye, valid, t, eye, y, chunk_rows=4)
     for b in range(3):
         for i in range(6):
-            want = REF_METRICS[name](s[b, i].tolist(), t[b, i].tolist(), int(y[b, i])) if valid[b, i] else 0.0
+            want = (
+                REF_METRICS[name](s[b, i].tolist(), t[b, i].tolist(), int(y[b, i]))
+                if valid[b, i]
+                else 0.0
+            )
             assert got[b, i].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
     assert set(REF_METRICS) | {"random"} == set(sekd.METRICS)
 
@@ -927,7 +1311,11 @@ def test_random_metric_and_student_only_metrics_need_no_teacher():
     r1 = sekd.chunked_scores("random", s, eye, valid, chunk_rows=2)
     torch.manual_seed(0)
     assert torch.equal(r1, sekd.chunked_scores("random", s, eye, valid, chunk_rows=2))
-    assert ((r1 >= 0) & (r1 < 1)).all() and (r1[~valid] == 0).all() and len(set(r1[valid].tolist())) == int(valid.sum())
+    assert (
+        ((r1 >= 0) & (r1 < 1)).all()
+        and (r1[~valid] == 0).all()
+        and len(set(r1[valid].tolist())) == int(valid.sum())
+    )
     for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
         assert sekd.chunked_scores(name, s, eye, valid, targets=y).shape == y.shape
     with pytest.raises(ValueError, match="needs the teacher"):
@@ -938,6 +1326,7 @@ def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
     @sekd.student_only
     def low_entropy(zs, zt, y):
         return -sekd.token_entropy(zs)
+
     monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
     assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
     student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
@@ -946,8 +1335,13 @@ def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
     mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
     ent = sekd.token_entropy(student(idx))
     for b in range(2):
-        assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(torch.topk(-ent[b], 3).indices.tolist())
-    with pytest.raises(ValueError, match="metric must be one of student_entropy, .*, random, low_entropy, got 'nope'"):
+        assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(
+            torch.topk(-ent[b], 3).indices.tolist()
+        )
+    with pytest.raises(
+        ValueError,
+        match="metric must be one of student_entropy, .*, random, low_entropy, got 'nope'",
+    ):
         sekd.KDConfig("sekd", metric="nope")  # the message lists the metric registered here too
     with pytest.raises(ValueError, match="policy must be one of topk, gls, .*, got 'nope'"):
         sekd.KDConfig("sekd", policy="nope")
@@ -958,7 +1352,7 @@ def ragged_scores(B=6, L=40, seed=4):
     scores = torch.rand(B, L, generator=g, dtype=torch.float64)
     valid = torch.ones(B, L, dtype=torch.bool)
     for b in range(B):
-        valid[b, L - 7 * b:] = False  # 40, 33, 26, ... valid positions
+        valid[b, L - 7 * b :] = False  # 40, 33, 26, ... valid positions
     return scores, valid
 
 
@@ -976,10 +1370,12 @@ def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
             assert int(mask[b].sum()) == K and not (mask[b] & ~valid[b]).any()
             ascending = sorted(range(n), key=lambda t: scores[b, t].item())
             first = round((1 - min(1, step / S)) * (n - K))  # window start, counted from the top
-            want = ascending[n - first - K: n - first]
+            want = ascending[n - first - K : n - first]
             assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(want)
     state.step = S
-    assert torch.equal(sekd.curriculum_positions(scores, k, valid, state), sekd.topk_positions(scores, k, valid))
+    assert torch.equal(
+        sekd.curriculum_positions(scores, k, valid, state), sekd.topk_positions(scores, k, valid)
+    )
 
 
 def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
@@ -1017,18 +1413,27 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
     for a random seed; the seed is fixed anyway."""
     s, t, y = random_case(B=3, L=12, V=7, seed=13)
     y[1, 9:] = -1
-    s = s * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)[None, :, None]  # entropies vary along the sequence
+    s = (
+        s * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)[None, :, None]
+    )  # entropies vary along the sequence
     valid = y >= 0
     u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
     l = sekd.kl_per_position(t, s) * valid
     weighted = ((u * l).sum(1) / u.sum(1)).mean().item()
-    full = ((l.sum(1) / valid.sum(1))).mean().item()
+    full = (l.sum(1) / valid.sum(1)).mean().item()
     torch.manual_seed(1)
-    draws = 4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
+    draws = (
+        4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
+    )
     B = len(y)
-    for policy, target, other in (("pos_rs_kd", weighted, full), ("pos_rs_kd_star", full, weighted)):
+    for policy, target, other in (
+        ("pos_rs_kd", weighted, full),
+        ("pos_rs_kd_star", full, weighted),
+    ):
         m = sekd.POLICIES[policy](u.repeat(draws, 1), 0.25, valid.repeat(draws, 1))
-        w = sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws  # weights of one copy
+        w = (
+            sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
+        )  # weights of one copy
         samples = (w.view(draws, B, -1) * l).sum((1, 2)).numpy()
         one = sekd.kd_loss(s, t, y, m[:B] > 0, row_weights=w[:B]).item()  # the loss function agrees
         assert one == pytest.approx(samples[0], abs=1e-12)
@@ -1042,7 +1447,10 @@ def float64_heads(seed, B, L, D, V, Dt=5):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(B, L, Dt, generator=g, dtype=torch.float64), torch.randn(V, Dt, generator=g, dtype=torch.float64)
+    ht, wt = (
+        torch.randn(B, L, Dt, generator=g, dtype=torch.float64),
+        torch.randn(V, Dt, generator=g, dtype=torch.float64),
+    )
     return g, hs, ws, ht, wt, torch.randint(0, V, (B, L), generator=g)
 
 
@@ -1050,16 +1458,24 @@ def float64_heads(seed, B, L, D, V, Dt=5):
 def test_streamed_row_weights_equal_dense(ce_at):
     g, hs, ws, ht, wt, y = float64_heads(14, 3, 8, 6, 13)
     y[2, 5:] = -1
-    w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (torch.rand(y.shape, generator=g) < 0.5)
+    w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (
+        torch.rand(y.shape, generator=g) < 0.5
+    )
     dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w, ce_at=ce_at)
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w, ce_at=ce_at)
+    streamed = sekd.streamed_kd_loss(
+        hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w, ce_at=ce_at
+    )
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
     kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
-    ce = torch.nn.functional.cross_entropy((hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none").view_as(y)
+    ce = torch.nn.functional.cross_entropy(
+        (hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none"
+    ).view_as(y)
     ce_w = w * (y >= 0) if ce_at == "selected" else sekd.per_sequence_weights(y >= 0, torch.float64)
-    want = 0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (ce_w * ce).sum()  # Eq. 3: pos-RS-KD's weights on both
+    want = (
+        0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (ce_w * ce).sum()
+    )  # Eq. 3: pos-RS-KD's weights on both
     assert dense.item() == pytest.approx(want.item(), abs=1e-12)
 
 
@@ -1078,8 +1494,11 @@ def ref_at_kd(s_logits, t_logits, targets):
             p_not = sum(p[v] for v in range(len(p)) if v != y)  # 1 - p(y), without cancellation
             q_not = sum(q[v] for v in range(len(q)) if v != y)
             binary = p[y] * math.log(p[y] / q[y]) + p_not * math.log(p_not / q_not)
-            non_target = sum(p[v] / p_not * math.log((p[v] / p_not) / (q[v] / q_not))
-                             for v in range(len(p)) if v != y)
+            non_target = sum(
+                p[v] / p_not * math.log((p[v] / p_not) / (q[v] / q_not))
+                for v in range(len(p))
+                if v != y
+            )
             rows.append((p_not, i, binary, non_target))
         if not rows:
             continue
@@ -1103,9 +1522,19 @@ def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
         assert torch.allclose(a, b, atol=1e-12)
 
 
-@pytest.mark.parametrize("kd", [dict(method="random_pos"), dict(method="at_kd"), dict(method="at_kd", lam=0.5),
-                                dict(metric="reverse_kl"), dict(metric="ce_ratio", policy="gls"),
-                                dict(policy="curriculum"), dict(policy="pos_rs_kd"), dict(policy="pos_rs_kd_star")])
+@pytest.mark.parametrize(
+    "kd",
+    [
+        dict(method="random_pos"),
+        dict(method="at_kd"),
+        dict(method="at_kd", lam=0.5),
+        dict(metric="reverse_kl"),
+        dict(metric="ce_ratio", policy="gls"),
+        dict(policy="curriculum"),
+        dict(policy="pos_rs_kd"),
+        dict(policy="pos_rs_kd_star"),
+    ],
+)
 def test_every_method_streamed_equals_dense_through_a_model(kd):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
@@ -1127,19 +1556,30 @@ def test_every_method_streamed_equals_dense_through_a_model(kd):
 
 
 def test_position_flags_errors():
-    for flags, msg in ((["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
-                       (["--gls-queue", "0"], "argument --gls-queue: must be at least 1, got 0"),
-                       (["--curriculum-steps", "-1"], "argument --curriculum-steps"),
-                       (["--seeds", "0"], "argument --seeds")):
+    for flags, msg in (
+        (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
+        (["--gls-queue", "0"], "argument --gls-queue: must be at least 1, got 0"),
+        (["--curriculum-steps", "-1"], "argument --curriculum-steps"),
+        (["--seeds", "0"], "argument --seeds"),
+    ):
         with pytest.raises(ValueError, match=msg):
             train.parse_args(flags)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--metric", "nope"], capture_output=True,
-                       text=True, cwd=HERE, timeout=120)
-    assert r.returncode == 2 and "argument --metric: invalid choice: 'nope' (choose from 'student_entropy'" in r.stderr
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), "--metric", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and "argument --metric: invalid choice: 'nope' (choose from 'student_entropy'" in r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- RS-KD classes
+
 
 def test_rskd_sample_layout_counts_and_support():
     g = torch.Generator().manual_seed(10)
@@ -1150,10 +1590,20 @@ def test_rskd_sample_layout_counts_and_support():
     assert (counts.sum(-1) == 13).all()
     for i_row, c_row in zip(ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist()):
         n = sum(c > 0 for c in c_row)
-        assert all(c > 0 for c in c_row[:n]) and all(c == 0 for c in c_row[n:])  # padding at the end
-        assert i_row[:n] == sorted(set(i_row[:n])) and all(i < 7 for i in i_row[:n]) and set(i_row[n:]) <= {0}
-    a, b = (sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a seeded generator reproduces the draws
+        assert all(c > 0 for c in c_row[:n]) and all(
+            c == 0 for c in c_row[n:]
+        )  # padding at the end
+        assert (
+            i_row[:n] == sorted(set(i_row[:n]))
+            and all(i < 7 for i in i_row[:n])
+            and set(i_row[n:]) <= {0}
+        )
+    a, b = (
+        sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2)
+    )
+    assert torch.equal(a[0], b[0]) and torch.equal(
+        a[1], b[1]
+    )  # a seeded generator reproduces the draws
     ids_T, counts_T = sekd.rskd_sample(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
     assert 40 < counts_T[0, 0] < 87  # a high temperature flattens the teacher: about half each
 
@@ -1176,8 +1626,15 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
     z = torch.randn(R, V, generator=g, dtype=torch.float64)
     ids, counts = sekd.rskd_sample(t.expand(M, R, V), U, T, generator=g)
     h = z.expand(M, R, V).clone().requires_grad_(True)
-    loss = sekd.rskd_loss(h, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(M, R, dtype=torch.long),
-                          T=T, chunk_rows=4096)
+    loss = sekd.rskd_loss(
+        h,
+        torch.eye(V, dtype=torch.float64),
+        ids,
+        counts,
+        torch.zeros(M, R, dtype=torch.long),
+        T=T,
+        chunk_rows=4096,
+    )
     grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
     want = full_kd_row_grads(t, z, T)
@@ -1202,35 +1659,53 @@ def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
             if mask[b][t]:
                 q = ref_softmax([v / T for v in row])
                 U = sum(counts[b][t].tolist())
-                rs_b.append(T * T * sum(c / U * math.log(c / U / q[i])
-                                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist()) if c > 0))
+                rs_b.append(
+                    T
+                    * T
+                    * sum(
+                        c / U * math.log(c / U / q[i])
+                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist())
+                        if c > 0
+                    )
+                )
                 eq3_b.append(lam * rs_b[-1] + (1 - lam) * ce_b[-1])
         rs_seqs.append(rs_b)
         ce_seqs.append(ce_b)
         eq3_seqs.append(eq3_b)
-    return seq_mean(eq3_seqs) if ce_at == "selected" else lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    return (
+        seq_mean(eq3_seqs)
+        if ce_at == "selected"
+        else lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    )
 
 
 @pytest.mark.parametrize("ce_at", ["selected", "all"])
-@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)])
+@pytest.mark.parametrize(
+    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)]
+)
 def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     g = torch.Generator().manual_seed(12)
     B, L, D, V, U = 3, 7, 5, 11, 6
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ids, counts = sekd.rskd_sample(torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g)
+    ids, counts = sekd.rskd_sample(
+        torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g
+    )
     y = torch.randint(0, V, (B, L), generator=g)
     y[1, 4:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
     loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk, ce_at)
     z = hs @ ws.T
-    assert loss.item() == pytest.approx(ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12)
+    assert loss.item() == pytest.approx(
+        ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12
+    )
     # the gradient against autograd of a dense formulation: p~ scattered over all of V
     p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
     logq = torch.log_softmax(z / T, -1)
     rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
-    dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + \
-        (1 - lam) * sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, lam=0.0)
+    dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + (
+        1 - lam
+    ) * sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, lam=0.0)
     assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
@@ -1241,16 +1716,22 @@ def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
     V, U = 9, 10
     z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
     ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
-    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(1, 1, dtype=torch.long))
+    loss = sekd.rskd_loss(
+        z, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(1, 1, dtype=torch.long)
+    )
     p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
-    assert torch.allclose(torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14)
+    assert torch.allclose(
+        torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14
+    )
 
 
 def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
     y[1, 10:] = -1
-    draws = sekd.teacher_draws(teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0))
+    draws = sekd.teacher_draws(
+        teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0)
+    )
     cfg = sekd.KDConfig("sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
     loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
     valid = y >= 0
@@ -1261,7 +1742,9 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
     with pytest.raises(ValueError, match="needs the teacher"):
         sekd.distill_loss(student, None, idx, y, cfg)
     torch.manual_seed(0)  # online draws from the teacher at the selected rows
-    online, n_online = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0, classes="rskd", U=8))
+    online, n_online = sekd.distill_loss(
+        student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0, classes="rskd", U=8)
+    )
     online.backward()
     assert n_online == int(valid.sum()) and math.isfinite(online.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
@@ -1274,6 +1757,7 @@ def test_bad_draw_count_is_a_clear_error(U):
 
 
 # ----------------------------------------------------------------------------- the sample axis
+
 
 def test_sample_scores_and_selection():
     m = tiny_gpt()
@@ -1305,7 +1789,10 @@ def test_batches_iterate_over_kept_samples_only():
 
 # ----------------------------------------------------------------------------- the cache codec and storage
 
-@pytest.mark.parametrize("V,nbytes", [(11, 3), (50257, 3), (131072, 3), (131073, 4), (1 << 25, 4), ((1 << 25) + 1, 5)])
+
+@pytest.mark.parametrize(
+    "V,nbytes", [(11, 3), (50257, 3), (131072, 3), (131073, 4), (1 << 25, 4), ((1 << 25) + 1, 5)]
+)
 def test_cache_codec_is_lossless_and_never_truncates(V, nbytes):
     assert data.cache_bytes_per_class(V) == nbytes
     ids = torch.tensor([[0, V - 1, V // 2, 0]])
@@ -1324,18 +1811,24 @@ def test_storage_accounting_at_the_papers_scale():
     per = data.storage_bytes_per_position(100_000, 64, 0.2)
     tb = {k: v * 1e11 / 1e12 for k, v in per.items()}
     assert per["rskd"] == 192 and per["sekd_3x"] == pytest.approx(38.4) and per["ce"] == 3
-    assert tb["rskd"] == pytest.approx(19.2) and tb["sekd_3x"] == pytest.approx(3.84) and tb["ce"] == pytest.approx(0.3)
+    assert (
+        tb["rskd"] == pytest.approx(19.2)
+        and tb["sekd_3x"] == pytest.approx(3.84)
+        and tb["ce"] == pytest.approx(0.3)
+    )
     assert tb["full_fp16"] == pytest.approx(20_000)  # 2 bytes per logit; the paper prints 10,000
 
 
 # ----------------------------------------------------------------------------- SE-KD_3X's offline teacher cache
 
+
 @pytest.fixture
 def cache_setup(tmp_path, tiny_corpus):
     """A tiny corpus, a saved tiny teacher, the job's args and a kept-sample list."""
     ds, cache_dir = tiny_corpus
-    args = train.build_parser().parse_args(TINY + ["--dataset", ds, "--data-dir", cache_dir, "--out-dir", str(tmp_path),
-                                                   "--U", "64"])
+    args = train.build_parser().parse_args(
+        TINY + ["--dataset", ds, "--data-dir", cache_dir, "--out-dir", str(tmp_path), "--U", "64"]
+    )
     corpus = data.prepare(ds, args.seq_len, cache_dir=cache_dir)
     teacher = train.new_model(args, "teacher", corpus.vocab.size, torch.device("cpu"))
     train.save_checkpoint(data.teacher_ckpt_path(args), {"model": teacher.state_dict()})
@@ -1347,14 +1840,21 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     args, corpus, teacher, kept = cache_setup
     cache, build_s, reused = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert build_s > 0 and not reused
-    again, build_s2, reused2 = data.teacher_cache(args, corpus, torch.device("cpu"), None, kept)  # no teacher needed
+    again, build_s2, reused2 = data.teacher_cache(
+        args, corpus, torch.device("cpu"), None, kept
+    )  # no teacher needed
     assert build_s2 is None and reused2
     rows = np.array([0, 3, len(kept) - 1])
     ids, counts = data.decode_draws(torch.from_numpy(again.data[rows]), corpus.vocab.size)
     assert ids.shape == (3, args.seq_len, 64) and (counts.sum(-1) == 64).all()
     # the draws are the teacher's, from the seeded generator, in kept order
     x = torch.from_numpy(corpus.train[kept][:, :-1].astype(np.int64))
-    want = sekd.teacher_draws(teacher.hidden(x), teacher.head_weight, 64, generator=torch.Generator().manual_seed(args.seed))
+    want = sekd.teacher_draws(
+        teacher.hidden(x),
+        teacher.head_weight,
+        64,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     assert torch.equal(ids, want[0][rows]) and torch.equal(counts, want[1][rows])
     # size on disk against the storage accounting: within 1%, and the data part exactly
     real = os.path.getsize(cache.path)
@@ -1362,11 +1862,22 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     accounted = len(kept) * args.seq_len * per_position
     assert per_position == 64 * 3 and abs(real - accounted) <= 0.01 * accounted
     assert real - cache.offset == accounted
-    assert sorted(os.listdir(os.path.dirname(cache.path))) == ["rskd_cache_seed1337.bin", "teacher.pt"]
+    assert sorted(os.listdir(os.path.dirname(cache.path))) == [
+        "rskd_cache_seed1337.bin",
+        "teacher.pt",
+    ]
 
 
-@pytest.mark.parametrize("change,key", [({"U": 32}, "U:"), ({"T": 2.0}, "T:"), ({"seed": 7}, "seed:"),
-                                        ("kept", "kept:"), ("teacher", "teacher_sha256:")])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"U": 32}, "U:"),
+        ({"T": 2.0}, "T:"),
+        ({"seed": 7}, "seed:"),
+        ("kept", "kept:"),
+        ("teacher", "teacher_sha256:"),
+    ],
+)
 def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
     args, corpus, teacher, kept = cache_setup
     path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
@@ -1400,6 +1911,7 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_encode(*a)
+
     real_encode = data.encode_draws
     monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
@@ -1407,8 +1919,13 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
 
 
-@pytest.mark.parametrize("flags,msg", [(["--U", "128"], "argument --U: must be in [1, 127]"),
-                                       (["--l", "0"], "argument --l: must be in (0, 1]")])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--U", "128"], "argument --U: must be in [1, 127]"),
+        (["--l", "0"], "argument --l: must be in (0, 1]"),
+    ],
+)
 def test_cli_axis_errors_are_one_line_exit_2(flags, msg, capsys):
     code, err = cli_in_process(flags, capsys)
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
@@ -1418,19 +1935,24 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
     args, corpus, teacher, kept = cache_setup
     data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     args.U = 32
-    monkeypatch.setattr(data, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check"))
+    monkeypatch.setattr(
+        data, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check")
+    )
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
         data.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
 # ============================================================================= on-policy distillation, reverse KL
 
+
 def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
     """Eq. 3 with KL(q^T || p^T): `ref_kd_loss` with the divergence reversed."""
     return ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=True)
 
 
-@pytest.mark.parametrize("lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)])
+@pytest.mark.parametrize(
+    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)]
+)
 def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
     y[2, 3:] = -1
@@ -1440,10 +1962,13 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
 
     def ref(h):
         return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
+
     assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
-    for a, b in zip(d_grads, s_grads):  # the hand-written gradient T q (log q - log p - KL) against autograd
+    for a, b in zip(
+        d_grads, s_grads
+    ):  # the hand-written gradient T q (log q - log p - KL) against autograd
         assert torch.allclose(a, b, atol=1e-12)
     fd = torch.zeros_like(hs)  # and against central differences of the brute force
     for i in range(hs.numel()):
@@ -1452,11 +1977,15 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
         e = e.view_as(hs)
         fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
     assert torch.allclose(s_grads[0], fd, atol=1e-7)
-    assert not torch.allclose(streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk))  # not forward
+    assert not torch.allclose(
+        streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk)
+    )  # not forward
 
 
 def test_reverse_kl_flags_are_checked():
-    with pytest.raises(ValueError, match="divergence must be one of forward, reverse, got 'sideways'"):
+    with pytest.raises(
+        ValueError, match="divergence must be one of forward, reverse, got 'sideways'"
+    ):
         sekd.KDConfig("sekd", divergence="sideways")
     for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
         with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
@@ -1467,7 +1996,9 @@ def test_on_policy_samples_are_seeded_prompted_and_at_temperature_1():
     model = tiny_gpt(V=37, L=12, seed=3)
     prompts = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(0))
     idx = torch.cat([prompts, torch.zeros(3, 7, dtype=torch.long)], 1)  # only the prompt is read
-    a, b, c = (sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(s))[0] for s in (1, 1, 2))
+    a, b, c = (
+        sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(s))[0] for s in (1, 1, 2)
+    )
     assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, :5], prompts) and model.training
     # each new token is a draw from the model's softmax at temperature 1 given the prefix so far:
@@ -1486,7 +2017,9 @@ def test_on_policy_batch_keeps_the_data_prompt_and_marks_only_generated_position
     x, y = sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(1))
     assert x.shape == y.shape == (4, 12)
     assert torch.equal(x[:, :5], idx[:, :5])  # the prompt is the data's first P tokens
-    assert (y[:, :4] == -1).all() and (y[:, 4:] >= 0).all()  # valid: the 12 - 5 + 1 positions predicting a sample
+    assert (y[:, :4] == -1).all() and (
+        y[:, 4:] >= 0
+    ).all()  # valid: the 12 - 5 + 1 positions predicting a sample
     assert torch.equal(y[:, 4:-1], x[:, 5:])  # targets are the sampled tokens, shifted by one
 
 
@@ -1496,7 +2029,7 @@ def ref_topk_mask(logits, targets, k):
     for b in range(len(targets)):
         valid = [t for t in range(len(targets[b])) if targets[b][t] >= 0]
         ent = {t: ref_entropy([float(v) for v in logits[b][t]]) for t in valid}
-        chosen = sorted(valid, key=lambda t: -ent[t])[:ref_topk_count(k, len(valid))]
+        chosen = sorted(valid, key=lambda t: -ent[t])[: ref_topk_count(k, len(valid))]
         mask.append([t in chosen for t in range(len(targets[b]))])
     return mask
 
@@ -1505,20 +2038,32 @@ def ref_topk_mask(logits, targets, k):
 def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     gen = torch.Generator().manual_seed(0)
-    idx, targets = torch.randint(0, 37, (4, 12), generator=gen), torch.randint(0, 37, (4, 12), generator=gen)
+    idx, targets = (
+        torch.randint(0, 37, (4, 12), generator=gen),
+        torch.randint(0, 37, (4, 12), generator=gen),
+    )
     cfg = sekd.KDConfig(method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
-    loss, n = sekd.on_policy_distill_loss(student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7))
+    loss, n = sekd.on_policy_distill_loss(
+        student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
+    )
     # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the student's
     # continuations of their first 5 tokens (KL alone, at the 8 positions that predict a sampled token)
     x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
     with torch.no_grad():
         zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
-    m_real, m_on = ref_topk_mask(zs.tolist(), targets[:2].tolist(), k), ref_topk_mask(zs_on.tolist(), y.tolist(), k)
+    m_real, m_on = (
+        ref_topk_mask(zs.tolist(), targets[:2].tolist(), k),
+        ref_topk_mask(zs_on.tolist(), y.tolist(), k),
+    )
     assert all(not m_on[b][t] for b in range(2) for t in range(4))  # never a prompt position
     real = ref_reverse_loss(zs.tolist(), zt.tolist(), targets[:2].tolist(), m_real, 1.0, 0.5)
     on = ref_reverse_loss(zs_on.tolist(), zt_on.tolist(), y.tolist(), m_on, 1.0, 1.0)
     assert loss.item() == pytest.approx(0.5 * real + 0.5 * on, abs=1e-12)
-    assert n == sum(map(sum, m_real)) + sum(map(sum, m_on)) == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
+    assert (
+        n
+        == sum(map(sum, m_real)) + sum(map(sum, m_on))
+        == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
+    )
     loss.backward()  # and it trains the student
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert [sekd.on_policy_rows(16, s) for s in (0.0, 0.25, 0.5, 0.03, 1.0)] == [0, 4, 8, 0, 16]
@@ -1539,23 +2084,49 @@ def with_pair(path, pair):
     return path
 
 
-def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(tmp_path, tiny_corpus, pretrained_pair):
+def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(
+    tmp_path, tiny_corpus, pretrained_pair
+):
     out = with_pair(tmp_path, pretrained_pair)
-    r = run_job(out, tiny_corpus, "--run", "distill", "--on-policy", "0.5", "--student-steps", "40", "--lr", "3e-3")
+    r = run_job(
+        out,
+        tiny_corpus,
+        "--run",
+        "distill",
+        "--on-policy",
+        "0.5",
+        "--student-steps",
+        "40",
+        "--lr",
+        "3e-3",
+    )
     row = r["rows"][-1]
     assert row["method"] == "SE-KD top 20% +50% on-policy" and math.isfinite(row["val_ppl"])
     ckpt = torch.load(out / "student_sekd.pt", weights_only=True)
-    assert ckpt["kd"]["divergence"] == "reverse" and ckpt["run_key"]["prompt_len"] == 8  # auto: reverse; P = L / 2
-    teacher, init, final = (train.GPT_from(torch.load(out / f, weights_only=True))
-                            for f in ("teacher.pt", "student_init.pt", "student_sekd.pt"))
+    assert (
+        ckpt["kd"]["divergence"] == "reverse" and ckpt["run_key"]["prompt_len"] == 8
+    )  # auto: reverse; P = L / 2
+    teacher, init, final = (
+        train.GPT_from(torch.load(out / f, weights_only=True))
+        for f in ("teacher.pt", "student_init.pt", "student_sekd.pt")
+    )
     corpus = data.prepare(tiny_corpus[0], 16, cache_dir=tiny_corpus[1])
     idx = torch.from_numpy(corpus.val[:32, :-1].astype(np.int64))
     full = sekd.KDConfig("full_kd", k=1.0, divergence="reverse")
 
-    def on_policy_kl(student):  # reverse KL on the student's own continuations of validation prompts
+    def on_policy_kl(
+        student,
+    ):  # reverse KL on the student's own continuations of validation prompts
         with torch.no_grad():
-            return np.mean([sekd.on_policy_distill_loss(student, teacher, idx, idx, full, 1.0, 8,
-                                                        torch.Generator().manual_seed(s))[0].item() for s in range(4)])
+            return np.mean(
+                [
+                    sekd.on_policy_distill_loss(
+                        student, teacher, idx, idx, full, 1.0, 8, torch.Generator().manual_seed(s)
+                    )[0].item()
+                    for s in range(4)
+                ]
+            )
+
     assert on_policy_kl(final) < on_policy_kl(init)
 
 
@@ -1567,37 +2138,68 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(tmp_
 # tests that check it, some of them further up this file; README "Reliability" lists the same.
 
 CATALOGUE = {
-    "--k out of range": ["test_cli_user_errors_are_one_line_exit_2", "test_bad_budget_is_a_clear_error"],
+    "--k out of range": [
+        "test_cli_user_errors_are_one_line_exit_2",
+        "test_bad_budget_is_a_clear_error",
+    ],
     "--l out of range": ["test_cli_axis_errors_are_one_line_exit_2"],
-    "--U out of range": ["test_cli_axis_errors_are_one_line_exit_2", "test_bad_draw_count_is_a_clear_error"],
-    "--T out of range": ["test_cli_user_errors_are_one_line_exit_2", "test_kdconfig_checks_every_setting_in_one_line"],
+    "--U out of range": [
+        "test_cli_axis_errors_are_one_line_exit_2",
+        "test_bad_draw_count_is_a_clear_error",
+    ],
+    "--T out of range": [
+        "test_cli_user_errors_are_one_line_exit_2",
+        "test_kdconfig_checks_every_setting_in_one_line",
+    ],
     "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that cannot use them": [
-        "test_bad_on_policy_flags", "test_reverse_kl_flags_are_checked"],
-    "unknown method, metric, policy, divergence (any bad flag value)": ["test_unknown_choices_are_one_line_exit_2",
-                                                                        "test_position_flags_errors"],
-    "teacher and student vocabulary mismatch": ["test_teacher_and_student_vocabularies_must_match",
-                                                "test_teacher_checkpoint_for_other_vocabulary_is_refused"],
+        "test_bad_on_policy_flags",
+        "test_reverse_kl_flags_are_checked",
+    ],
+    "unknown method, metric, policy, divergence (any bad flag value)": [
+        "test_unknown_choices_are_one_line_exit_2",
+        "test_position_flags_errors",
+    ],
+    "teacher and student vocabulary mismatch": [
+        "test_teacher_and_student_vocabularies_must_match",
+        "test_teacher_checkpoint_for_other_vocabulary_is_refused",
+    ],
     "teacher trained with another tokenizer": ["test_checkpoint_for_another_tokenizer_is_refused"],
-    "vocabulary too large for the cache id width": ["test_cache_codec_is_lossless_and_never_truncates",
-                                                    "test_vocabulary_beyond_the_cache_format_is_refused"],
-    "sequence length above the teacher's block size": ["test_seq_len_above_the_teachers_block_size_is_refused"],
+    "vocabulary too large for the cache id width": [
+        "test_cache_codec_is_lossless_and_never_truncates",
+        "test_vocabulary_beyond_the_cache_format_is_refused",
+    ],
+    "sequence length above the teacher's block size": [
+        "test_seq_len_above_the_teachers_block_size_is_refused"
+    ],
     "missing or truncated checkpoint": ["test_corrupt_and_missing_checkpoints_are_clear_errors"],
     "corrupt checkpoint (garbage, wrong keys or shapes)": ["test_garbage_checkpoints_are_refused"],
-    "unfinished checkpoint of another run": ["test_unfinished_checkpoint_of_another_run_is_not_resumed"],
+    "unfinished checkpoint of another run": [
+        "test_unfinished_checkpoint_of_another_run_is_not_resumed"
+    ],
     "cache built for another teacher, dataset, U, T, seed or sample set": [
-        "test_mismatching_cache_is_refused_in_one_line", "test_mismatching_cache_is_refused_before_the_pre_pass"],
+        "test_mismatching_cache_is_refused_in_one_line",
+        "test_mismatching_cache_is_refused_before_the_pre_pass",
+    ],
     "truncated or interrupted cache": ["test_truncated_or_interrupted_cache_leaves_nothing_valid"],
-    "empty, binary or too-short corpus": ["test_empty_and_too_short_corpus_are_clear_errors",
-                                          "test_empty_or_binary_local_file_says_so",
-                                          "test_too_short_corpus_is_one_line_exit_2"],
-    "NaN or inf loss or gradient": ["test_non_finite_loss_stops_and_keeps_the_last_checkpoint",
-                                    "test_huge_learning_rate_stops_in_one_line"],
-    "disk full while writing a checkpoint": ["test_disk_full_while_saving_a_checkpoint",
-                                             "test_write_failure_in_a_real_process"],
+    "empty, binary or too-short corpus": [
+        "test_empty_and_too_short_corpus_are_clear_errors",
+        "test_empty_or_binary_local_file_says_so",
+        "test_too_short_corpus_is_one_line_exit_2",
+    ],
+    "NaN or inf loss or gradient": [
+        "test_non_finite_loss_stops_and_keeps_the_last_checkpoint",
+        "test_huge_learning_rate_stops_in_one_line",
+    ],
+    "disk full while writing a checkpoint": [
+        "test_disk_full_while_saving_a_checkpoint",
+        "test_write_failure_in_a_real_process",
+    ],
     "disk full while writing the teacher cache": ["test_disk_full_while_building_the_cache"],
     "disk full while writing the data memmaps": ["test_disk_full_while_writing_the_data"],
-    "SIGKILL mid-training": ["test_sigkill_then_resume_gives_the_same_weights",
-                             "test_interrupted_distillation_resumes_to_the_same_weights"],
+    "SIGKILL mid-training": [
+        "test_sigkill_then_resume_gives_the_same_weights",
+        "test_interrupted_distillation_resumes_to_the_same_weights",
+    ],
 }
 
 
@@ -1613,15 +2215,23 @@ def leftovers(folder):
 
 
 def run_cli(*flags, **kw):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, flags)], capture_output=True,
-                          text=True, cwd=HERE, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *map(str, flags)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=300,
+        **kw,
+    )
 
 
 def assert_one_line_exit_2(r, msg):
     """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come before)."""
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
-    assert msg in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert msg in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, (
+        r.stderr
+    )
     assert not any(line.startswith("error") for line in lines[:-1])
 
 
@@ -1630,13 +2240,27 @@ def tiny_cli(tmp_path, corpus, *extra):
     return TINY + ["--dataset", ds, "--data-dir", cache, "--out-dir", str(tmp_path)] + list(extra)
 
 
-@pytest.mark.parametrize("flags,msg", [(["--method", "magic"], "argument --method: invalid choice: 'magic'"),
-                                       (["--policy", "nope"], "argument --policy: invalid choice: 'nope'")])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
+        (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
+    ],
+)
 def test_unknown_choices_are_one_line_exit_2(flags, msg, capsys):
     code, err = cli_in_process(flags, capsys)
-    assert code == 2 and err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
-    for bad, want in ((["--divergence", "sideways"], "invalid choice: 'sideways'"), (["--run", "nope"], "--run"),
-                      (["--k", "abc"], "invalid float value: 'abc'"), (["--no-such-flag"], "unrecognized arguments")):
+    assert (
+        code == 2
+        and err.startswith("error: ")
+        and msg in err
+        and len(err.strip().splitlines()) == 1
+    )
+    for bad, want in (
+        (["--divergence", "sideways"], "invalid choice: 'sideways'"),
+        (["--run", "nope"], "--run"),
+        (["--k", "abc"], "invalid float value: 'abc'"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ):
         with pytest.raises(train.UserError, match=want) as e:
             train.main(bad)
         assert "--help" in str(e.value) and "\n" not in str(e.value)
@@ -1646,65 +2270,115 @@ def checked(flags):
     """What `train.main` checks before any work: the flags, their combinations, each method's KDConfig."""
     args = train.parse_args(flags)
     train.check_flags(args)
-    return [train.kd_config(args, m) for m in {"compare": ["ce", "full_kd", "sekd"]}.get(args.run, [args.method])]
+    return [
+        train.kd_config(args, m)
+        for m in {"compare": ["ce", "full_kd", "sekd"]}.get(args.run, [args.method])
+    ]
 
 
 def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
-    for flags, msg in ((["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
-                        "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method"),
-                       (["--student-embd", "15"], "the student (--student-layers, --student-heads, --student-embd, "
-                                                  "--seq-len): (n_embd, n_head) must be divisible, n_embd by n_head")):
+    for flags, msg in (
+        (
+            ["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
+            "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method",
+        ),
+        (
+            ["--student-embd", "15"],
+            "the student (--student-layers, --student-heads, --student-embd, "
+            "--seq-len): (n_embd, n_head) must be divisible, n_embd by n_head",
+        ),
+    ):
         with pytest.raises(SystemExit) as e:  # GPTConfig's, checked before any work
             train.cli(flags)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {msg}") and err.count("\n") == 1, err
 
 
-def test_a_bug_in_a_registered_metric_keeps_its_traceback(tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys):
+def test_a_bug_in_a_registered_metric_keeps_its_traceback(
+    tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys
+):
     @sekd.student_only
     def buggy_metric(zs, zt, y):
         raise ValueError("a bug in the user's own metric")
+
     monkeypatch.setitem(sekd.METRICS, "buggy_metric", buggy_metric)
     out = with_pair(tmp_path, pretrained_pair)
-    with pytest.raises(ValueError, match="a bug in the user's own metric") as e:  # not SystemExit(2): cli lets it by
-        train.cli(tiny_cli(out, tiny_corpus, "--run", "distill", "--metric", "buggy_metric", "--student-steps", "1"))
+    with pytest.raises(
+        ValueError, match="a bug in the user's own metric"
+    ) as e:  # not SystemExit(2): cli lets it by
+        train.cli(
+            tiny_cli(
+                out,
+                tiny_corpus,
+                "--run",
+                "distill",
+                "--metric",
+                "buggy_metric",
+                "--student-steps",
+                "1",
+            )
+        )
     assert not isinstance(e.value, train.UserError) and "error:" not in capsys.readouterr().err
-    assert "buggy_metric" in [frame.name for frame in traceback.extract_tb(e.tb)]  # the traceback reaches the bug
+    assert "buggy_metric" in [
+        frame.name for frame in traceback.extract_tb(e.tb)
+    ]  # the traceback reaches the bug
 
 
 def test_bad_on_policy_flags():
-    for flags, msg in ((["--on-policy", "1.5"], "argument --on-policy: must be in \\[0, 1\\], got 1.5"),
-                       (["--on-policy", "0.01"], "rounds to no sequence: raise one"),
-                       (["--prompt-len", "200"], "--prompt-len must be in \\[0, --seq-len 128\\]"),
-                       (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
-                       (["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"], "full_kd, sekd, random_pos"),
-                       (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
-                       (["--on-policy", "0.5", "--run", "teacher"], "--run compare or distill"),
-                       (["--divergence", "reverse", "--run", "distill", "--method", "rskd"], "reverse KL needs the "
-                                                                                             "teacher's full")):
+    for flags, msg in (
+        (["--on-policy", "1.5"], "argument --on-policy: must be in \\[0, 1\\], got 1.5"),
+        (["--on-policy", "0.01"], "rounds to no sequence: raise one"),
+        (["--prompt-len", "200"], "--prompt-len must be in \\[0, --seq-len 128\\]"),
+        (["--on-policy", "0.5", "--run", "distill", "--method", "at_kd"], "--on-policy works with"),
+        (
+            ["--on-policy", "0.5", "--run", "distill", "--method", "sekd_3x"],
+            "full_kd, sekd, random_pos",
+        ),
+        (["--on-policy", "0.5", "--lam", "0"], "--lam > 0"),
+        (["--on-policy", "0.5", "--run", "teacher"], "--run compare or distill"),
+        (
+            ["--divergence", "reverse", "--run", "distill", "--method", "rskd"],
+            "reverse KL needs the teacher's full",
+        ),
+    ):
         with pytest.raises(ValueError, match=msg):
             checked(flags)
-    assert_one_line_exit_2(run_cli("--divergence", "reverse", "--run", "distill", "--method", "rskd"),
-                           "the reverse KL needs the teacher's full distribution")  # KDConfig's, before any work
-    assert [c.divergence for c in checked(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"])] \
-        == ["reverse"]
-    assert [c.divergence for c in checked(["--divergence", "reverse", "--run", "compare"])] == \
-        ["forward", "reverse", "reverse"]  # CE, the no-KD baseline, has no divergence
+    assert_one_line_exit_2(
+        run_cli("--divergence", "reverse", "--run", "distill", "--method", "rskd"),
+        "the reverse KL needs the teacher's full distribution",
+    )  # KDConfig's, before any work
+    assert [
+        c.divergence
+        for c in checked(["--on-policy", "0.5", "--run", "distill", "--method", "sekd_top_smp"])
+    ] == ["reverse"]
+    assert [c.divergence for c in checked(["--divergence", "reverse", "--run", "compare"])] == [
+        "forward",
+        "reverse",
+        "reverse",
+    ]  # CE, the no-KD baseline, has no divergence
 
 
 @pytest.mark.parametrize("field", ["tokenizer", "vocab_size", "vocab_fingerprint"])
 def test_checkpoint_for_another_tokenizer_is_refused(tmp_path, tiny_corpus, pretrained_pair, field):
     out = with_pair(tmp_path, pretrained_pair)
     ckpt = torch.load(out / "teacher.pt", weights_only=True)
-    ckpt["signature"][field] = {"tokenizer": "llama3", "vocab_size": 151936, "vocab_fingerprint": "0" * 16}[field]
+    ckpt["signature"][field] = {
+        "tokenizer": "llama3",
+        "vocab_size": 151936,
+        "vocab_fingerprint": "0" * 16,
+    }[field]
     train.save_checkpoint(str(out / "teacher.pt"), ckpt)
-    with pytest.raises(train.UserError, match="trained on another vocabulary or tokenizer .* --retrain-teacher"):
+    with pytest.raises(
+        train.UserError, match="trained on another vocabulary or tokenizer .* --retrain-teacher"
+    ):
         run_job(out, tiny_corpus, "--run", "distill")
     assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
 
 
 def test_vocabulary_beyond_the_cache_format_is_refused():
-    assert data.cache_bytes_per_class(1 << 49) == 7  # 49 id bits + 7 count bits: still stored, losslessly
+    assert (
+        data.cache_bytes_per_class(1 << 49) == 7
+    )  # 49 id bits + 7 count bits: still stored, losslessly
     with pytest.raises(ValueError, match="does not fit the cache format"):
         data.cache_bytes_per_class((1 << 49) + 1)
     with pytest.raises(ValueError, match="outside the vocabulary \\[0, 11\\)"):
@@ -1712,20 +2386,27 @@ def test_vocabulary_beyond_the_cache_format_is_refused():
     with pytest.raises(ValueError, match="7-bit counts"):
         data.encode_draws(torch.tensor([[3]]), torch.tensor([[128]]), 11)
     with pytest.raises(ValueError, match="a vocabulary of 131,073 needs 4"):
-        data.decode_draws(torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073)  # a 3-byte cache read with a bigger V
+        data.decode_draws(
+            torch.zeros(1, 2, 3, dtype=torch.uint8), 131_073
+        )  # a 3-byte cache read with a bigger V
 
 
 def test_teacher_and_student_vocabularies_must_match(cache_setup):
     args, corpus, _, _ = cache_setup
     other = train.new_model(args, "teacher", corpus.vocab.size + 1, torch.device("cpu"))
-    with pytest.raises(train.UserError, match=f"teacher vocabulary \\({corpus.vocab.size + 1}\\) and student "
-                                              f"vocabulary \\({corpus.vocab.size}\\) differ"):
+    with pytest.raises(
+        train.UserError,
+        match=f"teacher vocabulary \\({corpus.vocab.size + 1}\\) and student "
+        f"vocabulary \\({corpus.vocab.size}\\) differ",
+    ):
         train.distill_student(args, "sekd", corpus, torch.device("cpu"), other, None)
 
 
 def test_seq_len_above_the_teachers_block_size_is_refused(tmp_path, tiny_corpus, pretrained_pair):
     out = with_pair(tmp_path, pretrained_pair)
-    with pytest.raises(train.UserError, match="block size 16, shorter than --seq-len 32: use --seq-len 16 or less"):
+    with pytest.raises(
+        train.UserError, match="block size 16, shorter than --seq-len 32: use --seq-len 16 or less"
+    ):
         run_job(out, tiny_corpus, "--run", "distill", "--seq-len", "32")
     assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
 
@@ -1744,7 +2425,9 @@ def test_garbage_checkpoints_are_refused(tmp_path, tiny_corpus, pretrained_pair,
     else:  # a distilled student's checkpoint, which the run would resume from
         (out / "student_sekd.pt").write_bytes(b"PK\x03\x04" + os.urandom(100))
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    with pytest.raises(train.UserError, match="is corrupt or truncated .*: delete it and train again") as e:
+    with pytest.raises(
+        train.UserError, match="is corrupt or truncated .*: delete it and train again"
+    ) as e:
         run_job(out, tiny_corpus, "--run", "distill")
     assert "\n" not in str(e.value)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing written over
@@ -1754,13 +2437,21 @@ def test_unfinished_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
     model = tiny_gpt(dtype=torch.float32)
     opt = train.make_optimizer(model, 1e-3, 0.1)
     key = {"method": "sekd", "lr": 0.001, "seed": 1}
-    ckpt = {"model": model.state_dict(), "config": vars(model.config), "step": 10, "steps": 30,
-            "optimizer": opt.state_dict(), "run_key": key}
+    ckpt = {
+        "model": model.state_dict(),
+        "config": vars(model.config),
+        "step": 10,
+        "steps": 30,
+        "optimizer": opt.state_dict(),
+        "run_key": key,
+    }
     path = str(tmp_path / "student_sekd.pt")
     train.save_checkpoint(path, ckpt)
     assert train.resumable(path, key, "sekd")["step"] == 10
     assert train.resumable(path, {**key, "lr": 0.002}, "sekd") is None
-    assert "unfinished checkpoint of another run (lr differ): training anew" in capsys.readouterr().out
+    assert (
+        "unfinished checkpoint of another run (lr differ): training anew" in capsys.readouterr().out
+    )
     train.save_checkpoint(path, {**ckpt, "step": 30})
     assert train.resumable(path, key, "sekd") is None  # finished: a new run trains over it
     assert train.resumable(str(tmp_path / "none.pt"), key, "sekd") is None
@@ -1768,10 +2459,23 @@ def test_unfinished_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
 
 def test_too_short_corpus_is_one_line_exit_2(tmp_path):
     ds = write_corpus(tmp_path, "Short text.\n" * 3, "x\n")
-    r = run_cli("--dataset", ds, "--seq-len", "64", "--data-dir", tmp_path / "cache", "--out-dir", tmp_path / "out")
-    assert_one_line_exit_2(r, "too few for 2 samples of 65 tokens: use a bigger corpus or a smaller --seq-len")
+    r = run_cli(
+        "--dataset",
+        ds,
+        "--seq-len",
+        "64",
+        "--data-dir",
+        tmp_path / "cache",
+        "--out-dir",
+        tmp_path / "out",
+    )
+    assert_one_line_exit_2(
+        r, "too few for 2 samples of 65 tokens: use a bigger corpus or a smaller --seq-len"
+    )
     assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "out")
-    assert not any(f == "meta.json" for _, _, fs in os.walk(tmp_path / "cache") for f in fs)  # nothing reusable
+    assert not any(
+        f == "meta.json" for _, _, fs in os.walk(tmp_path / "cache") for f in fs
+    )  # nothing reusable
 
 
 def inject_after_checkpoint(path, n, fault):
@@ -1782,15 +2486,24 @@ def inject_after_checkpoint(path, n, fault):
         out = real(student, *a, **k)
         calls[0] += os.path.exists(path)
         return (fault(out[0], student), out[1]) if calls[0] >= n else out
+
     return loss
 
 
-@pytest.mark.parametrize("fault,what", [(lambda loss, s: loss * float("nan"), "loss became nan"),
-                                        (lambda loss, s: loss * float("inf"), "loss became inf"),
-                                        (lambda loss, s: loss + (s.wte.weight.sum() - s.wte.weight.sum().detach()).sqrt(),
-                                         "gradient norm became")])
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corpus, pretrained_pair, monkeypatch,
-                                                             fault, what):
+@pytest.mark.parametrize(
+    "fault,what",
+    [
+        (lambda loss, s: loss * float("nan"), "loss became nan"),
+        (lambda loss, s: loss * float("inf"), "loss became inf"),
+        (
+            lambda loss, s: loss + (s.wte.weight.sum() - s.wte.weight.sum().detach()).sqrt(),
+            "gradient norm became",
+        ),
+    ],
+)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_corpus, pretrained_pair, monkeypatch, fault, what
+):
     out = with_pair(tmp_path, pretrained_pair)
     path = out / "student_sekd.pt"
     seen = {}
@@ -1798,9 +2511,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corp
     def faulty(loss, student):  # from the 3rd call after the step-5 checkpoint: step 8
         seen.setdefault("bytes", path.read_bytes())
         return fault(loss, student)
+
     monkeypatch.setattr(sekd, "distill_loss", inject_after_checkpoint(str(path), 3, faulty))
-    with pytest.raises(train.UserError, match=f"{what}.* at step 8: stopped before the update, the checkpoint of "
-                                              "step 5 is kept; lower --lr") as e:
+    with pytest.raises(
+        train.UserError,
+        match=f"{what}.* at step 8: stopped before the update, the checkpoint of "
+        "step 5 is kept; lower --lr",
+    ) as e:
         run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")
     assert "\n" not in str(e.value)
     assert path.read_bytes() == seen["bytes"] and torch.load(path, weights_only=True)["step"] == 5
@@ -1810,7 +2527,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corp
 def test_huge_learning_rate_stops_in_one_line(tmp_path, tiny_corpus, pretrained_pair):
     out = with_pair(tmp_path, pretrained_pair)
     r = run_cli(*tiny_cli(out, tiny_corpus, "--run", "distill", "--lr", "1e30", "--warmup", "0"))
-    assert_one_line_exit_2(r, "[sekd] loss became nan at step 2: stopped before the update, no checkpoint was written")
+    assert_one_line_exit_2(
+        r, "[sekd] loss became nan at step 2: stopped before the update, no checkpoint was written"
+    )
     assert sorted(os.listdir(out)) == ["student_init.pt", "teacher.pt"]
 
 
@@ -1829,23 +2548,35 @@ class FullDisk:
                 real_write = f.write
 
                 def write(b):
-                    real_write(b[:len(b) // 2])
+                    real_write(b[: len(b) // 2])
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
                 f.write = write
         return f
 
 
 def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_corpus, pretrained_pair, monkeypatch):
     out = with_pair(tmp_path, pretrained_pair)
-    monkeypatch.setattr(data, "open", FullDisk("student_sekd.pt.tmp", after=2), raising=False)  # step 10 fails
+    monkeypatch.setattr(
+        data, "open", FullDisk("student_sekd.pt.tmp", after=2), raising=False
+    )  # step 10 fails
     with pytest.raises(data.DataError) as e:
         run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"could not write {out / 'student_sekd.pt'}: No space left on device")
+    assert "\n" not in msg and msg.startswith(
+        f"could not write {out / 'student_sekd.pt'}: No space left on device"
+    )
     assert "disk full? free space or choose another --out-dir" in msg
-    assert torch.load(out / "student_sekd.pt", weights_only=True)["step"] == 5 and not leftovers(out)
+    assert torch.load(out / "student_sekd.pt", weights_only=True)["step"] == 5 and not leftovers(
+        out
+    )
     monkeypatch.undo()  # space again: the run resumes from the step-5 checkpoint
-    assert run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")["rows"][-1]["resumed_at"] == 5
+    assert (
+        run_job(out, tiny_corpus, "--run", "distill", "--eval-interval", "5")["rows"][-1][
+            "resumed_at"
+        ]
+        == 5
+    )
 
 
 @pytest.mark.parametrize("where", ["allocate", "header"])
@@ -1855,13 +2586,18 @@ def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
     good = open(path, "rb").read()
     args.rebuild_cache = True
     if where == "allocate":
+
         def no_space(fd, offset, size):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         monkeypatch.setattr(os, "posix_fallocate", no_space)
     else:
         monkeypatch.setattr(data, "open", FullDisk(".tmp"), raising=False)
-    with pytest.raises(train.UserError, match=f"could not write {path}: No space left on device .* the previous "
-                                              "file, if any, is unchanged"):
+    with pytest.raises(
+        train.UserError,
+        match=f"could not write {path}: No space left on device .* the previous "
+        "file, if any, is unchanged",
+    ):
         data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert open(path, "rb").read() == good and not leftovers(os.path.dirname(path))
 
@@ -1876,17 +2612,23 @@ def test_disk_full_while_writing_the_data(tmp_path, monkeypatch):
             real_save(path, array[: len(array) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(path, array)
+
     monkeypatch.setattr(np, "save", save)
     with pytest.raises(data.DataError, match="could not write .*val.npy: No space left on device"):
         data.prepare(ds, 16, cache_dir=str(tmp_path / "cache"))
-    assert not leftovers(tmp_path) and not any(f == "meta.json" for _, _, fs in os.walk(tmp_path) for f in fs)
+    assert not leftovers(tmp_path) and not any(
+        f == "meta.json" for _, _, fs in os.walk(tmp_path) for f in fs
+    )
     monkeypatch.undo()
-    assert len(data.prepare(ds, 16, cache_dir=str(tmp_path / "cache")).val) > 0  # rebuilt once there is space
+    assert (
+        len(data.prepare(ds, 16, cache_dir=str(tmp_path / "cache")).val) > 0
+    )  # rebuilt once there is space
 
 
 def limit_file_size():
     """preexec_fn: writes past 200 kB fail with EFBIG (SIGXFSZ ignored), like a full disk."""
     import resource
+
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
@@ -1895,7 +2637,10 @@ def test_write_failure_in_a_real_process(tmp_path, tiny_corpus, pretrained_pair)
     out = with_pair(tmp_path, pretrained_pair)
     before = (out / "teacher.pt").read_bytes()
     assert len(before) > 200_000
-    r = run_cli(*tiny_cli(out, tiny_corpus, "--run", "teacher", "--retrain-teacher"), preexec_fn=limit_file_size)
+    r = run_cli(
+        *tiny_cli(out, tiny_corpus, "--run", "teacher", "--retrain-teacher"),
+        preexec_fn=limit_file_size,
+    )
     assert_one_line_exit_2(r, f"could not write {out / 'teacher.pt'}: File too large")
     assert (out / "teacher.pt").read_bytes() == before and not leftovers(out)
 
@@ -1908,16 +2653,21 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("extra", [["--policy", "gls", "--gls-queue", "50", "--on-policy", "0.5"],
-                                   ["--method", "random_pos"]])
-def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path, tiny_corpus, pretrained_pair, monkeypatch,
-                                                              extra):
+@pytest.mark.parametrize(
+    "extra",
+    [["--policy", "gls", "--gls-queue", "50", "--on-policy", "0.5"], ["--method", "random_pos"]],
+)
+def test_interrupted_distillation_resumes_to_the_same_weights(
+    tmp_path, tiny_corpus, pretrained_pair, monkeypatch, extra
+):
     """GLS's queue, on-policy sampling and RandomPos's global RNG all carry over a resume."""
     flags = ["--run", "distill", "--eval-interval", "5", *extra]
     name = f"student_{'random_pos' if 'random_pos' in extra else 'sekd'}.pt"
     whole = run_job(with_pair(tmp_path / "a", pretrained_pair), tiny_corpus, *flags)
     out = with_pair(tmp_path / "b", pretrained_pair)
-    stop = inject_after_checkpoint(str(out / name), 3, lambda loss, s: (_ for _ in ()).throw(KeyboardInterrupt))
+    stop = inject_after_checkpoint(
+        str(out / name), 3, lambda loss, s: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     monkeypatch.setattr(sekd, "distill_loss", stop)
     with pytest.raises(KeyboardInterrupt):
         run_job(out, tiny_corpus, *flags)
@@ -1936,8 +2686,13 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEKD_COMPILE": "1"}
     a, b = with_pair(tmp_path / "a", pretrained_pair), with_pair(tmp_path / "b", pretrained_pair)
     assert run_cli(*tiny_cli(a, tiny_corpus, *flags), env=env).returncode == 0  # uninterrupted
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *tiny_cli(b, tiny_corpus, *flags)],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "train.py"), *tiny_cli(b, tiny_corpus, *flags)],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 240
     while not (b / "student_sekd.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -1952,13 +2707,17 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
 
 # ============================================================================= data parallel (torchrun)
 
+
 def test_batches_shard_the_global_batch_across_ranks():
     corpus = type("C", (), {"train": np.arange(30 * 5).reshape(30, 5)})()
     one = data.Batches(corpus, 6, 2, 0, "cpu")
     ranks = [data.Batches(corpus, 2, 2, 0, "cpu", rank=r, world=3) for r in range(3)]
     for step in range(6):  # 72 ids: crosses two epochs of 30 samples
         for micro in range(2):
-            assert np.concatenate([b.ids(step, micro) for b in ranks]).tolist() == one.ids(step, micro).tolist()
+            assert (
+                np.concatenate([b.ids(step, micro) for b in ranks]).tolist()
+                == one.ids(step, micro).tolist()
+            )
 
 
 def as_rank(monkeypatch, rank, world):
@@ -1971,11 +2730,16 @@ def as_rank(monkeypatch, rank, world):
 def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
     args.U, kept = 8, kept[:40]  # a small cache is enough here
-    student, dev = train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")), torch.device("cpu")
+    student, dev = (
+        train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")),
+        torch.device("cpu"),
+    )
     monkeypatch.setattr(data, "_PREPASS", {})
     whole = data.sample_prepass(student, corpus, args, dev)[0]
     shards = []
-    for r in range(3):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
+    for r in range(
+        3
+    ):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
         as_rank(monkeypatch, r, 3)
         monkeypatch.setattr(data, "gather_objects", lambda obj: [obj])  # this rank's share alone
         monkeypatch.setattr(data, "_PREPASS", {})
@@ -1998,9 +2762,12 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
 
     def rows(x, ids, counts):  # (sample, its draws), in a fixed order
         return sorted((a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts))
+
     for step in range(3):
         x, _, (ids, counts) = one.get(step, 0)
-        merged = sorted(sum((rows(px, *draws) for px, _, draws in (p.get(step, 0) for p in parts)), []))
+        merged = sorted(
+            sum((rows(px, *draws) for px, _, draws in (p.get(step, 0) for p in parts)), [])
+        )
         assert merged == rows(x, ids, counts)
 
 
@@ -2038,67 +2805,159 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     """torchrun, 2 CPU ranks (gloo) with --batch-size 2 each against 1 rank with --batch-size 4:
     every step's loss (teacher, initial student, CE, Full KD, SE-KD top-k) and the final weights."""
     ds, cache = tiny_corpus
-    flags = TINY + ["--dataset", ds, "--data-dir", cache, "--device", "cpu", "--teacher-steps", "6",
-                    "--student-init-steps", "4", "--student-steps", "6", "--eval-interval", "3"]
+    flags = TINY + [
+        "--dataset",
+        ds,
+        "--data-dir",
+        cache,
+        "--device",
+        "cpu",
+        "--teacher-steps",
+        "6",
+        "--student-init-steps",
+        "4",
+        "--student-steps",
+        "6",
+        "--eval-interval",
+        "3",
+    ]
     one = train.main(flags + ["--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), "--", "--run", "compare"] + flags +
-                       ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
-                       capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "train.py"),
+            "--",
+            "--run",
+            "compare",
+        ]
+        + flags
+        + ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("[sekd] step     6/6") == 1  # rank 1 prints nothing
     two = json.loads((tmp_path / "two" / "results_compare.json").read_text())
     assert [row["method"] for row in two["rows"]] == [row["method"] for row in one["rows"]]
     for a, b in zip(one["rows"], two["rows"]):
-        assert len(a["loss_curve"]) == len(b["loss_curve"]) > 0 and b["tokens"] == a["tokens"]  # all ranks' tokens
+        assert (
+            len(a["loss_curve"]) == len(b["loss_curve"]) > 0 and b["tokens"] == a["tokens"]
+        )  # all ranks' tokens
         np.testing.assert_allclose(b["loss_curve"], a["loss_curve"], rtol=1e-5)
         assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-4)
     for name in ("teacher", "student_init", "student_ce", "student_full_kd", "student_sekd"):
-        wa, wb = (torch.load(tmp_path / d / f"{name}.pt", weights_only=True)["model"] for d in ("one", "two"))
+        wa, wb = (
+            torch.load(tmp_path / d / f"{name}.pt", weights_only=True)["model"]
+            for d in ("one", "two")
+        )
         for key in wa:
             torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # no stray files
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(
+        os.listdir(tmp_path / "one")
+    )  # no stray files
 
 
 # ============================================================================= the paper's data: --preset fineweb
 
+
 def test_preset_sets_defaults_and_explicit_flags_win():
-    a = train.parse_args(["--preset", "fineweb", "--teacher-layers", "1", "--no-full-vocab", "--lr", "0.01"])
+    a = train.parse_args(
+        ["--preset", "fineweb", "--teacher-layers", "1", "--no-full-vocab", "--lr", "0.01"]
+    )
     assert a.dataset == "hf:HuggingFaceFW/fineweb-edu:sample-10BT" and a.seq_len == 512
     assert a.max_tokens == 80_000_000 and a.lam == 1.0 and a.teacher_embd == 768
     assert a.teacher_layers == 1 and not a.full_vocab and a.lr == 0.01  # given, so kept
     plain = train.parse_args([])
-    assert plain.dataset == "shakespeare" and plain.seq_len == 128 and plain.max_tokens == 0 and not plain.full_vocab
+    assert (
+        plain.dataset == "shakespeare"
+        and plain.seq_len == 128
+        and plain.max_tokens == 0
+        and not plain.full_vocab
+    )
 
 
 def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeypatch):
     """The preset's data path offline: a local parquet file stands in for the Hub's FineWeb-Edu."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     text = "\n".join(data.shakespeare_split()[0][:3])
-    docs = [text[i:i + 8000] for i in range(0, 8000 * 30, 8000)]
-    pq.write_table(pa.table({"text": docs, "id": [str(i) for i in range(len(docs))]}), tmp_path / "fw.parquet")
+    docs = [text[i : i + 8000] for i in range(0, 8000 * 30, 8000)]
+    pq.write_table(
+        pa.table({"text": docs, "id": [str(i) for i in range(len(docs))]}), tmp_path / "fw.parquet"
+    )
     calls, load = [], data.open_dataset
 
     def hub(name, config=None, data_files=None, streaming=False):
         calls.append((name, config, streaming))
         return load("parquet", data_files=[str(tmp_path / "fw.parquet")], streaming=streaming)
+
     monkeypatch.setattr(data, "open_dataset", hub)
-    tiny = ["--teacher-layers", "1", "--teacher-embd", "16", "--teacher-heads", "2", "--teacher-steps", "2",
-            "--batch-size", "2", "--grad-accum", "1", "--eval-tokens", "1024", "--warmup", "1", "--chunk-rows", "0"]
-    r = train.main(["--preset", "fineweb", "--run", "teacher", "--max-tokens", "20000", "--device", "cpu",
-                    "--data-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")] + tiny)
+    tiny = [
+        "--teacher-layers",
+        "1",
+        "--teacher-embd",
+        "16",
+        "--teacher-heads",
+        "2",
+        "--teacher-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--eval-tokens",
+        "1024",
+        "--warmup",
+        "1",
+        "--chunk-rows",
+        "0",
+    ]
+    r = train.main(
+        [
+            "--preset",
+            "fineweb",
+            "--run",
+            "teacher",
+            "--max-tokens",
+            "20000",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(tmp_path / "cache"),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+        + tiny
+    )
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", True)]
     meta = r["data"]
     enc = data.gpt2_encoding()
     sizes = [len(enc.encode_ordinary(d)) + 1 for d in docs]
-    n_read = next(i + 1 for i in range(len(docs)) if sum(sizes[:i + 1]) >= 20000)  # documents up to the cap
+    n_read = next(
+        i + 1 for i in range(len(docs)) if sum(sizes[: i + 1]) >= 20000
+    )  # documents up to the cap
     assert n_read < len(docs) and meta["train_tokens"] + meta["val_tokens"] == sum(sizes[:n_read])
-    assert meta["val_tokens"] == sizes[n_read - 1]  # the last 1% of the documents read (here one) is held out
+    assert (
+        meta["val_tokens"] == sizes[n_read - 1]
+    )  # the last 1% of the documents read (here one) is held out
     assert meta["seq_len"] == 512 and meta["vocab_size"] == 50257 and meta["max_tokens"] == 20000
-    assert meta["train_samples"] == meta["train_tokens"] // 513 and meta["val_samples"] == meta["val_tokens"] // 513
+    assert (
+        meta["train_samples"] == meta["train_tokens"] // 513
+        and meta["val_samples"] == meta["val_tokens"] // 513
+    )
     assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2
+
+
 # ----------------------------------------------------------------------------- teaching: text samples, exercise 2
+
 
 def test_generate_appends_tokens_with_their_entropy():
     m = tiny_gpt(L=8)  # block size 8: 5 + 6 tokens exercise the context crop
@@ -2107,23 +2966,27 @@ def test_generate_appends_tokens_with_their_entropy():
     out, ent = m.generate(idx, 6, 1.0, 0, seeded())
     assert out.shape == (2, 11) and torch.equal(out[:, :5], idx) and ent.shape == (2, 6)
     for j in range(6):
-        logits = m(out[:, :5 + j][:, -8:])[:, -1]
+        logits = m(out[:, : 5 + j][:, -8:])[:, -1]
         assert torch.allclose(ent[:, j], sekd.token_entropy(logits), atol=1e-12)
     assert torch.equal(m.generate(idx, 6, 1.0, 0, seeded())[0], out)  # same seed, same tokens
     greedy = m.generate(idx, 6, 0.0)[0]
     for j in range(6):
-        assert torch.equal(greedy[:, 5 + j], m(greedy[:, :5 + j][:, -8:])[:, -1].argmax(-1))
+        assert torch.equal(greedy[:, 5 + j], m(greedy[:, : 5 + j][:, -8:])[:, -1].argmax(-1))
     assert torch.equal(m.generate(idx, 6, 1.0, 1, seeded())[0], greedy)  # top-1 sampling is greedy
     top3 = m.generate(idx, 6, 5.0, 3, seeded())[0]
     for j in range(6):
-        best = torch.topk(m(top3[:, :5 + j][:, -8:])[:, -1], 3).indices
-        assert (best == top3[:, 5 + j:6 + j]).any(1).all()
+        best = torch.topk(m(top3[:, : 5 + j][:, -8:])[:, -1], 3).indices
+        assert (best == top3[:, 5 + j : 6 + j]).any(1).all()
 
 
-def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, tiny_corpus, monkeypatch):
+def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(
+    tmp_path, tiny_corpus, monkeypatch
+):
     calls, ranked = [], []
 
-    def teacher_margin(zs, zt, y):  # README exercise 2, shifted by 1000 so that its scores are recognisable
+    def teacher_margin(
+        zs, zt, y
+    ):  # README exercise 2, shifted by 1000 so that its scores are recognisable
         calls.append((zs.shape, zt.shape))
         top2 = torch.softmax(zt, -1).topk(2, -1).values
         return top2[:, 0] - top2[:, 1] + 1000.0
@@ -2131,13 +2994,28 @@ def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(tmp_path, t
     def spy_topk(scores, k, valid=None, state=None):
         ranked.append(scores[valid])
         return sekd.topk_positions(scores, k, valid, state)
+
     monkeypatch.setitem(sekd.METRICS, "teacher_margin", teacher_margin)
     monkeypatch.setitem(sekd.POLICIES, "topk", spy_topk)
-    r = run_job(tmp_path, tiny_corpus, "--run", "distill", "--metric", "teacher_margin", "--teacher-steps", "3",
-                "--student-init-steps", "0", "--student-steps", "3")
+    r = run_job(
+        tmp_path,
+        tiny_corpus,
+        "--run",
+        "distill",
+        "--metric",
+        "teacher_margin",
+        "--teacher-steps",
+        "3",
+        "--student-init-steps",
+        "0",
+        "--student-steps",
+        "3",
+    )
     assert r["rows"][-1]["method"] == "teacher_margin topk 20%"
     assert calls and all(s == t for s, t in calls)  # given the teacher's logits for the same rows
-    assert len(ranked) == 3 and all(((v >= 1000) & (v <= 1001)).all() for v in ranked)  # one ranking per step
+    assert len(ranked) == 3 and all(
+        ((v >= 1000) & (v <= 1001)).all() for v in ranked
+    )  # one ranking per step
 
 
 def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
@@ -2145,9 +3023,29 @@ def test_readme_metric_script_runs_from_the_command_line(tmp_path, tiny_corpus):
     script = readme.split("```python\n# my_metric.py")[1].split("```")[0]
     (tmp_path / "my_metric.py").write_text("# my_metric.py" + script)
     ds, cache = tiny_corpus
-    cmd = [sys.executable, "my_metric.py", "--run", "distill", "--metric", "teacher_margin", *TINY, "--dataset", ds,
-           "--data-dir", cache, "--out-dir", str(tmp_path), "--teacher-steps", "2", "--student-init-steps", "0",
-           "--student-steps", "2", "--eval-tokens", "128"]
+    cmd = [
+        sys.executable,
+        "my_metric.py",
+        "--run",
+        "distill",
+        "--metric",
+        "teacher_margin",
+        *TINY,
+        "--dataset",
+        ds,
+        "--data-dir",
+        cache,
+        "--out-dir",
+        str(tmp_path),
+        "--teacher-steps",
+        "2",
+        "--student-init-steps",
+        "0",
+        "--student-steps",
+        "2",
+        "--eval-tokens",
+        "128",
+    ]
     env = {**os.environ, "PYTHONPATH": HERE}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

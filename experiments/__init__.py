@@ -1,5 +1,6 @@
 """The paper-table runs and tools, each its own entry point that builds on train.py, as nanoGPT keeps bench.py
 beside train.py: `python -m experiments.NAME` takes train.py's flags and its own (`--help` lists them all)."""
+
 import argparse
 import os
 import time
@@ -23,7 +24,9 @@ def parse_args(argv, name, doc, add_flags=None):
         add_flags(p)
     args = train.parse_args(argv, p)
     if args.run != "compare":
-        raise train.UserError(f"--run {args.run} is a job of python train.py; {p.prog} is a job of its own")
+        raise train.UserError(
+            f"--run {args.run} is a job of python train.py; {p.prog} is a job of its own"
+        )
     args.run = name
     train.check_flags(args)
     return args

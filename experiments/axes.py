@@ -6,6 +6,7 @@ train.py's `sample_plan`, which every `--method` trains on:
     python -m experiments.axes --table walltime --student-steps 654   # the wall-time rows alone, one seed
     python -m experiments.axes --table storage                      # the storage accounting; trains nothing
 """
+
 import argparse
 import os
 
@@ -15,16 +16,33 @@ import train
 from experiments.positions import mean_std_row
 
 
-AXES_TABLE = ("full_kd", "random_pos", "random_smp", "sekd", "rskd", "top_smp", "top_smp_rskd", "sekd_top_smp",
-              "sekd_3x")
+AXES_TABLE = (
+    "full_kd",
+    "random_pos",
+    "random_smp",
+    "sekd",
+    "rskd",
+    "top_smp",
+    "top_smp_rskd",
+    "sekd_top_smp",
+    "sekd_3x",
+)
 WALL_TABLE = ("full_kd", "random_pos", "top_smp", "sekd_3x")
-PAPER_STORAGE_TB = {"full_fp16": 10_000, "rskd": 19.2, "sekd_3x": 3.84, "ce": 0.3}  # the paper's storage table
+PAPER_STORAGE_TB = {
+    "full_fp16": 10_000,
+    "rskd": 19.2,
+    "sekd_3x": 3.84,
+    "ce": 0.3,
+}  # the paper's storage table
 
 
 def add_flags(p):
     p.add_argument_group("axes").add_argument(
-        "--table", default="axes", choices=["axes", "walltime", "storage"],
-        help="axes: the multi-axis table, then wall time and storage; walltime: its rows alone; storage: no training")
+        "--table",
+        default="axes",
+        choices=["axes", "walltime", "storage"],
+        help="axes: the multi-axis table, then wall time and storage; walltime: its rows alone; storage: no training",
+    )
 
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
@@ -36,13 +54,19 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     for i in range(seeds):
         a = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
         for m in table:
-            b = argparse.Namespace(**{**vars(a), "rebuild_cache": True}) if m == "sekd_3x" else a  # time a build
+            b = (
+                argparse.Namespace(**{**vars(a), "rebuild_cache": True}) if m == "sekd_3x" else a
+            )  # time a build
             row = train.distill_student(b, m, corpus, device, teacher, evalset, student_init)
             rows.append({**row, "seed": a.seed, "key": m})
             train.print_table([r for r in rows if r["seed"] == a.seed], device)
         if i == 0:
-            reuse = train.distill_student(a, "sekd_3x", corpus, device, teacher, evalset, student_init)
-            walls = [r for r in rows if r["key"] in WALL_TABLE] + [{**reuse, "seed": a.seed, "key": "sekd_3x_reuse"}]
+            reuse = train.distill_student(
+                a, "sekd_3x", corpus, device, teacher, evalset, student_init
+            )
+            walls = [r for r in rows if r["key"] in WALL_TABLE] + [
+                {**reuse, "seed": a.seed, "key": "sekd_3x_reuse"}
+            ]
     summary = print_axes_table(rows)
     print_walltime_table(walls)
     return {"rows": rows, "summary": summary, "walltime": walls, "storage": storage(args, corpus)}
@@ -53,16 +77,28 @@ def print_axes_table(rows):
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
-    cols = (("val_ppl", "val PPL", 1), ("kl_to_teacher", "KL(T||S)", 1), ("agreement", "agree %", 100),
-            ("ece", "ECE %", 1))
+    cols = (
+        ("val_ppl", "val PPL", 1),
+        ("kl_to_teacher", "KL(T||S)", 1),
+        ("agreement", "agree %", 100),
+        ("ece", "ECE %", 1),
+    )
     n_seeds = max(len(v) for v in by_method.values())
     print(f"\nmulti-axis table, mean ± std over {n_seeds} seed(s)")
-    head = f"{'method':<22}" + "".join(f" {label:>16}" for _, label, _ in cols) + f" {'steps':>6} {'samples':>8}"
+    head = (
+        f"{'method':<22}"
+        + "".join(f" {label:>16}" for _, label, _ in cols)
+        + f" {'steps':>6} {'samples':>8}"
+    )
     print(head + "\n" + "-" * len(head))
     out = {}
     for name, rs in by_method.items():
         # scaled before averaging, so that agreement's mean is that of the percentages
-        row = mean_std_row(name, [{key: scale * r[key] for key, _, scale in cols} for r in rs], [c[0] for c in cols])
+        row = mean_std_row(
+            name,
+            [{key: scale * r[key] for key, _, scale in cols} for r in rs],
+            [c[0] for c in cols],
+        )
         line, out[name] = f"{name:<22}", {}
         for key, _, _ in cols:
             mean, sd = row[key], row[key + "_std"] or 0.0  # one seed: std 0
@@ -75,16 +111,21 @@ def print_axes_table(rows):
 def print_walltime_table(walls):
     def s(v):
         return "-" if v is None else f"{v:.1f}s"
+
     full = next((r["total_s"] for r in walls if r["key"] == "full_kd"), None)
     print("\nwall-time table (seconds; total = pre-pass + cache build + training)")
-    head = f"{'method':<28} {'pre-pass':>9} {'cache':>8} {'train':>8} {'total':>8} {'vs Full KD':>10}"
+    head = (
+        f"{'method':<28} {'pre-pass':>9} {'cache':>8} {'train':>8} {'total':>8} {'vs Full KD':>10}"
+    )
     print(head + "\n" + "-" * len(head))
     names = {"sekd_3x": "SE-KD_3X (building cache)", "sekd_3x_reuse": "SE-KD_3X (reusing cache)"}
     for r in walls:
         name = names.get(r["key"], r["method"])
         rel = f"{100 * (r['total_s'] / full - 1):+.0f}%" if full else "-"
-        print(f"{name:<28} {s(r['prepass_s']):>9} {s(r['cache_build_s']):>8} {s(r['train_s']):>8} "
-              f"{s(r['total_s']):>8} {rel:>10}")
+        print(
+            f"{name:<28} {s(r['prepass_s']):>9} {s(r['cache_build_s']):>8} {s(r['train_s']):>8} "
+            f"{s(r['total_s']):>8} {rel:>10}"
+        )
 
 
 def storage(args, corpus):
@@ -95,27 +136,47 @@ def storage(args, corpus):
     paper = data.storage_bytes_per_position(100_000, 64, 0.2)
     here = data.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
     n_here = len(corpus.train) * args.seq_len
-    print(f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
-          f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)")
+    print(
+        f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
+        f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)"
+    )
     head = f"{'method':<22} {'B/pos':>10} {'TB @100B':>10} {'paper TB':>9} {'B/pos here':>11} {'MiB here':>10}"
     print(head + "\n" + "-" * len(head))
-    labels = {"full_fp16": "Full KD, fp16 logits", "rskd": "RS-KD cache", "sekd_3x": "SE-KD_3X cache",
-              "ce": "plain CE (ids)"}
+    labels = {
+        "full_fp16": "Full KD, fp16 logits",
+        "rskd": "RS-KD cache",
+        "sekd_3x": "SE-KD_3X cache",
+        "ce": "plain CE (ids)",
+    }
     out = {"paper_scale": paper, "here": here, "positions_here": n_here}
     for key, label in labels.items():
-        print(f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} {PAPER_STORAGE_TB[key]:>9,} "
-              f"{here[key]:>11,.1f} {here[key] * n_here / 2**20:>10,.2f}")
-    print("(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 byte per logit)")
+        print(
+            f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} {PAPER_STORAGE_TB[key]:>9,} "
+            f"{here[key]:>11,.1f} {here[key] * n_here / 2**20:>10,.2f}"
+        )
+    print(
+        "(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 byte per logit)"
+    )
     cache_path = data.cache_path(args)
     if os.path.exists(cache_path):
         cache = data.TeacherCache(cache_path)
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
-        predicted = n_pos * data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
-        out["cache"] = {"path": cache_path, "bytes": real, "positions": n_pos, "accounted_bytes": predicted,
-                        "header_bytes": cache.offset}
-        print(f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = {real / n_pos:.2f} B/position; "
-              f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the {cache.offset}-byte "
-              f"header); per position of the whole training set {real / n_here:.2f} B")
+        predicted = (
+            n_pos
+            * data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
+        )
+        out["cache"] = {
+            "path": cache_path,
+            "bytes": real,
+            "positions": n_pos,
+            "accounted_bytes": predicted,
+            "header_bytes": cache.offset,
+        }
+        print(
+            f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = {real / n_pos:.2f} B/position; "
+            f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the {cache.offset}-byte "
+            f"header); per position of the whole training set {real / n_here:.2f} B"
+        )
     return out
 
 

@@ -5,6 +5,7 @@ show which flows' logit memory grows with the batch (the paper's memory table, a
     python -m experiments.benchmark --bench-vocab 50257 --batch-size 2 --seq-len 512   # any flag of train.py
     python -m experiments.benchmark --head-only        # the LM head's loss step alone (experiments/head_bench.py)
 """
+
 import argparse
 import gc
 import json
@@ -20,7 +21,7 @@ import experiments
 import train
 from experiments import head_bench, ledger
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def positive_ints(text):
@@ -30,25 +31,48 @@ def positive_ints(text):
     except ValueError:
         values = [0]
     if min(values, default=1) < 1:
-        raise argparse.ArgumentTypeError(f"takes positive integers separated by commas, e.g. 1024,2048; got '{text}'")
+        raise argparse.ArgumentTypeError(
+            f"takes positive integers separated by commas, e.g. 1024,2048; got '{text}'"
+        )
     return values
 
 
 def add_flags(p):
     """The benchmark's flags (it also reads the model, --batch-size and --seq-len flags)."""
     g = p.add_argument_group("benchmark (on random tokens)")
-    g.add_argument("--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes")
-    g.add_argument("--bench-tokens", type=positive_ints, default="1024,2048,4096,8192,16384",
-                   help="B*L of the scaling sweep; empty: none")
-    g.add_argument("--bench-repeats", type=train.positive_int, default=5, help="timed steps per flow (median reported)")
-    g.add_argument("--bench-warmup", type=train.non_negative_int, default=2,
-                   help="untimed steps per flow before timing")
-    g.add_argument("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
+    g.add_argument(
+        "--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes"
+    )
+    g.add_argument(
+        "--bench-tokens",
+        type=positive_ints,
+        default="1024,2048,4096,8192,16384",
+        help="B*L of the scaling sweep; empty: none",
+    )
+    g.add_argument(
+        "--bench-repeats",
+        type=train.positive_int,
+        default=5,
+        help="timed steps per flow (median reported)",
+    )
+    g.add_argument(
+        "--bench-warmup",
+        type=train.non_negative_int,
+        default=2,
+        help="untimed steps per flow before timing",
+    )
+    g.add_argument(
+        "--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above"
+    )
     head_bench.add_flags(g, positive_ints)
 
 
 def is_oom(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+    return (
+        isinstance(e, torch.OutOfMemoryError)
+        or "can't allocate memory" in str(e)
+        or "out of memory" in str(e)
+    )
 
 
 def free_memory(opt, dev):
@@ -88,7 +112,9 @@ class PhaseMeter:
 def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
     """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
     with data.autocast(args, x.device):
-        loss, _ = ledger.flow_loss(student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase)
+        loss, _ = ledger.flow_loss(
+            student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase
+        )
     with phase("backward"):
         loss.backward()
     with phase("optimizer step"):
@@ -102,8 +128,11 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     allocates; student = the step's peak in the student's phases less the teacher's parameters
     and hidden states; total = the step's peak with both models in one process."""
     resident = train.state_bytes(student, teacher) + sum(
-        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-        if torch.is_tensor(t) and t.device == dev)
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if torch.is_tensor(t) and t.device == dev
+    )
     pm = PhaseMeter(dev, resident, student.config.vocab_size)
     with pm.meter:
         bench_step(student, teacher, opt, x, y, flow, args, pm)
@@ -115,10 +144,18 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     if "teacher head" in ph:
         teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
     held = {"student forward", "selection", "teacher head", "loss"}  # teacher_h is alive
-    student_own = max(v["peak"] - t_params - (t_hidden if p in held else 0)
-                      for p, v in ph.items() if p != "teacher forward")
-    return {"phases": ph, "total": max(v["peak"] for v in ph.values()), "teacher": t_params + teacher_own,
-            "student": student_own, "logit_peak": max(v["logit_peak"] for v in ph.values())}
+    student_own = max(
+        v["peak"] - t_params - (t_hidden if p in held else 0)
+        for p, v in ph.items()
+        if p != "teacher forward"
+    )
+    return {
+        "phases": ph,
+        "total": max(v["peak"] for v in ph.values()),
+        "teacher": t_params + teacher_own,
+        "student": student_own,
+        "logit_peak": max(v["logit_peak"] for v in ph.values()),
+    }
 
 
 def bench_batch(B, V, args, dev):
@@ -142,16 +179,38 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
     half = data.autocast_dtype(args, dev) is not None
-    acc = ledger.ledger_account(student, teacher, B, L, flow, args.k, args.chunk_rows or None, half,
-                                dev.type == "cuda", T=args.T)
-    row = {"flow": flow, "name": ledger.FLOWS[flow], "B": B, "L": L, "V": V, "tokens": B * L, "analytic": acc}
+    acc = ledger.ledger_account(
+        student,
+        teacher,
+        B,
+        L,
+        flow,
+        args.k,
+        args.chunk_rows or None,
+        half,
+        dev.type == "cuda",
+        T=args.T,
+    )
+    row = {
+        "flow": flow,
+        "name": ledger.FLOWS[flow],
+        "B": B,
+        "L": L,
+        "V": V,
+        "tokens": B * L,
+        "analytic": acc,
+    }
     if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
-        return {**row, "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb"}
+        return {
+            **row,
+            "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb",
+        }
     x, y = bench_batch(B, V, args, dev)
 
     def warm_up_then_measure():
         bench_step(student, teacher, opt, x, y, flow, args)  # allocator, AdamW state
         row.update(measure_flow(student, teacher, opt, x, y, flow, args, dev))
+
     guard_oom(row, warm_up_then_measure)
     free_memory(opt, dev)
     return row
@@ -192,7 +251,10 @@ def bench_rows(student, teacher, opt, B, args, dev):
 
 def bench_models(args, V, dev):
     torch.manual_seed(args.seed)
-    teacher, student = train.new_model(args, "teacher", V, dev), train.new_model(args, "student", V, dev)
+    teacher, student = (
+        train.new_model(args, "teacher", V, dev),
+        train.new_model(args, "student", V, dev),
+    )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -201,8 +263,10 @@ def bench_models(args, V, dev):
 
 def print_bench_table(rows, lines):
     base = rows[0]
-    head = (f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} {'(analytic)':>10} "
-            f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}")
+    head = (
+        f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} {'(analytic)':>10} "
+        f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}"
+    )
     lines += [head, "-" * len(head)]
     for i, r in enumerate(rows, 1):
         if "oom" in r:
@@ -210,29 +274,50 @@ def print_bench_table(rows, lines):
             continue
         a = r["analytic"]
         ratio_m = f"{r['total'] / base['total']:.2f}" if "total" in base else "-"
-        ratio_t = f"{r['step_s'] / base['step_s']:.2f}" if "step_s" in base and "step_s" in r else "-"
+        ratio_t = (
+            f"{r['step_s'] / base['step_s']:.2f}" if "step_s" in base and "step_s" in r else "-"
+        )
         ms = f"{1000 * r['step_s']:.1f}" if "step_s" in r else "-"
-        lines.append(f"{i:>2} {r['name']:<44} {r['student'] / GiB:>11.3f} {r['teacher'] / GiB:>11.3f} "
-                     f"{r['total'] / GiB:>9.3f} {a['total'] / GiB:>10.3f} {r['logit_peak'] / GiB:>10.3f} "
-                     f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}")
+        lines.append(
+            f"{i:>2} {r['name']:<44} {r['student'] / GiB:>11.3f} {r['teacher'] / GiB:>11.3f} "
+            f"{r['total'] / GiB:>9.3f} {a['total'] / GiB:>10.3f} {r['logit_peak'] / GiB:>10.3f} "
+            f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}"
+        )
 
 
 def print_sweep_tables(V, sweep, grid):
     """The scaling sweep as two tables: memory (logit peak / total peak) and step time (ms, and
     the ratio to the dense flow at the same B*L). A row that ran out of memory says so."""
+
     def cells(f, fmt):
-        return "".join(f"{c:>18}" for c in (("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r else fmt(r, i)
-                                            for i, r in enumerate(grid[f])))
+        return "".join(
+            f"{c:>18}"
+            for c in (
+                ("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r else fmt(r, i)
+                for i, r in enumerate(grid[f])
+            )
+        )
+
     dense = grid["dense"]
 
     def time_cell(r, i):
         ratio = f" ({r['step_s'] / dense[i]['step_s']:.2f}x)" if "step_s" in dense[i] else ""
         return f"{1000 * r['step_s']:.1f}{ratio}"
+
     cols = f"{'flow':<44}" + "".join(f"{t:>18,}" for t in sweep)
-    table = [f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L", cols]
-    table += [f"{ledger.FLOWS[f]:<44}" + cells(f, lambda r, i: f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}")
-              for f in ledger.FLOWS]
-    table += [f"\nscaling sweep, V = {V:,}: step ms (time / dense flow's time at the same B*L)", cols]
+    table = [
+        f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L",
+        cols,
+    ]
+    table += [
+        f"{ledger.FLOWS[f]:<44}"
+        + cells(f, lambda r, i: f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}")
+        for f in ledger.FLOWS
+    ]
+    table += [
+        f"\nscaling sweep, V = {V:,}: step ms (time / dense flow's time at the same B*L)",
+        cols,
+    ]
     table += [f"{ledger.FLOWS[f]:<44}" + cells(f, time_cell) for f in ledger.FLOWS]
     return table
 
@@ -245,15 +330,21 @@ def run(args, device):
         return head_bench.run(args, device)
     vocabs, sweep = args.bench_vocab, args.bench_tokens
     if not vocabs:
-        raise train.UserError("--bench-vocab takes positive integers separated by commas, e.g. 151936,50257")
+        raise train.UserError(
+            "--bench-vocab takes positive integers separated by commas, e.g. 151936,50257"
+        )
     if any(t % args.seq_len for t in sweep):
-        raise train.UserError(f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L")
+        raise train.UserError(
+            f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L"
+        )
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"benchmark on {device} ({where}), "
-             f"torch {torch.__version__}, autocast {data.autocast_dtype(args, device) or 'off (float32)'}; "
-             f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
-             f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
-             f"{args.bench_warmup} warm-up, the flows taking turns"]
+    lines = [
+        f"benchmark on {device} ({where}), "
+        f"torch {torch.__version__}, autocast {data.autocast_dtype(args, device) or 'off (float32)'}; "
+        f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
+        f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
+        f"{args.bench_warmup} warm-up, the flows taking turns"
+    ]
     print(lines[0])
     result = {"args": vars(args), "machine": train.machine(), "tables": {}, "sweep": []}
     for i, V in enumerate(vocabs):
@@ -276,9 +367,15 @@ def run(args, device):
         del student, teacher, opt
         free_memory(None, device)
     os.makedirs(args.out_dir, exist_ok=True)
-    data.atomic_write_bytes(os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode())
-    data.atomic_write_bytes(os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode())
-    print(f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json")
+    data.atomic_write_bytes(
+        os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode()
+    )
+    data.atomic_write_bytes(
+        os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode()
+    )
+    print(
+        f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json"
+    )
     return result
 
 

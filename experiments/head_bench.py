@@ -4,6 +4,7 @@ KD, SE-KD with its selection, the selection alone, our chunk formulas eager and 
 installed, the peers: Liger's fused linear JSD (beta = 0, the forward KL) and torchtune's chunked forward KL,
 on all rows and on SE-KD's rows. Every flow's gradient is checked against dense (against the streamed loss
 where dense does not fit); the flows are timed in turns; we write a JSON and plot time and memory against N."""
+
 import gc
 import json
 import os
@@ -16,20 +17,40 @@ import torch
 import sekd
 import train
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def add_flags(g, ints):
-    g.add_argument("--head-only", action="store_true", help="time one loss step at the LM head only (the peers too)")
-    g.add_argument("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
-    g.add_argument("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
-    g.add_argument("--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths")
+    g.add_argument(
+        "--head-only",
+        action="store_true",
+        help="time one loss step at the LM head only (the peers too)",
+    )
+    g.add_argument(
+        "--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes"
+    )
+    g.add_argument(
+        "--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L"
+    )
+    g.add_argument(
+        "--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths"
+    )
     g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--head-chunk-mb", type=ints, default="",
-                   help="--head-only: time our flows at these MB per chunk instead")
-    g.add_argument("--head-rounds", type=train.positive_int, default=3,
-                   help="--head-only: timed rounds, after one untimed round that checks and measures")
-    g.add_argument("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
+    g.add_argument(
+        "--head-chunk-mb",
+        type=ints,
+        default="",
+        help="--head-only: time our flows at these MB per chunk instead",
+    )
+    g.add_argument(
+        "--head-rounds",
+        type=train.positive_int,
+        default=3,
+        help="--head-only: timed rounds, after one untimed round that checks and measures",
+    )
+    g.add_argument(
+        "--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this"
+    )
 
 
 @contextmanager
@@ -48,25 +69,34 @@ def compiled(on):
 
 def selection(x, k, chunk):
     valid = x["y"] >= 0
-    scores = sekd.chunked_scores("student_entropy", x["hs"][None].detach(), x["ws"].detach(), valid, chunk_rows=chunk)
+    scores = sekd.chunked_scores(
+        "student_entropy", x["hs"][None].detach(), x["ws"].detach(), valid, chunk_rows=chunk
+    )
     return sekd.topk_positions(scores, k, valid)
 
 
 def our_flows(k, chunk=None, compile_on=True, tag=""):
     """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N rows
     are one sequence, so the loss is their mean."""
+
     def streamed(x, mask=None):
-        return sekd.streamed_kd_loss(x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, chunk_rows=chunk)
+        return sekd.streamed_kd_loss(
+            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, chunk_rows=chunk
+        )
 
     def with_compile(fn):
         def run(x):
             with compiled(compile_on):
                 return fn(x)
+
         return run
+
     sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk)))
-    return {f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x)),
-            f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
-            f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk))}
+    return {
+        f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x)),
+        f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
+        f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk)),
+    }
 
 
 def dense(x, mask=None):
@@ -76,12 +106,16 @@ def dense(x, mask=None):
 def peer_flows(k):
     """Liger and torchtune, if installed: {name: flow} and {package: version or 'not installed'}."""
     from importlib.metadata import version, PackageNotFoundError
+
     flows, versions = {}, {}
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
         versions["liger-kernel"] = version("liger-kernel")
         for on in (False, True):
-            jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on)
+            jsd = LigerFusedLinearJSDLoss(
+                weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on
+            )
             name = f"Liger fused linear JSD beta=0, {'compiled' if on else 'eager'}"
             flows[name] = lambda x, jsd=jsd: jsd(*rows(x, None))
             flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, selection(x, k, None)))
@@ -89,14 +123,20 @@ def peer_flows(k):
         versions["liger-kernel"] = f"not installed ({str(e).splitlines()[0][:60]})"
     try:
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
         versions["torchtune"] = version("torchtune")
         kl = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
-        def tune(hs, ws, ht, wt, y):  # it takes the logits in its 8 chunks, the student's all kept for backward
+        def tune(
+            hs, ws, ht, wt, y
+        ):  # it takes the logits in its 8 chunks, the student's all kept for backward
             with torch.no_grad():
                 zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
             return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
-        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(*rows(x, None))
+
+        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(
+            *rows(x, None)
+        )
         flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, selection(x, k, None)))
     except (ImportError, PackageNotFoundError) as e:
         versions["torchtune"] = f"not installed ({str(e).splitlines()[0][:60]})"
@@ -112,9 +152,13 @@ def rows(x, mask):
 def inputs(N, V, ds, dt, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)
-    return {"hs": make(N, ds).requires_grad_(), "ws": make(V, ds, scale=ds ** -0.5 * 2).requires_grad_(),
-            "ht": make(N, dt), "wt": make(V, dt, scale=dt ** -0.5 * 3),
-            "y": torch.randint(0, V, (1, N), generator=g).to(device)}
+    return {
+        "hs": make(N, ds).requires_grad_(),
+        "ws": make(V, ds, scale=ds**-0.5 * 2).requires_grad_(),
+        "ht": make(N, dt),
+        "wt": make(V, dt, scale=dt**-0.5 * 3),
+        "y": torch.randint(0, V, (1, N), generator=g).to(device),
+    }
 
 
 def rss_bytes(field):
@@ -154,8 +198,11 @@ def measure(flow, x, device, compiled_code):
 
 
 def rel_err(grads, ref):
-    errs = [(a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-            for a, b in zip(grads, ref) if a is not None and b is not None]
+    errs = [
+        (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
+        for a, b in zip(grads, ref)
+        if a is not None and b is not None
+    ]
     return max(errs) if errs else None
 
 
@@ -164,7 +211,7 @@ def bench_shape(V, N, args, device, peers):
     ds, dt = args.head_dims
     dtype = getattr(torch, args.head_dtype)
     x = inputs(N, V, ds, dt, dtype, device, args.seed)
-    fits = 7 * N * V * 4 / 2 ** 30 <= args.head_dense_max_gb
+    fits = 7 * N * V * 4 / 2**30 <= args.head_dense_max_gb
     flows = {} if args.head_chunk_mb or not fits else {"dense kd_loss": dense}
     if args.head_chunk_mb:
         for mb in args.head_chunk_mb:
@@ -177,17 +224,39 @@ def bench_shape(V, N, args, device, peers):
     with compiled(False):
         mask = selection(x, args.k, None)
         ref_all = one_step(dense if fits else our_flows(args.k)["sekd streamed Full KD"], x)
-        ref_sel = one_step(lambda x: dense(x, mask) if fits else sekd.streamed_kd_loss(
-            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask), x)
+        ref_sel = one_step(
+            lambda x: (
+                dense(x, mask)
+                if fits
+                else sekd.streamed_kd_loss(
+                    x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask
+                )
+            ),
+            x,
+        )
     small = inputs(min(N, 64), V, ds, dt, dtype, device, args.seed)
-    for flow in flows.values():  # compiles (ours for every N; a peer's maybe not) before memory is measured
+    for flow in (
+        flows.values()
+    ):  # compiles (ours for every N; a peer's maybe not) before memory is measured
         one_step(flow, small)
     results = {}
     for name, flow in flows.items():
-        row = {"flow": name, "V": V, "N": N, "ds": ds, "dt": dt, "dtype": args.head_dtype, "times": []}
+        row = {
+            "flow": name,
+            "V": V,
+            "N": N,
+            "ds": ds,
+            "dt": dt,
+            "dtype": args.head_dtype,
+            "times": [],
+        }
         try:
-            grads, mem = measure(flow, x, device, "compiled" in name or name.startswith(("sekd", "of which"))
-                                 and "eager" not in name)
+            grads, mem = measure(
+                flow,
+                x,
+                device,
+                "compiled" in name or name.startswith(("sekd", "of which")) and "eager" not in name,
+            )
             selected = "SE-KD" in name or "selection" in name
             row.update(mem, grad_rel_err=rel_err(grads, ref_sel if selected else ref_all))
         except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -210,17 +279,22 @@ def bench_shape(V, N, args, device, peers):
 
 def table(rows):
     base = next((r for r in rows if r["flow"] == "dense kd_loss" and r.get("ms")), rows[0])
-    lines = [f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, {rows[0]['dtype']}; "
-             f"ratios to '{base['flow']}'",
-             f"{'flow':<62} {'live MB':>9} {'RSS MB':>8} {'ms':>9} {'x time':>7} {'grad err':>9}", "-" * 109]
+    lines = [
+        f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, {rows[0]['dtype']}; "
+        f"ratios to '{base['flow']}'",
+        f"{'flow':<62} {'live MB':>9} {'RSS MB':>8} {'ms':>9} {'x time':>7} {'grad err':>9}",
+        "-" * 109,
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['flow']:<62} {r['error']}")
             continue
         live, rss = (f"{r[key]:,.0f}" if key in r else "-" for key in ("live_mb", "rss_mb"))
         err = f"{r['grad_rel_err']:.1e}" if r.get("grad_rel_err") is not None else "-"
-        lines.append(f"{r['flow']:<62} {live:>9} {rss:>8} {r['ms']:>9,.0f} "
-                     f"{r['ms'] / base['ms']:>7.2f} {err:>9}")
+        lines.append(
+            f"{r['flow']:<62} {live:>9} {rss:>8} {r['ms']:>9,.0f} "
+            f"{r['ms'] / base['ms']:>7.2f} {err:>9}"
+        )
     return lines
 
 
@@ -228,6 +302,7 @@ def plot(rows, path):
     """ms and peak memory against N, one line per flow, one pair of panels per vocabulary."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -237,15 +312,27 @@ def plot(rows, path):
     fig, axes = plt.subplots(len(vocabs), 2, figsize=(13, 4.5 * len(vocabs)), squeeze=False)
     for (ax_t, ax_m), V in zip(axes, vocabs):
         for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
-            ours = flow.startswith(("sekd", "of which", "dense"))  # solid, eager dashed; the peers dotted
-            style = dict(color=plt.cm.tab20(i % 20), label=flow, marker="o",
-                         linestyle=("--" if "eager" in flow else "-") if ours else ":")
-            pts = sorted((r["N"], r["ms"], r.get("live_mb", r.get("rss_mb"))) for r in rows
-                         if r["V"] == V and r["flow"] == flow and r.get("ms"))
+            ours = flow.startswith(
+                ("sekd", "of which", "dense")
+            )  # solid, eager dashed; the peers dotted
+            style = dict(
+                color=plt.cm.tab20(i % 20),
+                label=flow,
+                marker="o",
+                linestyle=("--" if "eager" in flow else "-") if ours else ":",
+            )
+            pts = sorted(
+                (r["N"], r["ms"], r.get("live_mb", r.get("rss_mb")))
+                for r in rows
+                if r["V"] == V and r["flow"] == flow and r.get("ms")
+            )
             if pts:
                 ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
                 ax_m.plot([p[0] for p in pts], [p[2] for p in pts], **style)
-        for ax, what in ((ax_t, "ms per step"), (ax_m, "peak extra MB (live tensors; compiled: RSS growth)")):
+        for ax, what in (
+            (ax_t, "ms per step"),
+            (ax_m, "peak extra MB (live tensors; compiled: RSS growth)"),
+        ):
             ax.set(xlabel="N rows", ylabel=what, title=f"V = {V:,}", xscale="log", yscale="log")
         ax_t.legend(fontsize=6)
     fig.tight_layout()
@@ -256,7 +343,9 @@ def plot(rows, path):
 def run(args, device):
     """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json and .png."""
     if len(args.head_dims) != 2:
-        raise train.UserError("--head-dims takes two widths, the student's and the teacher's, e.g. 256,512")
+        raise train.UserError(
+            "--head-dims takes two widths, the student's and the teacher's, e.g. 256,512"
+        )
     peers, peer_versions = ({}, {}) if args.head_chunk_mb else peer_flows(args.k)
     rows = []
     for V in args.head_vocab:
@@ -266,9 +355,17 @@ def run(args, device):
             rows += shape_rows
             gc.collect()
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else ""))
-    meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), **peer_versions,
-            "rounds": args.head_rounds, "k": args.k}
+    stem = os.path.join(
+        args.out_dir, f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else "")
+    )
+    meta = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        **peer_versions,
+        "rounds": args.head_rounds,
+        "k": args.k,
+    }
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     png = plot(rows, stem + ".png")

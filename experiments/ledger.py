@@ -7,6 +7,7 @@ sekd.memory_account is the closed form one can check by hand; this file is its f
 replay sekd.py's operations tensor by tensor (`LogitLedger`) so that the benchmark can hold each
 flow's measured logit peak to its account byte for byte.
 """
+
 from contextlib import nullcontext
 
 import torch
@@ -53,8 +54,9 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow == "dense":
             mask = valid
         else:
-            scores = sekd.chunked_scores("student_entropy", student_h, student.head_weight, valid,
-                                         chunk_rows=chunk_rows)
+            scores = sekd.chunked_scores(
+                "student_entropy", student_h, student.head_weight, valid, chunk_rows=chunk_rows
+            )
             mask = sekd.topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
     if flow in ("teacher_head", "both_heads"):
         with phase("teacher head"), torch.no_grad():
@@ -63,8 +65,17 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow in ("dense", "dense_entropy", "chunked"):
             loss = sekd.kd_loss(s_logits, t_logits, targets, mask, T)
         elif flow == "streamed":
-            loss = sekd.streamed_kd_loss(student_h, student.head_weight, teacher_h, teacher.head_weight,
-                                    targets, mask, T, 1.0, chunk_rows)
+            loss = sekd.streamed_kd_loss(
+                student_h,
+                student.head_weight,
+                teacher_h,
+                teacher.head_weight,
+                targets,
+                mask,
+                T,
+                1.0,
+                chunk_rows,
+            )
         else:
             t_rows = t_logits if flow != "student_head" else t_logits[mask]
             del t_logits  # the teacher's [B, L, V], once gathered, is not needed
@@ -86,7 +97,12 @@ class LogitLedger:
     most bytes of them alive at once during that phase."""
 
     def __init__(self, V, half, T=1.0):
-        self.V, self.half, self.lo, self.T = V, half, 2 if half else 4, T  # head outputs: bf16 or float32
+        self.V, self.half, self.lo, self.T = (
+            V,
+            half,
+            2 if half else 4,
+            T,
+        )  # head outputs: bf16 or float32
         self.live, self.phase, self.peaks, self.tensors = 0, None, {}, []
 
     def enter(self, phase):
@@ -94,8 +110,13 @@ class LogitLedger:
         self.peaks[phase] = self.live
 
     def new(self, what, rows, nbytes_per_el):
-        t = {"phase": self.phase, "what": what, "shape": [rows, self.V],
-             "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el], "bytes": rows * self.V * nbytes_per_el}
+        t = {
+            "phase": self.phase,
+            "what": what,
+            "shape": [rows, self.V],
+            "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el],
+            "bytes": rows * self.V * nbytes_per_el,
+        }
         self.tensors.append(t)
         self.live += t["bytes"]
         self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
@@ -110,7 +131,11 @@ class LogitLedger:
         """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
         is saved for backward. A chunk loop (`chunked`) multiplies by `chunk_weight`'s [V, D] copy,
         made once per pass, not logits-sized: `memory_account` counts it."""
-        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if self.half and not chunked else None
+        w = (
+            self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2)
+            if self.half and not chunked
+            else None
+        )
         z = self.new(f"{who} logits", rows, self.lo)
         if not grad:
             self.free(w)
@@ -167,8 +192,20 @@ def chunk_sizes(n, chunk_rows):
     return [min(chunk_rows, n - i) for i in range(0, n, chunk_rows)]
 
 
-def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=False, select=True, lam=1.0,
-                 sel_chunks=None, T=1.0):
+def logit_ledger(
+    flow,
+    BL,
+    n_sel,
+    V,
+    d_student,
+    d_teacher,
+    chunk_rows,
+    half=False,
+    select=True,
+    lam=1.0,
+    sel_chunks=None,
+    T=1.0,
+):
     """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected:
     which logits-sized tensors exist in which phase, and the peak bytes per phase.
     select=False: no entropy pass (what `distill_loss` does for Full KD).
@@ -180,11 +217,15 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"CE mixing weight lambda must be in [0, 1], got {lam}")
     if lam < 1 and flow not in ("dense", "chunked", "streamed"):
-        raise ValueError(f"the lambda < 1 account covers the dense, chunked and streamed flows, not '{flow}'")
+        raise ValueError(
+            f"the lambda < 1 account covers the dense, chunked and streamed flows, not '{flow}'"
+        )
     lg = LogitLedger(V, half, T)
     dense_t = lam > 0 and flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
-    rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel  # kd_loss: KL at every row, then masked
+    rows = (
+        BL if flow in ("dense", "dense_entropy", "chunked") else n_sel
+    )  # kd_loss: KL at every row, then masked
     zt = zs = ws = None
     lg.enter("teacher forward")
     if dense_t:
@@ -209,7 +250,10 @@ def logit_ledger(flow, BL, n_sel, V, d_student, d_teacher, chunk_rows, half=Fals
             if lam == 0:  # plain CE: no KL rows
                 sel_chunks = [0] * len(sizes)
             elif sel_chunks is None:  # the selected rows spread evenly over the chunks
-                sel_chunks = [(i + c) * n_sel // BL - i * n_sel // BL for i, c in zip(range(0, BL, chunk_rows), sizes)]
+                sel_chunks = [
+                    (i + c) * n_sel // BL - i * n_sel // BL
+                    for i, c in zip(range(0, BL, chunk_rows), sizes)
+                ]
             _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher)
         lg.enter("backward")
         lg.enter("optimizer step")
@@ -334,56 +378,141 @@ def account_flow(method, flow):
 
 
 def param_bytes(model, trainable_only=False):
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(
+        p.numel() * p.element_size()
+        for p in model.parameters()
+        if p.requires_grad or not trainable_only
+    )
 
 
 def adamw_bytes(model, step_on_device=True):
     """AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
     float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU."""
     ps = [p for p in model.parameters() if p.requires_grad]
-    return 2 * sum(p.numel() * p.element_size() for p in ps) + (4 * len(ps) if step_on_device else 0)
+    return 2 * sum(p.numel() * p.element_size() for p in ps) + (
+        4 * len(ps) if step_on_device else 0
+    )
 
 
-def ledger_account(student, teacher, B, L, flow, k=0.2, chunk_rows=None, half=False, on_cuda=False, select=True,
-                   lam=1.0, T=1.0):
+def ledger_account(
+    student,
+    teacher,
+    B,
+    L,
+    flow,
+    k=0.2,
+    chunk_rows=None,
+    half=False,
+    on_cuda=False,
+    select=True,
+    lam=1.0,
+    T=1.0,
+):
     """The analytic memory account of one training step of `flow`: bytes of parameters, gradients
     and AdamW state per model, activation estimates, every logits-sized tensor the flow creates
     (from `logit_ledger`, with the CE term when lam < 1), and the expected peak per phase.
     lam = 0: plain CE, no teacher in memory. Assumes every position is valid (the benchmark's
     random tokens)."""
     V = student.config.vocab_size
-    chunk = chunk_rows or sekd.default_chunk_rows(V, student.config.n_embd, "cuda" if on_cuda else "cpu")
-    n_sel = B * L if flow == "dense" else int(sekd.budget_counts(1.0 if flow == "dense_entropy" else k,
-                                                                  torch.tensor([L])).item()) * B
-    lg = logit_ledger(flow, B * L, n_sel, V, student.config.n_embd, teacher.config.n_embd, chunk, half, select, lam,
-                      T=T)
+    chunk = chunk_rows or sekd.default_chunk_rows(
+        V, student.config.n_embd, "cuda" if on_cuda else "cpu"
+    )
+    n_sel = (
+        B * L
+        if flow == "dense"
+        else int(
+            sekd.budget_counts(1.0 if flow == "dense_entropy" else k, torch.tensor([L])).item()
+        )
+        * B
+    )
+    lg = logit_ledger(
+        flow,
+        B * L,
+        n_sel,
+        V,
+        student.config.n_embd,
+        teacher.config.n_embd,
+        chunk,
+        half,
+        select,
+        lam,
+        T=T,
+    )
     runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
     s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
-    s = {"params": s_params, "grads": param_bytes(student, True), "adamw": adamw_bytes(student, not on_cuda),
-         "activations": sekd.activation_bytes(student.config, B, L, half, grad=True)}
-    t = {"params": t_params, "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs}
+    s = {
+        "params": s_params,
+        "grads": param_bytes(student, True),
+        "adamw": adamw_bytes(student, not on_cuda),
+        "activations": sekd.activation_bytes(student.config, B, L, half, grad=True),
+    }
+    t = {
+        "params": t_params,
+        "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs,
+    }
     t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
     resident = s_params + t_params + s["adamw"]
-    head_grad = V * student.config.n_embd * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
+    head_grad = (
+        V * student.config.n_embd * 4 if flow == "streamed" else 0
+    )  # its float32 dL/dW, kept for backward
     # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through the chunked pass that made them
-    copies = {"selection": V * student.config.n_embd * 2 * half * select * (flow != "dense"),
-              "loss": V * (student.config.n_embd + teacher.config.n_embd * runs) * 2 * half * (flow == "streamed")}
+    copies = {
+        "selection": V * student.config.n_embd * 2 * half * select * (flow != "dense"),
+        "loss": V
+        * (student.config.n_embd + teacher.config.n_embd * runs)
+        * 2
+        * half
+        * (flow == "streamed"),
+    }
     phases = {
         "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
         "student forward": resident + t_hidden + s["activations"] + lg.peaks["student forward"],
-        "selection": resident + t_hidden + s["activations"] + copies["selection"] + lg.peaks["selection"],
-        "loss": resident + t_hidden + s["activations"] + head_grad + copies["loss"] + lg.peaks["loss"],
+        "selection": resident
+        + t_hidden
+        + s["activations"]
+        + copies["selection"]
+        + lg.peaks["selection"],
+        "loss": resident
+        + t_hidden
+        + s["activations"]
+        + head_grad
+        + copies["loss"]
+        + lg.peaks["loss"],
         "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
-        "optimizer step": resident + s["grads"] + s_params,  # foreach AdamW: one parameter-sized temporary
+        "optimizer step": resident
+        + s["grads"]
+        + s_params,  # foreach AdamW: one parameter-sized temporary
     }
     if "teacher head" in lg.peaks:
         phases["teacher head"] = resident + t_hidden + s["activations"] + lg.peaks["teacher head"]
-    t_logits = max((x["bytes"] for x in lg.tensors if x["what"].startswith("teacher")
-                    and "logits" in x["what"]), default=0)
+    t_logits = max(
+        (
+            x["bytes"]
+            for x in lg.tensors
+            if x["what"].startswith("teacher") and "logits" in x["what"]
+        ),
+        default=0,
+    )
     total = max(phases.values())
-    return {"flow": flow, "B": B, "L": L, "V": V, "n_sel": n_sel, "chunk_rows": chunk, "lam": lam, "T": T,
-            "dtype": "bfloat16" if half else "float32", "student": s, "teacher": t,
-            "logits": lg.tensors, "logit_peaks": lg.peaks, "logit_peak": max(lg.peaks.values()),
-            "head_copies": copies, "phases": phases, "total": total,
-            "teacher_total": t_params + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
-            "student_total": total - t_params - t_hidden}
+    return {
+        "flow": flow,
+        "B": B,
+        "L": L,
+        "V": V,
+        "n_sel": n_sel,
+        "chunk_rows": chunk,
+        "lam": lam,
+        "T": T,
+        "dtype": "bfloat16" if half else "float32",
+        "student": s,
+        "teacher": t,
+        "logits": lg.tensors,
+        "logit_peaks": lg.peaks,
+        "logit_peak": max(lg.peaks.values()),
+        "head_copies": copies,
+        "phases": phases,
+        "total": total,
+        "teacher_total": t_params
+        + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
+        "student_total": total - t_params - t_hidden,
+    }

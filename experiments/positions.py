@@ -5,6 +5,7 @@
 (1) every importance metric with top-k, beside Full KD, RandomPos and AT-KD; (2) student entropy
 with every selection policy; (3) the budget sweep BUDGETS for student entropy and reverse KL.
 """
+
 import argparse
 
 import numpy as np
@@ -14,8 +15,19 @@ import sekd
 import train
 
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
-SUMMARY_KEYS = ("val_ppl", "kl_to_teacher", "agreement", "ece", "cloze_ppl", "cloze_acc", "cloze_ece", "choice_acc",
-                "train_s", "tokens_per_s", "peak_bytes")
+SUMMARY_KEYS = (
+    "val_ppl",
+    "kl_to_teacher",
+    "agreement",
+    "ece",
+    "cloze_ppl",
+    "cloze_acc",
+    "cloze_ece",
+    "choice_acc",
+    "train_s",
+    "tokens_per_s",
+    "peak_bytes",
+)
 
 
 def mean_std_row(label, per_seed, keys=SUMMARY_KEYS):
@@ -42,35 +54,54 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             per_seed = []
             for s in seeds:
                 a = argparse.Namespace(**{**vars(args), "seed": s})
-                per_seed.append(train.distill_student(a, method, corpus, device, teacher, evalset, student_init,
-                                                      save=False, **kd))
+                per_seed.append(
+                    train.distill_student(
+                        a, method, corpus, device, teacher, evalset, student_init, save=False, **kd
+                    )
+                )
             done[key] = per_seed
         return mean_std_row(label, done[key])
 
     k = args.k
     steps_S = min(args.curriculum_steps, args.student_steps)
     if steps_S < args.curriculum_steps:
-        print(f"note: curriculum slides over {steps_S} steps (--student-steps), not --curriculum-steps "
-              f"{args.curriculum_steps}, so that it reaches the top window within training")
+        print(
+            f"note: curriculum slides over {steps_S} steps (--student-steps), not --curriculum-steps "
+            f"{args.curriculum_steps}, so that it reaches the top window within training"
+        )
     tables = {}
     tables["metrics"] = [row("Full KD", "full_kd")]
     for m in sekd.METRICS:
-        tables["metrics"].append(row(f"RandomPos {k:.0%} (random)", "random_pos", k=k) if m == "random" else
-                                 row(f"{m} top {k:.0%}", "sekd", metric=m, policy="topk", k=k))
+        tables["metrics"].append(
+            row(f"RandomPos {k:.0%} (random)", "random_pos", k=k)
+            if m == "random"
+            else row(f"{m} top {k:.0%}", "sekd", metric=m, policy="topk", k=k)
+        )
     tables["metrics"].append(row("AT-KD", "at_kd"))
     train.print_table(tables["metrics"], device, f"(1) metrics, top {k:.0%}, {len(seeds)} seed(s)")
     labels = {"curriculum": f"curriculum (S={steps_S})", "gls": f"gls (queue {args.gls_queue:,})"}
     tables["policies"] = []
     for p in sekd.POLICIES:
         extra = {"curriculum_steps": steps_S} if p == "curriculum" else {}
-        tables["policies"].append(row(f"student_entropy {labels.get(p, p)} {k:.0%}", "sekd",
-                                      metric="student_entropy", policy=p, k=k, **extra))
+        tables["policies"].append(
+            row(
+                f"student_entropy {labels.get(p, p)} {k:.0%}",
+                "sekd",
+                metric="student_entropy",
+                policy=p,
+                k=k,
+                **extra,
+            )
+        )
     train.print_table(tables["policies"], device, f"(2) policies, student entropy, k = {k:.0%}")
     tables["budget"] = []
     for m in ("student_entropy", "reverse_kl"):
         for b in BUDGETS:  # top-100% selects every position: that is Full KD
-            tables["budget"].append(row(f"{m} top 100% (= Full KD)", "full_kd") if b == 1.0 else
-                                    row(f"{m} top {b:.0%}", "sekd", metric=m, policy="topk", k=b))
+            tables["budget"].append(
+                row(f"{m} top 100% (= Full KD)", "full_kd")
+                if b == 1.0
+                else row(f"{m} top {b:.0%}", "sekd", metric=m, policy="topk", k=b)
+            )
     train.print_table(tables["budget"], device, "(3) budget sweep")
     for name, rows in tables.items():  # the three tables again, together at the end
         train.print_table(rows, device, f"table: {name}")

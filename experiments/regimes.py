@@ -14,6 +14,7 @@ Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run re
     python -m experiments.regimes --cells A,B --seeds 3     # and any flag of train.py
     python -m experiments.regimes --preset full --cells C,H # a 2x160 student beats the quick default's teacher
 """
+
 import argparse
 import json
 import os
@@ -29,35 +30,142 @@ from experiments.positions import mean_std_row
 
 # name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most telling first
 CELLS = {
-    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos", "te",
-                                                                     "pos_rs_kd")),
-    "B  1x64 lr1e-4 lam1": ("1x64", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "C  2x160 lr1e-4 lam1": ("2x160", 1e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "D  1x64 lr1e-3 lam.5 Eq.3": ("1x64", 1e-3, 120, 0.5, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, ("full_kd", "sekd", "random_pos", "te",
-                                                                             "pos_rs_kd")),
-    "F  1x64 lr1e-3 lam1 k.5": ("1x64", 1e-3, 120, 1.0, "selected", 0.5, ("full_kd", "sekd", "random_pos")),
-    "G  1x64 lr3e-4 lam1": ("1x64", 3e-4, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "H  2x160 lr1e-3 lam1": ("2x160", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "I  1x64 lr1e-3 lam1 480 steps": ("1x64", 1e-3, 480, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "J  1x64 distilled init lam1": ("1x64kd", 1e-3, 120, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
-    "K  1x64 lr2e-4 lam1 600 steps": ("1x64", 2e-4, 600, 1.0, "selected", 0.2, ("full_kd", "sekd", "random_pos")),
+    "A  1x64 lr1e-3 lam1": (
+        "1x64",
+        1e-3,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos", "te", "pos_rs_kd"),
+    ),
+    "B  1x64 lr1e-4 lam1": (
+        "1x64",
+        1e-4,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "C  2x160 lr1e-4 lam1": (
+        "2x160",
+        1e-4,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "D  1x64 lr1e-3 lam.5 Eq.3": (
+        "1x64",
+        1e-3,
+        120,
+        0.5,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "E  1x64 lr1e-3 lam.5 CE-all": (
+        "1x64",
+        1e-3,
+        120,
+        0.5,
+        "all",
+        0.2,
+        ("full_kd", "sekd", "random_pos", "te", "pos_rs_kd"),
+    ),
+    "F  1x64 lr1e-3 lam1 k.5": (
+        "1x64",
+        1e-3,
+        120,
+        1.0,
+        "selected",
+        0.5,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "G  1x64 lr3e-4 lam1": (
+        "1x64",
+        3e-4,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "H  2x160 lr1e-3 lam1": (
+        "2x160",
+        1e-3,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "I  1x64 lr1e-3 lam1 480 steps": (
+        "1x64",
+        1e-3,
+        480,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "J  1x64 distilled init lam1": (
+        "1x64kd",
+        1e-3,
+        120,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
+    "K  1x64 lr2e-4 lam1 600 steps": (
+        "1x64",
+        2e-4,
+        600,
+        1.0,
+        "selected",
+        0.2,
+        ("full_kd", "sekd", "random_pos"),
+    ),
 }
 # "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as the paper's was (Qwen3-1.7B
 # came out of distillation from larger Qwen3 models). K: a long, gentle distillation, 5x the steps at a low lr.
 # a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
-METHODS = {"full_kd": ("full_kd", {}, "Full KD"), "sekd": ("sekd", {}, "SE-KD"),
-           "random_pos": ("random_pos", {}, "RandomPos"), "te": ("sekd", {"metric": "teacher_entropy"}, "teacher entropy"),
-           "pos_rs_kd": ("sekd", {"policy": "pos_rs_kd"}, "pos-RS-KD"), "rskd": ("rskd", {}, "RS-KD"),
-           "top_smp": ("top_smp", {}, "TopSmp"), "random_smp": ("random_smp", {}, "RandomSmp")}
-KEYS = ("val_ppl", "kl_to_teacher", "agreement", "hard_kl", "hard_agreement", "cloze_ppl", "cloze_acc", "choice_acc")
+METHODS = {
+    "full_kd": ("full_kd", {}, "Full KD"),
+    "sekd": ("sekd", {}, "SE-KD"),
+    "random_pos": ("random_pos", {}, "RandomPos"),
+    "te": ("sekd", {"metric": "teacher_entropy"}, "teacher entropy"),
+    "pos_rs_kd": ("sekd", {"policy": "pos_rs_kd"}, "pos-RS-KD"),
+    "rskd": ("rskd", {}, "RS-KD"),
+    "top_smp": ("top_smp", {}, "TopSmp"),
+    "random_smp": ("random_smp", {}, "RandomSmp"),
+}
+KEYS = (
+    "val_ppl",
+    "kl_to_teacher",
+    "agreement",
+    "hard_kl",
+    "hard_agreement",
+    "cloze_ppl",
+    "cloze_acc",
+    "choice_acc",
+)
 
 
 def add_flags(p):
     g = p.add_argument_group("regimes")
-    g.add_argument("--cells", default="", help="comma-separated cell letters to run (default: all, in order)")
-    g.add_argument("--cell-batch", type=train.positive_int, default=8,
-                   help="sequences per step in the cells (the teacher and initial students keep --batch-size)")
+    g.add_argument(
+        "--cells", default="", help="comma-separated cell letters to run (default: all, in order)"
+    )
+    g.add_argument(
+        "--cell-batch",
+        type=train.positive_int,
+        default=8,
+        help="sequences per step in the cells (the teacher and initial students keep --batch-size)",
+    )
 
 
 def student_args(args, size):
@@ -65,9 +173,16 @@ def student_args(args, size):
     layers, embd = (int(v) for v in size.removesuffix("kd").split("x"))
     if (layers, embd) == (args.student_layers, args.student_embd) and not size.endswith("kd"):
         return args
-    return argparse.Namespace(**{**vars(args), "student_layers": layers, "student_embd": embd, "student_heads": 2,
-                                 "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
-                                 "teacher_ckpt": data.teacher_ckpt_path(args)})
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "student_layers": layers,
+            "student_embd": embd,
+            "student_heads": 2,
+            "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
+            "teacher_ckpt": data.teacher_ckpt_path(args),
+        }
+    )
 
 
 @torch.no_grad()
@@ -77,26 +192,36 @@ def position_stats(model, evalset, k=0.2, seed=0, decode=None):
     and the input tokens SE-KD's positions most often read."""
     cols = {n: [] for n in ("s_ent", "t_ent", "s_ce", "kl", "grad")}
     for i in range(0, len(evalset.x), evalset.bs):
-        x, y = evalset.x[i:i + evalset.bs], evalset.y[i:i + evalset.bs]
+        x, y = evalset.x[i : i + evalset.bs], evalset.y[i : i + evalset.bs]
         zs = model.head(model.hidden(x)).float()
-        zt = evalset.teacher_h[i:i + evalset.bs] @ evalset.teacher_w.T
+        zt = evalset.teacher_h[i : i + evalset.bs] @ evalset.teacher_w.T
         p, q = zt.softmax(-1), zs.softmax(-1)
-        for n, v in (("s_ent", sekd.token_entropy(zs)), ("t_ent", sekd.token_entropy(zt)),
-                     ("s_ce", torch.nn.functional.cross_entropy(zs.transpose(1, 2), y, reduction="none")),
-                     ("kl", sekd.kl_per_position(zt, zs)), ("grad", (q - p).norm(dim=-1))):
+        for n, v in (
+            ("s_ent", sekd.token_entropy(zs)),
+            ("t_ent", sekd.token_entropy(zt)),
+            ("s_ce", torch.nn.functional.cross_entropy(zs.transpose(1, 2), y, reduction="none")),
+            ("kl", sekd.kl_per_position(zt, zs)),
+            ("grad", (q - p).norm(dim=-1)),
+        ):
             cols[n].append(v)
     c = {n: torch.cat(v) for n, v in cols.items()}
     valid = torch.ones_like(c["s_ent"], dtype=torch.bool)
     top = sekd.topk_positions(c["s_ent"], k, valid)
-    rand = sekd.topk_positions(torch.rand(c["s_ent"].shape, generator=torch.Generator().manual_seed(seed)), k, valid)
-    out = {"corr_sent_kl": float(np.corrcoef(c["s_ent"].flatten(), c["kl"].flatten())[0, 1]),
-           "corr_sent_tent": float(np.corrcoef(c["s_ent"].flatten(), c["t_ent"].flatten())[0, 1])}
+    rand = sekd.topk_positions(
+        torch.rand(c["s_ent"].shape, generator=torch.Generator().manual_seed(seed)), k, valid
+    )
+    out = {
+        "corr_sent_kl": float(np.corrcoef(c["s_ent"].flatten(), c["kl"].flatten())[0, 1]),
+        "corr_sent_tent": float(np.corrcoef(c["s_ent"].flatten(), c["t_ent"].flatten())[0, 1]),
+    }
     for tag, m in (("top", top), ("random", rand)):
         out[tag] = {n: float(v[m].mean()) for n, v in c.items()}
         out[tag]["kl_share"] = float(c["kl"][m].sum() / c["kl"].sum())
         ids, counts = evalset.x[m].unique(return_counts=True)
-        out[tag]["inputs"] = [(decode(int(i)) if decode else int(i), round(float(n) / int(m.sum()), 3))
-                              for n, i in sorted(zip(counts.tolist(), ids.tolist()), reverse=True)[:8]]
+        out[tag]["inputs"] = [
+            (decode(int(i)) if decode else int(i), round(float(n) / int(m.sum()), 3))
+            for n, i in sorted(zip(counts.tolist(), ids.tolist()), reverse=True)[:8]
+        ]
     return out, top
 
 
@@ -111,20 +236,30 @@ class WithHard:
     def evaluate(self, model, args):
         e, kl, agree = self.evalset, [], []
         for i in range(0, len(e.x), e.bs):
-            zs = model.head(model.hidden(e.x[i:i + e.bs])).float()
-            zt = e.teacher_h[i:i + e.bs] @ e.teacher_w.T
-            m = self.hard[i:i + e.bs]
+            zs = model.head(model.hidden(e.x[i : i + e.bs])).float()
+            zt = e.teacher_h[i : i + e.bs] @ e.teacher_w.T
+            m = self.hard[i : i + e.bs]
             kl.append(sekd.kl_per_position(zt, zs)[m])
             agree.append((zs.argmax(-1) == zt.argmax(-1))[m])
-        return {**e.evaluate(model, args), "hard_kl": float(torch.cat(kl).mean()),
-                "hard_agreement": float(torch.cat(agree).float().mean())}
+        return {
+            **e.evaluate(model, args),
+            "hard_kl": float(torch.cat(kl).mean()),
+            "hard_agreement": float(torch.cat(agree).float().mean()),
+        }
 
 
 def distilled_init(a, corpus, device, teacher, evalset):
     """An initial student pretrained by Full KD (lambda = 1) from random weights, for --student-init-steps at
     --student-init-lr, in its own folder; reused once finished."""
-    a = argparse.Namespace(**{**vars(a), "lr": a.student_init_lr, "student_steps": a.student_init_steps,
-                              "lam": 1.0, "seed": a.seed + 2})
+    a = argparse.Namespace(
+        **{
+            **vars(a),
+            "lr": a.student_init_lr,
+            "student_steps": a.student_init_steps,
+            "lam": 1.0,
+            "seed": a.seed + 2,
+        }
+    )
     path = os.path.join(a.out_dir, "student_full_kd.pt")
     ckpt = train.load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step") != a.student_init_steps:
@@ -136,7 +271,11 @@ def distilled_init(a, corpus, device, teacher, evalset):
 
 def paired_gap(a_rows, b_rows, key):
     """mean and std over seeds of a - b, seed by seed (both methods saw the same batches)."""
-    d = [a[key] - b[key] for a, b in zip(a_rows, b_rows) if a.get(key) is not None and b.get(key) is not None]
+    d = [
+        a[key] - b[key]
+        for a, b in zip(a_rows, b_rows)
+        if a.get(key) is not None and b.get(key) is not None
+    ]
     return (float(np.mean(d)) if d else None), float(np.std(d, ddof=1)) if len(d) > 1 else None
 
 
@@ -152,12 +291,19 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         size, lr, steps, lam, ce_at, k, methods = CELLS[name]
         if size not in inits:
             a = student_args(args, size)
-            model = student_init if a is args else distilled_init(a, corpus, device, teacher, evalset) \
-                if size.endswith("kd") else train.pretrained(a, corpus, device, evalset, "student")[0]
+            model = (
+                student_init
+                if a is args
+                else distilled_init(a, corpus, device, teacher, evalset)
+                if size.endswith("kd")
+                else train.pretrained(a, corpus, device, evalset, "student")[0]
+            )
             model.eval()
             diagnosis[size], hard = position_stats(model, evalset, seed=args.seed, decode=decode)
             inits[size] = (a, model, WithHard(evalset, hard))
-            diagnosis[size].update(inits[size][2].evaluate(model, args), teacher_val_ppl=teacher_ppl)
+            diagnosis[size].update(
+                inits[size][2].evaluate(model, args), teacher_val_ppl=teacher_ppl
+            )
             print_diagnosis(size, diagnosis[size])
         a, model, hard_eval = inits[size]
         rows = {}
@@ -165,13 +311,27 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             per_seed = []
             for s in range(args.seed, args.seed + args.seeds):
                 full = m == "full_kd"  # Full KD is the same run whatever k and where the CE goes
-                key = (f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|{'-' if full else ce_at}|k{1 if full else k:g}"
-                       f"|b{args.cell_batch}|s{s}")
+                key = (
+                    f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|{'-' if full else ce_at}|k{1 if full else k:g}"
+                    f"|b{args.cell_batch}|s{s}"
+                )
                 if key not in done:
-                    ca = argparse.Namespace(**{**vars(a), "seed": s, "lr": lr, "student_steps": steps, "lam": lam,
-                                               "ce_at": ce_at, "k": k, "batch_size": args.cell_batch})
+                    ca = argparse.Namespace(
+                        **{
+                            **vars(a),
+                            "seed": s,
+                            "lr": lr,
+                            "student_steps": steps,
+                            "lam": lam,
+                            "ce_at": ce_at,
+                            "k": k,
+                            "batch_size": args.cell_batch,
+                        }
+                    )
                     method, kd, _ = METHODS[m]
-                    r = train.distill_student(ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd)
+                    r = train.distill_student(
+                        ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd
+                    )
                     done[key] = {x: r.get(x) for x in KEYS + ("ece", "train_s")}
                     data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
                 per_seed.append(done[key])
@@ -179,65 +339,107 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         cells[name] = summarise(name, rows)
         print_cell(cells[name])
     plot(cells, diagnosis, os.path.join(args.out_dir, "regimes.png"))
-    return {"regimes": {"cells": cells, "diagnosis": diagnosis, "cell_batch": args.cell_batch, "seeds": args.seeds}}
+    return {
+        "regimes": {
+            "cells": cells,
+            "diagnosis": diagnosis,
+            "cell_batch": args.cell_batch,
+            "seeds": args.seeds,
+        }
+    }
 
 
 def summarise(name, rows):
-    out = {"cell": name, "rows": {m: mean_std_row(METHODS[m][2], r, keys=KEYS)
-                                  for m, r in rows.items()}}
+    out = {
+        "cell": name,
+        "rows": {m: mean_std_row(METHODS[m][2], r, keys=KEYS) for m, r in rows.items()},
+    }
     for other in ("full_kd", "random_pos"):
         if other in rows and "sekd" in rows:
-            out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key)
-                                    for key in KEYS}
+            out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key) for key in KEYS}
     return out
 
 
 def print_diagnosis(size, d):
-    print(f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, KL) "
-          f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}")
+    print(
+        f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, KL) "
+        f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}"
+    )
     if d["val_ppl"] <= d["teacher_val_ppl"]:
-        print(f"  note: this student is already better than the teacher (val PPL {d['teacher_val_ppl']:.2f}), so its "
-              "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset full)")
-    print(f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} {'|q - p|':>7} "
-          f"{'KL share':>8}")
+        print(
+            f"  note: this student is already better than the teacher (val PPL {d['teacher_val_ppl']:.2f}), so its "
+            "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset full)"
+        )
+    print(
+        f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} {'|q - p|':>7} "
+        f"{'KL share':>8}"
+    )
     for tag, label in (("top", "SE-KD top 20%"), ("random", "random 20%")):
         r = d[tag]
-        print(f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} {r['grad']:7.3f} "
-              f"{r['kl_share']:8.0%}")
+        print(
+            f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} {r['grad']:7.3f} "
+            f"{r['kl_share']:8.0%}"
+        )
         print(f"  {'':<14} inputs: " + ", ".join(f"{t!r} {share:.0%}" for t, share in r["inputs"]))
 
 
 def print_cell(c):
     print(f"\n[regimes] {c['cell']}")
     for m, r in c["rows"].items():
-        print(f"  {r['method']:<16} ppl {r['val_ppl']:8.2f} ± {r.get('val_ppl_std') or 0:5.2f}   "
-              f"KL {r['kl_to_teacher']:.4f} ± {r.get('kl_to_teacher_std') or 0:.4f}   "
-              f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}   "
-              f"cloze ppl {r.get('cloze_ppl', float('nan')):8.1f} ± {r.get('cloze_ppl_std') or 0:5.1f}   "
-              f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± {100 * (r.get('choice_acc_std') or 0):.2f}")
+        print(
+            f"  {r['method']:<16} ppl {r['val_ppl']:8.2f} ± {r.get('val_ppl_std') or 0:5.2f}   "
+            f"KL {r['kl_to_teacher']:.4f} ± {r.get('kl_to_teacher_std') or 0:.4f}   "
+            f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}   "
+            f"cloze ppl {r.get('cloze_ppl', float('nan')):8.1f} ± {r.get('cloze_ppl_std') or 0:5.1f}   "
+            f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± {100 * (r.get('choice_acc_std') or 0):.2f}"
+        )
     for g in ("sekd-full_kd", "sekd-random_pos"):
         if g in c:
-            print(f"  {g:<16} " + "   ".join(f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items()
-                                           if m is not None))
+            print(
+                f"  {g:<16} "
+                + "   ".join(
+                    f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items() if m is not None
+                )
+            )
 
 
 def plot(cells, diagnosis, path):
     """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in KL to the teacher
     and in KL at the hard positions, mean ± std over seeds: below 0, SE-KD is better."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = [c for c in cells if "sekd-full_kd" in cells[c] or "sekd-random_pos" in cells[c]]
     fig, axes = plt.subplots(1, 4, figsize=(20, 0.5 * len(names) + 2.5), sharey=True)
-    for ax, key, unit in zip(axes, ("val_ppl", "cloze_ppl", "kl_to_teacher", "hard_kl"),
-                             ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions")):
-        for j, (gap, colour) in enumerate((("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))):
+    for ax, key, unit in zip(
+        axes,
+        ("val_ppl", "cloze_ppl", "kl_to_teacher", "hard_kl"),
+        ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions"),
+    ):
+        for j, (gap, colour) in enumerate(
+            (("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))
+        ):
             ys = [i + 0.15 * (1 - 2 * j) for i, c in enumerate(names) if gap in cells[c]]
-            m = [cells[c][gap][key][0] if cells[c][gap][key][0] is not None else np.nan for c in names
-                 if gap in cells[c]]
+            m = [
+                cells[c][gap][key][0] if cells[c][gap][key][0] is not None else np.nan
+                for c in names
+                if gap in cells[c]
+            ]
             e = [cells[c][gap][key][1] or 0 for c in names if gap in cells[c]]
-            ax.errorbar(m, ys, xerr=e, fmt="o", color=colour, capsize=3, label=gap.replace("_kd", " KD").replace(
-                "sekd-", "SE-KD - ").replace("random_pos", "RandomPos").replace("full KD", "Full KD"))
+            ax.errorbar(
+                m,
+                ys,
+                xerr=e,
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=gap.replace("_kd", " KD")
+                .replace("sekd-", "SE-KD - ")
+                .replace("random_pos", "RandomPos")
+                .replace("full KD", "Full KD"),
+            )
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"gap in {unit} (< 0: SE-KD better)")
         ax.grid(alpha=0.3)
@@ -245,8 +447,10 @@ def plot(cells, diagnosis, path):
     axes[0].invert_yaxis()
     axes[0].legend(loc="best")
     corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
-    fig.suptitle(f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of the paired "
-                 f"gap; corr(student entropy, KL) {corr}")
+    fig.suptitle(
+        f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of the paired "
+        f"gap; corr(student entropy, KL) {corr}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

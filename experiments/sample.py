@@ -3,6 +3,7 @@ generated token coloured by that model's own entropy at that step; trains nothin
 
     python -m experiments.sample --sample-prompts 5 --sample-temperature 0     # and any flag of train.py
 """
+
 import json
 import os
 import sys
@@ -19,13 +20,28 @@ from experiments.show import _heat
 def add_flags(p):
     g = p.add_argument_group("text samples (uses the checkpoints in --out-dir)")
     positive = train.positive_int
-    g.add_argument("--sample-prompts", type=positive, default=3, help="prompts, spread over the validation plays")
+    g.add_argument(
+        "--sample-prompts",
+        type=positive,
+        default=3,
+        help="prompts, spread over the validation plays",
+    )
     g.add_argument("--sample-prompt-len", type=positive, default=24, help="tokens per prompt")
-    g.add_argument("--sample-len", type=positive, default=40, help="tokens each model generates per prompt")
-    g.add_argument("--sample-temperature", type=train.number(float, lambda v: v >= 0, ">= 0"), default=0.8,
-                   help="0 = greedy")
-    g.add_argument("--sample-top-k", type=train.non_negative_int, default=0,
-                   help="sample among the k likeliest ids; 0 = all")
+    g.add_argument(
+        "--sample-len", type=positive, default=40, help="tokens each model generates per prompt"
+    )
+    g.add_argument(
+        "--sample-temperature",
+        type=train.number(float, lambda v: v >= 0, ">= 0"),
+        default=0.8,
+        help="0 = greedy",
+    )
+    g.add_argument(
+        "--sample-top-k",
+        type=train.non_negative_int,
+        default=0,
+        help="sample among the k likeliest ids; 0 = all",
+    )
 
 
 def sample_prompts(corpus, n, length, enc):
@@ -34,28 +50,39 @@ def sample_prompts(corpus, n, length, enc):
     one comes within 200 tokens. -> (long [n, length], start offsets)."""
     stream = np.asarray(corpus.val).reshape(-1).astype(np.int64)
     if len(stream) < length + 1:
-        raise train.UserError(f"the validation split has {len(stream)} tokens, too few for "
-                              f"--sample-prompt-len {length}")
+        raise train.UserError(
+            f"the validation split has {len(stream)} tokens, too few for "
+            f"--sample-prompt-len {length}"
+        )
     last = len(stream) - length
     is_break = lambda t: "\n" in t or t == enc.decode([enc.eot_token])
     starts = []
     for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
-        breaks = [i + 1 for i in range(s, min(s + 200, last)) if is_break(corpus.vocab.decode([stream[i]], enc))]
+        breaks = [
+            i + 1
+            for i in range(s, min(s + 200, last))
+            if is_break(corpus.vocab.decode([stream[i]], enc))
+        ]
         starts.append(breaks[0] if breaks else int(s))
-    return torch.from_numpy(np.stack([stream[s:s + length] for s in starts])), starts
+    return torch.from_numpy(np.stack([stream[s : s + length] for s in starts])), starts
 
 
 def saved_students(out_dir):
     """The students to sample from: OUT_DIR/student_<name>.pt (written by distillation runs, and
     student_init.pt), the initial student first, then CE, Full KD, SE-KD, the rest by name."""
-    names = sorted(f[8:-3] for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-                   if f.startswith("student_") and f.endswith(".pt"))
+    names = sorted(
+        f[8:-3]
+        for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+        if f.startswith("student_") and f.endswith(".pt")
+    )
     first = ["init", "ce", "full_kd", "sekd"]
     names.sort(key=lambda n: (first.index(n) if n in first else len(first), n))
     if not [n for n in names if n != "init"]:
-        raise train.UserError(f"no trained students (student_<method>.pt) in {out_dir}: run `python train.py` "
-                              "there (writes student_ce.pt, student_full_kd.pt, student_sekd.pt) or `python train.py "
-                              "--run distill --method METHOD` with this --out-dir")
+        raise train.UserError(
+            f"no trained students (student_<method>.pt) in {out_dir}: run `python train.py` "
+            "there (writes student_ce.pt, student_full_kd.pt, student_sekd.pt) or `python train.py "
+            "--run distill --method METHOD` with this --out-dir"
+        )
     return [(f"student_{n}", os.path.join(out_dir, f"student_{n}.pt")) for n in names]
 
 
@@ -67,8 +94,10 @@ def colour_enabled():
 def paint(token, rgb):
     """One token on a coloured background; a line break shows as ↵ and is made outside the colour."""
     r, g, b = rgb
-    return "\n".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
-                     for part in token.replace("\n", "\u21b5\n").split("\n"))
+    return "\n".join(
+        f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
+        for part in token.replace("\n", "\u21b5\n").split("\n")
+    )
 
 
 def run(args, corpus, device):
@@ -85,23 +114,44 @@ def run(args, corpus, device):
         train.check_signature(ckpt, corpus, path)
         model = train.GPT_from(ckpt).to(device).eval()
         g = torch.Generator(device=device).manual_seed(args.seed)
-        out, ent = model.generate(prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g)
-        text[name] = [[corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1]:]] for row in out.cpu()]
+        out, ent = model.generate(
+            prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g
+        )
+        text[name] = [
+            [corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1] :]]
+            for row in out.cpu()
+        ]
         entropy[name] = ent.cpu().tolist()
     colour = colour_enabled()
     hi = max(max(max(row) for row in e) for e in entropy.values())
-    print(f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
-          f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
-          + (f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats" if colour else ""))
+    print(
+        f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
+        f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
+        + (
+            f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats"
+            if colour
+            else ""
+        )
+    )
     for i, start in enumerate(starts):
-        print(f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}")
+        print(
+            f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}"
+        )
         for name, _ in models:
             tokens, ent = text[name][i], entropy[name][i]
-            body = "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent)) if colour else "".join(tokens)
+            body = (
+                "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent))
+                if colour
+                else "".join(tokens)
+            )
             print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
-    result = {"prompt_starts": starts, "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
-              "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()}, "entropy": entropy,
-              "args": vars(args)}
+    result = {
+        "prompt_starts": starts,
+        "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
+        "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()},
+        "entropy": entropy,
+        "args": vars(args),
+    }
     path = os.path.join(args.out_dir, "results_sample.json")
     data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"\ntext and per-token entropies written to {path}")

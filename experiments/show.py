@@ -3,6 +3,7 @@ two selections pick marked; in the terminal (ANSI) and as an HTML page:
 
     python -m experiments.show --policy pos_rs_kd --show-sample 3     # and any flag of train.py
 """
+
 import html
 import os
 
@@ -33,21 +34,27 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     train.check_signature(ckpt, corpus, path)
     student = train.GPT_from(ckpt).to(device).eval()
     i = min(args.show_sample, len(evalset.x) - 1)
-    x, y = evalset.x[i:i + 1], evalset.y[i:i + 1]
-    view = (args.metric, args.policy) if (args.metric, args.policy) != ("student_entropy", "topk") \
+    x, y = evalset.x[i : i + 1], evalset.y[i : i + 1]
+    view = (
+        (args.metric, args.policy)
+        if (args.metric, args.policy) != ("student_entropy", "topk")
         else ("teacher_entropy", "topk")
+    )
     valid = y >= 0
     torch.manual_seed(args.seed)  # pos-RS-KD's draws
     with torch.no_grad():
         h, w = student.hidden(x).float(), student.head_weight.float()
-        th = evalset.teacher_h[i:i + 1]
+        th = evalset.teacher_h[i : i + 1]
         ent = sekd.chunked_scores("student_entropy", h, w, valid)[0]
         picks = {}  # name -> the policy's mask: bool, or pos-RS-KD's draw counts
         for metric, policy in (("student_entropy", "topk"), view):
             scores = sekd.chunked_scores(metric, h, w, valid, th, evalset.teacher_w, y)
-            state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # GLS, curriculum: as at step 0
-            picks[metric if policy == "topk" else f"{metric} {policy}"] = \
-                sekd.POLICIES[policy](scores, args.k, valid, state)[0]
+            state = sekd.PositionState(
+                args.gls_queue, args.curriculum_steps
+            )  # GLS, curriculum: as at step 0
+            picks[metric if policy == "topk" else f"{metric} {policy}"] = sekd.POLICIES[policy](
+                scores, args.k, valid, state
+            )[0]
     other = list(picks)[1]
     enc = data.gpt2_encoding()
     tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
@@ -57,37 +64,61 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     for name, m in picks.items():
         sel = m > 0
         draws = f", {int(m.sum())} draws" if m.dtype != torch.bool else ""
-        title = f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}{' top' if ' ' not in name else ''} " \
-                f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean entropy " \
-                f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
-        ansi = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
-                       for t, s, (r, g, b) in ((t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
-                                               for t, s, e in zip(tokens, sel, ent)))
-        print(f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked = bold underlined)\n"
-              f"{first}{ansi}")
-        spans = "".join(f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
-                        f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
-                        for t, s, e in zip(tokens, sel, ent))
-        blocks.append(f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>")
+        title = (
+            f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}{' top' if ' ' not in name else ''} "
+            f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean entropy "
+            f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
+        )
+        ansi = "".join(
+            f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
+            for t, s, (r, g, b) in (
+                (t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
+                for t, s, e in zip(tokens, sel, ent)
+            )
+        )
+        print(
+            f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked = bold underlined)\n"
+            f"{first}{ansi}"
+        )
+        spans = "".join(
+            f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
+            f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
+            for t, s, e in zip(tokens, sel, ent)
+        )
+        blocks.append(
+            f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>"
+        )
     overlap = int(((picks["student_entropy"] > 0) & (picks[other] > 0)).sum())
-    print(f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean entropy over "
-          f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats")
-    page = ("<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
-            "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
-            f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-            f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in "
-            "common.</p>"
-            f"<div class='row'>{''.join(blocks)}</div>")
+    print(
+        f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean entropy over "
+        f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats"
+    )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
+        "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
+        f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
+        f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in "
+        "common.</p>"
+        f"<div class='row'>{''.join(blocks)}</div>"
+    )
     out = os.path.join(args.out_dir, "selection.html")
     data.atomic_write_bytes(out, page.encode())
     print(f"HTML written to {out}")
-    return {"sample": i, "student_entropy": ent.tolist(), "selected": {n: s.tolist() for n, s in picks.items()},
-            "html": out}
+    return {
+        "sample": i,
+        "student_entropy": ent.tolist(),
+        "selected": {n: s.tolist() for n, s in picks.items()},
+        "html": out,
+    }
 
 
 def add_flags(p):
-    p.add_argument_group("show").add_argument("--show-sample", type=train.non_negative_int, default=0,
-                                              help="the validation sequence shown")
+    p.add_argument_group("show").add_argument(
+        "--show-sample",
+        type=train.non_negative_int,
+        default=0,
+        help="the validation sequence shown",
+    )
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Tests of the paper-table runs and tools: the memory ledger against the tensors each flow really
 creates, the benchmark, `python -m experiments.positions | show | axes | sample | regimes` end to end on a
 tiny corpus, and the direction of the imports (experiments/ builds on train.py, never the other way)."""
+
 import contextlib
 import json
 import math
@@ -28,10 +29,13 @@ def run_job(tool, tmp_path, corpus, *extra):
 
 # ----------------------------------------------------------------------------- the ledger: every logits-sized tensor
 
+
 def tiny_pair(V=1000, L=12):
     torch.manual_seed(0)
     student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=16))
-    teacher = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32)).eval()
+    teacher = sekd.GPT(
+        sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32)
+    ).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
@@ -44,7 +48,11 @@ def measured_logits(student, teacher, B, L, flow, half, chunk=5, T=1.0):
     idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
     meter = train.LiveBytes(match=ledger.logits_sized(V))
     with meter:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if half else torch.autocast("cpu", enabled=False):
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if half
+            else torch.autocast("cpu", enabled=False)
+        ):
             loss, mask = ledger.flow_loss(student, teacher, idx, y, flow, 0.2, T, chunk)
         loss.backward()
     student.zero_grad(set_to_none=True)
@@ -58,8 +66,10 @@ def test_logit_account_equals_tensors_created(flow, half, T):
     student, teacher = tiny_pair()
     meter, n_sel = measured_logits(student, teacher, 2, 12, flow, half, T=T)
     lg = ledger.logit_ledger(flow, 24, n_sel, 1000, 16, 32, 5, half, T=T)
-    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
-                 for _, shape, dt, b in meter.log)
+    got = sorted(
+        (shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+        for _, shape, dt, b in meter.log
+    )
     want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in lg.tensors)
     assert got == want  # the same tensors, of the same sizes and dtypes
     assert max(lg.peaks.values()) == meter.matched_peak
@@ -67,19 +77,32 @@ def test_logit_account_equals_tensors_created(flow, half, T):
 
 
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("method,flow,lam,T", [("sekd", "streamed", 0.5, 1.0), ("sekd", "dense", 0.5, 1.0),
-                                               ("full_kd", "streamed", 0.5, 1.0), ("full_kd", "dense", 0.5, 1.0),
-                                               ("ce", "streamed", 0.0, 1.0), ("ce", "dense", 0.0, 1.0),
-                                               ("sekd", "streamed", 1.0, 1.0), ("full_kd", "dense", 1.0, 1.0),
-                                               ("random_pos", "streamed", 0.5, 1.0), ("random_pos", "dense", 1.0, 1.0),
-                                               ("sekd", "streamed", 0.5, 2.0), ("full_kd", "dense", 0.5, 2.0)])
+@pytest.mark.parametrize(
+    "method,flow,lam,T",
+    [
+        ("sekd", "streamed", 0.5, 1.0),
+        ("sekd", "dense", 0.5, 1.0),
+        ("full_kd", "streamed", 0.5, 1.0),
+        ("full_kd", "dense", 0.5, 1.0),
+        ("ce", "streamed", 0.0, 1.0),
+        ("ce", "dense", 0.0, 1.0),
+        ("sekd", "streamed", 1.0, 1.0),
+        ("full_kd", "dense", 1.0, 1.0),
+        ("random_pos", "streamed", 0.5, 1.0),
+        ("random_pos", "dense", 1.0, 1.0),
+        ("sekd", "streamed", 0.5, 2.0),
+        ("full_kd", "dense", 0.5, 2.0),
+    ],
+)
 def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, T, half):
     """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1 included."""
     student, teacher = tiny_pair()
     V, B, L, chunk = 1000, 2, 12, 5
     g = torch.Generator().manual_seed(7)
     idx, y = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
-    cfg = sekd.KDConfig(method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T, ce_at="all")  # the ledger's CE
+    cfg = sekd.KDConfig(
+        method=method, lam=lam, flow=flow, chunk_rows=chunk, T=T, ce_at="all"
+    )  # the ledger's CE
     torch.manual_seed(0)  # RandomPos: the same draws in both calls
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
@@ -90,18 +113,27 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
             loss, n_sel = sekd.distill_loss(student, teacher, idx, y, cfg)
         loss.backward()
     sel = mask.flatten().long()
-    sel_chunks = [int(sel[i:i + chunk].sum()) for i in range(0, B * L, chunk)]
+    sel_chunks = [int(sel[i : i + chunk].sum()) for i in range(0, B * L, chunk)]
     ledger_flow = ledger.account_flow(method, flow)
-    lg = ledger.logit_ledger(ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks, T)
-    got = sorted((shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
-                 for _, shape, dt, b in meter.log)
+    lg = ledger.logit_ledger(
+        ledger_flow[0], B * L, n_sel, V, 16, 32, chunk, half, ledger_flow[1], lam, sel_chunks, T
+    )
+    got = sorted(
+        (shape[0] if len(shape) == 2 else shape[0] * shape[1], str(dt)[6:], b)
+        for _, shape, dt, b in meter.log
+    )
     want = sorted((t["shape"][0], t["dtype"], t["bytes"]) for t in lg.tensors)
     assert got == want
     assert max(lg.peaks.values()) == meter.matched_peak
     assert n_sel == (24 if method in ("ce", "full_kd") else 6)
-    if flow == "streamed" and 0 < lam < 1 and not half:  # KL rows first, then the chunk's CE: not 2 c + 7 s
+    if (
+        flow == "streamed" and 0 < lam < 1 and not half
+    ):  # KL rows first, then the chunk's CE: not 2 c + 7 s
         sizes = ledger.chunk_sizes(B * L, chunk)
-        assert meter.matched_peak == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
+        assert (
+            meter.matched_peak
+            == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
+        )
 
 
 @pytest.mark.parametrize("chunk", [2, 5, 100])
@@ -111,7 +143,9 @@ def test_chunked_passes_cast_each_head_weight_once(chunk):
     student, teacher = tiny_pair()
     V, B, L = 1000, 2, 12
     idx = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
-    meter = train.LiveBytes(match=lambda t: t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] == V)  # [V, *]
+    meter = train.LiveBytes(
+        match=lambda t: t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[0] == V
+    )  # [V, *]
     copies = {}
 
     @contextlib.contextmanager
@@ -119,12 +153,15 @@ def test_chunked_passes_cast_each_head_weight_once(chunk):
         start = len(meter.log)
         yield
         copies[name] = [(shape, b) for op, shape, _, b in meter.log[start:] if op == "_to_copy"]
+
     with meter, torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = ledger.flow_loss(student, teacher, idx, idx, "streamed", 0.2, 1.0, chunk, phase)
     assert copies["selection"] == [((V, 16), V * 16 * 2)]
     assert sorted(copies["loss"]) == [((V, 16), V * 16 * 2), ((V, 32), V * 32 * 2)]
     acc = ledger.ledger_account(student, teacher, B, L, "streamed", 0.2, chunk, half=True)
-    assert acc["head_copies"] == {name: sum(b for _, b in copies[name]) for name in ("selection", "loss")}
+    assert acc["head_copies"] == {
+        name: sum(b for _, b in copies[name]) for name in ("selection", "loss")
+    }
 
 
 def test_the_lambda_below_1_ledger_covers_the_flows_distill_loss_runs():
@@ -170,8 +207,10 @@ def test_streamed_logit_peak_does_not_grow_with_tokens():
     student, teacher = tiny_pair(L=20)
     peaks = {}
     for B in (1, 4, 16):
-        peaks[B] = {f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
-                    for f in ("dense", "both_heads", "streamed")}
+        peaks[B] = {
+            f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
+            for f in ("dense", "both_heads", "streamed")
+        }
     # N_sel = 4 B rows, in chunks of 2: at most one chunk's 5 tensors (the previous chunk's are freed)
     assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 5 * 2 * 1000 * 4
     assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
@@ -181,11 +220,34 @@ def test_streamed_logit_peak_does_not_grow_with_tokens():
 
 # ----------------------------------------------------------------------------- python -m experiments.benchmark
 
+
 def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
-    r = benchmark.main(["--bench-vocab", "3000", "--bench-tokens", "64,128", "--seq-len", "32",
-                    "--batch-size", "2", "--bench-repeats", "1", "--bench-warmup", "0", "--chunk-rows", "4",
-                    "--teacher-layers", "1", "--teacher-embd", "32", "--student-embd", "16",
-                    "--out-dir", str(tmp_path)])
+    r = benchmark.main(
+        [
+            "--bench-vocab",
+            "3000",
+            "--bench-tokens",
+            "64,128",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--bench-repeats",
+            "1",
+            "--bench-warmup",
+            "0",
+            "--chunk-rows",
+            "4",
+            "--teacher-layers",
+            "1",
+            "--teacher-embd",
+            "32",
+            "--student-embd",
+            "16",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "scaling sweep" in out and (tmp_path / "results_benchmark.json").exists()
     rows = r["tables"]["3000"]
@@ -198,7 +260,9 @@ def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, caps
     sweep = {(row["flow"], row["tokens"]): row["logit_peak"] for row in r["sweep"]}
     assert sweep[("streamed", 64)] == sweep[("streamed", 128)]
     assert sweep[("dense", 128)] == 2 * sweep[("dense", 64)]
-    assert "step ms (time / dense flow's time" in out and all(row["step_s"] > 0 for row in r["sweep"])
+    assert "step ms (time / dense flow's time" in out and all(
+        row["step_s"] > 0 for row in r["sweep"]
+    )
 
 
 def test_benchmark_times_the_flows_in_turns(monkeypatch):
@@ -206,9 +270,15 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
     a skipped row is not timed."""
     calls = []
     monkeypatch.setattr(benchmark, "bench_step", lambda *a, **k: calls.append(a[5]))
-    args = experiments.parse_args(["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"], "benchmark", "",
-                                  benchmark.add_flags)
-    rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [{"flow": "chunked", "oom": "skipped"}]
+    args = experiments.parse_args(
+        ["--bench-warmup", "1", "--bench-repeats", "2", "--seq-len", "8"],
+        "benchmark",
+        "",
+        benchmark.add_flags,
+    )
+    rows = [{"flow": f, "B": 1, "V": 50} for f in ("dense", "streamed")] + [
+        {"flow": "chunked", "oom": "skipped"}
+    ]
     benchmark.time_rows(None, None, None, rows, args, torch.device("cpu"))
     assert calls == ["dense", "streamed"] * 3
     assert rows[0]["step_s"] > 0 and rows[1]["step_s"] > 0 and "step_s" not in rows[2]
@@ -218,14 +288,38 @@ def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monk
     """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient agrees
     with dense, each flow has a time and a memory figure, and the JSON is written."""
     monkeypatch.setattr(benchmark.head_bench, "compiled", lambda on: contextlib.nullcontext())
-    monkeypatch.setattr(benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"}))
-    out = benchmark.main(["--head-only", "--head-vocab", "97", "--head-tokens", "16", "--head-dims",
-                      "8,12", "--head-rounds", "1", "--device", "cpu", "--out-dir", str(tmp_path)])
+    monkeypatch.setattr(
+        benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"})
+    )
+    out = benchmark.main(
+        [
+            "--head-only",
+            "--head-vocab",
+            "97",
+            "--head-tokens",
+            "16",
+            "--head-dims",
+            "8,12",
+            "--head-rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     rows = out["rows"]
-    assert {r["flow"] for r in rows} >= {"dense kd_loss", "sekd streamed Full KD", "of which the selection alone"}
+    assert {r["flow"] for r in rows} >= {
+        "dense kd_loss",
+        "sekd streamed Full KD",
+        "of which the selection alone",
+    }
     assert len(rows) == 7 and all(r["ms"] > 0 and ("live_mb" in r or "rss_mb" in r) for r in rows)
     assert all(r["grad_rel_err"] < 1e-5 for r in rows if r["grad_rel_err"] is not None)
-    assert json.loads((tmp_path / "head_benchmark_cpu.json").read_text())["meta"]["liger-kernel"] == "not installed"
+    assert (
+        json.loads((tmp_path / "head_benchmark_cpu.json").read_text())["meta"]["liger-kernel"]
+        == "not installed"
+    )
     with pytest.raises(train.UserError, match="argument --head-tokens: takes positive integers"):
         benchmark.main(["--head-only", "--head-tokens", "0"])
 
@@ -234,7 +328,9 @@ def test_benchmark_flag_errors_are_clear():
     with pytest.raises(train.UserError, match="multiples of --seq-len"):
         benchmark.main(["--bench-tokens", "100", "--seq-len", "64"])
     for bad in ("abc", "0", "1,-2"):
-        with pytest.raises(train.UserError, match="argument --bench-vocab: takes positive integers"):
+        with pytest.raises(
+            train.UserError, match="argument --bench-vocab: takes positive integers"
+        ):
             benchmark.main(["--bench-vocab", bad])
     with pytest.raises(train.UserError, match="--bench-vocab takes positive integers"):
         benchmark.main(["--bench-vocab", ""])
@@ -246,25 +342,55 @@ def test_benchmark_flag_errors_are_clear():
 
 # ----------------------------------------------------------------------------- positions, show, axes
 
+
 def save_tiny_models(out, corpus, names):
     """Untrained checkpoints in the layout the jobs write (TINY's sizes), made in a second."""
     ds, cache = corpus
     c = data.prepare(ds, 16, cache_dir=cache)
     for i, name in enumerate(names):
         torch.manual_seed(i)
-        m = sekd.GPT(sekd.GPTConfig(vocab_size=c.vocab.size, block_size=16, n_layer=1, n_head=2,
-                                    n_embd=32 if name == "teacher" else 16))
-        train.save_checkpoint(str(out / f"{name}.pt"), {"model": m.state_dict(), "config": vars(m.config).copy(),
-                                                        "signature": c.signature, "step": 1, "steps": 1, "val_ppl": 1.0})
+        m = sekd.GPT(
+            sekd.GPTConfig(
+                vocab_size=c.vocab.size,
+                block_size=16,
+                n_layer=1,
+                n_head=2,
+                n_embd=32 if name == "teacher" else 16,
+            )
+        )
+        train.save_checkpoint(
+            str(out / f"{name}.pt"),
+            {
+                "model": m.state_dict(),
+                "config": vars(m.config).copy(),
+                "signature": c.signature,
+                "step": 1,
+                "steps": 1,
+                "val_ppl": 1.0,
+            },
+        )
     return c
 
 
 def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
-    r = run_job(positions, tmp_path, tiny_corpus, "--student-steps", "2", "--seeds", "2",
-                "--teacher-steps", "5", "--eval-tokens", "128")
+    r = run_job(
+        positions,
+        tmp_path,
+        tiny_corpus,
+        "--student-steps",
+        "2",
+        "--seeds",
+        "2",
+        "--teacher-steps",
+        "5",
+        "--eval-tokens",
+        "128",
+    )
     t = r["tables"]
     assert len(t["metrics"]) == 12 and len(t["policies"]) == 5 and len(t["budget"]) == 12
-    assert {"Full KD", "AT-KD", "RandomPos 20% (random)", "student_entropy top 20%"} <= {x["method"] for x in t["metrics"]}
+    assert {"Full KD", "AT-KD", "RandomPos 20% (random)", "student_entropy top 20%"} <= {
+        x["method"] for x in t["metrics"]
+    }
     assert all(len(x["seeds"]) == 2 and "val_ppl_std" in x for rows in t.values() for x in rows)
     assert r["students_trained"] == 2 * (12 + 4 + 8)  # shared configurations trained once
     saved = json.loads((tmp_path / "results_positions.json").read_text())
@@ -272,32 +398,74 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
     assert "(3) budget sweep" in capsys.readouterr().out
     s = run_job(show, tmp_path, tiny_corpus, "--student-steps", "2", "--eval-tokens", "128")
     out = capsys.readouterr().out
-    assert "\x1b[48;2;" in out and "SE-KD: student_entropy top 20%" in out and "teacher_entropy top 20%" in out
-    assert sum(s["selected"]["student_entropy"]) == 4 and "<span" in (tmp_path / "selection.html").read_text()
+    assert (
+        "\x1b[48;2;" in out
+        and "SE-KD: student_entropy top 20%" in out
+        and "teacher_entropy top 20%" in out
+    )
+    assert (
+        sum(s["selected"]["student_entropy"]) == 4
+        and "<span" in (tmp_path / "selection.html").read_text()
+    )
 
 
 def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
-    s = run_job(show, tmp_path, tiny_corpus, "--policy", "pos_rs_kd", "--student-init-steps", "0",
-                "--eval-tokens", "128")
+    s = run_job(
+        show,
+        tmp_path,
+        tiny_corpus,
+        "--policy",
+        "pos_rs_kd",
+        "--student-init-steps",
+        "0",
+        "--eval-tokens",
+        "128",
+    )
     out = capsys.readouterr().out
     assert list(s["selected"]) == ["student_entropy", "student_entropy pos_rs_kd"]
-    assert sum(s["selected"]["student_entropy"]) == 4 and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
-    assert "SE-KD: student_entropy top 20%" in out and "student_entropy pos_rs_kd 20% (" in out and "4 draws" in out
+    assert (
+        sum(s["selected"]["student_entropy"]) == 4
+        and sum(s["selected"]["student_entropy pos_rs_kd"]) == 4
+    )
+    assert (
+        "SE-KD: student_entropy top 20%" in out
+        and "student_entropy pos_rs_kd 20% (" in out
+        and "4 draws" in out
+    )
 
 
 def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
     r = run_job(axes, tmp_path, tiny_corpus, "--seeds", "1", "--student-steps", "10", "--U", "64")
     out = capsys.readouterr().out
-    assert "multi-axis table" in out and "wall-time table" in out and "storage per training position" in out
+    assert (
+        "multi-axis table" in out
+        and "wall-time table" in out
+        and "storage per training position" in out
+    )
     names = [row["method"] for row in r["rows"][2:]]  # after the teacher and the initial student
-    assert names == ["Full KD", "RandomPos 20%", "RandomSmp 20%", "SE-KD top 20%", "RS-KD U=64", "TopSmp 20%",
-                     "TopSmp+RS-KD", "SE-KD+TopSmp", "SE-KD_3X"]
+    assert names == [
+        "Full KD",
+        "RandomPos 20%",
+        "RandomSmp 20%",
+        "SE-KD top 20%",
+        "RS-KD U=64",
+        "TopSmp 20%",
+        "TopSmp+RS-KD",
+        "SE-KD+TopSmp",
+        "SE-KD_3X",
+    ]
     rows = {row["key"]: row for row in r["rows"][2:]}
     n_train = r["data"]["train_samples"]
     top = rows["top_smp"]
-    assert top["n_kept"] == math.ceil(0.2 * n_train) and top["steps"] == math.ceil(10 * top["n_kept"] / n_train)
-    assert top["prepass_s"] > 0 and rows["full_kd"]["prepass_s"] is None and rows["random_smp"]["prepass_s"] is None
+    assert top["n_kept"] == math.ceil(0.2 * n_train) and top["steps"] == math.ceil(
+        10 * top["n_kept"] / n_train
+    )
+    assert (
+        top["prepass_s"] > 0
+        and rows["full_kd"]["prepass_s"] is None
+        and rows["random_smp"]["prepass_s"] is None
+    )
     walls = {w["key"]: w for w in r["walltime"]}
     assert list(walls) == ["full_kd", "random_pos", "top_smp", "sekd_3x", "sekd_3x_reuse"]
     build, reuse = walls["sekd_3x"], walls["sekd_3x_reuse"]
@@ -308,7 +476,12 @@ def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
     c = r["storage"]["cache"]
     assert abs(c["bytes"] - c["accounted_bytes"]) <= 0.01 * c["accounted_bytes"]
     assert c["positions"] == top["n_kept"] * 16
-    assert json.loads((tmp_path / "results_axes.json").read_text())["summary"]["SE-KD_3X"]["val_ppl"]["n"] == 1
+    assert (
+        json.loads((tmp_path / "results_axes.json").read_text())["summary"]["SE-KD_3X"]["val_ppl"][
+            "n"
+        ]
+        == 1
+    )
 
 
 def test_storage_run_prints_the_papers_storage_table(tmp_path, tiny_corpus, capsys):
@@ -319,8 +492,11 @@ def test_storage_run_prints_the_papers_storage_table(tmp_path, tiny_corpus, caps
 
 # ----------------------------------------------------------------------------- sample, regimes
 
+
 def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsys, monkeypatch):
-    corpus = save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"])
+    corpus = save_tiny_models(
+        tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"]
+    )
     flags = ["--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
     r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
     out = capsys.readouterr().out
@@ -328,13 +504,22 @@ def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsy
     stream = np.asarray(corpus.val).reshape(-1)
     enc = data.gpt2_encoding()
     for s, p in zip(r1["prompt_starts"], r1["prompts"]):
-        assert corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out  # starts a line (document)
+        assert (
+            corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out
+        )  # starts a line (document)
     for name in r1["continuations"]:
         ent = np.array(r1["entropy"][name])
-        assert ent.shape == (2, 10) and (ent > 0).all() and (ent <= math.log(corpus.vocab.size) + 1e-4).all()
+        assert (
+            ent.shape == (2, 10)
+            and (ent > 0).all()
+            and (ent <= math.log(corpus.vocab.size) + 1e-4).all()
+        )
         assert f"--- {name}, mean entropy {ent[1].mean():.2f} nats" in out
     assert "\x1b[" not in out  # captured stdout is not a terminal: plain text
-    assert json.loads((tmp_path / "results_sample.json").read_text())["continuations"] == r1["continuations"]
+    assert (
+        json.loads((tmp_path / "results_sample.json").read_text())["continuations"]
+        == r1["continuations"]
+    )
     again = run_job(sample, tmp_path, tiny_corpus, *flags)["continuations"]
     assert again == r1["continuations"]  # same seed, same text
     capsys.readouterr()
@@ -348,6 +533,7 @@ def test_colour_only_on_a_terminal_and_without_no_color(monkeypatch):
     class Terminal:
         def isatty(self):
             return True
+
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setattr(sys, "stdout", Terminal())
     on = sample.colour_enabled()
@@ -363,53 +549,102 @@ def test_sample_without_students_or_teacher_is_a_clear_error(tmp_path, tiny_corp
         run_job(sample, tmp_path, tiny_corpus, "--teacher-ckpt", str(tmp_path / "no.pt"))
     os.remove(tmp_path / "student_sekd.pt")
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_init"])
-    with pytest.raises(train.UserError, match=r"no trained students .* run `python train.py` there"):
+    with pytest.raises(
+        train.UserError, match=r"no trained students .* run `python train.py` there"
+    ):
         run_job(sample, tmp_path, tiny_corpus)
 
 
 def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, capsys, monkeypatch):
-    cells = {"A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "te")),
-             "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",)),
-             "C tiny distilled": ("1x16kd", 1e-3, 2, 1.0, "selected", 0.25, ("sekd",))}
+    cells = {
+        "A tiny lam1": ("1x16", 1e-3, 2, 1.0, "selected", 0.25, ("full_kd", "sekd", "te")),
+        "B tiny lam.5": ("2x16", 1e-3, 2, 0.5, "selected", 0.25, ("sekd",)),
+        "C tiny distilled": ("1x16kd", 1e-3, 2, 1.0, "selected", 0.25, ("sekd",)),
+    }
     monkeypatch.setattr(regimes, "CELLS", cells)
-    args = ("--seeds", "2", "--eval-tokens", "128", "--cell-batch", "2", "--teacher-steps", "3",
-            "--student-init-steps", "5")
+    args = (
+        "--seeds",
+        "2",
+        "--eval-tokens",
+        "128",
+        "--cell-batch",
+        "2",
+        "--teacher-steps",
+        "3",
+        "--student-init-steps",
+        "5",
+    )
     res = run_job(regimes, tmp_path, tiny_corpus, *args)
     r, out = res["regimes"], capsys.readouterr().out
     weaker = [s for s, d in r["diagnosis"].items() if d["val_ppl"] <= res["rows"][0]["val_ppl"]]
-    assert weaker == ["2x16"]  # a 3-step teacher: the 2x16 student starts above it, the 1x16 ones below
+    assert weaker == [
+        "2x16"
+    ]  # a 3-step teacher: the 2x16 student starts above it, the 1x16 ones below
     assert out.count("already better than the teacher") == 1
     runs = json.loads((tmp_path / "regimes_runs.json").read_text())
     assert len(runs) == 2 * (3 + 1 + 1)  # every (cell, method, seed), each trained once
     a = r["cells"]["A tiny lam1"]
     assert set(a["rows"]) == {"full_kd", "sekd", "te"} and "sekd-random_pos" not in a
-    assert a["rows"]["te"]["val_ppl"] != a["rows"]["sekd"]["val_ppl"]  # another metric, another student
-    for key in ("val_ppl", "kl_to_teacher", "hard_kl"):  # the gap: the mean over seeds of the seed-by-seed gaps
-        d = [s[key] - f[key] for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])]
+    assert (
+        a["rows"]["te"]["val_ppl"] != a["rows"]["sekd"]["val_ppl"]
+    )  # another metric, another student
+    for key in (
+        "val_ppl",
+        "kl_to_teacher",
+        "hard_kl",
+    ):  # the gap: the mean over seeds of the seed-by-seed gaps
+        d = [
+            s[key] - f[key]
+            for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])
+        ]
         assert a["sekd-full_kd"][key][0] == pytest.approx(np.mean(d))
         assert a["sekd-full_kd"][key][1] == pytest.approx(np.std(d, ddof=1))
     d = r["diagnosis"]["1x16"]
-    assert -1 <= d["corr_sent_kl"] <= 1 and d["top"]["s_ent"] >= d["random"]["s_ent"]  # top-k picks the unsure
+    assert (
+        -1 <= d["corr_sent_kl"] <= 1 and d["top"]["s_ent"] >= d["random"]["s_ent"]
+    )  # top-k picks the unsure
     assert d["hard_kl"] == pytest.approx(d["top"]["kl"])  # the hard positions are the top-k ones
-    assert (tmp_path / "regimes_2x16" / "student_init.pt").exists() and (tmp_path / "regimes.png").exists()
+    assert (tmp_path / "regimes_2x16" / "student_init.pt").exists() and (
+        tmp_path / "regimes.png"
+    ).exists()
     kd_init = torch.load(tmp_path / "regimes_1x16kd" / "student_full_kd.pt", weights_only=True)
-    assert kd_init["kd"]["method"] == "full_kd" and kd_init["kd"]["lam"] == 1.0 and kd_init["step"] == 5
-    assert r["diagnosis"]["1x16kd"]["val_ppl"] != d["val_ppl"]  # distilled, not the CE-pretrained student
-    monkeypatch.setattr(train, "distill_student", lambda *a, **k: pytest.fail("a finished student was trained again"))
+    assert (
+        kd_init["kd"]["method"] == "full_kd"
+        and kd_init["kd"]["lam"] == 1.0
+        and kd_init["step"] == 5
+    )
+    assert (
+        r["diagnosis"]["1x16kd"]["val_ppl"] != d["val_ppl"]
+    )  # distilled, not the CE-pretrained student
+    monkeypatch.setattr(
+        train,
+        "distill_student",
+        lambda *a, **k: pytest.fail("a finished student was trained again"),
+    )
     again = run_job(regimes, tmp_path, tiny_corpus, *args)["regimes"]
-    assert again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"] == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
+    assert (
+        again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
+        == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
+    )
 
 
 # ----------------------------------------------------------------------------- entry points, direction of imports
 
+
 def test_train_imports_no_experiment():
     """sekd <- data <- train <- experiments: importing train and parsing its flags loads nothing of
     experiments/, and no line of sekd.py, data.py or train.py imports it, lazily (importlib) or not."""
-    code = ("import sys, train; train.check_flags(train.parse_args([])); "
-            "print([m for m in sys.modules if m.split('.')[0] == 'experiments'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    code = (
+        "import sys, train; train.check_flags(train.parse_args([])); "
+        "print([m for m in sys.modules if m.split('.')[0] == 'experiments'])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
-    imports = re.compile(r"\bexperiments\b.*\bimport\b|\b(import|import_module|__import__)\b.*\bexperiments\b")
+    imports = re.compile(
+        r"\bexperiments\b.*\bimport\b|\b(import|import_module|__import__)\b.*\bexperiments\b"
+    )
     for name in ("sekd.py", "data.py", "train.py"):
         with open(os.path.join(HERE, name)) as f:
             for i, line in enumerate(f, 1):
@@ -425,8 +660,13 @@ def test_each_tool_checks_train_flags_and_its_own_in_one_line():
         regimes.main(["--run", "distill"])
     with pytest.raises(train.UserError, match="argument --run: invalid choice: 'positions'"):
         train.main(["--run", "positions"])  # the paper-table runs left train.py
-    r = subprocess.run([sys.executable, "-m", "experiments.axes", "--table", "nope"], capture_output=True, text=True,
-                       cwd=HERE, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.axes", "--table", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "argument --table: invalid choice: 'nope'" in r.stderr and "--help" in r.stderr
 
@@ -434,5 +674,7 @@ def test_each_tool_checks_train_flags_and_its_own_in_one_line():
 def test_one_process_runs_refuse_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for tool, flags in ((benchmark, []), (axes, ["--table", "storage"]), (show, [])):
-        with pytest.raises(train.UserError, match="runs in one process: start it with python, not torchrun"):
+        with pytest.raises(
+            train.UserError, match="runs in one process: start it with python, not torchrun"
+        ):
             tool.main(flags)
