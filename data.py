@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 import sekd
-from sekd import COUNT_BITS, MAX_DRAWS
+COUNT_BITS, MAX_DRAWS = 7, 127  # a draw count is stored in 7 bits in the cache; 0 marks padding
 
 UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
 

@@ -1,100 +1,31 @@
-"""sekd: selective knowledge distillation for GPT language models, in one file: the method of
-"Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395), in the paper's order.
-  1. the model  2. dense KD  3. positions: metrics and policies  4. the streamed loss
-  5. one distillation step (SE-KD is complete here)  6. the baselines and the other axes
-  7. evaluation  8. memory
-Conventions: logits are [..., V]; `targets` are [B, L] with -1 at padding, so `valid = targets >= 0`;
-a position mask is a bool [B, L]; losses are averaged per sequence, then over sequences.
+"""sekd: selective knowledge distillation for GPT language models, in one file.
+
+The method of "Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395), in
+the paper's order. A reader who stops after section 3 has read a whole, working SE-KD.
+
+  1. the model                2. dense KD, the reference      3. SE-KD: entropy, top-k, the step
+  4. the position axis        5. the baselines: AT-KD, on-policy
+  6. the class and sample axes (RS-KD, TopSmp)                7. evaluation      8. memory
+
+The design decisions:
+- The model's `hidden(idx)` is split from its `head(h)`, so an LM head can run at chosen rows only.
+- No [B, L, V] logits tensor is built on the fast path: the loss walks a chunk of rows at a time
+  and makes each chunk's gradient in closed form, in the forward pass.
+- `kd_loss`, on dense logits, is the reference every faster path must equal (test_sekd.py).
+- Conventions: logits are [..., V]; `targets` are [B, L] with -1 at padding, so `valid =
+  targets >= 0`; a position mask is a bool [B, L]; a loss is averaged per sequence, then over the
+  sequences (paper Eq. 3).
 """
 
+import functools
 import math
-import os
-import warnings
 from dataclasses import dataclass, replace
-from functools import partial, update_wrapper
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-
-# ============================================================================ argument checks
-# We write each rule once: a public function checks its scalar arguments at entry by name, `check(k=k, T=T)`.
-MAX_DRAWS, COUNT_BITS = (
-    127,
-    7,
-)  # RS-KD: a draw count is stored in 7 bits in the cache; 0 marks padding
-_BUDGET, _SHARE = (
-    (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)"),
-    (lambda v: 0 <= v <= 1, "in [0, 1]"),
-)
-CHECKS = {  # a name -> (is its value fine?, what it must be), or () -> the names it is one of (read at each check)
-    "k": _BUDGET,
-    "l": _BUDGET,
-    "lam": _SHARE,
-    "share": _SHARE,
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "chunk_rows": (
-        lambda v: v is None or type(v) is int and v >= 0,
-        "an integer >= 0, or None (0, None: automatic)",
-    ),
-    "U": (
-        lambda v: type(v) is int and 1 <= v <= MAX_DRAWS,
-        f"an integer in [1, {MAX_DRAWS}] (7-bit counts)",
-    ),
-    **dict.fromkeys(
-        (
-            "vocab_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "n_new",
-            "n_bins",
-            "gls_queue",
-            "curriculum_steps",
-        ),
-        (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    ),
-    "temperature": (lambda v: v >= 0, ">= 0"),
-    "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
-    "T": (lambda v: v > 0, "> 0"),
-    "(n_embd, n_head)": (lambda v: v[0] % v[1] == 0, "divisible, n_embd by n_head"),
-    "(prompt_len, L)": (
-        lambda v: type(v[0]) is int and 1 <= v[0] <= v[1],
-        "1 <= prompt_len <= L, the sequence length",
-    ),
-    "method": lambda: METHODS,
-    "metric": lambda: METRICS,
-    "policy": lambda: POLICIES,
-    "divergence": lambda: DIVERGENCES,
-    "flow": lambda: ("streamed", "dense"),
-    "classes": lambda: ("full", "rskd"),
-    "ce_at": lambda: ("selected", "all"),
-    "(classes, method, flow)": (
-        lambda v: v[0] == "full" or v[1] != "ce" and v[2] == "streamed",
-        "('full', any, any) or ('rskd', a KD method (not ce), 'streamed')",
-    ),
-    "(divergence, method, classes)": (
-        lambda v: v[0] == "forward" or v[1] not in ("ce", "at_kd") and v[2] == "full",
-        "('forward', any, any) or ('reverse', full_kd, sekd or random_pos, 'full'): "
-        "the reverse KL needs the teacher's full distribution",
-    ),
-}
-
-
-def check(**values):
-    """A one-line ValueError for the first value that makes no sense. Python scalars only: no device sync."""
-    for name, v in values.items():
-        rule = CHECKS[name]
-        ok, what = (
-            (v in rule(), "one of " + ", ".join(rule()))
-            if callable(rule)
-            else (rule[0](v), rule[1])
-        )
-        if not ok:
-            raise ValueError(f"{name} must be {what}, got {v!r}")
-
 
 # ============================================================================ 1. the model
 
@@ -109,7 +40,16 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        check(**vars(self), **{"(n_embd, n_head)": (self.n_embd, self.n_head)})
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd must be divisible by n_head, got {self.n_embd}, {self.n_head}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -124,9 +64,8 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -178,7 +117,7 @@ class GPT(nn.Module):
         L = idx.shape[1]
         if L > self.config.block_size:
             raise ValueError(
-                f"sequence length {L} is longer than the model's block size {self.config.block_size}"
+                f"sequence length {L} is longer than the block size {self.config.block_size}"
             )
         x = self.wte(idx) + self.wpe(torch.arange(L, device=idx.device))
         for block in self.blocks:
@@ -195,7 +134,12 @@ class GPT(nn.Module):
     def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
         """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the k
         likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), SE-KD's score)."""
-        check(n_new=n_new, temperature=temperature, top_k=top_k)
+        if type(n_new) is not int or n_new < 1:
+            raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
+        if temperature < 0 or type(top_k) is not int or top_k < 0:
+            raise ValueError(
+                f"temperature must be >= 0 and top_k an integer >= 0, got {temperature}, {top_k}"
+            )
         entropy = []
         for _ in range(n_new):
             logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size :])[:, -1]))
@@ -212,10 +156,76 @@ class GPT(nn.Module):
         return idx, torch.stack(entropy, 1)
 
 
-# ============================================================================ 2. dense KD
+# ============================================================================ 2. dense KD, the reference
 
 
-def _wide(x):  # half-precision logits are upcast for softmax maths
+@dataclass
+class KDConfig:
+    """One distillation method and its settings, checked at construction. The defaults are the
+    default job's: SE-KD at k = 20% with lam = 0.5 and the CE at every position (the paper runs pure
+    KL, lam = 1). The other fields are the design space of sections 4-6."""
+
+    method: str = "sekd"  # ce, full_kd, sekd, random_pos, at_kd
+    k: float = 0.2  # the share of each sequence's positions that SE-KD distils
+    T: float = 1.0  # the KD temperature
+    lam: float = 0.5  # the KD weight; 1 - lam: the CE's (0 for method 'ce')
+    ce_at: str = "all"  # the CE at every position, or at the selected ones (paper Eq. 3)
+    chunk_rows: int = 0  # rows per [rows, V] chunk; 0: default_chunk_rows
+    flow: str = "streamed"  # or 'dense': [B, L, V] logits, as the paper's code
+    metric: str = "student_entropy"  # a name in METRICS
+    policy: str = "topk"  # a name in POLICIES
+    gls_queue: int = 30_000  # GLS: how many recent scores set its threshold
+    curriculum_steps: int = 4_000  # curriculum: the steps its window takes to reach the top-k
+    classes: str = "full"  # or 'rskd': U classes drawn from the teacher (paper §5)
+    U: int = 64  # RS-KD's draws per position
+    divergence: str = "forward"  # KL(p || q), or 'reverse': KL(q || p)
+
+    def __post_init__(self):
+        if self.method == "ce":
+            self.lam = 0.0  # plain cross-entropy: no teacher
+        names = {"method": METHODS, "metric": METRICS, "policy": POLICIES}
+        names |= {"ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
+        names |= {"classes": ("full", "rskd"), "divergence": ("forward", "reverse")}
+        for name, allowed in names.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not 0 < self.k <= 1:
+            raise ValueError(f"k must be in (0, 1] (e.g. 0.2 for 20%), got {self.k!r}")
+        if not self.T > 0:
+            raise ValueError(f"T must be > 0, got {self.T!r}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
+        for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
+            if type(getattr(self, name)) is not int or getattr(self, name) < least:
+                raise ValueError(
+                    f"{name} must be an integer >= {least}, got {getattr(self, name)!r}"
+                )
+        if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
+            raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
+        if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
+            raise ValueError(
+                "divergence 'reverse' works with full_kd, sekd or random_pos and classes 'full': "
+                "the reverse KL needs the teacher's full distribution"
+            )
+
+    @property
+    def is_sekd(self):
+        """SE-KD as the paper runs it, which `sekd_loss` makes: the student's entropy, top-k."""
+        plain = self.metric == "student_entropy" and self.policy == "topk"
+        full = self.flow == "streamed" and self.classes == "full" and self.divergence == "forward"
+        return self.method == "sekd" and plain and full
+
+    @property
+    def uses_teacher(self):
+        return self.lam > 0 and self.method != "ce"
+
+    def new_state(self):
+        return PositionState(self.gls_queue, self.curriculum_steps)
+
+
+def _wide(x):  # we upcast half-precision logits for the softmax maths
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -223,141 +233,136 @@ def _wide_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def _tempered(z, T):
-    return z if T == 1 else z / T  # at T = 1, the paper's default, we skip a pass over [rows, V]
-
-
 def token_entropy(logits, T=1.0):
     """H(softmax(logits / T)) in nats over the last dim: SE-KD's importance score."""
-    check(T=T)
-    logp = F.log_softmax(_tempered(_wide(logits), T), dim=-1)
-    p = logp.exp()
-    return -(p * logp if logp.requires_grad else p.mul_(logp)).sum(
-        -1
-    )  # no gradient: one [rows, V] fewer
+    logp = F.log_softmax(_wide(logits) / T, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def kl_per_position(teacher_logits, student_logits, T=1.0):
     """KL(p^T || q^T) over the last dim, p = teacher, q = student."""
-    check(T=T)
-    logp = F.log_softmax(_tempered(_wide(teacher_logits), T), dim=-1)
-    logq = F.log_softmax(_tempered(_wide(student_logits), T), dim=-1)
+    logp = F.log_softmax(_wide(teacher_logits) / T, dim=-1)
+    logq = F.log_softmax(_wide(student_logits) / T, dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
-    """Row weights for Eq. 3: L = mean over sequences with a selected position of L_i = sum_t m_t l(t)
-    / sum_t m_t. `m`: bool or counts [B, L]; `per_seq` [B] replaces the denominators sum_t m_t."""
+    """Row weights for Eq. 3: L = mean over sequences with a selected position of L_i = sum_t m_t
+    l(t) / sum_t m_t. `m`: bool or counts [B, L]; `per_seq` [B] replaces the sums sum_t m_t."""
     m = m.to(dtype)
     n_seq = (m.sum(1) > 0).sum().clamp_min(1)
     per_seq = m.sum(1, keepdim=True) if per_seq is None else per_seq.to(dtype).view(-1, 1)
     return m / per_seq.clamp_min(1e-30) / n_seq
 
 
-def kd_loss(
-    student_logits,
-    teacher_logits,
-    targets,
-    mask=None,
-    T=1.0,
-    lam=1.0,
-    row_weights=None,
-    divergence="forward",
-    ce_at="selected",
-):
+def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None):
     """The KD loss on dense logits [B, L, V], the reference every faster path must equal: lam T^2
-    KL(p^T || q^T) + (1 - lam) CE over the positions in `mask` (all valid ones when None: Full KD), each
-    averaged per sequence, then over sequences: paper Eq. 3. ce_at='all' puts the CE term on every valid
-    position instead. `row_weights` replace the mask's weights (pos-RS-KD); divergence='reverse' is
-    KL(q^T || p^T); teacher_logits may be None at lam 0."""
-    check(T=T, lam=lam, divergence=divergence, ce_at=ce_at)
-    valid = targets >= 0
+    KL(p^T || q^T) + (1 - lam) CE at the positions in `mask` (every valid one when None: Full KD),
+    averaged per sequence, then over the sequences (paper Eq. 3). cfg.ce_at='all' puts the CE at
+    every valid position; `row_weights` replace the mask's weights (pos-RS-KD); the reverse
+    divergence is KL(q^T || p^T); teacher_logits may be None at lam 0."""
+    T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_logits)
     w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype) * valid
     loss = student_logits.new_zeros((), dtype=dtype)
     if lam > 0:
-        pair = (
-            (teacher_logits, student_logits)
-            if divergence == "forward"
-            else (student_logits, teacher_logits)
-        )
-        loss = loss + lam * (w * T * T * kl_per_position(*pair, T)).sum()
+        p, q = teacher_logits, student_logits
+        kl = kl_per_position(p, q, T) if cfg.divergence == "forward" else kl_per_position(q, p, T)
+        loss = loss + lam * (w * T * T * kl).sum()
     if lam < 1:
         ce = _ce(student_logits.flatten(0, 1), targets.clamp_min(0).flatten()).view_as(targets)
-        loss = (
-            loss
-            + (1 - lam)
-            * ((w if ce_at == "selected" else per_sequence_weights(valid, dtype)) * ce).sum()
-        )
+        w_ce = w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
+        loss = loss + (1 - lam) * (w_ce * ce).sum()
     return loss
 
 
-# ============================================================================ 3. positions
+def _ce(logits, targets):
+    return F.cross_entropy(_wide(logits), targets, reduction="none")
 
-CHUNK_MB = {
-    "cpu": 16,
-    "cuda": 256,
-}  # float32 MB a [rows, V] chunk, on a CPU per 64 of the head's width D
+
+# ============================================================================ 3. SE-KD
+# Student entropy in chunks, the top k% of each sequence, the streamed loss at those rows: the step.
+
+CHUNK_MB = {"cpu": 16, "cuda": 256}  # MB of float32 in a [rows, V] chunk; on a CPU per 64 of D
 
 
 def default_chunk_rows(vocab_size, width=64, device="cpu"):
-    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it often. On
-    # a CPU big chunks cost memory traffic, which pays only where each logit costs more (a wide D): we give
-    # a chunk 16 MB per 64 of D, the fastest measured at D = 64 and 256 (results/head_benchmark_cpu.md).
-    check(vocab_size=vocab_size)
+    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it
+    # often. On a CPU big chunks cost memory traffic, which pays only where each logit costs more (a
+    # wide D): we give a chunk 16 MB per 64 of D, the fastest measured at D = 64 and 256
+    # (results/head_benchmark_cpu.md).
     kind = torch.device(device).type
     mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
     return max(1, (mb << 20) // (4 * vocab_size))
 
 
-def fused(fn):
-    """A chunk's formula `fn`, compiled for any number of rows so that its passes over [rows, V] fuse; eager
-    (`fn.eager`) with SEKD_COMPILE=0, off CPU and CUDA, after a failed compile (no C++ compiler, no triton), and
-    under a dispatch mode, e.g. a memory meter: a graph compiled there serves later calls, rounding otherwise."""
-
-    def call(*args):
-        if (
-            call.on
-            and os.environ.get("SEKD_COMPILE", "1") != "0"
-            and args[0].device.type in ("cpu", "cuda")
-            and torch._C._len_torch_dispatch_stack() == 0
-        ):
-            try:  # compiled at first use, as importing the compiler takes seconds
-                call.compiled = call.compiled or torch.compile(fn, dynamic=True)
-                return call.compiled(*args)
-            except Exception as e:  # fn is pure: its eager run gives the same result
-                call.on = False
-                warnings.warn(
-                    f"sekd: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); eager from now on"
-                )
-        return fn(*args)
-
-    call.on, call.eager, call.compiled = True, fn, None
-    return update_wrapper(call, fn)
+@functools.cache
+def compiled(fn):
+    """`fn`, a chunk's formula, compiled for any number of rows: eager, each of its lines is a pass over
+    [rows, V]; compiled, they fuse (entropy about 3x, KL 1.8x faster a chunk on a CPU). We compile at
+    first use, as importing the compiler takes seconds. torch.compiler.set_stance("force_eager")
+    runs it eager (train.py --compile off)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def chunk_weight(w):
     """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
     autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
-    return (
-        w.to(torch.get_autocast_dtype(w.device.type))
-        if torch.is_autocast_enabled(w.device.type)
-        else w
-    )
+    on = torch.is_autocast_enabled(w.device.type)
+    return w.to(torch.get_autocast_dtype(w.device.type)) if on else w
+
+
+def student_entropy(z_student, z_teacher, targets):
+    """H(q_t), SE-KD's metric, in the form every metric of section 4 has: a chunk of the student's
+    logits [R, V], the teacher's (None: not needed here) and the targets -> [R] scores."""
+    return compiled(token_entropy)(z_student)
+
+
+student_entropy.needs_teacher = False  # so the teacher's LM head stays selective
+
+
+@torch.no_grad()
+def chunked_scores(
+    metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
+):
+    """metric(zs, zt, y) at every valid row -> [B, L] (0 at padding), without grad, a chunk of
+    rows at a time; the teacher's logits only for a metric that reads them."""
+    use_teacher = getattr(metric, "needs_teacher", True)
+    if use_teacher and teacher_h is None:
+        raise ValueError(
+            f"metric {metric.__name__} needs the teacher: pass teacher_h and teacher_w"
+        )
+    hs = student_h[valid]
+    ht = teacher_h[valid] if use_teacher else None
+    y = targets[valid] if targets is not None else None
+    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
+    project = getattr(metric, "needs_logits", True)  # RandomPos draws without logits
+    ws = chunk_weight(student_w) if project else None
+    wt = chunk_weight(teacher_w) if use_teacher else None
+    parts = []
+    for i in range(0, hs.shape[0], chunk):
+        r = slice(i, i + chunk)
+        zs = _wide(hs[r] @ ws.T) if project else hs[r]
+        zt = _wide(ht[r] @ wt.T) if use_teacher else None
+        parts.append(metric(zs, zt, y[r] if y is not None else None))
+    scores = torch.zeros(valid.shape, dtype=_wide_dtype(hs), device=hs.device)
+    if parts:
+        scores[valid] = torch.cat(parts).to(scores.dtype)
+    return scores
 
 
 def budget_counts(k, n):
-    """ceil(k n) per sequence, exact for decimal k (0.1 * 30 is 3, not 4). The policies' budget: it checks k."""
-    check(k=k)
+    """ceil(k n) positions of n, exact for a decimal k (0.1 * 30 is 3, not 4): every policy's budget."""
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 
 def score_ranks(scores, valid):
-    """Rank in its row (the sort order's inverse), 0 = the highest (finite) score, ties to the earlier, padding last."""
-    return torch.sort(
+    """Each position's rank in its row, 0 = the highest score, ties to the earlier, padding last."""
+    order = torch.sort(
         scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True
-    ).indices.argsort(1)
+    )
+    return order.indices.argsort(1)
 
 
 def topk_positions(scores, k, valid=None, state=None):
@@ -366,20 +371,138 @@ def topk_positions(scores, k, valid=None, state=None):
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
 
 
-# A metric (student logits zs [R, V], teacher's zt or None, targets y) -> [R] scores a chunk of rows.
-# Register one from anywhere, `METRICS["name"] = fn`, `student_only` if it never reads zt.
+# ---------------------------------------------------------------------------- the streamed loss
+# The selective LM head: logits only at the rows the loss needs, one chunk at a time. A chunk's loss
+# per row and its logit gradient come in closed form, in place where they can.
 
 
-def student_only(fn):
-    fn.needs_teacher = False  # the teacher's LM head then stays selective
-    return fn
+def _kd_rows(z_student, z_teacher, T):
+    """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
+    logq = F.log_softmax(z_student / T, dim=-1)
+    logp = F.log_softmax(z_teacher / T, dim=-1)
+    p = logp.exp()
+    loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # in log p's storage (not needed again)
+    return loss, logq.exp_().sub_(p).mul_(T)  # in log q's storage: no new [rows, V] tensor
 
 
-def _ce(logits, targets):
-    return F.cross_entropy(_wide(logits), targets, reduction="none")
+def _ce_rows(z_student, targets):
+    """CE(y, q) per row, and its gradient q - onehot(y)."""
+    logq = F.log_softmax(z_student, dim=-1)
+    loss = -logq.gather(1, targets[:, None]).squeeze(1)
+    grad = logq.exp_()
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+    return loss, grad
 
 
-chunk_entropy = fused(token_entropy)  # we compile it: about 3x faster a chunk than eager on a CPU
+def teacher_kd_rows(teacher_h, teacher_w, T, divergence, z, i):
+    """The KD term at walked rows i (student logits z), against the teacher's logits made here."""
+    with torch.no_grad():
+        z_teacher = _wide(teacher_h[i] @ teacher_w.T)
+    if divergence == "reverse":
+        return _reverse_kd_rows(z, z_teacher, T)
+    return compiled(_kd_rows)(z, z_teacher, T)
+
+
+def chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel):
+    """The loss at walked rows r (logits z [rows, V]) and its logit gradient: kd_w weighs the KD
+    term, ce_w the CE (None: lam = 1, the KD term alone); sel marks the selected walked rows (None:
+    all of them). We make the KD rows' tensors first, so they are freed before the CE's exist."""
+    if ce_w is None:
+        loss, grad = kd_rows(z, r)
+        return kd_w[r] * loss, grad.mul_(kd_w[r][:, None])
+    s = torch.ones(len(z), dtype=torch.bool, device=z.device) if sel is None else sel[r]
+    kd = None
+    if kd_rows is not None and s.any():
+        i = torch.arange(r.start, r.start + len(z), device=z.device)[s]
+        kd = kd_rows(z if sel is None else z[s], i)
+    loss, grad = _ce_rows(z, y[r])
+    loss, grad = ce_w[r] * loss, grad.mul_(ce_w[r][:, None])
+    if kd is not None:
+        w = kd_w[r][s]
+        loss[s] += w * kd[0]
+        grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # no copy of grad[s]
+    return loss, grad
+
+
+class StreamedHeadLoss(torch.autograd.Function):
+    """The sum over rows h [N, D] of chunk_loss(h @ W^T), a chunk at a time. The chunks' gradients add
+    up exactly, so we make each in the forward pass: one chunk's [rows, V] tensors live at a time,
+    and backward only scales the stored dL/dh and dL/dW in place (so it runs once)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
+        loss = torch.zeros((), dtype=_wide_dtype(h), device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        w = chunk_weight(weight)
+        for i in range(0, h.shape[0], chunk_rows):
+            r = slice(i, i + chunk_rows)
+            row_loss, grad_z = chunk_loss(_wide(h[r] @ w.T), r, kd_rows, kd_w, ce_w, y, sel)
+            loss += row_loss.sum()  # the logits were freed when chunk_loss returned
+            grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
+            grad_h[r] = (grad_z @ w).to(h.dtype)
+            grad_w += grad_z.T @ h[r].to(w.dtype)
+            del grad_z  # before the next chunk's logits exist
+        ctx.grads = (grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("the streamed loss's backward runs once: no retain_graph")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
+
+
+def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
+    """`kd_loss` through selective heads: equal in value and gradient to kd_loss(student_h @
+    student_w.T, teacher_h @ teacher_w.T, ...), without a [B, L, V] tensor. With the loss under the
+    mask (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all'
+    we walk every valid row once. `kd` may hold row_weights (pos-RS-KD, AT-KD), and kd_rows(z, i),
+    the KD term of walked rows i in place of the teacher's KL (RS-KD's draws, AT-KD)."""
+    valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
+    mask = valid if mask is None else mask & valid
+    if row_weights is not None:  # the rows they weigh are the mask
+        mask = (row_weights != 0) & valid
+    dtype = _wide_dtype(student_h)
+    kd_w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
+    ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
+    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we walk
+    kd_rows = kd.get("kd_rows")
+    if kd_rows is None and lam > 0:
+        t_rows, t_w = teacher_h[rows], chunk_weight(teacher_w)
+        kd_rows = partial(teacher_kd_rows, t_rows, t_w, cfg.T, cfg.divergence)
+    chunk = cfg.chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
+    ce_w = None if lam == 1 else (1 - lam) * ce_w[rows]
+    sel = None if rows is mask else mask[rows]
+    args = (chunk, kd_rows, lam * kd_w[rows], ce_w, targets[rows], sel)
+    return StreamedHeadLoss.apply(student_h[rows], student_w, *args)
+
+
+# ---------------------------------------------------------------------------- one SE-KD step
+
+
+def sekd_loss(student, teacher, idx, targets, cfg):
+    """One SE-KD step (paper §3): the KD loss at the top k% of each sequence's positions by the
+    student's entropy, with LM heads at those rows only. -> (loss, number of positions distilled)."""
+    valid = targets >= 0
+    student_h, student_w = student.hidden(idx), student.head_weight
+    with torch.no_grad():
+        teacher_h = teacher.hidden(idx)
+    scores = chunked_scores(student_entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
+    mask = topk_positions(scores, cfg.k, valid)
+    loss = streamed_kd_loss(
+        student_h, student_w, teacher_h, teacher.head_weight, targets, mask, cfg
+    )
+    return loss, int(mask.sum())
+
+
+# ============================================================================ 4. the position axis
+# A metric (student logits zs [R, V], the teacher's zt or None, targets y) -> [R] scores a chunk of
+# rows. Register one from anywhere, `METRICS["name"] = fn`; mark `fn.needs_teacher = False` if it
+# never reads zt.
 
 
 def _ce_ratio(zs, zt, y):
@@ -387,18 +510,22 @@ def _ce_ratio(zs, zt, y):
     return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
 
 
-@student_only
+def student_ce(zs, zt, y):
+    return _ce(zs, y)
+
+
 def uniform(zs, zt, y):
-    """Noise: with top-k, the RandomPos baseline. It reads no logits (`chunked_scores` passes rows)."""
+    """Noise: with top-k, the RandomPos baseline. It reads no logits: it gets the rows."""
     return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
 
 
+student_ce.needs_teacher = uniform.needs_teacher = False
 uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
 
-METRICS = {  # the paper's position-axis metrics
-    "student_entropy": student_only(lambda zs, zt, y: chunk_entropy(zs)),  # H(q_t): SE-KD's
-    "teacher_entropy": lambda zs, zt, y: chunk_entropy(zt),  # H(p_t)
-    "student_ce": student_only(lambda zs, zt, y: _ce(zs, y)),  # -log q_t(y_t)
+METRICS = {  # the paper's position-axis metrics (its Table 1)
+    "student_entropy": student_entropy,  # H(q_t): SE-KD's
+    "teacher_entropy": lambda zs, zt, y: compiled(token_entropy)(zt),  # H(p_t)
+    "student_ce": student_ce,  # -log q_t(y_t)
     "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
     "reverse_kl": lambda zs, zt, y: kl_per_position(zs, zt),  # KL(q_t || p_t)
@@ -409,51 +536,6 @@ METRICS = {  # the paper's position-axis metrics
 }
 
 
-def needs_teacher(metric):
-    check(metric=metric)
-    return getattr(METRICS[metric], "needs_teacher", True)
-
-
-@torch.no_grad()
-def chunked_scores(
-    metric,
-    student_h,
-    student_w,
-    valid,
-    teacher_h=None,
-    teacher_w=None,
-    targets=None,
-    chunk_rows=None,
-):
-    """u(t) at every valid row -> [B, L] (0 at padding), no grad, a chunk of rows at a time; teacher
-    logits only for a metric that reads them."""
-    check(chunk_rows=chunk_rows)
-    use_teacher, fn = needs_teacher(metric), METRICS[metric]  # needs_teacher checks the name
-    if use_teacher and teacher_h is None:
-        raise ValueError(
-            f"metric '{metric}' needs the teacher's outputs: pass teacher_h and teacher_w"
-        )
-    hs = student_h[valid]
-    ht = teacher_h[valid] if use_teacher else None
-    y = targets[valid] if targets is not None else None
-    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
-    project = getattr(fn, "needs_logits", True)
-    ws = chunk_weight(student_w) if project else None
-    wt = chunk_weight(teacher_w) if use_teacher else None
-    parts = [
-        fn(
-            _wide(hs[i : i + chunk] @ ws.T) if project else hs[i : i + chunk],
-            _wide(ht[i : i + chunk] @ wt.T) if ht is not None else None,
-            y[i : i + chunk] if y is not None else None,
-        )
-        for i in range(0, hs.shape[0], chunk)
-    ]
-    scores = torch.zeros(valid.shape, dtype=_wide_dtype(hs), device=hs.device)
-    if parts:
-        scores[valid] = torch.cat(parts).to(scores.dtype)
-    return scores
-
-
 # A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
 
 
@@ -461,26 +543,21 @@ def chunked_scores(
 class PositionState:
     """GLS's FIFO queue of recent scores, and the training step that curriculum's window follows."""
 
-    gls_queue: int = 30_000
-    curriculum_steps: int = 4_000
+    gls_queue: int
+    curriculum_steps: int
     queue: torch.Tensor = None
     step: int = 0
-
-    def __post_init__(self):
-        check(gls_queue=self.gls_queue, curriculum_steps=self.curriculum_steps)
 
 
 def gls_positions(scores, k, valid, state):
     """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins the queue."""
-    check(k=k)
     if state.queue is None or state.queue.numel() == 0:
         m = topk_positions(scores, k, valid)
     else:
         m = (scores >= torch.quantile(state.queue.double(), 1.0 - k).item()) & valid
     new = scores[valid].detach()
-    state.queue = (new if state.queue is None else torch.cat([state.queue.to(new), new]))[
-        -state.gls_queue :
-    ]
+    queue = new if state.queue is None else torch.cat([state.queue.to(new), new])
+    state.queue = queue[-state.gls_queue :]
     return m
 
 
@@ -490,9 +567,7 @@ def curriculum_positions(scores, k, valid, state):
     rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
-    first = torch.round((1.0 - progress) * (n - K).double()).long()[
-        :, None
-    ]  # rank the window starts at
+    first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # the window's start
     return (rank >= first) & (rank < first + K[:, None]) & valid
 
 
@@ -500,8 +575,8 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     """pos-RS-KD: K = ceil(k n) i.i.d. draws per sequence with probability q(t), a position drawn c
     times counting c times: divided by K, the loss is unbiased for sum_t u(t) l(t) / sum_j u(j).
     star=True, pos-RS-KD*: each draw weighted by 1 / (n q(t)), so E[sum_t m_t l(t) / K] =
-    (1/n) sum_t l(t), Full KD (`kl_row_weights` divides by K: dividing by sum_t m_t would be biased)."""
-    u = scores.double().clamp_min(0) * valid  # q(t) = u(t) / sum_j u(j); negative scores count as 0
+    (1/n) sum_t l(t), Full KD (`kl_row_weights` divides by K: dividing by sum_t m_t is biased)."""
+    u = scores.double().clamp_min(0) * valid  # q(t) = u(t) / sum_j u(j); negative scores count 0
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.double())  # all 0: uniform
     q = u / u.sum(1, keepdim=True).clamp_min(1e-300)
     K = budget_counts(k, valid.sum(1))
@@ -518,7 +593,6 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
 
 def kl_row_weights(m, k, valid, policy):
     """Per-sequence normalisation by sum_t m_t; pos-RS-KD* divides by its number of draws, K."""
-    check(k=k, policy=policy)
     K = budget_counts(k, valid.sum(1)) if policy == "pos_rs_kd_star" else None
     return per_sequence_weights(m, torch.float64, K)
 
@@ -530,290 +604,61 @@ POLICIES = {
     "pos_rs_kd": pos_rs_kd_positions,
     "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True),
 }
-
-# ============================================================================ 4. the streamed loss
-# The selective LM head: logits only at the rows the loss needs, one chunk at a time. Each `_*_rows`
-# gives a chunk's per-row loss and its logit gradient in closed form, in place where it can. Eager, each line is
-# a pass over [rows, V]; we compile the KL (`fused`): 1.8x faster a chunk on a CPU. The CE gained nothing: eager.
-
-
-@fused
-def _kd_rows(z_student, z_teacher, T):
-    """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
-    p = logp.exp()
-    loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # in log p's storage (not needed again)
-    grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
-    return loss, grad if T == 1 else grad.mul_(T)
-
-
-def _reverse_kd_rows(z_student, z_teacher, T):
-    """T^2 KL(q^T || p^T) per row (on-policy's default), and its gradient T q^T (log q^T - log p^T - KL)."""
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
-    q = logq.exp()
-    diff = logq.sub_(logp)
-    kl = (q * diff).sum(-1)
-    return T * T * kl, diff.sub_(kl[:, None]).mul_(q).mul_(T)
-
-
-DIVERGENCES = {"forward": _kd_rows, "reverse": _reverse_kd_rows}  # KL(p || q), KL(q || p)
-
-
-def _ce_rows(z_student, targets):
-    """CE(y, q) per row, and its gradient q - onehot(y)."""
-    logq = F.log_softmax(z_student, dim=-1)
-    loss = -logq.gather(1, targets[:, None]).squeeze(1)
-    grad = logq.exp_()
-    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
-    return loss, grad
-
-
-class _StreamedHeadLoss(torch.autograd.Function):
-    """sum over rows of rows_loss(h @ W^T), a chunk at a time. The chunks' gradients add up exactly,
-    so we make each in the forward pass: one chunk's [rows, V] tensors live at a time, and backward
-    only scales the stored dL/dh and dL/dW in place (so it runs once: no retain_graph)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, chunk_rows, rows_loss):
-        loss = torch.zeros((), dtype=_wide_dtype(h), device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        w = chunk_weight(weight)
-        for i in range(0, h.shape[0], chunk_rows):
-            hr = h[i : i + chunk_rows]
-            row_loss, grad_z = rows_loss(
-                _wide(hr @ w.T), slice(i, i + chunk_rows)
-            )  # logits freed on return
-            loss += row_loss.sum()
-            grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
-            grad_h[i : i + chunk_rows] = (grad_z @ w).to(h.dtype)
-            grad_w += grad_z.T @ hr.to(w.dtype)
-            del grad_z  # before the next chunk's logits exist
-        ctx.grads = (grad_h, grad_w.to(weight.dtype))
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "the streamed loss's backward runs once: call backward without retain_graph"
-            )
-        grad_h, grad_w = ctx.grads
-        ctx.grads = None
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None
-
-
-def streamed_kd_loss(
-    student_h,
-    student_w,
-    teacher_h,
-    teacher_w,
-    targets,
-    mask=None,
-    T=1.0,
-    lam=1.0,
-    chunk_rows=None,
-    row_weights=None,
-    divergence="forward",
-    kd_rows=None,
-    ce_at="selected",
-):
-    """`kd_loss` through selective heads, equal in value and gradient to kd_loss(student_h @ student_w.T,
-    teacher_h @ teacher_w.T, ...), in one pass a chunk of rows at a time. With the loss under the mask
-    (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all' we walk
-    every valid row once, a chunk's KD rows first, so their tensors die before the CE's exist.
-    `kd_rows(z, i)`, if given, replaces the KD term of walked rows i (RS-KD's draws, AT-KD)."""
-    check(T=T, lam=lam, chunk_rows=chunk_rows, divergence=divergence, ce_at=ce_at)
-    valid = targets >= 0
-    mask = valid if mask is None else mask & valid
-    dtype = _wide_dtype(student_h)
-    if row_weights is not None:  # pos-RS-KD, AT-KD: the rows they weigh are the mask
-        mask = (row_weights != 0) & valid
-    kd_weights = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
-    rows = mask if lam == 1 or ce_at == "selected" else valid  # the rows the pass walks
-    if kd_rows is None and lam > 0:
-        t_rows, wt = teacher_h[rows], chunk_weight(teacher_w)
-
-        def kd_rows(z, i):
-            with torch.no_grad():
-                z_teacher = _wide(t_rows[i] @ wt.T)
-            return DIVERGENCES[divergence](z, z_teacher, T)
-
-    sel, y = mask[rows], targets[rows]
-    kd_w = lam * kd_weights[rows]
-    ce_w = (1 - lam) * (kd_weights if ce_at == "selected" else per_sequence_weights(valid, dtype))[
-        rows
-    ]
-    index = torch.arange(len(y), device=y.device)
-
-    def rows_loss(z, r):
-        if lam == 1:
-            loss, grad = kd_rows(z, r)
-            return kd_w[r] * loss, grad.mul_(kd_w[r][:, None])
-        s = sel[r]
-        kd = kd_rows(z if rows is mask else z[s], index[r][s]) if lam > 0 and s.any() else None
-        loss, grad = _ce_rows(z, y[r])
-        loss, grad = ce_w[r] * loss, grad.mul_(ce_w[r][:, None])
-        if kd is not None:
-            w = kd_w[r][s]
-            loss[s] += w * kd[0]
-            grad.index_put_(
-                (s,), kd[1].mul_(w[:, None]), accumulate=True
-            )  # grad[s] += ..., no copy of grad[s]
-        return loss, grad
-
-    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
-    return _StreamedHeadLoss.apply(student_h[rows], student_w, chunk, rows_loss)
-
-
-# ============================================================================ 5. one distillation step
-
 METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
+FULL_KL = ("full_kd", "sekd", "random_pos")  # the methods with the teacher's whole distribution
 
 
-@dataclass
-class KDConfig:
-    """One method, checked at construction: 'sekd' picks positions by `metric` and `policy` at budget k (defaults:
-    SE-KD as the paper runs it, pure KL: lam 1; train.py's are lam 0.5, ce_at 'all'); flow 'dense' makes [B, L, V]
-    logits, as the paper's code; classes 'rskd': U draws from the teacher."""
-
-    method: str = "sekd"
-    k: float = 0.2
-    T: float = 1.0
-    lam: float = 1.0
-    flow: str = "streamed"
-    chunk_rows: int = 0
-    metric: str = "student_entropy"
-    policy: str = "topk"
-    gls_queue: int = 30_000
-    curriculum_steps: int = 4_000
-    classes: str = "full"
-    U: int = 64
-    divergence: str = "forward"
-    ce_at: str = (
-        "selected"  # where the (1 - lam) CE goes: the selected positions (paper Eq. 3) or all
-    )
-
-    def __post_init__(self):
-        check(
-            **vars(self),
-            **{
-                "(classes, method, flow)": (self.classes, self.method, self.flow),
-                "(divergence, method, classes)": (self.divergence, self.method, self.classes),
-            },
-        )
-
-    @property
-    def uses_teacher(self):
-        return self.method != "ce" and self.lam > 0
-
-    def new_state(self):
-        return PositionState(self.gls_queue, self.curriculum_steps)
-
-
-def select_positions(
-    student_h, student_w, valid, cfg, teacher_h=None, teacher_w=None, targets=None, state=None
-):
+def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state=None):
     """The mask m: all valid positions for Full KD, else cfg.metric's scores through cfg.policy.
     -> bool [B, L], or float counts for pos-RS-KD."""
+    valid = targets >= 0
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
-    if (
-        cfg.method not in ("sekd", "random_pos")
-        or cfg.k == 1.0
-        and policy in ("topk", "curriculum")
-    ):
+    if cfg.method not in ("sekd", "random_pos"):
         return valid
-    scores = chunked_scores(
-        metric, student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows
-    )
+    if cfg.k == 1.0 and policy in ("topk", "curriculum"):  # every position: no need to score them
+        return valid
+    args = (teacher_h, teacher_w, targets, cfg.chunk_rows)
+    scores = chunked_scores(METRICS[metric], student_h, student_w, valid, *args)
     return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step: hidden states (the teacher's without grad), positions, then the streamed or dense
+    """One step of any method of the paper's tables (SE-KD as the paper runs it is `sekd_loss`, which
+    this equals): hidden states (the teacher's without grad), positions, then the streamed or dense
     loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the offline cache when given
     (SE-KD_3X: no teacher at all), or draw them now at the selected rows. -> (loss, n_selected)."""
-    student_h, valid = student.hidden(idx), targets >= 0
-    lam = 0.0 if cfg.method == "ce" else cfg.lam  # plain cross-entropy: no teacher
+    student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
         if teacher is None:
             raise ValueError(f"{cfg.method} needs the teacher, or (RS-KD classes) cached draws")
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
-    if cfg.method == "at_kd" and cfg.flow == "dense":
-        return at_kd_loss(
-            student.head(student_h), teacher.head(teacher_h), targets, cfg.T, cfg.lam
-        ), int(valid.sum())
     if cfg.method == "at_kd":
-        return streamed_at_kd_loss(
-            student_h,
-            student.head_weight,
-            teacher_h,
-            teacher_w,
-            targets,
-            cfg.T,
-            cfg.lam,
-            cfg.chunk_rows,
-        ), int(valid.sum())
-    mask = select_positions(
-        student_h, student.head_weight, valid, cfg, teacher_h, teacher_w, targets, state
-    )
+        if cfg.flow == "dense":
+            loss = at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg)
+        else:
+            loss = streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg)
+        return loss, int(valid.sum())
+    mask = select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts
         row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
-            draws = torch.zeros(
-                2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device
-            )  # ids, counts
-            draws[0][mask], draws[1][mask] = teacher_draws(
-                teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows
-            )
-        loss = rskd_loss(
-            student_h,
-            student.head_weight,
-            *draws,
-            targets,
-            mask,
-            cfg.T,
-            lam,
-            cfg.chunk_rows,
-            cfg.ce_at,
-        )
+            draws = torch.zeros(2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device)
+            drawn = teacher_draws(teacher_h[mask], teacher_w, cfg.U, cfg.T, cfg.chunk_rows)
+            draws[0][mask], draws[1][mask] = drawn  # ids, counts
+        loss = rskd_loss(student_h, student_w, *draws, targets, mask, cfg)
     elif cfg.flow == "dense":
-        loss = kd_loss(
-            student.head(student_h),
-            teacher.head(teacher_h) if lam > 0 else None,
-            targets,
-            mask,
-            cfg.T,
-            lam,
-            row_weights,
-            cfg.divergence,
-            cfg.ce_at,
-        )
+        z_teacher = teacher.head(teacher_h) if cfg.lam > 0 else None
+        loss = kd_loss(student.head(student_h), z_teacher, targets, mask, cfg, row_weights)
     else:
-        loss = streamed_kd_loss(
-            student_h,
-            student.head_weight,
-            teacher_h,
-            teacher_w,
-            targets,
-            mask,
-            cfg.T,
-            lam,
-            cfg.chunk_rows,
-            row_weights,
-            cfg.divergence,
-            ce_at=cfg.ce_at,
-        )
+        args = (teacher_h, teacher_w, targets, mask, cfg)
+        loss = streamed_kd_loss(student_h, student_w, *args, row_weights=row_weights)
     return loss, int(mask.sum())
 
 
-# ============================================================================ 6. the baselines and the other axes
+# ============================================================================ 5. the baselines
 # ---------------------------------------------------------------------------- AT-KD (Zhong et al. 2024)
 
 
@@ -821,7 +666,7 @@ def _at_kd_rows(zs, zt, y, hard, T=1.0):
     """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for all,
     non-target = KL(p(.|not y) || q(.|not y)), each renormalised (the exact KL weighs it by 1 - p(y)).
     Where the paper is silent we split hard/easy per sequence and temper both terms."""
-    zs, zt = _tempered(_wide(zs), T), _tempered(_wide(zt), T)
+    zs, zt = _wide(zs) / T, _wide(zt) / T
     gold = F.one_hot(y, zs.shape[-1]).bool()
 
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
@@ -843,62 +688,61 @@ def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
     return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
 
 
-def at_kd_loss(student_logits, teacher_logits, targets, T=1.0, lam=1.0):
-    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], each over every valid position: the reference."""
-    check(T=T, lam=lam)
+def at_kd_loss(student_logits, teacher_logits, targets, cfg):
+    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], at every valid position: the reference."""
     valid, y = targets >= 0, targets.clamp_min(0)
     with torch.no_grad():
         hard, w = _at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
-    rows = _at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], T)
-    ce = kd_loss(student_logits, None, targets, lam=0.0) if lam < 1 else 0.0
-    return lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - lam) * ce
+    rows = _at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], cfg.T)
+    ce = kd_loss(student_logits, None, targets, None, replace(cfg, lam=0.0)) if cfg.lam < 1 else 0.0
+    return cfg.lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - cfg.lam) * ce
 
 
-def streamed_at_kd_loss(
-    student_h, student_w, teacher_h, teacher_w, targets, T=1.0, lam=1.0, chunk_rows=None
-):
-    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then autograd per chunk, CE alongside."""
-    check(T=T, lam=lam, chunk_rows=chunk_rows)
-    valid = targets >= 0
-    ce = chunked_scores(
-        "teacher_ce", student_h, student_w, valid, teacher_h, teacher_w, targets, chunk_rows
-    )
-    hard, w = _at_kd_weights(ce, valid)
-    t_rows, y, hard, wt = teacher_h[valid], targets[valid], hard[valid], chunk_weight(teacher_w)
+def _at_kd_grad_rows(teacher_rows, teacher_w, y, hard, T, z, i):
+    """AT-KD at walked rows i, its logit gradient by autograd on the chunk."""
+    with torch.no_grad():
+        z_teacher = _wide(teacher_rows[i] @ teacher_w.T)
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        loss = _at_kd_rows(z, z_teacher, y[i], hard[i], T)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), grad
 
-    def kd_rows(z, rows):
-        with torch.no_grad():
-            z_teacher = _wide(t_rows[rows] @ wt.T)
-        with torch.enable_grad():
-            z = z.detach().requires_grad_()
-            loss = _at_kd_rows(z, z_teacher, y[rows], hard[rows], T)
-            (grad,) = torch.autograd.grad(loss.sum(), z)
-        return loss.detach(), grad
 
-    return streamed_kd_loss(
-        student_h,
-        student_w,
-        None,
-        None,
-        targets,
-        T=T,
-        lam=lam,
-        chunk_rows=chunk_rows,
-        row_weights=w,
-        kd_rows=kd_rows,
-        ce_at="all",
-    )  # the CE's weights: each position alike
+def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
+    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then the streamed loss
+    with the CE at every position alike."""
+    valid, metric = targets >= 0, METRICS["teacher_ce"]
+    args = (student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
+    hard, w = _at_kd_weights(chunked_scores(metric, *args), valid)
+    rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
+    kd = {"row_weights": w, "kd_rows": partial(_at_kd_grad_rows, *rows)}
+    cfg = replace(cfg, ce_at="all")
+    return streamed_kd_loss(student_h, student_w, None, None, targets, None, cfg, **kd)
 
 
 # ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
-# The student continues prompts; KD (the reverse KL by default, as the paper's on-policy table) applies there.
+# The student continues prompts; KD (the reverse KL by default, as in the paper's on-policy table)
+# applies there.
+
+
+def _reverse_kd_rows(z_student, z_teacher, T):
+    """T^2 KL(q^T || p^T) per row, and its gradient T q^T (log q^T - log p^T - KL)."""
+    logq = F.log_softmax(z_student / T, dim=-1)
+    logp = F.log_softmax(z_teacher / T, dim=-1)
+    q = logq.exp()
+    diff = logq.sub_(logp)
+    kl = (q * diff).sum(-1)
+    return T * T * kl, diff.sub_(kl[:, None]).mul_(q).mul_(T)
 
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
-    """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x, targets),
-    targets -1 before the first sampled token: only positions that predict a sampled token count."""
-    check(**{"(prompt_len, L)": (prompt_len, idx.shape[1])})
+    """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x,
+    targets), targets -1 before the first sampled token: only positions that predict a sampled
+    token count."""
     L, was_training = idx.shape[1], student.training
+    if type(prompt_len) is not int or not 1 <= prompt_len <= L:
+        raise ValueError(f"prompt_len must be in [1, {L}], the sequence length, got {prompt_len!r}")
     student.eval()
     seq, _ = student.generate(idx[:, :prompt_len], L - prompt_len + 1, 1.0, 0, generator)
     student.train(was_training)
@@ -908,47 +752,39 @@ def on_policy_batch(student, idx, prompt_len, generator=None):
 
 
 def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest integer
-    check(share=share)
     return int(math.floor(share * batch_size + 0.5))
 
 
 def on_policy_distill_loss(
-    student, teacher, idx, targets, cfg, share, prompt_len, generator=None, state=None
+    student, teacher, idx, targets, cfg, share, prompt_len, gen=None, state=None
 ):
     """The last on_policy_rows(B, share) sequences go on-policy (KD alone); loss = mean over sequences."""
     B = idx.shape[0]
-    n_real = B - on_policy_rows(B, share)
-    parts = (
-        [(distill_loss(student, teacher, idx[:n_real], targets[:n_real], cfg, state), n_real)]
-        if n_real
-        else []
-    )
-    if n_real < B:
-        x, y = on_policy_batch(student, idx[n_real:], prompt_len, generator)
-        parts.append(
-            (distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state), B - n_real)
-        )
-    return sum(loss * (n / B) for (loss, _), n in parts), sum(n_sel for (_, n_sel), _ in parts)
+    n = B - on_policy_rows(B, share)  # sequences of real text
+    loss, n_sel = 0, 0
+    if n:
+        real, n_sel = distill_loss(student, teacher, idx[:n], targets[:n], cfg, state)
+        loss = loss + real * (n / B)
+    if n < B:
+        x, y = on_policy_batch(student, idx[n:], prompt_len, gen)
+        own, n_own = distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state)
+        loss, n_sel = loss + own * ((B - n) / B), n_sel + n_own
+    return loss, n_sel
 
 
-# ---------------------------------------------------------------------------- class axis: RS-KD (Anshumann et al. 2025)
+# ============================================================================ 6. the class and sample axes
+# ---------------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
 
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct ids,
     increasing, each with its count, then padding (0, 0), the cache's layout; p~ = counts / U."""
-    check(U=U, T=T)
     V = teacher_logits.shape[-1]
-    p = F.softmax(_tempered(_wide(teacher_logits).reshape(-1, V), T), dim=-1)
-    draws = (
-        (
-            torch.multinomial(p, U, replacement=True, generator=generator)
-            if p.shape[0]
-            else torch.zeros(0, U, dtype=torch.long, device=p.device)
-        )
-        .sort(dim=1)
-        .values
-    )  # no rows: nothing to draw
+    p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
+    if p.shape[0]:
+        draws = torch.multinomial(p, U, replacement=True, generator=generator).sort(dim=1).values
+    else:  # no rows: nothing to draw
+        draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
     slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
@@ -956,81 +792,57 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
 
 
 @torch.no_grad()
-def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=None, generator=None):
+def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
-    check(U=U, T=T, chunk_rows=chunk_rows)
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
     w = chunk_weight(teacher_w)
-    parts = [
-        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)  # no rows: one empty chunk
+    parts = [  # no rows: one empty chunk
+        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)
         for i in range(0, max(1, rows.shape[0]), chunk)
     ]
-    return tuple(
-        torch.cat(part).view(*teacher_h.shape[:-1], U) for part in zip(*parts)
-    )  # ids, counts
+    shape = (*teacher_h.shape[:-1], U)
+    return tuple(torch.cat(part).view(shape) for part in zip(*parts, strict=True))  # ids, counts
 
 
 def _rskd_rows(z_student, ids, counts, T):
     """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
     p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
-    grad = logq.exp_().scatter_add_(1, ids, -p)
-    return loss, grad if T == 1 else grad.mul_(T)
+    return loss, logq.exp_().scatter_add_(1, ids, -p).mul_(T)
 
 
-def rskd_loss(
-    student_h,
-    student_w,
-    ids,
-    counts,
-    targets,
-    mask=None,
-    T=1.0,
-    lam=1.0,
-    chunk_rows=None,
-    ce_at="selected",
-):
+def _drawn_rows(ids, counts, T, z, i):  # RS-KD's KD term at walked rows i
+    return _rskd_rows(z, ids[i], counts[i], T)
+
+
+def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
-    rows = (
-        valid if mask is None or lam < 1 and ce_at == "all" else mask & valid
-    )  # the rows streamed_kd_loss walks
-    ids_w, counts_w = ids[rows], counts[rows]
-    return streamed_kd_loss(
-        student_h,
-        student_w,
-        None,
-        None,
-        targets,
-        mask,
-        T,
-        lam,
-        chunk_rows,
-        kd_rows=lambda z, i: _rskd_rows(z, ids_w[i], counts_w[i], T),
-        ce_at=ce_at,
-    )
+    all_rows = mask is None or cfg.lam < 1 and cfg.ce_at == "all"
+    rows = valid if all_rows else mask & valid  # the rows streamed_kd_loss walks
+    kd_rows = partial(_drawn_rows, ids[rows], counts[rows], cfg.T)
+    return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
 
-# ---------------------------------------------------------------------------- sample axis: TopSmp, RandomSmp
+# ---------------------------------------------------------------------------- the sample axis: TopSmp, RandomSmp
 
 
 @torch.no_grad()
-def sample_entropy(hidden, head_weight, valid=None, chunk_rows=None):
+def sample_entropy(hidden, head_weight, valid=None, chunk_rows=0):
     """A sample's score: its mean student entropy over its valid positions. hidden [B, L, D] -> [B]."""
     valid = (
         torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
         if valid is None
         else valid
     )
-    ent = chunked_scores("student_entropy", hidden, head_weight, valid, chunk_rows=chunk_rows)
+    ent = chunked_scores(student_entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
     return (ent * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 def top_samples(scores, l):
     """TopSmp: ids of the ceil(l N) samples with the highest score (ties: lower id), increasing."""
-    check(l=l)
     scores = torch.as_tensor(scores)
     n = int(budget_counts(l, torch.tensor(len(scores))))
     return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
@@ -1038,7 +850,6 @@ def top_samples(scores, l):
 
 def random_samples(n_samples, l, generator=None):
     """RandomSmp: ceil(l N) sample ids drawn uniformly without replacement, increasing."""
-    check(l=l)
     n = int(budget_counts(l, torch.tensor(n_samples)))
     return torch.randperm(n_samples, generator=generator)[:n].sort().values
 
@@ -1049,7 +860,6 @@ def random_samples(n_samples, l, generator=None):
 def expected_calibration_error(confidence, correct, n_bins=15):
     """ECE in percent, as the paper reports it: equal-width bins of the top-1 probability,
     sum_b share_b |accuracy_b - confidence_b| = sum_b |sum correct - sum confidence| / N."""
-    check(n_bins=n_bins)
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -1057,10 +867,9 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 
 
 @torch.no_grad()
-def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=None):
-    """A chunk of valid rows at a time: the sums of KL(p || q) and of agreement; per valid row, in order,
-    nll = -log q(y), conf = max q and correct = (argmax q == y)."""
-    check(chunk_rows=chunk_rows)
+def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=0):
+    """A chunk of valid rows at a time: the sums of KL(p || q) and of agreement; per valid row, in
+    order, nll = -log q(y), conf = max q and correct = (argmax q == y)."""
     valid = targets >= 0
     hs, y = student_h[valid], targets[valid]
     ht = teacher_h[valid] if teacher_h is not None else None
@@ -1082,7 +891,8 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
 
 
 # ============================================================================ 8. memory
-# One step's bytes in closed form, to check with pencil and paper (a test holds it within 10% of a measurement).
+# One step's bytes in closed form, to check with pencil and paper (a test holds it within 10% of a
+# measurement).
 
 
 def n_params(config):
@@ -1108,21 +918,21 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
     weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
     activations and the teacher's hidden states (4 N Dt); [rows, V] float32 logits alive at once:
-    selection 3 c, streamed loss 5 c (lambda = 1, or Eq. 3's CE), max(c + 5 s, 2 c + s) (CE at all), 2 c (CE),
-    plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N (5 N if 0 < lambda < 1);
-    under autocast, the chunk loops' bf16 head copies. None for a step it does not model."""
+    selection 3 c, streamed loss 5 c (lambda = 1, or Eq. 3's CE), max(c + 5 s, 2 c + s) (CE at
+    all), 2 c (CE), plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N
+    (5 N if 0 < lambda < 1); under autocast, the chunk loops' bf16 head copies. None for a step it
+    does not model."""
+    reads_teacher = getattr(METRICS[cfg.metric], "needs_teacher", True)
+    other_positions = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
     if (
         cfg.classes != "full"
         or cfg.method == "at_kd"
         or cfg.divergence != "forward"
-        or (
-            cfg.method == "sekd"
-            and (needs_teacher(cfg.metric) or cfg.policy.startswith("pos_rs_kd"))
-        )
+        or other_positions
     ):
         return None
     V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
-    lam = 0.0 if cfg.method == "ce" else cfg.lam
+    lam, uses_teacher = cfg.lam, cfg.lam > 0
     c = min(N, cfg.chunk_rows or default_chunk_rows(V, Ds, device))
     selects = cfg.method in ("sekd", "random_pos") and cfg.k < 1
     share = int(budget_counts(cfg.k, torch.tensor(L))) / L if selects else 1.0
@@ -1140,37 +950,30 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
             (5 if 0 < lam < 1 else 3) * N,
             0,
         )
-    p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * (lam > 0)
+    p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * uses_teacher
+    copies = 2 * V * (Ds + Dt * uses_teacher) * half * (cfg.flow == "streamed")
     a = {
         "student_params": p_s,
         "teacher_params": p_t,
         "grads": p_s,
         "adamw": 2 * p_s,
         "activations": activation_bytes(student_config, B, L, half),
-        "teacher_hidden": 4 * N * Dt * (lam > 0),
+        "teacher_hidden": 4 * N * Dt * uses_teacher,
         "head_grad": head_grad,
-        "head_copies": 2 * V * (Ds + Dt * (lam > 0)) * half * (cfg.flow == "streamed"),
+        "head_copies": copies,
         "logits": 4 * V * max(sel_rows, loss_rows, back_rows),
         "chunk_rows": c,
     }
     resident = p_s + p_t + a["adamw"]
     held = resident + a["activations"] + a["teacher_hidden"]
+    teacher_act = activation_bytes(teacher_config, B, L, half, False) * uses_teacher
     a["phases"] = {
-        "teacher forward": resident
-        + activation_bytes(teacher_config, B, L, half, False) * (lam > 0),
+        "teacher forward": resident + teacher_act,
         "selection": held + 2 * V * Ds * half + 4 * V * sel_rows,
-        "loss": held + head_grad + a["head_copies"] + 4 * V * loss_rows,
+        "loss": held + head_grad + copies + 4 * V * loss_rows,
         "backward": resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
         "optimizer step": resident + a["grads"] + p_s,
     }
-    a.update(
-        method=cfg.method,
-        B=B,
-        L=L,
-        V=V,
-        n_sel=n_sel,
-        lam=lam,
-        dtype="bfloat16" if half else "float32",
-        total=max(a["phases"].values()),
-    )
+    a |= {"method": cfg.method, "B": B, "L": L, "V": V, "n_sel": n_sel, "lam": lam}
+    a |= {"dtype": "bfloat16" if half else "float32", "total": max(a["phases"].values())}
     return a

@@ -58,7 +58,7 @@ positive_float = number(float, lambda v: v > 0, "> 0")
 fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")  # a budget: k, l
 share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 draws = number(
-    int, lambda v: 1 <= v <= sekd.MAX_DRAWS, f"in [1, {sekd.MAX_DRAWS}] (7-bit counts in the cache)"
+    int, lambda v: 1 <= v <= data.MAX_DRAWS, f"in [1, {data.MAX_DRAWS}] (7-bit counts in the cache)"
 )
 
 # The class and sample axes as methods: name -> (positions, classes: full | rskd | cache, samples: all | top | random)
