@@ -313,10 +313,20 @@ def chunk_weight(w):
     return w.to(torch.get_autocast_dtype(w.device.type)) if on else w
 
 
+def _tempered(z, T):
+    return z if T == 1 else z / T  # at T = 1, the paper's, a pass and a [rows, V] tensor fewer
+
+
+def _entropy_rows(z):
+    """`token_entropy` of a chunk's logits, without grad: p log p in p's storage."""
+    logp = F.log_softmax(z, dim=-1)
+    return -logp.exp().mul_(logp).sum(-1)
+
+
 def student_entropy(z_student, z_teacher, targets):
     """H(q_t), SE-KD's metric, in the form every metric of section 4 has: a chunk of the student's
     logits [R, V], the teacher's (None: not needed here) and the targets -> [R] scores."""
-    return compiled(token_entropy)(z_student)
+    return compiled(_entropy_rows)(z_student)
 
 
 student_entropy.needs_teacher = False  # so the teacher's LM head stays selective
@@ -378,11 +388,12 @@ def topk_positions(scores, k, valid=None, state=None):
 
 def _kd_rows(z_student, z_teacher, T):
     """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
-    logq = F.log_softmax(z_student / T, dim=-1)
-    logp = F.log_softmax(z_teacher / T, dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
     p = logp.exp()
     loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # in log p's storage (not needed again)
-    return loss, logq.exp_().sub_(p).mul_(T)  # in log q's storage: no new [rows, V] tensor
+    grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
+    return loss, grad if T == 1 else grad.mul_(T)
 
 
 def _ce_rows(z_student, targets):
@@ -524,7 +535,7 @@ uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
 
 METRICS = {  # the paper's position-axis metrics (its Table 1)
     "student_entropy": student_entropy,  # H(q_t): SE-KD's
-    "teacher_entropy": lambda zs, zt, y: compiled(token_entropy)(zt),  # H(p_t)
+    "teacher_entropy": lambda zs, zt, y: compiled(_entropy_rows)(zt),  # H(p_t)
     "student_ce": student_ce,  # -log q_t(y_t)
     "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
@@ -728,8 +739,8 @@ def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg
 
 def _reverse_kd_rows(z_student, z_teacher, T):
     """T^2 KL(q^T || p^T) per row, and its gradient T q^T (log q^T - log p^T - KL)."""
-    logq = F.log_softmax(z_student / T, dim=-1)
-    logp = F.log_softmax(z_teacher / T, dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
     q = logq.exp()
     diff = logq.sub_(logp)
     kl = (q * diff).sum(-1)
@@ -808,9 +819,10 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
 def _rskd_rows(z_student, ids, counts, T):
     """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
     p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
-    logq = F.log_softmax(z_student / T, dim=-1)
+    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
-    return loss, logq.exp_().scatter_add_(1, ids, -p).mul_(T)
+    grad = logq.exp_().scatter_add_(1, ids, -p)
+    return loss, grad if T == 1 else grad.mul_(T)
 
 
 def _drawn_rows(ids, counts, T, z, i):  # RS-KD's KD term at walked rows i
