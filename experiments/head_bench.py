@@ -10,7 +10,6 @@ import json
 import os
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -53,25 +52,15 @@ def add_flags(g, ints):
     )
 
 
-@contextmanager
 def compiled(on):
-    """Our chunk formulas compiled (sekd.fused) or eager, for one flow."""
-    before = os.environ.get("SEKD_COMPILE")
-    os.environ["SEKD_COMPILE"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["SEKD_COMPILE"]
-        else:
-            os.environ["SEKD_COMPILE"] = before
+    """Our chunk formulas compiled (sekd.compiled) or eager, for one flow."""
+    return torch.compiler.set_stance("default" if on else "force_eager")
 
 
 def selection(x, k, chunk):
     valid = x["y"] >= 0
-    scores = sekd.chunked_scores(
-        "student_entropy", x["hs"][None].detach(), x["ws"].detach(), valid, chunk_rows=chunk
-    )
+    h, w = x["hs"][None].detach(), x["ws"].detach()
+    scores = sekd.chunked_scores(sekd.student_entropy, h, w, valid, chunk_rows=chunk or 0)
     return sekd.topk_positions(scores, k, valid)
 
 
@@ -80,8 +69,9 @@ def our_flows(k, chunk=None, compile_on=True, tag=""):
     are one sequence, so the loss is their mean."""
 
     def streamed(x, mask=None):
+        cfg = sekd.KDConfig(lam=1.0, chunk_rows=chunk or 0)
         return sekd.streamed_kd_loss(
-            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, chunk_rows=chunk
+            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, cfg
         )
 
     def with_compile(fn):
@@ -100,7 +90,8 @@ def our_flows(k, chunk=None, compile_on=True, tag=""):
 
 
 def dense(x, mask=None):
-    return sekd.kd_loss((x["hs"] @ x["ws"].T)[None], (x["ht"] @ x["wt"].T)[None], x["y"], mask)
+    z_student, z_teacher = (x["hs"] @ x["ws"].T)[None], (x["ht"] @ x["wt"].T)[None]
+    return sekd.kd_loss(z_student, z_teacher, x["y"], mask, sekd.KDConfig(lam=1.0))
 
 
 def peer_flows(k):
@@ -226,11 +217,7 @@ def bench_shape(V, N, args, device, peers):
         ref_all = one_step(dense if fits else our_flows(args.k)["sekd streamed Full KD"], x)
         ref_sel = one_step(
             lambda x: (
-                dense(x, mask)
-                if fits
-                else sekd.streamed_kd_loss(
-                    x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask
-                )
+                dense(x, mask) if fits else our_flows(args.k)["sekd streamed Full KD"](x, mask)
             ),
             x,
         )

@@ -54,28 +54,21 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow == "dense":
             mask = valid
         else:
+            w = student.head_weight
             scores = sekd.chunked_scores(
-                "student_entropy", student_h, student.head_weight, valid, chunk_rows=chunk_rows
+                sekd.student_entropy, student_h, w, valid, chunk_rows=chunk_rows or 0
             )
             mask = sekd.topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
     if flow in ("teacher_head", "both_heads"):
         with phase("teacher head"), torch.no_grad():
             t_logits = teacher.head(teacher_h[mask])  # [N_sel, V]
+    cfg = sekd.KDConfig(T=T, lam=1.0, chunk_rows=chunk_rows or 0)
     with phase("loss"):
         if flow in ("dense", "dense_entropy", "chunked"):
-            loss = sekd.kd_loss(s_logits, t_logits, targets, mask, T)
+            loss = sekd.kd_loss(s_logits, t_logits, targets, mask, cfg)
         elif flow == "streamed":
-            loss = sekd.streamed_kd_loss(
-                student_h,
-                student.head_weight,
-                teacher_h,
-                teacher.head_weight,
-                targets,
-                mask,
-                T,
-                1.0,
-                chunk_rows,
-            )
+            args = (teacher_h, teacher.head_weight, targets, mask, cfg)
+            loss = sekd.streamed_kd_loss(student_h, student.head_weight, *args)
         else:
             t_rows = t_logits if flow != "student_head" else t_logits[mask]
             del t_logits  # the teacher's [B, L, V], once gathered, is not needed
@@ -144,11 +137,15 @@ class LogitLedger:
     def wide(self, rows, what):
         return self.new(f"{what}, float32 copy", rows, 4) if self.half else None
 
-    def log_softmax(self, rows, what, wide=True, T=None):
-        """F.log_softmax(sekd._tempered(_wide(z), T)): the copy and the division (none at T = 1) are
-        freed once it exists."""
+    def log_softmax(self, rows, what, wide=True, T=None, divide=False):
+        """F.log_softmax(_wide(z) / T): the copy and the division (a chunk formula's: none at T = 1;
+        `divide`: the dense reference's, always) are freed once it exists."""
         w = self.wide(rows, what) if wide else None
-        d = self.new(f"{what} / T", rows, 4) if (self.T if T is None else T) != 1 else None
+        d = (
+            self.new(f"{what} / T", rows, 4)
+            if divide or (self.T if T is None else T) != 1
+            else None
+        )
         self.free(w)
         out = self.new(f"{what} log-softmax", rows, 4)
         self.free(d)
@@ -163,8 +160,8 @@ class LogitLedger:
 
     def kl(self, rows):
         """sekd.kl_per_position(zt, zs): keeps log q and p for backward, returns them."""
-        logp = self.log_softmax(rows, "teacher")
-        logq = self.log_softmax(rows, "student")
+        logp = self.log_softmax(rows, "teacher", divide=True)
+        logq = self.log_softmax(rows, "student", divide=True)
         p = self.new("teacher softmax p", rows, 4)
         diff = self.new("log p - log q", rows, 4)
         prod = self.new("p * (log p - log q)", rows, 4)
@@ -172,12 +169,12 @@ class LogitLedger:
         return logq, p
 
     def kl_backward(self, rows, logq, p):
-        """The logit gradient of the KL, T (q - p), built in four steps (three at T = 1)."""
+        """The logit gradient of the KL, T (q - p), built in four steps."""
         g1 = self.new("grad of (log p - log q)", rows, 4)
         self.free(p)
         g2 = self.new("grad of log q", rows, 4)
         self.free(g1)
-        g3 = self.new("grad of student logits / T", rows, 4) if self.T != 1 else None
+        g3 = self.new("grad of student logits / T", rows, 4)
         self.free(g2, logq)
         g4 = self.new("student logit gradient", rows, 4)
         self.free(g3)

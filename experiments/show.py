@@ -45,10 +45,12 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     with torch.no_grad():
         h, w = student.hidden(x).float(), student.head_weight.float()
         th = evalset.teacher_h[i : i + 1]
-        ent = sekd.chunked_scores("student_entropy", h, w, valid)[0]
+        ent = sekd.chunked_scores(sekd.student_entropy, h, w, valid)[0]
         picks = {}  # name -> the policy's mask: bool, or pos-RS-KD's draw counts
         for metric, policy in (("student_entropy", "topk"), view):
-            scores = sekd.chunked_scores(metric, h, w, valid, th, evalset.teacher_w, y)
+            scores = sekd.chunked_scores(
+                sekd.METRICS[metric], h, w, valid, th, evalset.teacher_w, y
+            )
             state = sekd.PositionState(
                 args.gls_queue, args.curriculum_steps
             )  # GLS, curriculum: as at step 0

@@ -105,7 +105,7 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
     )  # the ledger's CE
     torch.manual_seed(0)  # RandomPos: the same draws in both calls
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
-        mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+        mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
     meter = train.LiveBytes(match=ledger.logits_sized(V))
     torch.manual_seed(0)
     with meter:
@@ -174,13 +174,14 @@ def test_random_positions_make_no_logits_and_draw_chunk_by_chunk():
     per chunk of valid rows, as when it was handed the chunk's logits."""
     student, _ = tiny_pair()
     idx = torch.randint(0, 1000, (2, 12))
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    valid[1, 9:] = False
+    y = idx.clone()
+    y[1, 9:] = -1
+    valid = y >= 0
     cfg = sekd.KDConfig(method="random_pos", chunk_rows=5)
     h = student.hidden(idx)
     torch.manual_seed(3)
     with train.LiveBytes(match=ledger.logits_sized(1000)) as meter:
-        mask = sekd.select_positions(h, student.head_weight, valid, cfg)
+        mask = sekd.select_positions(h, student.head_weight, None, None, y, cfg)
     assert meter.log == [] and int(mask.sum()) == 3 + 2  # ceil(0.2 * 12) + ceil(0.2 * 9)
     torch.manual_seed(3)
     scores = torch.zeros(2, 12)
