@@ -87,8 +87,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT, LM head tied to the embedding. We split `hidden(idx)` [B, L, D] from `head(h)`, which
-    projects any rows: that split is what makes a selective LM head possible."""
+    """nanoGPT, LM head tied to the embedding. We split `hidden(idx)` [B, L, D] from `head(h)`,
+    which projects any rows: that split is what makes a selective LM head possible."""
 
     def __init__(self, config):
         super().__init__()
@@ -132,8 +132,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
-        """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the k
-        likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), SE-KD's score)."""
+        """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the
+        k likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t))."""
         if type(n_new) is not int or n_new < 1:
             raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
         if temperature < 0 or type(top_k) is not int or top_k < 0:
@@ -156,7 +156,7 @@ class GPT(nn.Module):
         return idx, torch.stack(entropy, 1)
 
 
-# ============================================================================ 2. dense KD, the reference
+# ======================================================================= 2. dense KD, the reference
 
 
 @dataclass
@@ -299,8 +299,8 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 
 @functools.cache
 def compiled(fn):
-    """`fn`, a chunk's formula, compiled for any number of rows: eager, each of its lines is a pass over
-    [rows, V]; compiled, they fuse (entropy about 3x, KL 1.8x faster a chunk on a CPU). We compile at
+    """`fn`, a chunk's formula, compiled for any number of rows: eager, each of its lines is a pass
+    over [rows, V]; compiled, they fuse (entropy 3x, KL 1.8x faster a chunk on a CPU). We compile at
     first use, as importing the compiler takes seconds. torch.compiler.set_stance("force_eager")
     runs it eager (train.py --compile off)."""
     return torch.compile(fn, dynamic=True)
@@ -363,7 +363,7 @@ def chunked_scores(
 
 
 def budget_counts(k, n):
-    """ceil(k n) positions of n, exact for a decimal k (0.1 * 30 is 3, not 4): every policy's budget."""
+    """ceil(k n) of n positions, exact for a decimal k (0.1 * 30 is 3, not 4): a policy's budget."""
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 
@@ -376,7 +376,7 @@ def score_ranks(scores, valid):
 
 
 def topk_positions(scores, k, valid=None, state=None):
-    """SE-KD's policy: the ceil(k n) highest-scored of each sequence's n valid positions. -> bool [B, L]."""
+    """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions. -> [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
     return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
 
@@ -436,9 +436,9 @@ def chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel):
 
 
 class StreamedHeadLoss(torch.autograd.Function):
-    """The sum over rows h [N, D] of chunk_loss(h @ W^T), a chunk at a time. The chunks' gradients add
-    up exactly, so we make each in the forward pass: one chunk's [rows, V] tensors live at a time,
-    and backward only scales the stored dL/dh and dL/dW in place (so it runs once)."""
+    """The sum over rows h [N, D] of chunk_loss(h @ W^T), a chunk at a time. The chunks' gradients
+    add up exactly, so we make each in the forward pass: one chunk's [rows, V] tensors live at a
+    time, and backward only scales the stored dL/dh and dL/dW in place (so it runs once)."""
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
@@ -497,7 +497,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
 
 def sekd_loss(student, teacher, idx, targets, cfg):
     """One SE-KD step (paper §3): the KD loss at the top k% of each sequence's positions by the
-    student's entropy, with LM heads at those rows only. -> (loss, number of positions distilled)."""
+    student's entropy, with LM heads at those rows only. -> (loss, positions distilled)."""
     valid = targets >= 0
     student_h, student_w = student.hidden(idx), student.head_weight
     with torch.no_grad():
@@ -561,7 +561,7 @@ class PositionState:
 
 
 def gls_positions(scores, k, valid, state):
-    """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins the queue."""
+    """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins them."""
     if state.queue is None or state.queue.numel() == 0:
         m = topk_positions(scores, k, valid)
     else:
@@ -574,7 +574,7 @@ def gls_positions(scores, k, valid, state):
 
 def curriculum_positions(scores, k, valid, state):
     """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
-    the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, and stays there."""
+    the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, then stays."""
     rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
@@ -634,10 +634,10 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step of any method of the paper's tables (SE-KD as the paper runs it is `sekd_loss`, which
-    this equals): hidden states (the teacher's without grad), positions, then the streamed or dense
-    loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the offline cache when given
-    (SE-KD_3X: no teacher at all), or draw them now at the selected rows. -> (loss, n_selected)."""
+    """One step of any method of the paper's tables (SE-KD as the paper runs it is `sekd_loss`,
+    which this equals): hidden states (the teacher's without grad), positions, then the streamed
+    or dense loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the offline cache when
+    given (SE-KD_3X: no teacher at all), or draw them now at the selected rows. -> (loss, n_sel)."""
     student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
@@ -670,12 +670,12 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
 
 
 # ============================================================================ 5. the baselines
-# ---------------------------------------------------------------------------- AT-KD (Zhong et al. 2024)
+# ------------------------------------------------------------------------ AT-KD (Zhong et al. 2024)
 
 
 def _at_kd_rows(zs, zt, y, hard, T=1.0):
-    """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for all,
-    non-target = KL(p(.|not y) || q(.|not y)), each renormalised (the exact KL weighs it by 1 - p(y)).
+    """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for
+    all, non-target = KL(p(.|not y) || q(.|not y)), renormalised (the exact KL weighs it 1 - p(y)).
     Where the paper is silent we split hard/easy per sequence and temper both terms."""
     zs, zt = _wide(zs) / T, _wide(zt) / T
     gold = F.one_hot(y, zs.shape[-1]).bool()
@@ -700,7 +700,7 @@ def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
 
 
 def at_kd_loss(student_logits, teacher_logits, targets, cfg):
-    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V], at every valid position: the reference."""
+    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V] at every valid position: the reference."""
     valid, y = targets >= 0, targets.clamp_min(0)
     with torch.no_grad():
         hard, w = _at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
@@ -732,7 +732,7 @@ def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg
     return streamed_kd_loss(student_h, student_w, None, None, targets, None, cfg, **kd)
 
 
-# ---------------------------------------------------------------------------- on-policy (Agarwal et al. 2024)
+# ------------------------------------------------------------------ on-policy (Agarwal et al. 2024)
 # The student continues prompts; KD (the reverse KL by default, as in the paper's on-policy table)
 # applies there.
 
@@ -769,7 +769,8 @@ def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest inte
 def on_policy_distill_loss(
     student, teacher, idx, targets, cfg, share, prompt_len, gen=None, state=None
 ):
-    """The last on_policy_rows(B, share) sequences go on-policy (KD alone); loss = mean over sequences."""
+    """The last on_policy_rows(B, share) sequences go on-policy (KD alone); the loss is the mean
+    over the sequences."""
     B = idx.shape[0]
     n = B - on_policy_rows(B, share)  # sequences of real text
     loss, n_sel = 0, 0
@@ -783,13 +784,13 @@ def on_policy_distill_loss(
     return loss, n_sel
 
 
-# ============================================================================ 6. the class and sample axes
-# ---------------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
+# ===================================================================== 6. the class and sample axes
+# -------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
 
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
-    """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct ids,
-    increasing, each with its count, then padding (0, 0), the cache's layout; p~ = counts / U."""
+    """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct
+    ids, increasing, each with its count, then padding (0, 0) (the cache's layout); p~ = counts/U."""
     V = teacher_logits.shape[-1]
     p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
     if p.shape[0]:
@@ -817,7 +818,7 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
 
 
 def _rskd_rows(z_student, ids, counts, T):
-    """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~), unbiased."""
+    """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~)."""
     p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
     logq = F.log_softmax(_tempered(z_student, T), dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
@@ -830,7 +831,7 @@ def _drawn_rows(ids, counts, T, z, i):  # RS-KD's KD term at walked rows i
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
-    """RS-KD streamed like `streamed_kd_loss`, the teacher's draws [B, L, U] in place of its logits."""
+    """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
     all_rows = mask is None or cfg.lam < 1 and cfg.ce_at == "all"
     rows = valid if all_rows else mask & valid  # the rows streamed_kd_loss walks
@@ -838,12 +839,12 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
 
-# ---------------------------------------------------------------------------- the sample axis: TopSmp, RandomSmp
+# --------------------------------------------------------------- the sample axis: TopSmp, RandomSmp
 
 
 @torch.no_grad()
 def sample_entropy(hidden, head_weight, valid=None, chunk_rows=0):
-    """A sample's score: its mean student entropy over its valid positions. hidden [B, L, D] -> [B]."""
+    """A sample's score, its mean student entropy over its valid positions: [B, L, D] -> [B]."""
     valid = (
         torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
         if valid is None
@@ -853,16 +854,17 @@ def sample_entropy(hidden, head_weight, valid=None, chunk_rows=0):
     return (ent * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
-def top_samples(scores, l):
-    """TopSmp: ids of the ceil(l N) samples with the highest score (ties: lower id), increasing."""
+def top_samples(scores, share):
+    """TopSmp: the ids of the ceil(share N) samples of highest score (ties: the lower id), in
+    increasing order."""
     scores = torch.as_tensor(scores)
-    n = int(budget_counts(l, torch.tensor(len(scores))))
+    n = int(budget_counts(share, torch.tensor(len(scores))))
     return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
 
 
-def random_samples(n_samples, l, generator=None):
-    """RandomSmp: ceil(l N) sample ids drawn uniformly without replacement, increasing."""
-    n = int(budget_counts(l, torch.tensor(n_samples)))
+def random_samples(n_samples, share, generator=None):
+    """RandomSmp: ceil(share N) sample ids drawn uniformly without replacement, increasing."""
+    n = int(budget_counts(share, torch.tensor(n_samples)))
     return torch.randperm(n_samples, generator=generator)[:n].sort().values
 
 
@@ -917,8 +919,8 @@ def n_params(config):
 
 
 def activation_bytes(config, B, L, half=False, grad=True):
-    """With grad, what autograd saves per layer and token: ~16 vectors of width D (the MLP's count 4),
-    bf16 but the residuals under autocast; without (the teacher): one block's peak, ~11 vectors."""
+    """With grad, what autograd saves per layer and token: ~16 vectors of width D (the MLP's count
+    4), bf16 but the residuals under autocast; without (the teacher): a block's peak, 11 vectors."""
     D, H, n = config.n_embd, config.n_head, config.n_layer
     tokens, act = B * L, 2 if half else 4
     if grad:
