@@ -790,7 +790,7 @@ def on_policy_distill_loss(
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct
-    ids, increasing, each with its count, then padding (0, 0) (the cache's layout); p~ = counts/U."""
+    ids, increasing, each with its count, then padding (0, 0); p~ = counts / U."""
     V = teacher_logits.shape[-1]
     p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
     if p.shape[0]:
