@@ -311,29 +311,30 @@ def test_streamed_backward_scales_the_stored_gradients_in_place_once():
         loss.backward()
 
 
-def test_streamed_gradients_through_a_model_match_dense_flow():
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
+def test_streamed_gradients_through_a_model_match_dense_flow(config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx = torch.randint(0, 37, (2, 12))
     y = torch.randint(0, 37, (2, 12))
     grads = []
     for flow in ("dense", "streamed"):
         student.zero_grad()
-        loss, n = sekd.distill_loss(
-            student, teacher, idx, y, sekd.KDConfig("sekd", k=0.25, flow=flow, chunk_rows=2)
-        )
+        cfg = config(method="sekd", k=0.25, flow=flow, chunk_rows=2)
+        loss, n = sekd.distill_loss(student, teacher, idx, y, cfg)
         loss.backward()
         grads.append([p.grad.clone() for p in student.parameters()])
         assert n == 2 * 3
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_sekd_at_k1_equals_full_kd():
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
+def test_sekd_at_k1_equals_full_kd(config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
-    full, _ = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0))
-    se1, _ = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("sekd", k=1.0))
-    ref = sekd.kd_loss(student(idx), teacher(idx), y, None, sekd.KDConfig("full_kd"))
+    full, _ = sekd.distill_loss(student, teacher, idx, y, config(method="full_kd", k=1.0))
+    se1, _ = sekd.distill_loss(student, teacher, idx, y, config(method="sekd", k=1.0))
+    ref = sekd.kd_loss(student(idx), teacher(idx), y, None, config(method="full_kd"))
     assert se1.item() == pytest.approx(full.item(), abs=1e-12)
     assert full.item() == pytest.approx(ref.item(), abs=1e-12)
     scores = torch.randn(2, 12)
@@ -350,6 +351,50 @@ def test_sekd_selects_highest_student_entropy():
     for b in range(2):
         chosen = set(torch.nonzero(mask[b]).flatten().tolist())
         assert chosen == set(torch.topk(ent[b], 3).indices.tolist())
+
+
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["lam1_selected", "defaults"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_sekd_loss_equals_distill_loss_in_value_and_gradients(config, chunk):
+    """`sekd_loss`, the plain SE-KD step, is `distill_loss` for every config `is_sekd` accepts: at
+    pure KL with Eq. 3's CE placement, and at the job's defaults (lam 0.5, the CE at every position)."""
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    g = torch.Generator().manual_seed(8)
+    idx, y = torch.randint(0, 37, (3, 12), generator=g), torch.randint(0, 37, (3, 12), generator=g)
+    y[2, 7:] = -1  # padding: 12, 12 and 7 valid positions
+    cfg = config(method="sekd", k=0.25, chunk_rows=chunk)
+    assert cfg.is_sekd
+    out = []
+    for step in (sekd.sekd_loss, sekd.distill_loss):
+        student.zero_grad()
+        teacher.zero_grad()
+        loss, n = step(student, teacher, idx, y, cfg)
+        loss.backward()
+        out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
+        assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+    (se, n_se, g_se), (dl, n_dl, g_dl) = out
+    assert n_se == n_dl == 3 + 3 + 2  # ceil(0.25 n) per sequence
+    assert se == pytest.approx(dl, abs=1e-12)
+    for a, b in zip(g_se, g_dl, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    # and the dense reference at the student's top-entropy positions agrees
+    mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, y >= 0)
+    ref = sekd.kd_loss(student(idx), teacher(idx), y, mask, cfg)
+    assert se == pytest.approx(ref.item(), abs=1e-12)
+
+
+def test_is_sekd_says_when_sekd_loss_applies():
+    assert sekd.KDConfig().is_sekd and kd(k=0.5, T=2.0, chunk_rows=4).is_sekd
+    for fields in (
+        dict(method="full_kd"),
+        dict(method="random_pos"),
+        dict(metric="kl"),
+        dict(policy="gls"),
+        dict(flow="dense"),
+        dict(classes="rskd"),
+        dict(divergence="reverse"),
+    ):
+        assert not sekd.KDConfig(**fields).is_sekd, fields
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1067,7 +1112,7 @@ def test_every_metric_matches_brute_force(name):
     s, t, y = random_case(B=3, L=6, V=7, seed=11)
     eye = torch.eye(7, dtype=torch.float64)  # identity heads: the logits are the hidden states
     valid = y >= 0
-    got = sekd.chunked_scores(name, s, eye, valid, t, eye, y, chunk_rows=4)
+    got = sekd.chunked_scores(sekd.METRICS[name], s, eye, valid, t, eye, y, chunk_rows=4)
     for b in range(3):
         for i in range(6):
             want = (
@@ -1083,31 +1128,37 @@ def test_random_metric_and_student_only_metrics_need_no_teacher():
     s, t, y = random_case(seed=12)
     eye, valid = torch.eye(7, dtype=torch.float64), y >= 0
     torch.manual_seed(0)
-    r1 = sekd.chunked_scores("random", s, eye, valid, chunk_rows=2)
+    random = sekd.METRICS["random"]
+    r1 = sekd.chunked_scores(random, s, eye, valid, chunk_rows=2)
     torch.manual_seed(0)
-    assert torch.equal(r1, sekd.chunked_scores("random", s, eye, valid, chunk_rows=2))
+    assert torch.equal(r1, sekd.chunked_scores(random, s, eye, valid, chunk_rows=2))
     assert (
         ((r1 >= 0) & (r1 < 1)).all()
         and (r1[~valid] == 0).all()
         and len(set(r1[valid].tolist())) == int(valid.sum())
     )
     for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
-        assert sekd.chunked_scores(name, s, eye, valid, targets=y).shape == y.shape
+        metric = sekd.METRICS[name]
+        assert not getattr(metric, "needs_teacher", True)
+        assert sekd.chunked_scores(metric, s, eye, valid, targets=y).shape == y.shape
+    assert not sekd.METRICS["random"].needs_teacher
+    assert getattr(sekd.METRICS["teacher_entropy"], "needs_teacher", True)
     with pytest.raises(ValueError, match="needs the teacher"):
-        sekd.chunked_scores("teacher_entropy", s, eye, valid)
+        sekd.chunked_scores(sekd.METRICS["teacher_entropy"], s, eye, valid)
 
 
 def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
-    @sekd.student_only
     def low_entropy(zs, zt, y):
         return -sekd.token_entropy(zs)
+
+    low_entropy.needs_teacher = False
 
     monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
     assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
     student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
     cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
-    mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+    mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
     ent = sekd.token_entropy(student(idx))
     for b in range(2):
         assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(
@@ -1136,7 +1187,7 @@ def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
     scores, valid = ragged_scores()
     S = 100
     for step in (0, 1, 37, 50, 99, 100, 250):
-        state = sekd.PositionState(curriculum_steps=S)
+        state = sekd.PositionState(gls_queue=1, curriculum_steps=S)
         state.step = step
         mask = sekd.curriculum_positions(scores, k, valid, state)
         for b in range(len(scores)):
@@ -1155,7 +1206,7 @@ def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
 
 def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
     k, cap = 0.2, 100
-    state = sekd.PositionState(gls_queue=cap)
+    state = sekd.PositionState(gls_queue=cap, curriculum_steps=1)
     pushed = []
     for batch in range(5):
         scores, valid = ragged_scores(seed=20 + batch)
@@ -1210,7 +1261,7 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
             sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
         )  # weights of one copy
         samples = (w.view(draws, B, -1) * l).sum((1, 2)).numpy()
-        one = sekd.kd_loss(s, t, y, m[:B] > 0, row_weights=w[:B]).item()  # the loss function agrees
+        one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
         assert one == pytest.approx(samples[0], abs=1e-12)
         mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
         assert abs(mean - target) < 4 * se, (policy, mean, target, se)
@@ -1236,10 +1287,9 @@ def test_streamed_row_weights_equal_dense(ce_at):
     w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (
         torch.rand(y.shape, generator=g) < 0.5
     )
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w, ce_at=ce_at)
-    streamed = sekd.streamed_kd_loss(
-        hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w, ce_at=ce_at
-    )
+    cfg = kd(T=2.0, lam=0.6, chunk_rows=3, ce_at=ce_at)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, None, cfg, row_weights=w)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, None, cfg, row_weights=w)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
@@ -1289,16 +1339,18 @@ def ref_at_kd(s_logits, t_logits, targets):
 def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
     g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
     y[1, 4:] = -1
-    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y)
+    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y, kd(method="at_kd"))
     assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
-    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, chunk_rows=chunk)
+    cfg = kd(method="at_kd", chunk_rows=chunk)
+    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
 @pytest.mark.parametrize(
-    "kd",
+    "fields",
     [
         dict(method="random_pos"),
         dict(method="at_kd"),
@@ -1310,13 +1362,13 @@ def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
         dict(policy="pos_rs_kd_star"),
     ],
 )
-def test_every_method_streamed_equals_dense_through_a_model(kd):
+def test_every_method_streamed_equals_dense_through_a_model(fields, config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
     y[2, 8:] = -1
     out = []
     for flow in ("dense", "streamed"):
-        cfg = sekd.KDConfig(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **kd})
+        cfg = config(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **fields})
         state = cfg.new_state()
         student.zero_grad()
         torch.manual_seed(3)  # the same random scores / draws in both flows
@@ -1407,8 +1459,8 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
         ids,
         counts,
         torch.zeros(M, R, dtype=torch.long),
-        T=T,
-        chunk_rows=4096,
+        None,
+        kd(T=T, chunk_rows=4096, classes="rskd"),
     )
     grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
@@ -1469,7 +1521,8 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     y = torch.randint(0, V, (B, L), generator=g)
     y[1, 4:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
-    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk, ce_at)
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, ce_at=ce_at, classes="rskd")
+    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, cfg)
     z = hs @ ws.T
     assert loss.item() == pytest.approx(
         ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12
@@ -1478,9 +1531,9 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
     logq = torch.log_softmax(z / T, -1)
     rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
-    dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + (
-        1 - lam
-    ) * sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, lam=0.0)
+    ce = sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, kd(lam=0.0))
+    w = sekd.per_sequence_weights(mask & (y >= 0), torch.float64)
+    dense = lam * (w * rs).sum() + (1 - lam) * ce
     assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
     for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
         assert torch.allclose(a, b, atol=1e-12)
@@ -1491,9 +1544,8 @@ def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
     V, U = 9, 10
     z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
     ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
-    loss = sekd.rskd_loss(
-        z, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(1, 1, dtype=torch.long)
-    )
+    y = torch.zeros(1, 1, dtype=torch.long)
+    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, y, None, kd())
     p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
     assert torch.allclose(
         torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14
@@ -1507,18 +1559,18 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
     draws = sekd.teacher_draws(
         teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0)
     )
-    cfg = sekd.KDConfig("sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
+    cfg = kd(method="sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
     loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
     valid = y >= 0
     mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, valid)
     assert n == ref_topk_count(0.25, 12) + ref_topk_count(0.25, 10) == int(mask.sum())
-    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask)
+    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask, cfg)
     assert loss.item() == pytest.approx(want.item(), abs=1e-12)
     with pytest.raises(ValueError, match="needs the teacher"):
         sekd.distill_loss(student, None, idx, y, cfg)
     torch.manual_seed(0)  # online draws from the teacher at the selected rows
     online, n_online = sekd.distill_loss(
-        student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0, classes="rskd", U=8)
+        student, teacher, idx, y, kd(method="full_kd", k=1.0, classes="rskd", U=8)
     )
     online.backward()
     assert n_online == int(valid.sum()) and math.isfinite(online.item())
@@ -1527,7 +1579,13 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
 
 @pytest.mark.parametrize("U", [0, 128, 2.5, True])
 def test_bad_draw_count_is_a_clear_error(U):
-    with pytest.raises(ValueError, match=r"^U must be an integer in \[1, 127\] \(7-bit counts\)"):
+    """KDConfig refuses a count that is no count; the cache's 7-bit bound is the job's --U check."""
+    if U == 128 and type(U) is int:  # a valid KDConfig; the cache format cannot store it
+        sekd.KDConfig("sekd", classes="rskd", U=U)
+        with pytest.raises(ValueError, match=r"argument --U: must be in \[1, 127\] \(7-bit"):
+            train.parse_args(["--U", str(U)])
+        return
+    with pytest.raises(ValueError, match=rf"^U must be an integer >= 1, got {U!r}$"):
         sekd.KDConfig("sekd", classes="rskd", U=U)
 
 
@@ -1732,8 +1790,9 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
     y[2, 3:] = -1
     mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam, divergence="reverse")
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, divergence="reverse")
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, divergence="reverse")
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, cfg)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, cfg)
 
     def ref(h):
         return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
@@ -1741,9 +1800,8 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
-    for a, b in zip(
-        d_grads, s_grads
-    ):  # the hand-written gradient T q (log q - log p - KL) against autograd
+    # the hand-written gradient T q (log q - log p - KL) against autograd
+    for a, b in zip(d_grads, s_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     fd = torch.zeros_like(hs)  # and against central differences of the brute force
     for i in range(hs.numel()):
@@ -1752,9 +1810,8 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
         e = e.view_as(hs)
         fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
     assert torch.allclose(s_grads[0], fd, atol=1e-7)
-    assert not torch.allclose(
-        streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk)
-    )  # not forward
+    forward = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, kd(T=T, lam=lam, chunk_rows=chunk))
+    assert not torch.allclose(streamed, forward)  # not forward
 
 
 def test_reverse_kl_flags_are_checked():
@@ -1817,7 +1874,7 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
         torch.randint(0, 37, (4, 12), generator=gen),
         torch.randint(0, 37, (4, 12), generator=gen),
     )
-    cfg = sekd.KDConfig(method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
+    cfg = kd(method=method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
     loss, n = sekd.on_policy_distill_loss(
         student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
     )
@@ -2072,9 +2129,10 @@ def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
 def test_a_bug_in_a_registered_metric_keeps_its_traceback(
     tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys
 ):
-    @sekd.student_only
     def buggy_metric(zs, zt, y):
         raise ValueError("a bug in the user's own metric")
+
+    buggy_metric.needs_teacher = False
 
     monkeypatch.setitem(sekd.METRICS, "buggy_metric", buggy_metric)
     out = with_pair(tmp_path, pretrained_pair)
