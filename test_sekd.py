@@ -3,7 +3,6 @@ full softmax), plus data, the training job and the errors a user can cause. Run:
 
 import argparse
 import errno
-import inspect
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from fractions import Fraction
 from unittest import mock
 
@@ -35,7 +33,7 @@ torch.compiler.set_stance(
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------- brute-force references
+# -------------------------------------------------------------------------- brute-force references
 
 
 def ref_softmax(row):
@@ -51,7 +49,7 @@ def ref_entropy(row, T=1.0):
 
 def ref_kl(t_row, s_row, T=1.0):
     p, q = ref_softmax([v / T for v in t_row]), ref_softmax([v / T for v in s_row])
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
 def seq_mean(values_per_seq):
@@ -67,8 +65,9 @@ def kd(**fields):
 
 def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at="selected"):
     """Eq. 3 with explicit loops: L_i = sum_t m_t [lam KL(p^T || q^T) + (1 - lam) CE] / sum_t m_t
-    (reverse: KL(q^T || p^T)), then the mean over the sequences with a selected position. ce_at='all':
-    lam times that mean of the KL alone, plus (1 - lam) times the same mean of CE over all valid ones."""
+    (reverse: KL(q^T || p^T)), then the mean over the sequences with a selected position.
+    ce_at='all': lam times that mean of the KL alone, plus (1 - lam) times the same mean of CE over
+    all valid ones."""
     eq3_seqs, kl_seqs, ce_seqs = [], [], []
     for b in range(len(targets)):
         eq3_b, kl_b, ce_b = [], [], []
@@ -97,7 +96,7 @@ def ref_topk_count(k, n):
     return math.ceil(Fraction(str(k)) * n)
 
 
-# ----------------------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
+# ------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
 
 
 @pytest.mark.parametrize("T", [1.0, 0.5, 2.0])
@@ -203,7 +202,7 @@ def test_topk_positions_all_padding_row_and_default_valid():
     assert sekd.topk_positions(scores, 0.4).sum(1).tolist() == [2, 2]
 
 
-# ----------------------------------------------------------------------------- selective heads, chunks, the streamed loss
+# ------------------------------------------------------ selective heads, chunks, the streamed loss
 
 
 def tiny_gpt(V=37, D=16, L=12, layers=2, heads=2, seed=0, dtype=torch.float64):
@@ -261,7 +260,7 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
         )
     s_grads = torch.autograd.grad(streamed, (hs, ws))
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(d_grads, s_grads):
+    for a, b in zip(d_grads, s_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     want = ref_kd_loss((hs @ ws.T).detach(), ht @ wt.T, y, mask.tolist(), T, lam, ce_at=ce_at)
     assert dense.item() == pytest.approx(want, abs=1e-12)
@@ -270,15 +269,16 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
 
 
 def test_compiled_chunk_formulas_equal_eager(monkeypatch):
-    """SE-KD's step with the entropy and the KL compiled (`sekd.compiled`) equals the eager one, in the
-    scores, the loss and its gradients."""
+    """SE-KD's step with the entropy and the KL compiled (`sekd.compiled`) equals the eager one, in
+    the scores, the loss and its gradients."""
     g = torch.Generator().manual_seed(7)
     hs = torch.randn(2, 12, 8, generator=g, requires_grad=True)
     ws = torch.randn(50, 8, generator=g, requires_grad=True)
     ht, wt = torch.randn(2, 12, 6, generator=g), torch.randn(50, 6, generator=g)
     y = torch.randint(0, 50, (2, 12), generator=g)
 
-    def step():  # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
+    # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
+    def step():
         scores = sekd.chunked_scores(
             sekd.student_entropy, hs.detach(), ws.detach(), y >= 0, chunk_rows=5
         )
@@ -342,7 +342,7 @@ def test_sekd_at_k1_equals_full_kd(config):
 
 
 def test_sekd_selects_highest_student_entropy():
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    student = tiny_gpt(seed=1)
     idx = torch.randint(0, 37, (2, 12))
     h = student.hidden(idx)
     y = torch.zeros(2, 12, dtype=torch.long)
@@ -357,7 +357,8 @@ def test_sekd_selects_highest_student_entropy():
 @pytest.mark.parametrize("chunk", [0, 3])
 def test_sekd_loss_equals_distill_loss_in_value_and_gradients(config, chunk):
     """`sekd_loss`, the plain SE-KD step, is `distill_loss` for every config `is_sekd` accepts: at
-    pure KL with Eq. 3's CE placement, and at the job's defaults (lam 0.5, the CE at every position)."""
+    pure KL with Eq. 3's CE placement, and at the job's defaults (lam 0.5, the CE at every
+    position)."""
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     g = torch.Generator().manual_seed(8)
     idx, y = torch.randint(0, 37, (3, 12), generator=g), torch.randint(0, 37, (3, 12), generator=g)
@@ -450,7 +451,7 @@ def test_live_bytes_counts_allocations_and_frees():
     assert meter.live == 0
 
 
-# ----------------------------------------------------------------------------- the closed-form memory account
+# ------------------------------------------------------------------ the closed-form memory account
 
 
 @pytest.mark.parametrize(
@@ -466,8 +467,8 @@ def test_n_params_counts_every_parameter(V, L, layers, D):
 
 
 def measured_step_peak(student, teacher, cfg, x, y):
-    """What train_loop reports on the CPU: weights + AdamW state + the peak of the live tensors of one
-    step (the second: AdamW's state exists), and the peak of the [rows, V] ones alone."""
+    """What train_loop reports on the CPU: weights + AdamW state + the peak of the live tensors of
+    one step (the second: AdamW's state exists), and the peak of the [rows, V] ones alone."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     V = student.config.vocab_size
     for _ in range(2):
@@ -496,8 +497,8 @@ def measured_step_peak(student, teacher, cfg, x, y):
     ],
 )
 def test_memory_account_is_within_10_percent_of_the_measured_peak(method, lam, flow):
-    """The closed form against the live-tensor meter on the CPU (and the allocator on CUDA), float32.
-    Its logit term is exact where every chunk selects the same number of rows."""
+    """The closed form against the live-tensor meter on the CPU (and the allocator on CUDA),
+    float32. Its logit term is exact where every chunk selects the same number of rows."""
     torch.manual_seed(0)
     V, B, L = 8000, 8, 64
     student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=48))
@@ -660,7 +661,10 @@ def test_long_sequence_is_refused():
 
 
 def test_markdown_is_stripped_to_play_text():
-    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n*\\[Aside.\\]*\n"
+    md = (
+        "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n"
+        "**BERNARDO**  \nWho's there?  \n*\\[Aside.\\]*\n"
+    )
     assert (
         data.markdown_to_play_text(md)
         == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n[Aside.]\n"
@@ -873,7 +877,7 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
         data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=1)
 
 
-# ----------------------------------------------------------------------------- the paper's kind of evaluation
+# ------------------------------------------------------------------ the paper's kind of evaluation
 
 
 def test_word_spans_and_cloze_items_on_a_hand_made_stream():
@@ -894,8 +898,8 @@ def test_word_spans_and_cloze_items_on_a_hand_made_stream():
         ":",
         " Rich",
     ]
+    # the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
     ids = np.array([1, 2, 3, 4, 5, 0, 8, 9, 6, 7, 1, 10, 11, 0, 3, 1, 2, 0, 14, 12, 1, 10, 11])
-    #               the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
     spans = data.word_spans(ids, text)
     words = [data.word_text(ids, a, b, text) for a, b, _ in spans]
     assert words == [
@@ -916,8 +920,8 @@ def test_word_spans_and_cloze_items_on_a_hand_made_stream():
     ]  # "Rich" + the unseen token ends; the last word has no end in the stream
     assert [line for _, _, line in spans][:5] == [0, 0, 0, 0, 6]
     items = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10)
-    # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is new; "Rich"
-    # is followed by an unseen token; "the" is common
+    # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is
+    # new; "Rich" is followed by an unseen token; "the" is common
     assert [(w.tolist(), n) for w, n in items] == [(ids[6:17].tolist(), 1)]
     assert data.cloze_items(ids, spans, text, common={"king", "the"}, seq_len=10) == []
     assert (
@@ -1056,8 +1060,8 @@ def test_cli_user_errors_are_one_line_exit_2(flags, msg, capsys):
 
 
 def cli_in_process(flags, capsys):
-    """`python train.py FLAGS` as train.cli runs it, in this process (the subprocess tests below check a real
-    process's exit code): -> (exit code, stderr)."""
+    """`python train.py FLAGS` as train.cli runs it, in this process (the subprocess tests below
+    check a real process's exit code): -> (exit code, stderr)."""
     with pytest.raises(SystemExit) as e:
         train.cli(list(flags))
     return e.value.code, capsys.readouterr().err
@@ -1087,7 +1091,7 @@ def test_help_lists_every_flag_with_defaults():
     assert "(default: 0.2)" in r.stdout
 
 
-# ============================================================================= the position axis: metrics and policies
+# ========================================================= the position axis: metrics and policies
 
 
 def ref_ce(row, y):
@@ -1155,7 +1159,7 @@ def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
 
     monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
     assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    student = tiny_gpt(seed=1)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
     cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
     mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
@@ -1244,9 +1248,9 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
     )  # entropies vary along the sequence
     valid = y >= 0
     u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
-    l = sekd.kl_per_position(t, s) * valid
-    weighted = ((u * l).sum(1) / u.sum(1)).mean().item()
-    full = (l.sum(1) / valid.sum(1)).mean().item()
+    kl = sekd.kl_per_position(t, s) * valid
+    weighted = ((u * kl).sum(1) / u.sum(1)).mean().item()
+    full = (kl.sum(1) / valid.sum(1)).mean().item()
     torch.manual_seed(1)
     draws = (
         4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
@@ -1260,7 +1264,7 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
         w = (
             sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
         )  # weights of one copy
-        samples = (w.view(draws, B, -1) * l).sum((1, 2)).numpy()
+        samples = (w.view(draws, B, -1) * kl).sum((1, 2)).numpy()
         one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
         assert one == pytest.approx(samples[0], abs=1e-12)
         mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
@@ -1269,7 +1273,8 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
 
 
 def float64_heads(seed, B, L, D, V, Dt=5):
-    """Random student hidden states and head (with grad), teacher hidden states and head, targets."""
+    """Random student hidden states and head (with grad), teacher hidden states and head, and
+    targets."""
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -1291,7 +1296,7 @@ def test_streamed_row_weights_equal_dense(ce_at):
     dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, None, cfg, row_weights=w)
     streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, None, cfg, row_weights=w)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
     ce = torch.nn.functional.cross_entropy(
@@ -1344,7 +1349,7 @@ def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
     cfg = kd(method="at_kd", chunk_rows=chunk)
     streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
@@ -1378,7 +1383,7 @@ def test_every_method_streamed_equals_dense_through_a_model(fields, config):
         loss.backward()
         out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
     assert out[0][0] == pytest.approx(out[1][0], abs=1e-12) and out[0][1] == out[1][1]
-    for a, b in zip(out[0][2], out[1][2]):
+    for a, b in zip(out[0][2], out[1][2], strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -1415,7 +1420,9 @@ def test_rskd_sample_layout_counts_and_support():
     ids, counts = sekd.rskd_sample(logits, 13, generator=g)
     assert ids.shape == counts.shape == (4, 5, 13)
     assert (counts.sum(-1) == 13).all()
-    for i_row, c_row in zip(ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist()):
+    for i_row, c_row in zip(
+        ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist(), strict=True
+    ):
         n = sum(c > 0 for c in c_row)
         assert all(c > 0 for c in c_row[:n]) and all(
             c == 0 for c in c_row[n:]
@@ -1491,7 +1498,7 @@ def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
                     * T
                     * sum(
                         c / U * math.log(c / U / q[i])
-                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist())
+                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist(), strict=True)
                         if c > 0
                     )
                 )
@@ -1535,7 +1542,7 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     w = sekd.per_sequence_weights(mask & (y >= 0), torch.float64)
     dense = lam * (w * rs).sum() + (1 - lam) * ce
     assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (loss, dense)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
@@ -1620,7 +1627,7 @@ def test_batches_iterate_over_kept_samples_only():
     assert seen == set(kept.tolist())
 
 
-# ----------------------------------------------------------------------------- the cache codec and storage
+# --------------------------------------------------------------------- the cache codec and storage
 
 
 @pytest.mark.parametrize(
@@ -1652,7 +1659,7 @@ def test_storage_accounting_at_the_papers_scale():
     assert tb["full_fp16"] == pytest.approx(20_000)  # 2 bytes per logit; the paper prints 10,000
 
 
-# ----------------------------------------------------------------------------- SE-KD_3X's offline teacher cache
+# ---------------------------------------------------------------- SE-KD_3X's offline teacher cache
 
 
 @pytest.fixture
@@ -1775,7 +1782,7 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
         data.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
-# ============================================================================= on-policy distillation, reverse KL
+# ============================================================== on-policy distillation, reverse KL
 
 
 def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
@@ -1878,8 +1885,9 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
     loss, n = sekd.on_policy_distill_loss(
         student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
     )
-    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the student's
-    # continuations of their first 5 tokens (KL alone, at the 8 positions that predict a sampled token)
+    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the
+    # student's continuations of their first 5 tokens (KL alone, at the 8 positions that predict a
+    # sampled token)
     x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
     with torch.no_grad():
         zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
@@ -1903,7 +1911,8 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
 
 @pytest.fixture(scope="module")
 def pretrained_pair(tmp_path_factory, tiny_corpus):
-    """A tiny teacher and initial student (TINY flags), trained once; `with_pair` copies them into an --out-dir."""
+    """A tiny teacher and initial student (TINY flags), trained once; `with_pair` copies them into
+    an --out-dir."""
     d = tmp_path_factory.mktemp("pair")
     run_job(d, tiny_corpus, "--run", "distill", "--student-steps", "1")
     return d
@@ -1962,12 +1971,12 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(
     assert on_policy_kl(final) < on_policy_kl(init)
 
 
-# ============================================================================= reliability catalogue
-# Every bad input or fault below ends in a one-line message that says what is wrong and how to fix it
-# (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one line; where
-# train.py builds a library object from flags, it turns the library's ValueError into one) and leaves no
-# half-written file. CATALOGUE maps each item to the
-# tests that check it, some of them further up this file; README "Reliability" lists the same.
+# =========================================================================== reliability catalogue
+# Every bad input or fault below ends in a one-line message that says what is wrong and how to fix
+# it (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one
+# line; where train.py builds a library object from flags, it turns the library's ValueError into
+# one) and leaves no half-written file. CATALOGUE maps each item to the tests that check it, some of
+# them further up this file; README "Reliability" lists the same.
 
 CATALOGUE = {
     "--k out of range": [
@@ -1983,7 +1992,8 @@ CATALOGUE = {
         "test_cli_user_errors_are_one_line_exit_2",
         "test_kdconfig_checks_every_setting_in_one_line",
     ],
-    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that cannot use them": [
+    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that "
+    "cannot use them": [
         "test_bad_on_policy_flags",
         "test_reverse_kl_flags_are_checked",
     ],
@@ -2058,7 +2068,8 @@ def run_cli(*flags, **kw):
 
 
 def assert_one_line_exit_2(r, msg):
-    """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come before)."""
+    """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come
+    before)."""
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert msg in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, (
@@ -2099,7 +2110,8 @@ def test_unknown_choices_are_one_line_exit_2(flags, msg, capsys):
 
 
 def checked(flags):
-    """What `train.main` checks before any work: the flags, their combinations, each method's KDConfig."""
+    """What `train.main` checks before any work: the flags, their combinations, each method's
+    KDConfig."""
     args = train.parse_args(flags)
     train.check_flags(args)
     return [
@@ -2112,7 +2124,8 @@ def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
     for flags, msg in (
         (
             ["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
-            "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method",
+            "--method rskd: (classes, method, flow) must be ('full', any, any) "
+            "or ('rskd', a KD method",
         ),
         (
             ["--student-embd", "15"],
@@ -2312,7 +2325,8 @@ def test_too_short_corpus_is_one_line_exit_2(tmp_path):
 
 
 def inject_after_checkpoint(path, n, fault):
-    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first exists."""
+    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first
+    exists."""
     real, calls = sekd.distill_loss, [0]
 
     def loss(student, *a, **k):
@@ -2514,8 +2528,9 @@ def test_interrupted_distillation_resumes_to_the_same_weights(
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretrained_pair):
     flags = ["--run", "distill", "--student-steps", "60", "--eval-interval", "10"]
-    # the same threads in all three runs, and fast on busy cores; compiled, as a user runs it: a step under the
-    # memory meter once changed the compiled formulas' rounding for every later step, which a resumed run missed
+    # the same threads in all three runs, and fast on busy cores; compiled, as a user runs it: a
+    # step under the memory meter once changed the compiled formulas' rounding for every later
+    # step, which a resumed run missed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEKD_COMPILE": "1"}
     a, b = with_pair(tmp_path / "a", pretrained_pair), with_pair(tmp_path / "b", pretrained_pair)
     assert run_cli(*tiny_cli(a, tiny_corpus, *flags), env=env).returncode == 0  # uninterrupted
@@ -2538,7 +2553,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
     assert_same_weights(final_weights(a / "student_sekd.pt"), final_weights(b / "student_sekd.pt"))
 
 
-# ============================================================================= data parallel (torchrun)
+# ======================================================================== data parallel (torchrun)
 
 
 def test_batches_shard_the_global_batch_across_ranks():
@@ -2594,7 +2609,9 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     parts = [data.Batches(corpus, 2, 1, 3, dev, kept, r, 2, cache=cache) for r in range(2)]
 
     def rows(x, ids, counts):  # (sample, its draws), in a fixed order
-        return sorted((a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts))
+        return sorted(
+            (a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts, strict=True)
+        )
 
     for step in range(3):
         x, _, (ids, counts) = one.get(step, 0)
@@ -2679,7 +2696,7 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     assert r.stdout.count("[sekd] step     6/6") == 1  # rank 1 prints nothing
     two = json.loads((tmp_path / "two" / "results_compare.json").read_text())
     assert [row["method"] for row in two["rows"]] == [row["method"] for row in one["rows"]]
-    for a, b in zip(one["rows"], two["rows"]):
+    for a, b in zip(one["rows"], two["rows"], strict=True):
         assert (
             len(a["loss_curve"]) == len(b["loss_curve"]) > 0 and b["tokens"] == a["tokens"]
         )  # all ranks' tokens
@@ -2697,7 +2714,7 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     )  # no stray files
 
 
-# ============================================================================= the paper's data: --preset fineweb
+# ============================================================== the paper's data: --preset fineweb
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
@@ -2789,13 +2806,16 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2
 
 
-# ----------------------------------------------------------------------------- teaching: text samples, exercise 2
+# -------------------------------------------------------------- teaching: text samples, exercise 2
 
 
 def test_generate_appends_tokens_with_their_entropy():
     m = tiny_gpt(L=8)  # block size 8: 5 + 6 tokens exercise the context crop
     idx = torch.randint(0, 37, (2, 5))
-    seeded = lambda: torch.Generator().manual_seed(3)
+
+    def seeded():
+        return torch.Generator().manual_seed(3)
+
     out, ent = m.generate(idx, 6, 1.0, 0, seeded())
     assert out.shape == (2, 11) and torch.equal(out[:, :5], idx) and ent.shape == (2, 6)
     for j in range(6):
