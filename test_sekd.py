@@ -3,7 +3,6 @@ full softmax), plus data, the training job and the errors a user can cause. Run:
 
 import argparse
 import errno
-import inspect
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from fractions import Fraction
 from unittest import mock
 
@@ -35,7 +33,7 @@ torch.compiler.set_stance(
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------- brute-force references
+# -------------------------------------------------------------------------- brute-force references
 
 
 def ref_softmax(row):
@@ -51,7 +49,7 @@ def ref_entropy(row, T=1.0):
 
 def ref_kl(t_row, s_row, T=1.0):
     p, q = ref_softmax([v / T for v in t_row]), ref_softmax([v / T for v in s_row])
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
 def seq_mean(values_per_seq):
@@ -67,8 +65,9 @@ def kd(**fields):
 
 def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at="selected"):
     """Eq. 3 with explicit loops: L_i = sum_t m_t [lam KL(p^T || q^T) + (1 - lam) CE] / sum_t m_t
-    (reverse: KL(q^T || p^T)), then the mean over the sequences with a selected position. ce_at='all':
-    lam times that mean of the KL alone, plus (1 - lam) times the same mean of CE over all valid ones."""
+    (reverse: KL(q^T || p^T)), then the mean over the sequences with a selected position.
+    ce_at='all': lam times that mean of the KL alone, plus (1 - lam) times the same mean of CE over
+    all valid ones."""
     eq3_seqs, kl_seqs, ce_seqs = [], [], []
     for b in range(len(targets)):
         eq3_b, kl_b, ce_b = [], [], []
@@ -97,7 +96,7 @@ def ref_topk_count(k, n):
     return math.ceil(Fraction(str(k)) * n)
 
 
-# ----------------------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
+# ------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
 
 
 @pytest.mark.parametrize("T", [1.0, 0.5, 2.0])
@@ -203,7 +202,7 @@ def test_topk_positions_all_padding_row_and_default_valid():
     assert sekd.topk_positions(scores, 0.4).sum(1).tolist() == [2, 2]
 
 
-# ----------------------------------------------------------------------------- selective heads, chunks, the streamed loss
+# ------------------------------------------------------ selective heads, chunks, the streamed loss
 
 
 def tiny_gpt(V=37, D=16, L=12, layers=2, heads=2, seed=0, dtype=torch.float64):
@@ -261,7 +260,7 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
         )
     s_grads = torch.autograd.grad(streamed, (hs, ws))
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(d_grads, s_grads):
+    for a, b in zip(d_grads, s_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     want = ref_kd_loss((hs @ ws.T).detach(), ht @ wt.T, y, mask.tolist(), T, lam, ce_at=ce_at)
     assert dense.item() == pytest.approx(want, abs=1e-12)
@@ -270,15 +269,16 @@ def test_streamed_loss_and_gradients_equal_dense(lam, T, chunk, ce_at):
 
 
 def test_compiled_chunk_formulas_equal_eager(monkeypatch):
-    """SE-KD's step with the entropy and the KL compiled (`sekd.compiled`) equals the eager one, in the
-    scores, the loss and its gradients."""
+    """SE-KD's step with the entropy and the KL compiled (`sekd.compiled`) equals the eager one, in
+    the scores, the loss and its gradients."""
     g = torch.Generator().manual_seed(7)
     hs = torch.randn(2, 12, 8, generator=g, requires_grad=True)
     ws = torch.randn(50, 8, generator=g, requires_grad=True)
     ht, wt = torch.randn(2, 12, 6, generator=g), torch.randn(50, 6, generator=g)
     y = torch.randint(0, 50, (2, 12), generator=g)
 
-    def step():  # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
+    # chunks of 5 and 7 rows end with shorter ones: one compile must serve every row count
+    def step():
         scores = sekd.chunked_scores(
             sekd.student_entropy, hs.detach(), ws.detach(), y >= 0, chunk_rows=5
         )
@@ -311,29 +311,30 @@ def test_streamed_backward_scales_the_stored_gradients_in_place_once():
         loss.backward()
 
 
-def test_streamed_gradients_through_a_model_match_dense_flow():
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
+def test_streamed_gradients_through_a_model_match_dense_flow(config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx = torch.randint(0, 37, (2, 12))
     y = torch.randint(0, 37, (2, 12))
     grads = []
     for flow in ("dense", "streamed"):
         student.zero_grad()
-        loss, n = sekd.distill_loss(
-            student, teacher, idx, y, sekd.KDConfig("sekd", k=0.25, flow=flow, chunk_rows=2)
-        )
+        cfg = config(method="sekd", k=0.25, flow=flow, chunk_rows=2)
+        loss, n = sekd.distill_loss(student, teacher, idx, y, cfg)
         loss.backward()
         grads.append([p.grad.clone() for p in student.parameters()])
         assert n == 2 * 3
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_sekd_at_k1_equals_full_kd():
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
+def test_sekd_at_k1_equals_full_kd(config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
-    full, _ = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0))
-    se1, _ = sekd.distill_loss(student, teacher, idx, y, sekd.KDConfig("sekd", k=1.0))
-    ref = sekd.kd_loss(student(idx), teacher(idx), y, None, sekd.KDConfig("full_kd"))
+    full, _ = sekd.distill_loss(student, teacher, idx, y, config(method="full_kd", k=1.0))
+    se1, _ = sekd.distill_loss(student, teacher, idx, y, config(method="sekd", k=1.0))
+    ref = sekd.kd_loss(student(idx), teacher(idx), y, None, config(method="full_kd"))
     assert se1.item() == pytest.approx(full.item(), abs=1e-12)
     assert full.item() == pytest.approx(ref.item(), abs=1e-12)
     scores = torch.randn(2, 12)
@@ -341,7 +342,7 @@ def test_sekd_at_k1_equals_full_kd():
 
 
 def test_sekd_selects_highest_student_entropy():
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    student = tiny_gpt(seed=1)
     idx = torch.randint(0, 37, (2, 12))
     h = student.hidden(idx)
     y = torch.zeros(2, 12, dtype=torch.long)
@@ -350,6 +351,51 @@ def test_sekd_selects_highest_student_entropy():
     for b in range(2):
         chosen = set(torch.nonzero(mask[b]).flatten().tolist())
         assert chosen == set(torch.topk(ent[b], 3).indices.tolist())
+
+
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["lam1_selected", "defaults"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_sekd_loss_equals_distill_loss_in_value_and_gradients(config, chunk):
+    """`sekd_loss`, the plain SE-KD step, is `distill_loss` for every config `is_sekd` accepts: at
+    pure KL with Eq. 3's CE placement, and at the job's defaults (lam 0.5, the CE at every
+    position)."""
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    g = torch.Generator().manual_seed(8)
+    idx, y = torch.randint(0, 37, (3, 12), generator=g), torch.randint(0, 37, (3, 12), generator=g)
+    y[2, 7:] = -1  # padding: 12, 12 and 7 valid positions
+    cfg = config(method="sekd", k=0.25, chunk_rows=chunk)
+    assert cfg.is_sekd
+    out = []
+    for step in (sekd.sekd_loss, sekd.distill_loss):
+        student.zero_grad()
+        teacher.zero_grad()
+        loss, n = step(student, teacher, idx, y, cfg)
+        loss.backward()
+        out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
+        assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+    (se, n_se, g_se), (dl, n_dl, g_dl) = out
+    assert n_se == n_dl == 3 + 3 + 2  # ceil(0.25 n) per sequence
+    assert se == pytest.approx(dl, abs=1e-12)
+    for a, b in zip(g_se, g_dl, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    # and the dense reference at the student's top-entropy positions agrees
+    mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, y >= 0)
+    ref = sekd.kd_loss(student(idx), teacher(idx), y, mask, cfg)
+    assert se == pytest.approx(ref.item(), abs=1e-12)
+
+
+def test_is_sekd_says_when_sekd_loss_applies():
+    assert sekd.KDConfig().is_sekd and kd(k=0.5, T=2.0, chunk_rows=4).is_sekd
+    for fields in (
+        dict(method="full_kd"),
+        dict(method="random_pos"),
+        dict(metric="kl"),
+        dict(policy="gls"),
+        dict(flow="dense"),
+        dict(classes="rskd"),
+        dict(divergence="reverse"),
+    ):
+        assert not sekd.KDConfig(**fields).is_sekd, fields
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -405,7 +451,7 @@ def test_live_bytes_counts_allocations_and_frees():
     assert meter.live == 0
 
 
-# ----------------------------------------------------------------------------- the closed-form memory account
+# ------------------------------------------------------------------ the closed-form memory account
 
 
 @pytest.mark.parametrize(
@@ -421,8 +467,8 @@ def test_n_params_counts_every_parameter(V, L, layers, D):
 
 
 def measured_step_peak(student, teacher, cfg, x, y):
-    """What train_loop reports on the CPU: weights + AdamW state + the peak of the live tensors of one
-    step (the second: AdamW's state exists), and the peak of the [rows, V] ones alone."""
+    """What train_loop reports on the CPU: weights + AdamW state + the peak of the live tensors of
+    one step (the second: AdamW's state exists), and the peak of the [rows, V] ones alone."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     V = student.config.vocab_size
     for _ in range(2):
@@ -451,8 +497,8 @@ def measured_step_peak(student, teacher, cfg, x, y):
     ],
 )
 def test_memory_account_is_within_10_percent_of_the_measured_peak(method, lam, flow):
-    """The closed form against the live-tensor meter on the CPU (and the allocator on CUDA), float32.
-    Its logit term is exact where every chunk selects the same number of rows."""
+    """The closed form against the live-tensor meter on the CPU (and the allocator on CUDA),
+    float32. Its logit term is exact where every chunk selects the same number of rows."""
     torch.manual_seed(0)
     V, B, L = 8000, 8, 64
     student = sekd.GPT(sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=48))
@@ -615,7 +661,10 @@ def test_long_sequence_is_refused():
 
 
 def test_markdown_is_stripped_to_play_text():
-    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n*\\[Aside.\\]*\n"
+    md = (
+        "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n"
+        "**BERNARDO**  \nWho's there?  \n*\\[Aside.\\]*\n"
+    )
     assert (
         data.markdown_to_play_text(md)
         == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n[Aside.]\n"
@@ -828,7 +877,7 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
         data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=1)
 
 
-# ----------------------------------------------------------------------------- the paper's kind of evaluation
+# ------------------------------------------------------------------ the paper's kind of evaluation
 
 
 def test_word_spans_and_cloze_items_on_a_hand_made_stream():
@@ -849,8 +898,8 @@ def test_word_spans_and_cloze_items_on_a_hand_made_stream():
         ":",
         " Rich",
     ]
+    # the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
     ids = np.array([1, 2, 3, 4, 5, 0, 8, 9, 6, 7, 1, 10, 11, 0, 3, 1, 2, 0, 14, 12, 1, 10, 11])
-    #               the King is dead . \n | King long live the Richard \n | is the King \n | Rich<unk> the Richard
     spans = data.word_spans(ids, text)
     words = [data.word_text(ids, a, b, text) for a, b, _ in spans]
     assert words == [
@@ -871,8 +920,8 @@ def test_word_spans_and_cloze_items_on_a_hand_made_stream():
     ]  # "Rich" + the unseen token ends; the last word has no end in the stream
     assert [line for _, _, line in spans][:5] == [0, 0, 0, 0, 6]
     items = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10)
-    # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is new; "Rich"
-    # is followed by an unseen token; "the" is common
+    # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is
+    # new; "Rich" is followed by an unseen token; "the" is common
     assert [(w.tolist(), n) for w, n in items] == [(ids[6:17].tolist(), 1)]
     assert data.cloze_items(ids, spans, text, common={"king", "the"}, seq_len=10) == []
     assert (
@@ -1011,8 +1060,8 @@ def test_cli_user_errors_are_one_line_exit_2(flags, msg, capsys):
 
 
 def cli_in_process(flags, capsys):
-    """`python train.py FLAGS` as train.cli runs it, in this process (the subprocess tests below check a real
-    process's exit code): -> (exit code, stderr)."""
+    """`python train.py FLAGS` as train.cli runs it, in this process (the subprocess tests below
+    check a real process's exit code): -> (exit code, stderr)."""
     with pytest.raises(SystemExit) as e:
         train.cli(list(flags))
     return e.value.code, capsys.readouterr().err
@@ -1042,7 +1091,7 @@ def test_help_lists_every_flag_with_defaults():
     assert "(default: 0.2)" in r.stdout
 
 
-# ============================================================================= the position axis: metrics and policies
+# ========================================================= the position axis: metrics and policies
 
 
 def ref_ce(row, y):
@@ -1067,7 +1116,7 @@ def test_every_metric_matches_brute_force(name):
     s, t, y = random_case(B=3, L=6, V=7, seed=11)
     eye = torch.eye(7, dtype=torch.float64)  # identity heads: the logits are the hidden states
     valid = y >= 0
-    got = sekd.chunked_scores(name, s, eye, valid, t, eye, y, chunk_rows=4)
+    got = sekd.chunked_scores(sekd.METRICS[name], s, eye, valid, t, eye, y, chunk_rows=4)
     for b in range(3):
         for i in range(6):
             want = (
@@ -1083,31 +1132,37 @@ def test_random_metric_and_student_only_metrics_need_no_teacher():
     s, t, y = random_case(seed=12)
     eye, valid = torch.eye(7, dtype=torch.float64), y >= 0
     torch.manual_seed(0)
-    r1 = sekd.chunked_scores("random", s, eye, valid, chunk_rows=2)
+    random = sekd.METRICS["random"]
+    r1 = sekd.chunked_scores(random, s, eye, valid, chunk_rows=2)
     torch.manual_seed(0)
-    assert torch.equal(r1, sekd.chunked_scores("random", s, eye, valid, chunk_rows=2))
+    assert torch.equal(r1, sekd.chunked_scores(random, s, eye, valid, chunk_rows=2))
     assert (
         ((r1 >= 0) & (r1 < 1)).all()
         and (r1[~valid] == 0).all()
         and len(set(r1[valid].tolist())) == int(valid.sum())
     )
     for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
-        assert sekd.chunked_scores(name, s, eye, valid, targets=y).shape == y.shape
+        metric = sekd.METRICS[name]
+        assert not getattr(metric, "needs_teacher", True)
+        assert sekd.chunked_scores(metric, s, eye, valid, targets=y).shape == y.shape
+    assert not sekd.METRICS["random"].needs_teacher
+    assert getattr(sekd.METRICS["teacher_entropy"], "needs_teacher", True)
     with pytest.raises(ValueError, match="needs the teacher"):
-        sekd.chunked_scores("teacher_entropy", s, eye, valid)
+        sekd.chunked_scores(sekd.METRICS["teacher_entropy"], s, eye, valid)
 
 
 def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
-    @sekd.student_only
     def low_entropy(zs, zt, y):
         return -sekd.token_entropy(zs)
 
+    low_entropy.needs_teacher = False
+
     monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
     assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    student = tiny_gpt(seed=1)
     idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
     cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
-    mask = sekd.select_positions(student.hidden(idx), student.head_weight, y >= 0, cfg)
+    mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
     ent = sekd.token_entropy(student(idx))
     for b in range(2):
         assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(
@@ -1136,7 +1191,7 @@ def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
     scores, valid = ragged_scores()
     S = 100
     for step in (0, 1, 37, 50, 99, 100, 250):
-        state = sekd.PositionState(curriculum_steps=S)
+        state = sekd.PositionState(gls_queue=1, curriculum_steps=S)
         state.step = step
         mask = sekd.curriculum_positions(scores, k, valid, state)
         for b in range(len(scores)):
@@ -1155,7 +1210,7 @@ def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
 
 def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
     k, cap = 0.2, 100
-    state = sekd.PositionState(gls_queue=cap)
+    state = sekd.PositionState(gls_queue=cap, curriculum_steps=1)
     pushed = []
     for batch in range(5):
         scores, valid = ragged_scores(seed=20 + batch)
@@ -1193,9 +1248,9 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
     )  # entropies vary along the sequence
     valid = y >= 0
     u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
-    l = sekd.kl_per_position(t, s) * valid
-    weighted = ((u * l).sum(1) / u.sum(1)).mean().item()
-    full = (l.sum(1) / valid.sum(1)).mean().item()
+    kl = sekd.kl_per_position(t, s) * valid
+    weighted = ((u * kl).sum(1) / u.sum(1)).mean().item()
+    full = (kl.sum(1) / valid.sum(1)).mean().item()
     torch.manual_seed(1)
     draws = (
         4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
@@ -1209,8 +1264,8 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
         w = (
             sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
         )  # weights of one copy
-        samples = (w.view(draws, B, -1) * l).sum((1, 2)).numpy()
-        one = sekd.kd_loss(s, t, y, m[:B] > 0, row_weights=w[:B]).item()  # the loss function agrees
+        samples = (w.view(draws, B, -1) * kl).sum((1, 2)).numpy()
+        one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
         assert one == pytest.approx(samples[0], abs=1e-12)
         mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
         assert abs(mean - target) < 4 * se, (policy, mean, target, se)
@@ -1218,7 +1273,8 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
 
 
 def float64_heads(seed, B, L, D, V, Dt=5):
-    """Random student hidden states and head (with grad), teacher hidden states and head, targets."""
+    """Random student hidden states and head (with grad), teacher hidden states and head, and
+    targets."""
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -1236,12 +1292,11 @@ def test_streamed_row_weights_equal_dense(ce_at):
     w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (
         torch.rand(y.shape, generator=g) < 0.5
     )
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, T=2.0, lam=0.6, row_weights=w, ce_at=ce_at)
-    streamed = sekd.streamed_kd_loss(
-        hs, ws, ht, wt, y, T=2.0, lam=0.6, chunk_rows=3, row_weights=w, ce_at=ce_at
-    )
+    cfg = kd(T=2.0, lam=0.6, chunk_rows=3, ce_at=ce_at)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, None, cfg, row_weights=w)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, None, cfg, row_weights=w)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
     ce = torch.nn.functional.cross_entropy(
@@ -1289,16 +1344,18 @@ def ref_at_kd(s_logits, t_logits, targets):
 def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
     g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
     y[1, 4:] = -1
-    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y)
+    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y, kd(method="at_kd"))
     assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
-    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, chunk_rows=chunk)
+    cfg = kd(method="at_kd", chunk_rows=chunk)
+    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
 @pytest.mark.parametrize(
-    "kd",
+    "fields",
     [
         dict(method="random_pos"),
         dict(method="at_kd"),
@@ -1310,13 +1367,13 @@ def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
         dict(policy="pos_rs_kd_star"),
     ],
 )
-def test_every_method_streamed_equals_dense_through_a_model(kd):
+def test_every_method_streamed_equals_dense_through_a_model(fields, config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
     idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
     y[2, 8:] = -1
     out = []
     for flow in ("dense", "streamed"):
-        cfg = sekd.KDConfig(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **kd})
+        cfg = config(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **fields})
         state = cfg.new_state()
         student.zero_grad()
         torch.manual_seed(3)  # the same random scores / draws in both flows
@@ -1326,7 +1383,7 @@ def test_every_method_streamed_equals_dense_through_a_model(kd):
         loss.backward()
         out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
     assert out[0][0] == pytest.approx(out[1][0], abs=1e-12) and out[0][1] == out[1][1]
-    for a, b in zip(out[0][2], out[1][2]):
+    for a, b in zip(out[0][2], out[1][2], strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -1363,7 +1420,9 @@ def test_rskd_sample_layout_counts_and_support():
     ids, counts = sekd.rskd_sample(logits, 13, generator=g)
     assert ids.shape == counts.shape == (4, 5, 13)
     assert (counts.sum(-1) == 13).all()
-    for i_row, c_row in zip(ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist()):
+    for i_row, c_row in zip(
+        ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist(), strict=True
+    ):
         n = sum(c > 0 for c in c_row)
         assert all(c > 0 for c in c_row[:n]) and all(
             c == 0 for c in c_row[n:]
@@ -1407,8 +1466,8 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
         ids,
         counts,
         torch.zeros(M, R, dtype=torch.long),
-        T=T,
-        chunk_rows=4096,
+        None,
+        kd(T=T, chunk_rows=4096, classes="rskd"),
     )
     grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
@@ -1439,7 +1498,7 @@ def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
                     * T
                     * sum(
                         c / U * math.log(c / U / q[i])
-                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist())
+                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist(), strict=True)
                         if c > 0
                     )
                 )
@@ -1469,7 +1528,8 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     y = torch.randint(0, V, (B, L), generator=g)
     y[1, 4:] = -1
     mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
-    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, T, lam, chunk, ce_at)
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, ce_at=ce_at, classes="rskd")
+    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, cfg)
     z = hs @ ws.T
     assert loss.item() == pytest.approx(
         ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12
@@ -1478,11 +1538,11 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
     logq = torch.log_softmax(z / T, -1)
     rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
-    dense = lam * (sekd.per_sequence_weights(mask & (y >= 0), torch.float64) * rs).sum() + (
-        1 - lam
-    ) * sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, lam=0.0)
+    ce = sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, kd(lam=0.0))
+    w = sekd.per_sequence_weights(mask & (y >= 0), torch.float64)
+    dense = lam * (w * rs).sum() + (1 - lam) * ce
     assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
-    for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (loss, dense)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
@@ -1491,9 +1551,8 @@ def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
     V, U = 9, 10
     z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
     ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
-    loss = sekd.rskd_loss(
-        z, torch.eye(V, dtype=torch.float64), ids, counts, torch.zeros(1, 1, dtype=torch.long)
-    )
+    y = torch.zeros(1, 1, dtype=torch.long)
+    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, y, None, kd())
     p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
     assert torch.allclose(
         torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14
@@ -1507,18 +1566,18 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
     draws = sekd.teacher_draws(
         teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0)
     )
-    cfg = sekd.KDConfig("sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
+    cfg = kd(method="sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
     loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
     valid = y >= 0
     mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, valid)
     assert n == ref_topk_count(0.25, 12) + ref_topk_count(0.25, 10) == int(mask.sum())
-    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask)
+    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask, cfg)
     assert loss.item() == pytest.approx(want.item(), abs=1e-12)
     with pytest.raises(ValueError, match="needs the teacher"):
         sekd.distill_loss(student, None, idx, y, cfg)
     torch.manual_seed(0)  # online draws from the teacher at the selected rows
     online, n_online = sekd.distill_loss(
-        student, teacher, idx, y, sekd.KDConfig("full_kd", k=1.0, classes="rskd", U=8)
+        student, teacher, idx, y, kd(method="full_kd", k=1.0, classes="rskd", U=8)
     )
     online.backward()
     assert n_online == int(valid.sum()) and math.isfinite(online.item())
@@ -1527,7 +1586,13 @@ def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
 
 @pytest.mark.parametrize("U", [0, 128, 2.5, True])
 def test_bad_draw_count_is_a_clear_error(U):
-    with pytest.raises(ValueError, match=r"^U must be an integer in \[1, 127\] \(7-bit counts\)"):
+    """KDConfig refuses a count that is no count; the cache's 7-bit bound is the job's --U check."""
+    if U == 128 and type(U) is int:  # a valid KDConfig; the cache format cannot store it
+        sekd.KDConfig("sekd", classes="rskd", U=U)
+        with pytest.raises(ValueError, match=r"argument --U: must be in \[1, 127\] \(7-bit"):
+            train.parse_args(["--U", str(U)])
+        return
+    with pytest.raises(ValueError, match=rf"^U must be an integer >= 1, got {U!r}$"):
         sekd.KDConfig("sekd", classes="rskd", U=U)
 
 
@@ -1562,7 +1627,7 @@ def test_batches_iterate_over_kept_samples_only():
     assert seen == set(kept.tolist())
 
 
-# ----------------------------------------------------------------------------- the cache codec and storage
+# --------------------------------------------------------------------- the cache codec and storage
 
 
 @pytest.mark.parametrize(
@@ -1594,7 +1659,7 @@ def test_storage_accounting_at_the_papers_scale():
     assert tb["full_fp16"] == pytest.approx(20_000)  # 2 bytes per logit; the paper prints 10,000
 
 
-# ----------------------------------------------------------------------------- SE-KD_3X's offline teacher cache
+# ---------------------------------------------------------------- SE-KD_3X's offline teacher cache
 
 
 @pytest.fixture
@@ -1717,7 +1782,7 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
         data.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
-# ============================================================================= on-policy distillation, reverse KL
+# ============================================================== on-policy distillation, reverse KL
 
 
 def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
@@ -1732,8 +1797,9 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
     y[2, 3:] = -1
     mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, T, lam, divergence="reverse")
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk, divergence="reverse")
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, divergence="reverse")
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, cfg)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, cfg)
 
     def ref(h):
         return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
@@ -1741,9 +1807,8 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
     assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
     d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
-    for a, b in zip(
-        d_grads, s_grads
-    ):  # the hand-written gradient T q (log q - log p - KL) against autograd
+    # the hand-written gradient T q (log q - log p - KL) against autograd
+    for a, b in zip(d_grads, s_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
     fd = torch.zeros_like(hs)  # and against central differences of the brute force
     for i in range(hs.numel()):
@@ -1752,9 +1817,8 @@ def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
         e = e.view_as(hs)
         fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
     assert torch.allclose(s_grads[0], fd, atol=1e-7)
-    assert not torch.allclose(
-        streamed, sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, T, lam, chunk)
-    )  # not forward
+    forward = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, kd(T=T, lam=lam, chunk_rows=chunk))
+    assert not torch.allclose(streamed, forward)  # not forward
 
 
 def test_reverse_kl_flags_are_checked():
@@ -1817,12 +1881,13 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
         torch.randint(0, 37, (4, 12), generator=gen),
         torch.randint(0, 37, (4, 12), generator=gen),
     )
-    cfg = sekd.KDConfig(method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
+    cfg = kd(method=method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
     loss, n = sekd.on_policy_distill_loss(
         student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
     )
-    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the student's
-    # continuations of their first 5 tokens (KL alone, at the 8 positions that predict a sampled token)
+    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the
+    # student's continuations of their first 5 tokens (KL alone, at the 8 positions that predict a
+    # sampled token)
     x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
     with torch.no_grad():
         zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
@@ -1846,7 +1911,8 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
 
 @pytest.fixture(scope="module")
 def pretrained_pair(tmp_path_factory, tiny_corpus):
-    """A tiny teacher and initial student (TINY flags), trained once; `with_pair` copies them into an --out-dir."""
+    """A tiny teacher and initial student (TINY flags), trained once; `with_pair` copies them into
+    an --out-dir."""
     d = tmp_path_factory.mktemp("pair")
     run_job(d, tiny_corpus, "--run", "distill", "--student-steps", "1")
     return d
@@ -1905,12 +1971,12 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(
     assert on_policy_kl(final) < on_policy_kl(init)
 
 
-# ============================================================================= reliability catalogue
-# Every bad input or fault below ends in a one-line message that says what is wrong and how to fix it
-# (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one line; where
-# train.py builds a library object from flags, it turns the library's ValueError into one) and leaves no
-# half-written file. CATALOGUE maps each item to the
-# tests that check it, some of them further up this file; README "Reliability" lists the same.
+# =========================================================================== reliability catalogue
+# Every bad input or fault below ends in a one-line message that says what is wrong and how to fix
+# it (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one
+# line; where train.py builds a library object from flags, it turns the library's ValueError into
+# one) and leaves no half-written file. CATALOGUE maps each item to the tests that check it, some of
+# them further up this file; README "Reliability" lists the same.
 
 CATALOGUE = {
     "--k out of range": [
@@ -1926,7 +1992,8 @@ CATALOGUE = {
         "test_cli_user_errors_are_one_line_exit_2",
         "test_kdconfig_checks_every_setting_in_one_line",
     ],
-    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that cannot use them": [
+    "--on-policy, --prompt-len out of range; on-policy or reverse KL with a method that "
+    "cannot use them": [
         "test_bad_on_policy_flags",
         "test_reverse_kl_flags_are_checked",
     ],
@@ -2001,7 +2068,8 @@ def run_cli(*flags, **kw):
 
 
 def assert_one_line_exit_2(r, msg):
-    """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come before)."""
+    """Exit code 2 and one line of error, the last of stderr (progress bars of `datasets` may come
+    before)."""
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert msg in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, (
@@ -2042,7 +2110,8 @@ def test_unknown_choices_are_one_line_exit_2(flags, msg, capsys):
 
 
 def checked(flags):
-    """What `train.main` checks before any work: the flags, their combinations, each method's KDConfig."""
+    """What `train.main` checks before any work: the flags, their combinations, each method's
+    KDConfig."""
     args = train.parse_args(flags)
     train.check_flags(args)
     return [
@@ -2055,7 +2124,8 @@ def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
     for flags, msg in (
         (
             ["--run", "distill", "--method", "rskd", "--flow", "dense"],  # KDConfig's
-            "--method rskd: (classes, method, flow) must be ('full', any, any) or ('rskd', a KD method",
+            "--method rskd: (classes, method, flow) must be ('full', any, any) "
+            "or ('rskd', a KD method",
         ),
         (
             ["--student-embd", "15"],
@@ -2072,9 +2142,10 @@ def test_a_flag_mistake_only_the_library_catches_is_one_line_exit_2(capsys):
 def test_a_bug_in_a_registered_metric_keeps_its_traceback(
     tmp_path, tiny_corpus, pretrained_pair, monkeypatch, capsys
 ):
-    @sekd.student_only
     def buggy_metric(zs, zt, y):
         raise ValueError("a bug in the user's own metric")
+
+    buggy_metric.needs_teacher = False
 
     monkeypatch.setitem(sekd.METRICS, "buggy_metric", buggy_metric)
     out = with_pair(tmp_path, pretrained_pair)
@@ -2254,7 +2325,8 @@ def test_too_short_corpus_is_one_line_exit_2(tmp_path):
 
 
 def inject_after_checkpoint(path, n, fault):
-    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first exists."""
+    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first
+    exists."""
     real, calls = sekd.distill_loss, [0]
 
     def loss(student, *a, **k):
@@ -2456,8 +2528,9 @@ def test_interrupted_distillation_resumes_to_the_same_weights(
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretrained_pair):
     flags = ["--run", "distill", "--student-steps", "60", "--eval-interval", "10"]
-    # the same threads in all three runs, and fast on busy cores; compiled, as a user runs it: a step under the
-    # memory meter once changed the compiled formulas' rounding for every later step, which a resumed run missed
+    # the same threads in all three runs, and fast on busy cores; compiled, as a user runs it: a
+    # step under the memory meter once changed the compiled formulas' rounding for every later
+    # step, which a resumed run missed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEKD_COMPILE": "1"}
     a, b = with_pair(tmp_path / "a", pretrained_pair), with_pair(tmp_path / "b", pretrained_pair)
     assert run_cli(*tiny_cli(a, tiny_corpus, *flags), env=env).returncode == 0  # uninterrupted
@@ -2480,7 +2553,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
     assert_same_weights(final_weights(a / "student_sekd.pt"), final_weights(b / "student_sekd.pt"))
 
 
-# ============================================================================= data parallel (torchrun)
+# ======================================================================== data parallel (torchrun)
 
 
 def test_batches_shard_the_global_batch_across_ranks():
@@ -2536,7 +2609,9 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     parts = [data.Batches(corpus, 2, 1, 3, dev, kept, r, 2, cache=cache) for r in range(2)]
 
     def rows(x, ids, counts):  # (sample, its draws), in a fixed order
-        return sorted((a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts))
+        return sorted(
+            (a.tolist(), i.tolist(), c.tolist()) for a, i, c in zip(x, ids, counts, strict=True)
+        )
 
     for step in range(3):
         x, _, (ids, counts) = one.get(step, 0)
@@ -2621,7 +2696,7 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     assert r.stdout.count("[sekd] step     6/6") == 1  # rank 1 prints nothing
     two = json.loads((tmp_path / "two" / "results_compare.json").read_text())
     assert [row["method"] for row in two["rows"]] == [row["method"] for row in one["rows"]]
-    for a, b in zip(one["rows"], two["rows"]):
+    for a, b in zip(one["rows"], two["rows"], strict=True):
         assert (
             len(a["loss_curve"]) == len(b["loss_curve"]) > 0 and b["tokens"] == a["tokens"]
         )  # all ranks' tokens
@@ -2639,7 +2714,7 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     )  # no stray files
 
 
-# ============================================================================= the paper's data: --preset fineweb
+# ============================================================== the paper's data: --preset fineweb
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
@@ -2731,13 +2806,16 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2
 
 
-# ----------------------------------------------------------------------------- teaching: text samples, exercise 2
+# -------------------------------------------------------------- teaching: text samples, exercise 2
 
 
 def test_generate_appends_tokens_with_their_entropy():
     m = tiny_gpt(L=8)  # block size 8: 5 + 6 tokens exercise the context crop
     idx = torch.randint(0, 37, (2, 5))
-    seeded = lambda: torch.Generator().manual_seed(3)
+
+    def seeded():
+        return torch.Generator().manual_seed(3)
+
     out, ent = m.generate(idx, 6, 1.0, 0, seeded())
     assert out.shape == (2, 11) and torch.equal(out[:, :5], idx) and ent.shape == (2, 6)
     for j in range(6):
