@@ -12,14 +12,13 @@ same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `-
 stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
 those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
 
-Then the items of the paper's kind of evaluation (a cloze of hard words, multiple choice), the file
-format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
-each rank's share of them under torchrun, the sample axis (TopSmp, RandomSmp) and the teacher cache.
+Then the batches (each rank's share of them under torchrun), the items of the paper's kind of
+evaluation (a cloze of hard words, multiple choice) and the file format of SE-KD_3X's offline
+teacher cache. What runs a model or a process group is train.py's.
 """
 
 import bisect
 import collections
-import datetime
 import errno
 import glob
 import hashlib
@@ -29,17 +28,11 @@ import math
 import os
 import re
 import struct
-import sys
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-import sekd
-from sekd import COUNT_BITS, MAX_DRAWS
 
 UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
 
@@ -629,7 +622,10 @@ def write_cache(path, signature, shape, blocks):
         del out
 
 
-# A cached class is one little-endian word, its token id << 7 | its draw count (sekd.MAX_DRAWS, 7 bits).
+# A cached class is one little-endian word, its token id << 7 | its draw count: 7 bits, so U, the
+# draws per position, is at most MAX_DRAWS. The file format owns these numbers.
+COUNT_BITS = 7
+MAX_DRAWS = 2**COUNT_BITS - 1  # 127
 
 
 def cache_bytes_per_class(V):
@@ -721,84 +717,6 @@ class TeacherCache:
                 )
 
 
-# ============================================================================= what a student trains on
-# The corpus gives samples; what follows decides which of them a student sees, in which order, on which
-# rank, and with what teacher signal. train.py's loop and experiments/ build on it.
-
-
-def teacher_ckpt_path(args):
-    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- data parallel (torchrun)
-# torchrun starts N copies of this job, as in nanoGPT. Each rank takes its slice of each global batch
-# (Batches); we average gradients before clipping; rank 0 prints and writes. Alone: RANK 0, WORLD 1.
-
-
-RANK, WORLD = 0, 1
-
-
-def init_distributed(device):
-    """Join torchrun's process group; ranks other than 0 print nothing (errors still reach stderr)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
-        )
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
-
-
-def finish_distributed():
-    global RANK, WORLD
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    RANK, WORLD = 0, 1
-
-
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
-    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
-    if WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-    )
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
-def rank0_first(fn):
-    # fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)
-    out = fn() if RANK == 0 else None
-    barrier()
-    return fn() if RANK != 0 else out
-
-
-def gather_objects(obj):  # every rank's obj, in rank order
-    if WORLD == 1:
-        return [obj]
-    parts = [None] * WORLD
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -840,181 +758,3 @@ class Batches:
             self.device
         )  # row i: kept sample i
         return x[:, :-1], x[:, 1:], decode_draws(raw, self.cache.signature["V"])
-
-
-def autocast_dtype(args, dev):
-    return {
-        "auto": torch.bfloat16 if dev.type == "cuda" else None,
-        "float32": None,
-        "bfloat16": torch.bfloat16,
-    }[args.dtype]
-
-
-def autocast(args, dev):
-    dtype = autocast_dtype(args, dev)
-    return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
-
-
-# ----------------------------------------------------------------------------- the sample and class axes
-# TopSmp / RandomSmp train on a share --l of the samples, for that share of the steps; SE-KD_3X reads the
-# teacher's draws from a file written once (py has its format), so that training holds the student only.
-
-
-def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the frozen initial
-    student's entropy; RandomSmp's), for as many epochs as --student-steps makes over all samples (l = 20%
-    trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
-    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
-    out = {
-        "samples": samples,
-        "n_kept": len(corpus.train),
-        "prepass_s": None,
-        "cache_build_s": None,
-        "cache_reused": None,
-        "cache_bytes": None,
-        "steps": args.student_steps,
-    }
-    kept, cache = None, None
-    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
-        TeacherCache(cache_path(args)).check(
-            cache_signature(args, corpus, []), skip=("kept",)
-        )  # fail fast
-    if samples == "top":
-        scores, out["prepass_s"] = sample_prepass(student, corpus, args, device)
-        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
-    elif samples == "random":
-        kept = sekd.random_samples(
-            len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)
-        ).numpy()
-    if kept is not None:
-        out["n_kept"] = len(kept)
-        out["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    if classes == "cache":
-        ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(
-            args, corpus, device, teacher, ids
-        )
-        out["cache_bytes"] = os.path.getsize(cache.path)
-    out["batches"] = Batches(
-        corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache
-    )
-    return out
-
-
-_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
-
-
-@torch.no_grad()
-def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
-    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
-    key = (
-        args.seed,
-        json.dumps(asdict(student.config), sort_keys=True),
-        corpus.meta["data_fingerprint"],
-        args.dtype,
-        str(device),
-    )
-    if key not in _PREPASS:
-        t0, scores = time.time(), []
-        student.eval()
-        starts = range(0, len(corpus.train), args.batch_size)
-        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i : i + args.batch_size, :-1].astype(np.int64)).to(
-                device
-            )
-            with autocast(args, device):
-                h = student.hidden(x)
-            scores.append(
-                sekd.sample_entropy(
-                    h.float(), student.head_weight.float(), None, args.chunk_rows or None
-                )
-                .double()
-                .cpu()
-                .numpy()
-            )
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PREPASS[key] = (scores, time.time() - t0)
-        print(
-            f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s"
-        )
-    return _PREPASS[key]
-
-
-def cache_path(args):
-    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-
-
-def cache_signature(args, corpus, kept):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
-    path = teacher_ckpt_path(args)
-    if not os.path.exists(path):
-        raise DataError(
-            f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-            "train it first (python train.py --run teacher)"
-        )
-    return {
-        "format": 1,
-        "teacher_sha256": file_sha256(path),
-        "data_fingerprint": corpus.meta["data_fingerprint"],
-        "U": args.U,
-        "T": args.T,
-        "seed": args.seed,
-        "V": corpus.vocab.size,
-        "seq_len": args.seq_len,
-        "kept": [int(i) for i in kept],
-    }
-
-
-def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
-    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
-    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
-    path, signature = cache_path(args), cache_signature(args, corpus, kept)
-    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
-    if build:
-        if teacher is None:
-            raise DataError("building the teacher cache needs the teacher")
-        t0, V, gen = (
-            time.time(),
-            corpus.vocab.size,
-            torch.Generator(device=device).manual_seed(args.seed),
-        )
-
-        @torch.no_grad()
-        def blocks():  # U classes drawn from the teacher at every position of every kept sample
-            for i in range(0, len(kept), args.batch_size):
-                x = torch.from_numpy(
-                    corpus.train[kept[i : i + args.batch_size], :-1].astype(np.int64)
-                ).to(device)
-                with autocast(args, device):
-                    ids, counts = sekd.teacher_draws(
-                        teacher.hidden(x),
-                        teacher.head_weight,
-                        args.U,
-                        args.T,
-                        args.chunk_rows or None,
-                        gen,
-                    )
-                yield encode_draws(ids, counts, V).cpu().numpy()
-
-        write_cache(
-            path, signature, (len(kept), args.seq_len, args.U, cache_bytes_per_class(V)), blocks()
-        )
-        build_s = time.time() - t0
-        print(
-            f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-            f"{os.path.getsize(path):,} bytes in {build_s:.1f}s"
-        )
-    barrier()
-    cache = TeacherCache(path)
-    if build:
-        return cache, build_s, False
-    cache.check(signature)
-    print(
-        f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher"
-    )
-    return cache, None, True
