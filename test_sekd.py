@@ -2893,13 +2893,16 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     pq.write_table(
         pa.table({"text": docs, "id": [str(i) for i in range(len(docs))]}), tmp_path / "fw.parquet"
     )
-    calls, load = [], data.open_dataset
+    import datasets
 
-    def hub(name, config=None, data_files=None, streaming=False):
-        calls.append((name, config, streaming))
-        return load("parquet", data_files=[str(tmp_path / "fw.parquet")], streaming=streaming)
+    calls, load = [], datasets.load_dataset
 
-    monkeypatch.setattr(data, "open_dataset", hub)
+    def hub(name, config=None, data_files=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        fw = [str(tmp_path / "fw.parquet")]
+        return load("parquet", data_files=fw, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
     tiny = [
         "--teacher-layers",
         "1",
@@ -2937,7 +2940,7 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
         ]
         + tiny
     )
-    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", True)]
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
     meta = r["data"]
     enc = data.gpt2_encoding()
     sizes = [len(enc.encode_ordinary(d)) + 1 for d in docs]
