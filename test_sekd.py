@@ -1671,16 +1671,16 @@ def cache_setup(tmp_path, tiny_corpus):
     )
     corpus = data.prepare(ds, args.seq_len, cache_dir=cache_dir)
     teacher = train.new_model(args, "teacher", corpus.vocab.size, torch.device("cpu"))
-    train.save_checkpoint(data.teacher_ckpt_path(args), {"model": teacher.state_dict()})
+    train.save_checkpoint(train.teacher_ckpt_path(args), {"model": teacher.state_dict()})
     kept = np.arange(0, len(corpus.train), 4)
     return args, corpus, teacher, kept
 
 
 def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
     args, corpus, teacher, kept = cache_setup
-    cache, build_s, reused = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    cache, build_s, reused = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert build_s > 0 and not reused
-    again, build_s2, reused2 = data.teacher_cache(
+    again, build_s2, reused2 = train.teacher_cache(
         args, corpus, torch.device("cpu"), None, kept
     )  # no teacher needed
     assert build_s2 is None and reused2
@@ -1720,29 +1720,29 @@ def test_cache_round_trip_reuse_and_size_accounting(cache_setup):
 )
 def test_mismatching_cache_is_refused_in_one_line(cache_setup, change, key):
     args, corpus, teacher, kept = cache_setup
-    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     args.cache = path
     if change == "kept":
         kept = kept[1:]
     elif change == "teacher":
-        train.save_checkpoint(data.teacher_ckpt_path(args), {"model": tiny_gpt().state_dict()})
+        train.save_checkpoint(train.teacher_ckpt_path(args), {"model": tiny_gpt().state_dict()})
     else:
         vars(args).update(change)
     with pytest.raises(train.UserError, match=key) as e:
-        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert "--rebuild-cache" in str(e.value) and "\n" not in str(e.value)
     args.rebuild_cache = True
-    assert not data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
+    assert not train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[2]
 
 
 def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     blob = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(blob[:-100])
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     os.remove(path)
     calls = []
 
@@ -1755,7 +1755,7 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
     real_encode = data.encode_draws
     monkeypatch.setattr(data, "encode_draws", failing_encode)
     with pytest.raises(KeyboardInterrupt):
-        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert os.listdir(os.path.dirname(path)) == ["teacher.pt"]  # no cache, no temporary file
 
 
@@ -1773,13 +1773,13 @@ def test_cli_axis_errors_are_one_line_exit_2(flags, msg, capsys):
 
 def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypatch):
     args, corpus, teacher, kept = cache_setup
-    data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+    train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     args.U = 32
     monkeypatch.setattr(
-        data, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check")
+        train, "sample_prepass", lambda *a: pytest.fail("pre-pass ran before the cache check")
     )
     with pytest.raises(train.UserError, match="U: 64 in the cache, 32 now"):
-        data.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
+        train.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
 # ============================================================== on-policy distillation, reverse KL
@@ -2429,7 +2429,7 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_corpus, pretrained_p
 @pytest.mark.parametrize("where", ["allocate", "header"])
 def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
     args, corpus, teacher, kept = cache_setup
-    path = data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
+    path = train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)[0].path
     good = open(path, "rb").read()
     args.rebuild_cache = True
     if where == "allocate":
@@ -2445,7 +2445,7 @@ def test_disk_full_while_building_the_cache(cache_setup, monkeypatch, where):
         match=f"could not write {path}: No space left on device .* the previous "
         "file, if any, is unchanged",
     ):
-        data.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
+        train.teacher_cache(args, corpus, torch.device("cpu"), teacher, kept)
     assert open(path, "rb").read() == good and not leftovers(os.path.dirname(path))
 
 
@@ -2570,9 +2570,9 @@ def test_batches_shard_the_global_batch_across_ranks():
 
 def as_rank(monkeypatch, rank, world):
     """Run the job's code as `rank` of `world` in this process: collectives do nothing."""
-    monkeypatch.setattr(data, "RANK", rank)
-    monkeypatch.setattr(data, "WORLD", world)
-    monkeypatch.setattr(data, "barrier", lambda: None)
+    monkeypatch.setattr(train, "RANK", rank)
+    monkeypatch.setattr(train, "WORLD", world)
+    monkeypatch.setattr(train, "barrier", lambda: None)
 
 
 def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
@@ -2582,27 +2582,27 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
         train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")),
         torch.device("cpu"),
     )
-    monkeypatch.setattr(data, "_PREPASS", {})
-    whole = data.sample_prepass(student, corpus, args, dev)[0]
+    monkeypatch.setattr(train, "_PREPASS", {})
+    whole = train.sample_prepass(student, corpus, args, dev)[0]
     shards = []
     for r in range(
         3
     ):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
         as_rank(monkeypatch, r, 3)
-        monkeypatch.setattr(data, "gather_objects", lambda obj: [obj])  # this rank's share alone
-        monkeypatch.setattr(data, "_PREPASS", {})
-        shards.append(data.sample_prepass(student, corpus, args, dev)[0])
+        monkeypatch.setattr(train, "gather_objects", lambda obj: [obj])  # this rank's share alone
+        monkeypatch.setattr(train, "_PREPASS", {})
+        shards.append(train.sample_prepass(student, corpus, args, dev)[0])
     assert 0 < len(shards[0]) < len(whole)
     np.testing.assert_array_equal(np.concatenate(shards), whole)
     as_rank(monkeypatch, 1, 2)  # a rank other than 0 never builds the cache, it waits for rank 0's
     with pytest.raises(train.UserError, match="corrupt or truncated"):
-        data.teacher_cache(args, corpus, dev, teacher, kept)
+        train.teacher_cache(args, corpus, dev, teacher, kept)
     as_rank(monkeypatch, 0, 1)
-    cache = data.teacher_cache(args, corpus, dev, teacher, kept)[0]
+    cache = train.teacher_cache(args, corpus, dev, teacher, kept)[0]
     as_rank(monkeypatch, 1, 2)
     before = os.stat(cache.path).st_mtime_ns
     args.rebuild_cache = True
-    assert data.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
+    assert train.teacher_cache(args, corpus, dev, teacher, kept)[1:] == (None, True)
     assert os.stat(cache.path).st_mtime_ns == before
     # each rank reads the cache rows of its own samples: together, those of the 1-rank batch
     one = data.Batches(corpus, 4, 1, 3, dev, kept, cache=cache)
@@ -2627,7 +2627,7 @@ def test_checkpoint_keeps_each_ranks_random_stream(monkeypatch):
     for rank in range(2):  # two "ranks" in this process, each with its own stream
         torch.manual_seed(100 + rank)
         states.append({"cpu": torch.get_rng_state(), "cuda": []})
-    monkeypatch.setattr(data, "gather_objects", lambda obj: [states[0], obj])
+    monkeypatch.setattr(train, "gather_objects", lambda obj: [states[0], obj])
     as_rank(monkeypatch, 1, 2)
     torch.manual_seed(101)
     saved = train.rng_state()  # what rank 1 writes: both ranks' states
@@ -2743,13 +2743,16 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     pq.write_table(
         pa.table({"text": docs, "id": [str(i) for i in range(len(docs))]}), tmp_path / "fw.parquet"
     )
-    calls, load = [], data.open_dataset
+    import datasets
 
-    def hub(name, config=None, data_files=None, streaming=False):
-        calls.append((name, config, streaming))
-        return load("parquet", data_files=[str(tmp_path / "fw.parquet")], streaming=streaming)
+    calls, load = [], datasets.load_dataset
 
-    monkeypatch.setattr(data, "open_dataset", hub)
+    def hub(name, config=None, data_files=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        fw = [str(tmp_path / "fw.parquet")]
+        return load("parquet", data_files=fw, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
     tiny = [
         "--teacher-layers",
         "1",
@@ -2787,7 +2790,7 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
         ]
         + tiny
     )
-    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", True)]
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
     meta = r["data"]
     enc = data.gpt2_encoding()
     sizes = [len(enc.encode_ordinary(d)) + 1 for d in docs]

@@ -8,6 +8,8 @@ torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data para
 """
 
 import argparse
+import datetime
+import hashlib
 import io
 import json
 import math
@@ -27,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 import data
 import sekd
-from data import Batches, autocast, autocast_dtype, file_sha256, sample_plan, teacher_ckpt_path
+from data import Batches
 
 UserError = (
     data.DataError
@@ -405,12 +407,12 @@ def kd_config(args, method, **kd):
 
 def save_checkpoint(path, obj):
     """Through a temporary file and a rename: an interrupted save leaves the old file. Rank 0 writes."""
-    if data.RANK == 0:
+    if RANK == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         buf = io.BytesIO()
         torch.save(obj, buf)
         data.atomic_write_bytes(path, buf.getvalue())
-    data.barrier()
+    barrier()
 
 
 def load_checkpoint(path):
@@ -442,6 +444,214 @@ def check_signature(ckpt, corpus, path):  # refuse a checkpoint of another token
             f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
             "--vocab-size/--full-vocab, or pass --retrain-teacher"
         )
+
+
+# ---- what a student trains on: torchrun, autocast, the sample axis, the teacher cache
+# torchrun starts N copies of this job, as in nanoGPT: each rank takes its slice of each global
+# batch (data.Batches), we average gradients before clipping, rank 0 prints and writes.
+RANK, WORLD = 0, 1  # alone
+
+
+def init_distributed(device):
+    """Join torchrun's process group; ranks other than 0 print nothing (errors reach stderr)."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the others may wait hours while rank 0 alone builds the data or a teacher cache
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
+        RANK, WORLD = dist.get_rank(), dist.get_world_size()
+        if RANK:
+            sys.stdout = open(os.devnull, "w")
+
+
+def finish_distributed():
+    global RANK, WORLD
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    RANK, WORLD = 0, 1
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the others: they read what rank 0 built and wrote (the memmaps)."""
+    out = fn() if RANK == 0 else None
+    barrier()
+    return fn() if RANK != 0 else out
+
+
+def gather_objects(obj):  # every rank's obj, in rank order
+    parts = [obj] * WORLD
+    if WORLD > 1:
+        dist.all_gather_object(parts, obj)
+    return parts
+
+
+def average_gradients(model):
+    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
+    hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
+    if WORLD == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)  # a sum (gloo has no average)
+    flat /= WORLD
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p)
+
+
+def autocast_dtype(args, device):  # --dtype auto: bfloat16 on CUDA
+    auto = torch.bfloat16 if device.type == "cuda" else None
+    return {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+
+
+def autocast(args, device):
+    dtype = autocast_dtype(args, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def teacher_ckpt_path(args):
+    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
+
+
+def cache_path(args):
+    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def sample_plan(args, samples, classes, corpus, device, student, teacher):
+    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the
+    frozen initial student's entropy; RandomSmp's), for as many epochs as --student-steps makes
+    over all samples (l = 20% trains 20% of the steps: the wall-time saving), SE-KD_3X's draws."""
+    n, kept, prepass_s, cache, build_s, reused = len(corpus.train), None, None, None, None, None
+    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
+        # we refuse a cache of another run before the pre-pass, not after
+        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))
+    if samples == "top":
+        scores, prepass_s = sample_prepass(student, corpus, args, device)
+        kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
+    elif samples == "random":
+        kept = sekd.random_samples(n, args.l, torch.Generator().manual_seed(args.seed)).numpy()
+    if classes == "cache":
+        ids = kept if kept is not None else np.arange(n)
+        cache, build_s, reused = teacher_cache(args, corpus, device, teacher, ids)
+    n_kept, steps = n, args.student_steps
+    if kept is not None:
+        n_kept, steps = len(kept), max(1, math.ceil(args.student_steps * len(kept) / n))
+    return {
+        "samples": samples,
+        "n_kept": n_kept,
+        "prepass_s": prepass_s,
+        "cache_build_s": build_s,
+        "cache_reused": reused,
+        "cache_bytes": os.path.getsize(cache.path) if cache else None,
+        "steps": steps,
+        "batches": Batches(
+            corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache
+        ),
+    }
+
+
+_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one per seed
+
+
+@torch.no_grad()
+def sample_prepass(student, corpus, args, device):
+    """The frozen initial student scores every training sample by its mean entropy -> (scores [N]
+    float64, seconds). Each rank scores its share of the batches; every rank gets all the scores."""
+    config = json.dumps(asdict(student.config), sort_keys=True)
+    key = (args.seed, config, corpus.meta["data_fingerprint"], args.dtype, str(device))
+    if key not in _PREPASS:
+        t0, scores, bs, chunk_rows = time.time(), [], args.batch_size, args.chunk_rows or None
+        student.eval()
+        starts = range(0, len(corpus.train), bs)
+        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
+            x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
+            with autocast(args, device):
+                h = student.hidden(x)
+            H = sekd.sample_entropy(h.float(), student.head_weight.float(), None, chunk_rows)
+            scores.append(H.double().cpu().numpy())
+        student.train()
+        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        _PREPASS[key] = (scores, seconds)
+        print(
+            f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy "
+            f"in {seconds:.1f}s"
+        )
+    return _PREPASS[key]
+
+
+def cache_signature(args, corpus, kept):
+    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
+    path = teacher_ckpt_path(args)
+    if not os.path.exists(path):
+        raise UserError(
+            f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
+            "train it first (python train.py --run teacher)"
+        )
+    return {
+        "format": 1,
+        "teacher_sha256": file_sha256(path),
+        "data_fingerprint": corpus.meta["data_fingerprint"],
+        "U": args.U,
+        "T": args.T,
+        "seed": args.seed,
+        "V": corpus.vocab.size,
+        "seq_len": args.seq_len,
+        "kept": [int(i) for i in kept],
+    }
+
+
+def teacher_cache(args, corpus, device, teacher, kept):
+    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line
+    if not, built if absent or --rebuild-cache. -> (data.TeacherCache, build seconds or None,
+    reused). Rank 0 builds it (its draws do not depend on the world size); the others wait."""
+    path, signature = cache_path(args), cache_signature(args, corpus, kept)
+    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
+    if build:
+        if teacher is None:
+            raise UserError("building the teacher cache needs the teacher")
+        t0, V, W = time.time(), corpus.vocab.size, teacher.head_weight
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+
+        @torch.no_grad()
+        def blocks():  # U classes drawn from the teacher at every position of every kept sample
+            for i in range(0, len(kept), args.batch_size):
+                rows = corpus.train[kept[i : i + args.batch_size], :-1]
+                x = torch.from_numpy(rows.astype(np.int64)).to(device)
+                with autocast(args, device):
+                    h = teacher.hidden(x)
+                    ids, counts = sekd.teacher_draws(
+                        h, W, args.U, args.T, args.chunk_rows or None, gen
+                    )
+                yield data.encode_draws(ids, counts, V).cpu().numpy()
+
+        shape = (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V))
+        data.write_cache(path, signature, shape, blocks())
+        build_s = time.time() - t0
+    barrier()
+    cache, size = data.TeacherCache(path), os.path.getsize(path)
+    if build:
+        print(
+            f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x "
+            f"U={args.U}, {size:,} bytes in {build_s:.1f}s"
+        )
+        return cache, build_s, False
+    cache.check(signature)
+    print(f"[cache] reusing {path} ({size:,} bytes): distillation runs without the teacher")
+    return cache, None, True
 
 
 # ----------------------------------------------------------------------------- memory meter
@@ -539,11 +749,9 @@ def train_loop(
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for p in (
-        model.parameters() if data.WORLD > 1 else []
-    ):  # every rank starts from rank 0's weights
+    for p in model.parameters() if WORLD > 1 else []:  # every rank starts from rank 0's weights
         dist.broadcast(p.data, 0)
-    tokens_per_step = data.WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
+    tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, train_time, curve = time.time(), 0.0, []
     # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only step, at
     # whatever step a run resumes: under the meter the compiled chunk formulas run eager and round otherwise,
@@ -562,11 +770,9 @@ def train_loop(
                     loss, _ = loss_fn(x, y, *cached)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
-            total = (
-                sum(data.gather_objects(total)) / data.WORLD
-            )  # the logged loss: the mean over ranks
+            total = sum(gather_objects(total)) / WORLD  # the logged loss: the mean over ranks
             curve.append(total)
-            data.average_gradients(model)
+            average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             if not (math.isfinite(total) and math.isfinite(norm)):
                 what = (
@@ -816,7 +1022,7 @@ def pretrained(args, corpus, device, evalset, who):
         print(f"[{who}] step {step}: quick val ppl {ppl:.2f}, saved {path}")
 
     batches = Batches(
-        corpus, args.batch_size, args.grad_accum, seed, device, rank=data.RANK, world=data.WORLD
+        corpus, args.batch_size, args.grad_accum, seed, device, rank=RANK, world=WORLD
     )
     stats = train_loop(
         model,
@@ -883,8 +1089,8 @@ def distill_student(
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
-    if data.RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
-        torch.manual_seed(args.seed + 1_000_003 * data.RANK)
+    if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
+        torch.manual_seed(args.seed + 1_000_003 * RANK)
     state, calls = (
         cfg.new_state(),
         [0],
@@ -897,9 +1103,7 @@ def distill_student(
         if (
             on_policy > 0
         ):  # each micro-batch samples from its own seed: a resumed run writes the same text
-            seed = int(
-                np.random.SeedSequence([args.seed, calls[0], data.RANK]).generate_state(1)[0]
-            )
+            seed = int(np.random.SeedSequence([args.seed, calls[0], RANK]).generate_state(1)[0])
             gen = torch.Generator(device=x.device).manual_seed(seed)
             return sekd.on_policy_distill_loss(
                 s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state
@@ -1015,7 +1219,7 @@ def resumable(path, key, tag):
 
 def rng_state():
     """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
-    return data.gather_objects(
+    return gather_objects(
         {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -1028,10 +1232,10 @@ def set_rng_state(rng):
     rng = (
         [rng] if isinstance(rng, dict) else rng
     )  # a checkpoint written before states were per rank
-    if data.RANK < len(rng):
-        torch.set_rng_state(rng[data.RANK]["cpu"])
-        if rng[data.RANK]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng[data.RANK]["cuda"])
+    if RANK < len(rng):
+        torch.set_rng_state(rng[RANK]["cpu"])
+        if rng[RANK]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
 
 
 # ----------------------------------------------------------------------------- results and main
@@ -1134,8 +1338,8 @@ def machine():
 def load_data(args):
     """The device and the corpus every job starts from (rank 0 builds the memmaps, the others read them)."""
     device = pick_device(args)
-    data.init_distributed(device)
-    corpus = data.rank0_first(
+    init_distributed(device)
+    corpus = rank0_first(
         lambda: data.prepare(
             args.dataset,
             args.seq_len,
@@ -1181,11 +1385,11 @@ def write_results(args, corpus, t_start, **results):
         "total_s": time.time() - t_start,
     }
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
-    if data.RANK == 0:
+    if RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
-    data.finish_distributed()
+    finish_distributed()
     return result
 
 

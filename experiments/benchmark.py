@@ -111,7 +111,7 @@ class PhaseMeter:
 
 def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
     """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
-    with data.autocast(args, x.device):
+    with train.autocast(args, x.device):
         loss, _ = ledger.flow_loss(
             student, teacher, x, y, flow, args.k, args.T, args.chunk_rows or None, phase
         )
@@ -178,7 +178,7 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     """One flow at batch B: analytic account and measured peaks (after a warm-up step); a row
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
-    half = data.autocast_dtype(args, dev) is not None
+    half = train.autocast_dtype(args, dev) is not None
     acc = ledger.ledger_account(
         student,
         teacher,
@@ -340,7 +340,7 @@ def run(args, device):
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
     lines = [
         f"benchmark on {device} ({where}), "
-        f"torch {torch.__version__}, autocast {data.autocast_dtype(args, device) or 'off (float32)'}; "
+        f"torch {torch.__version__}, autocast {train.autocast_dtype(args, device) or 'off (float32)'}; "
         f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
         f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
         f"{args.bench_warmup} warm-up, the flows taking turns"

@@ -105,7 +105,7 @@ def run(args, corpus, device):
     (the teacher, then every saved student), one block under the other; each generated token is
     coloured by that model's own entropy H(q_t) at that step (the student_entropy metric: what SE-KD
     selects by). Same --seed, same text."""
-    models = [("teacher", data.teacher_ckpt_path(args))] + saved_students(args.out_dir)
+    models = [("teacher", train.teacher_ckpt_path(args))] + saved_students(args.out_dir)
     enc = data.gpt2_encoding()
     prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
     text, entropy = {}, {}

@@ -633,8 +633,9 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
 
 
 def test_train_imports_no_experiment():
-    """sekd <- data <- train <- experiments: importing train and parsing its flags loads nothing of
-    experiments/, and no line of sekd.py, data.py or train.py imports it, lazily (importlib) or not."""
+    """sekd, data <- train <- experiments: importing train and parsing its flags loads nothing of
+    experiments/; no line of sekd.py, data.py or train.py imports it, lazily (importlib) or not;
+    sekd.py and data.py import neither train nor each other."""
     code = (
         "import sys, train; train.check_flags(train.parse_args([])); "
         "print([m for m in sys.modules if m.split('.')[0] == 'experiments'])"
@@ -650,6 +651,17 @@ def test_train_imports_no_experiment():
         with open(os.path.join(HERE, name)) as f:
             for i, line in enumerate(f, 1):
                 assert not imports.search(line), f"{name}:{i} imports experiments/: {line.strip()}"
+    # sekd.py and data.py are the bottom layer, side by side: each loads neither the other nor train
+    for name, other in (("sekd", "data"), ("data", "sekd")):
+        code = f"import sys, {name}; print(sorted({{'{other}', 'train'}} & set(sys.modules)))"
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120
+        )
+        assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+        below = re.compile(rf"\b(import|from)\s+({other}|train)\b|\b(import_module|__import__)\b")
+        with open(os.path.join(HERE, f"{name}.py")) as f:
+            for i, line in enumerate(f, 1):
+                assert not below.search(line), f"{name}.py:{i} imports {other} or train: {line}"
 
 
 def test_each_tool_checks_train_flags_and_its_own_in_one_line():
