@@ -308,7 +308,15 @@ def build_parser():
         choices=["auto", "float32", "bfloat16"],
         help="auto: bfloat16 on CUDA",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies")
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="all",
+        default="chunks",
+        choices=["off", "chunks", "all"],
+        help="torch.compile: the chunk formulas of sekd.py; all: the transformer bodies too; "
+        "off: eager everywhere (a machine without a C++ compiler)",
+    )
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--out-dir", default="out")
     g.add_argument(
@@ -753,16 +761,19 @@ def train_loop(
         dist.broadcast(p.data, 0)
     tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, train_time, curve = time.time(), 0.0, []
-    # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only step, at
-    # whatever step a run resumes: under the meter the compiled chunk formulas run eager and round otherwise,
-    # so metering another step would end a resumed run on another student. Its checkpoint keeps the peak.
+    # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only
+    # step, at whatever step a run resumes: under the meter everything runs eager (a graph compiled
+    # there would round otherwise), so metering another step would end a resumed run on another
+    # student. Its checkpoint keeps the peak.
     metered, peak_cpu = min(1, steps - 1), (resume or {}).get("live_peak", 0)
     for step in range(start, steps):
         ts = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, args.warmup)
-        meter = LiveBytes() if dev.type != "cuda" and step == metered else nullcontext()
-        with meter:
+        metering = dev.type != "cuda" and step == metered
+        meter = LiveBytes() if metering else nullcontext()
+        eager = torch.compiler.set_stance("force_eager") if metering else nullcontext()
+        with meter, eager:
             total = 0.0
             for micro in range(batches.accum):
                 x, y, *cached = batches.get(step, micro)  # cached: SE-KD_3X's teacher draws
@@ -940,7 +951,7 @@ def new_model(args, who, vocab_size, device):
 
 
 def maybe_compile(model, args):
-    if args.compile:
+    if args.compile == "all":
         model.hidden = torch.compile(model.hidden)
     return model
 
@@ -1396,6 +1407,8 @@ def write_results(args, corpus, t_start, **results):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
+    if args.compile == "off":
+        torch.compiler.set_stance("force_eager")
     methods = {"compare": ["ce", "full_kd", "sekd"], "distill": [args.method]}.get(args.run, [])
     configs = {
         m: kd_config(args, m) for m in methods
