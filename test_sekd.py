@@ -1089,6 +1089,10 @@ def test_help_lists_every_flag_with_defaults():
     ):
         assert flag in r.stdout
     assert "(default: 0.2)" in r.stdout
+    lines = r.stdout.splitlines()  # the usage examples, one to a line
+    assert any(
+        line.startswith("python train.py --run teacher      # only the teacher") for line in lines
+    )
 
 
 # ========================================================= the position axis: metrics and policies

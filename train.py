@@ -1,10 +1,10 @@
 """The main job: train a teacher, distil students from it, compare them.
 
-python train.py                      # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
-python train.py --run teacher        # only the teacher
+python train.py                    # teacher (or reuse out/teacher.pt), then CE / Full KD / SE-KD
+python train.py --run teacher      # only the teacher
 python train.py --run distill --method sekd --k 0.1 --metric reverse_kl --policy gls
-python -m experiments.positions      # a paper table: each lives in experiments/, building on this file
-torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel; --help: every flag
+python -m experiments.positions    # a paper table: each in experiments/, built on this file
+torchrun --standalone --nproc_per_node=2 train.py -- --run distill   # data parallel
 """
 
 import argparse
@@ -63,7 +63,8 @@ draws = number(
     int, lambda v: 1 <= v <= data.MAX_DRAWS, f"in [1, {data.MAX_DRAWS}] (7-bit counts in the cache)"
 )
 
-# The class and sample axes as methods: name -> (positions, classes: full | rskd | cache, samples: all | top | random)
+# The class and sample axes as methods:
+# name -> (positions, classes: full | rskd | cache, samples: all | top | random)
 AXES = {
     "rskd": ("full_kd", "rskd", "all"),
     "top_smp": ("full_kd", "full", "top"),
@@ -73,10 +74,11 @@ AXES = {
     "sekd_3x": ("sekd", "cache", "top"),
 }
 
-# The paper's data (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) as new defaults for one GPU; our
-# models (a GPT-2 small teacher, a student half its size); 16 x 4 x 512 = 32,768 tokens per step.
-# The default job is sized to finish in minutes on a 2-core CPU (results/quick_default_cpu.md). "full": the
-# sizes it had before, 7-12x slower (results/compare_cpu.md).
+# The paper's data (FineWeb-Edu, 80M tokens, 512-token samples, pure KL) as new defaults for one
+# GPU; our models (a GPT-2 small teacher, a student half its size); 16 x 4 x 512 = 32,768 tokens per
+# step.
+# The default job is sized to finish in minutes on a 2-core CPU (results/quick_default_cpu.md).
+# "full": the sizes it had before, 7-12x slower (results/compare_cpu.md).
 PRESETS = {
     "full": {
         "vocab_size": 0,
@@ -115,9 +117,13 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the usage examples one to a line, and shows every flag's default."""
+
+
 def build_parser():
     """Built at each call, so a metric or policy registered before `cli()` is a valid choice."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--run",
         default="compare",
@@ -329,8 +335,8 @@ def build_parser():
 
 
 def parse_args(argv=None, parser=None):
-    """The flags, with --preset's values as defaults. We drop a leading `--` (torchrun needs one before
-    the job's flags, or takes --run and --l for its own --run-path and --log-dir)."""
+    """The flags, with --preset's values as defaults. We drop a leading `--` (torchrun needs one
+    before the job's flags, or takes --run and --l for its own --run-path and --log-dir)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
     p = parser or build_parser()
@@ -354,7 +360,8 @@ def check_flags(a):
         )
     if a.on_policy > 0 and sekd.on_policy_rows(a.batch_size, a.on_policy) == 0:
         raise UserError(
-            f"--on-policy {a.on_policy} of --batch-size {a.batch_size} rounds to no sequence: raise one"
+            f"--on-policy {a.on_policy} of --batch-size {a.batch_size} rounds to no sequence: "
+            "raise one"
         )
     if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in ("compare", "distill"):
         raise UserError("--on-policy and --divergence reverse work with --run compare or distill")
@@ -374,7 +381,8 @@ def check_flags(a):
 
 
 def from_flags(flags, make, **fields):
-    """make(**fields), a library object built from the user's `flags`: what it refuses is a user error."""
+    """make(**fields), a library object built from the user's `flags`: what it refuses is a user
+    error."""
     try:
         return make(**fields)
     except ValueError as e:  # the library's own check, in one line
@@ -414,7 +422,8 @@ def kd_config(args, method, **kd):
 
 
 def save_checkpoint(path, obj):
-    """Through a temporary file and a rename: an interrupted save leaves the old file. Rank 0 writes."""
+    """Through a temporary file and a rename: an interrupted save leaves the old file. Rank 0
+    writes."""
     if RANK == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         buf = io.BytesIO()
@@ -667,10 +676,10 @@ def teacher_cache(args, corpus, device, teacher, kept):
 
 
 class LiveBytes(TorchDispatchMode):
-    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes alive
-    at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an output
-    sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also counted in
-    `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits)."""
+    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes
+    alive at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an
+    output sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also
+    counted in `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits)."""
 
     def __init__(self, match=None):
         super().__init__()
@@ -747,8 +756,9 @@ def fmt_time(s):
 def train_loop(
     model, loss_fn, batches, steps, lr, args, tag, ckpt=None, resume=None, frozen_bytes=0
 ):
-    """AdamW, warm-up + cosine, accumulation, clipping; `ckpt(step, opt, train_s, live_peak)` every --eval-interval
-    steps. A non-finite loss or gradient stops before the update. -> seconds, tokens, peak bytes, losses."""
+    """AdamW, warm-up + cosine, accumulation, clipping; `ckpt(step, opt, train_s, live_peak)` every
+    --eval-interval steps. A non-finite loss or gradient stops before the update. -> seconds,
+    tokens, peak bytes, losses."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = saved = resume["step"] if resume else 0
     if resume:
@@ -843,11 +853,12 @@ def per_item(
 
 
 class EvalSet:
-    """What every model is scored on: validation samples at every position (with the teacher's hidden states
-    on them, a student's KL costs two heads only), and the paper's kind of items (data.eval_items). The cloze
-    of hard words: PPL as lm-eval-harness gives LAMBADA's (exp of the mean -log p of a whole word), accuracy
-    (the greedy continuation is the word) and ECE at its tokens. Multiple choice: the option of highest
-    log-likelihood per byte (lm-eval-harness's acc_norm), against a chance of 1 / data.OPTIONS."""
+    """What every model is scored on: validation samples at every position (with the teacher's
+    hidden states on them, a student's KL costs two heads only), and the paper's kind of items
+    (data.eval_items). The cloze of hard words: PPL as lm-eval-harness gives LAMBADA's (exp of the
+    mean -log p of a whole word), accuracy (the greedy continuation is the word) and ECE at its
+    tokens. Multiple choice: the option of highest log-likelihood per byte (lm-eval-harness's
+    acc_norm), against a chance of 1 / data.OPTIONS."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -889,7 +900,8 @@ class EvalSet:
 
     @torch.no_grad()
     def evaluate(self, model, args, limit=None):
-        """Every measure; with `limit` (a quick look during training), val PPL on `limit` samples only."""
+        """Every measure; with `limit` (a quick look during training), val PPL on `limit` samples
+        only."""
         model.eval()
         n = len(self.x) if limit is None else min(limit, len(self.x))
         t = self.teacher_h is not None
@@ -921,7 +933,7 @@ class EvalSet:
         return out
 
 
-# ----------------------------------------------------------------------------- the teacher and the initial student
+# ------------------------------------------------------------- the teacher and the initial student
 
 
 def pick_device(args):
@@ -957,8 +969,8 @@ def maybe_compile(model, args):
 
 
 def pretrained(args, corpus, device, evalset, who):
-    """The teacher, or the initial student every method starts from (as in the paper: a random student's
-    entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
+    """The teacher, or the initial student every method starts from (as in the paper: a random
+    student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
     if who == "teacher":
         path, steps, lr, seed = (
             teacher_ckpt_path(args),
@@ -999,7 +1011,8 @@ def pretrained(args, corpus, device, evalset, who):
         ckpt = None
     if ckpt is not None and ckpt["step"] >= ckpt["steps"]:
         print(
-            f"[{who}] reusing {path} ({ckpt['config']['n_layer']} layers, d={ckpt['config']['n_embd']}, "
+            f"[{who}] reusing {path} ({ckpt['config']['n_layer']} layers, "
+            f"d={ckpt['config']['n_embd']}, "
             f"{ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f})"
             + ("; --retrain-teacher to train anew" if who == "teacher" else "")
         )
@@ -1076,8 +1089,9 @@ def method_label(method, cfg, args):
 def distill_student(
     args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd
 ):
-    """One student from the shared initial weights, trained with `method` (sekd.METHODS or AXES) and
-    evaluated; `kd` overrides KDConfig fields; save=False keeps no checkpoint. -> the results row."""
+    """One student from the shared initial weights, trained with `method` (sekd.METHODS or AXES)
+    and evaluated; `kd` overrides KDConfig fields; save=False keeps no checkpoint. -> the results
+    row."""
     positions, classes, samples = AXES.get(method, (method, "full", "all"))
     on_policy = (
         args.on_policy if positions != "ce" else 0.0
@@ -1094,13 +1108,15 @@ def distill_student(
     ):
         raise UserError(
             f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
-            f"({student.config.vocab_size}) differ: train the teacher on the same data, --vocab-size "
-            "and --full-vocab"
+            f"({student.config.vocab_size}) differ: train the teacher on the same data, "
+            "--vocab-size and --full-vocab"
         )
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches = plan.pop("batches")
     s_body, t_body = maybe_compile(student, args), (None if classes == "cache" else teacher)
-    if RANK:  # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1 rank's
+    # data parallel: other random draws (RandomPos, pos-RS-KD, RS-KD) on each rank; rank 0 keeps 1
+    # rank's
+    if RANK:
         torch.manual_seed(args.seed + 1_000_003 * RANK)
     state, calls = (
         cfg.new_state(),
@@ -1119,6 +1135,8 @@ def distill_student(
             return sekd.on_policy_distill_loss(
                 s_body, t_body, x, y, cfg, on_policy, prompt_len, gen, state
             )
+        if cfg.is_sekd:  # SE-KD as the paper runs it: the short path through sekd.py
+            return sekd.sekd_loss(s_body, t_body, x, y, cfg)
         return sekd.distill_loss(s_body, t_body, x, y, cfg, state, draws)
 
     path = os.path.join(args.out_dir, f"student_{method}.pt")
@@ -1197,7 +1215,8 @@ RUN_FLAGS = (
 
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
-    """What a checkpoint must match to be resumed: the settings, data, teacher and initial student."""
+    """What a checkpoint must match to be resumed: the settings, data, teacher and initial
+    student."""
     init, teacher = os.path.join(args.out_dir, "student_init.pt"), teacher_ckpt_path(args)
     return {
         "method": method,
@@ -1215,21 +1234,24 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
 
 
 def resumable(path, key, tag):
-    """The unfinished checkpoint at `path` of the same run, or None (a finished one, another run's)."""
+    """The unfinished checkpoint at `path` of the same run, or None (a finished one, another
+    run's)."""
     ckpt = load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
         return None
     if ckpt.get("run_key") != key:
         diff = sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k])
         print(
-            f"[{tag}] {path} is an unfinished checkpoint of another run ({', '.join(diff)} differ): training anew"
+            f"[{tag}] {path} is an unfinished checkpoint of another run ({', '.join(diff)} "
+            "differ): training anew"
         )
         return None
     return ckpt
 
 
 def rng_state():
-    """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank order."""
+    """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, in rank
+    order."""
     return gather_objects(
         {
             "cpu": torch.get_rng_state(),
@@ -1239,7 +1261,8 @@ def rng_state():
 
 
 def set_rng_state(rng):
-    """This rank's generators from `rng_state()`; a rank it has no state for keeps its fresh seed."""
+    """This rank's generators from `rng_state()`; a rank it has no state for keeps its fresh
+    seed."""
     rng = (
         [rng] if isinstance(rng, dict) else rng
     )  # a checkpoint written before states were per rank
@@ -1253,7 +1276,8 @@ def set_rng_state(rng):
 
 
 def print_table(rows, device, title=None):
-    """Rows of results; a row with `<key>_std` entries (mean over seeds) shows them as mean ± std."""
+    """Rows of results; a row with `<key>_std` entries (mean over seeds) shows them as mean ±
+    std."""
     w, c = (
         max([22] + [len(r["method"]) for r in rows]),
         14 if any("val_ppl_std" in r for r in rows) else 8,
@@ -1267,7 +1291,8 @@ def print_table(rows, device, title=None):
 
     head = (
         f"{'method':<{w}} {'val PPL':>{c}} {'KL(T||S)':>{c + 1}} {'agree %':>{c}} {'ECE %':>{c}} "
-        f"{'cloze PPL':>{c}} {'cloze %':>{c}} {'choice %':>{c}} {'wall':>8} {'tok/s':>8} {'peak MiB':>9}"
+        f"{'cloze PPL':>{c}} {'cloze %':>{c}} {'choice %':>{c}} {'wall':>8} {'tok/s':>8} "
+        f"{'peak MiB':>9}"
     )
     print(("\n" + title if title else "") + "\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -1275,7 +1300,8 @@ def print_table(rows, device, title=None):
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
         print(
-            f"{r['method']:<{w}} {cell(r, 'val_ppl', '{:.2f}'):>{c}} {cell(r, 'kl_to_teacher', '{:.3f}'):>{c + 1}} "
+            f"{r['method']:<{w}} {cell(r, 'val_ppl', '{:.2f}'):>{c}} "
+            f"{cell(r, 'kl_to_teacher', '{:.3f}'):>{c + 1}} "
             f"{cell(r, 'agreement', '{:.1f}', 100):>{c}} {cell(r, 'ece', '{:.2f}'):>{c}} "
             f"{cell(r, 'cloze_ppl', '{:.1f}'):>{c}} {cell(r, 'cloze_acc', '{:.1f}', 100):>{c}} "
             f"{cell(r, 'choice_acc', '{:.1f}', 100):>{c}} {wall:>8} {tps:>8} {peak:>9}"
@@ -1284,7 +1310,8 @@ def print_table(rows, device, title=None):
     if items:
         print(
             f"cloze: {items.get('cloze_items', 0):,} hard words, PPL and greedy accuracy; choice: "
-            f"{items.get('choice_items', 0):,} items of {data.OPTIONS} options, chance {100 / data.OPTIONS:.0f}%"
+            f"{items.get('choice_items', 0):,} items of {data.OPTIONS} options, "
+            f"chance {100 / data.OPTIONS:.0f}%"
         )
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
@@ -1328,7 +1355,8 @@ def memory_accounts(args, configs, corpus, teacher, device):
                 if acc is None
                 else ", ".join(f"{label} {acc[key] / 2**20:,.1f}" for key, label in ACCOUNT.items())
                 + f" (chunks of {acc['chunk_rows']} "
-                f"rows, {acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected, lambda {acc['lam']:g}, {acc['dtype']})"
+                f"rows, {acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected, "
+                f"lambda {acc['lam']:g}, {acc['dtype']})"
             )
         )
         out.update({m: acc} if acc else {})
@@ -1347,7 +1375,8 @@ def machine():
 
 
 def load_data(args):
-    """The device and the corpus every job starts from (rank 0 builds the memmaps, the others read them)."""
+    """The device and the corpus every job starts from (rank 0 builds the memmaps, the others read
+    them)."""
     device = pick_device(args)
     init_distributed(device)
     corpus = rank0_first(
@@ -1368,9 +1397,9 @@ def load_data(args):
 
 
 def setup(args):
-    """What every job that distils starts from (ours, and each in experiments/): the data, the evaluation set,
-    the teacher and, but for --run teacher, the initial student. -> (corpus, device, evalset, teacher,
-    student_init, the teacher's and the initial student's result rows)"""
+    """What every job that distils starts from (ours, and each in experiments/): the data, the
+    evaluation set, the teacher and, but for --run teacher, the initial student. -> (corpus, device,
+    evalset, teacher, student_init, the teacher's and the initial student's result rows)"""
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, t_stats = pretrained(args, corpus, device, evalset, "teacher")
@@ -1387,7 +1416,8 @@ def setup(args):
 
 
 def write_results(args, corpus, t_start, **results):
-    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, then `results`."""
+    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, then
+    `results`."""
     result = {
         "args": vars(args),
         "machine": machine(),
@@ -1425,9 +1455,10 @@ def main(argv=None):
 
 
 def cli(argv=None, job=None):
-    """`job` (default `main`; an entry point in experiments/ passes its own), a user error printed in one line
-    with exit code 2 (a script that registers a metric and calls `train.cli()` gets the same command line).
-    Any other exception is a bug, in a registered metric too: it keeps its traceback."""
+    """`job` (default `main`; an entry point in experiments/ passes its own), a user error printed
+    in one line with exit code 2 (a script that registers a metric and calls `train.cli()` gets the
+    same command line). Any other exception is a bug, in a registered metric too: it keeps its
+    traceback."""
     try:
         return (job or main)(argv)
     except (
@@ -1437,7 +1468,8 @@ def cli(argv=None, job=None):
         sys.exit(2)
     except KeyboardInterrupt:
         print(
-            "interrupted; checkpoints written so far are complete: the same command resumes from the last",
+            "interrupted; checkpoints written so far are complete: the same command resumes "
+            "from the last",
             file=sys.stderr,
         )
         sys.exit(130)

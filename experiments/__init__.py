@@ -1,5 +1,7 @@
-"""The paper-table runs and tools, each its own entry point that builds on train.py, as nanoGPT keeps bench.py
-beside train.py: `python -m experiments.NAME` takes train.py's flags and its own (`--help` lists them all)."""
+"""The paper-table runs and tools, each its own entry point that builds on train.py, as nanoGPT
+keeps bench.py beside train.py: `python -m experiments.NAME` takes train.py's flags and its own
+(`--help` lists
+them all)."""
 
 import argparse
 import os
@@ -9,12 +11,15 @@ import train
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default, as train.py shows them, and the tool's docstring as written (its commands)."""
+    """Every flag's default, as train.py shows them, and the tool's docstring as written (its
+    commands)."""
 
 
 def parse_args(argv, name, doc, add_flags=None):
-    """train.py's flags, --preset included, and the tool's own group (`add_flags(parser)`), checked as train.py
-    checks its own. args.run = name: it names OUT_DIR/results_NAME.json, and the checks know the job by it."""
+    """train.py's flags, --preset included, and the tool's own group (`add_flags(parser)`), checked
+    as train.py checks its own. args.run = name: it names OUT_DIR/results_NAME.json, and the checks
+    know the job
+    by it."""
     p = train.build_parser()
     p.prog, p.description, p.formatter_class = f"python -m experiments.{name}", doc, HelpFormatter
     for action in p._actions:  # --run chooses among train.py's jobs; a tool is a job of its own
@@ -39,9 +44,9 @@ def one_process(args):
 
 
 def run_table(args, table):
-    """train.setup (the data, the teacher, the initial student), then `table(args, corpus, device, teacher,
-    evalset, student_init)` -> its results, whose "rows" follow the teacher's and the initial student's;
-    written to OUT_DIR/results_RUN.json as train.py writes its own."""
+    """train.setup (the data, the teacher, the initial student), then `table(args, corpus, device,
+    teacher, evalset, student_init)` -> its results, whose "rows" follow the teacher's and the
+    initial student's; written to OUT_DIR/results_RUN.json as train.py writes its own."""
     t_start = time.time()
     corpus, device, evalset, teacher, student_init, rows = train.setup(args)
     extra = table(args, corpus, device, teacher, evalset, student_init)

@@ -1,10 +1,13 @@
-"""The paper's multi-axis table (positions, classes, samples), its wall-time table and its storage table,
-at small scale. The axes themselves (TopSmp / RandomSmp samples, SE-KD_3X's offline teacher cache) are
-train.py's `sample_plan`, which every `--method` trains on:
+"""The paper's multi-axis table (positions, classes, samples), its wall-time table and its storage
+table, at small scale. The axes themselves (TopSmp / RandomSmp samples, SE-KD_3X's offline teacher
+cache) are train.py's `sample_plan`, which every `--method` trains on:
 
-    python -m experiments.axes --seeds 3                            # the three tables
-    python -m experiments.axes --table walltime --student-steps 654   # the wall-time rows alone, one seed
-    python -m experiments.axes --table storage                      # the storage accounting; trains nothing
+    # the three tables
+    python -m experiments.axes --seeds 3
+    # the wall-time rows alone, one seed
+    python -m experiments.axes --table walltime --student-steps 654
+    # the storage accounting; trains nothing
+    python -m experiments.axes --table storage
 """
 
 import argparse
@@ -41,7 +44,10 @@ def add_flags(p):
         "--table",
         default="axes",
         choices=["axes", "walltime", "storage"],
-        help="axes: the multi-axis table, then wall time and storage; walltime: its rows alone; storage: no training",
+        help=(
+            "axes: the multi-axis table, then wall time and storage; walltime: its rows alone; "
+            "storage: no training"
+        ),
     )
 
 
@@ -137,10 +143,14 @@ def storage(args, corpus):
     here = data.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
     n_here = len(corpus.train) * args.seq_len
     print(
-        f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
+        f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B "
+        f"tokens; "
         f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)"
     )
-    head = f"{'method':<22} {'B/pos':>10} {'TB @100B':>10} {'paper TB':>9} {'B/pos here':>11} {'MiB here':>10}"
+    head = (
+        f"{'method':<22} {'B/pos':>10} {'TB @100B':>10} {'paper TB':>9} "
+        f"{'B/pos here':>11} {'MiB here':>10}"
+    )
     print(head + "\n" + "-" * len(head))
     labels = {
         "full_fp16": "Full KD, fp16 logits",
@@ -151,11 +161,13 @@ def storage(args, corpus):
     out = {"paper_scale": paper, "here": here, "positions_here": n_here}
     for key, label in labels.items():
         print(
-            f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} {PAPER_STORAGE_TB[key]:>9,} "
+            f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} "
+            f"{PAPER_STORAGE_TB[key]:>9,} "
             f"{here[key]:>11,.1f} {here[key] * n_here / 2**20:>10,.2f}"
         )
     print(
-        "(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 byte per logit)"
+        "(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 "
+        "byte per logit)"
     )
     cache_path = train.cache_path(args)
     if os.path.exists(cache_path):
@@ -173,8 +185,10 @@ def storage(args, corpus):
             "header_bytes": cache.offset,
         }
         print(
-            f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = {real / n_pos:.2f} B/position; "
-            f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the {cache.offset}-byte "
+            f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = "
+            f"{real / n_pos:.2f} B/position; "
+            f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the "
+            f"{cache.offset}-byte "
             f"header); per position of the whole training set {real / n_here:.2f} B"
         )
     return out

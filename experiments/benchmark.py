@@ -2,8 +2,10 @@
 measured peak bytes per phase beside the ledger's account, and step times. Then a sweep over B*L, to
 show which flows' logit memory grows with the batch (the paper's memory table, at our scale):
 
-    python -m experiments.benchmark --bench-vocab 50257 --batch-size 2 --seq-len 512   # any flag of train.py
-    python -m experiments.benchmark --head-only        # the LM head's loss step alone (experiments/head_bench.py)
+    # any flag of train.py
+    python -m experiments.benchmark --bench-vocab 50257 --batch-size 2 --seq-len 512
+    # the LM head's loss step alone (experiments/head_bench.py)
+    python -m experiments.benchmark --head-only
 """
 
 import argparse
@@ -139,7 +141,10 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     ph = pm.phases
     t_params = ledger.param_bytes(teacher)
     t_hidden = x.numel() * teacher.config.n_embd * 4
-    delta = lambda p: ph[p]["peak"] - ph[p]["start"] if p in ph else 0
+
+    def delta(p):
+        return ph[p]["peak"] - ph[p]["start"] if p in ph else 0
+
     teacher_own = delta("teacher forward")
     if "teacher head" in ph:
         teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
@@ -231,7 +236,7 @@ def time_rows(student, teacher, opt, rows, args, dev):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            guard_oom(r, lambda: bench_step(student, teacher, opt, x, y, r["flow"], args))
+            guard_oom(r, lambda r=r: bench_step(student, teacher, opt, x, y, r["flow"], args))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.bench_warmup:
@@ -264,7 +269,8 @@ def bench_models(args, V, dev):
 def print_bench_table(rows, lines):
     base = rows[0]
     head = (
-        f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} {'(analytic)':>10} "
+        f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} "
+        f"{'(analytic)':>10} "
         f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}"
     )
     lines += [head, "-" * len(head)]
@@ -325,7 +331,8 @@ def print_sweep_tables(V, sweep, grid):
 def run(args, device):
     """One training step of each flow side by side, on random tokens, per vocabulary size
     (--bench-vocab); then a sweep over B*L (--bench-tokens) for the first vocabulary. Writes
-    OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json. --head-only: head_bench.run."""
+    OUT_DIR/benchmark.txt (the tables) and OUT_DIR/results_benchmark.json. --head-only:
+    head_bench.run."""
     if args.head_only:
         return head_bench.run(args, device)
     vocabs, sweep = args.bench_vocab, args.bench_tokens
@@ -340,9 +347,12 @@ def run(args, device):
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
     lines = [
         f"benchmark on {device} ({where}), "
-        f"torch {torch.__version__}, autocast {train.autocast_dtype(args, device) or 'off (float32)'}; "
-        f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, "
-        f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
+        f"torch {torch.__version__}, autocast "
+        f"{train.autocast_dtype(args, device) or 'off (float32)'}; "
+        f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher "
+        f"{args.teacher_layers}x{args.teacher_embd}, "
+        f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps "
+        f"after "
         f"{args.bench_warmup} warm-up, the flows taking turns"
     ]
     print(lines[0])
@@ -374,7 +384,8 @@ def run(args, device):
         os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode()
     )
     print(
-        f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in results_benchmark.json"
+        f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in "
+        f"results_benchmark.json"
     )
     return result
 

@@ -1,9 +1,14 @@
-"""`python -m experiments.benchmark --head-only`: one loss step (forward + backward) at the LM head alone,
-from random hidden states and head weights, for each flow side by side: dense `kd_loss`, the streamed Full
-KD, SE-KD with its selection, the selection alone, our chunk formulas eager and compiled, and, when they are
-installed, the peers: Liger's fused linear JSD (beta = 0, the forward KL) and torchtune's chunked forward KL,
-on all rows and on SE-KD's rows. Every flow's gradient is checked against dense (against the streamed loss
-where dense does not fit); the flows are timed in turns; we write a JSON and plot time and memory against N."""
+"""`python -m experiments.benchmark --head-only`: one loss step (forward + backward) at the LM head
+alone, from random hidden states and head weights, for each flow side by side: dense `kd_loss`, the
+streamed Full KD, SE-KD with its selection, the selection alone, our chunk formulas eager and
+compiled, and, when they are installed, the peers: Liger's fused linear JSD (beta = 0, the forward
+KL) and torchtune's chunked forward KL, on all rows and on SE-KD's rows. Every flow's gradient is
+checked against dense (against the streamed loss where dense does not fit); the flows are timed in
+turns; we write a JSON
+and plot
+time
+and memory
+against N."""
 
 import gc
 import json
@@ -65,8 +70,8 @@ def selection(x, k, chunk):
 
 
 def our_flows(k, chunk=None, compile_on=True, tag=""):
-    """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N rows
-    are one sequence, so the loss is their mean."""
+    """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N
+    rows are one sequence, so the loss is their mean."""
 
     def streamed(x, mask=None):
         cfg = sekd.KDConfig(lam=1.0, chunk_rows=chunk or 0)
@@ -135,14 +140,18 @@ def peer_flows(k):
 
 
 def rows(x, mask):
-    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's, targets."""
+    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's,
+    targets."""
     sel = slice(None) if mask is None else mask[0]
     return x["hs"][sel], x["ws"], x["ht"][sel], x["wt"], x["y"][0][sel]
 
 
 def inputs(N, V, ds, dt, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
     return {
         "hs": make(N, ds).requires_grad_(),
         "ws": make(V, ds, scale=ds**-0.5 * 2).requires_grad_(),
@@ -168,8 +177,9 @@ def one_step(flow, x):
 
 
 def measure(flow, x, device, compiled_code):
-    """Peak extra memory of one step: on CUDA the allocator's peak; on a CPU the live tensor bytes (LiveBytes),
-    but for compiled code, which that meter cannot see, the process's peak-RSS growth (Linux)."""
+    """Peak extra memory of one step: on CUDA the allocator's peak; on a CPU the live tensor bytes
+    (LiveBytes), but for compiled code, which that meter cannot see, the process's peak-RSS growth
+    (Linux)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -191,7 +201,7 @@ def measure(flow, x, device, compiled_code):
 def rel_err(grads, ref):
     errs = [
         (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-        for a, b in zip(grads, ref)
+        for a, b in zip(grads, ref, strict=False)
         if a is not None and b is not None
     ]
     return max(errs) if errs else None
@@ -267,7 +277,8 @@ def bench_shape(V, N, args, device, peers):
 def table(rows):
     base = next((r for r in rows if r["flow"] == "dense kd_loss" and r.get("ms")), rows[0])
     lines = [
-        f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, {rows[0]['dtype']}; "
+        f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, "
+        f"{rows[0]['dtype']}; "
         f"ratios to '{base['flow']}'",
         f"{'flow':<62} {'live MB':>9} {'RSS MB':>8} {'ms':>9} {'x time':>7} {'grad err':>9}",
         "-" * 109,
@@ -297,7 +308,7 @@ def plot(rows, path):
         return None
     vocabs = sorted({r["V"] for r in rows})
     fig, axes = plt.subplots(len(vocabs), 2, figsize=(13, 4.5 * len(vocabs)), squeeze=False)
-    for (ax_t, ax_m), V in zip(axes, vocabs):
+    for (ax_t, ax_m), V in zip(axes, vocabs, strict=True):
         for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
             ours = flow.startswith(
                 ("sekd", "of which", "dense")
@@ -328,7 +339,8 @@ def plot(rows, path):
 
 
 def run(args, device):
-    """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json and .png."""
+    """Every flow at every (V, N); prints the tables, writes OUT_DIR/head_benchmark_<device>.json
+    and .png."""
     if len(args.head_dims) != 2:
         raise train.UserError(
             "--head-dims takes two widths, the student's and the teacher's, e.g. 256,512"

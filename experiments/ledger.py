@@ -249,7 +249,7 @@ def logit_ledger(
             elif sel_chunks is None:  # the selected rows spread evenly over the chunks
                 sel_chunks = [
                     (i + c) * n_sel // BL - i * n_sel // BL
-                    for i, c in zip(range(0, BL, chunk_rows), sizes)
+                    for i, c in zip(range(0, BL, chunk_rows), sizes, strict=True)
                 ]
             _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher)
         lg.enter("backward")
@@ -320,12 +320,13 @@ def _chunk_logits(lg, c, d, who):
 
 
 def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
-    """The streamed loss with 0 < lam < 1, and plain streamed CE (lam = 0): per chunk of c valid rows,
-    the student logits; first, at the chunk's s selected rows, the rows' copy, the teacher's logits
-    and the KL's tensors, of which only the KL gradient survives; then the CE log-softmax of all c
-    rows (turned into the gradient in place), and the KL gradient added into it, in place. Peak
-    (float32): max(c + 5 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next starts."""
-    for c, s in zip(sizes, sel_chunks):
+    """The streamed loss with 0 < lam < 1, and plain streamed CE (lam = 0): per chunk of c valid
+    rows, the student logits; first, at the chunk's s selected rows, the rows' copy, the teacher's
+    logits and the KL's tensors, of which only the KL gradient survives; then the CE log-softmax of
+    all c rows (turned into the gradient in place), and the KL gradient added into it, in place.
+    Peak (float32): max(c + 5 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next
+    starts."""
+    for c, s in zip(sizes, sel_chunks, strict=False):
         zs, g_kl = _chunk_logits(lg, c, d_student, "student"), None
         if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
             zs_s = lg.new("student chunk, selected rows", s, 4)
@@ -349,7 +350,8 @@ def _chunk_kd(lg, c, d_teacher, student_what):
 
 
 def _chunk_gradient_done(lg, c, g):
-    """The chunk's gradient goes through the head's two matmuls (under autocast as a bf16 copy), then dies."""
+    """The chunk's gradient goes through the head's two matmuls (under autocast as a bf16 copy),
+    then dies."""
     if lg.half:
         lg.free(lg.new("chunk logit gradient, bf16", c, 2))
     lg.free(g)
@@ -368,7 +370,8 @@ def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
 
 def account_flow(method, flow):
     """The flow whose tensors `sekd.distill_loss` makes for `method` (ce, full_kd, sekd, random_pos)
-    with KDConfig.flow `flow`, and whether it runs the entropy pass (RandomPos selects without logits)."""
+    with KDConfig.flow `flow`, and whether it runs the entropy pass (RandomPos selects without
+    logits)."""
     if method in ("full_kd", "ce"):
         return ("dense" if flow == "dense" else "streamed"), False
     return ("chunked" if flow == "dense" else "streamed"), method == "sekd"
@@ -452,7 +455,8 @@ def ledger_account(
     head_grad = (
         V * student.config.n_embd * 4 if flow == "streamed" else 0
     )  # its float32 dL/dW, kept for backward
-    # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through the chunked pass that made them
+    # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through the chunked pass that
+    # made them
     copies = {
         "selection": V * student.config.n_embd * 2 * half * select * (flow != "dense"),
         "loss": V

@@ -44,7 +44,8 @@ def mean_std_row(label, per_seed, keys=SUMMARY_KEYS):
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
     """The three tables, printed as they fill and again together at the end. We train a
-    configuration that appears in several tables once. -> {"tables", "seeds", "students_trained"}."""
+    configuration that appears in several tables once. -> {"tables", "seeds",
+    "students_trained"}."""
     seeds = [args.seed + i for i in range(args.seeds)]
     done = {}
 
@@ -66,7 +67,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     steps_S = min(args.curriculum_steps, args.student_steps)
     if steps_S < args.curriculum_steps:
         print(
-            f"note: curriculum slides over {steps_S} steps (--student-steps), not --curriculum-steps "
+            f"note: curriculum slides over {steps_S} steps (--student-steps), not "
+            f"--curriculum-steps "
             f"{args.curriculum_steps}, so that it reaches the top window within training"
         )
     tables = {}

@@ -2,8 +2,8 @@
 size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD and
 RandomPos from the same initial student on the same batches, --seeds seeds each, and report the
 paired gaps SE-KD - Full KD and SE-KD - RandomPos (mean ± std over seeds) in val PPL, KL to the
-teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy), and
-on the paper's kind of measure: the cloze of hard words and multiple choice (train.EvalSet).
+teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy),
+and on the paper's kind of measure: the cloze of hard words and multiple choice (train.EvalSet).
 
 Before any training, a diagnosis of each initial student on validation data: what SE-KD's positions
 are (student and teacher entropy, student CE, KL, the norm of the KL gradient per row) against
@@ -11,8 +11,10 @@ random ones, and how well the student's entropy predicts the KL (Pearson correla
 
 Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run resumes where it was:
 
-    python -m experiments.regimes --cells A,B --seeds 3     # and any flag of train.py
-    python -m experiments.regimes --preset full --cells C,H # a 2x160 student beats the quick default's teacher
+    # and any flag of train.py
+    python -m experiments.regimes --cells A,B --seeds 3
+    # a 2x160 student beats the quick default's teacher
+    python -m experiments.regimes --preset full --cells C,H
 """
 
 import argparse
@@ -28,7 +30,8 @@ import sekd
 import train
 from experiments.positions import mean_std_row
 
-# name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most telling first
+# name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most
+# telling first
 CELLS = {
     "A  1x64 lr1e-3 lam1": (
         "1x64",
@@ -130,8 +133,10 @@ CELLS = {
         ("full_kd", "sekd", "random_pos"),
     ),
 }
-# "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as the paper's was (Qwen3-1.7B
-# came out of distillation from larger Qwen3 models). K: a long, gentle distillation, 5x the steps at a low lr.
+# "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as the paper's was
+# (Qwen3-1.7B
+# came out of distillation from larger Qwen3 models). K: a long, gentle distillation, 5x the steps
+# at a low lr.
 # a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
 METHODS = {
     "full_kd": ("full_kd", {}, "Full KD"),
@@ -169,7 +174,8 @@ def add_flags(p):
 
 
 def student_args(args, size):
-    """The flags of a student size: 1x64 is the default initial student; others live in their own folder."""
+    """The flags of a student size: 1x64 is the default initial student; others live in their own
+    folder."""
     layers, embd = (int(v) for v in size.removesuffix("kd").split("x"))
     if (layers, embd) == (args.student_layers, args.student_embd) and not size.endswith("kd"):
         return args
@@ -220,7 +226,7 @@ def position_stats(model, evalset, k=0.2, seed=0, decode=None):
         ids, counts = evalset.x[m].unique(return_counts=True)
         out[tag]["inputs"] = [
             (decode(int(i)) if decode else int(i), round(float(n) / int(m.sum()), 3))
-            for n, i in sorted(zip(counts.tolist(), ids.tolist()), reverse=True)[:8]
+            for n, i in sorted(zip(counts.tolist(), ids.tolist(), strict=True), reverse=True)[:8]
         ]
     return out, top
 
@@ -249,7 +255,8 @@ class WithHard:
 
 
 def distilled_init(a, corpus, device, teacher, evalset):
-    """An initial student pretrained by Full KD (lambda = 1) from random weights, for --student-init-steps at
+    """An initial student pretrained by Full KD (lambda = 1) from random weights, for
+    --student-init-steps at
     --student-init-lr, in its own folder; reused once finished."""
     a = argparse.Namespace(
         **{
@@ -273,7 +280,7 @@ def paired_gap(a_rows, b_rows, key):
     """mean and std over seeds of a - b, seed by seed (both methods saw the same batches)."""
     d = [
         a[key] - b[key]
-        for a, b in zip(a_rows, b_rows)
+        for a, b in zip(a_rows, b_rows, strict=False)
         if a.get(key) is not None and b.get(key) is not None
     ]
     return (float(np.mean(d)) if d else None), float(np.std(d, ddof=1)) if len(d) > 1 else None
@@ -312,7 +319,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             for s in range(args.seed, args.seed + args.seeds):
                 full = m == "full_kd"  # Full KD is the same run whatever k and where the CE goes
                 key = (
-                    f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|{'-' if full else ce_at}|k{1 if full else k:g}"
+                    f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|"
+                    f"{'-' if full else ce_at}|k{1 if full else k:g}"
                     f"|b{args.cell_batch}|s{s}"
                 )
                 if key not in done:
@@ -362,22 +370,27 @@ def summarise(name, rows):
 
 def print_diagnosis(size, d):
     print(
-        f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, KL) "
+        f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, "
+        f"KL) "
         f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}"
     )
     if d["val_ppl"] <= d["teacher_val_ppl"]:
         print(
-            f"  note: this student is already better than the teacher (val PPL {d['teacher_val_ppl']:.2f}), so its "
-            "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset full)"
+            f"  note: this student is already better than the teacher (val PPL "
+            f"{d['teacher_val_ppl']:.2f}), so its "
+            "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset "
+            "full)"
         )
     print(
-        f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} {'|q - p|':>7} "
+        f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} "
+        f"{'|q - p|':>7} "
         f"{'KL share':>8}"
     )
     for tag, label in (("top", "SE-KD top 20%"), ("random", "random 20%")):
         r = d[tag]
         print(
-            f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} {r['grad']:7.3f} "
+            f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} "
+            f"{r['grad']:7.3f} "
             f"{r['kl_share']:8.0%}"
         )
         print(f"  {'':<14} inputs: " + ", ".join(f"{t!r} {share:.0%}" for t, share in r["inputs"]))
@@ -385,13 +398,15 @@ def print_diagnosis(size, d):
 
 def print_cell(c):
     print(f"\n[regimes] {c['cell']}")
-    for m, r in c["rows"].items():
+    for r in c["rows"].values():
         print(
             f"  {r['method']:<16} ppl {r['val_ppl']:8.2f} ± {r.get('val_ppl_std') or 0:5.2f}   "
             f"KL {r['kl_to_teacher']:.4f} ± {r.get('kl_to_teacher_std') or 0:.4f}   "
             f"agree {100 * r['agreement']:.2f} ± {100 * (r.get('agreement_std') or 0):.2f}   "
-            f"cloze ppl {r.get('cloze_ppl', float('nan')):8.1f} ± {r.get('cloze_ppl_std') or 0:5.1f}   "
-            f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± {100 * (r.get('choice_acc_std') or 0):.2f}"
+            f"cloze ppl {r.get('cloze_ppl', float('nan')):8.1f} ± "
+            f"{r.get('cloze_ppl_std') or 0:5.1f}   "
+            f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± "
+            f"{100 * (r.get('choice_acc_std') or 0):.2f}"
         )
     for g in ("sekd-full_kd", "sekd-random_pos"):
         if g in c:
@@ -404,8 +419,8 @@ def print_cell(c):
 
 
 def plot(cells, diagnosis, path):
-    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in KL to the teacher
-    and in KL at the hard positions, mean ± std over seeds: below 0, SE-KD is better."""
+    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in KL to the
+    teacher and in KL at the hard positions, mean ± std over seeds: below 0, SE-KD is better."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,6 +432,7 @@ def plot(cells, diagnosis, path):
         axes,
         ("val_ppl", "cloze_ppl", "kl_to_teacher", "hard_kl"),
         ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions"),
+        strict=True,
     ):
         for j, (gap, colour) in enumerate(
             (("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))
@@ -448,7 +464,8 @@ def plot(cells, diagnosis, path):
     axes[0].legend(loc="best")
     corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
     fig.suptitle(
-        f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of the paired "
+        f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of "
+        f"the paired "
         f"gap; corr(student entropy, KL) {corr}"
     )
     fig.tight_layout()

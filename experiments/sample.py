@@ -1,7 +1,8 @@
 """The teacher's and every saved student's continuations of the same validation prompts, each
 generated token coloured by that model's own entropy at that step; trains nothing:
 
-    python -m experiments.sample --sample-prompts 5 --sample-temperature 0     # and any flag of train.py
+    # and any flag of train.py
+    python -m experiments.sample --sample-prompts 5 --sample-temperature 0
 """
 
 import json
@@ -55,7 +56,10 @@ def sample_prompts(corpus, n, length, enc):
             f"--sample-prompt-len {length}"
         )
     last = len(stream) - length
-    is_break = lambda t: "\n" in t or t == enc.decode([enc.eot_token])
+
+    def is_break(t):
+        return "\n" in t or t == enc.decode([enc.eot_token])
+
     starts = []
     for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
         breaks = [
@@ -92,7 +96,8 @@ def colour_enabled():
 
 
 def paint(token, rgb):
-    """One token on a coloured background; a line break shows as ↵ and is made outside the colour."""
+    """One token on a coloured background; a line break shows as ↵ and is made outside the
+    colour."""
     r, g, b = rgb
     return "\n".join(
         f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
@@ -125,8 +130,10 @@ def run(args, corpus, device):
     colour = colour_enabled()
     hi = max(max(max(row) for row in e) for e in entropy.values())
     print(
-        f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new tokens per model, "
-        f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed {args.seed}"
+        f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new "
+        f"tokens per model, "
+        f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed "
+        f"{args.seed}"
         + (
             f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats"
             if colour
@@ -135,12 +142,13 @@ def run(args, corpus, device):
     )
     for i, start in enumerate(starts):
         print(
-            f"\n=== prompt {i + 1} (validation token {start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}"
+            f"\n=== prompt {i + 1} (validation token "
+            f"{start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}"
         )
         for name, _ in models:
             tokens, ent = text[name][i], entropy[name][i]
             body = (
-                "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent))
+                "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent, strict=False))
                 if colour
                 else "".join(tokens)
             )

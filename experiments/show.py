@@ -1,5 +1,5 @@
-"""One validation sequence, each predicted token coloured by the student's entropy, with the positions
-two selections pick marked; in the terminal (ANSI) and as an HTML page:
+"""One validation sequence, each predicted token coloured by the student's entropy, with the
+positions two selections pick marked; in the terminal (ANSI) and as an HTML page:
 
     python -m experiments.show --policy pos_rs_kd --show-sample 3     # and any flag of train.py
 """
@@ -67,39 +67,46 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         sel = m > 0
         draws = f", {int(m.sum())} draws" if m.dtype != torch.bool else ""
         title = (
-            f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}{' top' if ' ' not in name else ''} "
-            f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean entropy "
+            f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}"
+            f"{' top' if ' ' not in name else ''} "
+            f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean "
+            f"entropy "
             f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
         )
         ansi = "".join(
             f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
             for t, s, (r, g, b) in (
                 (t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
-                for t, s, e in zip(tokens, sel, ent)
+                for t, s, e in zip(tokens, sel, ent, strict=False)
             )
         )
         print(
-            f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked = bold underlined)\n"
+            f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked "
+            f"= bold underlined)\n"
             f"{first}{ansi}"
         )
         spans = "".join(
             f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
             f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
-            for t, s, e in zip(tokens, sel, ent)
+            for t, s, e in zip(tokens, sel, ent, strict=False)
         )
         blocks.append(
             f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>"
         )
     overlap = int(((picks["student_entropy"] > 0) & (picks[other] > 0)).sum())
     print(
-        f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean entropy over "
+        f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean "
+        f"entropy over "
         f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats"
     )
     page = (
-        "<!doctype html><meta charset='utf-8'><title>sekd selection</title><style>body{font-family:sans-serif}"
+        "<!doctype html><meta charset='utf-8'><title>sekd "
+        "selection</title><style>body{font-family:sans-serif}"
         "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
-        f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token predicted there "
-        f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} positions in "
+        f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token "
+        f"predicted there "
+        f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} "
+        f"positions in "
         "common.</p>"
         f"<div class='row'>{''.join(blocks)}</div>"
     )

@@ -1,6 +1,8 @@
 """Tests of the paper-table runs and tools: the memory ledger against the tensors each flow really
-creates, the benchmark, `python -m experiments.positions | show | axes | sample | regimes` end to end on a
-tiny corpus, and the direction of the imports (experiments/ builds on train.py, never the other way)."""
+creates, the benchmark, `python -m experiments.positions | show | axes | sample | regimes` end to
+end on a tiny corpus, and the direction of the imports (experiments/ builds on train.py, never the
+other
+way)."""
 
 import contextlib
 import json
@@ -19,15 +21,16 @@ import experiments
 import sekd
 import train
 from experiments import axes, benchmark, ledger, positions, regimes, sample, show
-from test_sekd import HERE, tiny_cli, tiny_corpus  # noqa: F401 (tiny_corpus is a fixture)
+from test_sekd import HERE, tiny_cli
 
 
 def run_job(tool, tmp_path, corpus, *extra):
-    """python -m experiments.TOOL on the tiny corpus, with the test models' sizes and steps (test_sekd.TINY)."""
+    """python -m experiments.TOOL on the tiny corpus, with the test models' sizes and steps
+    (test_sekd.TINY)."""
     return tool.main(tiny_cli(tmp_path, corpus, *extra))
 
 
-# ----------------------------------------------------------------------------- the ledger: every logits-sized tensor
+# ------------------------------------------------------------ the ledger: every logits-sized tensor
 
 
 def tiny_pair(V=1000, L=12):
@@ -95,7 +98,8 @@ def test_logit_account_equals_tensors_created(flow, half, T):
     ],
 )
 def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow, lam, T, half):
-    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1 included."""
+    """The account of distill_loss's step (what `--run compare` trains), lambda < 1 and T != 1
+    included."""
     student, teacher = tiny_pair()
     V, B, L, chunk = 1000, 2, 12, 5
     g = torch.Generator().manual_seed(7)
@@ -132,7 +136,9 @@ def test_training_logit_account_with_ce_term_equals_tensors_created(method, flow
         sizes = ledger.chunk_sizes(B * L, chunk)
         assert (
             meter.matched_peak
-            == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks)) * V * 4
+            == max(max(c + 5 * s, 2 * c + s) for c, s in zip(sizes, sel_chunks, strict=True))
+            * V
+            * 4
         )
 
 
@@ -212,14 +218,15 @@ def test_streamed_logit_peak_does_not_grow_with_tokens():
             f: measured_logits(student, teacher, B, 20, f, False, chunk=2)[0].matched_peak
             for f in ("dense", "both_heads", "streamed")
         }
-    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 5 tensors (the previous chunk's are freed)
+    # N_sel = 4 B rows, in chunks of 2: at most one chunk's 5 tensors (the previous chunk's are
+    # freed)
     assert peaks[1]["streamed"] == peaks[4]["streamed"] == peaks[16]["streamed"] == 5 * 2 * 1000 * 4
     assert peaks[16]["dense"] == 16 * peaks[1]["dense"]
     assert peaks[16]["both_heads"] == 16 * peaks[1]["both_heads"]
     assert peaks[16]["streamed"] < peaks[16]["both_heads"] / 4
 
 
-# ----------------------------------------------------------------------------- python -m experiments.benchmark
+# ------------------------------------------------------------------ python -m experiments.benchmark
 
 
 def test_benchmark_runs_every_flow_and_accounts_within_10_percent(tmp_path, capsys):
@@ -286,8 +293,8 @@ def test_benchmark_times_the_flows_in_turns(monkeypatch):
 
 
 def test_head_only_benchmark_checks_times_and_measures_every_flow(tmp_path, monkeypatch):
-    """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient agrees
-    with dense, each flow has a time and a memory figure, and the JSON is written."""
+    """--head-only at tiny shapes, eager and without the peers (optional): every flow's gradient
+    agrees with dense, each flow has a time and a memory figure, and the JSON is written."""
     monkeypatch.setattr(benchmark.head_bench, "compiled", lambda on: contextlib.nullcontext())
     monkeypatch.setattr(
         benchmark.head_bench, "peer_flows", lambda k: ({}, {"liger-kernel": "not installed"})
@@ -341,7 +348,7 @@ def test_benchmark_flag_errors_are_clear():
         ledger.check_flow("magic")
 
 
-# ----------------------------------------------------------------------------- positions, show, axes
+# ---------------------------------------------------------------------------- positions, show, axes
 
 
 def save_tiny_models(out, corpus, names):
@@ -504,7 +511,7 @@ def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsy
     assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
     stream = np.asarray(corpus.val).reshape(-1)
     enc = data.gpt2_encoding()
-    for s, p in zip(r1["prompt_starts"], r1["prompts"]):
+    for s, p in zip(r1["prompt_starts"], r1["prompts"], strict=False):
         assert (
             corpus.vocab.decode([stream[s - 1]], enc) == "<|endoftext|>" and p in out
         )  # starts a line (document)
@@ -596,7 +603,7 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
     ):  # the gap: the mean over seeds of the seed-by-seed gaps
         d = [
             s[key] - f[key]
-            for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"])
+            for s, f in zip(a["rows"]["sekd"]["seeds"], a["rows"]["full_kd"]["seeds"], strict=False)
         ]
         assert a["sekd-full_kd"][key][0] == pytest.approx(np.mean(d))
         assert a["sekd-full_kd"][key][1] == pytest.approx(np.std(d, ddof=1))
@@ -629,7 +636,7 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
     )
 
 
-# ----------------------------------------------------------------------------- entry points, direction of imports
+# --------------------------------------------------------------- entry points, direction of imports
 
 
 def test_train_imports_no_experiment():
