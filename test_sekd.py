@@ -2327,10 +2327,10 @@ def test_too_short_corpus_is_one_line_exit_2(tmp_path):
     )  # nothing reusable
 
 
-def inject_after_checkpoint(path, n, fault):
-    """A sekd.distill_loss that calls `fault(loss, student)` from the n-th call after `path` first
-    exists."""
-    real, calls = sekd.distill_loss, [0]
+def inject_after_checkpoint(path, n, fault, step="distill_loss"):
+    """A sekd step (`distill_loss`, or `sekd_loss`: plain SE-KD's) that calls `fault(loss,
+    student)` from the n-th call after `path` first exists."""
+    real, calls = getattr(sekd, step), [0]
 
     def loss(student, *a, **k):
         out = real(student, *a, **k)
@@ -2362,7 +2362,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
         seen.setdefault("bytes", path.read_bytes())
         return fault(loss, student)
 
-    monkeypatch.setattr(sekd, "distill_loss", inject_after_checkpoint(str(path), 3, faulty))
+    faulty_step = inject_after_checkpoint(str(path), 3, faulty, "sekd_loss")
+    monkeypatch.setattr(sekd, "sekd_loss", faulty_step)  # the default job's SE-KD step
     with pytest.raises(
         train.UserError,
         match=f"{what}.* at step 8: stopped before the update, the checkpoint of "
