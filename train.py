@@ -210,10 +210,10 @@ def check_flags(a):
     return configs if a.run in jobs else {}  # --run teacher, experiments/: the flags checked alone
 
 
-def from_flags(flags, make, **fields):
-    """make(**fields), from the user's `flags`: what it refuses is a user error, in one line."""
+def from_flags(flags, make, **values):
+    """make(**values), from the user's `flags`: what it refuses is a user error, in one line."""
     try:
-        return make(**fields)
+        return make(**values)
     except ValueError as e:  # the library's own check
         raise UserError(f"{flags}: {e}") from None
 
@@ -221,16 +221,14 @@ def from_flags(flags, make, **fields):
 def kd_config(args, method, **kd):
     """The sekd.KDConfig of --method `method` under these flags; `kd` overrides fields."""
     positions, classes, *_ = METHODS[method]
-    auto = "reverse" if args.on_policy > 0 else "forward"  # on the student's own text: reverse KL
+    divergence = args.divergence if positions != "ce" else "forward"  # CE, the baseline: no KL
+    if divergence == "auto":  # on the student's own text, the reverse KL
+        divergence = "reverse" if args.on_policy > 0 else "forward"
+    k = 1.0 if positions == "full_kd" else args.k
+    classes = "full" if classes == "full" else "rskd"  # cache: RS-KD's draws, read from a file
     values = {f.name: getattr(args, f.name, None) for f in fields(sekd.KDConfig)}  # but classes
-    values |= {
-        "method": positions,
-        "classes": "full" if classes == "full" else "rskd",
-        "k": 1.0 if positions == "full_kd" else args.k,
-        "divergence": auto if args.divergence == "auto" else args.divergence,
-    }
-    if positions == "ce":  # the no-KD baseline
-        values["divergence"] = "forward"
+    values |= dict(method=positions, classes=classes, k=k, divergence=divergence)
+    # a bad value is one of the flags'; a bad combination, the user's --method's
     flags = f"--method {method}" if method == args.method else "the distillation flags"
     return from_flags(flags, sekd.KDConfig, **values | kd)
 
@@ -538,10 +536,8 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 def pretrained(args, corpus, device, evalset, who):
     """The teacher, or the initial student every method starts from (as in the paper: a random
     student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
-    teacher = who == "teacher"
-    path = (
-        data.teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
-    )
+    teacher, init = who == "teacher", os.path.join(args.out_dir, "student_init.pt")
+    path = data.teacher_ckpt_path(args) if teacher else init
     steps = args.teacher_steps if teacher else args.student_init_steps
     lr = args.teacher_lr if teacher else args.student_init_lr
     seed = args.seed + (1 if teacher else 2)
@@ -599,18 +595,17 @@ RUN_FLAGS += ["student_layers", "student_embd", "student_heads"]
 RUN_FLAGS += ["student_init_steps", "student_init_lr"]
 
 
-def distill_student(
-    args, method, corpus, device, teacher, evalset, student_init=None, save=True, **kd
-):
-    """One student from the shared initial weights, trained with --method `method` and evaluated;
-    `kd` overrides KDConfig fields; save=False keeps no checkpoint. -> the results row."""
+def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
+    """One student from the initial student `init`'s weights (the same for every method), trained
+    with --method `method` and evaluated; `kd` overrides KDConfig fields; save=False keeps no
+    checkpoint. -> the results row."""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
     torch.manual_seed(args.seed)
     student = new_model(args, "student", corpus.vocab.size, device)
-    if student_init is not None:  # same initial weights for every method
-        student.load_state_dict(student_init.state_dict())
+    if init is not None:
+        student.load_state_dict(init.state_dict())
     V = student.config.vocab_size
     if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != V:
         raise UserError(
