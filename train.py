@@ -454,10 +454,7 @@ class EvalSet:
     @torch.no_grad()
     def set_teacher(self, teacher, args):
         with data.autocast(args, self.x.device):
-            h = [
-                teacher.hidden(self.x[i : i + self.bs]).float()
-                for i in range(0, len(self.x), self.bs)
-            ]
+            h = [teacher.hidden(x).float() for x in self.x.split(self.bs)]
         self.teacher_h, self.teacher_w = torch.cat(h), teacher.head_weight.detach().float()
 
     def sums(self, model, args, x, y, teacher_h=None):
@@ -467,9 +464,8 @@ class EvalSet:
             with data.autocast(args, dev):
                 h = model.hidden(x[i : i + self.bs].to(dev)).float()
             th = teacher_h[i : i + self.bs] if teacher_h is not None else None
-            for k, v in sekd.evaluation_sums(
-                h, w, th, self.teacher_w, y[i : i + self.bs].to(dev)
-            ).items():
+            yi = y[i : i + self.bs].to(dev)
+            for k, v in sekd.evaluation_sums(h, w, th, self.teacher_w, yi).items():
                 tot[k] = tot.get(k, type(v)()) + v
         return {k: torch.cat(v) if isinstance(v, list) else v for k, v in tot.items()}
 
@@ -663,17 +659,11 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
     init, teacher = os.path.join(args.out_dir, "student_init.pt"), data.teacher_ckpt_path(args)
     init_used = args.student_init_steps > 0 and os.path.exists(init)
-    return {
-        "method": method,
-        "kd": asdict(cfg),
-        "steps": steps,
-        "data": corpus.meta["data_fingerprint"],
-        "teacher": data.file_sha256(teacher) if os.path.exists(teacher) else None,
-        "student_init": data.file_sha256(init) if init_used else None,
-        "on_policy": on_policy,
-        "prompt_len": prompt_len,
-        **{f: getattr(args, f) for f in RUN_FLAGS},
-    }
+    key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
+    key["teacher"] = data.file_sha256(teacher) if os.path.exists(teacher) else None
+    key["student_init"] = data.file_sha256(init) if init_used else None
+    key |= dict(on_policy=on_policy, prompt_len=prompt_len)
+    return key | {f: getattr(args, f) for f in RUN_FLAGS}
 
 
 def resumable(path, key, tag):
