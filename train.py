@@ -95,12 +95,8 @@ def build_parser():
     """Built at each call, so a metric or policy registered before `cli()` is a valid choice."""
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
-    add(
-        "--run",
-        default="compare",
-        choices=["compare", "teacher", "distill"],
-        help="the job (above)",
-    )
+    jobs = "compare: the teacher, then CE / Full KD / SE-KD; teacher: only it; distill: --method"
+    add("--run", default="compare", choices=["compare", "teacher", "distill"], help=jobs)
     add("--preset", default="none", choices=["none", *PRESETS], help="fineweb: docs/fineweb.md")
     add = p.add_argument_group("data").add_argument
     add("--dataset", default="shakespeare", help="or hf:NAME[:CONFIG], or files:PATH[,PATH]")
@@ -117,8 +113,9 @@ def build_parser():
     add = p.add_argument_group("training").add_argument
     add("--teacher-steps", type=positive_int, default=300)
     add("--teacher-lr", type=positive_float, default=2e-3)
-    add("--student-init-steps", type=non_negative_int, default=300, help="initial student, CE")
-    add("--student-init-lr", type=positive_float, default=3e-3)
+    # the initial student, which every method starts from
+    add("--student-init-steps", type=non_negative_int, default=300, help="CE steps")
+    add("--student-init-lr", type=positive_float, default=3e-3, help="peak lr")
     add("--student-steps", type=positive_int, default=150, help="distillation steps per method")
     add("--lr", type=positive_float, default=1e-3, help="peak lr of distillation (every method)")
     add("--batch-size", type=positive_int, default=16, help="sequences per micro-batch")
@@ -141,10 +138,10 @@ def build_parser():
     add("--lam", type=float, default=kd.lam, help="KL weight; 1 - lam: CE's (the paper's lam: 1)")
     add("--ce-at", default=kd.ce_at, help="where the CE goes: all, or selected (the paper's Eq. 3)")
     add("--flow", default=kd.flow, help="streamed, or dense: the full [B, L, V] logits")
-    add("--chunk-rows", type=int, default=kd.chunk_rows, help="per logits chunk (0: sekd.CHUNK_MB)")
+    add("--chunk-rows", type=int, default=kd.chunk_rows, help="rows per chunk (0: sekd.CHUNK_MB)")
     add("--U", type=int, default=kd.U, help="RS-KD draws per position, in [1, 127] (7-bit counts)")
-    reverse = "KL(student || teacher), reverse; auto: reverse on-policy"
-    add("--divergence", default="auto", choices=["auto", *sekd.DIVERGENCES], help=reverse)
+    kl = "KL(teacher || student), or reverse: KL(student || teacher); auto: reverse on-policy"
+    add("--divergence", default="auto", choices=["auto", *sekd.DIVERGENCES], help=kl)
     share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
     add("--on-policy", type=share, default=0.0, help="share of sequences the student writes")
     add("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt (0: --seq-len/2)")
@@ -156,9 +153,8 @@ def build_parser():
     add("--rebuild-cache", action="store_true", help="build the cache anew even if one exists")
     add = p.add_argument_group("system").add_argument
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    add(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU"
-    )
+    dtypes = ["auto", "float32", "bfloat16"]
+    add("--dtype", default="auto", choices=dtypes, help="auto: bfloat16 on CUDA, else float32")
     compiled = "chunks: sekd's chunk formulas; all (a bare --compile): the transformer bodies too; "
     compiled += "off: nothing (eager everywhere), for machines without a C++ compiler"
     modes = ["off", "chunks", "all"]
