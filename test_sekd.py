@@ -2,6 +2,7 @@
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
 
 import argparse
+import dataclasses
 import errno
 import json
 import math
@@ -1045,9 +1046,10 @@ def test_checkpoints_are_written_atomically(tmp_path):
 @pytest.mark.parametrize(
     "flags,msg",
     [
-        (["--k", "1.5"], "argument --k: must be in (0, 1]"),
-        (["--k", "0"], "argument --k: must be in (0, 1]"),
-        (["--T", "0"], "argument --T: must be > 0, got 0"),
+        (["--k", "1.5"], "the distillation flags: k must be in (0, 1]"),  # KDConfig's check
+        (["--k", "0"], "the distillation flags: k must be in (0, 1]"),
+        (["--run", "teacher", "--k", "0"], "k must be in (0, 1]"),  # checked if no method runs too
+        (["--T", "0"], "the distillation flags: T must be > 0, got 0.0"),
         (["--seq-len", "0"], "argument --seq-len: must be at least 1"),
         (["--student-embd", "15"], "divisible"),
     ],
@@ -1089,10 +1091,53 @@ def test_help_lists_every_flag_with_defaults():
     ):
         assert flag in r.stdout
     assert "(default: 0.2)" in r.stdout
-    lines = r.stdout.splitlines()  # the usage examples, one to a line
-    assert any(
-        line.startswith("python train.py --run teacher      # only the teacher") for line in lines
-    )
+    for line in train.__doc__.strip().splitlines()[2:]:  # the usage examples, line by line
+        assert line in r.stdout.splitlines()
+
+
+def test_distillation_flags_take_kdconfigs_defaults():
+    """One set of defaults: a distillation flag's is its sekd.KDConfig field's (--divergence has
+    a choice of its own, auto); the default flags make the default KDConfig."""
+    args, kd = train.parse_args([]), sekd.KDConfig()
+    for field in dataclasses.fields(sekd.KDConfig):
+        if field.name not in ("method", "classes", "divergence"):
+            assert getattr(args, field.name) == getattr(kd, field.name), field.name
+    assert args.divergence == "auto" and train.kd_config(args, "sekd") == kd
+
+
+def test_compile_is_one_setting(monkeypatch):
+    """--compile chunks (the default), all (a bare --compile: the transformer bodies too) or off
+    (every torch.compile runs eager, from the start of the job)."""
+    modes = [train.parse_args(f).compile for f in ([], ["--compile"], ["--compile", "off"])]
+    assert modes == ["chunks", "all", "off"]
+    model = tiny_gpt()
+    body = model.hidden
+    assert train.maybe_compile(model, train.parse_args([])).hidden == body
+    assert train.maybe_compile(model, train.parse_args(["--compile"])).hidden != body
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance", stances.append)
+    for flags in (["--compile", "off"], ["--compile", "chunks"], ["--compile", "all"]):
+        train.pick_device(train.parse_args(flags + ["--device", "cpu"]))
+    assert stances == ["force_eager"]
+
+
+def test_the_memory_meter_runs_compiled_code_eager():
+    """Under LiveBytes a compiled function runs eager: the meter sees its every tensor, and no graph
+    compiled under it serves later calls (which would then round otherwise)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: (x * 2).exp().sum(), backend=backend)
+    x = torch.ones(1000)
+    with torch.compiler.set_stance("default"):  # the suite runs eager elsewhere
+        with train.LiveBytes() as meter:
+            f(x)
+        assert not graphs and meter.peak >= 2 * x.nbytes  # x * 2 and its exp, alive at once
+        f(x)
+    assert graphs  # outside the meter it compiles
 
 
 # ========================================================= the position axis: metrics and policies
@@ -1394,12 +1439,12 @@ def test_every_method_streamed_equals_dense_through_a_model(fields, config):
 def test_position_flags_errors():
     for flags, msg in (
         (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
-        (["--gls-queue", "0"], "argument --gls-queue: must be at least 1, got 0"),
-        (["--curriculum-steps", "-1"], "argument --curriculum-steps"),
+        (["--gls-queue", "0"], "gls_queue must be an integer >= 1, got 0"),  # KDConfig's
+        (["--curriculum-steps", "-1"], "curriculum_steps must be an integer >= 1, got -1"),
         (["--seeds", "0"], "argument --seeds"),
     ):
         with pytest.raises(ValueError, match=msg):
-            train.parse_args(flags)
+            train.check_flags(train.parse_args(flags))
     r = subprocess.run(
         [sys.executable, os.path.join(HERE, "train.py"), "--metric", "nope"],
         capture_output=True,
@@ -1766,7 +1811,7 @@ def test_truncated_or_interrupted_cache_leaves_nothing_valid(cache_setup, monkey
 @pytest.mark.parametrize(
     "flags,msg",
     [
-        (["--U", "128"], "argument --U: must be in [1, 127]"),
+        (["--U", "128"], "argument --U: must be in [1, 127] (7-bit counts), got 128"),
         (["--l", "0"], "argument --l: must be in (0, 1]"),
     ],
 )

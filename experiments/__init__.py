@@ -10,18 +10,12 @@ import time
 import train
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default, as train.py shows them, and the tool's docstring as written (its
-    commands)."""
-
-
 def parse_args(argv, name, doc, add_flags=None):
     """train.py's flags, --preset included, and the tool's own group (`add_flags(parser)`), checked
     as train.py checks its own. args.run = name: it names OUT_DIR/results_NAME.json, and the checks
-    know the job
-    by it."""
+    know the job by it."""
     p = train.build_parser()
-    p.prog, p.description, p.formatter_class = f"python -m experiments.{name}", doc, HelpFormatter
+    p.prog, p.description = f"python -m experiments.{name}", doc  # shown as written (its commands)
     for action in p._actions:  # --run chooses among train.py's jobs; a tool is a job of its own
         if action.dest == "run":
             action.help = argparse.SUPPRESS
