@@ -34,7 +34,54 @@ torch.compiler.set_stance(
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# -------------------------------------------------------------------------- brute-force references
+# ============================================================================ builders
+
+
+def kd(**fields):
+    """A KDConfig of pure KL (lam = 1, Eq. 3's CE placement) unless `fields` say otherwise."""
+    return sekd.KDConfig(**{"lam": 1.0, "ce_at": "selected", **fields})
+
+
+def tiny_gpt(V=37, D=16, L=12, layers=2, heads=2, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return sekd.GPT(
+        sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=layers, n_head=heads, n_embd=D)
+    ).to(dtype)
+
+
+def random_case(B=3, L=6, V=7, seed=0, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (B, L), generator=g)
+    if pad:
+        y[0, L - 2 :] = -1  # padding at the end of one sequence
+    return s, t, y
+
+
+def ragged_scores(B=6, L=40, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, L, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    for b in range(B):
+        valid[b, L - 7 * b :] = False  # 40, 33, 26, ... valid positions
+    return scores, valid
+
+
+def float64_heads(seed, B, L, D, V, Dt=5):
+    """Random student hidden states and head (with grad), teacher hidden states and head, and
+    targets."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = (
+        torch.randn(B, L, Dt, generator=g, dtype=torch.float64),
+        torch.randn(V, Dt, generator=g, dtype=torch.float64),
+    )
+    return g, hs, ws, ht, wt, torch.randint(0, V, (B, L), generator=g)
+
+
+# =========================================================================== brute-force references
 
 
 def ref_softmax(row):
@@ -53,15 +100,14 @@ def ref_kl(t_row, s_row, T=1.0):
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
+def ref_ce(row, y):
+    return -math.log(ref_softmax(row)[y])
+
+
 def seq_mean(values_per_seq):
     """Mean over the sequences that have any value of each sequence's mean (paper Eq. 3)."""
     means = [sum(v) / len(v) for v in values_per_seq if v]
     return sum(means) / len(means) if means else 0.0
-
-
-def kd(**fields):
-    """A KDConfig of pure KL (lam = 1, Eq. 3's CE placement) unless `fields` say otherwise."""
-    return sekd.KDConfig(**{"lam": 1.0, "ce_at": "selected", **fields})
 
 
 def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at="selected"):
@@ -93,11 +139,126 @@ def ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=False, ce_at=
     )
 
 
+def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
+    """Eq. 3 with KL(q^T || p^T): `ref_kd_loss` with the divergence reversed."""
+    return ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=True)
+
+
 def ref_topk_count(k, n):
     return math.ceil(Fraction(str(k)) * n)
 
 
-# ------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
+def ref_topk_mask(logits, targets, k):
+    """Per sequence, the ceil(k n) valid positions with the highest brute-force entropy."""
+    mask = []
+    for b in range(len(targets)):
+        valid = [t for t in range(len(targets[b])) if targets[b][t] >= 0]
+        ent = {t: ref_entropy([float(v) for v in logits[b][t]]) for t in valid}
+        chosen = sorted(valid, key=lambda t: -ent[t])[: ref_topk_count(k, len(valid))]
+        mask.append([t in chosen for t in range(len(targets[b]))])
+    return mask
+
+
+REF_METRICS = {  # u(t) from one row of student logits s, teacher logits t and target y, by hand
+    "student_entropy": lambda s, t, y: ref_entropy(s),
+    "teacher_entropy": lambda s, t, y: ref_entropy(t),
+    "student_ce": lambda s, t, y: ref_ce(s, y),
+    "teacher_ce": lambda s, t, y: ref_ce(t, y),
+    "kl": lambda s, t, y: ref_kl(t, s),
+    "reverse_kl": lambda s, t, y: ref_kl(s, t),
+    "kl_plus_student_entropy": lambda s, t, y: ref_kl(t, s) + ref_entropy(s),
+    "ce_ratio": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y),
+    "ce_ratio_plus_student_entropy": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y) + ref_entropy(s),
+}
+
+
+def ref_at_kd(s_logits, t_logits, targets):
+    """AT-KD by hand: per sequence, the ceil(n/2) positions with the highest teacher
+    1 - p(y) are hard (binary + non-target KL), the rest easy (non-target KL only);
+    L_i = (0.2 * sum_easy + 0.8 * sum_hard) / n_i, averaged over sequences."""
+    per_seq = []
+    for b in range(len(targets)):
+        rows = []
+        for i in range(len(targets[b])):
+            y = int(targets[b][i])
+            if y < 0:
+                continue
+            p, q = ref_softmax(t_logits[b][i].tolist()), ref_softmax(s_logits[b][i].tolist())
+            p_not = sum(p[v] for v in range(len(p)) if v != y)  # 1 - p(y), without cancellation
+            q_not = sum(q[v] for v in range(len(q)) if v != y)
+            binary = p[y] * math.log(p[y] / q[y]) + p_not * math.log(p_not / q_not)
+            non_target = sum(
+                p[v] / p_not * math.log((p[v] / p_not) / (q[v] / q_not))
+                for v in range(len(p))
+                if v != y
+            )
+            rows.append((p_not, i, binary, non_target))
+        if not rows:
+            continue
+        ranked = sorted(rows, key=lambda r: (-r[0], r[1]))
+        n_hard = math.ceil(len(rows) / 2)
+        hard = sum(0.8 * (r[2] + r[3]) for r in ranked[:n_hard])
+        easy = sum(0.2 * r[3] for r in ranked[n_hard:])
+        per_seq.append((hard + easy) / len(rows))
+    return sum(per_seq) / len(per_seq)
+
+
+def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
+    """RS-KD with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V; the CE
+    term as in `ref_kd_loss`."""
+    rs_seqs, ce_seqs, eq3_seqs = [], [], []
+    for b in range(len(targets)):
+        rs_b, ce_b, eq3_b = [], [], []
+        for t in range(len(targets[b])):
+            if targets[b][t] < 0:
+                continue
+            row = s_logits[b][t].tolist()
+            ce_b.append(-math.log(ref_softmax(row)[int(targets[b][t])]))
+            if mask[b][t]:
+                q = ref_softmax([v / T for v in row])
+                U = sum(counts[b][t].tolist())
+                rs_b.append(
+                    T
+                    * T
+                    * sum(
+                        c / U * math.log(c / U / q[i])
+                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist(), strict=True)
+                        if c > 0
+                    )
+                )
+                eq3_b.append(lam * rs_b[-1] + (1 - lam) * ce_b[-1])
+        rs_seqs.append(rs_b)
+        ce_seqs.append(ce_b)
+        eq3_seqs.append(eq3_b)
+    return (
+        seq_mean(eq3_seqs)
+        if ce_at == "selected"
+        else lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
+    )
+
+
+def full_kd_row_grads(t, z, T):
+    """d/dz of T^2 KL(p^T || q^T) per row, by autograd of the float64 dense KL."""
+    z = z.clone().requires_grad_(True)
+    (T * T * sekd.kl_per_position(t, z, T)).sum().backward()
+    return z.grad
+
+
+# ============================================================================ 1. the model
+
+
+def test_selective_head_equals_gathered_dense_logits():
+    m = tiny_gpt()
+    idx = torch.randint(0, 37, (3, 12))
+    mask = torch.rand(3, 12) < 0.3
+    h = m.hidden(idx)
+    assert torch.allclose(m.head(h[mask]), m(idx)[mask], atol=1e-12)
+
+
+# ======================================================================= 2. dense KD, the reference
+
+
+# -------------------------------------------------------------- entropy, KL, the loss (paper Eq. 3)
 
 
 @pytest.mark.parametrize("T", [1.0, 0.5, 2.0])
@@ -125,16 +286,6 @@ def test_kl_matches_brute_force(T):
     got = sekd.kl_per_position(t, s, T)
     for i in range(5):
         assert got[i].item() == pytest.approx(ref_kl(t[i].tolist(), s[i].tolist(), T), abs=1e-12)
-
-
-def random_case(B=3, L=6, V=7, seed=0, pad=True):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    y = torch.randint(0, V, (B, L), generator=g)
-    if pad:
-        y[0, L - 2 :] = -1  # padding at the end of one sequence
-    return s, t, y
 
 
 @pytest.mark.parametrize("ce_at", ["selected", "all"])
@@ -167,7 +318,22 @@ def test_kd_loss_full_is_mean_over_valid_positions():
     assert sekd.kd_loss(s, t, y, None, kd()).item() == pytest.approx(kl.mean().item(), abs=1e-12)
 
 
-# ----------------------------------------------------------------------------- top-k
+# ============================================================================ 3. SE-KD
+
+
+# ------------------------------------------- student entropy in chunks, the top k% of each sequence
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_entropy_equals_dense_entropy(chunk):
+    m = tiny_gpt()
+    idx = torch.randint(0, 37, (3, 12))
+    h = m.hidden(idx)
+    dense = sekd.token_entropy(m(idx))
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[2, 7:] = False
+    got = sekd.chunked_scores(sekd.student_entropy, h, m.head_weight, valid, chunk_rows=chunk)
+    assert torch.allclose(got, dense * valid, atol=1e-12)
 
 
 def test_budget_counts_are_exact_ceilings():
@@ -203,34 +369,7 @@ def test_topk_positions_all_padding_row_and_default_valid():
     assert sekd.topk_positions(scores, 0.4).sum(1).tolist() == [2, 2]
 
 
-# ------------------------------------------------------ selective heads, chunks, the streamed loss
-
-
-def tiny_gpt(V=37, D=16, L=12, layers=2, heads=2, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return sekd.GPT(
-        sekd.GPTConfig(vocab_size=V, block_size=L, n_layer=layers, n_head=heads, n_embd=D)
-    ).to(dtype)
-
-
-def test_selective_head_equals_gathered_dense_logits():
-    m = tiny_gpt()
-    idx = torch.randint(0, 37, (3, 12))
-    mask = torch.rand(3, 12) < 0.3
-    h = m.hidden(idx)
-    assert torch.allclose(m.head(h[mask]), m(idx)[mask], atol=1e-12)
-
-
-@pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_chunked_entropy_equals_dense_entropy(chunk):
-    m = tiny_gpt()
-    idx = torch.randint(0, 37, (3, 12))
-    h = m.hidden(idx)
-    dense = sekd.token_entropy(m(idx))
-    valid = torch.ones(3, 12, dtype=torch.bool)
-    valid[2, 7:] = False
-    got = sekd.chunked_scores(sekd.student_entropy, h, m.head_weight, valid, chunk_rows=chunk)
-    assert torch.allclose(got, dense * valid, atol=1e-12)
+# ---------------------------------------------------------------------------- the streamed loss
 
 
 @pytest.mark.parametrize("ce_at", ["selected", "all"])
@@ -329,6 +468,9 @@ def test_streamed_gradients_through_a_model_match_dense_flow(config):
         assert torch.allclose(a, b, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------- one SE-KD step
+
+
 @pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
 def test_sekd_at_k1_equals_full_kd(config):
     student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
@@ -399,7 +541,527 @@ def test_is_sekd_says_when_sekd_loss_applies():
         assert not sekd.KDConfig(**fields).is_sekd, fields
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ============================================================================ 4. the position axis
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("name", list(REF_METRICS))
+def test_every_metric_matches_brute_force(name):
+    s, t, y = random_case(B=3, L=6, V=7, seed=11)
+    eye = torch.eye(7, dtype=torch.float64)  # identity heads: the logits are the hidden states
+    valid = y >= 0
+    got = sekd.chunked_scores(sekd.METRICS[name], s, eye, valid, t, eye, y, chunk_rows=4)
+    for b in range(3):
+        for i in range(6):
+            want = (
+                REF_METRICS[name](s[b, i].tolist(), t[b, i].tolist(), int(y[b, i]))
+                if valid[b, i]
+                else 0.0
+            )
+            assert got[b, i].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert set(REF_METRICS) | {"random"} == set(sekd.METRICS)
+
+
+def test_random_metric_and_student_only_metrics_need_no_teacher():
+    s, t, y = random_case(seed=12)
+    eye, valid = torch.eye(7, dtype=torch.float64), y >= 0
+    torch.manual_seed(0)
+    random = sekd.METRICS["random"]
+    r1 = sekd.chunked_scores(random, s, eye, valid, chunk_rows=2)
+    torch.manual_seed(0)
+    assert torch.equal(r1, sekd.chunked_scores(random, s, eye, valid, chunk_rows=2))
+    assert (
+        ((r1 >= 0) & (r1 < 1)).all()
+        and (r1[~valid] == 0).all()
+        and len(set(r1[valid].tolist())) == int(valid.sum())
+    )
+    for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
+        metric = sekd.METRICS[name]
+        assert not getattr(metric, "needs_teacher", True)
+        assert sekd.chunked_scores(metric, s, eye, valid, targets=y).shape == y.shape
+    assert not sekd.METRICS["random"].needs_teacher
+    assert getattr(sekd.METRICS["teacher_entropy"], "needs_teacher", True)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        sekd.chunked_scores(sekd.METRICS["teacher_entropy"], s, eye, valid)
+
+
+def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
+    def low_entropy(zs, zt, y):
+        return -sekd.token_entropy(zs)
+
+    low_entropy.needs_teacher = False
+
+    monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
+    assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
+    student = tiny_gpt(seed=1)
+    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
+    cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
+    mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
+    ent = sekd.token_entropy(student(idx))
+    for b in range(2):
+        assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(
+            torch.topk(-ent[b], 3).indices.tolist()
+        )
+    with pytest.raises(
+        ValueError,
+        match="metric must be one of student_entropy, .*, random, low_entropy, got 'nope'",
+    ):
+        sekd.KDConfig("sekd", metric="nope")  # the message lists the metric registered here too
+    with pytest.raises(ValueError, match="policy must be one of topk, gls, .*, got 'nope'"):
+        sekd.KDConfig("sekd", policy="nope")
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+@pytest.mark.parametrize("k", [0.05, 0.2, 0.5, 1.0])
+def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
+    scores, valid = ragged_scores()
+    S = 100
+    for step in (0, 1, 37, 50, 99, 100, 250):
+        state = sekd.PositionState(gls_queue=1, curriculum_steps=S)
+        state.step = step
+        mask = sekd.curriculum_positions(scores, k, valid, state)
+        for b in range(len(scores)):
+            n = int(valid[b].sum())
+            K = ref_topk_count(k, n)
+            assert int(mask[b].sum()) == K and not (mask[b] & ~valid[b]).any()
+            ascending = sorted(range(n), key=lambda t: scores[b, t].item())
+            first = round((1 - min(1, step / S)) * (n - K))  # window start, counted from the top
+            want = ascending[n - first - K : n - first]
+            assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(want)
+    state.step = S
+    assert torch.equal(
+        sekd.curriculum_positions(scores, k, valid, state), sekd.topk_positions(scores, k, valid)
+    )
+
+
+def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
+    k, cap = 0.2, 100
+    state = sekd.PositionState(gls_queue=cap, curriculum_steps=1)
+    pushed = []
+    for batch in range(5):
+        scores, valid = ragged_scores(seed=20 + batch)
+        mask = sekd.gls_positions(scores, k, valid, state)
+        if not pushed:  # empty queue: top-k
+            assert torch.equal(mask, sekd.topk_positions(scores, k, valid))
+        else:
+            queue = np.array(pushed[-cap:])
+            tau = np.quantile(queue, 1 - k)
+            assert torch.equal(mask, (scores >= tau) & valid)
+        pushed += scores[valid].tolist()
+        assert state.queue.tolist() == pushed[-cap:]  # FIFO: the most recent `cap` scores
+
+
+def test_pos_rs_kd_draws_ceil_kn_from_valid_scored_positions():
+    scores, valid = ragged_scores()
+    scores[0, :10] = 0.0  # never drawn
+    torch.manual_seed(0)
+    counts = sekd.pos_rs_kd_positions(scores, 0.2, valid)
+    assert counts.sum(1).tolist() == [ref_topk_count(0.2, int(n)) for n in valid.sum(1)]
+    assert (counts[~valid] == 0).all() and (counts[0, :10] == 0).all()
+    assert (counts == counts.round()).all()
+
+
+def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
+    """The mean of the pos-RS-KD loss over many independent draws must be within 4 standard
+    errors of its target (entropy-weighted KD; Full KD for pos-RS-KD*), where the standard error
+    is std(samples)/sqrt(draws), and more than 8 standard errors from the other target, so the
+    test can tell the two estimators apart. 4 SE: a correct estimator fails about 1 run in 16,000
+    for a random seed; the seed is fixed anyway."""
+    s, t, y = random_case(B=3, L=12, V=7, seed=13)
+    y[1, 9:] = -1
+    s = (
+        s * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)[None, :, None]
+    )  # entropies vary along the sequence
+    valid = y >= 0
+    u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
+    kl = sekd.kl_per_position(t, s) * valid
+    weighted = ((u * kl).sum(1) / u.sum(1)).mean().item()
+    full = (kl.sum(1) / valid.sum(1)).mean().item()
+    torch.manual_seed(1)
+    draws = (
+        4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
+    )
+    B = len(y)
+    for policy, target, other in (
+        ("pos_rs_kd", weighted, full),
+        ("pos_rs_kd_star", full, weighted),
+    ):
+        m = sekd.POLICIES[policy](u.repeat(draws, 1), 0.25, valid.repeat(draws, 1))
+        w = (
+            sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
+        )  # weights of one copy
+        samples = (w.view(draws, B, -1) * kl).sum((1, 2)).numpy()
+        one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
+        assert one == pytest.approx(samples[0], abs=1e-12)
+        mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
+        assert abs(mean - target) < 4 * se, (policy, mean, target, se)
+        assert abs(mean - other) > 8 * se, (policy, mean, other, se)
+
+
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
+def test_streamed_row_weights_equal_dense(ce_at):
+    g, hs, ws, ht, wt, y = float64_heads(14, 3, 8, 6, 13)
+    y[2, 5:] = -1
+    w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (
+        torch.rand(y.shape, generator=g) < 0.5
+    )
+    cfg = kd(T=2.0, lam=0.6, chunk_rows=3, ce_at=ce_at)
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, None, cfg, row_weights=w)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, None, cfg, row_weights=w)
+    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
+    ce = torch.nn.functional.cross_entropy(
+        (hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none"
+    ).view_as(y)
+    ce_w = w * (y >= 0) if ce_at == "selected" else sekd.per_sequence_weights(y >= 0, torch.float64)
+    want = (
+        0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (ce_w * ce).sum()
+    )  # Eq. 3: pos-RS-KD's weights on both
+    assert dense.item() == pytest.approx(want.item(), abs=1e-12)
+
+
+# ------------------------------------------------------------------- select_positions, distill_loss
+
+
+@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="random_pos"),
+        dict(method="at_kd"),
+        dict(method="at_kd", lam=0.5),
+        dict(metric="reverse_kl"),
+        dict(metric="ce_ratio", policy="gls"),
+        dict(policy="curriculum"),
+        dict(policy="pos_rs_kd"),
+        dict(policy="pos_rs_kd_star"),
+    ],
+)
+def test_every_method_streamed_equals_dense_through_a_model(fields, config):
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
+    y[2, 8:] = -1
+    out = []
+    for flow in ("dense", "streamed"):
+        cfg = config(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **fields})
+        state = cfg.new_state()
+        student.zero_grad()
+        torch.manual_seed(3)  # the same random scores / draws in both flows
+        for step in range(2):  # a second step: GLS uses its queue, curriculum moves
+            state.step = step * 2000
+            loss, n = sekd.distill_loss(student, teacher, idx, y, cfg, state)
+        loss.backward()
+        out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-12) and out[0][1] == out[1][1]
+    for a, b in zip(out[0][2], out[1][2], strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+# ============================================================================ 5. the baselines
+
+
+# ------------------------------------------------------------------------ AT-KD (Zhong et al. 2024)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
+    g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
+    y[1, 4:] = -1
+    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y, kd(method="at_kd"))
+    assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
+    cfg = kd(method="at_kd", chunk_rows=chunk)
+    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
+    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+# ------------------------------------------------------ on-policy (Agarwal et al. 2024), reverse KL
+
+
+@pytest.mark.parametrize(
+    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)]
+)
+def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
+    g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
+    y[2, 3:] = -1
+    mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, divergence="reverse")
+    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, cfg)
+    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, cfg)
+
+    def ref(h):
+        return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
+
+    assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
+    d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
+    # the hand-written gradient T q (log q - log p - KL) against autograd
+    for a, b in zip(d_grads, s_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    fd = torch.zeros_like(hs)  # and against central differences of the brute force
+    for i in range(hs.numel()):
+        e = torch.zeros(hs.numel(), dtype=torch.float64)
+        e[i] = 1e-6
+        e = e.view_as(hs)
+        fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
+    assert torch.allclose(s_grads[0], fd, atol=1e-7)
+    forward = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, kd(T=T, lam=lam, chunk_rows=chunk))
+    assert not torch.allclose(streamed, forward)  # not forward
+
+
+def test_reverse_kl_flags_are_checked():
+    with pytest.raises(
+        ValueError, match="divergence must be one of forward, reverse, got 'sideways'"
+    ):
+        sekd.KDConfig("sekd", divergence="sideways")
+    for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
+        with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
+            sekd.KDConfig(**kd, divergence="reverse")
+
+
+def test_on_policy_samples_are_seeded_prompted_and_at_temperature_1():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    prompts = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(0))
+    idx = torch.cat([prompts, torch.zeros(3, 7, dtype=torch.long)], 1)  # only the prompt is read
+    a, b, c = (
+        sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(s))[0] for s in (1, 1, 2)
+    )
+    assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], prompts) and model.training
+    # each new token is a draw from the model's softmax at temperature 1 given the prefix so far:
+    # 4000 draws of the next token of one prefix, against its probabilities (4 standard errors)
+    n = 4000
+    x, y = sekd.on_policy_batch(model, a[:1, :8].expand(n, 8), 8, torch.Generator().manual_seed(5))
+    draws = y[:, -1]  # the one sampled token: the target of the last position
+    p = torch.softmax(model(a[:1, :8])[0, -1], -1)
+    freq = torch.bincount(draws, minlength=37).double() / n
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all()
+
+
+def test_on_policy_batch_keeps_the_data_prompt_and_marks_only_generated_positions():
+    model = tiny_gpt(V=37, L=12, seed=3)
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(0))
+    x, y = sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (4, 12)
+    assert torch.equal(x[:, :5], idx[:, :5])  # the prompt is the data's first P tokens
+    assert (y[:, :4] == -1).all() and (
+        y[:, 4:] >= 0
+    ).all()  # valid: the 12 - 5 + 1 positions predicting a sample
+    assert torch.equal(y[:, 4:-1], x[:, 5:])  # targets are the sampled tokens, shifted by one
+
+
+@pytest.mark.parametrize("method,k", [("sekd", 0.25), ("full_kd", 1.0)])
+def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k):
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    idx, targets = (
+        torch.randint(0, 37, (4, 12), generator=gen),
+        torch.randint(0, 37, (4, 12), generator=gen),
+    )
+    cfg = kd(method=method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
+    loss, n = sekd.on_policy_distill_loss(
+        student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
+    )
+    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the
+    # student's continuations of their first 5 tokens (KL alone, at the 8 positions that predict a
+    # sampled token)
+    x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
+    m_real, m_on = (
+        ref_topk_mask(zs.tolist(), targets[:2].tolist(), k),
+        ref_topk_mask(zs_on.tolist(), y.tolist(), k),
+    )
+    assert all(not m_on[b][t] for b in range(2) for t in range(4))  # never a prompt position
+    real = ref_reverse_loss(zs.tolist(), zt.tolist(), targets[:2].tolist(), m_real, 1.0, 0.5)
+    on = ref_reverse_loss(zs_on.tolist(), zt_on.tolist(), y.tolist(), m_on, 1.0, 1.0)
+    assert loss.item() == pytest.approx(0.5 * real + 0.5 * on, abs=1e-12)
+    assert (
+        n
+        == sum(map(sum, m_real)) + sum(map(sum, m_on))
+        == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
+    )
+    loss.backward()  # and it trains the student
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert [sekd.on_policy_rows(16, s) for s in (0.0, 0.25, 0.5, 0.03, 1.0)] == [0, 4, 8, 0, 16]
+
+
+# ===================================================================== 6. the class and sample axes
+
+
+# -------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
+
+
+def test_rskd_sample_layout_counts_and_support():
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(4, 5, 9, generator=g, dtype=torch.float64)
+    logits[..., 7:] = -math.inf  # classes the teacher never predicts are never drawn
+    ids, counts = sekd.rskd_sample(logits, 13, generator=g)
+    assert ids.shape == counts.shape == (4, 5, 13)
+    assert (counts.sum(-1) == 13).all()
+    for i_row, c_row in zip(
+        ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist(), strict=True
+    ):
+        n = sum(c > 0 for c in c_row)
+        assert all(c > 0 for c in c_row[:n]) and all(
+            c == 0 for c in c_row[n:]
+        )  # padding at the end
+        assert (
+            i_row[:n] == sorted(set(i_row[:n]))
+            and all(i < 7 for i in i_row[:n])
+            and set(i_row[n:]) <= {0}
+        )
+    a, b = (
+        sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2)
+    )
+    assert torch.equal(a[0], b[0]) and torch.equal(
+        a[1], b[1]
+    )  # a seeded generator reproduces the draws
+    ids_T, counts_T = sekd.rskd_sample(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
+    assert 40 < counts_T[0, 0] < 87  # a high temperature flattens the teacher: about half each
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
+    """Monte Carlo over M independent RS-KD draws: the mean gradient w.r.t. the student logits
+    (taken through the streamed `rskd_loss`, identity head) matches Full KD's within 4.5 standard
+    errors on every coordinate, while deterministic top-2 truncation is off by far more."""
+    g = torch.Generator().manual_seed(11)
+    R, V, U, M = 3, 8, 4, 20000
+    t = torch.randn(R, V, generator=g, dtype=torch.float64)
+    z = torch.randn(R, V, generator=g, dtype=torch.float64)
+    ids, counts = sekd.rskd_sample(t.expand(M, R, V), U, T, generator=g)
+    h = z.expand(M, R, V).clone().requires_grad_(True)
+    loss = sekd.rskd_loss(
+        h,
+        torch.eye(V, dtype=torch.float64),
+        ids,
+        counts,
+        torch.zeros(M, R, dtype=torch.long),
+        None,
+        kd(T=T, chunk_rows=4096, classes="rskd"),
+    )
+    grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
+    want = full_kd_row_grads(t, z, T)
+    assert ((mean - want).abs() <= 4.5 * se + 1e-12).all()
+    top = torch.topk(t, 2, dim=-1).indices
+    p_top = torch.zeros_like(t).scatter_(1, top, torch.softmax(t.gather(1, top) / T, -1))
+    topk_grad = T * (torch.softmax(z / T, -1) - p_top)
+    assert ((topk_grad - want).abs() / (se + 1e-12)).max() > 20
+
+
+@pytest.mark.parametrize("ce_at", ["selected", "all"])
+@pytest.mark.parametrize(
+    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)]
+)
+def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
+    g = torch.Generator().manual_seed(12)
+    B, L, D, V, U = 3, 7, 5, 11, 6
+    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, counts = sekd.rskd_sample(
+        torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g
+    )
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[1, 4:] = -1
+    mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
+    cfg = kd(T=T, lam=lam, chunk_rows=chunk, ce_at=ce_at, classes="rskd")
+    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, cfg)
+    z = hs @ ws.T
+    assert loss.item() == pytest.approx(
+        ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12
+    )
+    # the gradient against autograd of a dense formulation: p~ scattered over all of V
+    p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
+    logq = torch.log_softmax(z / T, -1)
+    rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
+    ce = sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, kd(lam=0.0))
+    w = sekd.per_sequence_weights(mask & (y >= 0), torch.float64)
+    dense = lam * (w * rs).sum() + (1 - lam) * ce
+    assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
+    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (loss, dense)), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
+    g = torch.Generator().manual_seed(13)
+    V, U = 9, 10
+    z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
+    y = torch.zeros(1, 1, dtype=torch.long)
+    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, y, None, kd())
+    p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
+    assert torch.allclose(
+        torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14
+    )
+
+
+def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
+    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
+    y[1, 10:] = -1
+    draws = sekd.teacher_draws(
+        teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0)
+    )
+    cfg = kd(method="sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
+    loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
+    valid = y >= 0
+    mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, valid)
+    assert n == ref_topk_count(0.25, 12) + ref_topk_count(0.25, 10) == int(mask.sum())
+    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask, cfg)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        sekd.distill_loss(student, None, idx, y, cfg)
+    torch.manual_seed(0)  # online draws from the teacher at the selected rows
+    online, n_online = sekd.distill_loss(
+        student, teacher, idx, y, kd(method="full_kd", k=1.0, classes="rskd", U=8)
+    )
+    online.backward()
+    assert n_online == int(valid.sum()) and math.isfinite(online.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("U", [0, 128, 2.5, True])
+def test_bad_draw_count_is_a_clear_error(U):
+    """KDConfig refuses a count that is no count; the cache's 7-bit bound is the job's --U check."""
+    if U == 128 and type(U) is int:  # a valid KDConfig; the cache format cannot store it
+        sekd.KDConfig("sekd", classes="rskd", U=U)
+        with pytest.raises(ValueError, match=r"argument --U: must be in \[1, 127\] \(7-bit"):
+            train.parse_args(["--U", str(U)])
+        return
+    with pytest.raises(ValueError, match=rf"^U must be an integer >= 1, got {U!r}$"):
+        sekd.KDConfig("sekd", classes="rskd", U=U)
+
+
+# --------------------------------------------------------------- the sample axis: TopSmp, RandomSmp
+
+
+def test_sample_scores_and_selection():
+    m = tiny_gpt()
+    idx = torch.randint(0, 37, (4, 12))
+    valid = torch.ones(4, 12, dtype=torch.bool)
+    valid[2, 6:] = False
+    got = sekd.sample_entropy(m.hidden(idx), m.head_weight, valid, chunk_rows=5)
+    ent = sekd.token_entropy(m(idx))
+    for b in range(4):
+        assert got[b].item() == pytest.approx(ent[b][valid[b]].mean().item(), abs=1e-12)
+    scores = torch.tensor([0.5, 3.0, 1.0, 3.0, -1.0, 2.0, 0.0])
+    assert sekd.top_samples(scores, 0.4).tolist() == [1, 3, 5]  # ceil(0.4 * 7) = 3 highest
+    assert sekd.top_samples(scores, 0.2).tolist() == [1, 3]
+    r1 = sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1))
+    assert len(r1) == 10 and len(set(r1.tolist())) == 10 and r1.tolist() == sorted(r1.tolist())
+    assert torch.equal(r1, sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1)))
+
+
+# ============================================================================ 7. evaluation
 
 
 def test_ece_matches_bin_loop():
@@ -437,7 +1099,10 @@ def test_evaluation_sums_match_dense():
     assert out["agree"] == int((s[valid].argmax(-1) == t[valid].argmax(-1)).sum())
 
 
-# ----------------------------------------------------------------------------- memory meter
+# ============================================================================ 8. memory
+
+
+# ---------------------------------------------------------------------------- the memory meter
 
 
 def test_live_bytes_counts_allocations_and_frees():
@@ -452,7 +1117,7 @@ def test_live_bytes_counts_allocations_and_frees():
     assert meter.live == 0
 
 
-# ------------------------------------------------------------------ the closed-form memory account
+# ------------------------------------------------------------------- the closed-form memory account
 
 
 @pytest.mark.parametrize(
@@ -547,7 +1212,10 @@ def test_memory_account_models_only_the_steps_it_knows():
     assert acc["teacher_params"] == acc["teacher_hidden"] == 0  # plain CE holds no teacher
 
 
-# ----------------------------------------------------------------------------- user errors
+# ============================================================== the job: train.py, data.py, the CLI
+
+
+# ---------------------------------------------------------------------------- user errors
 
 
 @pytest.mark.parametrize("k", [0.0, -0.1, 1.5, float("nan")])
@@ -658,7 +1326,7 @@ def test_long_sequence_is_refused():
         tiny_gpt(L=12).hidden(torch.zeros(1, 13, dtype=torch.long))
 
 
-# ----------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------- data
 
 
 def test_markdown_is_stripped_to_play_text():
@@ -758,7 +1426,8 @@ def test_hub_dataset_offline_fails_fast_with_one_line(tmp_path):
         data.prepare("hf:no-such-user/no-such-dataset", 16, cache_dir=str(tmp_path / "c"))
 
 
-# ----------------------------------------------------------------------------- the training job
+# ---------------------------------------------------------------------------- the training job
+
 
 TINY = [
     "--teacher-layers",
@@ -878,7 +1547,7 @@ def test_frequent_ids_keep_the_most_frequent_against_a_count(tmp_path):
         data.prepare(ds, 16, cache_dir=str(tmp_path / "c"), vocab_size=1)
 
 
-# ------------------------------------------------------------------ the paper's kind of evaluation
+# ------------------------------------------------------------------- the paper's kind of evaluation
 
 
 def test_word_spans_and_cloze_items_on_a_hand_made_stream():
@@ -1140,300 +1809,7 @@ def test_the_memory_meter_runs_compiled_code_eager():
     assert graphs  # outside the meter it compiles
 
 
-# ========================================================= the position axis: metrics and policies
-
-
-def ref_ce(row, y):
-    return -math.log(ref_softmax(row)[y])
-
-
-REF_METRICS = {  # u(t) from one row of student logits s, teacher logits t and target y, by hand
-    "student_entropy": lambda s, t, y: ref_entropy(s),
-    "teacher_entropy": lambda s, t, y: ref_entropy(t),
-    "student_ce": lambda s, t, y: ref_ce(s, y),
-    "teacher_ce": lambda s, t, y: ref_ce(t, y),
-    "kl": lambda s, t, y: ref_kl(t, s),
-    "reverse_kl": lambda s, t, y: ref_kl(s, t),
-    "kl_plus_student_entropy": lambda s, t, y: ref_kl(t, s) + ref_entropy(s),
-    "ce_ratio": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y),
-    "ce_ratio_plus_student_entropy": lambda s, t, y: ref_ce(s, y) / ref_ce(t, y) + ref_entropy(s),
-}
-
-
-@pytest.mark.parametrize("name", list(REF_METRICS))
-def test_every_metric_matches_brute_force(name):
-    s, t, y = random_case(B=3, L=6, V=7, seed=11)
-    eye = torch.eye(7, dtype=torch.float64)  # identity heads: the logits are the hidden states
-    valid = y >= 0
-    got = sekd.chunked_scores(sekd.METRICS[name], s, eye, valid, t, eye, y, chunk_rows=4)
-    for b in range(3):
-        for i in range(6):
-            want = (
-                REF_METRICS[name](s[b, i].tolist(), t[b, i].tolist(), int(y[b, i]))
-                if valid[b, i]
-                else 0.0
-            )
-            assert got[b, i].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
-    assert set(REF_METRICS) | {"random"} == set(sekd.METRICS)
-
-
-def test_random_metric_and_student_only_metrics_need_no_teacher():
-    s, t, y = random_case(seed=12)
-    eye, valid = torch.eye(7, dtype=torch.float64), y >= 0
-    torch.manual_seed(0)
-    random = sekd.METRICS["random"]
-    r1 = sekd.chunked_scores(random, s, eye, valid, chunk_rows=2)
-    torch.manual_seed(0)
-    assert torch.equal(r1, sekd.chunked_scores(random, s, eye, valid, chunk_rows=2))
-    assert (
-        ((r1 >= 0) & (r1 < 1)).all()
-        and (r1[~valid] == 0).all()
-        and len(set(r1[valid].tolist())) == int(valid.sum())
-    )
-    for name in ("student_entropy", "student_ce"):  # no teacher outputs passed at all
-        metric = sekd.METRICS[name]
-        assert not getattr(metric, "needs_teacher", True)
-        assert sekd.chunked_scores(metric, s, eye, valid, targets=y).shape == y.shape
-    assert not sekd.METRICS["random"].needs_teacher
-    assert getattr(sekd.METRICS["teacher_entropy"], "needs_teacher", True)
-    with pytest.raises(ValueError, match="needs the teacher"):
-        sekd.chunked_scores(sekd.METRICS["teacher_entropy"], s, eye, valid)
-
-
-def test_a_metric_registered_elsewhere_is_accepted_by_name(monkeypatch):
-    def low_entropy(zs, zt, y):
-        return -sekd.token_entropy(zs)
-
-    low_entropy.needs_teacher = False
-
-    monkeypatch.setitem(sekd.METRICS, "low_entropy", low_entropy)
-    assert train.parse_args(["--metric", "low_entropy"]).metric == "low_entropy"
-    student = tiny_gpt(seed=1)
-    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
-    cfg = sekd.KDConfig("sekd", k=0.25, metric="low_entropy")
-    mask = sekd.select_positions(student.hidden(idx), student.head_weight, None, None, y, cfg)
-    ent = sekd.token_entropy(student(idx))
-    for b in range(2):
-        assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(
-            torch.topk(-ent[b], 3).indices.tolist()
-        )
-    with pytest.raises(
-        ValueError,
-        match="metric must be one of student_entropy, .*, random, low_entropy, got 'nope'",
-    ):
-        sekd.KDConfig("sekd", metric="nope")  # the message lists the metric registered here too
-    with pytest.raises(ValueError, match="policy must be one of topk, gls, .*, got 'nope'"):
-        sekd.KDConfig("sekd", policy="nope")
-
-
-def ragged_scores(B=6, L=40, seed=4):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand(B, L, generator=g, dtype=torch.float64)
-    valid = torch.ones(B, L, dtype=torch.bool)
-    for b in range(B):
-        valid[b, L - 7 * b :] = False  # 40, 33, 26, ... valid positions
-    return scores, valid
-
-
-@pytest.mark.parametrize("k", [0.05, 0.2, 0.5, 1.0])
-def test_curriculum_selects_exact_budget_and_slides_to_topk(k):
-    scores, valid = ragged_scores()
-    S = 100
-    for step in (0, 1, 37, 50, 99, 100, 250):
-        state = sekd.PositionState(gls_queue=1, curriculum_steps=S)
-        state.step = step
-        mask = sekd.curriculum_positions(scores, k, valid, state)
-        for b in range(len(scores)):
-            n = int(valid[b].sum())
-            K = ref_topk_count(k, n)
-            assert int(mask[b].sum()) == K and not (mask[b] & ~valid[b]).any()
-            ascending = sorted(range(n), key=lambda t: scores[b, t].item())
-            first = round((1 - min(1, step / S)) * (n - K))  # window start, counted from the top
-            want = ascending[n - first - K : n - first]
-            assert set(torch.nonzero(mask[b]).flatten().tolist()) == set(want)
-    state.step = S
-    assert torch.equal(
-        sekd.curriculum_positions(scores, k, valid, state), sekd.topk_positions(scores, k, valid)
-    )
-
-
-def test_gls_threshold_is_the_quantile_of_the_queue_before_the_batch():
-    k, cap = 0.2, 100
-    state = sekd.PositionState(gls_queue=cap, curriculum_steps=1)
-    pushed = []
-    for batch in range(5):
-        scores, valid = ragged_scores(seed=20 + batch)
-        mask = sekd.gls_positions(scores, k, valid, state)
-        if not pushed:  # empty queue: top-k
-            assert torch.equal(mask, sekd.topk_positions(scores, k, valid))
-        else:
-            queue = np.array(pushed[-cap:])
-            tau = np.quantile(queue, 1 - k)
-            assert torch.equal(mask, (scores >= tau) & valid)
-        pushed += scores[valid].tolist()
-        assert state.queue.tolist() == pushed[-cap:]  # FIFO: the most recent `cap` scores
-
-
-def test_pos_rs_kd_draws_ceil_kn_from_valid_scored_positions():
-    scores, valid = ragged_scores()
-    scores[0, :10] = 0.0  # never drawn
-    torch.manual_seed(0)
-    counts = sekd.pos_rs_kd_positions(scores, 0.2, valid)
-    assert counts.sum(1).tolist() == [ref_topk_count(0.2, int(n)) for n in valid.sum(1)]
-    assert (counts[~valid] == 0).all() and (counts[0, :10] == 0).all()
-    assert (counts == counts.round()).all()
-
-
-def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
-    """The mean of the pos-RS-KD loss over many independent draws must be within 4 standard
-    errors of its target (entropy-weighted KD; Full KD for pos-RS-KD*), where the standard error
-    is std(samples)/sqrt(draws), and more than 8 standard errors from the other target, so the
-    test can tell the two estimators apart. 4 SE: a correct estimator fails about 1 run in 16,000
-    for a random seed; the seed is fixed anyway."""
-    s, t, y = random_case(B=3, L=12, V=7, seed=13)
-    y[1, 9:] = -1
-    s = (
-        s * torch.linspace(0.2, 2.0, 12, dtype=torch.float64)[None, :, None]
-    )  # entropies vary along the sequence
-    valid = y >= 0
-    u = sekd.token_entropy(s) * valid  # SE-KD's metric as the score
-    kl = sekd.kl_per_position(t, s) * valid
-    weighted = ((u * kl).sum(1) / u.sum(1)).mean().item()
-    full = (kl.sum(1) / valid.sum(1)).mean().item()
-    torch.manual_seed(1)
-    draws = (
-        4000  # all at once: the batch repeated `draws` times, one draw of each sequence per copy
-    )
-    B = len(y)
-    for policy, target, other in (
-        ("pos_rs_kd", weighted, full),
-        ("pos_rs_kd_star", full, weighted),
-    ):
-        m = sekd.POLICIES[policy](u.repeat(draws, 1), 0.25, valid.repeat(draws, 1))
-        w = (
-            sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
-        )  # weights of one copy
-        samples = (w.view(draws, B, -1) * kl).sum((1, 2)).numpy()
-        one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
-        assert one == pytest.approx(samples[0], abs=1e-12)
-        mean, se = samples.mean(), samples.std(ddof=1) / math.sqrt(draws)
-        assert abs(mean - target) < 4 * se, (policy, mean, target, se)
-        assert abs(mean - other) > 8 * se, (policy, mean, other, se)
-
-
-def float64_heads(seed, B, L, D, V, Dt=5):
-    """Random student hidden states and head (with grad), teacher hidden states and head, and
-    targets."""
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = (
-        torch.randn(B, L, Dt, generator=g, dtype=torch.float64),
-        torch.randn(V, Dt, generator=g, dtype=torch.float64),
-    )
-    return g, hs, ws, ht, wt, torch.randint(0, V, (B, L), generator=g)
-
-
-@pytest.mark.parametrize("ce_at", ["selected", "all"])
-def test_streamed_row_weights_equal_dense(ce_at):
-    g, hs, ws, ht, wt, y = float64_heads(14, 3, 8, 6, 13)
-    y[2, 5:] = -1
-    w = torch.rand(y.shape, generator=g, dtype=torch.float64) * (
-        torch.rand(y.shape, generator=g) < 0.5
-    )
-    cfg = kd(T=2.0, lam=0.6, chunk_rows=3, ce_at=ce_at)
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, None, cfg, row_weights=w)
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, None, cfg, row_weights=w)
-    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
-    kl = sekd.kl_per_position(ht @ wt.T, hs @ ws.T, 2.0)
-    ce = torch.nn.functional.cross_entropy(
-        (hs @ ws.T).flatten(0, 1), y.clamp_min(0).flatten(), reduction="none"
-    ).view_as(y)
-    ce_w = w * (y >= 0) if ce_at == "selected" else sekd.per_sequence_weights(y >= 0, torch.float64)
-    want = (
-        0.6 * 4 * (w * (y >= 0) * kl).sum() + 0.4 * (ce_w * ce).sum()
-    )  # Eq. 3: pos-RS-KD's weights on both
-    assert dense.item() == pytest.approx(want.item(), abs=1e-12)
-
-
-def ref_at_kd(s_logits, t_logits, targets):
-    """AT-KD by hand: per sequence, the ceil(n/2) positions with the highest teacher
-    1 - p(y) are hard (binary + non-target KL), the rest easy (non-target KL only);
-    L_i = (0.2 * sum_easy + 0.8 * sum_hard) / n_i, averaged over sequences."""
-    per_seq = []
-    for b in range(len(targets)):
-        rows = []
-        for i in range(len(targets[b])):
-            y = int(targets[b][i])
-            if y < 0:
-                continue
-            p, q = ref_softmax(t_logits[b][i].tolist()), ref_softmax(s_logits[b][i].tolist())
-            p_not = sum(p[v] for v in range(len(p)) if v != y)  # 1 - p(y), without cancellation
-            q_not = sum(q[v] for v in range(len(q)) if v != y)
-            binary = p[y] * math.log(p[y] / q[y]) + p_not * math.log(p_not / q_not)
-            non_target = sum(
-                p[v] / p_not * math.log((p[v] / p_not) / (q[v] / q_not))
-                for v in range(len(p))
-                if v != y
-            )
-            rows.append((p_not, i, binary, non_target))
-        if not rows:
-            continue
-        ranked = sorted(rows, key=lambda r: (-r[0], r[1]))
-        n_hard = math.ceil(len(rows) / 2)
-        hard = sum(0.8 * (r[2] + r[3]) for r in ranked[:n_hard])
-        easy = sum(0.2 * r[3] for r in ranked[n_hard:])
-        per_seq.append((hard + easy) / len(rows))
-    return sum(per_seq) / len(per_seq)
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 1000])
-def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
-    g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
-    y[1, 4:] = -1
-    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y, kd(method="at_kd"))
-    assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
-    cfg = kd(method="at_kd", chunk_rows=chunk)
-    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
-    assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
-    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
-
-
-@pytest.mark.parametrize("config", [kd, sekd.KDConfig], ids=["pure_kl", "defaults"])
-@pytest.mark.parametrize(
-    "fields",
-    [
-        dict(method="random_pos"),
-        dict(method="at_kd"),
-        dict(method="at_kd", lam=0.5),
-        dict(metric="reverse_kl"),
-        dict(metric="ce_ratio", policy="gls"),
-        dict(policy="curriculum"),
-        dict(policy="pos_rs_kd"),
-        dict(policy="pos_rs_kd_star"),
-    ],
-)
-def test_every_method_streamed_equals_dense_through_a_model(fields, config):
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
-    idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
-    y[2, 8:] = -1
-    out = []
-    for flow in ("dense", "streamed"):
-        cfg = config(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **fields})
-        state = cfg.new_state()
-        student.zero_grad()
-        torch.manual_seed(3)  # the same random scores / draws in both flows
-        for step in range(2):  # a second step: GLS uses its queue, curriculum moves
-            state.step = step * 2000
-            loss, n = sekd.distill_loss(student, teacher, idx, y, cfg, state)
-        loss.backward()
-        out.append((loss.item(), n, [p.grad.clone() for p in student.parameters()]))
-    assert out[0][0] == pytest.approx(out[1][0], abs=1e-12) and out[0][1] == out[1][1]
-    for a, b in zip(out[0][2], out[1][2], strict=True):
-        assert torch.allclose(a, b, atol=1e-10)
+# ------------------------------------------------------------------------ the position axis's flags
 
 
 def test_position_flags_errors():
@@ -1459,210 +1835,7 @@ def test_position_flags_errors():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-# ----------------------------------------------------------------------------- RS-KD classes
-
-
-def test_rskd_sample_layout_counts_and_support():
-    g = torch.Generator().manual_seed(10)
-    logits = torch.randn(4, 5, 9, generator=g, dtype=torch.float64)
-    logits[..., 7:] = -math.inf  # classes the teacher never predicts are never drawn
-    ids, counts = sekd.rskd_sample(logits, 13, generator=g)
-    assert ids.shape == counts.shape == (4, 5, 13)
-    assert (counts.sum(-1) == 13).all()
-    for i_row, c_row in zip(
-        ids.reshape(-1, 13).tolist(), counts.reshape(-1, 13).tolist(), strict=True
-    ):
-        n = sum(c > 0 for c in c_row)
-        assert all(c > 0 for c in c_row[:n]) and all(
-            c == 0 for c in c_row[n:]
-        )  # padding at the end
-        assert (
-            i_row[:n] == sorted(set(i_row[:n]))
-            and all(i < 7 for i in i_row[:n])
-            and set(i_row[n:]) <= {0}
-        )
-    a, b = (
-        sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2)
-    )
-    assert torch.equal(a[0], b[0]) and torch.equal(
-        a[1], b[1]
-    )  # a seeded generator reproduces the draws
-    ids_T, counts_T = sekd.rskd_sample(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
-    assert 40 < counts_T[0, 0] < 87  # a high temperature flattens the teacher: about half each
-
-
-def full_kd_row_grads(t, z, T):
-    """d/dz of T^2 KL(p^T || q^T) per row, by autograd of the float64 dense KL."""
-    z = z.clone().requires_grad_(True)
-    (T * T * sekd.kl_per_position(t, z, T)).sum().backward()
-    return z.grad
-
-
-@pytest.mark.parametrize("T", [1.0, 2.0])
-def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
-    """Monte Carlo over M independent RS-KD draws: the mean gradient w.r.t. the student logits
-    (taken through the streamed `rskd_loss`, identity head) matches Full KD's within 4.5 standard
-    errors on every coordinate, while deterministic top-2 truncation is off by far more."""
-    g = torch.Generator().manual_seed(11)
-    R, V, U, M = 3, 8, 4, 20000
-    t = torch.randn(R, V, generator=g, dtype=torch.float64)
-    z = torch.randn(R, V, generator=g, dtype=torch.float64)
-    ids, counts = sekd.rskd_sample(t.expand(M, R, V), U, T, generator=g)
-    h = z.expand(M, R, V).clone().requires_grad_(True)
-    loss = sekd.rskd_loss(
-        h,
-        torch.eye(V, dtype=torch.float64),
-        ids,
-        counts,
-        torch.zeros(M, R, dtype=torch.long),
-        None,
-        kd(T=T, chunk_rows=4096, classes="rskd"),
-    )
-    grads = torch.autograd.grad(loss, h)[0] * (M * R)  # per-row weights were 1 / (M R)
-    mean, se = grads.mean(0), grads.std(0) / math.sqrt(M)
-    want = full_kd_row_grads(t, z, T)
-    assert ((mean - want).abs() <= 4.5 * se + 1e-12).all()
-    top = torch.topk(t, 2, dim=-1).indices
-    p_top = torch.zeros_like(t).scatter_(1, top, torch.softmax(t.gather(1, top) / T, -1))
-    topk_grad = T * (torch.softmax(z / T, -1) - p_top)
-    assert ((topk_grad - want).abs() / (se + 1e-12)).max() > 20
-
-
-def ref_rskd_loss(s_logits, ids, counts, targets, mask, T, lam, ce_at):
-    """RS-KD with explicit loops: sum over drawn ids of p~ log(p~ / q^T), q^T over all of V; the CE
-    term as in `ref_kd_loss`."""
-    rs_seqs, ce_seqs, eq3_seqs = [], [], []
-    for b in range(len(targets)):
-        rs_b, ce_b, eq3_b = [], [], []
-        for t in range(len(targets[b])):
-            if targets[b][t] < 0:
-                continue
-            row = s_logits[b][t].tolist()
-            ce_b.append(-math.log(ref_softmax(row)[int(targets[b][t])]))
-            if mask[b][t]:
-                q = ref_softmax([v / T for v in row])
-                U = sum(counts[b][t].tolist())
-                rs_b.append(
-                    T
-                    * T
-                    * sum(
-                        c / U * math.log(c / U / q[i])
-                        for i, c in zip(ids[b][t].tolist(), counts[b][t].tolist(), strict=True)
-                        if c > 0
-                    )
-                )
-                eq3_b.append(lam * rs_b[-1] + (1 - lam) * ce_b[-1])
-        rs_seqs.append(rs_b)
-        ce_seqs.append(ce_b)
-        eq3_seqs.append(eq3_b)
-    return (
-        seq_mean(eq3_seqs)
-        if ce_at == "selected"
-        else lam * seq_mean(rs_seqs) + (1 - lam) * seq_mean(ce_seqs)
-    )
-
-
-@pytest.mark.parametrize("ce_at", ["selected", "all"])
-@pytest.mark.parametrize(
-    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 3), (0.6, 1.0, 1000), (0.3, 0.5, 2)]
-)
-def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
-    g = torch.Generator().manual_seed(12)
-    B, L, D, V, U = 3, 7, 5, 11, 6
-    hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ids, counts = sekd.rskd_sample(
-        torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g
-    )
-    y = torch.randint(0, V, (B, L), generator=g)
-    y[1, 4:] = -1
-    mask = sekd.topk_positions(torch.randn(B, L, generator=g), 0.4, y >= 0)
-    cfg = kd(T=T, lam=lam, chunk_rows=chunk, ce_at=ce_at, classes="rskd")
-    loss = sekd.rskd_loss(hs, ws, ids, counts, y, mask, cfg)
-    z = hs @ ws.T
-    assert loss.item() == pytest.approx(
-        ref_rskd_loss(z, ids, counts, y, mask.tolist(), T, lam, ce_at), abs=1e-12
-    )
-    # the gradient against autograd of a dense formulation: p~ scattered over all of V
-    p = torch.zeros(B, L, V, dtype=torch.float64).scatter_add_(2, ids, counts.double() / U)
-    logq = torch.log_softmax(z / T, -1)
-    rs = T * T * (torch.xlogy(p, p) - p * logq).sum(-1)
-    ce = sekd.kd_loss(z, None, y, mask if ce_at == "selected" else None, kd(lam=0.0))
-    w = sekd.per_sequence_weights(mask & (y >= 0), torch.float64)
-    dense = lam * (w * rs).sum() + (1 - lam) * ce
-    assert dense.item() == pytest.approx(loss.item(), abs=1e-12)
-    for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (loss, dense)), strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
-
-
-def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
-    g = torch.Generator().manual_seed(13)
-    V, U = 9, 10
-    z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
-    ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
-    y = torch.zeros(1, 1, dtype=torch.long)
-    loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, y, None, kd())
-    p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
-    assert torch.allclose(
-        torch.autograd.grad(loss, z)[0][0, 0], torch.softmax(z[0, 0], -1) - p, atol=1e-14
-    )
-
-
-def test_cached_rskd_path_selects_by_student_entropy_without_teacher():
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
-    idx, y = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
-    y[1, 10:] = -1
-    draws = sekd.teacher_draws(
-        teacher.hidden(idx), teacher.head_weight, 8, generator=torch.Generator().manual_seed(0)
-    )
-    cfg = kd(method="sekd", k=0.25, classes="rskd", U=8, chunk_rows=5)
-    loss, n = sekd.distill_loss(student, None, idx, y, cfg, draws=draws)  # no teacher at all
-    valid = y >= 0
-    mask = sekd.topk_positions(sekd.token_entropy(student(idx)), 0.25, valid)
-    assert n == ref_topk_count(0.25, 12) + ref_topk_count(0.25, 10) == int(mask.sum())
-    want = sekd.rskd_loss(student.hidden(idx), student.head_weight, *draws, y, mask, cfg)
-    assert loss.item() == pytest.approx(want.item(), abs=1e-12)
-    with pytest.raises(ValueError, match="needs the teacher"):
-        sekd.distill_loss(student, None, idx, y, cfg)
-    torch.manual_seed(0)  # online draws from the teacher at the selected rows
-    online, n_online = sekd.distill_loss(
-        student, teacher, idx, y, kd(method="full_kd", k=1.0, classes="rskd", U=8)
-    )
-    online.backward()
-    assert n_online == int(valid.sum()) and math.isfinite(online.item())
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
-
-
-@pytest.mark.parametrize("U", [0, 128, 2.5, True])
-def test_bad_draw_count_is_a_clear_error(U):
-    """KDConfig refuses a count that is no count; the cache's 7-bit bound is the job's --U check."""
-    if U == 128 and type(U) is int:  # a valid KDConfig; the cache format cannot store it
-        sekd.KDConfig("sekd", classes="rskd", U=U)
-        with pytest.raises(ValueError, match=r"argument --U: must be in \[1, 127\] \(7-bit"):
-            train.parse_args(["--U", str(U)])
-        return
-    with pytest.raises(ValueError, match=rf"^U must be an integer >= 1, got {U!r}$"):
-        sekd.KDConfig("sekd", classes="rskd", U=U)
-
-
-# ----------------------------------------------------------------------------- the sample axis
-
-
-def test_sample_scores_and_selection():
-    m = tiny_gpt()
-    idx = torch.randint(0, 37, (4, 12))
-    valid = torch.ones(4, 12, dtype=torch.bool)
-    valid[2, 6:] = False
-    got = sekd.sample_entropy(m.hidden(idx), m.head_weight, valid, chunk_rows=5)
-    ent = sekd.token_entropy(m(idx))
-    for b in range(4):
-        assert got[b].item() == pytest.approx(ent[b][valid[b]].mean().item(), abs=1e-12)
-    scores = torch.tensor([0.5, 3.0, 1.0, 3.0, -1.0, 2.0, 0.0])
-    assert sekd.top_samples(scores, 0.4).tolist() == [1, 3, 5]  # ceil(0.4 * 7) = 3 highest
-    assert sekd.top_samples(scores, 0.2).tolist() == [1, 3]
-    r1 = sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1))
-    assert len(r1) == 10 and len(set(r1.tolist())) == 10 and r1.tolist() == sorted(r1.tolist())
-    assert torch.equal(r1, sekd.random_samples(50, 0.2, torch.Generator().manual_seed(1)))
+# ------------------------------------------------------------------------ the sample axis's batches
 
 
 def test_batches_iterate_over_kept_samples_only():
@@ -1676,7 +1849,7 @@ def test_batches_iterate_over_kept_samples_only():
     assert seen == set(kept.tolist())
 
 
-# --------------------------------------------------------------------- the cache codec and storage
+# ---------------------------------------------------------------------- the cache codec and storage
 
 
 @pytest.mark.parametrize(
@@ -1708,7 +1881,7 @@ def test_storage_accounting_at_the_papers_scale():
     assert tb["full_fp16"] == pytest.approx(20_000)  # 2 bytes per logit; the paper prints 10,000
 
 
-# ---------------------------------------------------------------- SE-KD_3X's offline teacher cache
+# ----------------------------------------------------------------- SE-KD_3X's offline teacher cache
 
 
 @pytest.fixture
@@ -1831,131 +2004,7 @@ def test_mismatching_cache_is_refused_before_the_pre_pass(cache_setup, monkeypat
         train.sample_plan(args, "top", "cache", corpus, torch.device("cpu"), tiny_gpt(), None)
 
 
-# ============================================================== on-policy distillation, reverse KL
-
-
-def ref_reverse_loss(s_logits, t_logits, targets, mask, T, lam):
-    """Eq. 3 with KL(q^T || p^T): `ref_kd_loss` with the divergence reversed."""
-    return ref_kd_loss(s_logits, t_logits, targets, mask, T, lam, reverse=True)
-
-
-@pytest.mark.parametrize(
-    "lam,T,chunk", [(1.0, 1.0, 1), (1.0, 2.0, 4), (0.4, 1.0, 3), (0.7, 0.5, 1000)]
-)
-def test_reverse_kl_loss_and_gradient_equal_float64_brute_force(lam, T, chunk):
-    g, hs, ws, ht, wt, y = float64_heads(21, 3, 5, 4, 9)
-    y[2, 3:] = -1
-    mask = sekd.topk_positions(torch.randn(y.shape, generator=g, dtype=torch.float64), 0.4, y >= 0)
-    cfg = kd(T=T, lam=lam, chunk_rows=chunk, divergence="reverse")
-    dense = sekd.kd_loss(hs @ ws.T, ht @ wt.T, y, mask, cfg)
-    streamed = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, cfg)
-
-    def ref(h):
-        return ref_reverse_loss((h @ ws.T).tolist(), (ht @ wt.T).tolist(), y, mask.tolist(), T, lam)
-
-    assert dense.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
-    assert streamed.item() == pytest.approx(ref(hs.detach()), abs=1e-12)
-    d_grads, s_grads = torch.autograd.grad(dense, (hs, ws)), torch.autograd.grad(streamed, (hs, ws))
-    # the hand-written gradient T q (log q - log p - KL) against autograd
-    for a, b in zip(d_grads, s_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
-    fd = torch.zeros_like(hs)  # and against central differences of the brute force
-    for i in range(hs.numel()):
-        e = torch.zeros(hs.numel(), dtype=torch.float64)
-        e[i] = 1e-6
-        e = e.view_as(hs)
-        fd.view(-1)[i] = (ref(hs.detach() + e) - ref(hs.detach() - e)) / 2e-6
-    assert torch.allclose(s_grads[0], fd, atol=1e-7)
-    forward = sekd.streamed_kd_loss(hs, ws, ht, wt, y, mask, kd(T=T, lam=lam, chunk_rows=chunk))
-    assert not torch.allclose(streamed, forward)  # not forward
-
-
-def test_reverse_kl_flags_are_checked():
-    with pytest.raises(
-        ValueError, match="divergence must be one of forward, reverse, got 'sideways'"
-    ):
-        sekd.KDConfig("sekd", divergence="sideways")
-    for kd in (dict(method="at_kd"), dict(method="sekd", classes="rskd")):
-        with pytest.raises(ValueError, match="reverse KL needs the teacher's full distribution"):
-            sekd.KDConfig(**kd, divergence="reverse")
-
-
-def test_on_policy_samples_are_seeded_prompted_and_at_temperature_1():
-    model = tiny_gpt(V=37, L=12, seed=3)
-    prompts = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(0))
-    idx = torch.cat([prompts, torch.zeros(3, 7, dtype=torch.long)], 1)  # only the prompt is read
-    a, b, c = (
-        sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(s))[0] for s in (1, 1, 2)
-    )
-    assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(a[:, :5], prompts) and model.training
-    # each new token is a draw from the model's softmax at temperature 1 given the prefix so far:
-    # 4000 draws of the next token of one prefix, against its probabilities (4 standard errors)
-    n = 4000
-    x, y = sekd.on_policy_batch(model, a[:1, :8].expand(n, 8), 8, torch.Generator().manual_seed(5))
-    draws = y[:, -1]  # the one sampled token: the target of the last position
-    p = torch.softmax(model(a[:1, :8])[0, -1], -1)
-    freq = torch.bincount(draws, minlength=37).double() / n
-    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all()
-
-
-def test_on_policy_batch_keeps_the_data_prompt_and_marks_only_generated_positions():
-    model = tiny_gpt(V=37, L=12, seed=3)
-    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(0))
-    x, y = sekd.on_policy_batch(model, idx, 5, torch.Generator().manual_seed(1))
-    assert x.shape == y.shape == (4, 12)
-    assert torch.equal(x[:, :5], idx[:, :5])  # the prompt is the data's first P tokens
-    assert (y[:, :4] == -1).all() and (
-        y[:, 4:] >= 0
-    ).all()  # valid: the 12 - 5 + 1 positions predicting a sample
-    assert torch.equal(y[:, 4:-1], x[:, 5:])  # targets are the sampled tokens, shifted by one
-
-
-def ref_topk_mask(logits, targets, k):
-    """Per sequence, the ceil(k n) valid positions with the highest brute-force entropy."""
-    mask = []
-    for b in range(len(targets)):
-        valid = [t for t in range(len(targets[b])) if targets[b][t] >= 0]
-        ent = {t: ref_entropy([float(v) for v in logits[b][t]]) for t in valid}
-        chosen = sorted(valid, key=lambda t: -ent[t])[: ref_topk_count(k, len(valid))]
-        mask.append([t in chosen for t in range(len(targets[b]))])
-    return mask
-
-
-@pytest.mark.parametrize("method,k", [("sekd", 0.25), ("full_kd", 1.0)])
-def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k):
-    student, teacher = tiny_gpt(seed=1), tiny_gpt(D=24, layers=1, seed=2)
-    gen = torch.Generator().manual_seed(0)
-    idx, targets = (
-        torch.randint(0, 37, (4, 12), generator=gen),
-        torch.randint(0, 37, (4, 12), generator=gen),
-    )
-    cfg = kd(method=method, k=k, lam=0.5, divergence="reverse", chunk_rows=3)
-    loss, n = sekd.on_policy_distill_loss(
-        student, teacher, idx, targets, cfg, 0.5, 5, torch.Generator().manual_seed(7)
-    )
-    # brute force: rows 0-1 stay data (lam KL + (1 - lam) CE, 12 positions); rows 2-3 are the
-    # student's continuations of their first 5 tokens (KL alone, at the 8 positions that predict a
-    # sampled token)
-    x, y = sekd.on_policy_batch(student, idx[2:], 5, torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        zs, zt, zs_on, zt_on = student(idx[:2]), teacher(idx[:2]), student(x), teacher(x)
-    m_real, m_on = (
-        ref_topk_mask(zs.tolist(), targets[:2].tolist(), k),
-        ref_topk_mask(zs_on.tolist(), y.tolist(), k),
-    )
-    assert all(not m_on[b][t] for b in range(2) for t in range(4))  # never a prompt position
-    real = ref_reverse_loss(zs.tolist(), zt.tolist(), targets[:2].tolist(), m_real, 1.0, 0.5)
-    on = ref_reverse_loss(zs_on.tolist(), zt_on.tolist(), y.tolist(), m_on, 1.0, 1.0)
-    assert loss.item() == pytest.approx(0.5 * real + 0.5 * on, abs=1e-12)
-    assert (
-        n
-        == sum(map(sum, m_real)) + sum(map(sum, m_on))
-        == (2 * 3 + 2 * 2 if k < 1 else 2 * 12 + 2 * 8)
-    )
-    loss.backward()  # and it trains the student
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
-    assert [sekd.on_policy_rows(16, s) for s in (0.0, 0.25, 0.5, 0.03, 1.0)] == [0, 4, 8, 0, 16]
+# --------------------------------------------------------------- on-policy distillation, end to end
 
 
 @pytest.fixture(scope="module")
@@ -2020,12 +2069,13 @@ def test_on_policy_distillation_runs_end_to_end_and_lowers_the_on_policy_kl(
     assert on_policy_kl(final) < on_policy_kl(init)
 
 
-# =========================================================================== reliability catalogue
+# ============================================================================ reliability catalogue
 # Every bad input or fault below ends in a one-line message that says what is wrong and how to fix
 # it (from `python train.py`, exit code 2: train.cli prints a UserError, = data.DataError, as one
 # line; where train.py builds a library object from flags, it turns the library's ValueError into
 # one) and leaves no half-written file. CATALOGUE maps each item to the tests that check it, some of
 # them further up this file; README "Reliability" lists the same.
+
 
 CATALOGUE = {
     "--k out of range": [
@@ -2602,7 +2652,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_corpus, pretr
     assert_same_weights(final_weights(a / "student_sekd.pt"), final_weights(b / "student_sekd.pt"))
 
 
-# ======================================================================== data parallel (torchrun)
+# ========================================================================= data parallel (torchrun)
 
 
 def test_batches_shard_the_global_batch_across_ranks():
@@ -2763,7 +2813,7 @@ def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):
     )  # no stray files
 
 
-# ============================================================== the paper's data: --preset fineweb
+# =============================================================== the paper's data: --preset fineweb
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
@@ -2858,7 +2908,7 @@ def test_fineweb_preset_streams_caps_and_packs_a_local_parquet(tmp_path, monkeyp
     assert r["rows"][0]["method"] == "teacher" and len(r["rows"][0]["loss_curve"]) == 2
 
 
-# -------------------------------------------------------------- teaching: text samples, exercise 2
+# --------------------------------------------------------------- teaching: text samples, exercise 2
 
 
 def test_generate_appends_tokens_with_their_entropy():
