@@ -1,11 +1,12 @@
 """The paper-table runs and tools, each its own entry point that builds on train.py, as nanoGPT
 keeps bench.py beside train.py: `python -m experiments.NAME` takes train.py's flags and its own
-(`--help` lists
-them all)."""
+(`--help` lists them all)."""
 
 import argparse
 import os
 import time
+
+import torch
 
 import train
 
@@ -29,6 +30,22 @@ def parse_args(argv, name, doc, add_flags=None):
     args.run = name
     train.check_flags(args)
     return args
+
+
+def with_flags(args, **changes):
+    """A copy of the flags `args`, with `changes`."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def seconds(fn, device):
+    """fn()'s wall seconds; on CUDA, from the end of the work queued before it to the end of its."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def one_process(args):

@@ -10,7 +10,6 @@ cache) are train.py's `sample_plan`, which every `--method` trains on:
     python -m experiments.axes --table storage
 """
 
-import argparse
 import os
 
 import data
@@ -31,12 +30,13 @@ AXES_TABLE = (
     "sekd_3x",
 )
 WALL_TABLE = ("full_kd", "random_pos", "top_smp", "sekd_3x")
-PAPER_STORAGE_TB = {
-    "full_fp16": 10_000,
-    "rskd": 19.2,
-    "sekd_3x": 3.84,
-    "ce": 0.3,
-}  # the paper's storage table
+# the storage table's rows: key -> (label, the paper's TB)
+STORAGE_ROWS = {
+    "full_fp16": ("Full KD, fp16 logits", 10_000),
+    "rskd": ("RS-KD cache", 19.2),
+    "sekd_3x": ("SE-KD_3X cache", 3.84),
+    "ce": ("plain CE (ids)", 0.3),
+}
 
 
 def add_flags(p):
@@ -58,11 +58,10 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     rows, walls = [], []
     table, seeds = (WALL_TABLE, 1) if args.table == "walltime" else (AXES_TABLE, args.seeds)
     for i in range(seeds):
-        a = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
+        a = experiments.with_flags(args, seed=args.seed + i)
         for m in table:
-            b = (
-                argparse.Namespace(**{**vars(a), "rebuild_cache": True}) if m == "sekd_3x" else a
-            )  # time a build
+            # SE-KD_3X builds its cache, to time a build
+            b = experiments.with_flags(a, rebuild_cache=True) if m == "sekd_3x" else a
             row = train.distill_student(b, m, corpus, device, teacher, evalset, student_init)
             rows.append({**row, "seed": a.seed, "key": m})
             train.print_table([r for r in rows if r["seed"] == a.seed], device)
@@ -143,8 +142,7 @@ def storage(args, corpus):
     here = data.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
     n_here = len(corpus.train) * args.seq_len
     print(
-        f"\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B "
-        f"tokens; "
+        "\nstorage per training position (paper scale: V = 100,000, U = 64, l = 0.2, 100 B tokens; "
         f"here: V = {corpus.vocab.size:,}, U = {args.U}, l = {args.l}, {n_here:,} positions)"
     )
     head = (
@@ -152,17 +150,10 @@ def storage(args, corpus):
         f"{'B/pos here':>11} {'MiB here':>10}"
     )
     print(head + "\n" + "-" * len(head))
-    labels = {
-        "full_fp16": "Full KD, fp16 logits",
-        "rskd": "RS-KD cache",
-        "sekd_3x": "SE-KD_3X cache",
-        "ce": "plain CE (ids)",
-    }
     out = {"paper_scale": paper, "here": here, "positions_here": n_here}
-    for key, label in labels.items():
+    for key, (label, paper_tb) in STORAGE_ROWS.items():
         print(
-            f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} "
-            f"{PAPER_STORAGE_TB[key]:>9,} "
+            f"{label:<22} {paper[key]:>10,.1f} {paper[key] * 1e11 / 1e12:>10,.2f} {paper_tb:>9,} "
             f"{here[key]:>11,.1f} {here[key] * n_here / 2**20:>10,.2f}"
         )
     print(
@@ -173,10 +164,8 @@ def storage(args, corpus):
     if os.path.exists(cache_path):
         cache = data.TeacherCache(cache_path)
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
-        predicted = (
-            n_pos
-            * data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
-        )
+        rskd = data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
+        predicted = n_pos * rskd
         out["cache"] = {
             "path": cache_path,
             "bytes": real,
@@ -186,10 +175,9 @@ def storage(args, corpus):
         }
         print(
             f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = "
-            f"{real / n_pos:.2f} B/position; "
-            f"accounting {predicted:,} bytes ({100 * (real - predicted) / predicted:+.3f}%: the "
-            f"{cache.offset}-byte "
-            f"header); per position of the whole training set {real / n_here:.2f} B"
+            f"{real / n_pos:.2f} B/position; accounting {predicted:,} bytes "
+            f"({100 * (real - predicted) / predicted:+.3f}%: the {cache.offset}-byte header); per "
+            f"position of the whole training set {real / n_here:.2f} B"
         )
     return out
 

@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import os
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -67,14 +66,6 @@ def add_flags(p):
         "--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above"
     )
     head_bench.add_flags(g, positive_ints)
-
-
-def is_oom(e):
-    return (
-        isinstance(e, torch.OutOfMemoryError)
-        or "can't allocate memory" in str(e)
-        or "out of memory" in str(e)
-    )
 
 
 def free_memory(opt, dev):
@@ -169,12 +160,14 @@ def bench_batch(B, V, args, dev):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def guard_oom(row, fn):
-    """Run fn(); a lack of memory marks the row "OOM" (a result, not a crash)."""
+@contextmanager
+def oom_marks(row):
+    """A lack of memory in the block marks the row "OOM" (a result, not a crash)."""
     try:
-        fn()
+        yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not is_oom(e):
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+        if not oom and "can't allocate memory" not in str(e):
             raise
         row["oom"] = "OOM"
 
@@ -184,39 +177,16 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
     half = train.autocast_dtype(args, dev) is not None
-    acc = ledger.ledger_account(
-        student,
-        teacher,
-        B,
-        L,
-        flow,
-        args.k,
-        args.chunk_rows or None,
-        half,
-        dev.type == "cuda",
-        T=args.T,
-    )
-    row = {
-        "flow": flow,
-        "name": ledger.FLOWS[flow],
-        "B": B,
-        "L": L,
-        "V": V,
-        "tokens": B * L,
-        "analytic": acc,
-    }
+    chunk, cuda = args.chunk_rows or None, dev.type == "cuda"
+    acc = ledger.ledger_account(student, teacher, B, L, flow, args.k, chunk, half, cuda, T=args.T)
+    row = dict(flow=flow, name=ledger.FLOWS[flow], B=B, L=L, V=V, tokens=B * L, analytic=acc)
     if args.bench_mem_gb and acc["total"] > args.bench_mem_gb * GiB:
-        return {
-            **row,
-            "oom": f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb",
-        }
+        row["oom"] = f"skipped: analytic peak {acc['total'] / GiB:.1f} GiB > --bench-mem-gb"
+        return row
     x, y = bench_batch(B, V, args, dev)
-
-    def warm_up_then_measure():
+    with oom_marks(row):
         bench_step(student, teacher, opt, x, y, flow, args)  # allocator, AdamW state
         row.update(measure_flow(student, teacher, opt, x, y, flow, args, dev))
-
-    guard_oom(row, warm_up_then_measure)
     free_memory(opt, dev)
     return row
 
@@ -233,14 +203,12 @@ def time_rows(student, teacher, opt, rows, args, dev):
         for r, times in live:
             if "oom" in r:  # ran out of memory in an earlier round
                 continue
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            guard_oom(r, lambda r=r: bench_step(student, teacher, opt, x, y, r["flow"], args))
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.bench_warmup:
-                times.append(time.perf_counter() - t0)
+            with oom_marks(r):
+                step_s = experiments.seconds(
+                    lambda r=r: bench_step(student, teacher, opt, x, y, r["flow"], args), dev
+                )
+                if i >= args.bench_warmup:
+                    times.append(step_s)
     for r, times in live:
         if "oom" not in r:
             r["step_s"] = float(np.median(times))
@@ -256,13 +224,8 @@ def bench_rows(student, teacher, opt, B, args, dev):
 
 def bench_models(args, V, dev):
     torch.manual_seed(args.seed)
-    teacher, student = (
-        train.new_model(args, "teacher", V, dev),
-        train.new_model(args, "student", V, dev),
-    )
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = train.new_model(args, "teacher", V, dev).eval().requires_grad_(False)
+    student = train.new_model(args, "student", V, dev)
     return student, teacher, train.make_optimizer(student, 1e-5, args.weight_decay)
 
 
@@ -352,8 +315,7 @@ def run(args, device):
         f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher "
         f"{args.teacher_layers}x{args.teacher_embd}, "
         f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps "
-        f"after "
-        f"{args.bench_warmup} warm-up, the flows taking turns"
+        f"after {args.bench_warmup} warm-up, the flows taking turns"
     ]
     print(lines[0])
     result = {"args": vars(args), "machine": train.machine(), "tables": {}, "sweep": []}

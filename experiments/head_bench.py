@@ -4,20 +4,16 @@ streamed Full KD, SE-KD with its selection, the selection alone, our chunk formu
 compiled, and, when they are installed, the peers: Liger's fused linear JSD (beta = 0, the forward
 KL) and torchtune's chunked forward KL, on all rows and on SE-KD's rows. Every flow's gradient is
 checked against dense (against the streamed loss where dense does not fit); the flows are timed in
-turns; we write a JSON
-and plot
-time
-and memory
-against N."""
+turns; we write a JSON and plot time and memory against N."""
 
 import gc
 import json
 import os
 import statistics
-import time
 
 import torch
 
+import experiments
 import sekd
 import train
 
@@ -73,12 +69,6 @@ def our_flows(k, chunk=None, compile_on=True, tag=""):
     """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N
     rows are one sequence, so the loss is their mean."""
 
-    def streamed(x, mask=None):
-        cfg = sekd.KDConfig(lam=1.0, chunk_rows=chunk or 0)
-        return sekd.streamed_kd_loss(
-            x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, cfg
-        )
-
     def with_compile(fn):
         def run(x):
             with compiled(compile_on):
@@ -86,12 +76,17 @@ def our_flows(k, chunk=None, compile_on=True, tag=""):
 
         return run
 
-    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk)))
+    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk), chunk))
     return {
-        f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x)),
+        f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x, chunk=chunk)),
         f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
         f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk)),
     }
+
+
+def streamed(x, mask=None, chunk=None):
+    cfg = sekd.KDConfig(lam=1.0, chunk_rows=chunk or 0)
+    return sekd.streamed_kd_loss(x["hs"][None], x["ws"], x["ht"][None], x["wt"], x["y"], mask, cfg)
 
 
 def dense(x, mask=None):
@@ -123,9 +118,8 @@ def peer_flows(k):
         versions["torchtune"] = version("torchtune")
         kl = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
-        def tune(
-            hs, ws, ht, wt, y
-        ):  # it takes the logits in its 8 chunks, the student's all kept for backward
+        # it takes the logits in its 8 chunks, the student's all kept for backward
+        def tune(hs, ws, ht, wt, y):
             with torch.no_grad():
                 zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
             return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
@@ -222,38 +216,22 @@ def bench_shape(V, N, args, device, peers):
         flows.update(our_flows(args.k))
         flows.update(our_flows(args.k, compile_on=False, tag=", eager"))
         flows.update(peers)
+    reference = dense if fits else streamed
     with compiled(False):
         mask = selection(x, args.k, None)
-        ref_all = one_step(dense if fits else our_flows(args.k)["sekd streamed Full KD"], x)
-        ref_sel = one_step(
-            lambda x: (
-                dense(x, mask) if fits else our_flows(args.k)["sekd streamed Full KD"](x, mask)
-            ),
-            x,
-        )
+        ref_all = one_step(reference, x)
+        ref_sel = one_step(lambda x: reference(x, mask), x)
     small = inputs(min(N, 64), V, ds, dt, dtype, device, args.seed)
-    for flow in (
-        flows.values()
-    ):  # compiles (ours for every N; a peer's maybe not) before memory is measured
+    # compiles (ours for every N; a peer's maybe not) before memory is measured
+    for flow in flows.values():
         one_step(flow, small)
     results = {}
     for name, flow in flows.items():
-        row = {
-            "flow": name,
-            "V": V,
-            "N": N,
-            "ds": ds,
-            "dt": dt,
-            "dtype": args.head_dtype,
-            "times": [],
-        }
+        row = dict(flow=name, V=V, N=N, ds=ds, dt=dt, dtype=args.head_dtype, times=[])
+        ours = name.startswith(("sekd", "of which"))
+        compiled_code = "compiled" in name or ours and "eager" not in name
         try:
-            grads, mem = measure(
-                flow,
-                x,
-                device,
-                "compiled" in name or name.startswith(("sekd", "of which")) and "eager" not in name,
-            )
+            grads, mem = measure(flow, x, device, compiled_code)
             selected = "SE-KD" in name or "selection" in name
             row.update(mem, grad_rel_err=rel_err(grads, ref_sel if selected else ref_all))
         except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -262,13 +240,8 @@ def bench_shape(V, N, args, device, peers):
     for _ in range(args.head_rounds):
         for name, flow in flows.items():
             if "error" not in results[name]:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                one_step(flow, x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                results[name]["times"].append(time.perf_counter() - t)
+                step_s = experiments.seconds(lambda flow=flow: one_step(flow, x), device)
+                results[name]["times"].append(step_s)
     for r in results.values():
         r["ms"] = 1000 * statistics.median(r["times"]) if r["times"] else None
     return list(results.values())
@@ -278,8 +251,7 @@ def table(rows):
     base = next((r for r in rows if r["flow"] == "dense kd_loss" and r.get("ms")), rows[0])
     lines = [
         f"V = {rows[0]['V']:,}, N = {rows[0]['N']:,}, d = {rows[0]['ds']}/{rows[0]['dt']}, "
-        f"{rows[0]['dtype']}; "
-        f"ratios to '{base['flow']}'",
+        f"{rows[0]['dtype']}; ratios to '{base['flow']}'",
         f"{'flow':<62} {'live MB':>9} {'RSS MB':>8} {'ms':>9} {'x time':>7} {'grad err':>9}",
         "-" * 109,
     ]
@@ -310,9 +282,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(len(vocabs), 2, figsize=(13, 4.5 * len(vocabs)), squeeze=False)
     for (ax_t, ax_m), V in zip(axes, vocabs, strict=True):
         for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
-            ours = flow.startswith(
-                ("sekd", "of which", "dense")
-            )  # solid, eager dashed; the peers dotted
+            # ours solid, eager dashed; the peers dotted
+            ours = flow.startswith(("sekd", "of which", "dense"))
             style = dict(
                 color=plt.cm.tab20(i % 20),
                 label=flow,

@@ -90,12 +90,8 @@ class LogitLedger:
     most bytes of them alive at once during that phase."""
 
     def __init__(self, V, half, T=1.0):
-        self.V, self.half, self.lo, self.T = (
-            V,
-            half,
-            2 if half else 4,
-            T,
-        )  # head outputs: bf16 or float32
+        self.V, self.half, self.T = V, half, T
+        self.lo = 2 if half else 4  # head outputs: bf16 or float32
         self.live, self.phase, self.peaks, self.tensors = 0, None, {}, []
 
     def enter(self, phase):
@@ -117,6 +113,12 @@ class LogitLedger:
 
     def free(self, *ts):
         self.live -= sum(t["bytes"] for t in ts if t is not None)
+
+    def new_then_free(self, what, rows, nbytes_per_el, *old):
+        """A new tensor, made while `old` are still alive; then `old` are freed."""
+        t = self.new(what, rows, nbytes_per_el)
+        self.free(*old)
+        return t
 
     # --- the operations of sekd.py, as the tensors they create
 
@@ -141,15 +143,10 @@ class LogitLedger:
         """F.log_softmax(_wide(z) / T): the copy and the division (a chunk formula's: none at T = 1;
         `divide`: the dense reference's, always) are freed once it exists."""
         w = self.wide(rows, what) if wide else None
-        d = (
-            self.new(f"{what} / T", rows, 4)
-            if divide or (self.T if T is None else T) != 1
-            else None
-        )
+        T = self.T if T is None else T
+        d = self.new(f"{what} / T", rows, 4) if divide or T != 1 else None
         self.free(w)
-        out = self.new(f"{what} log-softmax", rows, 4)
-        self.free(d)
-        return out
+        return self.new_then_free(f"{what} log-softmax", rows, 4, d)
 
     def entropy(self, rows, z):
         """token_entropy of logits z at T = 1 (selection scores are never tempered), without
@@ -170,19 +167,13 @@ class LogitLedger:
 
     def kl_backward(self, rows, logq, p):
         """The logit gradient of the KL, T (q - p), built in four steps."""
-        g1 = self.new("grad of (log p - log q)", rows, 4)
-        self.free(p)
-        g2 = self.new("grad of log q", rows, 4)
-        self.free(g1)
-        g3 = self.new("grad of student logits / T", rows, 4)
-        self.free(g2, logq)
-        g4 = self.new("student logit gradient", rows, 4)
-        self.free(g3)
+        g = self.new_then_free("grad of (log p - log q)", rows, 4, p)
+        g = self.new_then_free("grad of log q", rows, 4, g)
+        g = self.new_then_free("grad of student logits / T", rows, 4, g, logq)
+        g = self.new_then_free("student logit gradient", rows, 4, g)
         if self.half:
-            g5 = self.new("student logit gradient, bf16", rows, 2)
-            self.free(g4)
-            return g5
-        return g4
+            g = self.new_then_free("student logit gradient, bf16", rows, 2, g)
+        return g
 
 
 def chunk_sizes(n, chunk_rows):
@@ -220,9 +211,8 @@ def logit_ledger(
     lg = LogitLedger(V, half, T)
     dense_t = lam > 0 and flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
-    rows = (
-        BL if flow in ("dense", "dense_entropy", "chunked") else n_sel
-    )  # kd_loss: KL at every row, then masked
+    # kd_loss: KL at every row, then masked
+    rows = BL if flow in ("dense", "dense_entropy", "chunked") else n_sel
     zt = zs = ws = None
     lg.enter("teacher forward")
     if dense_t:
@@ -257,13 +247,9 @@ def logit_ledger(
         return lg
     if flow in ("teacher_head", "student_head", "both_heads"):
         if flow == "student_head":
-            zt_rows = lg.new("teacher logits, gathered rows", n_sel, lg.lo)
-            lg.free(zt)
-            zt = zt_rows
+            zt = lg.new_then_free("teacher logits, gathered rows", n_sel, lg.lo, zt)
         if dense_s:
-            zs_rows = lg.new("student logits, gathered rows", n_sel, lg.lo)
-            lg.free(zs)
-            zs = zs_rows
+            zs = lg.new_then_free("student logits, gathered rows", n_sel, lg.lo, zs)
         else:
             zs, ws = lg.head(n_sel, d_student, "student", grad=True)
     logq = p = ce = None
@@ -271,23 +257,18 @@ def logit_ledger(
         logq, p = lg.kl(rows)
     if lam < 1:  # F.cross_entropy over every row (no / T): its log-softmax is saved for backward
         w = lg.wide(BL, "student (CE)")
-        ce = lg.new("student (CE) log-softmax", BL, 4)
-        lg.free(w)
+        ce = lg.new_then_free("student (CE) log-softmax", BL, 4, w)
     lg.free(zt, zs)  # the function returns: only what backward saved stays
     lg.enter("backward")
     g = _ce_backward(lg, BL, ce) if lam < 1 else None  # autograd runs the CE branch first
     if lam > 0:
         g_kl = lg.kl_backward(rows, logq, p)
         if g is not None:  # the two branches' logit gradients are summed
-            g_sum = lg.new("student logit gradient, CE + KL", BL, lg.lo)
-            lg.free(g, g_kl)
-            g_kl = g_sum
+            g_kl = lg.new_then_free("student logit gradient, CE + KL", BL, lg.lo, g, g_kl)
         g = g_kl
     if flow == "teacher_head":  # the gather's backward scatters the rows' gradient into [B, L, V]
         zeros = lg.new("zeros [B, L, V] for the gathered rows' gradient", BL, lg.lo)
-        scattered = lg.new("student logit gradient, scattered to [B, L, V]", BL, lg.lo)
-        lg.free(zeros, g)
-        g = scattered
+        g = lg.new_then_free("student logit gradient, scattered to [B, L, V]", BL, lg.lo, zeros, g)
     lg.free(g, ws)
     if half:  # the gradient of autocast's bf16 weight copy, back to float32
         lg.free(lg.new("grad of the student head weight copy, float32 [D, V]", d_student, 4))
@@ -298,14 +279,11 @@ def logit_ledger(
 def _ce_backward(lg, rows, ce):
     """F.cross_entropy's backward: the NLL's gradient, then the log-softmax's; under autocast the
     result is copied back to the bf16 logits' dtype."""
-    g1 = lg.new("grad of the CE's NLL", rows, 4)
-    g2 = lg.new("grad of the CE's log-softmax", rows, 4)
-    lg.free(g1, ce)
+    g = lg.new("grad of the CE's NLL", rows, 4)
+    g = lg.new_then_free("grad of the CE's log-softmax", rows, 4, g, ce)
     if lg.half:
-        g3 = lg.new("CE logit gradient, bf16", rows, 2)
-        lg.free(g2)
-        return g3
-    return g2
+        g = lg.new_then_free("CE logit gradient, bf16", rows, 2, g)
+    return g
 
 
 def _chunk_logits(lg, c, d, who):
@@ -313,9 +291,7 @@ def _chunk_logits(lg, c, d, who):
     product is a temporary)."""
     z, _ = lg.head(c, d, f"{who} chunk", grad=False, chunked=True)
     if lg.half:
-        z_wide = lg.new(f"{who} chunk logits, float32", c, 4)
-        lg.free(z)
-        z = z_wide
+        z = lg.new_then_free(f"{who} chunk logits, float32", c, 4, z)
     return z
 
 
@@ -413,31 +389,11 @@ def ledger_account(
     (from `logit_ledger`, with the CE term when lam < 1), and the expected peak per phase.
     lam = 0: plain CE, no teacher in memory. Assumes every position is valid (the benchmark's
     random tokens)."""
-    V = student.config.vocab_size
-    chunk = chunk_rows or sekd.default_chunk_rows(
-        V, student.config.n_embd, "cuda" if on_cuda else "cpu"
-    )
-    n_sel = (
-        B * L
-        if flow == "dense"
-        else int(
-            sekd.budget_counts(1.0 if flow == "dense_entropy" else k, torch.tensor([L])).item()
-        )
-        * B
-    )
-    lg = logit_ledger(
-        flow,
-        B * L,
-        n_sel,
-        V,
-        student.config.n_embd,
-        teacher.config.n_embd,
-        chunk,
-        half,
-        select,
-        lam,
-        T=T,
-    )
+    V, ds, dt = student.config.vocab_size, student.config.n_embd, teacher.config.n_embd
+    chunk = chunk_rows or sekd.default_chunk_rows(V, ds, "cuda" if on_cuda else "cpu")
+    per_sequence = sekd.budget_counts(1.0 if flow == "dense_entropy" else k, torch.tensor([L]))
+    n_sel = B * L if flow == "dense" else int(per_sequence.item()) * B
+    lg = logit_ledger(flow, B * L, n_sel, V, ds, dt, chunk, half, select, lam, T=T)
     runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
     s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
     s = {
@@ -450,50 +406,30 @@ def ledger_account(
         "params": t_params,
         "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs,
     }
-    t_hidden = B * L * teacher.config.n_embd * 4 * runs  # ln_f output, float32 even under autocast
+    t_hidden = B * L * dt * 4 * runs  # ln_f output, float32 even under autocast
     resident = s_params + t_params + s["adamw"]
-    head_grad = (
-        V * student.config.n_embd * 4 if flow == "streamed" else 0
-    )  # its float32 dL/dW, kept for backward
-    # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through the chunked pass that
-    # made them
+    head_grad = V * ds * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
+    # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through their chunked pass
     copies = {
-        "selection": V * student.config.n_embd * 2 * half * select * (flow != "dense"),
-        "loss": V
-        * (student.config.n_embd + teacher.config.n_embd * runs)
-        * 2
-        * half
-        * (flow == "streamed"),
+        "selection": V * ds * 2 * half * select * (flow != "dense"),
+        "loss": V * (ds + dt * runs) * 2 * half * (flow == "streamed"),
     }
+    forward = resident + t_hidden + s["activations"]  # the teacher's hidden states alive
     phases = {
         "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
-        "student forward": resident + t_hidden + s["activations"] + lg.peaks["student forward"],
-        "selection": resident
-        + t_hidden
-        + s["activations"]
-        + copies["selection"]
-        + lg.peaks["selection"],
-        "loss": resident
-        + t_hidden
-        + s["activations"]
-        + head_grad
-        + copies["loss"]
-        + lg.peaks["loss"],
+        "student forward": forward + lg.peaks["student forward"],
+        "selection": forward + copies["selection"] + lg.peaks["selection"],
+        "loss": forward + head_grad + copies["loss"] + lg.peaks["loss"],
         "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
-        "optimizer step": resident
-        + s["grads"]
-        + s_params,  # foreach AdamW: one parameter-sized temporary
+        # foreach AdamW: one parameter-sized temporary
+        "optimizer step": resident + s["grads"] + s_params,
     }
     if "teacher head" in lg.peaks:
-        phases["teacher head"] = resident + t_hidden + s["activations"] + lg.peaks["teacher head"]
-    t_logits = max(
-        (
-            x["bytes"]
-            for x in lg.tensors
-            if x["what"].startswith("teacher") and "logits" in x["what"]
-        ),
-        default=0,
-    )
+        phases["teacher head"] = forward + lg.peaks["teacher head"]
+    teacher_logits = [
+        x for x in lg.tensors if x["what"].startswith("teacher") and "logits" in x["what"]
+    ]
+    t_logits = max((x["bytes"] for x in teacher_logits), default=0)
     total = max(phases.values())
     return {
         "flow": flow,

@@ -6,8 +6,6 @@
 with every selection policy; (3) the budget sweep BUDGETS for student entropy and reverse KL.
 """
 
-import argparse
-
 import numpy as np
 
 import experiments
@@ -54,7 +52,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         if key not in done:
             per_seed = []
             for s in seeds:
-                a = argparse.Namespace(**{**vars(args), "seed": s})
+                a = experiments.with_flags(args, seed=s)
                 per_seed.append(
                     train.distill_student(
                         a, method, corpus, device, teacher, evalset, student_init, save=False, **kd
@@ -68,8 +66,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     if steps_S < args.curriculum_steps:
         print(
             f"note: curriculum slides over {steps_S} steps (--student-steps), not "
-            f"--curriculum-steps "
-            f"{args.curriculum_steps}, so that it reaches the top window within training"
+            f"--curriculum-steps {args.curriculum_steps}, so that it reaches the top window within "
+            "training"
         )
     tables = {}
     tables["metrics"] = [row("Full KD", "full_kd")]
@@ -85,15 +83,9 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     tables["policies"] = []
     for p in sekd.POLICIES:
         extra = {"curriculum_steps": steps_S} if p == "curriculum" else {}
+        label = f"student_entropy {labels.get(p, p)} {k:.0%}"
         tables["policies"].append(
-            row(
-                f"student_entropy {labels.get(p, p)} {k:.0%}",
-                "sekd",
-                metric="student_entropy",
-                policy=p,
-                k=k,
-                **extra,
-            )
+            row(label, "sekd", metric="student_entropy", policy=p, k=k, **extra)
         )
     train.print_table(tables["policies"], device, f"(2) policies, student entropy, k = {k:.0%}")
     tables["budget"] = []

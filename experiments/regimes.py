@@ -17,7 +17,6 @@ Every finished student is kept in OUT_DIR/regimes_runs.json, so a stopped run re
     python -m experiments.regimes --preset full --cells C,H
 """
 
-import argparse
 import json
 import os
 
@@ -31,112 +30,24 @@ import train
 from experiments.positions import mean_std_row
 
 # name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most
-# telling first
+# telling first. "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as
+# the paper's was (Qwen3-1.7B came out of distillation from larger Qwen3 models). K: a long, gentle
+# distillation, 5x the steps at a low lr.
+THREE = ("full_kd", "sekd", "random_pos")
+FIVE = THREE + ("te", "pos_rs_kd")
 CELLS = {
-    "A  1x64 lr1e-3 lam1": (
-        "1x64",
-        1e-3,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos", "te", "pos_rs_kd"),
-    ),
-    "B  1x64 lr1e-4 lam1": (
-        "1x64",
-        1e-4,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "C  2x160 lr1e-4 lam1": (
-        "2x160",
-        1e-4,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "D  1x64 lr1e-3 lam.5 Eq.3": (
-        "1x64",
-        1e-3,
-        120,
-        0.5,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "E  1x64 lr1e-3 lam.5 CE-all": (
-        "1x64",
-        1e-3,
-        120,
-        0.5,
-        "all",
-        0.2,
-        ("full_kd", "sekd", "random_pos", "te", "pos_rs_kd"),
-    ),
-    "F  1x64 lr1e-3 lam1 k.5": (
-        "1x64",
-        1e-3,
-        120,
-        1.0,
-        "selected",
-        0.5,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "G  1x64 lr3e-4 lam1": (
-        "1x64",
-        3e-4,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "H  2x160 lr1e-3 lam1": (
-        "2x160",
-        1e-3,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "I  1x64 lr1e-3 lam1 480 steps": (
-        "1x64",
-        1e-3,
-        480,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "J  1x64 distilled init lam1": (
-        "1x64kd",
-        1e-3,
-        120,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
-    "K  1x64 lr2e-4 lam1 600 steps": (
-        "1x64",
-        2e-4,
-        600,
-        1.0,
-        "selected",
-        0.2,
-        ("full_kd", "sekd", "random_pos"),
-    ),
+    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, FIVE),
+    "B  1x64 lr1e-4 lam1": ("1x64", 1e-4, 120, 1.0, "selected", 0.2, THREE),
+    "C  2x160 lr1e-4 lam1": ("2x160", 1e-4, 120, 1.0, "selected", 0.2, THREE),
+    "D  1x64 lr1e-3 lam.5 Eq.3": ("1x64", 1e-3, 120, 0.5, "selected", 0.2, THREE),
+    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, FIVE),
+    "F  1x64 lr1e-3 lam1 k.5": ("1x64", 1e-3, 120, 1.0, "selected", 0.5, THREE),
+    "G  1x64 lr3e-4 lam1": ("1x64", 3e-4, 120, 1.0, "selected", 0.2, THREE),
+    "H  2x160 lr1e-3 lam1": ("2x160", 1e-3, 120, 1.0, "selected", 0.2, THREE),
+    "I  1x64 lr1e-3 lam1 480 steps": ("1x64", 1e-3, 480, 1.0, "selected", 0.2, THREE),
+    "J  1x64 distilled init lam1": ("1x64kd", 1e-3, 120, 1.0, "selected", 0.2, THREE),
+    "K  1x64 lr2e-4 lam1 600 steps": ("1x64", 2e-4, 600, 1.0, "selected", 0.2, THREE),
 }
-# "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as the paper's was
-# (Qwen3-1.7B
-# came out of distillation from larger Qwen3 models). K: a long, gentle distillation, 5x the steps
-# at a low lr.
 # a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
 METHODS = {
     "full_kd": ("full_kd", {}, "Full KD"),
@@ -179,15 +90,13 @@ def student_args(args, size):
     layers, embd = (int(v) for v in size.removesuffix("kd").split("x"))
     if (layers, embd) == (args.student_layers, args.student_embd) and not size.endswith("kd"):
         return args
-    return argparse.Namespace(
-        **{
-            **vars(args),
-            "student_layers": layers,
-            "student_embd": embd,
-            "student_heads": 2,
-            "out_dir": os.path.join(args.out_dir, f"regimes_{size}"),
-            "teacher_ckpt": train.teacher_ckpt_path(args),
-        }
+    return experiments.with_flags(
+        args,
+        student_layers=layers,
+        student_embd=embd,
+        student_heads=2,
+        out_dir=os.path.join(args.out_dir, f"regimes_{size}"),
+        teacher_ckpt=train.teacher_ckpt_path(args),
     )
 
 
@@ -256,16 +165,9 @@ class WithHard:
 
 def distilled_init(a, corpus, device, teacher, evalset):
     """An initial student pretrained by Full KD (lambda = 1) from random weights, for
-    --student-init-steps at
-    --student-init-lr, in its own folder; reused once finished."""
-    a = argparse.Namespace(
-        **{
-            **vars(a),
-            "lr": a.student_init_lr,
-            "student_steps": a.student_init_steps,
-            "lam": 1.0,
-            "seed": a.seed + 2,
-        }
+    --student-init-steps at --student-init-lr, in its own folder; reused once finished."""
+    a = experiments.with_flags(
+        a, lr=a.student_init_lr, student_steps=a.student_init_steps, lam=1.0, seed=a.seed + 2
     )
     path = os.path.join(a.out_dir, "student_full_kd.pt")
     ckpt = train.load_checkpoint(path) if os.path.exists(path) else {}
@@ -324,18 +226,10 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                     f"|b{args.cell_batch}|s{s}"
                 )
                 if key not in done:
-                    ca = argparse.Namespace(
-                        **{
-                            **vars(a),
-                            "seed": s,
-                            "lr": lr,
-                            "student_steps": steps,
-                            "lam": lam,
-                            "ce_at": ce_at,
-                            "k": k,
-                            "batch_size": args.cell_batch,
-                        }
+                    ca = experiments.with_flags(
+                        a, seed=s, lr=lr, student_steps=steps, lam=lam, ce_at=ce_at, k=k
                     )
+                    ca.batch_size = args.cell_batch
                     method, kd, _ = METHODS[m]
                     r = train.distill_student(
                         ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd
@@ -371,27 +265,24 @@ def summarise(name, rows):
 def print_diagnosis(size, d):
     print(
         f"\n[regimes] initial student {size}: val PPL {d['val_ppl']:.2f}; corr(student entropy, "
-        f"KL) "
-        f"{d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) {d['corr_sent_tent']:.2f}"
+        f"KL) {d['corr_sent_kl']:.2f}, corr(student entropy, teacher entropy) "
+        f"{d['corr_sent_tent']:.2f}"
     )
     if d["val_ppl"] <= d["teacher_val_ppl"]:
         print(
             f"  note: this student is already better than the teacher (val PPL "
-            f"{d['teacher_val_ppl']:.2f}), so its "
-            "cells distil from a weaker model; run them with a stronger teacher (e.g. --preset "
-            "full)"
+            f"{d['teacher_val_ppl']:.2f}), so its cells distil from a weaker model; run them with "
+            "a stronger teacher (e.g. --preset full)"
         )
     print(
         f"  {'positions':<14} {'student H':>9} {'teacher H':>9} {'student CE':>10} {'KL':>6} "
-        f"{'|q - p|':>7} "
-        f"{'KL share':>8}"
+        f"{'|q - p|':>7} {'KL share':>8}"
     )
     for tag, label in (("top", "SE-KD top 20%"), ("random", "random 20%")):
         r = d[tag]
         print(
             f"  {label:<14} {r['s_ent']:9.2f} {r['t_ent']:9.2f} {r['s_ce']:10.2f} {r['kl']:6.3f} "
-            f"{r['grad']:7.3f} "
-            f"{r['kl_share']:8.0%}"
+            f"{r['grad']:7.3f} {r['kl_share']:8.0%}"
         )
         print(f"  {'':<14} inputs: " + ", ".join(f"{t!r} {share:.0%}" for t, share in r["inputs"]))
 
@@ -434,28 +325,17 @@ def plot(cells, diagnosis, path):
         ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions"),
         strict=True,
     ):
-        for j, (gap, colour) in enumerate(
-            (("sekd-full_kd", "tab:blue"), ("sekd-random_pos", "tab:orange"))
-        ):
-            ys = [i + 0.15 * (1 - 2 * j) for i, c in enumerate(names) if gap in cells[c]]
-            m = [
-                cells[c][gap][key][0] if cells[c][gap][key][0] is not None else np.nan
-                for c in names
-                if gap in cells[c]
-            ]
-            e = [cells[c][gap][key][1] or 0 for c in names if gap in cells[c]]
-            ax.errorbar(
-                m,
-                ys,
-                xerr=e,
-                fmt="o",
-                color=colour,
-                capsize=3,
-                label=gap.replace("_kd", " KD")
-                .replace("sekd-", "SE-KD - ")
-                .replace("random_pos", "RandomPos")
-                .replace("full KD", "Full KD"),
+        for j, (gap, colour, label) in enumerate(
+            (
+                ("sekd-full_kd", "tab:blue", "SE-KD - Full KD"),
+                ("sekd-random_pos", "tab:orange", "SE-KD - RandomPos"),
             )
+        ):
+            at = [(i, cells[c][gap][key]) for i, c in enumerate(names) if gap in cells[c]]
+            ys = [i + 0.15 * (1 - 2 * j) for i, _ in at]
+            m = [np.nan if mean is None else mean for _, (mean, _) in at]
+            e = [sd or 0 for _, (_, sd) in at]
+            ax.errorbar(m, ys, xerr=e, fmt="o", color=colour, capsize=3, label=label)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"gap in {unit} (< 0: SE-KD better)")
         ax.grid(alpha=0.3)
@@ -464,9 +344,8 @@ def plot(cells, diagnosis, path):
     axes[0].legend(loc="best")
     corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
     fig.suptitle(
-        f"SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of "
-        f"the paired "
-        f"gap; corr(student entropy, KL) {corr}"
+        "SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of "
+        f"the paired gap; corr(student entropy, KL) {corr}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -131,9 +131,8 @@ def run(args, corpus, device):
     hi = max(max(max(row) for row in e) for e in entropy.values())
     print(
         f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new "
-        f"tokens per model, "
-        f"temperature {args.sample_temperature}, top-k {args.sample_top_k or 'off'}, seed "
-        f"{args.seed}"
+        f"tokens per model, temperature {args.sample_temperature}, top-k "
+        f"{args.sample_top_k or 'off'}, seed {args.seed}"
         + (
             f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats"
             if colour
@@ -142,8 +141,8 @@ def run(args, corpus, device):
     )
     for i, start in enumerate(starts):
         print(
-            f"\n=== prompt {i + 1} (validation token "
-            f"{start:,})\n{corpus.vocab.decode(prompts[i].tolist(), enc)}"
+            f"\n=== prompt {i + 1} (validation token {start:,})\n"
+            f"{corpus.vocab.decode(prompts[i].tolist(), enc)}"
         )
         for name, _ in models:
             tokens, ent = text[name][i], entropy[name][i]

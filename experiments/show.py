@@ -35,11 +35,9 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     student = train.GPT_from(ckpt).to(device).eval()
     i = min(args.show_sample, len(evalset.x) - 1)
     x, y = evalset.x[i : i + 1], evalset.y[i : i + 1]
-    view = (
-        (args.metric, args.policy)
-        if (args.metric, args.policy) != ("student_entropy", "topk")
-        else ("teacher_entropy", "topk")
-    )
+    view = (args.metric, args.policy)
+    if view == ("student_entropy", "topk"):  # SE-KD's own: compare with teacher entropy
+        view = ("teacher_entropy", "topk")
     valid = y >= 0
     torch.manual_seed(args.seed)  # pos-RS-KD's draws
     with torch.no_grad():
@@ -51,9 +49,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             scores = sekd.chunked_scores(
                 sekd.METRICS[metric], h, w, valid, th, evalset.teacher_w, y
             )
-            state = sekd.PositionState(
-                args.gls_queue, args.curriculum_steps
-            )  # GLS, curriculum: as at step 0
+            state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # as at step 0
             picks[metric if policy == "topk" else f"{metric} {policy}"] = sekd.POLICIES[policy](
                 scores, args.k, valid, state
             )[0]
@@ -70,8 +66,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             f"{'SE-KD: ' if name == 'student_entropy' else ''}{name}"
             f"{' top' if ' ' not in name else ''} "
             f"{args.k:.0%} ({int(sel.sum())} of {len(tokens)} positions marked{draws}; their mean "
-            f"entropy "
-            f"{float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
+            f"entropy {float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
         )
         ansi = "".join(
             f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
@@ -96,18 +91,15 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     overlap = int(((picks["student_entropy"] > 0) & (picks[other] > 0)).sum())
     print(
         f"\nboth selections marked {overlap} of {int((picks[other] > 0).sum())} positions; mean "
-        f"entropy over "
-        f"all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats"
+        f"entropy over all {int(valid.sum())} positions {float(ent[valid[0]].mean()):.2f} nats"
     )
     page = (
         "<!doctype html><meta charset='utf-8'><title>sekd "
         "selection</title><style>body{font-family:sans-serif}"
         "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
         f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token "
-        f"predicted there "
-        f"(white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections marked {overlap} "
-        f"positions in "
-        "common.</p>"
+        f"predicted there (white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections "
+        f"marked {overlap} positions in common.</p>"
         f"<div class='row'>{''.join(blocks)}</div>"
     )
     out = os.path.join(args.out_dir, "selection.html")
