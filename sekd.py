@@ -912,10 +912,8 @@ def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_r
 def n_params(config):
     """Embeddings (V + block) D; per block two LayerNorms 4 D, qkv 3 D^2 + 3 D, the attention output
     D^2 + D, the MLP 8 D^2 + 5 D; the final LayerNorm 2 D. The tied LM head adds nothing."""
-    D = config.n_embd
-    return (
-        (config.vocab_size + config.block_size) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
-    )
+    V, L, D = config.vocab_size, config.block_size, config.n_embd
+    return (V + L) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
 
 
 def activation_bytes(config, B, L, half=False, grad=True):
@@ -937,13 +935,8 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     (5 N if 0 < lambda < 1); under autocast, the chunk loops' bf16 head copies. None for a step it
     does not model."""
     reads_teacher = getattr(METRICS[cfg.metric], "needs_teacher", True)
-    other_positions = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
-    if (
-        cfg.classes != "full"
-        or cfg.method == "at_kd"
-        or cfg.divergence != "forward"
-        or other_positions
-    ):
+    other = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
+    if other or cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward":
         return None
     V, Ds, Dt, N = student_config.vocab_size, student_config.n_embd, teacher_config.n_embd, B * L
     lam, uses_teacher = cfg.lam, cfg.lam > 0
@@ -954,16 +947,12 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     sel_rows = 3 * c if selects and cfg.method == "sekd" else 0  # RandomPos draws without logits
     if cfg.flow == "streamed":
         under_mask = lam == 1 or cfg.ce_at == "selected"  # the pass walks the selected rows only
-        loss_rows = (
-            2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else max(c + 5 * s, 2 * c + s)
-        )
+        mixed = max(c + 5 * s, 2 * c + s)  # the KD's rows of a chunk, then its CE's
+        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else mixed
         back_rows, head_grad = 0, V * Ds * 4
-    else:
-        loss_rows, back_rows, head_grad = (
-            (2 if lam == 0 else 7) * N,
-            (5 if 0 < lam < 1 else 3) * N,
-            0,
-        )
+    else:  # the dense flow: [N, V] logits
+        loss_rows = (2 if lam == 0 else 7) * N
+        back_rows, head_grad = (5 if 0 < lam < 1 else 3) * N, 0
     p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * uses_teacher
     copies = 2 * V * (Ds + Dt * uses_teacher) * half * (cfg.flow == "streamed")
     a = {
