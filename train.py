@@ -348,6 +348,10 @@ def teacher_ckpt_path(args):
     return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
 
 
+def init_ckpt_path(args):  # the initial student's
+    return os.path.join(args.out_dir, "student_init.pt")
+
+
 def cache_path(args):
     return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
 
@@ -359,8 +363,8 @@ def file_sha256(path):
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
     """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the
-    frozen initial student's entropy; RandomSmp's), for as many epochs as --student-steps makes
-    over all samples (l = 20% trains 20% of the steps: the wall-time saving), SE-KD_3X's draws."""
+    frozen initial student's entropy; RandomSmp's), for --student-steps times their share (l = 20%
+    trains 20% of the steps: the wall-time saving), and SE-KD_3X's draws."""
     n, kept, prepass_s, cache, build_s, reused = len(corpus.train), None, None, None, None, None
     if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
         # we refuse a cache of another run before the pre-pass, not after
@@ -373,21 +377,13 @@ def sample_plan(args, samples, classes, corpus, device, student, teacher):
     if classes == "cache":
         ids = kept if kept is not None else np.arange(n)
         cache, build_s, reused = teacher_cache(args, corpus, device, teacher, ids)
-    n_kept, steps = n, args.student_steps
-    if kept is not None:
-        n_kept, steps = len(kept), max(1, math.ceil(args.student_steps * len(kept) / n))
-    return {
-        "samples": samples,
-        "n_kept": n_kept,
-        "prepass_s": prepass_s,
-        "cache_build_s": build_s,
-        "cache_reused": reused,
-        "cache_bytes": os.path.getsize(cache.path) if cache else None,
-        "steps": steps,
-        "batches": data.Batches(
-            corpus, args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache
-        ),
-    }
+    n_kept = n if kept is None else len(kept)
+    cache_bytes = os.path.getsize(cache.path) if cache else None
+    plan = dict(samples=samples, n_kept=n_kept, prepass_s=prepass_s, cache_build_s=build_s)
+    plan |= dict(cache_reused=reused, cache_bytes=cache_bytes)
+    plan["steps"] = max(1, math.ceil(args.student_steps * n_kept / n))  # all: --student-steps
+    b = (args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
+    return plan | {"batches": data.Batches(corpus, *b)}
 
 
 _PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one per seed
@@ -415,10 +411,8 @@ def sample_prepass(student, corpus, args, device):
             torch.cuda.synchronize()
         seconds = time.time() - t0
         _PREPASS[key] = (scores, seconds)
-        print(
-            f"[pre-pass] scored {len(corpus.train):,} samples by mean student entropy "
-            f"in {seconds:.1f}s"
-        )
+        what = f"{len(corpus.train):,} samples by mean student entropy"
+        print(f"[pre-pass] scored {what} in {seconds:.1f}s")
     return _PREPASS[key]
 
 
@@ -430,26 +424,17 @@ def cache_signature(args, corpus, kept):
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
             "train it first (python train.py --run teacher)"
         )
-    return {
-        "format": 1,
-        "teacher_sha256": file_sha256(path),
-        "data_fingerprint": corpus.meta["data_fingerprint"],
-        "U": args.U,
-        "T": args.T,
-        "seed": args.seed,
-        "V": corpus.vocab.size,
-        "seq_len": args.seq_len,
-        "kept": [int(i) for i in kept],
-    }
+    signature = dict(format=1, teacher_sha256=file_sha256(path))
+    signature |= dict(data_fingerprint=corpus.meta["data_fingerprint"], U=args.U, T=args.T)
+    signature |= dict(seed=args.seed, V=corpus.vocab.size, seq_len=args.seq_len)
+    return signature | {"kept": [int(i) for i in kept]}
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches this run, refused in one line
-    if not, built if absent or --rebuild-cache. -> (data.TeacherCache, build seconds or None,
-    reused). Rank 0 builds it (its draws do not depend on the world size); the others wait."""
-    path, signature = cache_path(args), cache_signature(args, corpus, kept)
-    build = RANK == 0 and (args.rebuild_cache or not os.path.exists(path))
-    if build:
+    """SE-KD_3X's cache for `kept`: reused if its signature matches, refused in one line if not,
+    built by rank 0 (its draws do not depend on the world size) if absent or --rebuild-cache."""
+    path, signature, build_s = cache_path(args), cache_signature(args, corpus, kept), None
+    if RANK == 0 and (args.rebuild_cache or not os.path.exists(path)):
         if teacher is None:
             raise UserError("building the teacher cache needs the teacher")
         t0, V, W = time.time(), corpus.vocab.size, teacher.head_weight
@@ -472,15 +457,13 @@ def teacher_cache(args, corpus, device, teacher, kept):
         build_s = time.time() - t0
     barrier()
     cache, size = data.TeacherCache(path), os.path.getsize(path)
-    if build:
-        print(
-            f"[cache] built {path}: {len(kept):,} samples x {args.seq_len} positions x "
-            f"U={args.U}, {size:,} bytes in {build_s:.1f}s"
-        )
-        return cache, build_s, False
-    cache.check(signature)
-    print(f"[cache] reusing {path} ({size:,} bytes): distillation runs without the teacher")
-    return cache, None, True
+    if build_s is None:
+        cache.check(signature)
+        print(f"[cache] reusing {path} ({size:,} bytes): distillation runs without the teacher")
+    else:
+        shape = f"{len(kept):,} samples x {args.seq_len} positions x U={args.U}"
+        print(f"[cache] built {path}: {shape}, {size:,} bytes in {build_s:.1f}s")
+    return cache, build_s, build_s is None
 
 
 # ----------------------------------------------------------------------------- memory meter
@@ -536,9 +519,9 @@ class LiveBytes(TorchDispatchMode):
 
 def state_bytes(*tensors_or_modules):
     """Bytes held by plain tensors, or by the parameters and buffers of modules."""
+    modules = [x for x in tensors_or_modules if isinstance(x, torch.nn.Module)]
     ts = [x for x in tensors_or_modules if torch.is_tensor(x)]
-    for m in (x for x in tensors_or_modules if isinstance(x, torch.nn.Module)):
-        ts += [*m.parameters(), *m.buffers()]
+    ts += [t for m in modules for t in (*m.parameters(), *m.buffers())]
     return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -565,10 +548,8 @@ def fmt_time(s):
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
-    """AdamW, warm-up + cosine, accumulation, clipping. A micro-batch's loss is `loss_fn(step,
-    micro, x, y, *cached)` -> (loss, n_selected); every --eval-interval steps `save(ckpt)` completes
-    and writes a checkpoint; a non-finite loss or gradient stops before the update. `frozen`: the
-    teacher's bytes. -> seconds, tokens, peak bytes, losses."""
+    """AdamW, warm-up + cosine, accumulation, clipping; `loss_fn(step, micro, x, y, *cached)` ->
+    (loss, n_selected); `save(ckpt)` every --eval-interval steps. `frozen`: the teacher's bytes."""
     opt = make_optimizer(model, lr, args.weight_decay)
     start = saved = resume["step"] if resume else 0
     if resume:
@@ -646,11 +627,9 @@ def per_item(row, v, n):  # the sums over the target rows of each of n items
 
 class EvalSet:
     """What every model is scored on: validation samples at every position (with the teacher's
-    hidden states on them, a student's KL costs two heads only), and the paper's kind of items
-    (data.eval_items). The cloze of hard words: PPL as lm-eval-harness gives LAMBADA's (exp of the
-    mean -log p of a whole word), accuracy (the greedy continuation is the word) and ECE at its
-    tokens. Multiple choice: the option of highest log-likelihood per byte (lm-eval-harness's
-    acc_norm), against a chance of 1 / data.OPTIONS."""
+    hidden states kept, a student's KL costs two heads only), and data.eval_items: the cloze of hard
+    words (PPL of a whole word as lm-eval-harness's LAMBADA, greedy accuracy, ECE), and multiple
+    choice by log-likelihood per byte (lm-eval-harness's acc_norm)."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -742,23 +721,19 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 def pretrained(args, corpus, device, evalset, who):
     """The teacher, or the initial student every method starts from (as in the paper: a random
     student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
-    teacher, init = who == "teacher", os.path.join(args.out_dir, "student_init.pt")
-    path = teacher_ckpt_path(args) if teacher else init
-    steps = args.teacher_steps if teacher else args.student_init_steps
-    lr = args.teacher_lr if teacher else args.student_init_lr
+    teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
+    path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
+    steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
     seed = args.seed + (1 if teacher else 2)
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
     ckpt = None
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
         ckpt = load_checkpoint(path)
         check_signature(ckpt, corpus, path)
-        block = ckpt["config"]["block_size"]
-        if teacher and block < args.seq_len:
+        if teacher and (block := ckpt["config"]["block_size"]) < args.seq_len:
             short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
-            raise UserError(
-                f"teacher checkpoint {path} {short}: use --seq-len {block} or less, "
-                "or --retrain-teacher"
-            )
+            fix = f"use --seq-len {block} or less, or --retrain-teacher"
+            raise UserError(f"teacher checkpoint {path} {short}: {fix}")
     wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
     if not teacher and ckpt and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != wanted:
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
@@ -802,9 +777,8 @@ RUN_FLAGS += ["student_init_steps", "student_init_lr"]
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
-    """One student from the initial student `init`'s weights (the same for every method), trained
-    with --method `method` and evaluated; `kd` overrides KDConfig fields; save=False keeps no
-    checkpoint. -> the results row."""
+    """One student from the initial student `init` (the same for every method), trained with
+    --method `method` (`kd`: KDConfig fields overridden) and evaluated. -> the results row."""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -838,10 +812,9 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
             student, teacher, x, y, cfg, on_policy, prompt_len, gen, state
         )
 
-    path, key, resume = os.path.join(args.out_dir, f"student_{method}.pt"), None, None
-    if save:
-        key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len)
-        resume = resumable(path, key, method)
+    path = os.path.join(args.out_dir, f"student_{method}.pt")
+    key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
+    resume = resumable(path, key, method) if save else None
     if resume:  # everything a step reads: weights, AdamW (train_loop), GLS queue, RNG, step
         student.load_state_dict(resume["model"])
         state.queue = resume["gls_queue"]
@@ -852,9 +825,9 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
         save_checkpoint(path, ckpt | run | {"rng": rng_state()})
 
     frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
-    steps, ckpt = plan["steps"], save_ckpt if save else None
+    ckpt = save_ckpt if save else None
     stats = train_loop(
-        student, loss_fn, batches, steps, args.lr, args, method, ckpt, resume, frozen
+        student, loss_fn, batches, plan["steps"], args.lr, args, method, ckpt, resume, frozen
     )
     name = label.format(k=cfg.k, U=args.U, l=args.l)
     if method == "sekd" and (cfg.metric, cfg.policy) != ("student_entropy", "topk"):
@@ -869,7 +842,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
-    init, teacher = os.path.join(args.out_dir, "student_init.pt"), teacher_ckpt_path(args)
+    init, teacher = init_ckpt_path(args), teacher_ckpt_path(args)
     init_used = args.student_init_steps > 0 and os.path.exists(init)
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
     key["teacher"] = file_sha256(teacher) if os.path.exists(teacher) else None
@@ -885,10 +858,8 @@ def resumable(path, key, tag):
         return None
     if ckpt.get("run_key") != key:
         diff = ", ".join(sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k]))
-        print(
-            f"[{tag}] {path} is an unfinished checkpoint of another run ({diff} differ): "
-            "training anew"
-        )
+        other = f"an unfinished checkpoint of another run ({diff} differ)"
+        print(f"[{tag}] {path} is {other}: training anew")
         return None
     return ckpt
 
@@ -921,38 +892,38 @@ METRICS = {  # a table's columns of measures: header -> (key, format)
 }
 
 
+COSTS = {  # and of costs, shown only when nonzero: header -> (key, format)
+    "wall": ("train_s", fmt_time),
+    "tok/s": ("tokens_per_s", "{:,.0f}".format),
+    "peak MiB": ("peak_bytes", lambda b: f"{b / 2**20:,.0f}"),
+}
+
+
 def print_table(rows, device, title=None):
     """Rows of results; a row with `<key>_std` entries (a mean over seeds) shows mean ± std."""
     w = max([22] + [len(r["method"]) for r in rows])
     c = 14 if any("val_ppl_std" in r for r in rows) else 8
     widths = [c, c + 1, *[c] * 5, 8, 8, 9]  # KL(T||S) is a character wider than its column
-    head = " ".join(
-        f"{h:>{n}}" for h, n in zip([*METRICS, "wall", "tok/s", "peak MiB"], widths, strict=True)
-    )
-    print(
-        ("\n" + title if title else "") + f"\n{'method':<{w}} {head}\n" + "-" * (w + 1 + len(head))
-    )
+
+    def line(first, cells):
+        return f"{first:<{w}} " + " ".join(f"{s:>{n}}" for s, n in zip(cells, widths, strict=True))
+
+    head = line("method", [*METRICS, *COSTS])
+    print(("\n" + title if title else "") + f"\n{head}\n" + "-" * len(head))
     for r in rows:
         cells = []
         for key, fmt in METRICS.values():  # "-", a value, or a mean ± its std
             mean, std = r.get(key), r.get(key + "_std")
             cells.append(
-                "-" if mean is None else fmt(mean) + ("" if std is None else "±" + fmt(std))
+                "-" if mean is None else fmt(mean) + ("" if std is None else f"±{fmt(std)}")
             )
-        cells.append(fmt_time(r["train_s"]) if r.get("train_s") else "-")
-        cells.append(f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-")
-        cells.append(f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-")
-        print(
-            f"{r['method']:<{w}} "
-            + " ".join(f"{s:>{n}}" for s, n in zip(cells, widths, strict=True))
-        )
+        cells += [fmt(r[key]) if r.get(key) else "-" for key, fmt in COSTS.values()]
+        print(line(r["method"], cells))
     items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
     if items:
         choice = f"{items.get('choice_items', 0):,} items of {data.OPTIONS} options"
-        print(
-            f"cloze: {items.get('cloze_items', 0):,} hard words, PPL and greedy accuracy; "
-            f"choice: {choice}, chance {100 / data.OPTIONS:.0f}%"
-        )
+        cloze = f"{items.get('cloze_items', 0):,} hard words, PPL and greedy accuracy"
+        print(f"cloze: {cloze}; choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")
@@ -978,22 +949,18 @@ def memory_accounts(args, configs, corpus, teacher, device):
             continue
         terms = ", ".join(f"{word} {acc[key] / 2**20:,.1f}" for key, word in ACCOUNT.items())
         rows = f"{acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected"
-        print(
-            f"\n[{m}] memory account, MiB: {terms} (chunks of {acc['chunk_rows']} rows, {rows}, "
-            f"lambda {acc['lam']:g}, {acc['dtype']})"
-        )
+        how = f"chunks of {acc['chunk_rows']} rows, {rows}, lambda {acc['lam']:g}, {acc['dtype']}"
+        print(f"\n[{m}] memory account, MiB: {terms} ({how})")
         out[m] = acc
     return out
 
 
 def machine():
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
+    return dict(
+        python=platform.python_version(), torch=torch.__version__, cpu=cpu, threads=threads, gpu=gpu
+    )
 
 
 def load_data(args):
@@ -1013,8 +980,7 @@ def load_data(args):
 
 def setup(args):
     """What every job that distils starts from (ours, and each in experiments/): the data, the
-    evaluation set, the teacher and, but for --run teacher, the initial student. -> (corpus, device,
-    evalset, teacher, student_init, the teacher's and the initial student's result rows)"""
+    evaluation set, the teacher, the initial student (but for --run teacher), and their rows."""
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, stats = pretrained(args, corpus, device, evalset, "teacher")
@@ -1058,9 +1024,8 @@ def main(argv=None):
 
 
 def cli(argv=None, job=None):
-    """Runs `job` (default: `main`; an entry point in experiments/ passes its own). A user error is
-    one line and exit code 2; any other exception is a bug (in a registered metric too): it keeps
-    its traceback."""
+    """Runs `job` (default: `main`; experiments/ pass their own). A user error is one line and exit
+    code 2; any other exception is a bug (in a registered metric too): it keeps its traceback."""
     try:
         return (job or main)(argv)
     except UserError as e:  # = data.DataError; `from_flags` turns a library's refusals into one
