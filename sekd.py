@@ -219,7 +219,7 @@ class KDConfig:
 
     @property
     def uses_teacher(self):
-        return self.lam > 0 and self.method != "ce"
+        return self.lam > 0  # method 'ce' has lam 0
 
     def new_state(self):
         return PositionState(self.gls_queue, self.curriculum_steps)
