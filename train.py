@@ -306,13 +306,6 @@ def barrier():
         dist.barrier()
 
 
-def rank0_first(fn):
-    """fn() on rank 0, then on the others: they read what rank 0 built and wrote (the memmaps)."""
-    out = fn() if RANK == 0 else None
-    barrier()
-    return fn() if RANK != 0 else out
-
-
 def gather_objects(obj):  # every rank's obj, in rank order
     parts = [obj] * WORLD
     if WORLD > 1:
@@ -447,10 +440,8 @@ def teacher_cache(args, corpus, device, teacher, kept):
                 x = torch.from_numpy(rows.astype(np.int64)).to(device)
                 with autocast(args, device):
                     h = teacher.hidden(x)
-                    ids, counts = sekd.teacher_draws(
-                        h, W, args.U, args.T, args.chunk_rows or None, gen
-                    )
-                yield data.encode_draws(ids, counts, V).cpu().numpy()
+                    draws = sekd.teacher_draws(h, W, args.U, args.T, args.chunk_rows or None, gen)
+                yield data.encode_draws(*draws, V).cpu().numpy()  # (ids, counts)
 
         shape = (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V))
         data.write_cache(path, signature, shape, blocks())
@@ -517,12 +508,10 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def state_bytes(*tensors_or_modules):
+def state_bytes(*items):
     """Bytes held by plain tensors, or by the parameters and buffers of modules."""
-    modules = [x for x in tensors_or_modules if isinstance(x, torch.nn.Module)]
-    ts = [x for x in tensors_or_modules if torch.is_tensor(x)]
-    ts += [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    return sum(t.numel() * t.element_size() for t in ts)
+    tensors = [[x] if torch.is_tensor(x) else [*x.parameters(), *x.buffers()] for x in items]
+    return sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -597,12 +586,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
         done = step + 1
         if done % args.log_interval == 0 or done == steps:
             rate = (done - start) * tokens_per_step / max(train_time, 1e-9)
-            eta, elapsed = (steps - done) * train_time / (done - start), time.time() - t0
-            print(
-                f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {rate:,.0f} tok/s | "
-                f"elapsed {fmt_time(elapsed)} | ETA {fmt_time(eta)}",
-                flush=True,
-            )
+            eta = fmt_time((steps - done) * train_time / (done - start))
+            times = f"{rate:,.0f} tok/s | elapsed {fmt_time(time.time() - t0)} | ETA {eta}"
+            print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {times}", flush=True)
         if save is not None and (done % args.eval_interval == 0 or done == steps):
             weights = dict(model=model.state_dict(), config=asdict(model.config))
             trained = dict(step=done, steps=steps, train_s=train_time, live_peak=peak_cpu)
@@ -666,22 +652,19 @@ class EvalSet:
         t = self.teacher_h is not None
         s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None)
         n, ce = len(s["nll"]), s["nll"].double().mean().item()
-        out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=None, agreement=None)
-        if t:
-            out.update(kl_to_teacher=s["kl"] / n, agreement=s["agree"] / n)
+        kl, agree = (s["kl"] / n, s["agree"] / n) if t else (None, None)
+        out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=kl, agreement=agree)
         out.update(eval_tokens=n, ece=sekd.expected_calibration_error(s["conf"], s["correct"]))
-        if limit is None and "cloze" in self.items:
-            x, y, lengths, row = self.items["cloze"]
+        for kind, (x, y, lengths, row, *n_bytes) in self.items.items() if limit is None else ():
             s, n = self.sums(model, args, x, y), len(lengths)
-            out["cloze_ppl"] = math.exp(per_item(row, s["nll"], n).mean())
-            out["cloze_items"] = n
-            out["cloze_acc"] = (per_item(row, ~s["correct"], n) == 0).double().mean().item()
-            out["cloze_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
-        if limit is None and "choice" in self.items:
-            x, y, lengths, row, n_bytes = self.items["choice"]
-            nll = per_item(row, self.sums(model, args, x, y)["nll"], len(lengths))
-            best = (-nll / n_bytes).view(-1, data.OPTIONS).argmax(1)  # the true option: option 0
-            out["choice_acc"], out["choice_items"] = (best == 0).double().mean().item(), len(best)
+            nll = per_item(row, s["nll"], n)  # each item's
+            if kind == "cloze":
+                out.update(cloze_ppl=math.exp(nll.mean()), cloze_items=n)
+                out["cloze_acc"] = (per_item(row, ~s["correct"], n) == 0).double().mean().item()
+                out["cloze_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+            else:  # choice, by log-likelihood per byte: the true option is option 0
+                best = (-nll / n_bytes[0]).view(-1, data.OPTIONS).argmax(1)
+                out.update(choice_acc=(best == 0).double().mean().item(), choice_items=len(best))
         model.train()
         return out
 
@@ -856,12 +839,11 @@ def resumable(path, key, tag):
     ckpt = load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
         return None
-    if ckpt.get("run_key") != key:
-        diff = ", ".join(sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k]))
+    diff = ", ".join(sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k]))
+    if diff:
         other = f"an unfinished checkpoint of another run ({diff} differ)"
         print(f"[{tag}] {path} is {other}: training anew")
-        return None
-    return ckpt
+    return None if diff else ckpt
 
 
 def rng_state():
@@ -914,9 +896,8 @@ def print_table(rows, device, title=None):
         cells = []
         for key, fmt in METRICS.values():  # "-", a value, or a mean ± its std
             mean, std = r.get(key), r.get(key + "_std")
-            cells.append(
-                "-" if mean is None else fmt(mean) + ("" if std is None else f"±{fmt(std)}")
-            )
+            pm = "" if std is None else f"±{fmt(std)}"
+            cells.append("-" if mean is None else fmt(mean) + pm)
         cells += [fmt(r[key]) if r.get(key) else "-" for key, fmt in COSTS.values()]
         print(line(r["method"], cells))
     items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
@@ -958,19 +939,20 @@ def memory_accounts(args, configs, corpus, teacher, device):
 def machine():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
-    return dict(
-        python=platform.python_version(), torch=torch.__version__, cpu=cpu, threads=threads, gpu=gpu
-    )
+    versions = dict(python=platform.python_version(), torch=torch.__version__)
+    return versions | dict(cpu=cpu, threads=threads, gpu=gpu)
 
 
 def load_data(args):
-    """The device and the corpus every job starts from (rank 0 writes the memmaps; others read)."""
+    """The device and the corpus every job starts from."""
     device = pick_device(args)
     init_distributed(device)
     sizes = dict(max_tokens=args.max_tokens or None, vocab_size=args.vocab_size)
-    corpus = rank0_first(
-        lambda: data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir, **sizes)
-    )
+    if RANK:  # rank 0 builds and writes the memmaps first; the others wait, then read them
+        barrier()
+    corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir, **sizes)
+    if RANK == 0:
+        barrier()
     print(
         f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
         f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}"
