@@ -467,6 +467,12 @@ class StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
 
 
+def walked_rows(valid, mask, cfg):
+    """The rows the streamed loss makes logits for: the selected ones where the whole loss is under
+    the mask (lam = 1, or Eq. 3's CE), else every valid one. -> `mask` itself, or `valid`."""
+    return mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid
+
+
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
     """`kd_loss` through selective heads: equal in value and gradient to kd_loss(student_h @
     student_w.T, teacher_h @ teacher_w.T, ...), without a [B, L, V] tensor. With the loss under the
@@ -480,7 +486,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     dtype = _wide_dtype(student_h)
     kd_w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we walk
+    rows = walked_rows(valid, mask, cfg)
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:
         t_rows, t_w = teacher_h[rows], chunk_weight(teacher_w)
@@ -833,8 +839,7 @@ def _drawn_rows(ids, counts, T, z, i):  # RS-KD's KD term at walked rows i
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
-    all_rows = mask is None or cfg.lam < 1 and cfg.ce_at == "all"
-    rows = valid if all_rows else mask & valid  # the rows streamed_kd_loss walks
+    rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
     kd_rows = partial(_drawn_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
