@@ -41,8 +41,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
+            if type(value := getattr(self, name)) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(
@@ -187,10 +186,8 @@ class KDConfig:
         names |= {"ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
         names |= {"classes": ("full", "rskd"), "divergence": ("forward", "reverse")}
         for name, allowed in names.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+            if (value := getattr(self, name)) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 < self.k <= 1:
             raise ValueError(f"k must be in (0, 1] (e.g. 0.2 for 20%), got {self.k!r}")
         if not self.T > 0:
@@ -198,10 +195,8 @@ class KDConfig:
         if not 0 <= self.lam <= 1:
             raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
         for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
-            if type(getattr(self, name)) is not int or getattr(self, name) < least:
-                raise ValueError(
-                    f"{name} must be an integer >= {least}, got {getattr(self, name)!r}"
-                )
+            if type(value := getattr(self, name)) is not int or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
             raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
         if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
@@ -336,29 +331,27 @@ student_entropy.needs_teacher = False  # so the teacher's LM head stays selectiv
 def chunked_scores(
     metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
 ):
-    """metric(zs, zt, y) at every valid row -> [B, L] (0 at padding), without grad, a chunk of
-    rows at a time; the teacher's logits only for a metric that reads them."""
+    """metric(zs, zt, y) at every valid row -> [B, L] (or [B, L, C] for C columns), 0 at padding,
+    without grad, a chunk of rows at a time; the teacher's logits for a metric that reads them."""
     use_teacher = getattr(metric, "needs_teacher", True)
     if use_teacher and teacher_h is None:
         raise ValueError(
             f"metric {metric.__name__} needs the teacher: pass teacher_h and teacher_w"
         )
-    hs = student_h[valid]
-    ht = teacher_h[valid] if use_teacher else None
+    hs, ht = student_h[valid], teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     project = getattr(metric, "needs_logits", True)  # RandomPos draws without logits
-    ws = chunk_weight(student_w) if project else None
-    wt = chunk_weight(teacher_w) if use_teacher else None
+    ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if use_teacher else None
     parts = []
-    for i in range(0, hs.shape[0], chunk):
+    for i in range(0, max(1, len(hs)), chunk):  # no rows: one empty chunk, for the columns
         r = slice(i, i + chunk)
         zs = _wide(hs[r] @ ws.T) if project else hs[r]
         zt = _wide(ht[r] @ wt.T) if use_teacher else None
         parts.append(metric(zs, zt, y[r] if y is not None else None))
-    scores = torch.zeros(valid.shape, dtype=_wide_dtype(hs), device=hs.device)
-    if parts:
-        scores[valid] = torch.cat(parts).to(scores.dtype)
+    rows = torch.cat(parts)
+    scores = rows.new_zeros(valid.shape + rows.shape[1:], dtype=_wide_dtype(hs))
+    scores[valid] = rows.to(scores.dtype)
     return scores
 
 
@@ -592,7 +585,7 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     """pos-RS-KD: K = ceil(k n) i.i.d. draws per sequence with probability q(t), a position drawn c
     times counting c times: divided by K, the loss is unbiased for sum_t u(t) l(t) / sum_j u(j).
     star=True, pos-RS-KD*: each draw weighted by 1 / (n q(t)), so E[sum_t m_t l(t) / K] =
-    (1/n) sum_t l(t), Full KD (`kl_row_weights` divides by K: dividing by sum_t m_t is biased)."""
+    (1/n) sum_t l(t), Full KD (`distill_loss` divides by K: dividing by sum_t m_t is biased)."""
     u = scores.double().clamp_min(0) * valid  # q(t) = u(t) / sum_j u(j); negative scores count 0
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.double())  # all 0: uniform
     q = u / u.sum(1, keepdim=True).clamp_min(1e-300)
@@ -606,12 +599,6 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
         return counts
     n = valid.sum(1, keepdim=True).double()
     return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0)
-
-
-def kl_row_weights(m, k, valid, policy):
-    """Per-sequence normalisation by sum_t m_t; pos-RS-KD* divides by its number of draws, K."""
-    K = budget_counts(k, valid.sum(1)) if policy == "pos_rs_kd_star" else None
-    return per_sequence_weights(m, torch.float64, K)
 
 
 POLICIES = {
@@ -652,14 +639,13 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
     if cfg.method == "at_kd":
-        if cfg.flow == "dense":
-            loss = at_kd_loss(student.head(student_h), teacher.head(teacher_h), targets, cfg)
-        else:
-            loss = streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg)
-        return loss, int(valid.sum())
+        return at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg), int(
+            valid.sum()
+        )
     mask = select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state)
-    if mask.dtype != torch.bool:  # pos-RS-KD's counts
-        row_weights, mask = kl_row_weights(mask, cfg.k, valid, cfg.policy), mask > 0
+    if mask.dtype != torch.bool:  # pos-RS-KD's counts, per sequence over their sum (pos-RS-KD*: K)
+        K = budget_counts(cfg.k, valid.sum(1)) if cfg.policy == "pos_rs_kd_star" else None
+        row_weights, mask = per_sequence_weights(mask, torch.float64, K), mask > 0
     if cfg.classes == "rskd":
         if draws is None:  # drawn at the selected rows only
             draws = torch.zeros(2, *mask.shape, cfg.U, dtype=torch.long, device=idx.device)
@@ -697,24 +683,6 @@ def _at_kd_rows(zs, zt, y, hard, T=1.0):
     return T * T * (hard * binary + non_target)
 
 
-def _at_kd_weights(gold_ce, valid, hard_share=0.5, easy_weight=0.2):
-    """The half of each sequence where the teacher is least sure of the gold token is hard; weights
-    make L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i. -> (hard, weights), both [B, L]."""
-    hard = topk_positions(-torch.expm1(-gold_ce), hard_share, valid)
-    w = per_sequence_weights(valid, torch.float64)
-    return hard, w * torch.where(hard, w.new_tensor(1.0 - easy_weight), w.new_tensor(easy_weight))
-
-
-def at_kd_loss(student_logits, teacher_logits, targets, cfg):
-    """lam AT-KD + (1 - lam) CE on dense logits [B, L, V] at every valid position: the reference."""
-    valid, y = targets >= 0, targets.clamp_min(0)
-    with torch.no_grad():
-        hard, w = _at_kd_weights(_ce(teacher_logits.flatten(0, 1), y.flatten()).view_as(y), valid)
-    rows = _at_kd_rows(student_logits[valid], teacher_logits[valid], y[valid], hard[valid], cfg.T)
-    ce = kd_loss(student_logits, None, targets, None, replace(cfg, lam=0.0)) if cfg.lam < 1 else 0.0
-    return cfg.lam * (w[valid].to(rows.dtype) * rows).sum() + (1 - cfg.lam) * ce
-
-
 def _at_kd_grad_rows(teacher_rows, teacher_w, y, hard, T, z, i):
     """AT-KD at walked rows i, its logit gradient by autograd on the chunk."""
     with torch.no_grad():
@@ -726,15 +694,19 @@ def _at_kd_grad_rows(teacher_rows, teacher_w, y, hard, T, z, i):
     return loss.detach(), grad
 
 
-def streamed_at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
-    """`at_kd_loss` a chunk at a time: a pass scores the teacher's doubt, then the streamed loss
-    with the CE at every position alike."""
-    valid, metric = targets >= 0, METRICS["teacher_ce"]
+def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
+    """lam AT-KD + (1 - lam) CE at every valid position. The half of each sequence where the teacher
+    is least sure of the gold token is hard; L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i. The dense
+    flow makes the logits of every row in one chunk."""
+    valid = targets >= 0
     args = (student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
-    hard, w = _at_kd_weights(chunked_scores(metric, *args), valid)
+    doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
+    hard, w = topk_positions(doubt, 0.5, valid), per_sequence_weights(valid, torch.float64)
+    w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
     rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
     kd = {"row_weights": w, "kd_rows": partial(_at_kd_grad_rows, *rows)}
-    cfg = replace(cfg, ce_at="all")
+    chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows
+    cfg = replace(cfg, ce_at="all", chunk_rows=max(1, chunk))
     return streamed_kd_loss(student_h, student_w, None, None, targets, None, cfg, **kd)
 
 
@@ -823,40 +795,31 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
     return tuple(torch.cat(part).view(shape) for part in zip(*parts, strict=True))  # ids, counts
 
 
-def _rskd_rows(z_student, ids, counts, T):
-    """T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T (q^T - p~)."""
-    p = counts.to(z_student.dtype) / counts.sum(-1, keepdim=True)
+def _rskd_rows(ids, counts, T, z_student, i):
+    """At walked rows i: T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T
+    (q^T - p~)."""
+    p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
     logq = F.log_softmax(_tempered(z_student, T), dim=-1)
-    loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids)).sum(-1)  # padding: p = 0, adds 0
-    grad = logq.exp_().scatter_add_(1, ids, -p)
+    loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
+    grad = logq.exp_().scatter_add_(1, ids[i], -p)
     return loss, grad if T == 1 else grad.mul_(T)
-
-
-def _drawn_rows(ids, counts, T, z, i):  # RS-KD's KD term at walked rows i
-    return _rskd_rows(z, ids[i], counts[i], T)
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
     rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
-    kd_rows = partial(_drawn_rows, ids[rows], counts[rows], cfg.T)
+    kd_rows = partial(_rskd_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
 
 # --------------------------------------------------------------- the sample axis: TopSmp, RandomSmp
 
 
-@torch.no_grad()
-def sample_entropy(hidden, head_weight, valid=None, chunk_rows=0):
+def sample_entropy(hidden, head_weight, valid, chunk_rows=0):
     """A sample's score, its mean student entropy over its valid positions: [B, L, D] -> [B]."""
-    valid = (
-        torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-        if valid is None
-        else valid
-    )
     ent = chunked_scores(student_entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
-    return (ent * valid).sum(1) / valid.sum(1).clamp_min(1)
+    return ent.sum(1) / valid.sum(1).clamp_min(1)
 
 
 def top_samples(scores, share):
@@ -874,6 +837,7 @@ def random_samples(n_samples, share, generator=None):
 
 
 # ============================================================================ 7. evaluation
+# Through `chunked_scores`, as metrics of many columns.
 
 
 def expected_calibration_error(confidence, correct, n_bins=15):
@@ -885,28 +849,22 @@ def expected_calibration_error(confidence, correct, n_bins=15):
     return 100.0 * gap.abs().sum().item() / max(1, confidence.numel())
 
 
-@torch.no_grad()
-def evaluation_sums(student_h, student_w, teacher_h, teacher_w, targets, chunk_rows=0):
-    """A chunk of valid rows at a time: the sums of KL(p || q) and of agreement; per valid row, in
-    order, nll = -log q(y), conf = max q and correct = (argmax q == y)."""
-    valid = targets >= 0
-    hs, y = student_h[valid], targets[valid]
-    ht = teacher_h[valid] if teacher_h is not None else None
-    chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
-    out = {"kl": 0.0, "agree": 0, "nll": [], "conf": [], "correct": []}
-    ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if ht is not None else None
-    for i in range(0, hs.shape[0], chunk):
-        zq = _wide(hs[i : i + chunk] @ ws.T)
-        logq = F.log_softmax(zq, -1)
-        conf, pred = logq.max(-1)
-        out["nll"].append(F.nll_loss(logq, y[i : i + chunk], reduction="none").cpu())
-        out["conf"].append(conf.exp().cpu())
-        out["correct"].append((pred == y[i : i + chunk]).cpu())
-        if ht is not None:
-            zp = _wide(ht[i : i + chunk] @ wt.T)
-            out["kl"] += kl_per_position(zp, zq).sum().item()
-            out["agree"] += (zp.argmax(-1) == pred).sum().item()
-    return out
+def prediction_rows(zs, zt, y):
+    """Per row: nll = -log q(y), conf = max q, correct = (argmax q == y), entropy = H(q)."""
+    logq = F.log_softmax(zs, -1)
+    conf, pred = logq.max(-1)
+    nll = F.nll_loss(logq, y, reduction="none")
+    return torch.stack(
+        [nll, conf.exp(), (pred == y).to(nll.dtype), -(logq.exp() * logq).sum(-1)], 1
+    )
+
+
+def teacher_rows(zs, zt, y):
+    """Per row: KL(p || q), and whether the teacher's top-1 is the student's."""
+    return torch.stack([kl_per_position(zt, zs), (zt.argmax(-1) == zs.argmax(-1)).to(zs.dtype)], 1)
+
+
+prediction_rows.needs_teacher = False
 
 
 # ============================================================================ 8. memory

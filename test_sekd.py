@@ -691,9 +691,12 @@ def test_pos_rs_kd_monte_carlo_converges_to_weighted_and_full_kd():
         ("pos_rs_kd_star", full, weighted),
     ):
         m = sekd.POLICIES[policy](u.repeat(draws, 1), 0.25, valid.repeat(draws, 1))
-        w = (
-            sekd.kl_row_weights(m, 0.25, valid.repeat(draws, 1), policy) * draws
-        )  # weights of one copy
+        K = (
+            sekd.budget_counts(0.25, valid.sum(1)).repeat(draws)
+            if policy.endswith("star")
+            else None
+        )
+        w = sekd.per_sequence_weights(m, torch.float64, K) * draws  # weights of one copy
         samples = (w.view(draws, B, -1) * kl).sum((1, 2)).numpy()
         one = sekd.kd_loss(s, t, y, m[:B] > 0, kd(), row_weights=w[:B]).item()  # the loss agrees
         assert one == pytest.approx(samples[0], abs=1e-12)
@@ -773,10 +776,10 @@ def test_every_method_streamed_equals_dense_through_a_model(fields, config):
 def test_at_kd_matches_brute_force_and_streamed_gradients_are_exact(chunk):
     g, hs, ws, ht, wt, y = float64_heads(15, 3, 7, 6, 11)
     y[1, 4:] = -1
-    dense = sekd.at_kd_loss(hs @ ws.T, ht @ wt.T, y, kd(method="at_kd"))
+    dense = sekd.at_kd_loss(hs, ws, ht, wt, y, kd(method="at_kd", flow="dense"))
     assert dense.item() == pytest.approx(ref_at_kd(hs @ ws.T, ht @ wt.T, y), rel=1e-10)
     cfg = kd(method="at_kd", chunk_rows=chunk)
-    streamed = sekd.streamed_at_kd_loss(hs, ws, ht, wt, y, cfg)
+    streamed = sekd.at_kd_loss(hs, ws, ht, wt, y, cfg)
     assert streamed.item() == pytest.approx(dense.item(), abs=1e-12)
     for a, b in zip(*(torch.autograd.grad(x, (hs, ws)) for x in (dense, streamed)), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
@@ -1080,23 +1083,24 @@ def test_ece_matches_bin_loop():
     assert sekd.expected_calibration_error(conf, correct) == pytest.approx(100 * total, abs=1e-9)
 
 
-def test_evaluation_sums_match_dense():
+def test_evaluation_metrics_match_dense_brute_force():
     s, t, y = random_case(pad=True)
-    # a head of identity weights makes the logits equal the hidden states
-    out = sekd.evaluation_sums(
-        s, torch.eye(7, dtype=torch.float64), t, torch.eye(7, dtype=torch.float64), y, chunk_rows=4
-    )
-    valid = y >= 0
-    logq = torch.log_softmax(s[valid], -1)
-    assert torch.allclose(
-        torch.cat(out["nll"]), -logq.gather(1, y[valid][:, None])[:, 0], atol=1e-12
-    )
-    assert torch.allclose(torch.cat(out["conf"]).double(), logq.exp().max(-1).values, atol=1e-6)
-    assert torch.equal(torch.cat(out["correct"]), logq.argmax(-1) == y[valid])
-    assert out["kl"] == pytest.approx(
-        sekd.kl_per_position(t[valid], s[valid]).sum().item(), abs=1e-9
-    )
-    assert out["agree"] == int((s[valid].argmax(-1) == t[valid].argmax(-1)).sum())
+    eye, valid = torch.eye(7, dtype=torch.float64), y >= 0  # identity heads: logits = hidden
+    got = sekd.chunked_scores(sekd.prediction_rows, s, eye, valid, targets=y, chunk_rows=4)
+    pair = sekd.chunked_scores(sekd.teacher_rows, s, eye, valid, t, eye, y, chunk_rows=4)
+    assert got.shape == (*y.shape, 4) and pair.shape == (*y.shape, 2)
+    assert (got[~valid] == 0).all() and (pair[~valid] == 0).all()
+    for (b, i), (nll, conf, correct, entropy) in zip(
+        valid.nonzero().tolist(), got[valid], strict=True
+    ):
+        p, q, target = ref_softmax(t[b, i].tolist()), ref_softmax(s[b, i].tolist()), int(y[b, i])
+        assert nll.item() == pytest.approx(-math.log(q[target]), abs=1e-12)
+        assert conf.item() == pytest.approx(max(q), abs=1e-12)
+        assert correct.item() == float(q.index(max(q)) == target)
+        assert entropy.item() == pytest.approx(-sum(v * math.log(v) for v in q), abs=1e-12)
+        kl = sum(a * math.log(a / c) for a, c in zip(p, q, strict=True))
+        assert pair[b, i, 0].item() == pytest.approx(kl, abs=1e-12)
+        assert pair[b, i, 1].item() == float(p.index(max(p)) == q.index(max(q)))
 
 
 # ============================================================================ 8. memory

@@ -396,7 +396,8 @@ def sample_prepass(student, corpus, args, device):
             x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
             with autocast(args, device):
                 h = student.hidden(x)
-            H = sekd.sample_entropy(h.float(), student.head_weight.float(), None, chunk_rows)
+            valid = torch.ones_like(x, dtype=torch.bool)
+            H = sekd.sample_entropy(h.float(), student.head_weight.float(), valid, chunk_rows)
             scores.append(H.double().cpu().numpy())
         student.train()
         scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
@@ -633,16 +634,21 @@ class EvalSet:
         self.teacher_h, self.teacher_w = torch.cat(h), teacher.head_weight.detach().float()
 
     def sums(self, model, args, x, y, teacher_h=None):
-        """sekd.evaluation_sums over batches of x: the sums added, the per-row lists joined."""
-        tot, dev, w = {}, self.x.device, model.head_weight.float()
+        """Each valid row of x, in order: sekd.prediction_rows (nll, conf, correct, entropy), and
+        with the teacher's hidden states sekd.teacher_rows (kl, agree). -> {name: [rows] float64}"""
+        rows, dev, w = [], self.x.device, model.head_weight.float()
         for i in range(0, len(x), self.bs):
             with autocast(args, dev):
                 h = model.hidden(x[i : i + self.bs].to(dev)).float()
-            th = teacher_h[i : i + self.bs] if teacher_h is not None else None
             yi = y[i : i + self.bs].to(dev)
-            for k, v in sekd.evaluation_sums(h, w, th, self.teacher_w, yi).items():
-                tot[k] = tot.get(k, type(v)()) + v
-        return {k: torch.cat(v) if isinstance(v, list) else v for k, v in tot.items()}
+            valid = yi >= 0
+            cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
+            if teacher_h is not None:
+                th, tw = teacher_h[i : i + self.bs], self.teacher_w
+                cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw)[valid])
+            rows.append(torch.cat(cols, 1).cpu())
+        names = ("nll", "conf", "correct", "entropy", "kl", "agree")
+        return dict(zip(names, torch.cat(rows).double().unbind(1), strict=False))
 
     @torch.no_grad()
     def evaluate(self, model, args, limit=None):
@@ -652,7 +658,7 @@ class EvalSet:
         t = self.teacher_h is not None
         s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None)
         n, ce = len(s["nll"]), s["nll"].double().mean().item()
-        kl, agree = (s["kl"] / n, s["agree"] / n) if t else (None, None)
+        kl, agree = (s["kl"].sum().item() / n, s["agree"].mean().item()) if t else (None, None)
         out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=kl, agreement=agree)
         out.update(eval_tokens=n, ece=sekd.expected_calibration_error(s["conf"], s["correct"]))
         for kind, (x, y, lengths, row, *n_bytes) in self.items.items() if limit is None else ():
@@ -660,7 +666,7 @@ class EvalSet:
             nll = per_item(row, s["nll"], n)  # each item's
             if kind == "cloze":
                 out.update(cloze_ppl=math.exp(nll.mean()), cloze_items=n)
-                out["cloze_acc"] = (per_item(row, ~s["correct"], n) == 0).double().mean().item()
+                out["cloze_acc"] = (per_item(row, 1 - s["correct"], n) == 0).double().mean().item()
                 out["cloze_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
             else:  # choice, by log-likelihood per byte: the true option is option 0
                 best = (-nll / n_bytes[0]).view(-1, data.OPTIONS).argmax(1)
