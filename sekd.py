@@ -864,7 +864,32 @@ def teacher_rows(zs, zt, y):
     return torch.stack([kl_per_position(zt, zs), (zt.argmax(-1) == zs.argmax(-1)).to(zs.dtype)], 1)
 
 
-prediction_rows.needs_teacher = False
+def temperature_slopes(zs, zt, y):
+    """Per row, the first two derivatives in s of -log softmax(s zs)(y) at s = 1: E_q[z] - z_y and
+    Var_q[z]. The NLL is convex in s: a sum of log-sum-exps of lines."""
+    logq = F.log_softmax(zs, -1)
+    mean = (logq.exp() * zs).sum(-1, keepdim=True)
+    d1 = mean[:, 0] - zs.gather(1, y[:, None])[:, 0]
+    return torch.stack([d1, (logq.exp() * (zs - mean) ** 2).sum(-1)], 1)
+
+
+prediction_rows.needs_teacher = temperature_slopes.needs_teacher = False
+
+
+@torch.no_grad()
+def fit_temperature(h, w, targets, valid, steps=50):
+    """tau*, the one softmax temperature of minimum NLL over the valid rows of logits h w^T / tau.
+    A subset's PPL rewards a flat distribution, so we compare models there at their own tau*.
+    Newton's method in beta = 1 / tau, each step at most halving or doubling it."""
+    beta = 1.0
+    for _ in range(steps):
+        slopes = chunked_scores(temperature_slopes, h, beta * w, valid, targets=targets)
+        d1, d2 = slopes[valid].double().sum(0).tolist()
+        step = d1 / max(d2, 1e-300)  # Newton in the scale of the current logits
+        beta *= min(max(1.0 - step, 0.5), 2.0)
+        if abs(step) < 1e-9:
+            break
+    return 1.0 / beta
 
 
 # ============================================================================ 8. memory

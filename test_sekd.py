@@ -1103,6 +1103,26 @@ def test_evaluation_metrics_match_dense_brute_force():
         assert pair[b, i, 1].item() == float(p.index(max(p)) == q.index(max(q)))
 
 
+@pytest.mark.parametrize("scale", [0.3, 1.0, 4.0])  # under-, well- and over-confident
+def test_fitted_temperature_is_the_minimum_of_a_brute_force_grid(scale):
+    m = tiny_gpt(seed=3)
+    idx, y = torch.randint(0, 37, (3, 12)), torch.randint(0, 37, (3, 12))
+    y[1, 7:] = -1
+    valid = y >= 0
+    h, w = m.hidden(idx).detach().double() * scale, m.head_weight.detach().double()
+    tau = sekd.fit_temperature(h, w, y, valid)
+    logits = (h[valid] @ w.T).tolist()
+
+    def nll(t):
+        rows = [ref_softmax([v / t for v in z]) for z in logits]
+        return -sum(math.log(p[int(c)]) for p, c in zip(rows, y[valid], strict=True)) / len(rows)
+
+    grid = [0.05 * 1.02**i for i in range(300)]  # 0.05 to 19, 2% apart
+    best = min(grid, key=nll)
+    assert best / 1.02 <= tau <= best * 1.02
+    assert nll(tau) <= nll(best) + 1e-12
+
+
 # ============================================================================ 8. memory
 
 
