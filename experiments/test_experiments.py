@@ -20,7 +20,7 @@ import data
 import experiments
 import sekd
 import train
-from experiments import axes, benchmark, ledger, positions, regimes, sample, show
+from experiments import axes, benchmark, ledger, positions, regimes, sample, show, stats
 from test_sekd import HERE, tiny_cli
 
 
@@ -634,6 +634,54 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
         again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
         == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
     )
+
+
+# ------------------------------------------------------------------- statistics: paired intervals
+
+
+@pytest.mark.parametrize(
+    "df, p, table",  # t tables' values (two-sided 95%, 90%, 99%)
+    [(1, 0.975, 12.706), (2, 0.975, 4.303), (4, 0.975, 2.776), (9, 0.975, 2.262)]
+    + [(30, 0.975, 2.042), (3, 0.95, 2.353), (1, 0.995, 63.657), (1000, 0.975, 1.962)],
+)
+def test_t_quantile_equals_the_tables(df, p, table):
+    assert stats.t_quantile(p, df) == pytest.approx(table, abs=5e-4)
+
+
+def test_paired_t_interval_equals_a_hand_computation():
+    got = stats.paired_t([1, 2, 3], [0, 0, 0])  # differences 1, 2, 3: mean 2, sd 1
+    half = 4.303 / math.sqrt(3)
+    assert got["mean"] == 2 and got["sd"] == pytest.approx(1) and got["df"] == 2
+    assert got["low"] == pytest.approx(2 - half, abs=1e-3)
+    assert got["high"] == pytest.approx(2 + half, abs=1e-3) and not got["holds"]
+    got = stats.paired_t([5.0, 5.2, 4.8, 5.1, 4.9], [6, 6, 6, 6, 6])  # -1 +- 2.776 * 0.158 / 2.236
+    assert got["high"] == pytest.approx(-1 + 2.776 * math.sqrt(0.025) / math.sqrt(5), abs=1e-3)
+    assert got["holds"] and got["high"] < 0 and got["df"] == 4
+    with pytest.raises(ValueError, match="at least 2 values"):
+        stats.paired_t([1.0], [0.0])
+
+
+def test_paired_bootstrap_equals_a_resample_loop_and_the_normal_approximation():
+    a = np.random.default_rng(0).normal(0.0, 1.0, 30)
+    b = a + np.random.default_rng(1).normal(-0.2, 0.5, 30)
+    b[:3] = a[:3]  # three ties
+    got = stats.paired_bootstrap(a, b, resamples=500, seed=7)
+    rng, d, means = np.random.default_rng(7), (a - b).tolist(), []
+    for _ in range(500):  # each resample: 30 items drawn with replacement, in turn
+        means.append(sum(d[int(j)] for j in rng.integers(0, 30, 30)) / 30)
+    means.sort()
+    for q, key in ((0.025, "low"), (0.975, "high")):  # the percentile, interpolated linearly
+        i, f = int(q * 499), q * 499 - int(q * 499)
+        assert got[key] == pytest.approx(means[i] + f * (means[i + 1] - means[i]), rel=1e-12)
+    assert got["mean"] == pytest.approx(sum(d) / 30) and got["n"] == 30
+    assert got["won"] == pytest.approx((sum(x < 0 for x in d) + 3 / 2) / 30)
+    # many items: the interval is mean +- 1.96 sd / sqrt(n)
+    d = np.random.default_rng(2).normal(0.05, 1.0, 4000)
+    got = stats.paired_bootstrap(d, np.zeros_like(d), resamples=4000, seed=0)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    assert got["low"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert got["high"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert got["holds"] == (got["low"] > 0)
 
 
 # --------------------------------------------------------------- entry points, direction of imports
