@@ -2979,6 +2979,17 @@ def test_generate_appends_tokens_with_their_entropy():
         assert (best == top3[:, 5 + j : 6 + j]).any(1).all()
 
 
+def test_generate_never_draws_the_banned_id():
+    m, ban = tiny_gpt(V=5, L=8), 2  # five ids: unbanned, id 2 comes often
+    idx, g = torch.zeros(4, 1, dtype=torch.long), torch.Generator().manual_seed(0)
+    out, ent = m.generate(idx, 40, 2.0, 0, g)
+    assert (out[:, 1:] == ban).any()
+    banned, ent_banned = m.generate(idx, 40, 2.0, 0, torch.Generator().manual_seed(0), ban=ban)
+    assert not (banned[:, 1:] == ban).any() and (ent_banned > 0).all()  # the model's own entropy
+    second, first = torch.topk(m(idx)[0, -1], 2).indices.tolist()[::-1]
+    assert (m.generate(idx, 1, 0.0, ban=first)[0][:, 1] == second).all()  # greedy: the runner-up
+
+
 def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(
     tmp_path, tiny_corpus, monkeypatch
 ):
