@@ -274,6 +274,22 @@ def prepare(
     return Corpus(train, val, vocab, meta)
 
 
+def val_gpt2_ids(corpus):
+    """corpus.val in GPT-2 ids: the original of each token a compact vocabulary holds as `unk`, so
+    that a view can show its text. We read and tokenize the validation text again (seconds for the
+    plays; a Hub dataset streams again) rather than store it, and check it gives corpus.val."""
+    if corpus.vocab.full:
+        return np.asarray(corpus.val).astype(np.int64)
+    val_texts = load_split(corpus.meta["dataset"], corpus.meta["max_tokens"])[1]
+    val = pack(tokenize(val_texts, gpt2_encoding()), corpus.val.shape[1] - 1)
+    if val.shape != corpus.val.shape or (corpus.vocab.encode(val) != corpus.val).any():
+        raise DataError(
+            f"the validation text of '{corpus.meta['dataset']}' is not the one its data cache was "
+            "built from: delete that cache folder and rerun"
+        )
+    return val
+
+
 def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens):
     """Texts -> GPT-2 ids -> model ids -> samples, written to `folder`."""
     train_texts, val_texts = load_split(dataset, max_tokens)

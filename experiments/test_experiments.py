@@ -417,6 +417,34 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
     )
 
 
+def test_rare_tokens_show_their_original_text_marked(tmp_path):
+    enc = data.gpt2_encoding()
+    g = enc.encode_ordinary("The Merry Wives of Windsor")  # The, Merry, W, ives, of, Windsor
+    vocab = data.Vocab(np.array(sorted({g[0], g[3], g[4]})), full=False)
+    ids = vocab.encode(np.array(g))
+    assert vocab.decode(ids, enc) == f"The{data.UNK * 2}ives of{data.UNK}"  # what a class saw
+    texts, rare = show.marked_tokens(ids, g, vocab.unk, enc)
+    assert "".join(texts) == "The ⟨Merry W⟩ives of ⟨Windsor⟩" and rare == [0, 1, 1, 0, 0, 1]
+    # a corpus's validation samples in GPT-2 ids, read again: a rare word keeps its text
+    lines = data.shakespeare_split()[1][0].splitlines()
+    for name, part in (("a.txt", lines[:1500]), ("b.txt", lines[1500:1800])):
+        (tmp_path / name).write_text("\n".join(part))
+    ds = f"files:{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+    corpus = data.prepare(ds, 16, cache_dir=str(tmp_path / "cache"), vocab_size=300)
+    gpt2 = data.val_gpt2_ids(corpus)
+    assert (corpus.vocab.encode(gpt2) == corpus.val).all() and (
+        corpus.val == corpus.vocab.unk
+    ).any()
+    texts, rare = show.marked_tokens(corpus.val.ravel(), gpt2.ravel(), corpus.vocab.unk, enc)
+    plain = enc.decode(gpt2.ravel().tolist())
+    assert "".join(texts).replace("⟨", "").replace("⟩", "") == plain and data.UNK not in plain
+    words = [enc.decode([int(gpt2.ravel()[t])]).strip() for t in np.flatnonzero(rare)]
+    assert any(w.isalpha() and f"⟨{w}⟩" in "".join(texts) for w in words)
+    (tmp_path / "b.txt").write_text("\n".join(lines[1800:2100]))  # the text changed: refused
+    with pytest.raises(data.DataError, match="not the one its data cache was built from"):
+        data.val_gpt2_ids(corpus)
+
+
 def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
     s = run_job(
@@ -441,6 +469,8 @@ def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
         and "student_entropy pos_rs_kd 20% (" in out
         and "4 draws" in out
     )
+    page = (tmp_path / "selection.html").read_text()  # rare tokens show their text, marked
+    assert data.UNK not in out + page and "⟨" in out and "<span class=rare" in page
 
 
 def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
@@ -506,8 +536,13 @@ def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsy
         tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"]
     )
     flags = ["--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
-    r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
+    bans, generate = [], sekd.GPT.generate
+    with monkeypatch.context() as m:  # every model is told never to draw the id for rare tokens
+        m.setattr(sekd.GPT, "generate", lambda *a, **k: bans.append(k["ban"]) or generate(*a, **k))
+        r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
+    assert bans == [corpus.vocab.unk] * 4 and corpus.vocab.unk is not None
     out = capsys.readouterr().out
+    assert data.UNK not in out
     assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
     stream = np.asarray(corpus.val).reshape(-1)
     enc = data.gpt2_encoding()
