@@ -274,6 +274,22 @@ def prepare(
     return Corpus(train, val, vocab, meta)
 
 
+def val_gpt2_ids(corpus):
+    """corpus.val in GPT-2 ids: the original of each token a compact vocabulary holds as `unk`, so
+    that a view can show its text. We read and tokenize the validation text again (seconds for the
+    plays; a Hub dataset streams again) rather than store it, and check it gives corpus.val."""
+    if corpus.vocab.full:
+        return np.asarray(corpus.val).astype(np.int64)
+    val_texts = load_split(corpus.meta["dataset"], corpus.meta["max_tokens"])[1]
+    val = pack(tokenize(val_texts, gpt2_encoding()), corpus.val.shape[1] - 1)
+    if val.shape != corpus.val.shape or (corpus.vocab.encode(val) != corpus.val).any():
+        raise DataError(
+            f"the validation text of '{corpus.meta['dataset']}' is not the one its data cache was "
+            "built from: delete that cache folder and rerun"
+        )
+    return val
+
+
 def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens):
     """Texts -> GPT-2 ids -> model ids -> samples, written to `folder`."""
     train_texts, val_texts = load_split(dataset, max_tokens)
@@ -381,10 +397,12 @@ def word_text(ids, a, b, text, strip=True):
     return s.strip() if strip else s
 
 
-def cloze_items(ids, spans, text, common, seq_len):
+def cloze_items(ids, spans, text, common, seq_len, recalled=True):
     """LAMBADA-like: windows that end at a target word seen earlier in the window, not on its own
     line (the passage predicts it, its line does not). A target has 3+ letters, some lower case (no
-    speaker), is not common, has no unseen token in or right after it. -> [(window, n_target)]"""
+    speaker), is not common, has no unseen token in or right after it. recalled=False: the control,
+    targets by the same rules but not in their window before. -> [(at, n_target)]; at: the window's
+    offsets in ids"""
     words = [word_text(ids, a, b, text) for a, b, _ in spans]
     keys, starts = [w.lower() for w in words], [a for a, _, _ in spans]
     items, free = [], 0  # free: where the next window may begin (they do not overlap)
@@ -395,8 +413,8 @@ def cloze_items(ids, spans, text, common, seq_len):
             continue
         first = bisect.bisect_left(starts, b - seq_len - 1)  # the window's first word
         before = [starts[i] for i in range(first, j) if keys[i] == keys[j]]
-        if before and max(before) < line:
-            items.append((ids[b - seq_len - 1 : b], b - a))
+        if (before and max(before) < line) if recalled else not before:
+            items.append((np.arange(b - seq_len - 1, b), b - a))
             free = b
     return items
 
@@ -404,7 +422,7 @@ def cloze_items(ids, spans, text, common, seq_len):
 def choice_items(ids, text, seq_len, seed=0, near=50):
     """HellaSwag-like: the text up to the middle of a line, then as options the rest of that line
     (first) and of OPTIONS - 1 lines drawn among the `near` around it. A line has 6+ words, no
-    unseen token, a second half of at most seq_len // 4 tokens. -> [(window, n_target, n_bytes)]"""
+    unseen token, a second half of at most seq_len // 4 tokens. -> [(at, n_target, n_bytes)]"""
     cuts = [0] + [t + 1 for t, i in enumerate(ids.tolist()) if "\n" in text[i]]
     halves = []  # (where the line's second half begins, where the line ends)
     for a, b in itertools.pairwise(cuts):
@@ -419,33 +437,49 @@ def choice_items(ids, text, seq_len, seed=0, near=50):
         drawn = [others[i] for i in rng.choice(len(others), OPTIONS - 1, replace=False)]
         for x, y in [(a, b)] + drawn:
             n = y - x  # the context before (a, b), then the option: seq_len + 1 tokens in all
-            window = np.concatenate([ids[a - (seq_len + 1 - n) : a], ids[x:y]])
-            items.append((window, n, len(word_text(ids, x, y, text, strip=False).encode())))
+            at = np.r_[a - (seq_len + 1 - n) : a, x:y]
+            items.append((at, n, len(word_text(ids, x, y, text, strip=False).encode())))
         free = b
     return items
 
 
-def eval_items(corpus):
-    """The validation split's items -> ({"cloze": (x, y, n, row), "choice": (x, y, n, row, bytes)},
-    a line on what there is); y is -1 before an item's n targets; row: the item of each target."""
+def eval_items(corpus, control=False):
+    """The validation split's items -> ({"cloze": (x, y, n, row, at), "choice": (x, y, n, row,
+    bytes, at)}, a line on what there is); y is -1 before an item's n targets; row: the item of each
+    target; at: where each window token is in the flattened validation split. control=True adds
+    "control", laid out as the cloze: its words are new to their windows (see `cloze_items`)."""
     enc, L = gpt2_encoding(), corpus.val.shape[1] - 1
     text = token_texts(corpus.vocab, enc)
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
     common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
-    cloze = cloze_items(val, word_spans(val, text), text, common, L)
-    out, said = {}, []
-    for kind, items in (("cloze", cloze), ("choice", choice_items(val, text, L))):
+    spans, out, said = word_spans(val, text), {}, []
+    kinds = {"cloze": cloze_items(val, spans, text, common, L)}
+    if control:
+        kinds["control"] = cloze_items(val, spans, text, common, L, recalled=False)
+    for kind, items in (kinds | {"choice": choice_items(val, text, L)}).items():
         count = len(items) // (OPTIONS if kind == "choice" else 1)
         if count < MIN_ITEMS:
             said.append(f"{count:,} {kind} items, fewer than {MIN_ITEMS}: not scored")
             continue
         said.append(f"{count:,} {kind} items")
         columns = zip(*items, strict=True)
-        w, n, *more = (torch.from_numpy(np.array(c, dtype=np.int64)) for c in columns)
+        at, n, *more = (torch.from_numpy(np.array(c, dtype=np.int64)) for c in columns)
+        w = torch.from_numpy(val)[at]
         y = w[:, 1:].masked_fill(torch.arange(L) < L - n[:, None], -1)
-        out[kind] = (w[:, :-1], y, n, torch.repeat_interleave(torch.arange(len(n)), n), *more)
+        out[kind] = (w[:, :-1], y, n, torch.repeat_interleave(torch.arange(len(n)), n), *more, at)
     return out, "; ".join(said)
+
+
+def outside_items(corpus, rows, items, windows=False):
+    """bool [len(rows), seq_len]: True where the target of validation sample rows[i] at position t
+    is the target of no item of `items` (eval_items's); windows=True: lies in no item's window. We
+    fit a softmax temperature there, so that no item scores the text it was fitted on. (The windows
+    of the cloze and its control cover nearly all the text: windows=True keeps about 1% of it.)"""
+    L, read = corpus.val.shape[1] - 1, np.zeros(corpus.val.size, dtype=bool)
+    for _, y, *_, at in items.values():
+        read[(at if windows else at[:, 1:][y >= 0]).numpy()] = True
+    return torch.from_numpy(~read[np.asarray(rows)[:, None] * (L + 1) + np.arange(1, L + 1)])
 
 
 # ----------------------------------------------------------------------------- the teacher cache

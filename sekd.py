@@ -130,9 +130,10 @@ class GPT(nn.Module):
         return self.head(self.hidden(idx))
 
     @torch.no_grad()
-    def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None):
+    def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None, ban=None):
         """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the
-        k likeliest). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t))."""
+        k likeliest; never the id `ban`, e.g. a compact vocabulary's id for rare tokens: it has no
+        text). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), before the ban)."""
         if type(n_new) is not int or n_new < 1:
             raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
         if temperature < 0 or type(top_k) is not int or top_k < 0:
@@ -143,6 +144,8 @@ class GPT(nn.Module):
         for _ in range(n_new):
             logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size :])[:, -1]))
             entropy.append(token_entropy(logits))
+            if ban is not None:
+                logits = logits.index_fill(-1, torch.tensor([ban], device=logits.device), -math.inf)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -2,6 +2,7 @@
 full softmax), plus data, the training job and the errors a user can cause. Run: python -m pytest"""
 
 import argparse
+import collections
 import dataclasses
 import errno
 import json
@@ -1616,11 +1617,22 @@ def test_word_spans_and_cloze_items_on_a_hand_made_stream():
     items = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10)
     # "King" at 16: on an earlier line of its window (at 6), not on its own (from 14); "Richard" is
     # new; "Rich" is followed by an unseen token; "the" is common
-    assert [(w.tolist(), n) for w, n in items] == [(ids[6:17].tolist(), 1)]
+    assert [(at.tolist(), n) for at, n in items] == [(list(range(6, 17)), 1)]
     assert data.cloze_items(ids, spans, text, common={"king", "the"}, seq_len=10) == []
     assert (
         data.cloze_items(ids, spans, text, common={"the"}, seq_len=4) == []
     )  # the earlier King is out of reach
+    # the control: "Richard" is new to its window; "long" and "live" come too early for a window
+    control = data.cloze_items(ids, spans, text, common={"the"}, seq_len=10, recalled=False)
+    assert [(at.tolist(), n) for at, n in control] == [(list(range(2, 13)), 2)]
+    # with windows of 4 tokens the earlier King is out of reach: the later one is new
+    control = data.cloze_items(ids, spans, text, common={"the"}, seq_len=3, recalled=False)
+    assert [data.word_text(ids, at[-n], at[-1] + 1, text) for at, n in control] == [
+        "dead",
+        "King",
+        "Richard",
+        "King",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -1635,24 +1647,41 @@ def scored_corpus(tmp_path_factory):
 
 def test_eval_items_follow_their_rules_against_the_decoded_text(scored_corpus):
     enc, corpus = data.gpt2_encoding(), scored_corpus
-    items, said = data.eval_items(corpus)
-    x, y, n, row = items["cloze"]
-    assert len(n) >= data.MIN_ITEMS and f"{len(n):,} cloze items" in said
+    items, said = data.eval_items(corpus, control=True)
+    val = np.asarray(corpus.val).reshape(-1)
     text = [
         t or data.UNK for t in data.token_texts(corpus.vocab, enc)
     ]  # an unseen token is not a letter
-    for i in range(len(n)):
-        window = torch.cat([x[i], y[i, -1:]]).tolist()
-        target = "".join(text[t] for t in window[-int(n[i]) :]).strip()
-        before = "".join(text[t] for t in window[: -int(n[i])])
-        line_start = before.rfind("\n") + 1
-        earlier = [w.lower() for w in re.findall(r"[^\W\d_]+", before[:line_start])]
-        own_line = [w.lower() for w in re.findall(r"[^\W\d_]+", before[line_start:])]
-        assert target.isalpha() and len(target) >= 3 and not target.isupper()
-        assert target.lower() in earlier and target.lower() not in own_line
-        assert (y[i, : -int(n[i])] == -1).all() and (y[i, -int(n[i]) :] >= 0).all()
-    x, y, n, row, n_bytes = items["choice"]
+    words = re.findall(r"[^\W\d_]+", corpus.vocab.decode(np.asarray(corpus.train).ravel(), enc))
+    counts = collections.Counter(map(str.lower, words))
+    common = {w for w, _ in counts.most_common(data.COMMON_WORDS)}
+    for kind in ("cloze", "control"):
+        x, y, n, row, at = items[kind]
+        assert len(n) >= data.MIN_ITEMS and f"{len(n):,} {kind} items" in said
+        assert (at[1:, 0] > at[:-1, -1]).all()  # windows in order, none overlapping
+        for i in range(len(n)):
+            window = torch.cat([x[i], y[i, -1:]]).tolist()
+            assert window == val[at[i]].tolist() == list(val[int(at[i, 0]) : int(at[i, -1]) + 1])
+            target = "".join(text[t] for t in window[-int(n[i]) :]).strip()
+            before = "".join(text[t] for t in window[: -int(n[i])])
+            line_start = before.rfind("\n") + 1
+            earlier = [w.lower() for w in re.findall(r"[^\W\d_]+", before[:line_start])]
+            own_line = [w.lower() for w in re.findall(r"[^\W\d_]+", before[line_start:])]
+            assert target.isalpha() and len(target) >= 3 and not target.isupper()
+            assert target.lower() not in common and text[val[int(at[i, -1]) + 1]] != data.UNK
+            if kind == "cloze":
+                assert target.lower() in earlier and target.lower() not in own_line
+            else:
+                assert target.lower() not in earlier + own_line
+            assert (y[i, : -int(n[i])] == -1).all() and (y[i, -int(n[i]) :] >= 0).all()
+    without, _ = data.eval_items(corpus)  # the control adds a kind and changes nothing else
+    assert list(without) == ["cloze", "choice"]
+    assert all(
+        torch.equal(a, b) for k in without for a, b in zip(without[k], items[k], strict=True)
+    )
+    x, y, n, row, n_bytes, at = items["choice"]
     assert len(n) % data.OPTIONS == 0 and len(n) // data.OPTIONS >= data.MIN_ITEMS
+    assert torch.equal(torch.cat([x, y[:, -1:]], 1), torch.from_numpy(val.astype(np.int64))[at])
     for i in range(0, len(n), data.OPTIONS):  # one context, four endings of a line each
         ctx = [x[j, : x.shape[1] - int(n[j]) + 1] for j in range(i, i + data.OPTIONS)]
         assert all(torch.equal(c[-5:], ctx[0][-5:]) for c in ctx)
@@ -1662,6 +1691,22 @@ def test_eval_items_follow_their_rules_against_the_decoded_text(scored_corpus):
         ]
         assert all(e.endswith("\n") for e in endings) and len(set(endings)) == data.OPTIONS
         assert [len(e.encode()) for e in endings] == n_bytes[i : i + data.OPTIONS].tolist()
+
+
+def test_text_outside_the_items_equals_a_brute_force_over_their_windows(scored_corpus):
+    corpus, L = scored_corpus, scored_corpus.val.shape[1] - 1
+    items, _ = data.eval_items(corpus, control=True)
+    rows = np.linspace(0, len(corpus.val) - 1, 40).astype(np.int64)
+    scored, read = set(), set()  # the stream offsets each item scores, and those it reads
+    for _, y, *_, at in items.values():
+        for i in range(len(y)):
+            read.update(at[i].tolist())
+            scored.update(int(at[i, t + 1]) for t in range(L) if y[i, t] >= 0)
+    for windows, used in ((False, scored), (True, read)):
+        got = data.outside_items(corpus, rows, items, windows=windows)
+        want = [[r * (L + 1) + t + 1 not in used for t in range(L)] for r in rows.tolist()]
+        assert got.dtype == torch.bool and got.tolist() == want
+    assert 0 < got.sum() < data.outside_items(corpus, rows, items).sum() < got.numel()
 
 
 def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
@@ -1677,7 +1722,7 @@ def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
         def logp(x):  # every position's full softmax, in float64
             return torch.log_softmax(model(x).double(), -1)
 
-        x, y, n, _ = ev.items["cloze"]
+        x, y, n, *_ = ev.items["cloze"]
         lp, words, greedy, conf, correct = logp(x), [], [], [], []
         for i in range(len(n)):
             nll, ok = 0.0, True
@@ -1693,7 +1738,7 @@ def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
         assert got["cloze_ece"] == pytest.approx(
             sekd.expected_calibration_error(torch.tensor(conf), torch.tensor(correct)), abs=1e-4
         )
-        x, y, n, _, n_bytes = ev.items["choice"]
+        x, y, n, _, n_bytes, _ = ev.items["choice"]
         lp, right = logp(x), 0
         for i in range(0, len(n), data.OPTIONS):
             per_byte = [
@@ -2956,6 +3001,17 @@ def test_generate_appends_tokens_with_their_entropy():
     for j in range(6):
         best = torch.topk(m(top3[:, : 5 + j][:, -8:])[:, -1], 3).indices
         assert (best == top3[:, 5 + j : 6 + j]).any(1).all()
+
+
+def test_generate_never_draws_the_banned_id():
+    m, ban = tiny_gpt(V=5, L=8), 2  # five ids: unbanned, id 2 comes often
+    idx, g = torch.zeros(4, 1, dtype=torch.long), torch.Generator().manual_seed(0)
+    out, ent = m.generate(idx, 40, 2.0, 0, g)
+    assert (out[:, 1:] == ban).any()
+    banned, ent_banned = m.generate(idx, 40, 2.0, 0, torch.Generator().manual_seed(0), ban=ban)
+    assert not (banned[:, 1:] == ban).any() and (ent_banned > 0).all()  # the model's own entropy
+    second, first = torch.topk(m(idx)[0, -1], 2).indices.tolist()[::-1]
+    assert (m.generate(idx, 1, 0.0, ban=first)[0][:, 1] == second).all()  # greedy: the runner-up
 
 
 def test_a_metric_registered_in_a_test_file_is_selected_from_the_cli(

@@ -15,7 +15,7 @@ import torch
 import data
 import experiments
 import train
-from experiments.show import _heat
+from experiments.show import _heat, marked_tokens
 
 
 def add_flags(p):
@@ -109,10 +109,16 @@ def run(args, corpus, device):
     """--sample-prompts validation prompts, and each model's continuation of them
     (the teacher, then every saved student), one block under the other; each generated token is
     coloured by that model's own entropy H(q_t) at that step (the student_entropy metric: what SE-KD
-    selects by). Same --seed, same text."""
+    selects by). Same --seed, same text. A prompt shows its rare tokens' text marked ⟨so⟩; a model
+    never draws the vocabulary's id for them (it has no text)."""
     models = [("teacher", train.teacher_ckpt_path(args))] + saved_students(args.out_dir)
     enc = data.gpt2_encoding()
     prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
+    gpt2 = data.val_gpt2_ids(corpus).reshape(-1)
+    shown = [
+        "".join(marked_tokens(p.tolist(), gpt2[s : s + len(p)], corpus.vocab.unk, enc)[0])
+        for p, s in zip(prompts, starts, strict=True)
+    ]
     text, entropy = {}, {}
     for name, path in models:
         ckpt = train.load_checkpoint(path)
@@ -120,7 +126,12 @@ def run(args, corpus, device):
         model = train.GPT_from(ckpt).to(device).eval()
         g = torch.Generator(device=device).manual_seed(args.seed)
         out, ent = model.generate(
-            prompts.to(device), args.sample_len, args.sample_temperature, args.sample_top_k, g
+            prompts.to(device),
+            args.sample_len,
+            args.sample_temperature,
+            args.sample_top_k,
+            g,
+            ban=corpus.vocab.unk,
         )
         text[name] = [
             [corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1] :]]
@@ -140,10 +151,7 @@ def run(args, corpus, device):
         )
     )
     for i, start in enumerate(starts):
-        print(
-            f"\n=== prompt {i + 1} (validation token {start:,})\n"
-            f"{corpus.vocab.decode(prompts[i].tolist(), enc)}"
-        )
+        print(f"\n=== prompt {i + 1} (validation token {start:,})\n{shown[i]}")
         for name, _ in models:
             tokens, ent = text[name][i], entropy[name][i]
             body = (
@@ -154,7 +162,7 @@ def run(args, corpus, device):
             print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
     result = {
         "prompt_starts": starts,
-        "prompts": [corpus.vocab.decode(p.tolist(), enc) for p in prompts],
+        "prompts": shown,
         "continuations": {n: ["".join(t) for t in rows] for n, rows in text.items()},
         "entropy": entropy,
         "args": vars(args),

@@ -7,6 +7,7 @@ positions two selections pick marked; in the terminal (ANSI) and as an HTML page
 import html
 import os
 
+import numpy as np
 import torch
 
 import data
@@ -19,6 +20,19 @@ def _heat(e, lo, hi):
     """White (the sequence's lowest entropy) to red (its highest) as an (r, g, b) triple."""
     f = 0.0 if hi <= lo else (e - lo) / (hi - lo)
     return 255, int(255 * (1 - f)), int(255 * (1 - f))
+
+
+def marked_tokens(ids, gpt2_ids, unk, enc):
+    """Each token's text, from its original GPT-2 id: a run of tokens a compact vocabulary holds as
+    its one id for rare ones (`unk`, which has no text) is marked as ⟨Windsor⟩, its leading space
+    outside. -> (texts, rare: bool each)."""
+    rare = [unk is not None and int(i) == unk for i in ids]
+    texts = [enc.decode([int(g)]) for g in gpt2_ids]
+    for t, s in enumerate(texts):
+        if rare[t] and (t == 0 or not rare[t - 1]):  # a run begins
+            s = s[: len(s) - len(s.lstrip())] + "⟨" + s.lstrip()
+        texts[t] = s + ("⟩" if rare[t] and (t + 1 == len(rare) or not rare[t + 1]) else "")
+    return texts, rare
 
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
@@ -55,8 +69,9 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             )[0]
     other = list(picks)[1]
     enc = data.gpt2_encoding()
-    tokens = [corpus.vocab.decode([int(t)], enc) for t in y[0]]
-    first = corpus.vocab.decode([int(x[0, 0])], enc)
+    row = int(np.flatnonzero((corpus.val[:, :-1] == x[0].cpu().numpy()).all(1))[0])  # its sample
+    gpt2 = data.val_gpt2_ids(corpus)[row]
+    (first, *tokens), (_, *rare) = marked_tokens(corpus.val[row], gpt2, corpus.vocab.unk, enc)
     lo, hi = float(ent.min()), float(ent.max())
     blocks = []
     for name, m in picks.items():
@@ -77,13 +92,15 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         )
         print(
             f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked "
-            f"= bold underlined)\n"
+            f"= bold underlined; ⟨rare⟩ = the text of a token the vocabulary holds as its one id "
+            f"for rare ones)\n"
             f"{first}{ansi}"
         )
         spans = "".join(
-            f'<span title="H={float(e):.2f}" style="background:rgb{_heat(float(e), lo, hi)}'
+            f'<span{" class=rare" if r else ""} title="H={float(e):.2f}" '
+            f'style="background:rgb{_heat(float(e), lo, hi)}'
             f'{";outline:2px solid #000;font-weight:bold" if s else ""}">{html.escape(t)}</span>'
-            for t, s, e in zip(tokens, sel, ent, strict=False)
+            for t, s, e, r in zip(tokens, sel, ent, rare, strict=False)
         )
         blocks.append(
             f"<div><h3>{html.escape(title)}</h3><pre>{html.escape(first)}{spans}</pre></div>"
@@ -97,9 +114,11 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         "<!doctype html><meta charset='utf-8'><title>sekd "
         "selection</title><style>body{font-family:sans-serif}"
         "pre{white-space:pre-wrap;font-size:15px;line-height:1.6}.row{display:flex;gap:2em}.row>div{flex:1}"
+        ".rare{font-style:italic;color:#036}"
         f"</style><p>Validation sequence {i}; colour = student entropy H(q_t) of the token "
         f"predicted there (white {lo:.2f}, red {hi:.2f} nats); boxed = selected. Both selections "
-        f"marked {overlap} positions in common.</p>"
+        f"marked {overlap} positions in common; <span class=rare>⟨italic⟩</span>: a token the "
+        "vocabulary holds as one id for all rare ones (its text shown, the model sees that id)</p>"
         f"<div class='row'>{''.join(blocks)}</div>"
     )
     out = os.path.join(args.out_dir, "selection.html")

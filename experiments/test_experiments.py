@@ -20,7 +20,7 @@ import data
 import experiments
 import sekd
 import train
-from experiments import axes, benchmark, ledger, positions, regimes, sample, show
+from experiments import axes, benchmark, ledger, positions, regimes, sample, show, stats
 from test_sekd import HERE, tiny_cli
 
 
@@ -417,6 +417,34 @@ def test_positions_and_show_runs_end_to_end(tmp_path, tiny_corpus, capsys):
     )
 
 
+def test_rare_tokens_show_their_original_text_marked(tmp_path):
+    enc = data.gpt2_encoding()
+    g = enc.encode_ordinary("The Merry Wives of Windsor")  # The, Merry, W, ives, of, Windsor
+    vocab = data.Vocab(np.array(sorted({g[0], g[3], g[4]})), full=False)
+    ids = vocab.encode(np.array(g))
+    assert vocab.decode(ids, enc) == f"The{data.UNK * 2}ives of{data.UNK}"  # what a class saw
+    texts, rare = show.marked_tokens(ids, g, vocab.unk, enc)
+    assert "".join(texts) == "The ⟨Merry W⟩ives of ⟨Windsor⟩" and rare == [0, 1, 1, 0, 0, 1]
+    # a corpus's validation samples in GPT-2 ids, read again: a rare word keeps its text
+    lines = data.shakespeare_split()[1][0].splitlines()
+    for name, part in (("a.txt", lines[:1500]), ("b.txt", lines[1500:1800])):
+        (tmp_path / name).write_text("\n".join(part))
+    ds = f"files:{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+    corpus = data.prepare(ds, 16, cache_dir=str(tmp_path / "cache"), vocab_size=300)
+    gpt2 = data.val_gpt2_ids(corpus)
+    assert (corpus.vocab.encode(gpt2) == corpus.val).all() and (
+        corpus.val == corpus.vocab.unk
+    ).any()
+    texts, rare = show.marked_tokens(corpus.val.ravel(), gpt2.ravel(), corpus.vocab.unk, enc)
+    plain = enc.decode(gpt2.ravel().tolist())
+    assert "".join(texts).replace("⟨", "").replace("⟩", "") == plain and data.UNK not in plain
+    words = [enc.decode([int(gpt2.ravel()[t])]).strip() for t in np.flatnonzero(rare)]
+    assert any(w.isalpha() and f"⟨{w}⟩" in "".join(texts) for w in words)
+    (tmp_path / "b.txt").write_text("\n".join(lines[1800:2100]))  # the text changed: refused
+    with pytest.raises(data.DataError, match="not the one its data cache was built from"):
+        data.val_gpt2_ids(corpus)
+
+
 def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
     save_tiny_models(tmp_path, tiny_corpus, ["teacher", "student_sekd"])
     s = run_job(
@@ -441,6 +469,8 @@ def test_show_compares_topk_with_another_policy(tmp_path, tiny_corpus, capsys):
         and "student_entropy pos_rs_kd 20% (" in out
         and "4 draws" in out
     )
+    page = (tmp_path / "selection.html").read_text()  # rare tokens show their text, marked
+    assert data.UNK not in out + page and "⟨" in out and "<span class=rare" in page
 
 
 def test_axes_reproduction_tiny(tmp_path, tiny_corpus, capsys):
@@ -506,8 +536,13 @@ def test_sample_prints_each_model_deterministically(tmp_path, tiny_corpus, capsy
         tmp_path, tiny_corpus, ["teacher", "student_init", "student_sekd", "student_ce"]
     )
     flags = ["--sample-prompts", "2", "--sample-prompt-len", "6", "--sample-len", "10"]
-    r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
+    bans, generate = [], sekd.GPT.generate
+    with monkeypatch.context() as m:  # every model is told never to draw the id for rare tokens
+        m.setattr(sekd.GPT, "generate", lambda *a, **k: bans.append(k["ban"]) or generate(*a, **k))
+        r1 = run_job(sample, tmp_path, tiny_corpus, *flags)
+    assert bans == [corpus.vocab.unk] * 4 and corpus.vocab.unk is not None
     out = capsys.readouterr().out
+    assert data.UNK not in out
     assert list(r1["continuations"]) == ["teacher", "student_init", "student_ce", "student_sekd"]
     stream = np.asarray(corpus.val).reshape(-1)
     enc = data.gpt2_encoding()
@@ -634,6 +669,54 @@ def test_regimes_map_reports_paired_gaps_and_resumes(tmp_path, tiny_corpus, caps
         again["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
         == r["cells"]["B tiny lam.5"]["rows"]["sekd"]["val_ppl"]
     )
+
+
+# ------------------------------------------------------------------- statistics: paired intervals
+
+
+@pytest.mark.parametrize(
+    "df, p, table",  # t tables' values (two-sided 95%, 90%, 99%)
+    [(1, 0.975, 12.706), (2, 0.975, 4.303), (4, 0.975, 2.776), (9, 0.975, 2.262)]
+    + [(30, 0.975, 2.042), (3, 0.95, 2.353), (1, 0.995, 63.657), (1000, 0.975, 1.962)],
+)
+def test_t_quantile_equals_the_tables(df, p, table):
+    assert stats.t_quantile(p, df) == pytest.approx(table, abs=5e-4)
+
+
+def test_paired_t_interval_equals_a_hand_computation():
+    got = stats.paired_t([1, 2, 3], [0, 0, 0])  # differences 1, 2, 3: mean 2, sd 1
+    half = 4.303 / math.sqrt(3)
+    assert got["mean"] == 2 and got["sd"] == pytest.approx(1) and got["df"] == 2
+    assert got["low"] == pytest.approx(2 - half, abs=1e-3)
+    assert got["high"] == pytest.approx(2 + half, abs=1e-3) and not got["holds"]
+    got = stats.paired_t([5.0, 5.2, 4.8, 5.1, 4.9], [6, 6, 6, 6, 6])  # -1 +- 2.776 * 0.158 / 2.236
+    assert got["high"] == pytest.approx(-1 + 2.776 * math.sqrt(0.025) / math.sqrt(5), abs=1e-3)
+    assert got["holds"] and got["high"] < 0 and got["df"] == 4
+    with pytest.raises(ValueError, match="at least 2 values"):
+        stats.paired_t([1.0], [0.0])
+
+
+def test_paired_bootstrap_equals_a_resample_loop_and_the_normal_approximation():
+    a = np.random.default_rng(0).normal(0.0, 1.0, 30)
+    b = a + np.random.default_rng(1).normal(-0.2, 0.5, 30)
+    b[:3] = a[:3]  # three ties
+    got = stats.paired_bootstrap(a, b, resamples=500, seed=7)
+    rng, d, means = np.random.default_rng(7), (a - b).tolist(), []
+    for _ in range(500):  # each resample: 30 items drawn with replacement, in turn
+        means.append(sum(d[int(j)] for j in rng.integers(0, 30, 30)) / 30)
+    means.sort()
+    for q, key in ((0.025, "low"), (0.975, "high")):  # the percentile, interpolated linearly
+        i, f = int(q * 499), q * 499 - int(q * 499)
+        assert got[key] == pytest.approx(means[i] + f * (means[i + 1] - means[i]), rel=1e-12)
+    assert got["mean"] == pytest.approx(sum(d) / 30) and got["n"] == 30
+    assert got["won"] == pytest.approx((sum(x < 0 for x in d) + 3 / 2) / 30)
+    # many items: the interval is mean +- 1.96 sd / sqrt(n)
+    d = np.random.default_rng(2).normal(0.05, 1.0, 4000)
+    got = stats.paired_bootstrap(d, np.zeros_like(d), resamples=4000, seed=0)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    assert got["low"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert got["high"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert got["holds"] == (got["low"] > 0)
 
 
 # --------------------------------------------------------------- entry points, direction of imports
