@@ -1752,6 +1752,35 @@ def test_paper_measures_equal_a_brute_force_over_items(scored_corpus):
             ev.items["cloze"][2]
         )
 
+        def item_nll(kind, tau):  # each item's NLL with the logits divided by tau
+            x, y, n, *_ = ev.items[kind]
+            lp = torch.log_softmax(model(x).double() / tau, -1)
+            return [
+                -sum(lp[i, t, y[i, t]].item() for t in range(L - n[i], L)) for i in range(len(n))
+            ]
+
+        L, tau = x.shape[1], got["tau"]
+        for kind in ("cloze", "control", "choice"):  # every item's NLL, raw and at tau*
+            assert got[f"{kind}_nll"] == pytest.approx(item_nll(kind, 1.0), rel=1e-5)
+            assert got[f"{kind}_nll_tau"] == pytest.approx(item_nll(kind, tau), rel=1e-5)
+        for kind in ("cloze", "control"):
+            nll = item_nll(kind, tau)
+            assert got[f"{kind}_ppl_tau"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+        context = math.log(got["control_ppl_tau"] / got["cloze_ppl_tau"])
+        assert got["context_nats"] == pytest.approx(context)
+        # tau* minimises the NLL of the validation targets outside every item's window
+        rows = torch.arange(len(corpus.val))
+        free = data.outside_items(corpus, rows, ev.items, windows=True)
+        xs = torch.from_numpy(corpus.val.astype(np.int64))
+        z, y = model(xs[:, :-1]).double()[free], xs[:, 1:][free]
+
+        def fit_nll(t):
+            return torch.nn.functional.cross_entropy(z / t, y).item()
+
+        best = min((0.2 * 1.01**i for i in range(400)), key=fit_nll)
+        assert best / 1.01 <= tau <= best * 1.01 and fit_nll(tau) <= fit_nll(best) + 1e-9
+        assert 0 < free.sum() < free.numel() and got["entropy"] > 0
+
 
 def test_teacher_checkpoint_for_other_vocabulary_is_refused(tmp_path, tiny_corpus):
     run_job(tmp_path, tiny_corpus, "--run", "teacher", "--teacher-steps", "5")

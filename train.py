@@ -615,8 +615,11 @@ def per_item(row, v, n):  # the sums over the target rows of each of n items
 class EvalSet:
     """What every model is scored on: validation samples at every position (with the teacher's
     hidden states kept, a student's KL costs two heads only), and data.eval_items: the cloze of hard
-    words (PPL of a whole word as lm-eval-harness's LAMBADA, greedy accuracy, ECE), and multiple
-    choice by log-likelihood per byte (lm-eval-harness's acc_norm)."""
+    words (PPL of a whole word as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control
+    (words new to their window: the cloze less the control is what context gives), and multiple
+    choice by log-likelihood per byte (lm-eval-harness's acc_norm). A subset's PPL rewards a flat
+    distribution, so each model is also scored at its own temperature tau*, fitted on the
+    validation text that no item's window reads."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -624,8 +627,13 @@ class EvalSet:
         x = torch.from_numpy(corpus.val[rows].astype(np.int64)).to(device)
         self.x, self.y, self.bs = x[:, :-1], x[:, 1:], batch_size
         self.teacher_h = self.teacher_w = None  # set_teacher's
-        self.items, said = data.eval_items(corpus)
-        print(f"evaluation: {self.y.numel():,} validation tokens; {said}")
+        self.items, said = data.eval_items(corpus, control=True)
+        free = data.outside_items(corpus, range(len(corpus.val)), self.items, windows=True)
+        fit = free.any(1).nonzero()[:, 0].numpy()  # the samples with a target to fit on
+        x = torch.from_numpy(corpus.val[fit].astype(np.int64))
+        self.fit_x, self.fit_y = x[:, :-1], x[:, 1:].masked_fill(~free[fit], -1)
+        fit = f"tau* fitted on {int(free.sum()):,} tokens outside the items' windows"
+        print(f"evaluation: {self.y.numel():,} validation tokens; {said}; {fit}")
 
     @torch.no_grad()
     def set_teacher(self, teacher, args):
@@ -633,44 +641,71 @@ class EvalSet:
             h = [teacher.hidden(x).float() for x in self.x.split(self.bs)]
         self.teacher_h, self.teacher_w = torch.cat(h), teacher.head_weight.detach().float()
 
-    def sums(self, model, args, x, y, teacher_h=None):
-        """Each valid row of x, in order: sekd.prediction_rows (nll, conf, correct, entropy), and
-        with the teacher's hidden states sekd.teacher_rows (kl, agree). -> {name: [rows] float64}"""
+    def hidden(self, model, args, x):
+        with autocast(args, self.x.device):
+            return torch.cat([model.hidden(b.to(self.x.device)).float() for b in x.split(self.bs)])
+
+    def sums(self, model, args, x, y, teacher_h=None, tau=1.0):
+        """Each valid row of x, in order: sekd.prediction_rows (nll, conf, correct, entropy), the
+        nll at temperature tau, and with the teacher's hidden states sekd.teacher_rows (kl, agree).
+        -> {name: [rows] float64}"""
         rows, dev, w = [], self.x.device, model.head_weight.float()
         for i in range(0, len(x), self.bs):
-            with autocast(args, dev):
-                h = model.hidden(x[i : i + self.bs].to(dev)).float()
-            yi = y[i : i + self.bs].to(dev)
+            h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(dev)
             valid = yi >= 0
             cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
+            cold = cols[0]
+            if tau != 1:  # the logits h w^T / tau
+                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)[
+                    valid
+                ]
+            cols.append(cold[:, :1])
             if teacher_h is not None:
                 th, tw = teacher_h[i : i + self.bs], self.teacher_w
                 cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw)[valid])
             rows.append(torch.cat(cols, 1).cpu())
-        names = ("nll", "conf", "correct", "entropy", "kl", "agree")
+        names = ("nll", "conf", "correct", "entropy", "nll_tau", "kl", "agree")
         return dict(zip(names, torch.cat(rows).double().unbind(1), strict=False))
 
     @torch.no_grad()
     def evaluate(self, model, args, limit=None):
-        """Every measure; with `limit` (a look during training), val PPL on `limit` samples only."""
+        """Every measure, and every item's NLL (to pair two models item by item); with `limit` (a
+        look during training), val PPL on `limit` samples only."""
         model.eval()
         n = len(self.x) if limit is None else min(limit, len(self.x))
-        t = self.teacher_h is not None
-        s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None)
-        n, ce = len(s["nll"]), s["nll"].double().mean().item()
+        t, tau, y = self.teacher_h is not None, 1.0, self.fit_y.to(self.x.device)
+        if limit is None:
+            h, w = self.hidden(model, args, self.fit_x), model.head_weight.float()
+            tau = sekd.fit_temperature(h, w, y, y >= 0)
+        s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None, tau)
+        n, ce = len(s["nll"]), s["nll"].mean().item()
         kl, agree = (s["kl"].sum().item() / n, s["agree"].mean().item()) if t else (None, None)
         out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=kl, agreement=agree)
         out.update(eval_tokens=n, ece=sekd.expected_calibration_error(s["conf"], s["correct"]))
-        for kind, (x, y, lengths, row, *n_bytes) in self.items.items() if limit is None else ():
-            s, n = self.sums(model, args, x, y), len(lengths)
-            nll = per_item(row, s["nll"], n)  # each item's
-            if kind == "cloze":
-                out.update(cloze_ppl=math.exp(nll.mean()), cloze_items=n)
-                out["cloze_acc"] = (per_item(row, 1 - s["correct"], n) == 0).double().mean().item()
-                out["cloze_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
-            else:  # choice, by log-likelihood per byte: the true option is option 0
-                best = (-nll / n_bytes[0]).view(-1, data.OPTIONS).argmax(1)
+        out.update(
+            tau=tau, val_ppl_tau=math.exp(s["nll_tau"].mean()), entropy=s["entropy"].mean().item()
+        )
+        for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
+            s, n = self.sums(model, args, x, y, tau=tau), len(lengths)
+            nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
+            out.update({f"{kind}_items": n, f"{kind}_nll": nll.tolist()})
+            out[f"{kind}_nll_tau"] = nll_tau.tolist()
+            if kind != "choice":  # the cloze, and its control
+                out.update(
+                    {
+                        f"{kind}_ppl": math.exp(nll.mean()),
+                        f"{kind}_ppl_tau": math.exp(nll_tau.mean()),
+                    }
+                )
+                out[f"{kind}_acc"] = (
+                    (per_item(row, 1 - s["correct"], n) == 0).double().mean().item()
+                )
+                out[f"{kind}_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+            else:  # by log-likelihood per byte: the true option is option 0
+                best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
                 out.update(choice_acc=(best == 0).double().mean().item(), choice_items=len(best))
+        if "control_nll" in out and "cloze_nll" in out:  # what the context gives, nats a word
+            out["context_nats"] = math.log(out["control_ppl_tau"] / out["cloze_ppl_tau"])
         model.train()
         return out
 
@@ -869,48 +904,63 @@ def set_rng_state(rng):
 
 # ----------------------------------------------------------------------------- results and main
 
-METRICS = {  # a table's columns of measures: header -> (key, format)
+# The two tables' columns: header -> (key, format). Costs are shown only where nonzero.
+TEXT = {
     "val PPL": ("val_ppl", "{:.2f}".format),
+    "tau*": ("tau", "{:.2f}".format),
+    "PPL@tau*": ("val_ppl_tau", "{:.2f}".format),
+    "entropy": ("entropy", "{:.2f}".format),
     "KL(T||S)": ("kl_to_teacher", "{:.3f}".format),
     "agree %": ("agreement", lambda v: f"{100 * v:.1f}"),
     "ECE %": ("ece", "{:.2f}".format),
+}
+ITEMS = {
     "cloze PPL": ("cloze_ppl", "{:.1f}".format),
-    "cloze %": ("cloze_acc", lambda v: f"{100 * v:.1f}"),
+    "cloze@tau*": ("cloze_ppl_tau", "{:.1f}".format),
+    "control PPL": ("control_ppl", "{:.1f}".format),
+    "control@tau*": ("control_ppl_tau", "{:.1f}".format),
+    "context": ("context_nats", "{:.3f}".format),
     "choice %": ("choice_acc", lambda v: f"{100 * v:.1f}"),
 }
-
-
-COSTS = {  # and of costs, shown only when nonzero: header -> (key, format)
+COSTS = {
     "wall": ("train_s", fmt_time),
     "tok/s": ("tokens_per_s", "{:,.0f}".format),
     "peak MiB": ("peak_bytes", lambda b: f"{b / 2**20:,.0f}"),
 }
 
 
-def print_table(rows, device, title=None):
-    """Rows of results; a row with `<key>_std` entries (a mean over seeds) shows mean ± std."""
-    w = max([22] + [len(r["method"]) for r in rows])
-    c = 14 if any("val_ppl_std" in r for r in rows) else 8
-    widths = [c, c + 1, *[c] * 5, 8, 8, 9]  # KL(T||S) is a character wider than its column
+def print_columns(rows, columns):
+    """One table: a row per model; "-" for a measure it lacks (or a cost of 0), mean ± std for a
+    mean over seeds (its `<key>_std`)."""
+    w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
+    widths = [max(c, len(header)) for header in columns]
 
     def line(first, cells):
         return f"{first:<{w}} " + " ".join(f"{s:>{n}}" for s, n in zip(cells, widths, strict=True))
 
-    head = line("method", [*METRICS, *COSTS])
-    print(("\n" + title if title else "") + f"\n{head}\n" + "-" * len(head))
+    print(line("method", columns) + "\n" + "-" * len(line("method", columns)))
     for r in rows:
         cells = []
-        for key, fmt in METRICS.values():  # "-", a value, or a mean ± its std
-            mean, std = r.get(key), r.get(key + "_std")
-            pm = "" if std is None else f"±{fmt(std)}"
-            cells.append("-" if mean is None else fmt(mean) + pm)
-        cells += [fmt(r[key]) if r.get(key) else "-" for key, fmt in COSTS.values()]
+        for header, (key, fmt) in columns.items():
+            std = f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else ""
+            missing = r.get(key) is None or header in COSTS and not r[key]
+            cells.append("-" if missing else fmt(r[key]) + std)
         print(line(r["method"], cells))
-    items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
-    if items:
-        choice = f"{items.get('choice_items', 0):,} items of {data.OPTIONS} options"
-        cloze = f"{items.get('cloze_items', 0):,} hard words, PPL and greedy accuracy"
-        print(f"cloze: {cloze}; choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
+
+
+def print_table(rows, device, title=None):
+    """The measures of the validation text and the costs, then of the items."""
+    print("\n" + title if title else "")
+    print_columns(rows, TEXT | COSTS)
+    n = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
+    if n:
+        print_columns(rows, ITEMS)
+        words = (
+            f"{n.get('cloze_items', 0):,} hard words, {n.get('control_items', 0):,} control words"
+        )
+        choice = f"{n.get('choice_items', 0):,} items of {data.OPTIONS} options"
+        print(f"cloze: {words} (new to their window); context: control - cloze at tau*, nats")
+        print(f"choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
     how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
     if how:
         print(f"peak memory on {device}: {how}")

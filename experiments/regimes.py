@@ -34,19 +34,19 @@ from experiments.positions import mean_std_row
 # the paper's was (Qwen3-1.7B came out of distillation from larger Qwen3 models). K: a long, gentle
 # distillation, 5x the steps at a low lr.
 THREE = ("full_kd", "sekd", "random_pos")
-FIVE = THREE + ("te", "pos_rs_kd")
+FOUR = THREE + ("te",)  # teacher entropy: a flatter student, a check on what the cloze rewards
 CELLS = {
-    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, FIVE),
+    "A  1x64 lr1e-3 lam1": ("1x64", 1e-3, 120, 1.0, "selected", 0.2, FOUR),
     "B  1x64 lr1e-4 lam1": ("1x64", 1e-4, 120, 1.0, "selected", 0.2, THREE),
     "C  2x160 lr1e-4 lam1": ("2x160", 1e-4, 120, 1.0, "selected", 0.2, THREE),
     "D  1x64 lr1e-3 lam.5 Eq.3": ("1x64", 1e-3, 120, 0.5, "selected", 0.2, THREE),
-    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, FIVE),
+    "E  1x64 lr1e-3 lam.5 CE-all": ("1x64", 1e-3, 120, 0.5, "all", 0.2, FOUR),
     "F  1x64 lr1e-3 lam1 k.5": ("1x64", 1e-3, 120, 1.0, "selected", 0.5, THREE),
     "G  1x64 lr3e-4 lam1": ("1x64", 3e-4, 120, 1.0, "selected", 0.2, THREE),
     "H  2x160 lr1e-3 lam1": ("2x160", 1e-3, 120, 1.0, "selected", 0.2, THREE),
     "I  1x64 lr1e-3 lam1 480 steps": ("1x64", 1e-3, 480, 1.0, "selected", 0.2, THREE),
     "J  1x64 distilled init lam1": ("1x64kd", 1e-3, 120, 1.0, "selected", 0.2, THREE),
-    "K  1x64 lr2e-4 lam1 600 steps": ("1x64", 2e-4, 600, 1.0, "selected", 0.2, THREE),
+    "K  1x64 lr2e-4 lam1 600 steps": ("1x64", 2e-4, 600, 1.0, "selected", 0.2, FOUR),
 }
 # a method of a cell -> (train.distill_student's method, KDConfig overrides, label)
 METHODS = {
@@ -61,6 +61,13 @@ METHODS = {
 }
 KEYS = (
     "val_ppl",
+    "val_ppl_tau",
+    "tau",
+    "entropy",
+    "cloze_ppl_tau",
+    "control_ppl",
+    "control_ppl_tau",
+    "context_nats",
     "kl_to_teacher",
     "agreement",
     "hard_kl",
@@ -69,6 +76,8 @@ KEYS = (
     "cloze_acc",
     "choice_acc",
 )
+
+ITEM_NLL = ("cloze_nll", "cloze_nll_tau", "control_nll", "control_nll_tau")
 
 
 def add_flags(p):
@@ -235,6 +244,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                         ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd
                     )
                     done[key] = {x: r.get(x) for x in KEYS + ("ece", "train_s")}
+                    for x in ITEM_NLL:  # every item's, to pair two students item by item
+                        done[key][x] = [round(v, 5) for v in r.get(x, [])]
                     data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
                 per_seed.append(done[key])
             rows[m] = per_seed
