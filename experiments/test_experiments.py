@@ -781,3 +781,49 @@ def test_one_process_runs_refuse_torchrun(monkeypatch):
             train.UserError, match="runs in one process: start it with python, not torchrun"
         ):
             tool.main(flags)
+
+
+def test_verdict_pairs_seeds_and_items_and_shares_full_kd_between_cells(tmp_path):
+    from experiments import verdict
+    from experiments.stats import paired_bootstrap, paired_t
+
+    rng = np.random.default_rng(0)
+
+    def row(shift):
+        cloze, control = rng.normal(5 + shift, 1, 40), rng.normal(6, 1, 50)
+        return {
+            "val_ppl": 140 + shift + rng.normal(),
+            "cloze_ppl_tau": float(np.exp(cloze.mean())),
+            "control_ppl_tau": float(np.exp(control.mean())),
+            "cloze_nll_tau": cloze.tolist(),
+            "control_nll_tau": control.tolist(),
+            "entropy": 5.0,
+            "tau": 1.0,
+        }
+
+    runs = {}
+    for s in (3, 1, 2):  # out of order: the seeds are paired by number
+        runs[f"1x64|full_kd|lr0.001|120|lam1|-|k1|b8|s{s}"] = row(0.0)
+        for ce_at, shift in (("selected", -0.5), ("all", 0.0)):
+            runs[f"1x64|sekd|lr0.001|120|lam1|{ce_at}|k0.2|b8|s{s}"] = row(shift)
+    path = tmp_path / "regimes_runs.json"
+    path.write_text(json.dumps(runs))
+    cells = verdict.map_runs(path)
+    assert len(cells) == 2 and all(len(c["full_kd"]) == 3 for c in cells.values())
+    c = cells["1x64 lr0.001 120 lam1 selected k0.2 b8"]
+    a, b = c["sekd"], c["full_kd"]
+    assert a == [runs[f"1x64|sekd|lr0.001|120|lam1|selected|k0.2|b8|s{s}"] for s in (1, 2, 3)]
+    got = verdict.compare(a, b)
+    assert got["val_ppl"] == paired_t([r["val_ppl"] for r in a], [r["val_ppl"] for r in b])
+    d = np.mean(
+        [np.subtract(x["cloze_nll_tau"], y["cloze_nll_tau"]) for x, y in zip(a, b, strict=True)], 0
+    )
+    assert got["cloze_nll_tau"] == paired_bootstrap(d, np.zeros_like(d))
+    assert got["cloze_nll_tau"]["holds"] and got["cloze_nll_tau"]["high"] < 0  # 0.5 nats better
+    gap = [np.mean(r["cloze_nll_tau"]) - np.mean(r["control_nll_tau"]) for r in a]
+    assert got["context_gap"]["mean"] == pytest.approx(
+        np.mean(gap)
+        - np.mean([np.mean(r["cloze_nll_tau"]) - np.mean(r["control_nll_tau"]) for r in b])
+    )
+    text, n = verdict.table("cell", c)
+    assert n == 5 and "sekd - full_kd" in text and "5 comparisons" in text
