@@ -954,6 +954,7 @@ def print_table(rows, device, title=None):
     print_columns(rows, TEXT | COSTS)
     n = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
     if n:
+        print()
         print_columns(rows, ITEMS)
         words = (
             f"{n.get('cloze_items', 0):,} hard words, {n.get('control_items', 0):,} control words"
