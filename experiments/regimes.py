@@ -1,9 +1,11 @@
 """A map of when selective KD works at small scale. Each cell is a regime (student
-size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD and
-RandomPos from the same initial student on the same batches, --seeds seeds each, and report the
-paired gaps SE-KD - Full KD and SE-KD - RandomPos (mean ± std over seeds) in val PPL, KL to the
-teacher and top-1 agreement, also on the "hard" positions (the initial student's top 20% entropy),
-and on the paper's kind of measure: the cloze of hard words and multiple choice (train.EvalSet).
+size, distillation lr, steps, lambda, where CE goes, budget k); in each we train Full KD, SE-KD,
+RandomPos (and in some teacher entropy) from the same initial student on the same batches, --seeds
+seeds each, and report the paired gaps SE-KD - Full KD and SE-KD - RandomPos (the mean over seeds
+and its 95% t interval) in val PPL, KL to the teacher and top-1 agreement, also on the "hard"
+positions (the initial student's top 20% entropy), and on the paper's kind of measure: the cloze of
+hard words, raw and at each model's own temperature, its control, and multiple choice
+(train.EvalSet). Every item's NLL is kept, for `experiments.verdict`'s bootstrap over items.
 
 Before any training, a diagnosis of each initial student on validation data: what SE-KD's positions
 are (student and teacher entropy, student CE, KL, the norm of the KL gradient per row) against
@@ -28,6 +30,7 @@ import experiments
 import sekd
 import train
 from experiments.positions import mean_std_row
+from experiments.stats import paired_t
 
 # name -> (student "LxD", lr, steps, lam, ce_at, k, methods); cells run in this order, the most
 # telling first. "1x64kd": an initial student pretrained by Full KD from the teacher, not by CE, as
@@ -188,13 +191,15 @@ def distilled_init(a, corpus, device, teacher, evalset):
 
 
 def paired_gap(a_rows, b_rows, key):
-    """mean and std over seeds of a - b, seed by seed (both methods saw the same batches)."""
-    d = [
-        a[key] - b[key]
-        for a, b in zip(a_rows, b_rows, strict=False)
-        if a.get(key) is not None and b.get(key) is not None
+    """The mean over seeds of a - b, seed by seed (both methods saw the same batches), and the half
+    width of its 95% t interval (None for one seed)."""
+    pairs = [
+        (a[key], b[key]) for a, b in zip(a_rows, b_rows, strict=False) if a.get(key) and b.get(key)
     ]
-    return (float(np.mean(d)) if d else None), float(np.std(d, ddof=1)) if len(d) > 1 else None
+    if len(pairs) < 2:
+        return (pairs[0][0] - pairs[0][1] if pairs else None), None
+    t = paired_t(*zip(*pairs, strict=True))
+    return t["mean"], t["high"] - t["mean"]
 
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
@@ -310,19 +315,16 @@ def print_cell(c):
             f"choice {100 * r.get('choice_acc', float('nan')):.2f} ± "
             f"{100 * (r.get('choice_acc_std') or 0):.2f}"
         )
-    for g in ("sekd-full_kd", "sekd-random_pos"):
+    for g in ("sekd-full_kd", "sekd-random_pos"):  # a mean over seeds ± its 95% t half width
         if g in c:
-            print(
-                f"  {g:<16} "
-                + "   ".join(
-                    f"{k} {m:+.4f} ± {s or 0:.4f}" for k, (m, s) in c[g].items() if m is not None
-                )
-            )
+            gaps = [f"{k} {m:+.4f} ± {h or 0:.4f}" for k, (m, h) in c[g].items() if m is not None]
+            print(f"  {g:<16} " + "   ".join(gaps))
 
 
 def plot(cells, diagnosis, path):
-    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in KL to the
-    teacher and in KL at the hard positions, mean ± std over seeds: below 0, SE-KD is better."""
+    """The paired gaps SE-KD - Full KD and SE-KD - RandomPos per cell, in val PPL, in the cloze's
+    PPL at each model's own temperature and at tau = 1, and in KL to the teacher: the mean over
+    seeds and its 95% t interval. Below 0, SE-KD is better."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,8 +334,13 @@ def plot(cells, diagnosis, path):
     fig, axes = plt.subplots(1, 4, figsize=(20, 0.5 * len(names) + 2.5), sharey=True)
     for ax, key, unit in zip(
         axes,
-        ("val_ppl", "cloze_ppl", "kl_to_teacher", "hard_kl"),
-        ("val PPL", "cloze PPL (hard words)", "KL(teacher || student)", "KL at the hard positions"),
+        ("val_ppl", "cloze_ppl_tau", "cloze_ppl", "kl_to_teacher"),
+        (
+            "val PPL",
+            "cloze PPL at tau* (calibrated)",
+            "cloze PPL at tau 1",
+            "KL(teacher || student)",
+        ),
         strict=True,
     ):
         for j, (gap, colour, label) in enumerate(
@@ -355,8 +362,8 @@ def plot(cells, diagnosis, path):
     axes[0].legend(loc="best")
     corr = ", ".join(f"{size}: {d['corr_sent_kl']:.2f}" for size, d in diagnosis.items())
     fig.suptitle(
-        "SE-KD (student entropy, top k) against Full KD and RandomPos: mean ± std over seeds of "
-        f"the paired gap; corr(student entropy, KL) {corr}"
+        "SE-KD (student entropy, top k) against Full KD and RandomPos: the paired gap's mean over "
+        f"seeds and its 95% t interval; corr(student entropy, KL) {corr}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
