@@ -36,7 +36,7 @@ def default_runs(paths):
     runs = defaultdict(list)
     for path in sorted(paths):
         for row in json.load(open(path))["rows"]:
-            name = NAMES.get(re.sub(r" \d+%$", "", row["method"]))
+            name = NAMES.get(re.sub(r" top \d+%$", "", row["method"]))
             if name:
                 runs[name].append(row)
     return runs
