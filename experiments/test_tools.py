@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import data  # noqa: E402 (after the skips)
 import sekd  # noqa: E402
 import train  # noqa: E402
-from experiments import harness, hf  # noqa: E402
+from experiments import harness  # noqa: E402
 
 FLOAT32 = argparse.Namespace(dtype="float32")  # what EvalSet.evaluate reads of the flags
 
@@ -50,12 +50,17 @@ def fitted(corpus, items, steps=30):
     return model.eval()
 
 
-def both_scorers(corpus, folder, limit=0, fit=True):
-    """A model (fitted to the items, or random), and its measures on our items written as tasks
-    to `folder`: lm-eval's results through SekdLM, EvalSet's on the items kept."""
+def both_scorers(corpus, folder, n_items=None, fit=True):
+    """A model (fitted to the items, or random), and its measures on our items (the first n_items
+    of each kind) written as tasks to `folder`: lm-eval's through SekdLM, EvalSet's."""
     evalset = train.EvalSet(corpus, 1, torch.device("cpu"), 8)
-    kept = harness.write_tasks(corpus, evalset.items, folder, limit)
-    evalset.items = {kind: harness.subset(item, kept[kind]) for kind, item in evalset.items.items()}
+    for kind, (x, y, n, _, *more) in list(evalset.items.items()) if n_items else []:
+        first = torch.arange(len(n)) < n_items * (data.OPTIONS if kind == "choice" else 1)
+        row = torch.repeat_interleave(torch.arange(int(first.sum())), n[first])
+        evalset.items[kind] = (x[first], y[first], n[first], row, *[m[first] for m in more])
+    kept = {k: v[2].numel() for k, v in evalset.items.items()}
+    evalset.items = harness.write_tasks(corpus, evalset.items, folder)
+    kept = {k: v[2].numel() / kept[k] for k, v in evalset.items.items()}
     model = fitted(corpus, evalset.items, steps=30 if fit else 0)
     got = harness.evaluate(model, corpus, ["sekd_cloze", "sekd_choice"], folder, batch_size=8)
     return model, kept, got["results"], evalset.evaluate(model, FLOAT32)
@@ -72,7 +77,7 @@ def test_lm_eval_scores_our_items_as_evalset(corpora, tmp_path, few_items):
     EvalSet's cloze PPL, cloze accuracy and choice accuracy on the same items, in float precision
     (a compact vocabulary: the unseen tokens' text is the validation text's own)."""
     _, kept, got, ours = both_scorers(corpora[0], str(tmp_path))
-    assert all(k.float().mean() > 0.8 for k in kept.values())  # most items' text gives their ids
+    assert min(kept.values()) > 0.8  # most items' text gives back their ids
     assert math.isclose(got["sekd_cloze"]["perplexity,none"], ours["cloze_ppl"], rel_tol=1e-5)
     assert got["sekd_cloze"]["acc,none"] == ours["cloze_acc"] > 0
     assert got["sekd_choice"]["acc_bytes,none"] == ours["choice_acc"] > 0.25
@@ -84,9 +89,9 @@ def test_lm_eval_hf_model_of_the_export_scores_as_ours(corpora, tmp_path, few_it
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    model, kept, got, ours = both_scorers(corpora[1], str(tmp_path), limit=12, fit=False)
-    assert [int(k.sum()) for k in kept.values()] == [12, 12 * data.OPTIONS]
-    hf.save(model, str(tmp_path / "hf"))
+    model, kept, got, ours = both_scorers(corpora[1], str(tmp_path), n_items=12, fit=False)
+    assert min(kept.values()) > 0.5
+    harness.export(saved(model, corpora[1], tmp_path / "model.pt"), str(tmp_path / "hf"))
     theirs = harness.lm_eval.simple_evaluate(
         model=HFLM(pretrained=str(tmp_path / "hf"), batch_size=8, device="cpu"),
         tasks=["sekd_cloze", "sekd_choice"],
@@ -136,7 +141,7 @@ def test_hf_gpt2_round_trip_equal_logits(act):
             p.normal_(0.0, 0.3)
     ours = train.GPT_from_hf(theirs, 1024).eval()
     assert ours.config.gelu == ("tanh" if act == "gelu_new" else "none")
-    again = hf.to_hf(ours)
+    again = harness.to_hf(ours)
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = theirs(x).logits
@@ -146,29 +151,33 @@ def test_hf_gpt2_round_trip_equal_logits(act):
         torch.testing.assert_close(short(x[:, :16]), want[:, :16], rtol=1e-4, atol=1e-4)
 
 
+def saved(model, corpus, path):
+    ckpt = dict(model=model.state_dict(), config=dataclasses.asdict(model.config), step=1, steps=1)
+    train.save_checkpoint(str(path), ckpt | dict(signature=corpus.signature))
+    return str(path)
+
+
 def test_export_writes_gpt2_and_refuses_a_compact_vocabulary(corpora, tmp_path, capsys):
-    """python -m experiments.hf export: a checkpoint of the whole vocabulary -> a folder that
-    transformers loads offline, its logits sekd's, its tokenizer data.gpt2_encoding's; a compact
-    one is refused in one line that points to experiments.harness."""
+    """--export: a checkpoint of the whole vocabulary -> a folder that transformers loads offline,
+    its logits sekd's, its tokenizer data.gpt2_encoding's; a compact one is refused in one line
+    that says to score it with lm-eval instead."""
+    paths = []
     for corpus in corpora:
         torch.manual_seed(0)
         model = sekd.GPT(sekd.GPTConfig(vocab_size=corpus.vocab.size, n_layer=1, n_embd=16))
-        path = str(tmp_path / f"{corpus.vocab.size}.pt")
-        ckpt = dict(model=model.state_dict(), config=dataclasses.asdict(model.config))
-        train.save_checkpoint(path, ckpt | dict(signature=corpus.signature, step=1, steps=1))
-    compact, full = (str(tmp_path / f"{c.vocab.size}.pt") for c in corpora)
+        paths.append(saved(model, corpus, tmp_path / f"{corpus.vocab.size}.pt"))
     with pytest.raises(SystemExit) as e:
-        train.cli(["export", "--ckpt", compact, "--to", str(tmp_path / "no")], job=hf.main)
+        train.cli(["--ckpt", paths[0], "--export", str(tmp_path / "no")], job=harness.main)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "experiments.harness" in err
-    train.cli(["export", "--ckpt", full, "--to", str(tmp_path / "hf")], job=hf.main)
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "score it with lm-eval" in err
+    train.cli(["--ckpt", paths[1], "--export", str(tmp_path / "hf")], job=harness.main)
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert theirs.config.activation_function == "gelu"  # sekd's exact GELU
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Good morrow, cousin.\n\nExeunt<|endoftext|>"
     ids = data.gpt2_encoding().encode(text, allowed_special="all")
     assert tokenizer(text)["input_ids"] == ids
-    model = train.GPT_from(train.load_checkpoint(full)).eval()
+    model = train.GPT_from(train.load_checkpoint(paths[1])).eval()
     with torch.no_grad():
         x = torch.tensor([ids])
         torch.testing.assert_close(theirs(x).logits, model(x), rtol=1e-4, atol=1e-4)
