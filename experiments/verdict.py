@@ -29,6 +29,7 @@ from experiments.stats import paired_bootstrap, paired_t
 NAMES = {"Full KD": "full_kd", "SE-KD": "sekd", "RandomPos": "random_pos", "CE (no KD)": "ce"}
 NAMES |= {"teacher entropy": "te"}
 PAIRS = [("sekd", "full_kd"), ("sekd", "random_pos"), ("te", "full_kd"), ("random_pos", "full_kd")]
+PAIRS += [("full_kd", "ce")]
 
 
 def default_runs(paths):
