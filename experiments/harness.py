@@ -33,7 +33,11 @@ PPL = dict(metric="perplexity", aggregation="perplexity")
 ACC = dict(metric="acc", aggregation="mean")
 CLOZE = dict(output_type="loglikelihood", doc_to_target="target", metric_list=[PPL, ACC])
 CHOICE = dict(output_type="multiple_choice", doc_to_target="label", doc_to_choice="choices")
-TASKS = {"cloze": CLOZE, "choice": CHOICE | dict(metric_list=[ACC | dict(metric="acc_bytes")])}
+TASKS = {
+    "cloze": CLOZE,
+    "control": CLOZE,
+    "choice": CHOICE | dict(metric_list=[ACC | dict(metric="acc_bytes")]),
+}
 TASK = dict(dataset_path="json", test_split="test", doc_to_text="context", target_delimiter="")
 
 
@@ -64,10 +68,11 @@ class SekdLM(TemplateLM):
                 x[r, : len(row) - 1], n = torch.tensor(row[:-1]), min(len(t), len(row) - 1)
                 y[r, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
             h = self.model.hidden(x.to(w.device))
-            s = sekd.evaluation_sums(h, w, None, None, y.to(w.device))
-            row = (y >= 0).nonzero()[:, 0]  # the request of each target
-            nll = train.per_item(row, torch.cat(s["nll"]), len(rows)).tolist()
-            wrong = train.per_item(row, ~torch.cat(s["correct"]), len(rows)).tolist()
+            y = y.to(w.device)
+            s = sekd.chunked_scores(sekd.prediction_rows, h, w, y >= 0, targets=y)[y >= 0].cpu()
+            row = (y >= 0).nonzero()[:, 0].cpu()  # the request of each target
+            nll = train.per_item(row, s[:, 0], len(rows)).tolist()
+            wrong = train.per_item(row, 1 - s[:, 2], len(rows)).tolist()
             out += [(-a, b == 0) for a, b in zip(nll, wrong, strict=True)]
         return out
 
