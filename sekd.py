@@ -227,11 +227,7 @@ class KDConfig:
 
 
 def _wide(x):  # we upcast half-precision logits for the softmax maths
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _wide_dtype(x):
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def token_entropy(logits, T=1.0):
@@ -264,7 +260,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None
     divergence is KL(q^T || p^T); teacher_logits may be None at lam 0."""
     T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
-    dtype = _wide_dtype(student_logits)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
     w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype) * valid
     loss = student_logits.new_zeros((), dtype=dtype)
     if lam > 0:
@@ -307,32 +303,6 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def chunk_weight(w):
-    """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
-    autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
-    on = torch.is_autocast_enabled(w.device.type)
-    return w.to(torch.get_autocast_dtype(w.device.type)) if on else w
-
-
-def _tempered(z, T):
-    return z if T == 1 else z / T  # at T = 1, the paper's, a pass and a [rows, V] tensor fewer
-
-
-def _entropy_rows(z):
-    """`token_entropy` of a chunk's logits, without grad: p log p in p's storage."""
-    logp = F.log_softmax(z, dim=-1)
-    return -logp.exp().mul_(logp).sum(-1)
-
-
-def student_entropy(z_student, z_teacher, targets):
-    """H(q_t), SE-KD's metric, in the form every metric of section 4 has: a chunk of the student's
-    logits [R, V], the teacher's (None: not needed here) and the targets -> [R] scores."""
-    return compiled(_entropy_rows)(z_student)
-
-
-student_entropy.needs_teacher = False  # so the teacher's LM head stays selective
-
-
 @torch.no_grad()
 def chunked_scores(
     metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
@@ -346,19 +316,29 @@ def chunked_scores(
         )
     hs, ht = student_h[valid], teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
+    dtype = torch.promote_types(hs.dtype, torch.float32)  # we score half precision in float32
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     project = getattr(metric, "needs_logits", True)  # RandomPos draws without logits
-    ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if use_teacher else None
     parts = []
     for i in range(0, max(1, len(hs)), chunk):  # no rows: one empty chunk, for the columns
         r = slice(i, i + chunk)
-        zs = _wide(hs[r] @ ws.T) if project else hs[r]
-        zt = _wide(ht[r] @ wt.T) if use_teacher else None
+        zs = (hs[r] @ student_w.T).to(dtype) if project else hs[r]
+        zt = (ht[r] @ teacher_w.T).to(dtype) if use_teacher else None
         parts.append(metric(zs, zt, y[r] if y is not None else None))
     rows = torch.cat(parts)
-    scores = rows.new_zeros(valid.shape + rows.shape[1:], dtype=_wide_dtype(hs))
-    scores[valid] = rows.to(scores.dtype)
+    scores = rows.new_zeros(valid.shape + rows.shape[1:], dtype=dtype)
+    scores[valid] = rows.to(dtype)
     return scores
+
+
+def student_entropy(zs, zt, y):
+    """H(q_t) in nats, SE-KD's metric: a chunk of the student's logits zs [R, V] -> [R]. Every
+    metric of section 4 has this form (the teacher's logits zt and the targets y unused here)."""
+    logq = F.log_softmax(zs, dim=-1)
+    return -logq.exp().mul_(logq).sum(-1)  # p log p in p's storage: no grad here
+
+
+student_entropy.needs_teacher = False  # so the teacher's LM head stays selective
 
 
 def budget_counts(k, n):
@@ -368,10 +348,8 @@ def budget_counts(k, n):
 
 def score_ranks(scores, valid):
     """Each position's rank in its row, 0 = the highest score, ties to the earlier, padding last."""
-    order = torch.sort(
-        scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True
-    )
-    return order.indices.argsort(1)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices.argsort(1)
 
 
 def topk_positions(scores, k, valid=None, state=None):
@@ -385,48 +363,30 @@ def topk_positions(scores, k, valid=None, state=None):
 # per row and its logit gradient come in closed form, in place where they can.
 
 
-def _kd_rows(z_student, z_teacher, T):
-    """T^2 KL(p^T || q^T) per row, and its gradient T (q^T - p^T)."""
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
+def kl_rows(teacher_h, teacher_w, T, z, i):
+    """At walked rows i (student logits z), against the teacher's logits made here: T^2 KL(p^T ||
+    q^T) per row, and its gradient T (q^T - p^T)."""
+    logq = F.log_softmax(z / T, dim=-1)
+    logp = F.log_softmax((teacher_h[i] @ teacher_w.T).to(z.dtype) / T, dim=-1)
     p = logp.exp()
     loss = T * T * logp.sub_(logq).mul_(p).sum(-1)  # in log p's storage (not needed again)
-    grad = logq.exp_().sub_(p)  # in log q's storage: no new [rows, V] tensor
-    return loss, grad if T == 1 else grad.mul_(T)
-
-
-def _ce_rows(z_student, targets):
-    """CE(y, q) per row, and its gradient q - onehot(y)."""
-    logq = F.log_softmax(z_student, dim=-1)
-    loss = -logq.gather(1, targets[:, None]).squeeze(1)
-    grad = logq.exp_()
-    grad[torch.arange(len(targets), device=grad.device), targets] -= 1
-    return loss, grad
-
-
-def teacher_kd_rows(teacher_h, teacher_w, T, divergence, z, i):
-    """The KD term at walked rows i (student logits z), against the teacher's logits made here."""
-    with torch.no_grad():
-        z_teacher = _wide(teacher_h[i] @ teacher_w.T)
-    if divergence == "reverse":
-        return _reverse_kd_rows(z, z_teacher, T)
-    return compiled(_kd_rows)(z, z_teacher, T)
+    return loss, logq.exp_().sub_(p).mul_(T)  # in log q's storage: no new [rows, V] tensor
 
 
 def chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel):
     """The loss at walked rows r (logits z [rows, V]) and its logit gradient: kd_w weighs the KD
-    term, ce_w the CE (None: lam = 1, the KD term alone); sel marks the selected walked rows (None:
-    all of them). We make the KD rows' tensors first, so they are freed before the CE's exist."""
+    term kd_rows(z, i), ce_w the CE (None: lam = 1, the KD term alone); sel marks the selected
+    walked rows (None: all of them). We make the KD's tensors first, freed before the CE's exist."""
+    i = torch.arange(r.start, r.start + len(z), device=z.device)
+    s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
+    kd = kd_rows(z if sel is None else z[s], i[s]) if kd_rows is not None and s.any() else None
     if ce_w is None:
-        loss, grad = kd_rows(z, r)
-        return kd_w[r] * loss, grad.mul_(kd_w[r][:, None])
-    s = torch.ones(len(z), dtype=torch.bool, device=z.device) if sel is None else sel[r]
-    kd = None
-    if kd_rows is not None and s.any():
-        i = torch.arange(r.start, r.start + len(z), device=z.device)[s]
-        kd = kd_rows(z if sel is None else z[s], i)
-    loss, grad = _ce_rows(z, y[r])
-    loss, grad = ce_w[r] * loss, grad.mul_(ce_w[r][:, None])
+        return kd_w[r] * kd[0], kd[1].mul_(kd_w[r][:, None])
+    logq = F.log_softmax(z, dim=-1)  # CE(y, q) per row, and its gradient q - onehot(y)
+    loss = -logq.gather(1, y[r][:, None]).squeeze(1) * ce_w[r]
+    grad = logq.exp_()
+    grad[torch.arange(len(z), device=z.device), y[r]] -= 1
+    grad.mul_(ce_w[r][:, None])
     if kd is not None:
         w = kd_w[r][s]
         loss[s] += w * kd[0]
@@ -441,17 +401,18 @@ class StreamedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
-        loss = torch.zeros((), dtype=_wide_dtype(h), device=h.device)
+        dtype = torch.promote_types(h.dtype, torch.float32)  # the logits, in float32 at least
+        loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        w = chunk_weight(weight)
         for i in range(0, h.shape[0], chunk_rows):
             r = slice(i, i + chunk_rows)
-            row_loss, grad_z = chunk_loss(_wide(h[r] @ w.T), r, kd_rows, kd_w, ce_w, y, sel)
-            loss += row_loss.sum()  # the logits were freed when chunk_loss returned
-            grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
-            grad_h[r] = (grad_z @ w).to(h.dtype)
-            grad_w += grad_z.T @ h[r].to(w.dtype)
+            z = (h[r] @ weight.T).to(dtype)
+            row_loss, grad_z = chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel)
+            loss += row_loss.sum()
+            del z  # before the gradient's matmuls: one chunk's [rows, V] tensors at a time
+            grad_h[r] = grad_z @ weight
+            grad_w += grad_z.T @ h[r]
             del grad_z  # before the next chunk's logits exist
         ctx.grads = (grad_h, grad_w.to(weight.dtype))
         return loss
@@ -466,12 +427,6 @@ class StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
 
 
-def walked_rows(valid, mask, cfg):
-    """The rows the streamed loss makes logits for: the selected ones where the whole loss is under
-    the mask (lam = 1, or Eq. 3's CE), else every valid one. -> `mask` itself, or `valid`."""
-    return mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid
-
-
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
     """`kd_loss` through selective heads: equal in value and gradient to kd_loss(student_h @
     student_w.T, teacher_h @ teacher_w.T, ...), without a [B, L, V] tensor. With the loss under the
@@ -480,16 +435,17 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     the KD term of walked rows i in place of the teacher's KL (RS-KD's draws, AT-KD)."""
     valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
     mask = valid if mask is None else mask & valid
-    if row_weights is not None:  # the rows they weigh are the mask
-        mask = (row_weights != 0) & valid
-    dtype = _wide_dtype(student_h)
-    kd_w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype)
+    dtype = torch.promote_types(student_h.dtype, torch.float32)
+    if row_weights is None:
+        kd_w = per_sequence_weights(mask, dtype)
+    else:  # the rows they weigh are the mask
+        mask, kd_w = (row_weights != 0) & valid, row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    rows = walked_rows(valid, mask, cfg)
+    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we make logits for
     kd_rows = kd.get("kd_rows")
-    if kd_rows is None and lam > 0:
-        t_rows, t_w = teacher_h[rows], chunk_weight(teacher_w)
-        kd_rows = partial(teacher_kd_rows, t_rows, t_w, cfg.T, cfg.divergence)
+    if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
+        kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
+        kd_rows = partial(compiled(kl), teacher_h[rows], teacher_w, cfg.T)
     chunk = cfg.chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     ce_w = None if lam == 1 else (1 - lam) * ce_w[rows]
     sel = None if rows is mask else mask[rows]
@@ -507,7 +463,8 @@ def sekd_loss(student, teacher, idx, targets, cfg):
     student_h, student_w = student.hidden(idx), student.head_weight
     with torch.no_grad():
         teacher_h = teacher.hidden(idx)
-    scores = chunked_scores(student_entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
+    entropy = compiled(student_entropy)
+    scores = chunked_scores(entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
     mask = topk_positions(scores, cfg.k, valid)
     loss = streamed_kd_loss(
         student_h, student_w, teacher_h, teacher.head_weight, targets, mask, cfg
@@ -532,7 +489,7 @@ def student_ce(zs, zt, y):
 
 def uniform(zs, zt, y):
     """Noise: with top-k, the RandomPos baseline. It reads no logits: it gets the rows."""
-    return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
+    return torch.rand(len(zs), dtype=torch.promote_types(zs.dtype, torch.float32), device=zs.device)
 
 
 student_ce.needs_teacher = uniform.needs_teacher = False
@@ -540,7 +497,7 @@ uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
 
 METRICS = {  # the paper's position-axis metrics (its Table 1)
     "student_entropy": student_entropy,  # H(q_t): SE-KD's
-    "teacher_entropy": lambda zs, zt, y: compiled(_entropy_rows)(zt),  # H(p_t)
+    "teacher_entropy": lambda zs, zt, y: student_entropy(zt, zs, y),  # H(p_t)
     "student_ce": student_ce,  # -log q_t(y_t)
     "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
@@ -709,7 +666,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
     hard, w = topk_positions(doubt, 0.5, valid), per_sequence_weights(valid, torch.float64)
     w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
-    rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
+    rows = (teacher_h[valid], teacher_w, targets[valid], hard[valid], cfg.T)
     kd = {"row_weights": w, "kd_rows": partial(_at_kd_grad_rows, *rows)}
     chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows
     cfg = replace(cfg, ce_at="all", chunk_rows=max(1, chunk))
@@ -721,10 +678,11 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
 # applies there.
 
 
-def _reverse_kd_rows(z_student, z_teacher, T):
-    """T^2 KL(q^T || p^T) per row, and its gradient T q^T (log q^T - log p^T - KL)."""
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
-    logp = F.log_softmax(_tempered(z_teacher, T), dim=-1)
+def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
+    """`kl_rows` of the reverse KL: T^2 KL(q^T || p^T) per row, its gradient T q^T (log q^T - log
+    p^T - KL)."""
+    logq = F.log_softmax(z / T, dim=-1)
+    logp = F.log_softmax((teacher_h[i] @ teacher_w.T).to(z.dtype) / T, dim=-1)
     q = logq.exp()
     diff = logq.sub_(logp)
     kl = (q * diff).sum(-1)
@@ -792,9 +750,8 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
-    w = chunk_weight(teacher_w)
     parts = [  # no rows: one empty chunk
-        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)
+        rskd_sample(rows[i : i + chunk] @ teacher_w.T, U, T, generator)
         for i in range(0, max(1, rows.shape[0]), chunk)
     ]
     shape = (*teacher_h.shape[:-1], U)
@@ -805,16 +762,17 @@ def _rskd_rows(ids, counts, T, z_student, i):
     """At walked rows i: T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T
     (q^T - p~)."""
     p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
-    logq = F.log_softmax(_tempered(z_student, T), dim=-1)
+    logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
     grad = logq.exp_().scatter_add_(1, ids[i], -p)
-    return loss, grad if T == 1 else grad.mul_(T)
+    return loss, grad.mul_(T)
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
-    rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
+    under_mask = cfg.lam == 1 or cfg.ce_at == "selected"  # as streamed_kd_loss walks the rows
+    rows = (valid if mask is None else mask & valid) if under_mask else valid
     kd_rows = partial(_rskd_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
@@ -824,7 +782,8 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
 
 def sample_entropy(hidden, head_weight, valid, chunk_rows=0):
     """A sample's score, its mean student entropy over its valid positions: [B, L, D] -> [B]."""
-    ent = chunked_scores(student_entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
+    entropy = compiled(student_entropy)
+    ent = chunked_scores(entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
     return ent.sum(1) / valid.sum(1).clamp_min(1)
 
 
@@ -924,7 +883,7 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
     weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
     activations and the teacher's hidden states (4 N Dt); [rows, V] float32 logits alive at once:
-    selection 3 c, streamed loss 5 c (lambda = 1, or Eq. 3's CE), max(c + 5 s, 2 c + s) (CE at
+    selection 3 c, streamed loss 4 c (lambda = 1, or Eq. 3's CE), max(c + 4 s, 2 c + s) (CE at
     all), 2 c (CE), plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N
     (5 N if 0 < lambda < 1); under autocast, the chunk loops' bf16 head copies. None for a step it
     does not model."""
@@ -941,8 +900,8 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
     sel_rows = 3 * c if selects and cfg.method == "sekd" else 0  # RandomPos draws without logits
     if cfg.flow == "streamed":
         under_mask = lam == 1 or cfg.ce_at == "selected"  # the pass walks the selected rows only
-        mixed = max(c + 5 * s, 2 * c + s)  # the KD's rows of a chunk, then its CE's
-        loss_rows = 2 * c if lam == 0 else 5 * min(c, n_sel) if under_mask else mixed
+        mixed = max(c + 4 * s, 2 * c + s)  # the KD's rows of a chunk, then its CE's
+        loss_rows = 2 * c if lam == 0 else 4 * min(c, n_sel) if under_mask else mixed
         back_rows, head_grad = 0, V * Ds * 4
     else:  # the dense flow: [N, V] logits
         loss_rows = (2 if lam == 0 else 7) * N
