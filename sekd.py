@@ -7,14 +7,11 @@ the paper's order. A reader who stops after section 3 has read a whole, working 
   4. the position axis        5. the baselines: AT-KD, on-policy
   6. the class and sample axes (RS-KD, TopSmp)                7. evaluation      8. memory
 
-The design decisions:
-- The model's `hidden(idx)` is split from its `head(h)`, so an LM head can run at chosen rows only.
-- No [B, L, V] logits tensor is built on the fast path: the loss walks a chunk of rows at a time
-  and makes each chunk's gradient in closed form, in the forward pass.
-- `kd_loss`, on dense logits, is the reference every faster path must equal (test_sekd.py).
-- Conventions: logits are [..., V]; `targets` are [B, L] with -1 at padding, so `valid =
-  targets >= 0`; a position mask is a bool [B, L]; a loss is averaged per sequence, then over the
-  sequences (paper Eq. 3).
+The model's `hidden(idx)` is split from its `head(h)`, so that an LM head runs at chosen rows only,
+a chunk of rows at a time: no [B, L, V] logits tensor exists on the fast path. `kd_loss`, on dense
+logits, is the reference every faster path must equal (test_sekd.py). Logits are [..., V];
+`targets` are [B, L] with -1 at padding (valid = targets >= 0); a position mask is a bool [B, L];
+a loss is averaged per sequence, then over the sequences (paper Eq. 3).
 """
 
 import functools
@@ -99,28 +96,23 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+        for m in self.modules():  # GPT-2's init
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():  # and its scaled init of residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     @property
     def head_weight(self):
         return self.wte.weight  # [V, D]
 
     def hidden(self, idx):
-        L = idx.shape[1]
-        if L > self.config.block_size:
-            raise ValueError(
-                f"sequence length {L} is longer than the block size {self.config.block_size}"
-            )
+        L, block = idx.shape[1], self.config.block_size
+        if L > block:
+            raise ValueError(f"sequence length {L} is longer than the block size {block}")
         x = self.wte(idx) + self.wpe(torch.arange(L, device=idx.device))
         for block in self.blocks:
             x = block(x)
@@ -166,9 +158,8 @@ class GPT(nn.Module):
 
 @dataclass
 class KDConfig:
-    """One distillation method and its settings, checked at construction. The defaults are the
-    default job's: SE-KD at k = 20% with lam = 0.5 and the CE at every position (the paper runs pure
-    KL, lam = 1). The other fields are the design space of sections 4-6."""
+    """A method and its settings, checked here. The defaults are the default job's: SE-KD at k =
+    20%, lam = 0.5, the CE at every position (the paper: lam = 1). Sections 4-6 use the rest."""
 
     method: str = "sekd"  # ce, full_kd, sekd, random_pos, at_kd
     k: float = 0.2  # the share of each sequence's positions that SE-KD distils
@@ -253,11 +244,10 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
 
 
 def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None):
-    """The KD loss on dense logits [B, L, V], the reference every faster path must equal: lam T^2
-    KL(p^T || q^T) + (1 - lam) CE at the positions in `mask` (every valid one when None: Full KD),
-    averaged per sequence, then over the sequences (paper Eq. 3). cfg.ce_at='all' puts the CE at
-    every valid position; `row_weights` replace the mask's weights (pos-RS-KD); the reverse
-    divergence is KL(q^T || p^T); teacher_logits may be None at lam 0."""
+    """The reference every faster path must equal, on dense logits [B, L, V]: lam T^2 KL(p^T ||
+    q^T) + (1 - lam) CE at the positions in `mask` (None: every valid one, Full KD), averaged per
+    sequence, then over the sequences (paper Eq. 3). ce_at='all': the CE at every valid position;
+    `row_weights` replace the mask's (pos-RS-KD); teacher_logits may be None at lam 0."""
     T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
@@ -285,10 +275,8 @@ CHUNK_MB = {"cpu": 16, "cuda": 256}  # MB of float32 in a [rows, V] chunk; on a 
 
 
 def default_chunk_rows(vocab_size, width=64, device="cpu"):
-    # Every chunk adds grad_z.T @ h into the whole [V, D] head gradient: few rows a chunk rewrite it
-    # often. On a CPU big chunks cost memory traffic, which pays only where each logit costs more (a
-    # wide D): we give a chunk 16 MB per 64 of D, the fastest measured at D = 64 and 256
-    # (results/head_benchmark_cpu.md).
+    # A chunk of few rows rewrites the whole [V, D] head gradient often; on a CPU a big one costs
+    # memory traffic, which pays at a wide D: 16 MB per 64 of D (results/head_benchmark_cpu.md).
     kind = torch.device(device).type
     mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
     return max(1, (mb << 20) // (4 * vocab_size))
@@ -296,10 +284,8 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 
 @functools.cache
 def compiled(fn):
-    """`fn`, a chunk's formula, compiled for any number of rows: eager, each of its lines is a pass
-    over [rows, V]; compiled, they fuse (entropy 3x, KL 1.8x faster a chunk on a CPU). We compile at
-    first use, as importing the compiler takes seconds. torch.compiler.set_stance("force_eager")
-    runs it eager (train.py --compile off)."""
+    """`fn`, a chunk's formula, compiled at first use for any number of rows: its passes over [rows,
+    V] fuse (entropy 3x, KL 1.8x faster on a CPU). set_stance("force_eager") runs it eager."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -375,8 +361,7 @@ def kl_rows(teacher_h, teacher_w, T, z, i):
 
 def chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel):
     """The loss at walked rows r (logits z [rows, V]) and its logit gradient: kd_w weighs the KD
-    term kd_rows(z, i), ce_w the CE (None: lam = 1, the KD term alone); sel marks the selected
-    walked rows (None: all of them). We make the KD's tensors first, freed before the CE's exist."""
+    term kd_rows(z, i) at the selected rows `sel` (None: all), ce_w the CE (None: lam = 1)."""
     i = torch.arange(r.start, r.start + len(z), device=z.device)
     s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
     kd = kd_rows(z if sel is None else z[s], i[s]) if kd_rows is not None and s.any() else None
@@ -428,11 +413,10 @@ class StreamedHeadLoss(torch.autograd.Function):
 
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
-    """`kd_loss` through selective heads: equal in value and gradient to kd_loss(student_h @
-    student_w.T, teacher_h @ teacher_w.T, ...), without a [B, L, V] tensor. With the loss under the
-    mask (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. With ce_at='all'
-    we walk every valid row once. `kd` may hold row_weights (pos-RS-KD, AT-KD), and kd_rows(z, i),
-    the KD term of walked rows i in place of the teacher's KL (RS-KD's draws, AT-KD)."""
+    """`kd_loss` of h @ w.T through selective heads, equal in value and gradient, without a [B, L,
+    V] tensor. With the loss under the mask (lam = 1, or Eq. 3's CE) we walk only the selected rows:
+    the memory win; with ce_at='all', every valid row once. `kd` may hold row_weights (pos-RS-KD,
+    AT-KD) and kd_rows(z, i), the KD term in place of the teacher's KL (RS-KD's draws, AT-KD)."""
     valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
     mask = valid if mask is None else mask & valid
     dtype = torch.promote_types(student_h.dtype, torch.float32)
@@ -483,22 +467,17 @@ def _ce_ratio(zs, zt, y):
     return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
 
 
-def student_ce(zs, zt, y):
-    return _ce(zs, y)
-
-
 def uniform(zs, zt, y):
     """Noise: with top-k, the RandomPos baseline. It reads no logits: it gets the rows."""
     return torch.rand(len(zs), dtype=torch.promote_types(zs.dtype, torch.float32), device=zs.device)
 
 
-student_ce.needs_teacher = uniform.needs_teacher = False
-uniform.needs_logits = False  # so RandomPos pays for no LM-head pass
+uniform.needs_teacher, uniform.needs_logits = False, False  # RandomPos pays for no LM-head pass
 
 METRICS = {  # the paper's position-axis metrics (its Table 1)
     "student_entropy": student_entropy,  # H(q_t): SE-KD's
     "teacher_entropy": lambda zs, zt, y: student_entropy(zt, zs, y),  # H(p_t)
-    "student_ce": student_ce,  # -log q_t(y_t)
+    "student_ce": lambda zs, zt, y: _ce(zs, y),  # -log q_t(y_t)
     "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
     "reverse_kl": lambda zs, zt, y: kl_per_position(zs, zt),  # KL(q_t || p_t)
@@ -507,6 +486,7 @@ METRICS = {  # the paper's position-axis metrics (its Table 1)
     "ce_ratio_plus_student_entropy": lambda zs, zt, y: _ce_ratio(zs, zt, y) + token_entropy(zs),
     "random": uniform,
 }
+METRICS["student_ce"].needs_teacher = False
 
 
 # A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
@@ -602,9 +582,8 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
     if cfg.method == "at_kd":
-        return at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg), int(
-            valid.sum()
-        )
+        loss = at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg)
+        return loss, int(valid.sum())
     mask = select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts, per sequence over their sum (pos-RS-KD*: K)
         K = budget_counts(cfg.k, valid.sum(1)) if cfg.policy == "pos_rs_kd_star" else None
@@ -628,32 +607,24 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
 # ------------------------------------------------------------------------ AT-KD (Zhong et al. 2024)
 
 
-def _at_kd_rows(zs, zt, y, hard, T=1.0):
-    """AT-KD per row: binary = KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) for hard rows, plus, for
-    all, non-target = KL(p(.|not y) || q(.|not y)), renormalised (the exact KL weighs it 1 - p(y)).
-    Where the paper is silent we split hard/easy per sequence and temper both terms."""
-    zs, zt = _wide(zs) / T, _wide(zt) / T
-    gold = F.one_hot(y, zs.shape[-1]).bool()
+def at_kd_rows(teacher_h, teacher_w, y, hard, T, z, i):
+    """AT-KD at walked rows i: for hard rows the binary KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))),
+    plus for all the non-target KL(p(.|not y) || q(.|not y)), renormalised (the exact KL weighs it
+    1 - p(y)), both tempered where the paper is silent; the logit gradient by autograd."""
+    gold = F.one_hot(y[i], z.shape[-1]).bool()
 
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
         lse, rest = torch.logsumexp(z, -1), z.masked_fill(gold, float("-inf"))
         return z[gold] - lse, torch.logsumexp(rest, -1) - lse, F.log_softmax(rest, -1)
 
-    lp_y, lp_not, lp_rest = split(zt)
-    lq_y, lq_not, lq_rest = split(zs)
-    binary = lp_y.exp() * (lp_y - lq_y) + lp_not.exp() * (lp_not - lq_not)
-    non_target = (lp_rest.exp() * (lp_rest - lq_rest).masked_fill(gold, 0.0)).sum(-1)
-    return T * T * (hard * binary + non_target)
-
-
-def _at_kd_grad_rows(teacher_rows, teacher_w, y, hard, T, z, i):
-    """AT-KD at walked rows i, its logit gradient by autograd on the chunk."""
-    with torch.no_grad():
-        z_teacher = _wide(teacher_rows[i] @ teacher_w.T)
+    lp_y, lp_not, lp_rest = split(_wide(teacher_h[i] @ teacher_w.T) / T)
     with torch.enable_grad():
-        z = z.detach().requires_grad_()
-        loss = _at_kd_rows(z, z_teacher, y[i], hard[i], T)
-        (grad,) = torch.autograd.grad(loss.sum(), z)
+        zs = z.detach().requires_grad_()
+        lq_y, lq_not, lq_rest = split(zs / T)
+        binary = lp_y.exp() * (lp_y - lq_y) + lp_not.exp() * (lp_not - lq_not)
+        non_target = (lp_rest.exp() * (lp_rest - lq_rest).masked_fill(gold, 0.0)).sum(-1)
+        loss = T * T * (hard[i] * binary + non_target)
+        (grad,) = torch.autograd.grad(loss.sum(), zs)
     return loss.detach(), grad
 
 
@@ -667,7 +638,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     hard, w = topk_positions(doubt, 0.5, valid), per_sequence_weights(valid, torch.float64)
     w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
     rows = (teacher_h[valid], teacher_w, targets[valid], hard[valid], cfg.T)
-    kd = {"row_weights": w, "kd_rows": partial(_at_kd_grad_rows, *rows)}
+    kd = {"row_weights": w, "kd_rows": partial(at_kd_rows, *rows)}
     chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows
     cfg = replace(cfg, ce_at="all", chunk_rows=max(1, chunk))
     return streamed_kd_loss(student_h, student_w, None, None, targets, None, cfg, **kd)
