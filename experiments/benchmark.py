@@ -41,31 +41,14 @@ def positive_ints(text):
 def add_flags(p):
     """The benchmark's flags (it also reads the model, --batch-size and --seq-len flags)."""
     g = p.add_argument_group("benchmark (on random tokens)")
-    g.add_argument(
-        "--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes"
-    )
-    g.add_argument(
-        "--bench-tokens",
-        type=positive_ints,
-        default="1024,2048,4096,8192,16384",
-        help="B*L of the scaling sweep; empty: none",
-    )
-    g.add_argument(
-        "--bench-repeats",
-        type=train.positive_int,
-        default=5,
-        help="timed steps per flow (median reported)",
-    )
-    g.add_argument(
-        "--bench-warmup",
-        type=train.non_negative_int,
-        default=2,
-        help="untimed steps per flow before timing",
-    )
-    g.add_argument(
-        "--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above"
-    )
-    head_bench.add_flags(g, positive_ints)
+    add = g.add_argument
+    add("--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes")
+    sweep = "B*L of the scaling sweep; empty: none"
+    add("--bench-tokens", type=positive_ints, default="1024,2048,4096,8192,16384", help=sweep)
+    add("--bench-repeats", type=train.positive_int, default=5, help="timed steps per flow (median)")
+    add("--bench-warmup", type=train.non_negative_int, default=2, help="untimed steps per flow")
+    add("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
+    head_bench.add_flags(add, positive_ints)
 
 
 def free_memory(opt, dev):

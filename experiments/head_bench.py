@@ -20,37 +20,18 @@ import train
 MB = 2**20
 
 
-def add_flags(g, ints):
-    g.add_argument(
-        "--head-only",
-        action="store_true",
-        help="time one loss step at the LM head only (the peers too)",
-    )
-    g.add_argument(
-        "--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes"
-    )
-    g.add_argument(
-        "--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L"
-    )
-    g.add_argument(
-        "--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths"
-    )
-    g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument(
-        "--head-chunk-mb",
-        type=ints,
-        default="",
-        help="--head-only: time our flows at these MB per chunk instead",
-    )
-    g.add_argument(
-        "--head-rounds",
-        type=train.positive_int,
-        default=3,
-        help="--head-only: timed rounds, after one untimed round that checks and measures",
-    )
-    g.add_argument(
-        "--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this"
-    )
+def add_flags(add, ints):
+    """The --head-only flags, added by `add` (the benchmark's group's add_argument)."""
+    add("--head-only", action="store_true", help="time one loss step at the LM head (peers too)")
+    add("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
+    add("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
+    add("--head-dims", type=ints, default="256,512", help="--head-only: student, teacher widths")
+    add("--head-dtype", default="float32", choices=["float32", "bfloat16"])
+    chunks = "--head-only: time our flows at these MB per chunk instead"
+    add("--head-chunk-mb", type=ints, default="", help=chunks)
+    rounds = "--head-only: timed rounds, after one untimed round that checks and measures"
+    add("--head-rounds", type=train.positive_int, default=3, help=rounds)
+    add("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
 
 
 def compiled(on):
