@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import statistics
+from functools import partial
 
 import torch
 
@@ -46,23 +47,22 @@ def selection(x, k, chunk):
     return sekd.topk_positions(scores, k, valid)
 
 
+def run_compiled(on, fn, x):
+    with compiled(on):
+        return fn(x)
+
+
 def our_flows(k, chunk=None, compile_on=True, tag=""):
     """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N
     rows are one sequence, so the loss is their mean."""
-
-    def with_compile(fn):
-        def run(x):
-            with compiled(compile_on):
-                return fn(x)
-
-        return run
-
-    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk), chunk))
-    return {
-        f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x, chunk=chunk)),
-        f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
-        f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk)),
+    flows = {
+        f"sekd streamed Full KD{tag}": lambda x: streamed(x, chunk=chunk),
+        f"sekd SE-KD k={k:g} (selection included){tag}": lambda x: streamed(
+            x, selection(x, k, chunk), chunk
+        ),
+        f"of which the selection alone{tag}": lambda x: selection(x, k, chunk),
     }
+    return {name: partial(run_compiled, compile_on, fn) for name, fn in flows.items()}
 
 
 def streamed(x, mask=None, chunk=None):
@@ -277,8 +277,9 @@ def plot(rows, path):
                 if r["V"] == V and r["flow"] == flow and r.get("ms")
             )
             if pts:
-                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
-                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], **style)
+                n, ms, mb = zip(*pts, strict=True)
+                ax_t.plot(n, ms, **style)
+                ax_m.plot(n, mb, **style)
         for ax, what in (
             (ax_t, "ms per step"),
             (ax_m, "peak extra MB (live tensors; compiled: RSS growth)"),
