@@ -68,16 +68,13 @@ class PhaseMeter:
         self.cuda, self.resident, self.phases = dev.type == "cuda", resident, {}
         self.meter = train.LiveBytes(match=ledger.logits_sized(V))
 
-    def now(self):
-        return torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
-
     @contextmanager
     def __call__(self, name):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.meter.peak, self.meter.matched_peak = self.meter.live, self.meter.matched_live
-        start = self.now()
+        start = torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
         yield
         if self.cuda:
             torch.cuda.synchronize()
@@ -111,13 +108,10 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     ph = pm.phases
     t_params = train.state_bytes(teacher)
     t_hidden = x.numel() * teacher.config.n_embd * 4
-
-    def delta(p):
-        return ph[p]["peak"] - ph[p]["start"] if p in ph else 0
-
-    teacher_own = delta("teacher forward")
+    teacher_own = ph["teacher forward"]["peak"] - ph["teacher forward"]["start"]
     if "teacher head" in ph:
-        teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
+        head = ph["teacher head"]
+        teacher_own = max(teacher_own, t_hidden + head["peak"] - head["start"])
     held = {"student forward", "selection", "teacher head", "loss"}  # teacher_h is alive
     student_own = max(
         v["peak"] - t_params - (t_hidden if p in held else 0)
@@ -197,13 +191,6 @@ def bench_rows(student, teacher, opt, B, args, dev):
     """Every flow at batch B: measured, then timed side by side."""
     rows = [bench_row(student, teacher, opt, B, f, args, dev) for f in ledger.FLOWS]
     return time_rows(student, teacher, opt, rows, args, dev)
-
-
-def bench_models(args, V, dev):
-    torch.manual_seed(args.seed)
-    teacher = train.new_model(args, "teacher", V, dev).eval().requires_grad_(False)
-    student = train.new_model(args, "student", V, dev)
-    return student, teacher, train.make_optimizer(student, 1e-5, args.weight_decay)
 
 
 def bench_table(V, rows):
@@ -292,7 +279,10 @@ def run(args, device):
     )
     result = {"args": vars(args), "machine": train.machine(), "tables": {}, "sweep": []}
     for i, V in enumerate(vocabs):
-        student, teacher, opt = bench_models(args, V, device)
+        torch.manual_seed(args.seed)
+        teacher = train.new_model(args, "teacher", V, device).eval().requires_grad_(False)
+        student = train.new_model(args, "student", V, device)
+        opt = train.make_optimizer(student, 1e-5, args.weight_decay)
         rows = bench_rows(student, teacher, opt, args.batch_size, args, device)
         say(*bench_table(V, rows))
         result["tables"][str(V)] = rows
