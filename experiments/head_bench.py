@@ -89,8 +89,8 @@ def peer_flows(k):
                 weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on
             )
             name = f"Liger fused linear JSD beta=0, {'compiled' if on else 'eager'}"
-            flows[name] = lambda x, jsd=jsd: jsd(*rows(x, None))
-            flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, selection(x, k, None)))
+            flows[name] = lambda x, jsd=jsd: jsd(*rows(x))
+            flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, k))
     except (ImportError, PackageNotFoundError) as e:
         versions["liger-kernel"] = f"not installed ({str(e).splitlines()[0][:60]})"
     try:
@@ -105,19 +105,17 @@ def peer_flows(k):
                 zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
             return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
 
-        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(
-            *rows(x, None)
-        )
-        flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, selection(x, k, None)))
+        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(*rows(x))
+        flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, k))
     except (ImportError, PackageNotFoundError) as e:
         versions["torchtune"] = f"not installed ({str(e).splitlines()[0][:60]})"
     return flows, versions
 
 
-def rows(x, mask):
-    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's,
-    targets."""
-    sel = slice(None) if mask is None else mask[0]
+def rows(x, k=None):
+    """A peer's inputs at SE-KD's rows at budget k (None: all rows): student rows and weight,
+    teacher's, targets."""
+    sel = slice(None) if k is None else selection(x, k, None)[0]
     return x["hs"][sel], x["ws"], x["ht"][sel], x["wt"], x["y"][0][sel]
 
 
