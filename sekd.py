@@ -38,6 +38,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 192
     dropout: float = 0.0
+    gelu: str = "none"  # nn.GELU's approximate: "tanh" for GPT-2's own weights
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +50,8 @@ class GPTConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu must be none or tanh, got {self.gelu!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -75,7 +78,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(c)
         self.mlp = nn.Sequential(
             nn.Linear(c.n_embd, 4 * c.n_embd),
-            nn.GELU(),
+            nn.GELU(approximate=c.gelu),
             nn.Linear(4 * c.n_embd, c.n_embd),
             nn.Dropout(c.dropout),
         )

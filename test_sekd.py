@@ -1506,7 +1506,7 @@ def run_job(tmp_path, corpus, *extra):
 def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpus, capsys):
     r1 = run_job(tmp_path, tiny_corpus)
     out = capsys.readouterr().out
-    assert "ETA" in out and "KL(T||S)" in out and "cloze %" in out
+    assert "ETA" in out and "KL(T||S)" in out and "PPL@tau*" in out
     assert (
         "cloze items, fewer than 20: not scored" in out
     )  # too few in the tiny corpus's held-out text

@@ -116,6 +116,7 @@ def build_parser():
         add(f"--{who}-layers", type=int, default=layers)
         add(f"--{who}-embd", type=int, default=embd)
         add(f"--{who}-heads", type=int, default=heads)
+        add(f"--{who}-init", default="", help="gpt2, gpt2-medium...: GPT-2's weights, untrained")
     add = p.add_argument_group("training").add_argument
     add("--teacher-steps", type=positive_int, default=300)
     add("--teacher-lr", type=positive_float, default=2e-3)
@@ -205,6 +206,8 @@ def check_flags(a):
             "--on-policy works with --lam > 0 and a method with the teacher's full distribution "
             "(full_kd, sekd, random_pos, or their TopSmp / RandomSmp variants)"
         )
+    if (a.teacher_init or a.student_init) and not a.full_vocab:
+        raise UserError("GPT-2's weights index its own 50,257 ids: --*-init needs --full-vocab")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
     jobs = {"compare": ["ce", "full_kd", "sekd"], "distill": [a.method]}
@@ -745,6 +748,8 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 def pretrained(args, corpus, device, evalset, who):
     """The teacher, or the initial student every method starts from (as in the paper: a random
     student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
+    if getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train or save
+        return GPT_from_hf(getattr(args, f"{who}_init"), args.seq_len).to(device), {"train_s": 0.0}
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
     path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
@@ -759,7 +764,8 @@ def pretrained(args, corpus, device, evalset, who):
             fix = f"use --seq-len {block} or less, or --retrain-teacher"
             raise UserError(f"teacher checkpoint {path} {short}: {fix}")
     wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
-    if not teacher and ckpt and (ckpt["config"], ckpt["steps"], ckpt.get("seed")) != wanted:
+    made = asdict(sekd.GPTConfig(**ckpt["config"])) if ckpt else None  # new fields: defaults
+    if not teacher and ckpt and (made, ckpt["steps"], ckpt.get("seed")) != wanted:
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
     if ckpt and ckpt["step"] >= ckpt["steps"]:
@@ -792,6 +798,42 @@ def pretrained(args, corpus, device, evalset, who):
     return model, {**stats, "reused": False}
 
 
+# sekd.GPT's parameter names -> GPT2LMHeadModel's, a part of each at a time
+HF_NAMES = dict(blocks="h", ln1="ln_1", ln2="ln_2", qkv="c_attn", proj="c_proj")
+HF_NAMES |= {"mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj"}
+
+
+def hf_name(name):
+    """Ours -> GPT-2's. Its LM head is tied to wte, as ours; its Conv1D layers keep a Linear's
+    weight transposed, [in, out]: every matrix of a block."""
+    for ours, theirs in HF_NAMES.items():
+        name = name.replace(ours, theirs)
+    return "transformer." + name
+
+
+def GPT_from_hf(hf, block_size):
+    """A sekd.GPT of GPT-2's weights (a name on the Hugging Face Hub, or a GPT2LMHeadModel), as
+    nanoGPT's from_pretrained: its config's sizes, its tanh GELU, its first block_size positions."""
+    try:
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(hf) if isinstance(hf, str) else hf
+    except (ImportError, OSError) as e:  # no transformers, no internet, or no such model
+        why = f"needs internet and requirements-tools.txt: {str(e).splitlines()[0]}"
+        raise UserError(f"could not load {hf} from the Hugging Face Hub ({why})") from None
+    c, theirs = hf.config, hf.state_dict()
+    if c.n_positions < block_size:
+        raise UserError(f"GPT-2 has {c.n_positions} positions: use --seq-len {c.n_positions}")
+    sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
+    gelu = {"gelu": "none", "gelu_new": "tanh"}[c.activation_function]  # GPT-2's own: tanh
+    model, weights = sekd.GPT(sekd.GPTConfig(block_size=block_size, gelu=gelu, **sizes)), {}
+    for name, ours in model.state_dict().items():
+        w = theirs[hf_name(name)]
+        weights[name] = w.t() if name.startswith("blocks") and w.dim() == 2 else w[: len(ours)]
+    model.load_state_dict(weights)  # w[: len(ours)]: all of it, but wpe's first positions
+    return model
+
+
 # ----------------------------------------------------------------------------- distillation
 
 # Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
@@ -807,7 +849,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
     torch.manual_seed(args.seed)
-    student = new_model(args, "student", corpus.vocab.size, device)
+    config = init.config if init is not None else model_config(args, "student", corpus.vocab.size)
+    student = sekd.GPT(config).to(device)  # the initial student's config (GPT-2's GELU too)
     if init is not None:
         student.load_state_dict(init.state_dict())
     V = student.config.vocab_size

@@ -29,6 +29,7 @@ from experiments.stats import paired_bootstrap, paired_t
 NAMES = {"Full KD": "full_kd", "SE-KD": "sekd", "RandomPos": "random_pos", "CE (no KD)": "ce"}
 NAMES |= {"teacher entropy": "te"}
 PAIRS = [("sekd", "full_kd"), ("sekd", "random_pos"), ("te", "full_kd"), ("random_pos", "full_kd")]
+PAIRS += [("full_kd", "ce")]
 
 
 def default_runs(paths):
@@ -36,7 +37,7 @@ def default_runs(paths):
     runs = defaultdict(list)
     for path in sorted(paths):
         for row in json.load(open(path))["rows"]:
-            name = NAMES.get(re.sub(r" \d+%$", "", row["method"]))
+            name = NAMES.get(re.sub(r" top \d+%$", "", row["method"]))
             if name:
                 runs[name].append(row)
     return runs
