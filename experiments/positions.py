@@ -14,18 +14,9 @@ import train
 
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
 SUMMARY_KEYS = (
-    "val_ppl",
-    "kl_to_teacher",
-    "agreement",
-    "ece",
-    "cloze_ppl",
-    "cloze_acc",
-    "cloze_ece",
-    "choice_acc",
-    "train_s",
-    "tokens_per_s",
-    "peak_bytes",
-)
+    "val_ppl kl_to_teacher agreement ece cloze_ppl cloze_acc cloze_ece choice_acc train_s "
+    "tokens_per_s peak_bytes"
+).split()
 
 
 def mean_std_row(label, per_seed, keys=SUMMARY_KEYS):

@@ -63,37 +63,18 @@ METHODS = {
     "random_smp": ("random_smp", {}, "RandomSmp"),
 }
 KEYS = (
-    "val_ppl",
-    "val_ppl_tau",
-    "tau",
-    "entropy",
-    "cloze_ppl_tau",
-    "control_ppl",
-    "control_ppl_tau",
-    "context_nats",
-    "kl_to_teacher",
-    "agreement",
-    "hard_kl",
-    "hard_agreement",
-    "cloze_ppl",
-    "cloze_acc",
-    "choice_acc",
-)
+    "val_ppl val_ppl_tau tau entropy cloze_ppl_tau control_ppl control_ppl_tau context_nats "
+    "kl_to_teacher agreement hard_kl hard_agreement cloze_ppl cloze_acc choice_acc"
+).split()
 
 ITEM_NLL = ("cloze_nll", "cloze_nll_tau", "control_nll", "control_nll_tau")
 
 
 def add_flags(p):
-    g = p.add_argument_group("regimes")
-    g.add_argument(
-        "--cells", default="", help="comma-separated cell letters to run (default: all, in order)"
-    )
-    g.add_argument(
-        "--cell-batch",
-        type=train.positive_int,
-        default=8,
-        help="sequences per step in the cells (the teacher and initial students keep --batch-size)",
-    )
+    add = p.add_argument_group("regimes").add_argument
+    add("--cells", default="", help="comma-separated cell letters to run (default: all, in order)")
+    batch = "sequences per step in the cells (the teacher and initial students keep --batch-size)"
+    add("--cell-batch", type=train.positive_int, default=8, help=batch)
 
 
 def student_args(args, size):
@@ -248,7 +229,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                     r = train.distill_student(
                         ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd
                     )
-                    done[key] = {x: r.get(x) for x in KEYS + ("ece", "train_s")}
+                    done[key] = {x: r.get(x) for x in [*KEYS, "ece", "train_s"]}
                     for x in ITEM_NLL:  # every item's, to pair two students item by item
                         done[key][x] = [round(v, 5) for v in r.get(x, [])]
                     data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
