@@ -12,7 +12,7 @@ import argparse
 import gc
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class PhaseMeter:
         self.phases[name] = {"start": start, "peak": peak, "logit_peak": self.meter.matched_peak}
 
 
-def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
+def bench_step(student, teacher, opt, x, y, flow, args, phase=nullcontext):
     """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
     with train.autocast(args, x.device):
         loss, _ = ledger.flow_loss(

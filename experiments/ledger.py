@@ -8,6 +8,7 @@ replay sekd.py's operations tensor by tensor (`LogitLedger`) so that the benchma
 flow's measured logit peak to its account byte for byte.
 """
 
+import re
 from contextlib import nullcontext
 
 import torch
@@ -31,18 +32,16 @@ def check_flow(flow):
         raise ValueError(f"unknown memory flow '{flow}': choose one of {', '.join(FLOWS)}")
 
 
-def _no_phase(name):
-    return nullcontext()
-
-
-def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=_no_phase):
+def flow_loss(
+    student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=nullcontext
+):
     """The pure-KL (lambda = 1) loss of one step, computed the way `flow` does it:
     which logits exist as [B, L, V], which only at the N_sel selected rows, which in chunks.
     All flows give the same loss for the same selection. `phase(name)` is entered around
     each phase (teacher forward, student forward, selection, teacher head, loss) so that
     a caller can measure it. Returns (loss, mask); no logits outlive the call."""
     check_flow(flow)
-    valid = targets >= 0
+    valid, chunk_rows = targets >= 0, chunk_rows or 0
     dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
     with phase("teacher forward"), torch.no_grad():
@@ -55,15 +54,13 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow == "dense":
             mask = valid
         else:
-            w = student.head_weight
-            scores = sekd.chunked_scores(
-                sekd.student_entropy, student_h, w, valid, chunk_rows=chunk_rows or 0
-            )
+            entropy = (sekd.student_entropy, student_h, student.head_weight, valid)
+            scores = sekd.chunked_scores(*entropy, chunk_rows=chunk_rows)
             mask = sekd.topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
     if flow in ("teacher_head", "both_heads"):
         with phase("teacher head"), torch.no_grad():
             t_logits = teacher.head(teacher_h[mask])  # [N_sel, V]
-    cfg = sekd.KDConfig(T=T, lam=1.0, chunk_rows=chunk_rows or 0)
+    cfg = sekd.KDConfig(T=T, lam=1.0, chunk_rows=chunk_rows)
     with phase("loss"):
         if flow in ("dense", "dense_entropy", "chunked"):
             loss = sekd.kd_loss(s_logits, t_logits, targets, mask, cfg)
@@ -100,13 +97,9 @@ class LogitLedger:
         self.peaks[phase] = self.live
 
     def new(self, what, rows, nbytes_per_el):
-        t = {
-            "phase": self.phase,
-            "what": what,
-            "shape": [rows, self.V],
-            "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el],
-            "bytes": rows * self.V * nbytes_per_el,
-        }
+        dtype = {2: "bfloat16", 4: "float32"}[nbytes_per_el]
+        nbytes = rows * self.V * nbytes_per_el
+        t = dict(phase=self.phase, what=what, shape=[rows, self.V], dtype=dtype, bytes=nbytes)
         self.tensors.append(t)
         self.live += t["bytes"]
         self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
@@ -127,11 +120,8 @@ class LogitLedger:
         """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
         is saved for backward. A chunk loop (`chunked`) multiplies by `chunk_weight`'s [V, D] copy,
         made once per pass, not logits-sized: `memory_account` counts it."""
-        w = (
-            self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2)
-            if self.half and not chunked
-            else None
-        )
+        copy = self.half and not chunked
+        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if copy else None
         z = self.new(f"{who} logits", rows, self.lo)
         if not grad:
             self.free(w)
@@ -344,62 +334,47 @@ def ledger_account(
     s_params, t_params = train.state_bytes(student), train.state_bytes(teacher) * runs
     trainable = [p for p in student.parameters() if p.requires_grad]
     grads = train.state_bytes(*trainable)
-    s = {
-        "params": s_params,
-        "grads": grads,
-        # AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
-        # float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU
-        "adamw": 2 * grads + 4 * len(trainable) * (not on_cuda),
-        "activations": sekd.activation_bytes(student.config, B, L, half, grad=True),
-    }
-    t = {
-        "params": t_params,
-        "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs,
-    }
+    # AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
+    # float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU
+    adamw = 2 * grads + 4 * len(trainable) * (not on_cuda)
+    s_act = sekd.activation_bytes(student.config, B, L, half, grad=True)
+    t_act = sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs
     t_hidden = B * L * dt * 4 * runs  # ln_f output, float32 even under autocast
-    resident = s_params + t_params + s["adamw"]
+    resident = s_params + t_params + adamw
     head_grad = V * ds * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
     # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through their chunked pass
     copies = {
         "selection": V * ds * 2 * half * select * (flow != "dense"),
         "loss": V * (ds + dt * runs) * 2 * half * (flow == "streamed"),
     }
-    forward = resident + t_hidden + s["activations"]  # the teacher's hidden states alive
+    forward = resident + t_hidden + s_act  # the teacher's hidden states alive
     phases = {
-        "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
+        "teacher forward": resident + t_act + lg.peaks["teacher forward"],
         "student forward": forward + lg.peaks["student forward"],
         "selection": forward + copies["selection"] + lg.peaks["selection"],
         "loss": forward + head_grad + copies["loss"] + lg.peaks["loss"],
-        "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
+        "backward": resident + s_act + grads + head_grad + lg.peaks["backward"],
         # foreach AdamW: one parameter-sized temporary
-        "optimizer step": resident + s["grads"] + s_params,
+        "optimizer step": resident + grads + s_params,
     }
     if "teacher head" in lg.peaks:
         phases["teacher head"] = forward + lg.peaks["teacher head"]
-    teacher_logits = [
-        x for x in lg.tensors if x["what"].startswith("teacher") and "logits" in x["what"]
-    ]
-    t_logits = max((x["bytes"] for x in teacher_logits), default=0)
+    # the teacher's own peak: its forward, or its hidden states and its logits
+    t_logits = [x["bytes"] for x in lg.tensors if re.match("teacher.*logits", x["what"])]
+    t_peak = max(t_act + lg.peaks["teacher forward"], t_hidden + max(t_logits, default=0))
     total = max(phases.values())
+    step = dict(flow=flow, B=B, L=L, V=V, n_sel=n_sel, chunk_rows=chunk, lam=lam, T=T)
     return {
-        "flow": flow,
-        "B": B,
-        "L": L,
-        "V": V,
-        "n_sel": n_sel,
-        "chunk_rows": chunk,
-        "lam": lam,
-        "T": T,
+        **step,
         "dtype": "bfloat16" if half else "float32",
-        "student": s,
-        "teacher": t,
+        "student": dict(params=s_params, grads=grads, adamw=adamw, activations=s_act),
+        "teacher": dict(params=t_params, activations=t_act),
         "logits": lg.tensors,
         "logit_peaks": lg.peaks,
         "logit_peak": max(lg.peaks.values()),
         "head_copies": copies,
         "phases": phases,
         "total": total,
-        "teacher_total": t_params
-        + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
+        "teacher_total": t_params + t_peak,
         "student_total": total - t_params - t_hidden,
     }
