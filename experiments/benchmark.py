@@ -296,16 +296,10 @@ def run(args, device):
         del student, teacher, opt
         free_memory(None, device)
     os.makedirs(args.out_dir, exist_ok=True)
-    data.atomic_write_bytes(
-        os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode()
-    )
-    data.atomic_write_bytes(
-        os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode()
-    )
-    print(
-        f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in "
-        f"results_benchmark.json"
-    )
+    txt, js = (os.path.join(args.out_dir, f) for f in ("benchmark.txt", "results_benchmark.json"))
+    data.atomic_write_bytes(txt, ("\n".join(lines) + "\n").encode())
+    data.atomic_write_bytes(js, json.dumps(result, indent=1).encode())
+    print(f"tables in {txt}, all numbers in {js}")
     return result
 
 

@@ -263,12 +263,8 @@ def plot(rows, path):
         for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
             # ours solid, eager dashed; the peers dotted
             ours = flow.startswith(("sekd", "of which", "dense"))
-            style = dict(
-                color=plt.cm.tab20(i % 20),
-                label=flow,
-                marker="o",
-                linestyle=("--" if "eager" in flow else "-") if ours else ":",
-            )
+            line = ("--" if "eager" in flow else "-") if ours else ":"
+            style = dict(color=plt.cm.tab20(i % 20), label=flow, marker="o", linestyle=line)
             pts = sorted(
                 (r["N"], r["ms"], r.get("live_mb", r.get("rss_mb")))
                 for r in rows
