@@ -42,17 +42,11 @@ def sample_prompts(corpus, n, length, enc):
         )
     last = len(stream) - length
 
-    def is_break(t):
-        return "\n" in t or t == enc.decode([enc.eot_token])
-
-    starts = []
-    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
-        breaks = [
-            i + 1
-            for i in range(s, min(s + 200, last))
-            if is_break(corpus.vocab.decode([stream[i]], enc))
-        ]
-        starts.append(breaks[0] if breaks else int(s))
+    starts, eot = [], enc.decode([enc.eot_token])
+    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64).tolist():
+        texts = [corpus.vocab.decode([stream[i]], enc) for i in range(s, min(s + 200, last))]
+        breaks = [s + i + 1 for i, t in enumerate(texts) if "\n" in t or t == eot]
+        starts.append(breaks[0] if breaks else s)
     return torch.from_numpy(np.stack([stream[s : s + length] for s in starts])), starts
 
 
