@@ -274,11 +274,10 @@ def plot(rows, path):
                 n, ms, mb = zip(*pts, strict=True)
                 ax_t.plot(n, ms, **style)
                 ax_m.plot(n, mb, **style)
-        for ax, what in (
-            (ax_t, "ms per step"),
-            (ax_m, "peak extra MB (live tensors; compiled: RSS growth)"),
-        ):
-            ax.set(xlabel="N rows", ylabel=what, title=f"V = {V:,}", xscale="log", yscale="log")
+        ax_t.set(ylabel="ms per step")
+        ax_m.set(ylabel="peak extra MB (live tensors; compiled: RSS growth)")
+        for ax in (ax_t, ax_m):
+            ax.set(xlabel="N rows", title=f"V = {V:,}", xscale="log", yscale="log")
         ax_t.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -301,17 +300,10 @@ def run(args, device):
             rows += shape_rows
             gc.collect()
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(
-        args.out_dir, f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else "")
-    )
-    meta = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        **peer_versions,
-        "rounds": args.head_rounds,
-        "k": args.k,
-    }
+    name = f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else "")
+    stem = os.path.join(args.out_dir, name)
+    meta = dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads())
+    meta |= {**peer_versions, "rounds": args.head_rounds, "k": args.k}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     png = plot(rows, stem + ".png")
