@@ -136,13 +136,8 @@ def storage(args, corpus):
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
         rskd = data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
         predicted = n_pos * rskd
-        out["cache"] = {
-            "path": cache_path,
-            "bytes": real,
-            "positions": n_pos,
-            "accounted_bytes": predicted,
-            "header_bytes": cache.offset,
-        }
+        out["cache"] = dict(path=cache_path, bytes=real, positions=n_pos)
+        out["cache"].update(accounted_bytes=predicted, header_bytes=cache.offset)
         print(
             f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = "
             f"{real / n_pos:.2f} B/position; accounting {predicted:,} bytes "

@@ -234,10 +234,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
 
 
 def summarise(name, rows):
-    out = {
-        "cell": name,
-        "rows": {m: mean_std_row(METHODS[m][2], r, keys=KEYS) for m, r in rows.items()},
-    }
+    means = {m: mean_std_row(METHODS[m][2], r, keys=KEYS) for m, r in rows.items()}
+    out = {"cell": name, "rows": means}
     for other in ("full_kd", "random_pos"):
         if other in rows and "sekd" in rows:
             out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key) for key in KEYS}

@@ -73,9 +73,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                 sekd.METRICS[metric], h, w, valid, th, evalset.teacher_w, y
             )
             state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # as at step 0
-            picks[metric if policy == "topk" else f"{metric} {policy}"] = sekd.POLICIES[policy](
-                scores, args.k, valid, state
-            )[0]
+            name = metric if policy == "topk" else f"{metric} {policy}"
+            picks[name] = sekd.POLICIES[policy](scores, args.k, valid, state)[0]
     other = list(picks)[1]
     enc = data.gpt2_encoding()
     row = int(np.flatnonzero((corpus.val[:, :-1] == x[0].cpu().numpy()).all(1))[0])  # its sample
