@@ -41,7 +41,8 @@ def flow_loss(
     each phase (teacher forward, student forward, selection, teacher head, loss) so that
     a caller can measure it. Returns (loss, mask); no logits outlive the call."""
     check_flow(flow)
-    valid, chunk_rows = targets >= 0, chunk_rows or 0
+    valid = targets >= 0
+    chunk_rows = chunk_rows or 0
     dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
     with phase("teacher forward"), torch.no_grad():

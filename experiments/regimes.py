@@ -187,7 +187,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     path = os.path.join(args.out_dir, "regimes_runs.json")
     done = json.load(open(path)) if os.path.exists(path) else {}
     wanted = [c for c in CELLS if not args.cells or c[0] in args.cells.upper().split(",")]
-    inits, diagnosis, cells, batch = {}, {}, {}, args.cell_batch
+    inits, diagnosis, cells = {}, {}, {}
+    batch = args.cell_batch
     teacher_ppl = evalset.evaluate(teacher, args, limit=len(evalset.x))["val_ppl"]
     enc = data.gpt2_encoding()
     decode = lambda i: corpus.vocab.decode([i], enc)  # noqa: E731
