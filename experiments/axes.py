@@ -19,16 +19,8 @@ from experiments.positions import mean_std_row
 
 
 AXES_TABLE = (
-    "full_kd",
-    "random_pos",
-    "random_smp",
-    "sekd",
-    "rskd",
-    "top_smp",
-    "top_smp_rskd",
-    "sekd_top_smp",
-    "sekd_3x",
-)
+    "full_kd random_pos random_smp sekd rskd top_smp top_smp_rskd sekd_top_smp sekd_3x"
+).split()
 WALL_TABLE = ("full_kd", "random_pos", "top_smp", "sekd_3x")
 # the storage table's rows: key -> (label, the paper's TB)
 STORAGE_ROWS = {
@@ -40,38 +32,29 @@ STORAGE_ROWS = {
 
 
 def add_flags(p):
-    p.add_argument_group("axes").add_argument(
-        "--table",
-        default="axes",
-        choices=["axes", "walltime", "storage"],
-        help=(
-            "axes: the multi-axis table, then wall time and storage; walltime: its rows alone; "
-            "storage: no training"
-        ),
-    )
+    tables = "axes: the multi-axis table, then wall time and storage; walltime: its rows alone; "
+    tables += "storage: no training"
+    add = p.add_argument_group("axes").add_argument
+    add("--table", default="axes", choices=["axes", "walltime", "storage"], help=tables)
 
 
 def run(args, corpus, device, teacher, evalset, student_init=None):
     """--table axes: the multi-axis table (AXES_TABLE, --seeds seeds), the wall-time table (first
     seed; SE-KD_3X once building its cache, then once reusing it) and the storage table.
     --table walltime: the wall-time rows only, one seed."""
-    rows, walls = [], []
+    rows, walls, common = [], [], (corpus, device, teacher, evalset, student_init)
     table, seeds = (WALL_TABLE, 1) if args.table == "walltime" else (AXES_TABLE, args.seeds)
     for i in range(seeds):
         a = experiments.with_flags(args, seed=args.seed + i)
         for m in table:
             # SE-KD_3X builds its cache, to time a build
             b = experiments.with_flags(a, rebuild_cache=True) if m == "sekd_3x" else a
-            row = train.distill_student(b, m, corpus, device, teacher, evalset, student_init)
-            rows.append({**row, "seed": a.seed, "key": m})
+            rows.append({**train.distill_student(b, m, *common), "seed": a.seed, "key": m})
             train.print_table([r for r in rows if r["seed"] == a.seed], device)
-        if i == 0:
-            reuse = train.distill_student(
-                a, "sekd_3x", corpus, device, teacher, evalset, student_init
-            )
-            walls = [r for r in rows if r["key"] in WALL_TABLE] + [
-                {**reuse, "seed": a.seed, "key": "sekd_3x_reuse"}
-            ]
+        if i == 0:  # and once more, reusing the cache
+            reuse = train.distill_student(a, "sekd_3x", *common)
+            walls = [r for r in rows if r["key"] in WALL_TABLE]
+            walls.append({**reuse, "seed": a.seed, "key": "sekd_3x_reuse"})
     summary = print_axes_table(rows)
     print_walltime_table(walls)
     return {"rows": rows, "summary": summary, "walltime": walls, "storage": storage(args, corpus)}
@@ -82,34 +65,21 @@ def print_axes_table(rows):
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
-    cols = (
-        ("val_ppl", "val PPL", 1),
-        ("kl_to_teacher", "KL(T||S)", 1),
-        ("agreement", "agree %", 100),
-        ("ece", "ECE %", 1),
-    )
+    cols = dict(val_ppl="val PPL", kl_to_teacher="KL(T||S)", agreement="agree %", ece="ECE %")
     n_seeds = max(len(v) for v in by_method.values())
     print(f"\nmulti-axis table, mean ± std over {n_seeds} seed(s)")
-    head = (
-        f"{'method':<22}"
-        + "".join(f" {label:>16}" for _, label, _ in cols)
-        + f" {'steps':>6} {'samples':>8}"
-    )
+    labels = "".join(f" {label:>16}" for label in cols.values())
+    head = f"{'method':<22}{labels} {'steps':>6} {'samples':>8}"
     print(head + "\n" + "-" * len(head))
     out = {}
     for name, rs in by_method.items():
         # scaled before averaging, so that agreement's mean is that of the percentages
-        row = mean_std_row(
-            name,
-            [{key: scale * r[key] for key, _, scale in cols} for r in rs],
-            [c[0] for c in cols],
-        )
-        line, out[name] = f"{name:<22}", {}
-        for key, _, _ in cols:
-            mean, sd = row[key], row[key + "_std"] or 0.0  # one seed: std 0
-            out[name][key] = {"mean": mean, "std": sd, "n": len(rs)}
-            line += f" {mean:>9.3f} ± {sd:<5.3f}"
-        print(line + f" {rs[0]['steps']:>6} {rs[0]['n_kept']:>8,}")
+        scaled = [{key: r[key] * (100 if key == "agreement" else 1) for key in cols} for r in rs]
+        row = mean_std_row(name, scaled, cols)
+        # one seed: std 0
+        out[name] = {k: dict(mean=row[k], std=row[k + "_std"] or 0.0, n=len(rs)) for k in cols}
+        cells = "".join(f" {v['mean']:>9.3f} ± {v['std']:<5.3f}" for v in out[name].values())
+        print(f"{name:<22}{cells} {rs[0]['steps']:>6} {rs[0]['n_kept']:>8,}")
     return out
 
 
@@ -166,13 +136,8 @@ def storage(args, corpus):
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)
         rskd = data.storage_bytes_per_position(cache.signature["V"], cache.signature["U"])["rskd"]
         predicted = n_pos * rskd
-        out["cache"] = {
-            "path": cache_path,
-            "bytes": real,
-            "positions": n_pos,
-            "accounted_bytes": predicted,
-            "header_bytes": cache.offset,
-        }
+        out["cache"] = dict(path=cache_path, bytes=real, positions=n_pos)
+        out["cache"].update(accounted_bytes=predicted, header_bytes=cache.offset)
         print(
             f"cache on disk {cache_path}: {real:,} bytes for {n_pos:,} positions = "
             f"{real / n_pos:.2f} B/position; accounting {predicted:,} bytes "

@@ -12,7 +12,7 @@ import argparse
 import gc
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -41,31 +41,14 @@ def positive_ints(text):
 def add_flags(p):
     """The benchmark's flags (it also reads the model, --batch-size and --seq-len flags)."""
     g = p.add_argument_group("benchmark (on random tokens)")
-    g.add_argument(
-        "--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes"
-    )
-    g.add_argument(
-        "--bench-tokens",
-        type=positive_ints,
-        default="1024,2048,4096,8192,16384",
-        help="B*L of the scaling sweep; empty: none",
-    )
-    g.add_argument(
-        "--bench-repeats",
-        type=train.positive_int,
-        default=5,
-        help="timed steps per flow (median reported)",
-    )
-    g.add_argument(
-        "--bench-warmup",
-        type=train.non_negative_int,
-        default=2,
-        help="untimed steps per flow before timing",
-    )
-    g.add_argument(
-        "--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above"
-    )
-    head_bench.add_flags(g, positive_ints)
+    add = g.add_argument
+    add("--bench-vocab", type=positive_ints, default="151936,50257", help="vocabulary sizes")
+    sweep = "B*L of the scaling sweep; empty: none"
+    add("--bench-tokens", type=positive_ints, default="1024,2048,4096,8192,16384", help=sweep)
+    add("--bench-repeats", type=train.positive_int, default=5, help="timed steps per flow (median)")
+    add("--bench-warmup", type=train.non_negative_int, default=2, help="untimed steps per flow")
+    add("--bench-mem-gb", type=float, default=0.0, help="skip a row whose analytic peak is above")
+    head_bench.add_flags(add, positive_ints)
 
 
 def free_memory(opt, dev):
@@ -85,16 +68,13 @@ class PhaseMeter:
         self.cuda, self.resident, self.phases = dev.type == "cuda", resident, {}
         self.meter = train.LiveBytes(match=ledger.logits_sized(V))
 
-    def now(self):
-        return torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
-
     @contextmanager
     def __call__(self, name):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.meter.peak, self.meter.matched_peak = self.meter.live, self.meter.matched_live
-        start = self.now()
+        start = torch.cuda.memory_allocated() if self.cuda else self.resident + self.meter.live
         yield
         if self.cuda:
             torch.cuda.synchronize()
@@ -102,7 +82,7 @@ class PhaseMeter:
         self.phases[name] = {"start": start, "peak": peak, "logit_peak": self.meter.matched_peak}
 
 
-def bench_step(student, teacher, opt, x, y, flow, args, phase=ledger._no_phase):
+def bench_step(student, teacher, opt, x, y, flow, args, phase=nullcontext):
     """One training step of `flow`: forward, selection, loss, backward, AdamW step."""
     with train.autocast(args, x.device):
         loss, _ = ledger.flow_loss(
@@ -120,25 +100,18 @@ def measure_flow(student, teacher, opt, x, y, flow, args, dev):
     and teacher apart): teacher = its parameters + what its forward (and selective head)
     allocates; student = the step's peak in the student's phases less the teacher's parameters
     and hidden states; total = the step's peak with both models in one process."""
-    resident = train.state_bytes(student, teacher) + sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for t in st.values()
-        if torch.is_tensor(t) and t.device == dev
-    )
+    adamw = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    resident = train.state_bytes(student, teacher, *[t for t in adamw if t.device == dev])
     pm = PhaseMeter(dev, resident, student.config.vocab_size)
     with pm.meter:
         bench_step(student, teacher, opt, x, y, flow, args, pm)
     ph = pm.phases
-    t_params = ledger.param_bytes(teacher)
+    t_params = train.state_bytes(teacher)
     t_hidden = x.numel() * teacher.config.n_embd * 4
-
-    def delta(p):
-        return ph[p]["peak"] - ph[p]["start"] if p in ph else 0
-
-    teacher_own = delta("teacher forward")
+    teacher_own = ph["teacher forward"]["peak"] - ph["teacher forward"]["start"]
     if "teacher head" in ph:
-        teacher_own = max(teacher_own, t_hidden + delta("teacher head"))
+        head = ph["teacher head"]
+        teacher_own = max(teacher_own, t_hidden + head["peak"] - head["start"])
     held = {"student forward", "selection", "teacher head", "loss"}  # teacher_h is alive
     student_own = max(
         v["peak"] - t_params - (t_hidden if p in held else 0)
@@ -196,8 +169,6 @@ def time_rows(student, teacher, opt, rows, args, dev):
     The flows take turns, one step each per round, so that a slow spell of a shared machine
     slows every flow alike and the ratios between them stay fair."""
     live = [(r, []) for r in rows if "oom" not in r]  # each row with its step times
-    if not live:
-        return rows
     x, y = bench_batch(rows[0]["B"], rows[0]["V"], args, dev)
     for i in range(args.bench_warmup + args.bench_repeats):
         for r, times in live:
@@ -222,21 +193,15 @@ def bench_rows(student, teacher, opt, B, args, dev):
     return time_rows(student, teacher, opt, rows, args, dev)
 
 
-def bench_models(args, V, dev):
-    torch.manual_seed(args.seed)
-    teacher = train.new_model(args, "teacher", V, dev).eval().requires_grad_(False)
-    student = train.new_model(args, "student", V, dev)
-    return student, teacher, train.make_optimizer(student, 1e-5, args.weight_decay)
-
-
-def print_bench_table(rows, lines):
+def bench_table(V, rows):
+    """One step per flow at one vocabulary, the ratios to row 1 (dense)."""
     base = rows[0]
     head = (
         f"{'#':>2} {'flow':<44} {'student GiB':>11} {'teacher GiB':>11} {'total GiB':>9} "
         f"{'(analytic)':>10} "
         f"{'logits GiB':>10} {'(analytic)':>10} {'step ms':>8} {'x mem':>6} {'x time':>6}"
     )
-    lines += [head, "-" * len(head)]
+    lines = [f"\nV = {V:,}: one step per flow; ratios to row 1", head, "-" * len(head)]
     for i, r in enumerate(rows, 1):
         if "oom" in r:
             lines.append(f"{i:>2} {r['name']:<44} {r['oom']}")
@@ -252,43 +217,34 @@ def print_bench_table(rows, lines):
             f"{r['total'] / GiB:>9.3f} {a['total'] / GiB:>10.3f} {r['logit_peak'] / GiB:>10.3f} "
             f"{a['logit_peak'] / GiB:>10.3f} {ms:>8} {ratio_m:>6} {ratio_t:>6}"
         )
+    return lines
 
 
-def print_sweep_tables(V, sweep, grid):
+def sweep_tables(V, sweep, grid):
     """The scaling sweep as two tables: memory (logit peak / total peak) and step time (ms, and
     the ratio to the dense flow at the same B*L). A row that ran out of memory says so."""
-
-    def cells(f, fmt):
-        return "".join(
-            f"{c:>18}"
-            for c in (
-                ("OOM" if r["oom"] == "OOM" else "skipped") if "oom" in r else fmt(r, i)
-                for i, r in enumerate(grid[f])
-            )
-        )
-
     dense = grid["dense"]
 
-    def time_cell(r, i):
+    def memory(r, i):
+        return f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}"
+
+    def time(r, i):
         ratio = f" ({r['step_s'] / dense[i]['step_s']:.2f}x)" if "step_s" in dense[i] else ""
         return f"{1000 * r['step_s']:.1f}{ratio}"
 
-    cols = f"{'flow':<44}" + "".join(f"{t:>18,}" for t in sweep)
-    table = [
-        f"\nscaling sweep, V = {V:,}: measured peak logit bytes (GiB) / total peak (GiB) per B*L",
-        cols,
-    ]
-    table += [
-        f"{ledger.FLOWS[f]:<44}"
-        + cells(f, lambda r, i: f"{r['logit_peak'] / GiB:.3f} / {r['total'] / GiB:.2f}")
-        for f in ledger.FLOWS
-    ]
-    table += [
-        f"\nscaling sweep, V = {V:,}: step ms (time / dense flow's time at the same B*L)",
-        cols,
-    ]
-    table += [f"{ledger.FLOWS[f]:<44}" + cells(f, time_cell) for f in ledger.FLOWS]
-    return table
+    lines, cols = [], f"{'flow':<44}" + "".join(f"{t:>18,}" for t in sweep)
+    for what, cell in (
+        ("measured peak logit bytes (GiB) / total peak (GiB) per B*L", memory),
+        ("step ms (time / dense flow's time at the same B*L)", time),
+    ):
+        lines += [f"\nscaling sweep, V = {V:,}: {what}", cols]
+        for f, name in ledger.FLOWS.items():
+            # "OOM", or "skipped: ..." (the analytic peak is over --bench-mem-gb)
+            cells = (
+                r["oom"].split(":")[0] if "oom" in r else cell(r, i) for i, r in enumerate(grid[f])
+            )
+            lines.append(f"{name:<44}" + "".join(f"{c:>18}" for c in cells))
+    return lines
 
 
 def run(args, device):
@@ -308,24 +264,27 @@ def run(args, device):
             f"--bench-tokens must be multiples of --seq-len ({args.seq_len}): B = tokens / L"
         )
     where = train.machine()["gpu"] or f"CPU, {torch.get_num_threads()} threads"
-    lines = [
-        f"benchmark on {device} ({where}), "
-        f"torch {torch.__version__}, autocast "
-        f"{train.autocast_dtype(args, device) or 'off (float32)'}; "
-        f"B={args.batch_size} L={args.seq_len} k={args.k}; teacher "
-        f"{args.teacher_layers}x{args.teacher_embd}, "
-        f"student {args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps "
-        f"after {args.bench_warmup} warm-up, the flows taking turns"
-    ]
-    print(lines[0])
+    lines = []
+
+    def say(*table):
+        print("\n".join(table), flush=True)
+        lines.extend(table)
+
+    say(
+        f"benchmark on {device} ({where}), torch {torch.__version__}, autocast "
+        f"{train.autocast_dtype(args, device) or 'off (float32)'}; B={args.batch_size} "
+        f"L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, student "
+        f"{args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
+        f"{args.bench_warmup} warm-up, the flows taking turns"
+    )
     result = {"args": vars(args), "machine": train.machine(), "tables": {}, "sweep": []}
     for i, V in enumerate(vocabs):
-        student, teacher, opt = bench_models(args, V, device)
+        torch.manual_seed(args.seed)
+        teacher = train.new_model(args, "teacher", V, device).eval().requires_grad_(False)
+        student = train.new_model(args, "student", V, device)
+        opt = train.make_optimizer(student, 1e-5, args.weight_decay)
         rows = bench_rows(student, teacher, opt, args.batch_size, args, device)
-        table = [f"\nV = {V:,}: one step per flow; ratios to row 1"]
-        print_bench_table(rows, table)
-        print("\n".join(table), flush=True)
-        lines += table
+        say(*bench_table(V, rows))
         result["tables"][str(V)] = rows
         if i == 0 and sweep:
             grid = {f: [] for f in ledger.FLOWS}
@@ -333,22 +292,14 @@ def run(args, device):
                 for r in bench_rows(student, teacher, opt, t // args.seq_len, args, device):
                     grid[r["flow"]].append(r)
                     result["sweep"].append(r)
-            table = print_sweep_tables(V, sweep, grid)
-            print("\n".join(table), flush=True)
-            lines += table
+            say(*sweep_tables(V, sweep, grid))
         del student, teacher, opt
         free_memory(None, device)
     os.makedirs(args.out_dir, exist_ok=True)
-    data.atomic_write_bytes(
-        os.path.join(args.out_dir, "benchmark.txt"), ("\n".join(lines) + "\n").encode()
-    )
-    data.atomic_write_bytes(
-        os.path.join(args.out_dir, "results_benchmark.json"), json.dumps(result, indent=1).encode()
-    )
-    print(
-        f"tables in {os.path.join(args.out_dir, 'benchmark.txt')}, all numbers in "
-        f"results_benchmark.json"
-    )
+    txt, js = (os.path.join(args.out_dir, f) for f in ("benchmark.txt", "results_benchmark.json"))
+    data.atomic_write_bytes(txt, ("\n".join(lines) + "\n").encode())
+    data.atomic_write_bytes(js, json.dumps(result, indent=1).encode())
+    print(f"tables in {txt}, all numbers in {js}")
     return result
 
 

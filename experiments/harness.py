@@ -111,7 +111,6 @@ def write_tasks(corpus, items, folder):
     ours = np.asarray(corpus.val).reshape(-1)
     texts = [] if corpus.vocab.full else data.load_split(meta["dataset"], meta["max_tokens"])[1]
     gpt2 = data.tokenize(texts, lm.enc)[: len(ours)] if texts else ours.astype(np.int64)
-    where = {ours[o : o + 16].tobytes(): o for o in reversed(range(len(ours) - 15))}  # first one
     for kind, (x, y, n, _, *more) in items.items():
         windows, choice = torch.cat([x, y[:, -1:]], 1).numpy(), kind == "choice"
         group = data.OPTIONS if choice else 1  # a question's options: the true one first
@@ -119,7 +118,7 @@ def write_tasks(corpus, items, folder):
         tails = [corpus.vocab.decode(w[L + 1 - size[i] :], lm.enc) for i, w in enumerate(windows)]
         for q in range(0, len(n), group):
             j = min(range(q, q + group), key=size.__getitem__)  # the one with the longest context
-            at = where.get(windows[j, :16].astype(ours.dtype).tobytes(), 0)
+            at = int(more[-1][j, 0])  # where its window begins (not where its first ids do)
             context = lm.enc.decode(gpt2[at : at + L + 1 - size[j]].tolist())
             for i, option in enumerate(tails[q : q + group], q):  # lm-eval's split, as for `hf`
                 c, t = lm._encode_pair(context, option)

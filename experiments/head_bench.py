@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import statistics
+from functools import partial
 
 import torch
 
@@ -20,37 +21,18 @@ import train
 MB = 2**20
 
 
-def add_flags(g, ints):
-    g.add_argument(
-        "--head-only",
-        action="store_true",
-        help="time one loss step at the LM head only (the peers too)",
-    )
-    g.add_argument(
-        "--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes"
-    )
-    g.add_argument(
-        "--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L"
-    )
-    g.add_argument(
-        "--head-dims", type=ints, default="256,512", help="--head-only: student and teacher widths"
-    )
-    g.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument(
-        "--head-chunk-mb",
-        type=ints,
-        default="",
-        help="--head-only: time our flows at these MB per chunk instead",
-    )
-    g.add_argument(
-        "--head-rounds",
-        type=train.positive_int,
-        default=3,
-        help="--head-only: timed rounds, after one untimed round that checks and measures",
-    )
-    g.add_argument(
-        "--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this"
-    )
+def add_flags(add, ints):
+    """The --head-only flags, added by `add` (the benchmark's group's add_argument)."""
+    add("--head-only", action="store_true", help="time one loss step at the LM head (peers too)")
+    add("--head-vocab", type=ints, default="50257,151936", help="--head-only: vocabulary sizes")
+    add("--head-tokens", type=ints, default="1024,2048", help="--head-only: rows N = B*L")
+    add("--head-dims", type=ints, default="256,512", help="--head-only: student, teacher widths")
+    add("--head-dtype", default="float32", choices=["float32", "bfloat16"])
+    chunks = "--head-only: time our flows at these MB per chunk instead"
+    add("--head-chunk-mb", type=ints, default="", help=chunks)
+    rounds = "--head-only: timed rounds, after one untimed round that checks and measures"
+    add("--head-rounds", type=train.positive_int, default=3, help=rounds)
+    add("--head-dense-max-gb", type=float, default=16.0, help="--head-only: skip dense above this")
 
 
 def compiled(on):
@@ -65,23 +47,22 @@ def selection(x, k, chunk):
     return sekd.topk_positions(scores, k, valid)
 
 
+def run_compiled(on, fn, x):
+    with compiled(on):
+        return fn(x)
+
+
 def our_flows(k, chunk=None, compile_on=True, tag=""):
     """{name: flow}, a flow mapping the inputs to the loss (the selection alone: to its mask); the N
     rows are one sequence, so the loss is their mean."""
-
-    def with_compile(fn):
-        def run(x):
-            with compiled(compile_on):
-                return fn(x)
-
-        return run
-
-    sekd_flow = with_compile(lambda x: streamed(x, selection(x, k, chunk), chunk))
-    return {
-        f"sekd streamed Full KD{tag}": with_compile(lambda x: streamed(x, chunk=chunk)),
-        f"sekd SE-KD k={k:g} (selection included){tag}": sekd_flow,
-        f"of which the selection alone{tag}": with_compile(lambda x: selection(x, k, chunk)),
+    flows = {
+        f"sekd streamed Full KD{tag}": lambda x: streamed(x, chunk=chunk),
+        f"sekd SE-KD k={k:g} (selection included){tag}": lambda x: streamed(
+            x, selection(x, k, chunk), chunk
+        ),
+        f"of which the selection alone{tag}": lambda x: selection(x, k, chunk),
     }
+    return {name: partial(run_compiled, compile_on, fn) for name, fn in flows.items()}
 
 
 def streamed(x, mask=None, chunk=None):
@@ -108,8 +89,8 @@ def peer_flows(k):
                 weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=on
             )
             name = f"Liger fused linear JSD beta=0, {'compiled' if on else 'eager'}"
-            flows[name] = lambda x, jsd=jsd: jsd(*rows(x, None))
-            flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, selection(x, k, None)))
+            flows[name] = lambda x, jsd=jsd: jsd(*rows(x))
+            flows[name + ", SE-KD's rows"] = lambda x, jsd=jsd: jsd(*rows(x, k))
     except (ImportError, PackageNotFoundError) as e:
         versions["liger-kernel"] = f"not installed ({str(e).splitlines()[0][:60]})"
     try:
@@ -124,19 +105,17 @@ def peer_flows(k):
                 zt = [(h @ wt.T)[None] for h in ht.chunk(8)]
             return kl([(h @ ws.T)[None] for h in hs.chunk(8)], zt, y[None])
 
-        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(
-            *rows(x, None)
-        )
-        flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, selection(x, k, None)))
+        flows["torchtune ForwardKLWithChunkedOutputLoss (8 chunks)"] = lambda x: tune(*rows(x))
+        flows["torchtune, SE-KD's rows"] = lambda x: tune(*rows(x, k))
     except (ImportError, PackageNotFoundError) as e:
         versions["torchtune"] = f"not installed ({str(e).splitlines()[0][:60]})"
     return flows, versions
 
 
-def rows(x, mask):
-    """A peer's inputs at the rows of `mask` [1, N] (None: all): student rows and weight, teacher's,
-    targets."""
-    sel = slice(None) if mask is None else mask[0]
+def rows(x, k=None):
+    """A peer's inputs at SE-KD's rows at budget k (None: all rows): student rows and weight,
+    teacher's, targets."""
+    sel = slice(None) if k is None else selection(x, k, None)[0]
     return x["hs"][sel], x["ws"], x["ht"][sel], x["wt"], x["y"][0][sel]
 
 
@@ -284,25 +263,21 @@ def plot(rows, path):
         for i, flow in enumerate(dict.fromkeys(r["flow"] for r in rows if r["V"] == V)):
             # ours solid, eager dashed; the peers dotted
             ours = flow.startswith(("sekd", "of which", "dense"))
-            style = dict(
-                color=plt.cm.tab20(i % 20),
-                label=flow,
-                marker="o",
-                linestyle=("--" if "eager" in flow else "-") if ours else ":",
-            )
+            line = ("--" if "eager" in flow else "-") if ours else ":"
+            style = dict(color=plt.cm.tab20(i % 20), label=flow, marker="o", linestyle=line)
             pts = sorted(
                 (r["N"], r["ms"], r.get("live_mb", r.get("rss_mb")))
                 for r in rows
                 if r["V"] == V and r["flow"] == flow and r.get("ms")
             )
             if pts:
-                ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
-                ax_m.plot([p[0] for p in pts], [p[2] for p in pts], **style)
-        for ax, what in (
-            (ax_t, "ms per step"),
-            (ax_m, "peak extra MB (live tensors; compiled: RSS growth)"),
-        ):
-            ax.set(xlabel="N rows", ylabel=what, title=f"V = {V:,}", xscale="log", yscale="log")
+                n, ms, mb = zip(*pts, strict=True)
+                ax_t.plot(n, ms, **style)
+                ax_m.plot(n, mb, **style)
+        ax_t.set(ylabel="ms per step")
+        ax_m.set(ylabel="peak extra MB (live tensors; compiled: RSS growth)")
+        for ax in (ax_t, ax_m):
+            ax.set(xlabel="N rows", title=f"V = {V:,}", xscale="log", yscale="log")
         ax_t.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -325,17 +300,10 @@ def run(args, device):
             rows += shape_rows
             gc.collect()
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(
-        args.out_dir, f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else "")
-    )
-    meta = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        **peer_versions,
-        "rounds": args.head_rounds,
-        "k": args.k,
-    }
+    name = f"head_benchmark_{device.type}" + ("_chunks" if args.head_chunk_mb else "")
+    stem = os.path.join(args.out_dir, name)
+    meta = dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads())
+    meta |= {**peer_versions, "rounds": args.head_rounds, "k": args.k}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     png = plot(rows, stem + ".png")

@@ -8,11 +8,13 @@ replay sekd.py's operations tensor by tensor (`LogitLedger`) so that the benchma
 flow's measured logit peak to its account byte for byte.
 """
 
+import re
 from contextlib import nullcontext
 
 import torch
 
 import sekd
+import train
 
 FLOWS = {  # name -> what one training step materialises (the rows of the memory benchmark)
     "dense": "Full KD, dense [B, L, V] logits",
@@ -30,11 +32,9 @@ def check_flow(flow):
         raise ValueError(f"unknown memory flow '{flow}': choose one of {', '.join(FLOWS)}")
 
 
-def _no_phase(name):
-    return nullcontext()
-
-
-def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=_no_phase):
+def flow_loss(
+    student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=None, phase=nullcontext
+):
     """The pure-KL (lambda = 1) loss of one step, computed the way `flow` does it:
     which logits exist as [B, L, V], which only at the N_sel selected rows, which in chunks.
     All flows give the same loss for the same selection. `phase(name)` is entered around
@@ -42,6 +42,7 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
     a caller can measure it. Returns (loss, mask); no logits outlive the call."""
     check_flow(flow)
     valid = targets >= 0
+    chunk_rows = chunk_rows or 0
     dense_t = flow in ("dense", "dense_entropy", "chunked", "student_head")
     dense_s = flow in ("dense", "dense_entropy", "chunked", "teacher_head")
     with phase("teacher forward"), torch.no_grad():
@@ -54,15 +55,13 @@ def flow_loss(student, teacher, idx, targets, flow, k=0.2, T=1.0, chunk_rows=Non
         if flow == "dense":
             mask = valid
         else:
-            w = student.head_weight
-            scores = sekd.chunked_scores(
-                sekd.student_entropy, student_h, w, valid, chunk_rows=chunk_rows or 0
-            )
+            entropy = (sekd.student_entropy, student_h, student.head_weight, valid)
+            scores = sekd.chunked_scores(*entropy, chunk_rows=chunk_rows)
             mask = sekd.topk_positions(scores, 1.0 if flow == "dense_entropy" else k, valid)
     if flow in ("teacher_head", "both_heads"):
         with phase("teacher head"), torch.no_grad():
             t_logits = teacher.head(teacher_h[mask])  # [N_sel, V]
-    cfg = sekd.KDConfig(T=T, lam=1.0, chunk_rows=chunk_rows or 0)
+    cfg = sekd.KDConfig(T=T, lam=1.0, chunk_rows=chunk_rows)
     with phase("loss"):
         if flow in ("dense", "dense_entropy", "chunked"):
             loss = sekd.kd_loss(s_logits, t_logits, targets, mask, cfg)
@@ -99,13 +98,9 @@ class LogitLedger:
         self.peaks[phase] = self.live
 
     def new(self, what, rows, nbytes_per_el):
-        t = {
-            "phase": self.phase,
-            "what": what,
-            "shape": [rows, self.V],
-            "dtype": {2: "bfloat16", 4: "float32"}[nbytes_per_el],
-            "bytes": rows * self.V * nbytes_per_el,
-        }
+        dtype = {2: "bfloat16", 4: "float32"}[nbytes_per_el]
+        nbytes = rows * self.V * nbytes_per_el
+        t = dict(phase=self.phase, what=what, shape=[rows, self.V], dtype=dtype, bytes=nbytes)
         self.tensors.append(t)
         self.live += t["bytes"]
         self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
@@ -126,11 +121,8 @@ class LogitLedger:
         """h @ W.T; under autocast W.T is first copied to bf16 ([D, V]), and the student's copy
         is saved for backward. A chunk loop (`chunked`) multiplies by `chunk_weight`'s [V, D] copy,
         made once per pass, not logits-sized: `memory_account` counts it."""
-        w = (
-            self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2)
-            if self.half and not chunked
-            else None
-        )
+        copy = self.half and not chunked
+        w = self.new(f"{who} head weight, bf16 copy [D={d}, V]", d, 2) if copy else None
         z = self.new(f"{who} logits", rows, self.lo)
         if not grad:
             self.free(w)
@@ -181,21 +173,11 @@ def chunk_sizes(n, chunk_rows):
 
 
 def logit_ledger(
-    flow,
-    BL,
-    n_sel,
-    V,
-    d_student,
-    d_teacher,
-    chunk_rows,
-    half=False,
-    select=True,
-    lam=1.0,
-    sel_chunks=None,
-    T=1.0,
+    flow, BL, n_sel, V, ds, dt, chunk_rows, half=False, select=True, lam=1.0, sel_chunks=None, T=1.0
 ):
-    """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected:
-    which logits-sized tensors exist in which phase, and the peak bytes per phase.
+    """Run the analytic model of `flow_loss` + backward for BL valid positions, n_sel selected, a
+    student and a teacher of widths ds and dt: which logits-sized tensors exist in which phase, and
+    the peak bytes per phase.
     select=False: no entropy pass (what `distill_loss` does for Full KD).
     lam < 1 (flows dense, chunked, streamed: those `distill_loss` runs): the CE term at every
     row is added, as `kd_loss` and the streamed loss compute it; lam = 0 is plain CE, no teacher.
@@ -216,32 +198,31 @@ def logit_ledger(
     zt = zs = ws = None
     lg.enter("teacher forward")
     if dense_t:
-        zt, _ = lg.head(BL, d_teacher, "teacher", grad=False)
+        zt, _ = lg.head(BL, dt, "teacher", grad=False)
     lg.enter("student forward")
     if dense_s:
-        zs, ws = lg.head(BL, d_student, "student", grad=True)
+        zs, ws = lg.head(BL, ds, "student", grad=True)
     lg.enter("selection")
     if flow != "dense" and select:
         for c in chunk_sizes(BL, chunk_rows):
-            z, _ = lg.head(c, d_student, "student (selection)", grad=False, chunked=True)
+            z, _ = lg.head(c, ds, "student (selection)", grad=False, chunked=True)
             lg.entropy(c, z)
     if flow in ("teacher_head", "both_heads"):
         lg.enter("teacher head")
-        zt, _ = lg.head(n_sel, d_teacher, "teacher", grad=False)
+        zt, _ = lg.head(n_sel, dt, "teacher", grad=False)
     lg.enter("loss")
-    if flow == "streamed":
+    if flow == "streamed":  # lam = 1 walks the selected rows, each a KL row; lam < 1 every row
+        sizes = chunk_sizes(n_sel if lam == 1 else BL, chunk_rows)
         if lam == 1:
-            _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows)
-        else:
-            sizes = chunk_sizes(BL, chunk_rows)
-            if lam == 0:  # plain CE: no KL rows
-                sel_chunks = [0] * len(sizes)
-            elif sel_chunks is None:  # the selected rows spread evenly over the chunks
-                sel_chunks = [
-                    (i + c) * n_sel // BL - i * n_sel // BL
-                    for i, c in zip(range(0, BL, chunk_rows), sizes, strict=True)
-                ]
-            _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher)
+            sel_chunks = sizes
+        elif lam == 0:  # plain CE: no KL rows
+            sel_chunks = [0] * len(sizes)
+        elif sel_chunks is None:  # the selected rows spread evenly over the chunks
+            sel_chunks = [
+                (i + c) * n_sel // BL - i * n_sel // BL
+                for i, c in zip(range(0, BL, chunk_rows), sizes, strict=True)
+            ]
+        _streamed_ledger(lg, sizes, sel_chunks, ds, dt, ce=lam < 1)
         lg.enter("backward")
         lg.enter("optimizer step")
         return lg
@@ -251,7 +232,7 @@ def logit_ledger(
         if dense_s:
             zs = lg.new_then_free("student logits, gathered rows", n_sel, lg.lo, zs)
         else:
-            zs, ws = lg.head(n_sel, d_student, "student", grad=True)
+            zs, ws = lg.head(n_sel, ds, "student", grad=True)
     logq = p = ce = None
     if lam > 0:
         logq, p = lg.kl(rows)
@@ -260,7 +241,12 @@ def logit_ledger(
         ce = lg.new_then_free("student (CE) log-softmax", BL, 4, w)
     lg.free(zt, zs)  # the function returns: only what backward saved stays
     lg.enter("backward")
-    g = _ce_backward(lg, BL, ce) if lam < 1 else None  # autograd runs the CE branch first
+    g = None
+    if lam < 1:  # autograd runs the CE branch first: the NLL's gradient, then the log-softmax's
+        g = lg.new("grad of the CE's NLL", BL, 4)
+        g = lg.new_then_free("grad of the CE's log-softmax", BL, 4, g, ce)
+        if half:  # copied back to the bf16 logits' dtype
+            g = lg.new_then_free("CE logit gradient, bf16", BL, 2, g)
     if lam > 0:
         g_kl = lg.kl_backward(rows, logq, p)
         if g is not None:  # the two branches' logit gradients are summed
@@ -271,19 +257,9 @@ def logit_ledger(
         g = lg.new_then_free("student logit gradient, scattered to [B, L, V]", BL, lg.lo, zeros, g)
     lg.free(g, ws)
     if half:  # the gradient of autocast's bf16 weight copy, back to float32
-        lg.free(lg.new("grad of the student head weight copy, float32 [D, V]", d_student, 4))
+        lg.free(lg.new("grad of the student head weight copy, float32 [D, V]", ds, 4))
     lg.enter("optimizer step")
     return lg
-
-
-def _ce_backward(lg, rows, ce):
-    """F.cross_entropy's backward: the NLL's gradient, then the log-softmax's; under autocast the
-    result is copied back to the bf16 logits' dtype."""
-    g = lg.new("grad of the CE's NLL", rows, 4)
-    g = lg.new_then_free("grad of the CE's log-softmax", rows, 4, g, ce)
-    if lg.half:
-        g = lg.new_then_free("CE logit gradient, bf16", rows, 2, g)
-    return g
 
 
 def _chunk_logits(lg, c, d, who):
@@ -295,53 +271,31 @@ def _chunk_logits(lg, c, d, who):
     return z
 
 
-def _mixed_ledger(lg, sizes, sel_chunks, d_student, d_teacher):
-    """The streamed loss with 0 < lam < 1, and plain streamed CE (lam = 0): per chunk of c valid
-    rows, the student logits; first, at the chunk's s selected rows, the rows' copy, the teacher's
-    logits and the KL's tensors, of which only the KL gradient survives; then the CE log-softmax of
-    all c rows (turned into the gradient in place), and the KL gradient added into it, in place.
-    Peak (float32): max(c + 5 s, 2 c + s) rows of V. Each chunk's tensors are freed before the next
-    starts."""
-    for c, s in zip(sizes, sel_chunks, strict=False):
-        zs, g_kl = _chunk_logits(lg, c, d_student, "student"), None
+def _streamed_ledger(lg, sizes, sel_chunks, ds, dt, ce):
+    """The streamed loss, per chunk of c walked rows of which s are KL rows: the student logits;
+    first, at the s rows (with the CE term, `ce`, from their copy), the teacher's logits and
+    `_kd_rows`'s tensors: both log-softmaxes and p (the KL is summed in log p's storage, so it makes
+    no [c, V] tensor), and the gradient T (q - p) made in log q's storage, the one of them that
+    survives; with `ce`, then the CE log-softmax of all c rows (turned into the gradient in place),
+    and the KL gradient added into it, in place. The chunk's gradient goes through the head's two
+    matmuls (under autocast as a bf16 copy), then dies. Each chunk's tensors are freed before the
+    next starts: the peak (float32) is one chunk's 5 tensors at lam = 1, max(c + 5 s, 2 c + s)
+    rows of V with `ce`."""
+    for c, s in zip(sizes, sel_chunks, strict=True):
+        zs, g = _chunk_logits(lg, c, ds, "student"), None
         if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
-            zs_s = lg.new("student chunk, selected rows", s, 4)
-            g_kl = _chunk_kd(lg, s, d_teacher, "student chunk (KL rows)")
-            lg.free(zs_s)
-        g = lg.new("student chunk CE log-softmax, then gradient", c, 4)
-        lg.free(g_kl, zs)  # rows_loss returns: only the chunk's gradient stays
-        _chunk_gradient_done(lg, c, g)
-
-
-def _chunk_kd(lg, c, d_teacher, student_what):
-    """The teacher's logits of c rows, then `_kd_rows` on them: both log-softmaxes and p (the KL
-    is summed in log p's storage, so it makes no [c, V] tensor), and the gradient T (q - p) made in
-    log q's storage, the one tensor returned alive."""
-    zt = _chunk_logits(lg, c, d_teacher, "teacher")
-    logq = lg.log_softmax(c, student_what, wide=False)
-    logp = lg.log_softmax(c, "teacher chunk", wide=False)
-    p = lg.new("teacher chunk softmax p", c, 4)
-    lg.free(logp, p, zt)
-    return logq
-
-
-def _chunk_gradient_done(lg, c, g):
-    """The chunk's gradient goes through the head's two matmuls (under autocast as a bf16 copy),
-    then dies."""
-    if lg.half:
-        lg.free(lg.new("chunk logit gradient, bf16", c, 2))
-    lg.free(g)
-
-
-def _streamed_ledger(lg, n_sel, d_student, d_teacher, chunk_rows):
-    """streamed_kd_loss (lam = 1): per chunk of c selected rows, student and teacher logits
-    (float32), the KL's tensors and the gradient T (q - p); each chunk's tensors are freed
-    before the next one starts, so the peak is one chunk's 5 tensors."""
-    for c in chunk_sizes(n_sel, chunk_rows):
-        zs = _chunk_logits(lg, c, d_student, "student")
-        g = _chunk_kd(lg, c, d_teacher, "student chunk")
-        lg.free(zs)
-        _chunk_gradient_done(lg, c, g)
+            zs_s = lg.new("student chunk, selected rows", s, 4) if ce else None
+            zt = _chunk_logits(lg, s, dt, "teacher")
+            g = lg.log_softmax(s, "student chunk", wide=False)
+            logp = lg.log_softmax(s, "teacher chunk", wide=False)
+            p = lg.new("teacher chunk softmax p", s, 4)
+            lg.free(logp, p, zt, zs_s)
+        if ce:
+            g = lg.new_then_free("student chunk CE log-softmax, then gradient", c, 4, g)
+        lg.free(zs)  # rows_loss returns: only the chunk's gradient stays
+        if lg.half:
+            lg.free(lg.new("chunk logit gradient, bf16", c, 2))
+        lg.free(g)
 
 
 def account_flow(method, flow):
@@ -351,23 +305,6 @@ def account_flow(method, flow):
     if method in ("full_kd", "ce"):
         return ("dense" if flow == "dense" else "streamed"), False
     return ("chunked" if flow == "dense" else "streamed"), method == "sekd"
-
-
-def param_bytes(model, trainable_only=False):
-    return sum(
-        p.numel() * p.element_size()
-        for p in model.parameters()
-        if p.requires_grad or not trainable_only
-    )
-
-
-def adamw_bytes(model, step_on_device=True):
-    """AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
-    float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU."""
-    ps = [p for p in model.parameters() if p.requires_grad]
-    return 2 * sum(p.numel() * p.element_size() for p in ps) + (
-        4 * len(ps) if step_on_device else 0
-    )
 
 
 def ledger_account(
@@ -395,61 +332,50 @@ def ledger_account(
     n_sel = B * L if flow == "dense" else int(per_sequence.item()) * B
     lg = logit_ledger(flow, B * L, n_sel, V, ds, dt, chunk, half, select, lam, T=T)
     runs = lam > 0  # plain CE (lam = 0) needs no teacher at all
-    s_params, t_params = param_bytes(student), param_bytes(teacher) * runs
-    s = {
-        "params": s_params,
-        "grads": param_bytes(student, True),
-        "adamw": adamw_bytes(student, not on_cuda),
-        "activations": sekd.activation_bytes(student.config, B, L, half, grad=True),
-    }
-    t = {
-        "params": t_params,
-        "activations": sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs,
-    }
+    s_params, t_params = train.state_bytes(student), train.state_bytes(teacher) * runs
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    grads = train.state_bytes(*trainable)
+    # AdamW keeps exp_avg and exp_avg_sq (each the size of a parameter, in its dtype) and a
+    # float32 `step` per parameter tensor; on CUDA the step counters stay on the CPU
+    adamw = 2 * grads + 4 * len(trainable) * (not on_cuda)
+    s_act = sekd.activation_bytes(student.config, B, L, half, grad=True)
+    t_act = sekd.activation_bytes(teacher.config, B, L, half, grad=False) * runs
     t_hidden = B * L * dt * 4 * runs  # ln_f output, float32 even under autocast
-    resident = s_params + t_params + s["adamw"]
+    resident = s_params + t_params + adamw
     head_grad = V * ds * 4 if flow == "streamed" else 0  # its float32 dL/dW, kept for backward
     # under autocast, `chunk_weight`'s bf16 [V, D] head copies, alive through their chunked pass
     copies = {
         "selection": V * ds * 2 * half * select * (flow != "dense"),
         "loss": V * (ds + dt * runs) * 2 * half * (flow == "streamed"),
     }
-    forward = resident + t_hidden + s["activations"]  # the teacher's hidden states alive
+    forward = resident + t_hidden + s_act  # the teacher's hidden states alive
     phases = {
-        "teacher forward": resident + t["activations"] + lg.peaks["teacher forward"],
+        "teacher forward": resident + t_act + lg.peaks["teacher forward"],
         "student forward": forward + lg.peaks["student forward"],
         "selection": forward + copies["selection"] + lg.peaks["selection"],
         "loss": forward + head_grad + copies["loss"] + lg.peaks["loss"],
-        "backward": resident + s["activations"] + s["grads"] + head_grad + lg.peaks["backward"],
+        "backward": resident + s_act + grads + head_grad + lg.peaks["backward"],
         # foreach AdamW: one parameter-sized temporary
-        "optimizer step": resident + s["grads"] + s_params,
+        "optimizer step": resident + grads + s_params,
     }
     if "teacher head" in lg.peaks:
         phases["teacher head"] = forward + lg.peaks["teacher head"]
-    teacher_logits = [
-        x for x in lg.tensors if x["what"].startswith("teacher") and "logits" in x["what"]
-    ]
-    t_logits = max((x["bytes"] for x in teacher_logits), default=0)
+    # the teacher's own peak: its forward, or its hidden states and its logits
+    t_logits = [x["bytes"] for x in lg.tensors if re.match("teacher.*logits", x["what"])]
+    t_peak = max(t_act + lg.peaks["teacher forward"], t_hidden + max(t_logits, default=0))
     total = max(phases.values())
+    step = dict(flow=flow, B=B, L=L, V=V, n_sel=n_sel, chunk_rows=chunk, lam=lam, T=T)
     return {
-        "flow": flow,
-        "B": B,
-        "L": L,
-        "V": V,
-        "n_sel": n_sel,
-        "chunk_rows": chunk,
-        "lam": lam,
-        "T": T,
+        **step,
         "dtype": "bfloat16" if half else "float32",
-        "student": s,
-        "teacher": t,
+        "student": dict(params=s_params, grads=grads, adamw=adamw, activations=s_act),
+        "teacher": dict(params=t_params, activations=t_act),
         "logits": lg.tensors,
         "logit_peaks": lg.peaks,
         "logit_peak": max(lg.peaks.values()),
         "head_copies": copies,
         "phases": phases,
         "total": total,
-        "teacher_total": t_params
-        + max(t["activations"] + lg.peaks["teacher forward"], t_hidden + t_logits),
+        "teacher_total": t_params + t_peak,
         "student_total": total - t_params - t_hidden,
     }

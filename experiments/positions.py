@@ -14,18 +14,9 @@ import train
 
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
 SUMMARY_KEYS = (
-    "val_ppl",
-    "kl_to_teacher",
-    "agreement",
-    "ece",
-    "cloze_ppl",
-    "cloze_acc",
-    "cloze_ece",
-    "choice_acc",
-    "train_s",
-    "tokens_per_s",
-    "peak_bytes",
-)
+    "val_ppl kl_to_teacher agreement ece cloze_ppl cloze_acc cloze_ece choice_acc train_s "
+    "tokens_per_s peak_bytes"
+).split()
 
 
 def mean_std_row(label, per_seed, keys=SUMMARY_KEYS):
@@ -45,20 +36,13 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     configuration that appears in several tables once. -> {"tables", "seeds",
     "students_trained"}."""
     seeds = [args.seed + i for i in range(args.seeds)]
-    done = {}
+    done, common = {}, (corpus, device, teacher, evalset, student_init)
 
     def row(label, method, **kd):
         key = (method, tuple(sorted(kd.items())))
         if key not in done:
-            per_seed = []
-            for s in seeds:
-                a = experiments.with_flags(args, seed=s)
-                per_seed.append(
-                    train.distill_student(
-                        a, method, corpus, device, teacher, evalset, student_init, save=False, **kd
-                    )
-                )
-            done[key] = per_seed
+            flags = [experiments.with_flags(args, seed=s) for s in seeds]
+            done[key] = [train.distill_student(a, method, *common, save=False, **kd) for a in flags]
         return mean_std_row(label, done[key])
 
     k = args.k

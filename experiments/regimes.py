@@ -63,37 +63,18 @@ METHODS = {
     "random_smp": ("random_smp", {}, "RandomSmp"),
 }
 KEYS = (
-    "val_ppl",
-    "val_ppl_tau",
-    "tau",
-    "entropy",
-    "cloze_ppl_tau",
-    "control_ppl",
-    "control_ppl_tau",
-    "context_nats",
-    "kl_to_teacher",
-    "agreement",
-    "hard_kl",
-    "hard_agreement",
-    "cloze_ppl",
-    "cloze_acc",
-    "choice_acc",
-)
+    "val_ppl val_ppl_tau tau entropy cloze_ppl_tau control_ppl control_ppl_tau context_nats "
+    "kl_to_teacher agreement hard_kl hard_agreement cloze_ppl cloze_acc choice_acc"
+).split()
 
 ITEM_NLL = ("cloze_nll", "cloze_nll_tau", "control_nll", "control_nll_tau")
 
 
 def add_flags(p):
-    g = p.add_argument_group("regimes")
-    g.add_argument(
-        "--cells", default="", help="comma-separated cell letters to run (default: all, in order)"
-    )
-    g.add_argument(
-        "--cell-batch",
-        type=train.positive_int,
-        default=8,
-        help="sequences per step in the cells (the teacher and initial students keep --batch-size)",
-    )
+    add = p.add_argument_group("regimes").add_argument
+    add("--cells", default="", help="comma-separated cell letters to run (default: all, in order)")
+    batch = "sequences per step in the cells (the teacher and initial students keep --batch-size)"
+    add("--cell-batch", type=train.positive_int, default=8, help=batch)
 
 
 def student_args(args, size):
@@ -207,6 +188,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     done = json.load(open(path)) if os.path.exists(path) else {}
     wanted = [c for c in CELLS if not args.cells or c[0] in args.cells.upper().split(",")]
     inits, diagnosis, cells = {}, {}, {}
+    batch = args.cell_batch
     teacher_ppl = evalset.evaluate(teacher, args, limit=len(evalset.x))["val_ppl"]
     enc = data.gpt2_encoding()
     decode = lambda i: corpus.vocab.decode([i], enc)  # noqa: E731
@@ -214,64 +196,47 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
         size, lr, steps, lam, ce_at, k, methods = CELLS[name]
         if size not in inits:
             a = student_args(args, size)
-            model = (
-                student_init
-                if a is args
-                else distilled_init(a, corpus, device, teacher, evalset)
-                if size.endswith("kd")
-                else train.pretrained(a, corpus, device, evalset, "student")[0]
-            )
+            if a is args:
+                model = student_init
+            elif size.endswith("kd"):
+                model = distilled_init(a, corpus, device, teacher, evalset)
+            else:
+                model = train.pretrained(a, corpus, device, evalset, "student")[0]
             model.eval()
             diagnosis[size], hard = position_stats(model, evalset, seed=args.seed, decode=decode)
-            inits[size] = (a, model, WithHard(evalset, hard))
-            diagnosis[size].update(
-                inits[size][2].evaluate(model, args), teacher_val_ppl=teacher_ppl
-            )
+            hard_eval = WithHard(evalset, hard)
+            diagnosis[size].update(hard_eval.evaluate(model, args), teacher_val_ppl=teacher_ppl)
+            inits[size] = (a, model, hard_eval)
             print_diagnosis(size, diagnosis[size])
         a, model, hard_eval = inits[size]
-        rows = {}
+        cell = dict(lr=lr, student_steps=steps, lam=lam, ce_at=ce_at, k=k, batch_size=batch)
+        rows = {m: [] for m in methods}
         for m in methods:
-            per_seed = []
             for s in range(args.seed, args.seed + args.seeds):
-                full = m == "full_kd"  # Full KD is the same run whatever k and where the CE goes
-                key = (
-                    f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|"
-                    f"{'-' if full else ce_at}|k{1 if full else k:g}"
-                    f"|b{args.cell_batch}|s{s}"
-                )
+                # Full KD is the same run whatever k and where the CE goes
+                where, budget = ("-", 1) if m == "full_kd" else (ce_at, k)
+                key = f"{size}|{m}|lr{lr:g}|{steps}|lam{lam:g}|{where}|k{budget:g}|b{batch}|s{s}"
                 if key not in done:
-                    ca = experiments.with_flags(
-                        a, seed=s, lr=lr, student_steps=steps, lam=lam, ce_at=ce_at, k=k
-                    )
-                    ca.batch_size = args.cell_batch
+                    ca = experiments.with_flags(a, seed=s, **cell)
                     method, kd, _ = METHODS[m]
                     r = train.distill_student(
                         ca, method, corpus, device, teacher, hard_eval, model, save=False, **kd
                     )
-                    done[key] = {x: r.get(x) for x in KEYS + ("ece", "train_s")}
+                    done[key] = {x: r.get(x) for x in [*KEYS, "ece", "train_s"]}
                     for x in ITEM_NLL:  # every item's, to pair two students item by item
                         done[key][x] = [round(v, 5) for v in r.get(x, [])]
                     data.atomic_write_bytes(path, json.dumps(done, indent=1).encode())
-                per_seed.append(done[key])
-            rows[m] = per_seed
+                rows[m].append(done[key])
         cells[name] = summarise(name, rows)
         print_cell(cells[name])
     plot(cells, diagnosis, os.path.join(args.out_dir, "regimes.png"))
-    return {
-        "regimes": {
-            "cells": cells,
-            "diagnosis": diagnosis,
-            "cell_batch": args.cell_batch,
-            "seeds": args.seeds,
-        }
-    }
+    regimes = dict(cells=cells, diagnosis=diagnosis, cell_batch=batch, seeds=args.seeds)
+    return {"regimes": regimes}
 
 
 def summarise(name, rows):
-    out = {
-        "cell": name,
-        "rows": {m: mean_std_row(METHODS[m][2], r, keys=KEYS) for m, r in rows.items()},
-    }
+    means = {m: mean_std_row(METHODS[m][2], r, keys=KEYS) for m, r in rows.items()}
+    out = {"cell": name, "rows": means}
     for other in ("full_kd", "random_pos"):
         if other in rows and "sekd" in rows:
             out[f"sekd-{other}"] = {key: paired_gap(rows["sekd"], rows[other], key) for key in KEYS}
@@ -332,28 +297,20 @@ def plot(cells, diagnosis, path):
 
     names = [c for c in cells if "sekd-full_kd" in cells[c] or "sekd-random_pos" in cells[c]]
     fig, axes = plt.subplots(1, 4, figsize=(20, 0.5 * len(names) + 2.5), sharey=True)
-    for ax, key, unit in zip(
-        axes,
-        ("val_ppl", "cloze_ppl_tau", "cloze_ppl", "kl_to_teacher"),
-        (
-            "val PPL",
-            "cloze PPL at tau* (calibrated)",
-            "cloze PPL at tau 1",
-            "KL(teacher || student)",
-        ),
-        strict=True,
-    ):
-        for j, (gap, colour, label) in enumerate(
-            (
-                ("sekd-full_kd", "tab:blue", "SE-KD - Full KD"),
-                ("sekd-random_pos", "tab:orange", "SE-KD - RandomPos"),
-            )
-        ):
+    units = {
+        "val_ppl": "val PPL",
+        "cloze_ppl_tau": "cloze PPL at tau* (calibrated)",
+        "cloze_ppl": "cloze PPL at tau 1",
+        "kl_to_teacher": "KL(teacher || student)",
+    }
+    for ax, (key, unit) in zip(axes, units.items(), strict=True):
+        for j, other in enumerate(("full_kd", "random_pos")):  # C0: blue, C1: orange
+            gap, label = f"sekd-{other}", f"SE-KD - {METHODS[other][2]}"
             at = [(i, cells[c][gap][key]) for i, c in enumerate(names) if gap in cells[c]]
             ys = [i + 0.15 * (1 - 2 * j) for i, _ in at]
             m = [np.nan if mean is None else mean for _, (mean, _) in at]
             e = [sd or 0 for _, (_, sd) in at]
-            ax.errorbar(m, ys, xerr=e, fmt="o", color=colour, capsize=3, label=label)
+            ax.errorbar(m, ys, xerr=e, fmt="o", color=f"C{j}", capsize=3, label=label)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"gap in {unit} (< 0: SE-KD better)")
         ax.grid(alpha=0.3)

@@ -15,34 +15,19 @@ import torch
 import data
 import experiments
 import train
-from experiments.show import _heat, marked_tokens
+from experiments.show import _heat, marked_tokens, paint
 
 
 def add_flags(p):
-    g = p.add_argument_group("text samples (uses the checkpoints in --out-dir)")
-    positive = train.positive_int
-    g.add_argument(
-        "--sample-prompts",
-        type=positive,
-        default=3,
-        help="prompts, spread over the validation plays",
-    )
-    g.add_argument("--sample-prompt-len", type=positive, default=24, help="tokens per prompt")
-    g.add_argument(
-        "--sample-len", type=positive, default=40, help="tokens each model generates per prompt"
-    )
-    g.add_argument(
-        "--sample-temperature",
-        type=train.number(float, lambda v: v >= 0, ">= 0"),
-        default=0.8,
-        help="0 = greedy",
-    )
-    g.add_argument(
-        "--sample-top-k",
-        type=train.non_negative_int,
-        default=0,
-        help="sample among the k likeliest ids; 0 = all",
-    )
+    add = p.add_argument_group("text samples (uses the checkpoints in --out-dir)").add_argument
+    positive, at_least_0 = train.positive_int, train.number(float, lambda v: v >= 0, ">= 0")
+    spread = "prompts, spread over the validation plays"
+    add("--sample-prompts", type=positive, default=3, help=spread)
+    add("--sample-prompt-len", type=positive, default=24, help="tokens per prompt")
+    add("--sample-len", type=positive, default=40, help="tokens each model generates per prompt")
+    add("--sample-temperature", type=at_least_0, default=0.8, help="0 = greedy")
+    top_k = "sample among the k likeliest ids; 0 = all"
+    add("--sample-top-k", type=train.non_negative_int, default=0, help=top_k)
 
 
 def sample_prompts(corpus, n, length, enc):
@@ -57,17 +42,11 @@ def sample_prompts(corpus, n, length, enc):
         )
     last = len(stream) - length
 
-    def is_break(t):
-        return "\n" in t or t == enc.decode([enc.eot_token])
-
-    starts = []
-    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64):
-        breaks = [
-            i + 1
-            for i in range(s, min(s + 200, last))
-            if is_break(corpus.vocab.decode([stream[i]], enc))
-        ]
-        starts.append(breaks[0] if breaks else int(s))
+    starts, eot = [], enc.decode([enc.eot_token])
+    for s in np.linspace(0, max(0, last - 200), n).astype(np.int64).tolist():
+        texts = [corpus.vocab.decode([stream[i]], enc) for i in range(s, min(s + 200, last))]
+        breaks = [s + i + 1 for i, t in enumerate(texts) if "\n" in t or t == eot]
+        starts.append(breaks[0] if breaks else s)
     return torch.from_numpy(np.stack([stream[s : s + length] for s in starts])), starts
 
 
@@ -95,16 +74,6 @@ def colour_enabled():
     return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
 
 
-def paint(token, rgb):
-    """One token on a coloured background; a line break shows as ↵ and is made outside the
-    colour."""
-    r, g, b = rgb
-    return "\n".join(
-        f"\x1b[48;2;{r};{g};{b}m\x1b[30m{part}\x1b[0m" if part else ""
-        for part in token.replace("\n", "\u21b5\n").split("\n")
-    )
-
-
 def run(args, corpus, device):
     """--sample-prompts validation prompts, and each model's continuation of them
     (the teacher, then every saved student), one block under the other; each generated token is
@@ -125,14 +94,8 @@ def run(args, corpus, device):
         train.check_signature(ckpt, corpus, path)
         model = train.GPT_from(ckpt).to(device).eval()
         g = torch.Generator(device=device).manual_seed(args.seed)
-        out, ent = model.generate(
-            prompts.to(device),
-            args.sample_len,
-            args.sample_temperature,
-            args.sample_top_k,
-            g,
-            ban=corpus.vocab.unk,
-        )
+        how = (args.sample_len, args.sample_temperature, args.sample_top_k, g)
+        out, ent = model.generate(prompts.to(device), *how, ban=corpus.vocab.unk)
         text[name] = [
             [corpus.vocab.decode([int(t)], enc) for t in row[prompts.shape[1] :]]
             for row in out.cpu()
@@ -140,26 +103,19 @@ def run(args, corpus, device):
         entropy[name] = ent.cpu().tolist()
     colour = colour_enabled()
     hi = max(max(max(row) for row in e) for e in entropy.values())
+    note = f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats"
     print(
         f"\n{len(prompts)} validation prompts of {prompts.shape[1]} tokens, {args.sample_len} new "
         f"tokens per model, temperature {args.sample_temperature}, top-k "
-        f"{args.sample_top_k or 'off'}, seed {args.seed}"
-        + (
-            f"; colour = the model's own entropy at that step, white 0 to red {hi:.2f} nats"
-            if colour
-            else ""
-        )
+        f"{args.sample_top_k or 'off'}, seed {args.seed}{note if colour else ''}"
     )
     for i, start in enumerate(starts):
         print(f"\n=== prompt {i + 1} (validation token {start:,})\n{shown[i]}")
         for name, _ in models:
             tokens, ent = text[name][i], entropy[name][i]
-            body = (
-                "".join(paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent, strict=False))
-                if colour
-                else "".join(tokens)
-            )
-            print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{body}")
+            if colour:
+                tokens = [paint(t, _heat(e, 0.0, hi)) for t, e in zip(tokens, ent, strict=False)]
+            print(f"--- {name}, mean entropy {np.mean(ent):.2f} nats\n{''.join(tokens)}")
     result = {
         "prompt_starts": starts,
         "prompts": shown,

@@ -22,6 +22,15 @@ def _heat(e, lo, hi):
     return 255, int(255 * (1 - f)), int(255 * (1 - f))
 
 
+def paint(token, rgb, bold=False):
+    """One token on a coloured background (`bold`: also bold and underlined); a line break shows as
+    ↵ and is made outside the colour."""
+    r, g, b = rgb
+    style = f"\x1b[48;2;{r};{g};{b}m\x1b[30m" + ("\x1b[1;4m" if bold else "")
+    parts = token.replace("\n", "\u21b5\n").split("\n")
+    return "\n".join(f"{style}{part}\x1b[0m" if part else "" for part in parts)
+
+
 def marked_tokens(ids, gpt2_ids, unk, enc):
     """Each token's text, from its original GPT-2 id: a run of tokens a compact vocabulary holds as
     its one id for rare ones (`unk`, which has no text) is marked as ⟨Windsor⟩, its leading space
@@ -64,9 +73,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
                 sekd.METRICS[metric], h, w, valid, th, evalset.teacher_w, y
             )
             state = sekd.PositionState(args.gls_queue, args.curriculum_steps)  # as at step 0
-            picks[metric if policy == "topk" else f"{metric} {policy}"] = sekd.POLICIES[policy](
-                scores, args.k, valid, state
-            )[0]
+            name = metric if policy == "topk" else f"{metric} {policy}"
+            picks[name] = sekd.POLICIES[policy](scores, args.k, valid, state)[0]
     other = list(picks)[1]
     enc = data.gpt2_encoding()
     row = int(np.flatnonzero((corpus.val[:, :-1] == x[0].cpu().numpy()).all(1))[0])  # its sample
@@ -84,11 +92,8 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
             f"entropy {float(ent[sel].mean()) if sel.any() else 0.0:.2f} nats)"
         )
         ansi = "".join(
-            f"\x1b[48;2;{r};{g};{b}m\x1b[30m{(chr(27) + '[1;4m') if s else ''}{t}\x1b[0m"
-            for t, s, (r, g, b) in (
-                (t.replace("\n", "\u21b5\n"), bool(s), _heat(float(e), lo, hi))
-                for t, s, e in zip(tokens, sel, ent, strict=False)
-            )
+            paint(t, _heat(float(e), lo, hi), bool(s))
+            for t, s, e in zip(tokens, sel, ent, strict=False)
         )
         print(
             f"\n== {title}  (colour: student entropy, white {lo:.2f} to red {hi:.2f} nats; marked "
@@ -133,11 +138,9 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
 
 
 def add_flags(p):
+    shown = "the validation sequence shown"
     p.add_argument_group("show").add_argument(
-        "--show-sample",
-        type=train.non_negative_int,
-        default=0,
-        help="the validation sequence shown",
+        "--show-sample", type=train.non_negative_int, default=0, help=shown
     )
 
 

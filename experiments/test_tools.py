@@ -83,6 +83,27 @@ def test_lm_eval_scores_our_items_as_evalset(corpora, tmp_path, few_items):
     assert got["sekd_choice"]["acc_bytes,none"] == ours["choice_acc"] > 0.25
 
 
+def test_tasks_read_each_window_where_it_is(tmp_path, few_items):
+    """The validation text twice, every 4th line of the copy its next one: many windows of the copy
+    begin with ids met earlier and go on otherwise. Each item's context is its own window's text,
+    so lm-eval's split gives back every choice item's ids (its context ends in a word)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = data.shakespeare_split()[0][0].splitlines()
+    val = lines[2800:3000]
+    copy = [val[i + 1] if i % 4 == 0 else line for i, line in enumerate(val[:-1])]
+    docs = ["\n".join(lines[i : i + 400]) + "\n" for i in range(0, 2800, 400)]
+    pq.write_table(
+        pa.table({"text": docs + ["\n".join(val + copy) + "\n"]}), tmp_path / "p.parquet"
+    )
+    corpus = data.prepare(f"files:{tmp_path / 'p.parquet'}", 32, False, str(tmp_path / "cache"))
+    items = data.eval_items(corpus)[0]
+    kept = harness.write_tasks(corpus, items, str(tmp_path / "tasks"))
+    assert len(items["choice"][2]) >= 20 * data.OPTIONS
+    assert torch.equal(kept["choice"][-1], items["choice"][-1])  # all of them, in order
+
+
 def test_lm_eval_hf_model_of_the_export_scores_as_ours(corpora, tmp_path, few_items):
     """GPT-2's whole vocabulary: lm-eval's own `hf` model, on the exported model, says what
     SekdLM and EvalSet say (12 items of each kind, a random model)."""

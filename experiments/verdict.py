@@ -129,26 +129,18 @@ def table(title, runs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="*", default=[], help="the map's regimes_runs.json files")
-    p.add_argument(
-        "--default", nargs="*", default=[], help="the default job's results, a seed each"
-    )
-    p.add_argument("--out", default="", help="also write the tables to this markdown file")
+    add = p.add_argument
+    add("--runs", nargs="*", default=[], help="the map's regimes_runs.json files")
+    add("--default", nargs="*", default=[], help="the default job's results, a seed each")
+    add("--out", default="", help="also write the tables to this markdown file")
     args = p.parse_args(argv)
-    parts, total = [], 0
-    if args.default:
-        text, n = table("the default job", default_runs(args.default))
-        parts.append(text)
-        total += n
+    tables = [("the default job", default_runs(args.default))] if args.default else []
     for path in args.runs:
-        for name, runs in map_runs(path).items():
-            text, n = table(f"cell {name} ({path})", runs)
-            parts.append(text)
-            total += n
-    text = (
-        "\n".join(parts)
-        + f"\nIn all {total} comparisons: about {total / 20:.0f} would hold by chance."
-    )
+        tables += [(f"cell {name} ({path})", runs) for name, runs in map_runs(path).items()]
+    parts = [table(title, runs) for title, runs in tables]
+    total = sum(n for _, n in parts)
+    text = "\n".join(part for part, _ in parts)
+    text += f"\nIn all {total} comparisons: about {total / 20:.0f} would hold by chance."
     print(text)
     if args.out:
         with open(args.out, "w") as f:
