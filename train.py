@@ -46,7 +46,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def number(kind, ok, what):
-    """An argparse type for a number no library checks: kind(text), refused unless ok(value)."""
+    """An argparse type: kind(text), refused unless ok(value)."""
 
     def parse(text):
         if not ok(value := kind(text)):
@@ -60,10 +60,11 @@ def number(kind, ok, what):
 positive_int = number(int, lambda v: v >= 1, "at least 1")
 non_negative_int = number(int, lambda v: v >= 0, "at least 0")
 positive_float = number(float, lambda v: v > 0, "> 0")
+share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+budget = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")
 # U's upper bound is the cache file's (7-bit counts), not the method's: KDConfig checks U >= 1
-draw_count = number(
-    int, lambda v: 1 <= v <= data.MAX_DRAWS, f"in [1, {data.MAX_DRAWS}] (7-bit counts)"
-)
+draws = f"in [1, {data.MAX_DRAWS}] (7-bit counts)"
+draw_count = number(int, lambda v: 1 <= v <= data.MAX_DRAWS, draws)
 
 # Every --method: name -> (its positions: a sekd method; classes: full, rskd, or cache (SE-KD_3X:
 # the teacher's draws read from a file); samples: all, top (TopSmp) or random; its name in tables)
@@ -149,12 +150,10 @@ def build_parser():
     add("--U", type=draw_count, default=kd.U, help="RS-KD draws per position (7-bit counts)")
     kl = "KL(teacher || student), or reverse: KL(student || teacher); auto: reverse on-policy"
     add("--divergence", default="auto", choices=["auto", "forward", "reverse"], help=kl)
-    share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
     add("--on-policy", type=share, default=0.0, help="share of sequences the student writes")
     add("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt (0: --seq-len/2)")
     add("--seeds", type=positive_int, default=3, help="experiments/: students (seeds) per row")
     add = p.add_argument_group("sample axis, offline teacher cache").add_argument
-    budget = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")
     add("--l", type=budget, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     add("--cache", default="", help="SE-KD_3X's (default OUT_DIR/rskd_cache_seedSEED.bin)")
     add("--rebuild-cache", action="store_true", help="build the cache anew even if one exists")
@@ -319,20 +318,15 @@ def gather_objects(obj):  # every rank's obj, in rank order
 def average_gradients(model):
     """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
     hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
-    if WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad = g.view_as(p)
+    for p in model.parameters() if WORLD > 1 else []:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank that never used p
+        dist.all_reduce(p.grad)  # a sum (gloo has no average)
+        p.grad /= WORLD
 
 
-def autocast_dtype(args, device):  # --dtype auto: bfloat16 on CUDA
-    auto = torch.bfloat16 if device.type == "cuda" else None
-    return {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+def autocast_dtype(args, device):  # None: float32
+    if args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda":
+        return torch.bfloat16
 
 
 def autocast(args, device):
@@ -344,17 +338,14 @@ def teacher_ckpt_path(args):
     return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
 
 
-def init_ckpt_path(args):  # the initial student's
-    return os.path.join(args.out_dir, "student_init.pt")
-
-
 def cache_path(args):
     return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
 
 
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+def file_sha256(path):  # None: no such file
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
@@ -389,27 +380,22 @@ _PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds
 def sample_prepass(student, corpus, args, device):
     """The frozen initial student scores every training sample by its mean entropy -> (scores [N]
     float64, seconds). Each rank scores its share of the batches; every rank gets all the scores."""
-    config = json.dumps(asdict(student.config), sort_keys=True)
-    key = (args.seed, config, corpus.meta["data_fingerprint"], args.dtype, str(device))
-    if key not in _PREPASS:
-        t0, scores, bs, chunk_rows = time.time(), [], args.batch_size, args.chunk_rows or None
-        student.eval()
-        starts = range(0, len(corpus.train), bs)
-        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
-            with autocast(args, device):
-                h = student.hidden(x)
-            valid = torch.ones_like(x, dtype=torch.bool)
-            H = sekd.sample_entropy(h.float(), student.head_weight.float(), valid, chunk_rows)
-            scores.append(H.double().cpu().numpy())
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        _PREPASS[key] = (scores, seconds)
-        what = f"{len(corpus.train):,} samples by mean student entropy"
-        print(f"[pre-pass] scored {what} in {seconds:.1f}s")
+    key = (args.seed, str(student.config), corpus.meta["data_fingerprint"], args.dtype, str(device))
+    if key in _PREPASS:
+        return _PREPASS[key]
+    t0, scores, bs, w = time.time(), [np.zeros(0)], args.batch_size, student.head_weight.float()
+    starts = range(0, len(corpus.train), bs)
+    student.eval()
+    for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
+        x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
+        with autocast(args, device):
+            h = student.hidden(x).float()
+        H = sekd.sample_entropy(h, w, torch.ones_like(x, dtype=torch.bool), args.chunk_rows or None)
+        scores.append(H.double().cpu().numpy())  # .cpu() waits for the GPU
+    student.train()
+    _PREPASS[key] = np.concatenate(gather_objects(np.concatenate(scores))), time.time() - t0
+    what = f"{len(corpus.train):,} samples by mean student entropy"
+    print(f"[pre-pass] scored {what} in {_PREPASS[key][1]:.1f}s")
     return _PREPASS[key]
 
 
@@ -640,9 +626,8 @@ class EvalSet:
 
     @torch.no_grad()
     def set_teacher(self, teacher, args):
-        with autocast(args, self.x.device):
-            h = [teacher.hidden(x).float() for x in self.x.split(self.bs)]
-        self.teacher_h, self.teacher_w = torch.cat(h), teacher.head_weight.detach().float()
+        self.teacher_h = self.hidden(teacher, args, self.x)
+        self.teacher_w = teacher.head_weight.detach().float()
 
     def hidden(self, model, args, x):
         with autocast(args, self.x.device):
@@ -681,32 +666,27 @@ class EvalSet:
             h, w = self.hidden(model, args, self.fit_x), model.head_weight.float()
             tau = sekd.fit_temperature(h, w, y, y >= 0)
         s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None, tau)
-        n, ce = len(s["nll"]), s["nll"].mean().item()
-        kl, agree = (s["kl"].sum().item() / n, s["agree"].mean().item()) if t else (None, None)
-        out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=kl, agreement=agree)
-        out.update(eval_tokens=n, ece=sekd.expected_calibration_error(s["conf"], s["correct"]))
-        out.update(
-            tau=tau, val_ppl_tau=math.exp(s["nll_tau"].mean()), entropy=s["entropy"].mean().item()
-        )
+        n, mean = len(s["nll"]), {name: v.mean().item() for name, v in s.items()}
+        kl, agree = (s["kl"].sum().item() / n, mean["agree"]) if t else (None, None)
+        out = dict(val_loss=mean["nll"], val_ppl=math.exp(mean["nll"]), kl_to_teacher=kl)
+        out |= dict(agreement=agree, eval_tokens=n)
+        out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+        out |= dict(tau=tau, val_ppl_tau=math.exp(mean["nll_tau"]), entropy=mean["entropy"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
             s, n = self.sums(model, args, x, y, tau=tau), len(lengths)
             nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
-            out.update({f"{kind}_items": n, f"{kind}_nll": nll.tolist()})
-            out[f"{kind}_nll_tau"] = nll_tau.tolist()
-            if kind != "choice":  # the cloze, and its control
-                out.update(
-                    {
-                        f"{kind}_ppl": math.exp(nll.mean()),
-                        f"{kind}_ppl_tau": math.exp(nll_tau.mean()),
-                    }
-                )
-                out[f"{kind}_acc"] = (
-                    (per_item(row, 1 - s["correct"], n) == 0).double().mean().item()
-                )
-                out[f"{kind}_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+            item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
+            if (
+                kind != "choice"
+            ):  # the cloze, and its control: a word is right if all its tokens are
+                right = per_item(row, 1 - s["correct"], n) == 0
+                item |= dict(ppl=math.exp(nll.mean()), ppl_tau=math.exp(nll_tau.mean()))
+                item |= dict(acc=right.double().mean().item())
+                item["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
             else:  # by log-likelihood per byte: the true option is option 0
                 best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
-                out.update(choice_acc=(best == 0).double().mean().item(), choice_items=len(best))
+                item |= dict(acc=(best == 0).double().mean().item(), items=len(best))
+            out |= {f"{kind}_{name}": value for name, value in item.items()}
         if "control_nll" in out and "cloze_nll" in out:  # what the context gives, nats a word
             out["context_nats"] = math.log(out["control_ppl_tau"] / out["cloze_ppl_tau"])
         model.train()
@@ -751,7 +731,7 @@ def pretrained(args, corpus, device, evalset, who):
     if getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train or save
         return GPT_from_hf(getattr(args, f"{who}_init"), args.seq_len).to(device), {"train_s": 0.0}
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
-    path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
+    path = teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
     seed = args.seed + (1 if teacher else 2)
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
@@ -909,11 +889,10 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
-    init, teacher = init_ckpt_path(args), teacher_ckpt_path(args)
-    init_used = args.student_init_steps > 0 and os.path.exists(init)
+    init = os.path.join(args.out_dir, "student_init.pt")
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    key["teacher"] = file_sha256(teacher) if os.path.exists(teacher) else None
-    key["student_init"] = file_sha256(init) if init_used else None
+    key["teacher"] = file_sha256(teacher_ckpt_path(args))
+    key["student_init"] = file_sha256(init) if args.student_init_steps > 0 else None
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in RUN_FLAGS}
 
