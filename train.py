@@ -507,13 +507,6 @@ def state_bytes(*items):
 # ----------------------------------------------------------------------------- training loop
 
 
-def lr_at(step, steps, peak, warmup):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def make_optimizer(model, lr, weight_decay):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -527,12 +520,15 @@ def fmt_time(s):
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
-    """AdamW, warm-up + cosine, accumulation, clipping; `loss_fn(step, micro, x, y, *cached)` ->
-    (loss, n_selected); `save(ckpt)` every --eval-interval steps. `frozen`: the teacher's bytes."""
-    opt = make_optimizer(model, lr, args.weight_decay)
-    start = saved = resume["step"] if resume else 0
-    if resume:
+    """AdamW, linear warm-up then cosine to lr/10, accumulation, clipping. `loss_fn(step, micro, x,
+    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps; `resume`: the
+    checkpoint to go on from. `frozen`: the teacher's bytes."""
+    opt, resume = make_optimizer(model, lr, args.weight_decay), resume or {}
+    start = saved = resume.get("step", 0)
+    if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
+        model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
+        set_rng_state(resume.get("rng", []))
         print(f"[{tag}] resuming at step {start}/{steps}")
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -544,11 +540,12 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
     # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only
     # step, at whatever step a run resumes: that step runs eager (LiveBytes), so metering another
     # would end a resumed run on another student. Its checkpoint keeps the peak.
-    metered, peak_cpu = min(1, steps - 1), (resume or {}).get("live_peak", 0)
+    metered, peak_cpu = min(1, steps - 1), resume.get("live_peak", 0)
     for step in range(start, steps):
-        ts = time.time()
+        ts, progress = time.time(), min(1.0, (step - args.warmup) / max(1, steps - args.warmup))
+        cosine = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, args.warmup)
+            group["lr"] = lr * (step + 1) / args.warmup if step < args.warmup else cosine
         meter = LiveBytes() if dev.type != "cuda" and step == metered else nullcontext()
         with meter:
             total = 0.0
@@ -580,9 +577,10 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
             times = f"{rate:,.0f} tok/s | elapsed {fmt_time(time.time() - t0)} | ETA {eta}"
             print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {times}", flush=True)
         if save is not None and (done % args.eval_interval == 0 or done == steps):
-            weights = dict(model=model.state_dict(), config=asdict(model.config))
-            trained = dict(step=done, steps=steps, train_s=train_time, live_peak=peak_cpu)
-            save(weights | trained | {"optimizer": opt.state_dict()})
+            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng_state())
+            # train_s: the time of every run that made this checkpoint
+            trained = dict(step=done, steps=steps, train_s=resume.get("train_s", 0) + train_time)
+            save(weights | trained | dict(live_peak=peak_cpu, optimizer=opt.state_dict()))
             saved = done
     if dev.type == "cuda":
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
@@ -733,9 +731,8 @@ def pretrained(args, corpus, device, evalset, who):
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
     path = teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
-    seed = args.seed + (1 if teacher else 2)
+    seed, ckpt = args.seed + (1 if teacher else 2), None
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
-    ckpt = None
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
         ckpt = load_checkpoint(path)
         check_signature(ckpt, corpus, path)
@@ -743,6 +740,10 @@ def pretrained(args, corpus, device, evalset, who):
             short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
             fix = f"use --seq-len {block} or less, or --retrain-teacher"
             raise UserError(f"teacher checkpoint {path} {short}: {fix}")
+        if named and ckpt["step"] < ckpt["steps"]:
+            unfinished = f"teacher checkpoint {path} is unfinished"
+            raise UserError(f"{unfinished}: run --run teacher to complete it")
+    # a saved teacher is used whatever made it; the initial student only if these flags made it
     wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
     made = asdict(sekd.GPTConfig(**ckpt["config"])) if ckpt else None  # new fields: defaults
     if not teacher and ckpt and (made, ckpt["steps"], ckpt.get("seed")) != wanted:
@@ -753,19 +754,13 @@ def pretrained(args, corpus, device, evalset, who):
         made = f"{c['n_layer']} layers, d={c['n_embd']}, {ckpt['steps']} steps"
         print(f"[{who}] reusing {path} ({made}, val ppl {ckpt['val_ppl']:.2f}){anew}")
         return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s", 0.0), "reused": True}
-    if named:
-        raise UserError(
-            f"teacher checkpoint {path} is unfinished: run --run teacher to complete it"
-        )
     torch.manual_seed(args.seed)
     model = GPT_from(ckpt).to(device) if ckpt else new_model(args, who, corpus.vocab.size, device)
     model, ce = maybe_compile(model, args), sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
-    before = (ckpt or {}).get("train_s", 0.0)  # the training time of the run this one resumes
 
-    def save(ckpt):
+    def save(ckpt):  # with a quick look at the val ppl
         ppl = evalset.evaluate(model, args, limit=64)["val_ppl"]
-        ckpt |= dict(seed=seed, signature=corpus.signature, val_ppl=ppl)
-        save_checkpoint(path, ckpt | {"train_s": before + ckpt["train_s"]})
+        save_checkpoint(path, ckpt | dict(seed=seed, signature=corpus.signature, val_ppl=ppl))
         print(f"[{who}] step {ckpt['step']}: quick val ppl {ppl:.2f}, saved {path}")
 
     ranks = dict(rank=RANK, world=WORLD)
@@ -862,14 +857,12 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     path = os.path.join(args.out_dir, f"student_{method}.pt")
     key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
     resume = resumable(path, key, method) if save else None
-    if resume:  # everything a step reads: weights, AdamW (train_loop), GLS queue, RNG, step
-        student.load_state_dict(resume["model"])
+    if resume:  # GLS's queue; train_loop: the weights, AdamW, the generators, the step
         state.queue = resume["gls_queue"]
-        set_rng_state(resume["rng"])
 
     def save_ckpt(ckpt):
         run = dict(signature=corpus.signature, kd=asdict(cfg), run_key=key, gls_queue=state.queue)
-        save_checkpoint(path, ckpt | run | {"rng": rng_state()})
+        save_checkpoint(path, ckpt | run)
 
     frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
     ckpt = save_ckpt if save else None
