@@ -186,8 +186,7 @@ def parse_args(argv=None, parser=None):
 
 
 def check_flags(a):
-    """What argparse cannot check, before any work: the model sizes, the flags that depend on each
-    other, the machine, and the KDConfig of each method the run trains. -> {method: KDConfig}"""
+    """What argparse cannot check, before any work. -> {each method the run trains: KDConfig}"""
     for who in ("teacher", "student"):  # sekd.GPTConfig checks the sizes (V: 1 until the data)
         model_config(a, who, vocab_size=1)
     if a.prompt_len > a.seq_len:
@@ -293,14 +292,6 @@ def init_distributed(device):
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
         if RANK:
             sys.stdout = open(os.devnull, "w")
-
-
-def finish_distributed():
-    global RANK, WORLD
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    RANK, WORLD = 0, 1
 
 
 def barrier():
@@ -813,13 +804,12 @@ def GPT_from_hf(hf, block_size):
 
 # Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
 RUN_FLAGS = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l".split()
-RUN_FLAGS += ["student_layers", "student_embd", "student_heads"]
-RUN_FLAGS += ["student_init_steps", "student_init_lr"]
+RUN_FLAGS += "student_layers student_embd student_heads student_init_steps student_init_lr".split()
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
-    """One student from the initial student `init` (the same for every method), trained with
-    --method `method` (`kd`: KDConfig fields overridden) and evaluated. -> the results row."""
+    """A student from the initial student `init`, distilled by --method `method` (`kd`: KDConfig
+    fields overridden) and evaluated. -> its results row"""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -854,8 +844,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
             student, teacher, x, y, cfg, on_policy, prompt_len, gen, state
         )
 
-    path = os.path.join(args.out_dir, f"student_{method}.pt")
-    key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
+    path, steps = os.path.join(args.out_dir, f"student_{method}.pt"), plan["steps"]
+    key = run_key(args, method, cfg, corpus, steps, on_policy, prompt_len) if save else None
     resume = resumable(path, key, method) if save else None
     if resume:  # GLS's queue; train_loop: the weights, AdamW, the generators, the step
         state.queue = resume["gls_queue"]
@@ -865,9 +855,9 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
         save_checkpoint(path, ckpt | run)
 
     frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
-    ckpt = save_ckpt if save else None
+    save = save_ckpt if save else None
     stats = train_loop(
-        student, loss_fn, batches, plan["steps"], args.lr, args, method, ckpt, resume, frozen
+        student, loss_fn, batches, steps, args.lr, args, method, save, resume, frozen
     )
     name = label.format(k=cfg.k, U=args.U, l=args.l)
     if method == "sekd" and (cfg.metric, cfg.policy) != ("student_entropy", "topk"):
@@ -989,8 +979,7 @@ ACCOUNT |= dict(head_grad="head grad", logits="logits peak", total="total")
 
 
 def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account of each method's step, printed (MiB) before training; it models no
-    on-policy step. -> {method: account}"""
+    """sekd.memory_account of each method's step (none on-policy), printed. -> {method: account}"""
     student, out = model_config(args, "student", corpus.vocab.size), {}
     low_precision = autocast_dtype(args, device) is not None
     for m, cfg in configs.items():
@@ -1033,8 +1022,7 @@ def load_data(args):
 
 
 def setup(args):
-    """What every job that distils starts from (ours, and each in experiments/): the data, the
-    evaluation set, the teacher, the initial student (but for --run teacher), and their rows."""
+    """What every job that distils starts from (ours, and each in experiments/), and its rows."""
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, stats = pretrained(args, corpus, device, evalset, "teacher")
@@ -1044,14 +1032,13 @@ def setup(args):
     student_init = None
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, stats = pretrained(args, corpus, device, evalset, "student")
-        rows.append(
-            {"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}
-        )
+        rows += [{"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}]
     return corpus, device, evalset, teacher, student_init, rows
 
 
 def write_results(args, corpus, t_start, **results):
     """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`."""
+    global RANK, WORLD
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
     result["total_s"] = time.time() - t_start
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
@@ -1059,7 +1046,10 @@ def write_results(args, corpus, t_start, **results):
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
-    finish_distributed()
+    if WORLD > 1:  # every rank done: torchrun's group closes
+        barrier()
+        dist.destroy_process_group()
+    RANK, WORLD = 0, 1
     return result
 
 
