@@ -633,9 +633,8 @@ class EvalSet:
             cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
             cold = cols[0]
             if tau != 1:  # the logits h w^T / tau
-                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)[
-                    valid
-                ]
+                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)
+                cold = cold[valid]
             cols.append(cold[:, :1])
             if teacher_h is not None:
                 th, tw = teacher_h[i : i + self.bs], self.teacher_w
@@ -957,18 +956,15 @@ def print_table(rows, device, title=None):
     """The measures of the validation text and the costs, then of the items."""
     print("\n" + title if title else "")
     print_columns(rows, TEXT | COSTS)
-    n = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
-    if n:
+    if n := next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {}):
         print()
         print_columns(rows, ITEMS)
-        words = (
-            f"{n.get('cloze_items', 0):,} hard words, {n.get('control_items', 0):,} control words"
-        )
+        cloze, control = n.get("cloze_items", 0), n.get("control_items", 0)
+        words = f"{cloze:,} hard words, {control:,} control words (new to their window)"
+        print(f"cloze: {words}; context: control - cloze at tau*, nats")
         choice = f"{n.get('choice_items', 0):,} items of {data.OPTIONS} options"
-        print(f"cloze: {words} (new to their window); context: control - cloze at tau*, nats")
         print(f"choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
-    how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
-    if how:
+    if how := next((r["peak_how"] for r in rows if r.get("peak_how")), ""):
         print(f"peak memory on {device}: {how}")
 
 
