@@ -309,7 +309,7 @@ def gather_objects(obj):  # every rank's obj, in rank order
 def average_gradients(model):
     """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
     hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
-    for p in model.parameters() if WORLD > 1 else []:
+    for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank that never used p
         dist.all_reduce(p.grad)  # a sum (gloo has no average)
         p.grad /= WORLD
@@ -664,10 +664,8 @@ class EvalSet:
             s, n = self.sums(model, args, x, y, tau=tau), len(lengths)
             nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
             item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
-            if (
-                kind != "choice"
-            ):  # the cloze, and its control: a word is right if all its tokens are
-                right = per_item(row, 1 - s["correct"], n) == 0
+            if kind != "choice":  # the cloze, and its control
+                right = per_item(row, 1 - s["correct"], n) == 0  # every token of the word
                 item |= dict(ppl=math.exp(nll.mean()), ppl_tau=math.exp(nll_tau.mean()))
                 item |= dict(acc=right.double().mean().item())
                 item["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
