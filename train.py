@@ -46,7 +46,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def number(kind, ok, what):
-    """An argparse type for a number no library checks: kind(text), refused unless ok(value)."""
+    """An argparse type: kind(text), refused unless ok(value)."""
 
     def parse(text):
         if not ok(value := kind(text)):
@@ -60,10 +60,11 @@ def number(kind, ok, what):
 positive_int = number(int, lambda v: v >= 1, "at least 1")
 non_negative_int = number(int, lambda v: v >= 0, "at least 0")
 positive_float = number(float, lambda v: v > 0, "> 0")
+share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+budget = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")
 # U's upper bound is the cache file's (7-bit counts), not the method's: KDConfig checks U >= 1
-draw_count = number(
-    int, lambda v: 1 <= v <= data.MAX_DRAWS, f"in [1, {data.MAX_DRAWS}] (7-bit counts)"
-)
+draws = f"in [1, {data.MAX_DRAWS}] (7-bit counts)"
+draw_count = number(int, lambda v: 1 <= v <= data.MAX_DRAWS, draws)
 
 # Every --method: name -> (its positions: a sekd method; classes: full, rskd, or cache (SE-KD_3X:
 # the teacher's draws read from a file); samples: all, top (TopSmp) or random; its name in tables)
@@ -149,12 +150,10 @@ def build_parser():
     add("--U", type=draw_count, default=kd.U, help="RS-KD draws per position (7-bit counts)")
     kl = "KL(teacher || student), or reverse: KL(student || teacher); auto: reverse on-policy"
     add("--divergence", default="auto", choices=["auto", "forward", "reverse"], help=kl)
-    share = number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
     add("--on-policy", type=share, default=0.0, help="share of sequences the student writes")
     add("--prompt-len", type=non_negative_int, default=0, help="on-policy prompt (0: --seq-len/2)")
     add("--seeds", type=positive_int, default=3, help="experiments/: students (seeds) per row")
     add = p.add_argument_group("sample axis, offline teacher cache").add_argument
-    budget = number(float, lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.2 for 20%)")
     add("--l", type=budget, default=0.2, help="share of training samples TopSmp / RandomSmp keep")
     add("--cache", default="", help="SE-KD_3X's (default OUT_DIR/rskd_cache_seedSEED.bin)")
     add("--rebuild-cache", action="store_true", help="build the cache anew even if one exists")
@@ -187,8 +186,7 @@ def parse_args(argv=None, parser=None):
 
 
 def check_flags(a):
-    """What argparse cannot check, before any work: the model sizes, the flags that depend on each
-    other, the machine, and the KDConfig of each method the run trains. -> {method: KDConfig}"""
+    """What argparse cannot check, before any work. -> {each method the run trains: KDConfig}"""
     for who in ("teacher", "student"):  # sekd.GPTConfig checks the sizes (V: 1 until the data)
         model_config(a, who, vocab_size=1)
     if a.prompt_len > a.seq_len:
@@ -296,14 +294,6 @@ def init_distributed(device):
             sys.stdout = open(os.devnull, "w")
 
 
-def finish_distributed():
-    global RANK, WORLD
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    RANK, WORLD = 0, 1
-
-
 def barrier():
     if WORLD > 1:
         dist.barrier()
@@ -319,20 +309,15 @@ def gather_objects(obj):  # every rank's obj, in rank order
 def average_gradients(model):
     """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
     hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
-    if WORLD == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)  # a sum (gloo has no average)
-    flat /= WORLD
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad = g.view_as(p)
+    for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank that never used p
+        dist.all_reduce(p.grad)  # a sum (gloo has no average)
+        p.grad /= WORLD
 
 
-def autocast_dtype(args, device):  # --dtype auto: bfloat16 on CUDA
-    auto = torch.bfloat16 if device.type == "cuda" else None
-    return {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+def autocast_dtype(args, device):  # None: float32
+    if args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda":
+        return torch.bfloat16
 
 
 def autocast(args, device):
@@ -344,17 +329,14 @@ def teacher_ckpt_path(args):
     return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
 
 
-def init_ckpt_path(args):  # the initial student's
-    return os.path.join(args.out_dir, "student_init.pt")
-
-
 def cache_path(args):
     return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
 
 
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+def file_sha256(path):  # None: no such file
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
@@ -389,27 +371,22 @@ _PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds
 def sample_prepass(student, corpus, args, device):
     """The frozen initial student scores every training sample by its mean entropy -> (scores [N]
     float64, seconds). Each rank scores its share of the batches; every rank gets all the scores."""
-    config = json.dumps(asdict(student.config), sort_keys=True)
-    key = (args.seed, config, corpus.meta["data_fingerprint"], args.dtype, str(device))
-    if key not in _PREPASS:
-        t0, scores, bs, chunk_rows = time.time(), [], args.batch_size, args.chunk_rows or None
-        student.eval()
-        starts = range(0, len(corpus.train), bs)
-        for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
-            x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
-            with autocast(args, device):
-                h = student.hidden(x)
-            valid = torch.ones_like(x, dtype=torch.bool)
-            H = sekd.sample_entropy(h.float(), student.head_weight.float(), valid, chunk_rows)
-            scores.append(H.double().cpu().numpy())
-        student.train()
-        scores = np.concatenate(gather_objects(np.concatenate(scores) if scores else np.zeros(0)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        _PREPASS[key] = (scores, seconds)
-        what = f"{len(corpus.train):,} samples by mean student entropy"
-        print(f"[pre-pass] scored {what} in {seconds:.1f}s")
+    key = (args.seed, str(student.config), corpus.meta["data_fingerprint"], args.dtype, str(device))
+    if key in _PREPASS:
+        return _PREPASS[key]
+    t0, scores, bs, w = time.time(), [np.zeros(0)], args.batch_size, student.head_weight.float()
+    starts = range(0, len(corpus.train), bs)
+    student.eval()
+    for i in starts[RANK * len(starts) // WORLD : (RANK + 1) * len(starts) // WORLD]:
+        x = torch.from_numpy(corpus.train[i : i + bs, :-1].astype(np.int64)).to(device)
+        with autocast(args, device):
+            h = student.hidden(x).float()
+        H = sekd.sample_entropy(h, w, torch.ones_like(x, dtype=torch.bool), args.chunk_rows or None)
+        scores.append(H.double().cpu().numpy())  # .cpu() waits for the GPU
+    student.train()
+    _PREPASS[key] = np.concatenate(gather_objects(np.concatenate(scores))), time.time() - t0
+    what = f"{len(corpus.train):,} samples by mean student entropy"
+    print(f"[pre-pass] scored {what} in {_PREPASS[key][1]:.1f}s")
     return _PREPASS[key]
 
 
@@ -521,13 +498,6 @@ def state_bytes(*items):
 # ----------------------------------------------------------------------------- training loop
 
 
-def lr_at(step, steps, peak, warmup):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def make_optimizer(model, lr, weight_decay):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -541,12 +511,15 @@ def fmt_time(s):
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
-    """AdamW, warm-up + cosine, accumulation, clipping; `loss_fn(step, micro, x, y, *cached)` ->
-    (loss, n_selected); `save(ckpt)` every --eval-interval steps. `frozen`: the teacher's bytes."""
-    opt = make_optimizer(model, lr, args.weight_decay)
-    start = saved = resume["step"] if resume else 0
-    if resume:
+    """AdamW, linear warm-up then cosine to lr/10, accumulation, clipping. `loss_fn(step, micro, x,
+    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps; `resume`: the
+    checkpoint to go on from. `frozen`: the teacher's bytes."""
+    opt, resume = make_optimizer(model, lr, args.weight_decay), resume or {}
+    start = saved = resume.get("step", 0)
+    if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
+        model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
+        set_rng_state(resume.get("rng", []))
         print(f"[{tag}] resuming at step {start}/{steps}")
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -558,11 +531,12 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
     # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only
     # step, at whatever step a run resumes: that step runs eager (LiveBytes), so metering another
     # would end a resumed run on another student. Its checkpoint keeps the peak.
-    metered, peak_cpu = min(1, steps - 1), (resume or {}).get("live_peak", 0)
+    metered, peak_cpu = min(1, steps - 1), resume.get("live_peak", 0)
     for step in range(start, steps):
-        ts = time.time()
+        ts, progress = time.time(), min(1.0, (step - args.warmup) / max(1, steps - args.warmup))
+        cosine = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, args.warmup)
+            group["lr"] = lr * (step + 1) / args.warmup if step < args.warmup else cosine
         meter = LiveBytes() if dev.type != "cuda" and step == metered else nullcontext()
         with meter:
             total = 0.0
@@ -594,9 +568,10 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
             times = f"{rate:,.0f} tok/s | elapsed {fmt_time(time.time() - t0)} | ETA {eta}"
             print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {times}", flush=True)
         if save is not None and (done % args.eval_interval == 0 or done == steps):
-            weights = dict(model=model.state_dict(), config=asdict(model.config))
-            trained = dict(step=done, steps=steps, train_s=train_time, live_peak=peak_cpu)
-            save(weights | trained | {"optimizer": opt.state_dict()})
+            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng_state())
+            # train_s: the time of every run that made this checkpoint
+            trained = dict(step=done, steps=steps, train_s=resume.get("train_s", 0) + train_time)
+            save(weights | trained | dict(live_peak=peak_cpu, optimizer=opt.state_dict()))
             saved = done
     if dev.type == "cuda":
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
@@ -640,9 +615,8 @@ class EvalSet:
 
     @torch.no_grad()
     def set_teacher(self, teacher, args):
-        with autocast(args, self.x.device):
-            h = [teacher.hidden(x).float() for x in self.x.split(self.bs)]
-        self.teacher_h, self.teacher_w = torch.cat(h), teacher.head_weight.detach().float()
+        self.teacher_h = self.hidden(teacher, args, self.x)
+        self.teacher_w = teacher.head_weight.detach().float()
 
     def hidden(self, model, args, x):
         with autocast(args, self.x.device):
@@ -659,9 +633,8 @@ class EvalSet:
             cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
             cold = cols[0]
             if tau != 1:  # the logits h w^T / tau
-                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)[
-                    valid
-                ]
+                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)
+                cold = cold[valid]
             cols.append(cold[:, :1])
             if teacher_h is not None:
                 th, tw = teacher_h[i : i + self.bs], self.teacher_w
@@ -681,32 +654,25 @@ class EvalSet:
             h, w = self.hidden(model, args, self.fit_x), model.head_weight.float()
             tau = sekd.fit_temperature(h, w, y, y >= 0)
         s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None, tau)
-        n, ce = len(s["nll"]), s["nll"].mean().item()
-        kl, agree = (s["kl"].sum().item() / n, s["agree"].mean().item()) if t else (None, None)
-        out = dict(val_loss=ce, val_ppl=math.exp(ce), kl_to_teacher=kl, agreement=agree)
-        out.update(eval_tokens=n, ece=sekd.expected_calibration_error(s["conf"], s["correct"]))
-        out.update(
-            tau=tau, val_ppl_tau=math.exp(s["nll_tau"].mean()), entropy=s["entropy"].mean().item()
-        )
+        n, mean = len(s["nll"]), {name: v.mean().item() for name, v in s.items()}
+        kl, agree = (s["kl"].sum().item() / n, mean["agree"]) if t else (None, None)
+        out = dict(val_loss=mean["nll"], val_ppl=math.exp(mean["nll"]), kl_to_teacher=kl)
+        out |= dict(agreement=agree, eval_tokens=n)
+        out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+        out |= dict(tau=tau, val_ppl_tau=math.exp(mean["nll_tau"]), entropy=mean["entropy"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
             s, n = self.sums(model, args, x, y, tau=tau), len(lengths)
             nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
-            out.update({f"{kind}_items": n, f"{kind}_nll": nll.tolist()})
-            out[f"{kind}_nll_tau"] = nll_tau.tolist()
+            item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
             if kind != "choice":  # the cloze, and its control
-                out.update(
-                    {
-                        f"{kind}_ppl": math.exp(nll.mean()),
-                        f"{kind}_ppl_tau": math.exp(nll_tau.mean()),
-                    }
-                )
-                out[f"{kind}_acc"] = (
-                    (per_item(row, 1 - s["correct"], n) == 0).double().mean().item()
-                )
-                out[f"{kind}_ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
+                right = per_item(row, 1 - s["correct"], n) == 0  # every token of the word
+                item |= dict(ppl=math.exp(nll.mean()), ppl_tau=math.exp(nll_tau.mean()))
+                item |= dict(acc=right.double().mean().item())
+                item["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
             else:  # by log-likelihood per byte: the true option is option 0
                 best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
-                out.update(choice_acc=(best == 0).double().mean().item(), choice_items=len(best))
+                item |= dict(acc=(best == 0).double().mean().item(), items=len(best))
+            out |= {f"{kind}_{name}": value for name, value in item.items()}
         if "control_nll" in out and "cloze_nll" in out:  # what the context gives, nats a word
             out["context_nats"] = math.log(out["control_ppl_tau"] / out["cloze_ppl_tau"])
         model.train()
@@ -751,11 +717,10 @@ def pretrained(args, corpus, device, evalset, who):
     if getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train or save
         return GPT_from_hf(getattr(args, f"{who}_init"), args.seq_len).to(device), {"train_s": 0.0}
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
-    path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
+    path = teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
-    seed = args.seed + (1 if teacher else 2)
+    seed, ckpt = args.seed + (1 if teacher else 2), None
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
-    ckpt = None
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
         ckpt = load_checkpoint(path)
         check_signature(ckpt, corpus, path)
@@ -763,6 +728,10 @@ def pretrained(args, corpus, device, evalset, who):
             short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
             fix = f"use --seq-len {block} or less, or --retrain-teacher"
             raise UserError(f"teacher checkpoint {path} {short}: {fix}")
+        if named and ckpt["step"] < ckpt["steps"]:
+            unfinished = f"teacher checkpoint {path} is unfinished"
+            raise UserError(f"{unfinished}: run --run teacher to complete it")
+    # a saved teacher is used whatever made it; the initial student only if these flags made it
     wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
     made = asdict(sekd.GPTConfig(**ckpt["config"])) if ckpt else None  # new fields: defaults
     if not teacher and ckpt and (made, ckpt["steps"], ckpt.get("seed")) != wanted:
@@ -773,19 +742,13 @@ def pretrained(args, corpus, device, evalset, who):
         made = f"{c['n_layer']} layers, d={c['n_embd']}, {ckpt['steps']} steps"
         print(f"[{who}] reusing {path} ({made}, val ppl {ckpt['val_ppl']:.2f}){anew}")
         return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s", 0.0), "reused": True}
-    if named:
-        raise UserError(
-            f"teacher checkpoint {path} is unfinished: run --run teacher to complete it"
-        )
     torch.manual_seed(args.seed)
     model = GPT_from(ckpt).to(device) if ckpt else new_model(args, who, corpus.vocab.size, device)
     model, ce = maybe_compile(model, args), sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
-    before = (ckpt or {}).get("train_s", 0.0)  # the training time of the run this one resumes
 
-    def save(ckpt):
+    def save(ckpt):  # with a quick look at the val ppl
         ppl = evalset.evaluate(model, args, limit=64)["val_ppl"]
-        ckpt |= dict(seed=seed, signature=corpus.signature, val_ppl=ppl)
-        save_checkpoint(path, ckpt | {"train_s": before + ckpt["train_s"]})
+        save_checkpoint(path, ckpt | dict(seed=seed, signature=corpus.signature, val_ppl=ppl))
         print(f"[{who}] step {ckpt['step']}: quick val ppl {ppl:.2f}, saved {path}")
 
     ranks = dict(rank=RANK, world=WORLD)
@@ -838,13 +801,12 @@ def GPT_from_hf(hf, block_size):
 
 # Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
 RUN_FLAGS = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l".split()
-RUN_FLAGS += ["student_layers", "student_embd", "student_heads"]
-RUN_FLAGS += ["student_init_steps", "student_init_lr"]
+RUN_FLAGS += "student_layers student_embd student_heads student_init_steps student_init_lr".split()
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
-    """One student from the initial student `init` (the same for every method), trained with
-    --method `method` (`kd`: KDConfig fields overridden) and evaluated. -> the results row."""
+    """A student from the initial student `init`, distilled by --method `method` (`kd`: KDConfig
+    fields overridden) and evaluated. -> its results row"""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -879,22 +841,20 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
             student, teacher, x, y, cfg, on_policy, prompt_len, gen, state
         )
 
-    path = os.path.join(args.out_dir, f"student_{method}.pt")
-    key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len) if save else None
+    path, steps = os.path.join(args.out_dir, f"student_{method}.pt"), plan["steps"]
+    key = run_key(args, method, cfg, corpus, steps, on_policy, prompt_len) if save else None
     resume = resumable(path, key, method) if save else None
-    if resume:  # everything a step reads: weights, AdamW (train_loop), GLS queue, RNG, step
-        student.load_state_dict(resume["model"])
+    if resume:  # GLS's queue; train_loop: the weights, AdamW, the generators, the step
         state.queue = resume["gls_queue"]
-        set_rng_state(resume["rng"])
 
     def save_ckpt(ckpt):
         run = dict(signature=corpus.signature, kd=asdict(cfg), run_key=key, gls_queue=state.queue)
-        save_checkpoint(path, ckpt | run | {"rng": rng_state()})
+        save_checkpoint(path, ckpt | run)
 
     frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
-    ckpt = save_ckpt if save else None
+    save = save_ckpt if save else None
     stats = train_loop(
-        student, loss_fn, batches, plan["steps"], args.lr, args, method, ckpt, resume, frozen
+        student, loss_fn, batches, steps, args.lr, args, method, save, resume, frozen
     )
     name = label.format(k=cfg.k, U=args.U, l=args.l)
     if method == "sekd" and (cfg.metric, cfg.policy) != ("student_entropy", "topk"):
@@ -909,11 +869,10 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
-    init, teacher = init_ckpt_path(args), teacher_ckpt_path(args)
-    init_used = args.student_init_steps > 0 and os.path.exists(init)
+    init = os.path.join(args.out_dir, "student_init.pt")
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    key["teacher"] = file_sha256(teacher) if os.path.exists(teacher) else None
-    key["student_init"] = file_sha256(init) if init_used else None
+    key["teacher"] = file_sha256(teacher_ckpt_path(args))
+    key["student_init"] = file_sha256(init) if args.student_init_steps > 0 else None
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in RUN_FLAGS}
 
@@ -995,18 +954,15 @@ def print_table(rows, device, title=None):
     """The measures of the validation text and the costs, then of the items."""
     print("\n" + title if title else "")
     print_columns(rows, TEXT | COSTS)
-    n = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {})
-    if n:
+    if n := next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {}):
         print()
         print_columns(rows, ITEMS)
-        words = (
-            f"{n.get('cloze_items', 0):,} hard words, {n.get('control_items', 0):,} control words"
-        )
+        cloze, control = n.get("cloze_items", 0), n.get("control_items", 0)
+        words = f"{cloze:,} hard words, {control:,} control words (new to their window)"
+        print(f"cloze: {words}; context: control - cloze at tau*, nats")
         choice = f"{n.get('choice_items', 0):,} items of {data.OPTIONS} options"
-        print(f"cloze: {words} (new to their window); context: control - cloze at tau*, nats")
         print(f"choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
-    how = next((r["peak_how"] for r in rows if r.get("peak_how")), "")
-    if how:
+    if how := next((r["peak_how"] for r in rows if r.get("peak_how")), ""):
         print(f"peak memory on {device}: {how}")
 
 
@@ -1017,8 +973,7 @@ ACCOUNT |= dict(head_grad="head grad", logits="logits peak", total="total")
 
 
 def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account of each method's step, printed (MiB) before training; it models no
-    on-policy step. -> {method: account}"""
+    """sekd.memory_account of each method's step (none on-policy), printed. -> {method: account}"""
     student, out = model_config(args, "student", corpus.vocab.size), {}
     low_precision = autocast_dtype(args, device) is not None
     for m, cfg in configs.items():
@@ -1061,8 +1016,7 @@ def load_data(args):
 
 
 def setup(args):
-    """What every job that distils starts from (ours, and each in experiments/): the data, the
-    evaluation set, the teacher, the initial student (but for --run teacher), and their rows."""
+    """What every job that distils starts from (ours, and each in experiments/), and its rows."""
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, stats = pretrained(args, corpus, device, evalset, "teacher")
@@ -1072,14 +1026,13 @@ def setup(args):
     student_init = None
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, stats = pretrained(args, corpus, device, evalset, "student")
-        rows.append(
-            {"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}
-        )
+        rows += [{"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}]
     return corpus, device, evalset, teacher, student_init, rows
 
 
 def write_results(args, corpus, t_start, **results):
     """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`."""
+    global RANK, WORLD
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
     result["total_s"] = time.time() - t_start
     path = os.path.join(args.out_dir, f"results_{args.run}.json")
@@ -1087,7 +1040,10 @@ def write_results(args, corpus, t_start, **results):
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
-    finish_distributed()
+    if WORLD > 1:  # every rank done: torchrun's group closes
+        barrier()
+        dist.destroy_process_group()
+    RANK, WORLD = 0, 1
     return result
 
 
