@@ -289,6 +289,13 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
+def chunk_weight(w):
+    """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
+    autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
+    on = torch.is_autocast_enabled(w.device.type)
+    return w.to(torch.get_autocast_dtype(w.device.type)) if on else w
+
+
 @torch.no_grad()
 def chunked_scores(
     metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
@@ -305,11 +312,12 @@ def chunked_scores(
     dtype = torch.promote_types(hs.dtype, torch.float32)  # we score half precision in float32
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     project = getattr(metric, "needs_logits", True)  # RandomPos draws without logits
+    ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if use_teacher else None
     parts = []
     for i in range(0, max(1, len(hs)), chunk):  # no rows: one empty chunk, for the columns
         r = slice(i, i + chunk)
-        zs = (hs[r] @ student_w.T).to(dtype) if project else hs[r]
-        zt = (ht[r] @ teacher_w.T).to(dtype) if use_teacher else None
+        zs = (hs[r] @ ws.T).to(dtype) if project else hs[r]
+        zt = (ht[r] @ wt.T).to(dtype) if use_teacher else None
         parts.append(metric(zs, zt, y[r] if y is not None else None))
     rows = torch.cat(parts)
     scores = rows.new_zeros(valid.shape + rows.shape[1:], dtype=dtype)
@@ -390,14 +398,16 @@ class StreamedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        w = chunk_weight(weight)
         for i in range(0, h.shape[0], chunk_rows):
             r = slice(i, i + chunk_rows)
-            z = (h[r] @ weight.T).to(dtype)
+            z = (h[r] @ w.T).to(dtype)
             row_loss, grad_z = chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel)
             loss += row_loss.sum()
             del z  # before the gradient's matmuls: one chunk's [rows, V] tensors at a time
-            grad_h[r] = grad_z @ weight
-            grad_w += grad_z.T @ h[r]
+            grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
+            grad_h[r] = (grad_z @ w).to(h.dtype)
+            grad_w += grad_z.T @ h[r].to(w.dtype)
             del grad_z  # before the next chunk's logits exist
         ctx.grads = (grad_h, grad_w.to(weight.dtype))
         return loss
@@ -429,7 +439,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
-        kd_rows = partial(compiled(kl), teacher_h[rows], teacher_w, cfg.T)
+        kd_rows = partial(compiled(kl), teacher_h[rows], chunk_weight(teacher_w), cfg.T)
     chunk = cfg.chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     ce_w = None if lam == 1 else (1 - lam) * ce_w[rows]
     sel = None if rows is mask else mask[rows]
@@ -637,7 +647,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
     hard, w = topk_positions(doubt, 0.5, valid), per_sequence_weights(valid, torch.float64)
     w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
-    rows = (teacher_h[valid], teacher_w, targets[valid], hard[valid], cfg.T)
+    rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
     kd = {"row_weights": w, "kd_rows": partial(at_kd_rows, *rows)}
     chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows
     cfg = replace(cfg, ce_at="all", chunk_rows=max(1, chunk))
@@ -721,8 +731,9 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
     """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
     rows = teacher_h.reshape(-1, teacher_h.shape[-1])
     chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
+    w = chunk_weight(teacher_w)
     parts = [  # no rows: one empty chunk
-        rskd_sample(rows[i : i + chunk] @ teacher_w.T, U, T, generator)
+        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)
         for i in range(0, max(1, rows.shape[0]), chunk)
     ]
     shape = (*teacher_h.shape[:-1], U)

@@ -273,23 +273,23 @@ def _chunk_logits(lg, c, d, who):
 
 def _streamed_ledger(lg, sizes, sel_chunks, ds, dt, ce):
     """The streamed loss, per chunk of c walked rows of which s are KL rows: the student logits;
-    first, at the s rows (with the CE term, `ce`, from their copy), the teacher's logits and
-    `_kd_rows`'s tensors: both log-softmaxes and p (the KL is summed in log p's storage, so it makes
-    no [c, V] tensor), and the gradient T (q - p) made in log q's storage, the one of them that
-    survives; with `ce`, then the CE log-softmax of all c rows (turned into the gradient in place),
-    and the KL gradient added into it, in place. The chunk's gradient goes through the head's two
-    matmuls (under autocast as a bf16 copy), then dies. Each chunk's tensors are freed before the
-    next starts: the peak (float32) is one chunk's 5 tensors at lam = 1, max(c + 5 s, 2 c + s)
-    rows of V with `ce`."""
+    first, at the s rows (with the CE term, `ce`, from their copy), `kl_rows`'s tensors: the
+    student's log-softmax, the teacher's logits and theirs, and p (the KL is summed in log p's
+    storage, so it makes no [c, V] tensor), the gradient T (q - p) made in log q's storage, the one
+    of them that survives; with `ce`, then the CE log-softmax of all c rows (turned into the
+    gradient in place), and the KL gradient added into it, in place. The chunk's gradient goes
+    through the head's two matmuls (under autocast as a bf16 copy), then dies. Each chunk's tensors
+    are freed before the next starts: the peak (float32) is one chunk's 4 tensors at lam = 1,
+    max(c + 4 s, 2 c + s) rows of V with `ce`."""
     for c, s in zip(sizes, sel_chunks, strict=True):
         zs, g = _chunk_logits(lg, c, ds, "student"), None
         if s:  # the KL rows first: only their gradient is alive when the CE's tensors are made
             zs_s = lg.new("student chunk, selected rows", s, 4) if ce else None
-            zt = _chunk_logits(lg, s, dt, "teacher")
-            g = lg.log_softmax(s, "student chunk", wide=False)
-            logp = lg.log_softmax(s, "teacher chunk", wide=False)
+            g = lg.log_softmax(s, "student chunk", wide=False, divide=True)
+            zt = lg.new_then_free("teacher chunk / T", s, 4, _chunk_logits(lg, s, dt, "teacher"))
+            logp = lg.new_then_free("teacher chunk log-softmax", s, 4, zt)
             p = lg.new("teacher chunk softmax p", s, 4)
-            lg.free(logp, p, zt, zs_s)
+            lg.free(logp, p, zs_s)
         if ce:
             g = lg.new_then_free("student chunk CE log-softmax, then gradient", c, 4, g)
         lg.free(zs)  # rows_loss returns: only the chunk's gradient stays
