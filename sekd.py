@@ -340,16 +340,13 @@ def budget_counts(k, n):
     return torch.ceil(torch.round(k * n.to(torch.float64), decimals=6)).long()
 
 
-def score_ranks(scores, valid):
-    """Each position's rank in its row, 0 = the highest score, ties to the earlier, padding last."""
-    scores = scores.masked_fill(~valid, float("-inf"))
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices.argsort(1)
-
-
 def topk_positions(scores, k, valid=None, state=None):
     """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions. -> [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
-    return score_ranks(scores, valid) < budget_counts(k, valid.sum(1))[:, None]
+    # each position's rank in its row: 0 the highest score, ties to the earlier, padding last
+    scores = scores.masked_fill(~valid, float("-inf"))
+    rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
+    return rank < budget_counts(k, valid.sum(1))[:, None]
 
 
 # ---------------------------------------------------------------------------- the streamed loss
@@ -456,13 +453,11 @@ def sekd_loss(student, teacher, idx, targets, cfg):
     valid = targets >= 0
     student_h, student_w = student.hidden(idx), student.head_weight
     with torch.no_grad():
-        teacher_h = teacher.hidden(idx)
+        teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
     entropy = compiled(student_entropy)
     scores = chunked_scores(entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
     mask = topk_positions(scores, cfg.k, valid)
-    loss = streamed_kd_loss(
-        student_h, student_w, teacher_h, teacher.head_weight, targets, mask, cfg
-    )
+    loss = streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg)
     return loss, int(mask.sum())
 
 
@@ -527,7 +522,9 @@ def gls_positions(scores, k, valid, state):
 def curriculum_positions(scores, k, valid, state):
     """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
     the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, then stays."""
-    rank, n = score_ranks(scores, valid), valid.sum(1)  # rank 0: the highest score
+    scores = scores.masked_fill(~valid, float("-inf"))  # ranked as in topk_positions
+    rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
+    n = valid.sum(1)
     K = budget_counts(k, n)
     progress = min(1.0, state.step / state.curriculum_steps)
     first = torch.round((1.0 - progress) * (n - K).double()).long()[:, None]  # the window's start
@@ -580,10 +577,9 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step of any method of the paper's tables (SE-KD as the paper runs it is `sekd_loss`,
-    which this equals): hidden states (the teacher's without grad), positions, then the streamed
-    or dense loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the offline cache when
-    given (SE-KD_3X: no teacher at all), or draw them now at the selected rows. -> (loss, n_sel)."""
+    """One step of any method of the paper's tables (equal to `sekd_loss` for SE-KD): positions,
+    then the streamed or dense loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the
+    offline cache (SE-KD_3X: no teacher), or draw them at the selected rows. -> (loss, n_sel)."""
     student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
@@ -640,8 +636,7 @@ def at_kd_rows(teacher_h, teacher_w, y, hard, T, z, i):
 
 def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     """lam AT-KD + (1 - lam) CE at every valid position. The half of each sequence where the teacher
-    is least sure of the gold token is hard; L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i. The dense
-    flow makes the logits of every row in one chunk."""
+    is least sure of the gold token is hard; L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i."""
     valid = targets >= 0
     args = (student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
     doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
@@ -649,19 +644,17 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
     rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
     kd = {"row_weights": w, "kd_rows": partial(at_kd_rows, *rows)}
-    chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows
+    chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows  # dense: one chunk
     cfg = replace(cfg, ce_at="all", chunk_rows=max(1, chunk))
     return streamed_kd_loss(student_h, student_w, None, None, targets, None, cfg, **kd)
 
 
 # ------------------------------------------------------------------ on-policy (Agarwal et al. 2024)
-# The student continues prompts; KD (the reverse KL by default, as in the paper's on-policy table)
-# applies there.
+# The student continues prompts; KD applies there (the reverse KL, the paper's on-policy table)
 
 
 def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
-    """`kl_rows` of the reverse KL: T^2 KL(q^T || p^T) per row, its gradient T q^T (log q^T - log
-    p^T - KL)."""
+    """`kl_rows` of T^2 KL(q^T || p^T), whose gradient is T q^T (log q^T - log p^T - KL)."""
     logq = F.log_softmax(z / T, dim=-1)
     logp = F.log_softmax((teacher_h[i] @ teacher_w.T).to(z.dtype) / T, dim=-1)
     q = logq.exp()
@@ -672,8 +665,7 @@ def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
     """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x,
-    targets), targets -1 before the first sampled token: only positions that predict a sampled
-    token count."""
+    targets), -1 before the first sampled token: only the predictions of sampled tokens count."""
     L, was_training = idx.shape[1], student.training
     if type(prompt_len) is not int or not 1 <= prompt_len <= L:
         raise ValueError(f"prompt_len must be in [1, {L}], the sequence length, got {prompt_len!r}")
@@ -692,8 +684,7 @@ def on_policy_rows(batch_size, share):  # share * B, rounded to the nearest inte
 def on_policy_distill_loss(
     student, teacher, idx, targets, cfg, share, prompt_len, gen=None, state=None
 ):
-    """The last on_policy_rows(B, share) sequences go on-policy (KD alone); the loss is the mean
-    over the sequences."""
+    """The last on_policy_rows(B, share) sequences go on-policy (KD alone); a mean over them."""
     B = idx.shape[0]
     n = B - on_policy_rows(B, share)  # sequences of real text
     loss, n_sel = 0, 0
@@ -811,32 +802,24 @@ def teacher_rows(zs, zt, y):
     return torch.stack([kl_per_position(zt, zs), (zt.argmax(-1) == zs.argmax(-1)).to(zs.dtype)], 1)
 
 
-def temperature_slopes(zs, zt, y):
-    """Per row, the first two derivatives in s of -log softmax(s zs)(y) at s = 1: E_q[z] - z_y and
-    Var_q[z]. The NLL is convex in s: a sum of log-sum-exps of lines."""
-    logq = F.log_softmax(zs, -1)
-    mean = (logq.exp() * zs).sum(-1, keepdim=True)
-    d1 = mean[:, 0] - zs.gather(1, y[:, None])[:, 0]
-    return torch.stack([d1, (logq.exp() * (zs - mean) ** 2).sum(-1)], 1)
-
-
-prediction_rows.needs_teacher = temperature_slopes.needs_teacher = False
+prediction_rows.needs_teacher = False
 
 
 @torch.no_grad()
-def fit_temperature(h, w, targets, valid, steps=50):
-    """tau*, the one softmax temperature of minimum NLL over the valid rows of logits h w^T / tau.
-    A subset's PPL rewards a flat distribution, so we compare models there at their own tau*.
-    Newton's method in beta = 1 / tau, each step at most halving or doubling it."""
-    beta = 1.0
+def fit_temperature(h, w, targets, valid, steps=40):
+    """tau*, the one softmax temperature in [1/20, 20] of minimum NLL over the valid rows of logits
+    h w^T / tau. A subset's PPL rewards a flat distribution, so we compare models there at their own
+    tau*. The NLL is convex in 1/tau: a golden-section search in log tau finds it."""
+
+    def nll(log_tau):
+        ce = chunked_scores(METRICS["student_ce"], h, w / math.exp(log_tau), valid, targets=targets)
+        return ce[valid].double().sum().item()
+
+    a, b, g = -math.log(20), math.log(20), (math.sqrt(5) - 1) / 2
     for _ in range(steps):
-        slopes = chunked_scores(temperature_slopes, h, beta * w, valid, targets=targets)
-        d1, d2 = slopes[valid].double().sum(0).tolist()
-        step = d1 / max(d2, 1e-300)  # Newton in the scale of the current logits
-        beta *= min(max(1.0 - step, 0.5), 2.0)
-        if abs(step) < 1e-9:
-            break
-    return 1.0 / beta
+        c, d = b - g * (b - a), a + g * (b - a)
+        a, b = (a, d) if nll(c) < nll(d) else (c, b)
+    return math.exp((a + b) / 2)
 
 
 # ============================================================================ 8. memory
@@ -890,28 +873,20 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
         back_rows, head_grad = (5 if 0 < lam < 1 else 3) * N, 0
     p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * uses_teacher
     copies = 2 * V * (Ds + Dt * uses_teacher) * half * (cfg.flow == "streamed")
-    a = {
-        "student_params": p_s,
-        "teacher_params": p_t,
-        "grads": p_s,
-        "adamw": 2 * p_s,
-        "activations": activation_bytes(student_config, B, L, half),
-        "teacher_hidden": 4 * N * Dt * uses_teacher,
-        "head_grad": head_grad,
-        "head_copies": copies,
-        "logits": 4 * V * max(sel_rows, loss_rows, back_rows),
-        "chunk_rows": c,
-    }
+    a = dict(student_params=p_s, teacher_params=p_t, grads=p_s, adamw=2 * p_s, head_grad=head_grad)
+    a |= dict(activations=activation_bytes(student_config, B, L, half), head_copies=copies)
+    a |= dict(teacher_hidden=4 * N * Dt * uses_teacher, chunk_rows=c)
+    a["logits"] = 4 * V * max(sel_rows, loss_rows, back_rows)
     resident = p_s + p_t + a["adamw"]
     held = resident + a["activations"] + a["teacher_hidden"]
     teacher_act = activation_bytes(teacher_config, B, L, half, False) * uses_teacher
-    a["phases"] = {
-        "teacher forward": resident + teacher_act,
-        "selection": held + 2 * V * Ds * half + 4 * V * sel_rows,
-        "loss": held + head_grad + copies + 4 * V * loss_rows,
-        "backward": resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
-        "optimizer step": resident + a["grads"] + p_s,
-    }
+    phases = [  # the teacher's forward, the selection, the loss, backward, the optimizer step
+        resident + teacher_act,
+        held + 2 * V * Ds * half + 4 * V * sel_rows,
+        held + head_grad + copies + 4 * V * loss_rows,
+        resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
+        resident + a["grads"] + p_s,
+    ]
     a |= {"method": cfg.method, "B": B, "L": L, "V": V, "n_sel": n_sel, "lam": lam}
-    a |= {"dtype": "bfloat16" if half else "float32", "total": max(a["phases"].values())}
+    a |= {"dtype": "bfloat16" if half else "float32", "total": max(phases)}
     return a
