@@ -173,7 +173,11 @@ def export(path, folder):
 def add_flags(p):
     g = p.add_argument_group("lm-eval-harness").add_argument
     g("--ckpt", nargs="+", default=[], help="checkpoints (default OUT_DIR/student_sekd.pt)")
-    g("--tasks", default="sekd_cloze,sekd_choice", help="comma-separated, ours or lm-eval's")
+    g(
+        "--tasks",
+        default="sekd_cloze,sekd_control,sekd_choice",
+        help="comma-separated, ours or lm-eval's",
+    )
     g("--export", default="", help="a folder: the checkpoint as a GPT2LMHeadModel; no scores")
 
 
