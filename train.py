@@ -249,7 +249,9 @@ def save_checkpoint(path, obj):
     barrier()
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, corpus=None):
+    """The checkpoint at `path`, whole and of a sekd.GPT; with `corpus`, of its tokenizer and
+    vocabulary too. Anything else is a user error."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist: train it first (--run teacher)")
     try:
@@ -258,6 +260,12 @@ def load_checkpoint(path):
     except Exception as e:
         bad = f"checkpoint {path} is corrupt or truncated ({type(e).__name__})"
         raise UserError(f"{bad}: delete it and train again") from None
+    if corpus is not None and ckpt.get("signature") != corpus.signature:
+        raise UserError(
+            f"checkpoint {path} was trained on another vocabulary or tokenizer "
+            f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
+            "--vocab-size/--full-vocab, or pass --retrain-teacher"
+        )
     return ckpt
 
 
@@ -265,15 +273,6 @@ def GPT_from(ckpt):
     model = sekd.GPT(sekd.GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def check_signature(ckpt, corpus, path):  # refuse a checkpoint of another tokenizer or vocabulary
-    if ckpt.get("signature") != corpus.signature:
-        raise UserError(
-            f"checkpoint {path} was trained on another vocabulary or tokenizer "
-            f"({ckpt.get('signature')} vs data {corpus.signature}): use the same --dataset/"
-            "--vocab-size/--full-vocab, or pass --retrain-teacher"
-        )
 
 
 # ---- what a student trains on: torchrun, autocast, the sample axis, the teacher cache
@@ -648,16 +647,15 @@ class EvalSet:
         """Every measure, and every item's NLL (to pair two models item by item); with `limit` (a
         look during training), val PPL on `limit` samples only."""
         model.eval()
-        n = len(self.x) if limit is None else min(limit, len(self.x))
-        t, tau, y = self.teacher_h is not None, 1.0, self.fit_y.to(self.x.device)
+        tau, y = 1.0, self.fit_y.to(self.x.device)
         if limit is None:
             h, w = self.hidden(model, args, self.fit_x), model.head_weight.float()
             tau = sekd.fit_temperature(h, w, y, y >= 0)
-        s = self.sums(model, args, self.x[:n], self.y[:n], self.teacher_h[:n] if t else None, tau)
-        n, mean = len(s["nll"]), {name: v.mean().item() for name, v in s.items()}
-        kl, agree = (s["kl"].sum().item() / n, mean["agree"]) if t else (None, None)
-        out = dict(val_loss=mean["nll"], val_ppl=math.exp(mean["nll"]), kl_to_teacher=kl)
-        out |= dict(agreement=agree, eval_tokens=n)
+        s = self.sums(model, args, self.x[:limit], self.y[:limit], self.teacher_h, tau)
+        mean = {name: v.mean().item() for name, v in s.items()}  # no teacher: no kl, no agree
+        out = dict(val_loss=mean["nll"], val_ppl=math.exp(mean["nll"]))
+        out |= dict(kl_to_teacher=mean.get("kl"), agreement=mean.get("agree"))
+        out["eval_tokens"] = len(s["nll"])
         out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
         out |= dict(tau=tau, val_ppl_tau=math.exp(mean["nll_tau"]), entropy=mean["entropy"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
@@ -714,16 +712,15 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 def pretrained(args, corpus, device, evalset, who):
     """The teacher, or the initial student every method starts from (as in the paper: a random
     student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
-    if getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train or save
-        return GPT_from_hf(getattr(args, f"{who}_init"), args.seq_len).to(device), {"train_s": 0.0}
+    if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
+        return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
     path = teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
     seed, ckpt = args.seed + (1 if teacher else 2), None
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
-        ckpt = load_checkpoint(path)
-        check_signature(ckpt, corpus, path)
+        ckpt = load_checkpoint(path, corpus)
         if teacher and (block := ckpt["config"]["block_size"]) < args.seq_len:
             short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
             fix = f"use --seq-len {block} or less, or --retrain-teacher"

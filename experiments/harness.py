@@ -194,8 +194,7 @@ def main(argv=None):
         evalset = train.EvalSet(corpus, 1, device, args.batch_size)
         evalset.items = write_tasks(corpus, evalset.items, folder)
     for path in paths:
-        ckpt = train.load_checkpoint(path)
-        train.check_signature(ckpt, corpus, path)
+        ckpt = train.load_checkpoint(path, corpus)
         model = train.GPT_from(ckpt).to(device)
         res = evaluate(model, corpus, tasks, folder, args.batch_size, 1000)
         print(f"\n{path}\n{lm_eval.utils.make_table(res)}")

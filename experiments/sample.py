@@ -90,8 +90,7 @@ def run(args, corpus, device):
     ]
     text, entropy = {}, {}
     for name, path in models:
-        ckpt = train.load_checkpoint(path)
-        train.check_signature(ckpt, corpus, path)
+        ckpt = train.load_checkpoint(path, corpus)
         model = train.GPT_from(ckpt).to(device).eval()
         g = torch.Generator(device=device).manual_seed(args.seed)
         how = (args.sample_len, args.sample_temperature, args.sample_top_k, g)

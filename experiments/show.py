@@ -53,8 +53,7 @@ def run(args, corpus, device, teacher, evalset, student_init=None):
     path = os.path.join(args.out_dir, "student_sekd.pt")
     if not os.path.exists(path):
         train.distill_student(args, "sekd", corpus, device, teacher, evalset, student_init)
-    ckpt = train.load_checkpoint(path)
-    train.check_signature(ckpt, corpus, path)
+    ckpt = train.load_checkpoint(path, corpus)
     student = train.GPT_from(ckpt).to(device).eval()
     i = min(args.show_sample, len(evalset.x) - 1)
     x, y = evalset.x[i : i + 1], evalset.y[i : i + 1]
