@@ -594,7 +594,7 @@ class EvalSet:
     hidden states kept, a student's KL costs two heads only), and data.eval_items: the cloze of hard
     words (PPL of a whole word as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control
     (words new to their window: the cloze less the control is what context gives), and multiple
-    choice by log-likelihood per byte (lm-eval-harness's acc_norm). A subset's PPL rewards a flat
+    choice by log-likelihood per byte (lm-eval-harness's acc_bytes). A subset's PPL rewards a flat
     distribution, so each model is also scored at its own temperature tau*, fitted on the
     validation text that no item's window reads."""
 
