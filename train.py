@@ -198,7 +198,7 @@ def check_flags(a):
     if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in ("compare", "distill"):
         raise UserError("--on-policy and --divergence reverse work with --run compare or distill")
     positions, classes, *_ = METHODS[a.method]
-    full = positions in ("full_kd", "sekd", "random_pos") and classes == "full"
+    full = positions in sekd.FULL_KL and classes == "full"
     if a.on_policy > 0 and (a.lam == 0 or not full and a.run != "compare"):
         raise UserError(  # its own text needs the teacher's every class
             "--on-policy works with --lam > 0 and a method with the teacher's full distribution "
@@ -278,19 +278,7 @@ def GPT_from(ckpt):
 # ---- what a student trains on: torchrun, autocast, the sample axis, the teacher cache
 # torchrun starts N copies of this job, as in nanoGPT: each rank takes its slice of each global
 # batch (data.Batches), we average gradients before clipping, rank 0 prints and writes.
-RANK, WORLD = 0, 1  # alone
-
-
-def init_distributed(device):
-    """Join torchrun's process group; ranks other than 0 print nothing (errors reach stderr)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
+RANK, WORLD = 0, 1  # alone; load_data joins torchrun's process group, write_results leaves it
 
 
 def barrier():
@@ -339,9 +327,8 @@ def file_sha256(path):  # None: no such file
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What `distill_student` trains a student on: the samples it sees (all; TopSmp's, by the
-    frozen initial student's entropy; RandomSmp's), for --student-steps times their share (l = 20%
-    trains 20% of the steps: the wall-time saving), and SE-KD_3X's draws."""
+    """What a student trains on: its samples (all; TopSmp's, by the initial student's entropy;
+    RandomSmp's), --student-steps times their share (the wall-time saving), SE-KD_3X's draws."""
     n, kept, prepass_s, cache, build_s, reused = len(corpus.train), None, None, None, None, None
     if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
         # we refuse a cache of another run before the pre-pass, not after
@@ -996,9 +983,17 @@ def machine():
 
 
 def load_data(args):
-    """The device and the corpus every job starts from."""
+    """The device and the corpus every job starts from. Under torchrun we join its process group
+    first; ranks other than 0 print nothing (their errors still reach stderr)."""
+    global RANK, WORLD
     device = pick_device(args)
-    init_distributed(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the others may wait hours while rank 0 alone builds the data or a teacher cache
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
+        RANK, WORLD = dist.get_rank(), dist.get_world_size()
+        if RANK:
+            sys.stdout = open(os.devnull, "w")
     sizes = dict(max_tokens=args.max_tokens or None, vocab_size=args.vocab_size)
     if RANK:  # rank 0 builds and writes the memmaps first; the others wait, then read them
         barrier()
