@@ -828,3 +828,43 @@ def test_verdict_pairs_seeds_and_items_and_shares_full_kd_between_cells(tmp_path
     )
     text, n = verdict.table("cell", c)
     assert n == 5 and "sekd - full_kd" in text and "5 comparisons" in text
+
+
+def test_verdict_compares_two_vocabularies_on_the_items_they_share(tmp_path, monkeypatch):
+    """R3's table: each vocabulary's own items, and the items both have (the same window end and
+    target count), against a brute force over the shared positions."""
+    from experiments import verdict
+    from experiments.stats import paired_t
+
+    ends = {4: [(10, 1), (20, 2), (30, 1)], 0: [(20, 2), (25, 1), (30, 1), (40, 3)]}  # share 2
+
+    def items(corpus, control):
+        at = [torch.tensor([[e - 1, e]]) for e, _ in ends[corpus]]
+        n = torch.tensor([n for _, n in ends[corpus]])
+        return {k: (None, None, n, None, torch.cat(at)) for k in ("cloze", "control")}, ""
+
+    monkeypatch.setattr(verdict.data, "prepare", lambda *a, vocab_size: vocab_size)
+    monkeypatch.setattr(verdict.data, "eval_items", items)
+    rng, paths, nll = np.random.default_rng(1), [], {}
+    for v in (4, 0):
+        runs = {}
+        for s in (1, 2, 3):
+            for m in ("full_kd", "sekd"):
+                x = rng.normal(5, 1, len(ends[v])).tolist()
+                nll[v, m, s] = x
+                ce_at, k = ("-", "k1") if m == "full_kd" else ("selected", "k0.2")
+                runs[f"1x64|{m}|lr0.001|120|lam1|{ce_at}|{k}|b8|s{s}"] = dict(
+                    cloze_nll_tau=x, control_nll_tau=x
+                )
+        paths.append(tmp_path / f"v{v}.json")
+        paths[-1].write_text(json.dumps(runs))
+    text = verdict.shared_table(paths, (4, 0))
+    shared = {4: [1, 2], 0: [0, 2]}  # where (20, 2) and (30, 1) are in each list
+    for v, name in ((4, "4"), (0, "all")):
+        means = {m: [np.mean(nll[v, m, s]) for s in (1, 2, 3)] for m in ("sekd", "full_kd")}
+        own = paired_t(means["sekd"], means["full_kd"])
+        means = {m: [np.mean(np.array(nll[v, m, s])[shared[v]]) for s in (1, 2, 3)] for m in means}
+        cut = paired_t(means["sekd"], means["full_kd"])
+        row = next(line for line in text.splitlines() if f"| {name} |" in line)
+        assert f"{own['mean']:+.3f} [{own['low']:+.3f}" in row
+        assert f"{cut['mean']:+.3f} [{cut['low']:+.3f}" in row

@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
+import data
 from experiments.stats import paired_bootstrap, paired_t
 
 NAMES = {"Full KD": "full_kd", "SE-KD": "sekd", "RandomPos": "random_pos", "CE (no KD)": "ce"}
@@ -127,12 +128,41 @@ def table(title, runs):
     return "\n".join(lines), n_cmp
 
 
+def shared_table(paths, vocab_sizes):
+    """SE-KD - Full KD at tau* on each vocabulary's items and on those both share (the same window
+    end and target count), in each cell of both map files: t over seeds of mean NLL differences."""
+    keys = []
+    for v in vocab_sizes:
+        corpus = data.prepare("shakespeare", 128, False, "data_cache", vocab_size=v)
+        items, _ = data.eval_items(corpus, control=True)
+        ends = {k: zip(v[-1][:, -1].tolist(), v[2].tolist(), strict=True) for k, v in items.items()}
+        keys.append({k: list(ends[k]) for k in ("cloze", "control")})
+    cells = [map_runs(path) for path in paths]
+    head = "| cell | vocabulary | cloze | shared cloze | control | shared control |"
+    lines = ["### SE-KD - Full KD on shared items, nats at tau* (t)", "", head, "|---" * 6 + "|"]
+    for name in sorted(set(cells[0]) & set(cells[1])):
+        if not all({"sekd", "full_kd"} <= set(c[name]) for c in cells):
+            continue
+        named = [c[name] for c in cells]
+        for runs, v, mine, other in zip(named, vocab_sizes, keys, keys[::-1], strict=True):
+            row = []
+            for kind in ("cloze", "control"):
+                shared = np.array([k in set(other[kind]) for k in mine[kind]])
+                for keep in (np.ones_like(shared), shared):
+                    a, b = ([r[f"{kind}_nll_tau"] for r in runs[m]] for m in ("sekd", "full_kd"))
+                    a, b = ([np.mean(np.array(x)[keep]) for x in rows] for rows in (a, b))
+                    row.append(cell(paired_t(a, b), 3))
+            lines.append(f"| {name} | {v or 'all'} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--runs", nargs="*", default=[], help="the map's regimes_runs.json files")
     add("--default", nargs="*", default=[], help="the default job's results, a seed each")
     add("--out", default="", help="also write the tables to this markdown file")
+    add("--shared", nargs=2, type=int, metavar="V", help="two --runs files' --vocab-size: R3")
     args = p.parse_args(argv)
     tables = [("the default job", default_runs(args.default))] if args.default else []
     for path in args.runs:
@@ -141,6 +171,8 @@ def main(argv=None):
     total = sum(n for _, n in parts)
     text = "\n".join(part for part, _ in parts)
     text += f"\nIn all {total} comparisons: about {total / 20:.0f} would hold by chance."
+    if args.shared:
+        text += "\n\n" + shared_table(args.runs, args.shared)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
