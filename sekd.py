@@ -282,11 +282,12 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
     return max(1, (mb << 20) // (4 * vocab_size))
 
 
-@functools.cache
 def compiled(fn):
-    """`fn`, a chunk's formula, compiled at first use for any number of rows: its passes over [rows,
-    V] fuse (entropy 3x, KL 1.8x faster on a CPU). set_stance("force_eager") runs it eager."""
-    return torch.compile(fn, dynamic=True)
+    """A chunk's formula, compiled at its first call (importing the compiler takes seconds) for any
+    number of rows: its passes over [rows, V] fuse (entropy 3x, KL 1.8x faster on a CPU), wherever
+    it is called. torch.compiler.set_stance("force_eager") runs it eager."""
+    fast = functools.cache(lambda: torch.compile(fn, dynamic=True))
+    return functools.wraps(fn)(lambda *args: fast()(*args))
 
 
 def chunk_weight(w):
@@ -325,6 +326,7 @@ def chunked_scores(
     return scores
 
 
+@compiled
 def student_entropy(zs, zt, y):
     """H(q_t) in nats, SE-KD's metric: a chunk of the student's logits zs [R, V] -> [R]. Every
     metric of section 4 has this form (the teacher's logits zt and the targets y unused here)."""
@@ -354,6 +356,7 @@ def topk_positions(scores, k, valid=None, state=None):
 # per row and its logit gradient come in closed form, in place where they can.
 
 
+@compiled
 def kl_rows(teacher_h, teacher_w, T, z, i):
     """At walked rows i (student logits z), against the teacher's logits made here: T^2 KL(p^T ||
     q^T) per row, and its gradient T (q^T - p^T)."""
@@ -436,7 +439,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
-        kd_rows = partial(compiled(kl), teacher_h[rows], chunk_weight(teacher_w), cfg.T)
+        kd_rows = partial(kl, teacher_h[rows], chunk_weight(teacher_w), cfg.T)
     chunk = cfg.chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     ce_w = None if lam == 1 else (1 - lam) * ce_w[rows]
     sel = None if rows is mask else mask[rows]
@@ -454,8 +457,7 @@ def sekd_loss(student, teacher, idx, targets, cfg):
     student_h, student_w = student.hidden(idx), student.head_weight
     with torch.no_grad():
         teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
-    entropy = compiled(student_entropy)
-    scores = chunked_scores(entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
+    scores = chunked_scores(student_entropy, student_h, student_w, valid, chunk_rows=cfg.chunk_rows)
     mask = topk_positions(scores, cfg.k, valid)
     loss = streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg)
     return loss, int(mask.sum())
@@ -653,6 +655,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
 # The student continues prompts; KD applies there (the reverse KL, the paper's on-policy table)
 
 
+@compiled
 def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
     """`kl_rows` of T^2 KL(q^T || p^T), whose gradient is T q^T (log q^T - log p^T - KL)."""
     logq = F.log_softmax(z / T, dim=-1)
@@ -755,8 +758,7 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
 
 def sample_entropy(hidden, head_weight, valid, chunk_rows=0):
     """A sample's score, its mean student entropy over its valid positions: [B, L, D] -> [B]."""
-    entropy = compiled(student_entropy)
-    ent = chunked_scores(entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
+    ent = chunked_scores(student_entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
     return ent.sum(1) / valid.sum(1).clamp_min(1)
 
 
