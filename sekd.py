@@ -217,8 +217,12 @@ class KDConfig:
         return PositionState(self.gls_queue, self.curriculum_steps)
 
 
-def _wide(x):  # we upcast half-precision logits for the softmax maths
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _wide_dtype(x):  # we do the softmax maths of half-precision logits in float32
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _wide(x):
+    return x.to(_wide_dtype(x))
 
 
 def token_entropy(logits, T=1.0):
@@ -250,7 +254,7 @@ def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None
     `row_weights` replace the mask's (pos-RS-KD); teacher_logits may be None at lam 0."""
     T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    dtype = _wide_dtype(student_logits)
     w = per_sequence_weights(mask, dtype) if row_weights is None else row_weights.to(dtype) * valid
     loss = student_logits.new_zeros((), dtype=dtype)
     if lam > 0:
@@ -310,7 +314,7 @@ def chunked_scores(
         )
     hs, ht = student_h[valid], teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
-    dtype = torch.promote_types(hs.dtype, torch.float32)  # we score half precision in float32
+    dtype = _wide_dtype(hs)
     chunk = chunk_rows or default_chunk_rows(*student_w.shape, student_w.device)
     project = getattr(metric, "needs_logits", True)  # RandomPos draws without logits
     ws, wt = chunk_weight(student_w), chunk_weight(teacher_w) if use_teacher else None
@@ -394,10 +398,10 @@ class StreamedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
-        dtype = torch.promote_types(h.dtype, torch.float32)  # the logits, in float32 at least
+        dtype = _wide_dtype(h)  # the logits' dtype
         loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grad_w = torch.zeros_like(weight, dtype=_wide_dtype(weight))
         w = chunk_weight(weight)
         for i in range(0, h.shape[0], chunk_rows):
             r = slice(i, i + chunk_rows)
@@ -422,6 +426,12 @@ class StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
 
 
+def walked_rows(valid, mask, cfg):
+    """The rows the streamed loss makes logits for: the selected ones where the whole loss is under
+    the mask (lam = 1, or Eq. 3's CE), else every valid one."""
+    return mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid
+
+
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
     """`kd_loss` of h @ w.T through selective heads, equal in value and gradient, without a [B, L,
     V] tensor. With the loss under the mask (lam = 1, or Eq. 3's CE) we walk only the selected rows:
@@ -429,13 +439,13 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     AT-KD) and kd_rows(z, i), the KD term in place of the teacher's KL (RS-KD's draws, AT-KD)."""
     valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
     mask = valid if mask is None else mask & valid
-    dtype = torch.promote_types(student_h.dtype, torch.float32)
+    dtype = _wide_dtype(student_h)
     if row_weights is None:
         kd_w = per_sequence_weights(mask, dtype)
     else:  # the rows they weigh are the mask
         mask, kd_w = (row_weights != 0) & valid, row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we make logits for
+    rows = walked_rows(valid, mask, cfg)
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
@@ -476,7 +486,7 @@ def _ce_ratio(zs, zt, y):
 
 def uniform(zs, zt, y):
     """Noise: with top-k, the RandomPos baseline. It reads no logits: it gets the rows."""
-    return torch.rand(len(zs), dtype=torch.promote_types(zs.dtype, torch.float32), device=zs.device)
+    return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
 
 
 uniform.needs_teacher, uniform.needs_logits = False, False  # RandomPos pays for no LM-head pass
@@ -747,8 +757,7 @@ def _rskd_rows(ids, counts, T, z_student, i):
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
-    under_mask = cfg.lam == 1 or cfg.ce_at == "selected"  # as streamed_kd_loss walks the rows
-    rows = (valid if mask is None else mask & valid) if under_mask else valid
+    rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
     kd_rows = partial(_rskd_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
