@@ -827,9 +827,17 @@ def fit_temperature(h, w, targets, valid, steps=40):
         return ce[valid].double().sum().item()
 
     a, b, g = -math.log(20), math.log(20), (math.sqrt(5) - 1) / 2
-    for _ in range(steps):
-        c, d = b - g * (b - a), a + g * (b - a)
-        a, b = (a, d) if nll(c) < nll(d) else (c, b)
+    c, d = b - g * (b - a), a + g * (b - a)
+    nc, nd = nll(c), nll(d)
+    for _ in range(steps):  # the point kept is the next step's other point: one new NLL a step
+        if nc < nd:
+            b, d, nd = d, c, nc
+            c = b - g * (b - a)
+            nc = nll(c)
+        else:
+            a, c, nc = c, d, nd
+            d = a + g * (b - a)
+            nd = nll(d)
     return math.exp((a + b) / 2)
 
 
