@@ -316,6 +316,10 @@ def teacher_ckpt_path(args):
     return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
 
 
+def init_ckpt_path(args):  # the initial student's
+    return os.path.join(args.out_dir, "student_init.pt")
+
+
 def cache_path(args):
     return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
 
@@ -617,11 +621,11 @@ class EvalSet:
             h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(dev)
             valid = yi >= 0
             cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
-            cold = cols[0]
-            if tau != 1:  # the logits h w^T / tau
-                cold = sekd.chunked_scores(sekd.prediction_rows, h, w / tau, valid, targets=yi)
-                cold = cold[valid]
-            cols.append(cold[:, :1])
+            nll_tau = cols[0][:, 0]
+            if tau != 1:  # the NLL alone of the logits h w^T / tau
+                ce = sekd.METRICS["student_ce"]
+                nll_tau = sekd.chunked_scores(ce, h, w / tau, valid, targets=yi)[valid]
+            cols.append(nll_tau[:, None])
             if teacher_h is not None:
                 th, tw = teacher_h[i : i + self.bs], self.teacher_w
                 cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw)[valid])
@@ -702,7 +706,7 @@ def pretrained(args, corpus, device, evalset, who):
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
         return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
     teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
-    path = teacher_ckpt_path(args) if teacher else os.path.join(args.out_dir, "student_init.pt")
+    path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
     steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
     seed, ckpt = args.seed + (1 if teacher else 2), None
     named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
@@ -853,10 +857,9 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
-    init = os.path.join(args.out_dir, "student_init.pt")
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
     key["teacher"] = file_sha256(teacher_ckpt_path(args))
-    key["student_init"] = file_sha256(init) if args.student_init_steps > 0 else None
+    key["student_init"] = file_sha256(init_ckpt_path(args)) if args.student_init_steps > 0 else None
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in RUN_FLAGS}
 
