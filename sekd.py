@@ -126,9 +126,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, n_new, temperature=1.0, top_k=0, generator=None, ban=None):
-        """Append n_new sampled tokens to idx [B, L] (greedy at temperature 0; top_k > 0 keeps the
-        k likeliest; never the id `ban`, e.g. a compact vocabulary's id for rare tokens: it has no
-        text). -> (idx [B, L + n_new], entropy [B, n_new]: each step's H(q_t), before the ban)."""
+        """n_new sampled tokens after idx [B, L] (temperature 0: greedy), never the id `ban` (a
+        compact vocabulary's rare-token id has no text). -> (idx, each step's H(q_t) [B, n_new])."""
         if type(n_new) is not int or n_new < 1:
             raise ValueError(f"n_new must be an integer >= 1, got {n_new!r}")
         if temperature < 0 or type(top_k) is not int or top_k < 0:
@@ -158,8 +157,8 @@ class GPT(nn.Module):
 
 @dataclass
 class KDConfig:
-    """A method and its settings, checked here. The defaults are the default job's: SE-KD at k =
-    20%, lam = 0.5, the CE at every position (the paper: lam = 1). Sections 4-6 use the rest."""
+    """A method and its settings, checked here; the defaults are the default job's (the paper's
+    SE-KD has lam = 1). Sections 4-6 use the rest."""
 
     method: str = "sekd"  # ce, full_kd, sekd, random_pos, at_kd
     k: float = 0.2  # the share of each sequence's positions that SE-KD distils
@@ -185,12 +184,10 @@ class KDConfig:
         for name, allowed in names.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if not 0 < self.k <= 1:
-            raise ValueError(f"k must be in (0, 1] (e.g. 0.2 for 20%), got {self.k!r}")
-        if not self.T > 0:
-            raise ValueError(f"T must be > 0, got {self.T!r}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
+        ranges = {"k": (0 < self.k <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), "T": (self.T > 0, "> 0")}
+        for name, (ok, rule) in (ranges | {"lam": (0 <= self.lam <= 1, "in [0, 1]")}).items():
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
             if type(value := getattr(self, name)) is not int or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -203,8 +200,7 @@ class KDConfig:
             )
 
     @property
-    def is_sekd(self):
-        """SE-KD as the paper runs it, which `sekd_loss` makes: the student's entropy, top-k."""
+    def is_sekd(self):  # SE-KD as the paper runs it, which `sekd_loss` makes
         plain = self.metric == "student_entropy" and self.policy == "topk"
         full = self.flow == "streamed" and self.classes == "full" and self.divergence == "forward"
         return self.method == "sekd" and plain and full
@@ -225,22 +221,20 @@ def _wide(x):
     return x.to(_wide_dtype(x))
 
 
-def token_entropy(logits, T=1.0):
-    """H(softmax(logits / T)) in nats over the last dim: SE-KD's importance score."""
+def token_entropy(logits, T=1.0):  # H(softmax(logits / T)) in nats: SE-KD's score
     logp = F.log_softmax(_wide(logits) / T, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-def kl_per_position(teacher_logits, student_logits, T=1.0):
-    """KL(p^T || q^T) over the last dim, p = teacher, q = student."""
+def kl_per_position(teacher_logits, student_logits, T=1.0):  # KL(p^T || q^T), p the teacher
     logp = F.log_softmax(_wide(teacher_logits) / T, dim=-1)
     logq = F.log_softmax(_wide(student_logits) / T, dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
-    """Row weights for Eq. 3: L = mean over sequences with a selected position of L_i = sum_t m_t
-    l(t) / sum_t m_t. `m`: bool or counts [B, L]; `per_seq` [B] replaces the sums sum_t m_t."""
+    """Eq. 3's row weights: L = mean over the sequences with a selected position of L_i = sum_t m_t
+    l(t) / sum_t m_t, m bool or counts [B, L]; `per_seq` [B] replaces the sums sum_t m_t."""
     m = m.to(dtype)
     n_seq = (m.sum(1) > 0).sum().clamp_min(1)
     per_seq = m.sum(1, keepdim=True) if per_seq is None else per_seq.to(dtype).view(-1, 1)
@@ -249,9 +243,8 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
 
 def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None):
     """The reference every faster path must equal, on dense logits [B, L, V]: lam T^2 KL(p^T ||
-    q^T) + (1 - lam) CE at the positions in `mask` (None: every valid one, Full KD), averaged per
-    sequence, then over the sequences (paper Eq. 3). ce_at='all': the CE at every valid position;
-    `row_weights` replace the mask's (pos-RS-KD); teacher_logits may be None at lam 0."""
+    q^T) + (1 - lam) CE at the positions in `mask` (None: all, Full KD), per paper Eq. 3;
+    ce_at='all': the CE at every valid position; `row_weights` replace the mask's (pos-RS-KD)."""
     T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_logits)
@@ -279,24 +272,22 @@ CHUNK_MB = {"cpu": 16, "cuda": 256}  # MB of float32 in a [rows, V] chunk; on a 
 
 
 def default_chunk_rows(vocab_size, width=64, device="cpu"):
-    # A chunk of few rows rewrites the whole [V, D] head gradient often; on a CPU a big one costs
-    # memory traffic, which pays at a wide D: 16 MB per 64 of D (results/head_benchmark_cpu.md).
+    # Few rows a chunk rewrite the whole [V, D] head gradient often; on a CPU a big chunk costs
+    # memory traffic, which pays at a wide D (results/head_benchmark_cpu.md).
     kind = torch.device(device).type
     mb = CHUNK_MB.get(kind, 16) * (max(1, width // 64) if kind == "cpu" else 1)
     return max(1, (mb << 20) // (4 * vocab_size))
 
 
 def compiled(fn):
-    """A chunk's formula, compiled at its first call (importing the compiler takes seconds) for any
-    number of rows: its passes over [rows, V] fuse (entropy 3x, KL 1.8x faster on a CPU), wherever
-    it is called. torch.compiler.set_stance("force_eager") runs it eager."""
+    """A chunk formula, compiled for any number of rows at its first call (importing the compiler
+    takes seconds): its passes over [rows, V] fuse (entropy 3x, KL 1.8x faster on a CPU)."""
     fast = functools.cache(lambda: torch.compile(fn, dynamic=True))
     return functools.wraps(fn)(lambda *args: fast()(*args))
 
 
 def chunk_weight(w):
-    """Under autocast, the head weight's low-precision copy, made once per chunked pass (left to
-    autocast, every chunk's `h @ w.T` would cast the whole [V, D] weight again)."""
+    # under autocast, one low-precision copy per chunked pass, not one per chunk's `h @ w.T`
     on = torch.is_autocast_enabled(w.device.type)
     return w.to(torch.get_autocast_dtype(w.device.type)) if on else w
 
@@ -305,8 +296,8 @@ def chunk_weight(w):
 def chunked_scores(
     metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
 ):
-    """metric(zs, zt, y) at every valid row -> [B, L] (or [B, L, C] for C columns), 0 at padding,
-    without grad, a chunk of rows at a time; the teacher's logits for a metric that reads them."""
+    """metric(zs, zt, y) at every valid row -> [B, L] (or [B, L, C]), 0 at padding, a chunk of rows
+    at a time; the teacher's logits only for a metric that reads them."""
     use_teacher = getattr(metric, "needs_teacher", True)
     if use_teacher and teacher_h is None:
         raise ValueError(
@@ -332,8 +323,8 @@ def chunked_scores(
 
 @compiled
 def student_entropy(zs, zt, y):
-    """H(q_t) in nats, SE-KD's metric: a chunk of the student's logits zs [R, V] -> [R]. Every
-    metric of section 4 has this form (the teacher's logits zt and the targets y unused here)."""
+    """H(q_t), SE-KD's metric, of a chunk of student logits zs [R, V] -> [R]; every metric of
+    section 4 has this form."""
     logq = F.log_softmax(zs, dim=-1)
     return -logq.exp().mul_(logq).sum(-1)  # p log p in p's storage: no grad here
 
@@ -347,23 +338,22 @@ def budget_counts(k, n):
 
 
 def topk_positions(scores, k, valid=None, state=None):
-    """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions. -> [B, L]."""
+    """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions (ties: the
+    earlier). -> [B, L]."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
-    # each position's rank in its row: 0 the highest score, ties to the earlier, padding last
-    scores = scores.masked_fill(~valid, float("-inf"))
+    scores = scores.masked_fill(~valid, float("-inf"))  # padding ranks last
     rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
     return rank < budget_counts(k, valid.sum(1))[:, None]
 
 
 # ---------------------------------------------------------------------------- the streamed loss
-# The selective LM head: logits only at the rows the loss needs, one chunk at a time. A chunk's loss
-# per row and its logit gradient come in closed form, in place where they can.
+# The selective LM head: logits only at the rows the loss needs, one chunk at a time, each chunk's
+# loss and logit gradient in closed form, in place where they can.
 
 
 @compiled
 def kl_rows(teacher_h, teacher_w, T, z, i):
-    """At walked rows i (student logits z), against the teacher's logits made here: T^2 KL(p^T ||
-    q^T) per row, and its gradient T (q^T - p^T)."""
+    """T^2 KL(p^T || q^T) at walked rows i (student logits z), and its gradient T (q^T - p^T)."""
     logq = F.log_softmax(z / T, dim=-1)
     logp = F.log_softmax((teacher_h[i] @ teacher_w.T).to(z.dtype) / T, dim=-1)
     p = logp.exp()
@@ -371,44 +361,41 @@ def kl_rows(teacher_h, teacher_w, T, z, i):
     return loss, logq.exp_().sub_(p).mul_(T)  # in log q's storage: no new [rows, V] tensor
 
 
-def chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel):
-    """The loss at walked rows r (logits z [rows, V]) and its logit gradient: kd_w weighs the KD
-    term kd_rows(z, i) at the selected rows `sel` (None: all), ce_w the CE (None: lam = 1)."""
-    i = torch.arange(r.start, r.start + len(z), device=z.device)
-    s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
-    kd = kd_rows(z if sel is None else z[s], i[s]) if kd_rows is not None and s.any() else None
-    if ce_w is None:
-        return kd_w[r] * kd[0], kd[1].mul_(kd_w[r][:, None])
-    logq = F.log_softmax(z, dim=-1)  # CE(y, q) per row, and its gradient q - onehot(y)
-    loss = -logq.gather(1, y[r][:, None]).squeeze(1) * ce_w[r]
-    grad = logq.exp_()
-    grad[torch.arange(len(z), device=z.device), y[r]] -= 1
-    grad.mul_(ce_w[r][:, None])
-    if kd is not None:
-        w = kd_w[r][s]
-        loss[s] += w * kd[0]
-        grad.index_put_((s,), kd[1].mul_(w[:, None]), accumulate=True)  # no copy of grad[s]
-    return loss, grad
-
-
 class StreamedHeadLoss(torch.autograd.Function):
-    """The sum over rows h [N, D] of chunk_loss(h @ W^T), a chunk at a time. The chunks' gradients
-    add up exactly, so we make each in the forward pass: one chunk's [rows, V] tensors live at a
+    """The sum over rows h [N, D] of (1 - lam) CE weighted ce_w (None: lam = 1) plus kd_w times
+    kd_rows(z, i) at the selected rows `sel` (None: all), of z = h @ W^T a chunk at a time. The
+    chunks' gradients add up exactly, so forward makes them: one chunk's [rows, V] tensors live at a
     time, and backward only scales the stored dL/dh and dL/dW in place (so it runs once)."""
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
-        dtype = _wide_dtype(h)  # the logits' dtype
+        dtype, w = _wide_dtype(h), chunk_weight(weight)  # the logits' dtype, the chunks' weight
         loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=_wide_dtype(weight))
-        w = chunk_weight(weight)
-        for i in range(0, h.shape[0], chunk_rows):
-            r = slice(i, i + chunk_rows)
+        for start in range(0, h.shape[0], chunk_rows):
+            r = slice(start, start + chunk_rows)
             z = (h[r] @ w.T).to(dtype)
-            row_loss, grad_z = chunk_loss(z, r, kd_rows, kd_w, ce_w, y, sel)
+            i = torch.arange(start, start + len(z), device=z.device)
+            s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
+            kd = (
+                kd_rows(z if sel is None else z[s], i[s])
+                if kd_rows is not None and s.any()
+                else None
+            )
+            if ce_w is None:  # lam = 1: the KD alone
+                row_loss, grad_z = kd_w[r] * kd[0], kd[1].mul_(kd_w[r][:, None])
+            else:  # the CE per row, and in log q's storage its gradient q - onehot(y)
+                grad_z = F.log_softmax(z, dim=-1)
+                row_loss = -grad_z.gather(1, y[r][:, None]).squeeze(1) * ce_w[r]
+                grad_z.exp_()[torch.arange(len(z), device=z.device), y[r]] -= 1
+                grad_z.mul_(ce_w[r][:, None])
+                if kd is not None:
+                    kd_ws = kd_w[r][s]
+                    row_loss[s] += kd_ws * kd[0]
+                    grad_z.index_put_((s,), kd[1].mul_(kd_ws[:, None]), accumulate=True)
             loss += row_loss.sum()
-            del z  # before the gradient's matmuls: one chunk's [rows, V] tensors at a time
+            del z, kd  # before the gradient's matmuls: one chunk's [rows, V] tensors at a time
             grad_z = grad_z.to(w.dtype)  # under autocast one bf16 copy serves both matmuls
             grad_h[r] = (grad_z @ w).to(h.dtype)
             grad_w += grad_z.T @ h[r].to(w.dtype)
@@ -426,17 +413,11 @@ class StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
 
 
-def walked_rows(valid, mask, cfg):
-    """The rows the streamed loss makes logits for: the selected ones where the whole loss is under
-    the mask (lam = 1, or Eq. 3's CE), else every valid one."""
-    return mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid
-
-
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
-    """`kd_loss` of h @ w.T through selective heads, equal in value and gradient, without a [B, L,
-    V] tensor. With the loss under the mask (lam = 1, or Eq. 3's CE) we walk only the selected rows:
-    the memory win; with ce_at='all', every valid row once. `kd` may hold row_weights (pos-RS-KD,
-    AT-KD) and kd_rows(z, i), the KD term in place of the teacher's KL (RS-KD's draws, AT-KD)."""
+    """`kd_loss` of h @ w.T, equal in value and gradient, without a [B, L, V] tensor. With the loss
+    under the mask (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. `kd` may
+    hold row_weights (pos-RS-KD, AT-KD) and kd_rows(z, i), a KD term in place of the teacher's KL
+    (RS-KD, AT-KD)."""
     valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_h)
@@ -445,7 +426,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     else:  # the rows they weigh are the mask
         mask, kd_w = (row_weights != 0) & valid, row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    rows = walked_rows(valid, mask, cfg)
+    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we make logits for
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
@@ -484,8 +465,7 @@ def _ce_ratio(zs, zt, y):
     return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
 
 
-def uniform(zs, zt, y):
-    """Noise: with top-k, the RandomPos baseline. It reads no logits: it gets the rows."""
+def uniform(zs, zt, y):  # noise: with top-k, the RandomPos baseline; it gets rows, not logits
     return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
 
 
@@ -511,7 +491,7 @@ METRICS["student_ce"].needs_teacher = False
 
 @dataclass
 class PositionState:
-    """GLS's FIFO queue of recent scores, and the training step that curriculum's window follows."""
+    """GLS's queue of recent scores, and the training step that curriculum's window follows."""
 
     gls_queue: int
     curriculum_steps: int
@@ -544,10 +524,9 @@ def curriculum_positions(scores, k, valid, state):
 
 
 def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
-    """pos-RS-KD: K = ceil(k n) i.i.d. draws per sequence with probability q(t), a position drawn c
-    times counting c times: divided by K, the loss is unbiased for sum_t u(t) l(t) / sum_j u(j).
-    star=True, pos-RS-KD*: each draw weighted by 1 / (n q(t)), so E[sum_t m_t l(t) / K] =
-    (1/n) sum_t l(t), Full KD (`distill_loss` divides by K: dividing by sum_t m_t is biased)."""
+    """pos-RS-KD: K = ceil(k n) draws per sequence with probability q(t) = u(t) / sum_j u(j), each
+    counted: over K, unbiased for sum_t q(t) l(t). star (pos-RS-KD*): each draw weighted 1 / (n
+    q(t)), unbiased for Full KD over K (`distill_loss`; over sum_t m_t it is biased)."""
     u = scores.double().clamp_min(0) * valid  # q(t) = u(t) / sum_j u(j); negative scores count 0
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.double())  # all 0: uniform
     q = u / u.sum(1, keepdim=True).clamp_min(1e-300)
@@ -575,8 +554,8 @@ FULL_KL = ("full_kd", "sekd", "random_pos")  # the methods with the teacher's wh
 
 
 def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state=None):
-    """The mask m: all valid positions for Full KD, else cfg.metric's scores through cfg.policy.
-    -> bool [B, L], or float counts for pos-RS-KD."""
+    """Every valid position for Full KD, else cfg.metric's scores through cfg.policy. -> bool
+    [B, L], or pos-RS-KD's float counts."""
     valid = targets >= 0
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
     if cfg.method not in ("sekd", "random_pos"):
@@ -589,9 +568,9 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step of any method of the paper's tables (equal to `sekd_loss` for SE-KD): positions,
-    then the streamed or dense loss. RS-KD classes read `draws` (ids, counts) [B, L, U] from the
-    offline cache (SE-KD_3X: no teacher), or draw them at the selected rows. -> (loss, n_sel)."""
+    """One step of any method of the paper's tables (`sekd_loss` for SE-KD): positions, then the
+    loss. RS-KD classes read cached `draws` (ids, counts) [B, L, U] (SE-KD_3X: no teacher), or draw
+    them at the selected rows. -> (loss, n_sel)."""
     student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
@@ -626,9 +605,9 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
 
 
 def at_kd_rows(teacher_h, teacher_w, y, hard, T, z, i):
-    """AT-KD at walked rows i: for hard rows the binary KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))),
-    plus for all the non-target KL(p(.|not y) || q(.|not y)), renormalised (the exact KL weighs it
-    1 - p(y)), both tempered where the paper is silent; the logit gradient by autograd."""
+    """AT-KD at walked rows i: the binary KL((p(y), 1 - p(y)) || (q(y), 1 - q(y))) at hard rows,
+    plus the renormalised KL(p(.|not y) || q(.|not y)) at all (the exact KL weighs it 1 - p(y)),
+    both tempered where the paper is silent; the logit gradient by autograd."""
     gold = F.one_hot(y[i], z.shape[-1]).bool()
 
     def split(z):  # log p(y), log(1 - p(y)), log of the renormalised non-gold distribution
@@ -647,8 +626,8 @@ def at_kd_rows(teacher_h, teacher_w, y, hard, T, z, i):
 
 
 def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
-    """lam AT-KD + (1 - lam) CE at every valid position. The half of each sequence where the teacher
-    is least sure of the gold token is hard; L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i."""
+    """lam AT-KD + (1 - lam) CE at every valid position; hard: the half of each sequence where the
+    teacher is least sure of the gold token; L_i = (0.2 sum_easy + 0.8 sum_hard) / n_i."""
     valid = targets >= 0
     args = (student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
     doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
@@ -667,7 +646,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
 
 @compiled
 def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
-    """`kl_rows` of T^2 KL(q^T || p^T), whose gradient is T q^T (log q^T - log p^T - KL)."""
+    """`kl_rows` of T^2 KL(q^T || p^T); its gradient T q^T (log q^T - log p^T - KL)."""
     logq = F.log_softmax(z / T, dim=-1)
     logp = F.log_softmax((teacher_h[i] @ teacher_w.T).to(z.dtype) / T, dim=-1)
     q = logq.exp()
@@ -678,7 +657,7 @@ def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
     """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x,
-    targets), -1 before the first sampled token: only the predictions of sampled tokens count."""
+    targets), -1 before the first sampled token."""
     L, was_training = idx.shape[1], student.training
     if type(prompt_len) is not int or not 1 <= prompt_len <= L:
         raise ValueError(f"prompt_len must be in [1, {L}], the sequence length, got {prompt_len!r}")
@@ -717,7 +696,7 @@ def on_policy_distill_loss(
 
 def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct
-    ids, increasing, each with its count, then padding (0, 0); p~ = counts / U."""
+    ids, increasing, with their counts, then (0, 0)."""
     V = teacher_logits.shape[-1]
     p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
     if p.shape[0]:
@@ -745,8 +724,8 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
 
 
 def _rskd_rows(ids, counts, T, z_student, i):
-    """At walked rows i: T^2 sum over drawn v of p~ log(p~ / q^T), q^T over all of V; gradient T
-    (q^T - p~)."""
+    """T^2 sum over drawn v of p~ log(p~ / q^T) at walked rows i, p~ = counts / U, q^T over all
+    of V; its gradient T (q^T - p~)."""
     p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
     logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
@@ -757,7 +736,8 @@ def _rskd_rows(ids, counts, T, z_student, i):
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
     valid = targets >= 0
-    rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
+    mask = valid if mask is None else mask & valid
+    rows = mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid  # streamed_kd_loss's rows
     kd_rows = partial(_rskd_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
@@ -766,7 +746,7 @@ def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
 
 
 def sample_entropy(hidden, head_weight, valid, chunk_rows=0):
-    """A sample's score, its mean student entropy over its valid positions: [B, L, D] -> [B]."""
+    """A sample's score: its mean student entropy over its valid positions. [B, L, D] -> [B]."""
     ent = chunked_scores(student_entropy, hidden, head_weight, valid, chunk_rows=chunk_rows)
     return ent.sum(1) / valid.sum(1).clamp_min(1)
 
@@ -790,8 +770,8 @@ def random_samples(n_samples, share, generator=None):
 
 
 def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE in percent, as the paper reports it: equal-width bins of the top-1 probability,
-    sum_b share_b |accuracy_b - confidence_b| = sum_b |sum correct - sum confidence| / N."""
+    """ECE in percent, as the paper reports it, over equal-width bins of the top-1 probability:
+    sum_b |sum correct - sum confidence| / N."""
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -818,9 +798,9 @@ prediction_rows.needs_teacher = False
 
 @torch.no_grad()
 def fit_temperature(h, w, targets, valid, steps=40):
-    """tau*, the one softmax temperature in [1/20, 20] of minimum NLL over the valid rows of logits
-    h w^T / tau. A subset's PPL rewards a flat distribution, so we compare models there at their own
-    tau*. The NLL is convex in 1/tau: a golden-section search in log tau finds it."""
+    """tau* in [1/20, 20], of minimum NLL of the logits h w^T / tau at the valid rows: a subset's
+    PPL rewards a flat distribution, so we compare models at their own tau*. Convex in 1/tau: a
+    golden-section search in log tau."""
 
     def nll(log_tau):
         ce = chunked_scores(METRICS["student_ce"], h, w / math.exp(log_tau), valid, targets=targets)
@@ -847,15 +827,15 @@ def fit_temperature(h, w, targets, valid, steps=40):
 
 
 def n_params(config):
-    """Embeddings (V + block) D; per block two LayerNorms 4 D, qkv 3 D^2 + 3 D, the attention output
-    D^2 + D, the MLP 8 D^2 + 5 D; the final LayerNorm 2 D. The tied LM head adds nothing."""
+    """Embeddings (V + block) D; per block LayerNorms 4 D, qkv 3 D^2 + 3 D, the attention output
+    D^2 + D, the MLP 8 D^2 + 5 D; the final LayerNorm 2 D; the tied head nothing."""
     V, L, D = config.vocab_size, config.block_size, config.n_embd
     return (V + L) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
 
 
 def activation_bytes(config, B, L, half=False, grad=True):
-    """With grad, what autograd saves per layer and token: ~16 vectors of width D (the MLP's count
-    4), bf16 but the residuals under autocast; without (the teacher): a block's peak, 11 vectors."""
+    """With grad, autograd's saved vectors per layer and token (~16 of width D, bf16 but the
+    residuals under autocast); without (the teacher): a block's peak, 11."""
     D, H, n = config.n_embd, config.n_head, config.n_layer
     tokens, act = B * L, 2 if half else 4
     if grad:
@@ -864,13 +844,11 @@ def activation_bytes(config, B, L, half=False, grad=True):
 
 
 def memory_account(student_config, teacher_config, B, L, cfg, half=False, device="cpu"):
-    """The expected peak bytes of one step (N = B L rows, chunks of c rows, s of them selected):
-    weights (4 bytes a parameter), AdamW (8 a student parameter), gradients (4) from backward on;
-    activations and the teacher's hidden states (4 N Dt); [rows, V] float32 logits alive at once:
-    selection 3 c, streamed loss 4 c (lambda = 1, or Eq. 3's CE), max(c + 4 s, 2 c + s) (CE at
-    all), 2 c (CE), plus its [V, Ds] head gradient; dense loss 7 N (CE: 2 N), its backward 3 N
-    (5 N if 0 < lambda < 1); under autocast, the chunk loops' bf16 head copies. None for a step it
-    does not model."""
+    """One step's expected peak bytes (N = B L rows, chunks of c, s selected): weights (4 bytes a
+    parameter), AdamW (8), gradients (4); activations, the teacher's hidden states; float32 [rows,
+    V] logits alive at once: selection 3 c, streamed loss 4 c (under the mask), max(c + 4 s, 2 c +
+    s) (CE at all), 2 c (CE), plus the [V, Ds] head gradient; dense 7 N (CE 2 N), backward 3 N (5 N
+    if 0 < lam < 1); under autocast the bf16 head copies. None for a step it does not model."""
     reads_teacher = getattr(METRICS[cfg.metric], "needs_teacher", True)
     other = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
     if other or cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward":
