@@ -1,17 +1,14 @@
 """sekd: selective knowledge distillation for GPT language models, in one file.
 
-The method of "Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395), in
-the paper's order. A reader who stops after section 3 has read a whole, working SE-KD.
+"Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395) in the paper's order:
+1 the model, 2 dense KD (the reference), 3 SE-KD, 4 the position axis, 5 the baselines (AT-KD,
+on-policy), 6 the class and sample axes (RS-KD, TopSmp), 7 evaluation, 8 memory. A reader who stops
+after section 3 has read a whole, working SE-KD.
 
-  1. the model                2. dense KD, the reference      3. SE-KD: entropy, top-k, the step
-  4. the position axis        5. the baselines: AT-KD, on-policy
-  6. the class and sample axes (RS-KD, TopSmp)                7. evaluation      8. memory
-
-The model's `hidden(idx)` is split from its `head(h)`, so that an LM head runs at chosen rows only,
-a chunk of rows at a time: no [B, L, V] logits tensor exists on the fast path. `kd_loss`, on dense
-logits, is the reference every faster path must equal (test_sekd.py). Logits are [..., V];
-`targets` are [B, L] with -1 at padding (valid = targets >= 0); a position mask is a bool [B, L];
-a loss is averaged per sequence, then over the sequences (paper Eq. 3).
+The model's `hidden(idx)` is split from its `head(h)`, so an LM head runs at chosen rows only, a
+chunk at a time: no [B, L, V] logits on the fast path; `kd_loss`, on dense logits, is the reference
+it must equal. `targets` [B, L] are -1 at padding; a loss is averaged per sequence, then over the
+sequences (paper Eq. 3).
 """
 
 import functools
@@ -41,10 +38,8 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if type(value := getattr(self, name)) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd must be divisible by n_head, got {self.n_embd}, {self.n_head}"
-            )
+        if (D := self.n_embd) % (H := self.n_head):
+            raise ValueError(f"n_embd must be divisible by n_head, got {D}, {H}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.gelu not in ("none", "tanh"):
@@ -139,7 +134,7 @@ class GPT(nn.Module):
             logits = _wide(self.head(self.hidden(idx[:, -self.config.block_size :])[:, -1]))
             entropy.append(token_entropy(logits))
             if ban is not None:
-                logits = logits.index_fill(-1, torch.tensor([ban], device=logits.device), -math.inf)
+                logits[:, ban] = -math.inf
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -194,10 +189,8 @@ class KDConfig:
         if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
             raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
         if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
-            raise ValueError(
-                "divergence 'reverse' works with full_kd, sekd or random_pos and classes 'full': "
-                "the reverse KL needs the teacher's full distribution"
-            )
+            why = "the reverse KL needs the teacher's full distribution"
+            raise ValueError(f"divergence 'reverse' works with {', '.join(FULL_KL)}: {why}")
 
     @property
     def is_sekd(self):  # SE-KD as the paper runs it, which `sekd_loss` makes
@@ -279,9 +272,8 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
     return max(1, (mb << 20) // (4 * vocab_size))
 
 
-def compiled(fn):
-    """A chunk formula, compiled for any number of rows at its first call (importing the compiler
-    takes seconds): its passes over [rows, V] fuse (entropy 3x, KL 1.8x faster on a CPU)."""
+def compiled(fn):  # at its first call (importing the compiler takes seconds), for any row count
+    # a chunk formula's passes over [rows, V] fuse: entropy 3x, KL 1.8x faster on a CPU
     fast = functools.cache(lambda: torch.compile(fn, dynamic=True))
     return functools.wraps(fn)(lambda *args: fast()(*args))
 
@@ -296,8 +288,7 @@ def chunk_weight(w):
 def chunked_scores(
     metric, student_h, student_w, valid, teacher_h=None, teacher_w=None, targets=None, chunk_rows=0
 ):
-    """metric(zs, zt, y) at every valid row -> [B, L] (or [B, L, C]), 0 at padding, a chunk of rows
-    at a time; the teacher's logits only for a metric that reads them."""
+    """metric(zs, zt, y) at every valid row, a chunk of rows at a time -> [B, L] (or [B, L, C])."""
     use_teacher = getattr(metric, "needs_teacher", True)
     if use_teacher and teacher_h is None:
         raise ValueError(
@@ -323,8 +314,7 @@ def chunked_scores(
 
 @compiled
 def student_entropy(zs, zt, y):
-    """H(q_t), SE-KD's metric, of a chunk of student logits zs [R, V] -> [R]; every metric of
-    section 4 has this form."""
+    """H(q_t), SE-KD's metric: student logits zs [R, V] -> [R], as every metric of section 4."""
     logq = F.log_softmax(zs, dim=-1)
     return -logq.exp().mul_(logq).sum(-1)  # p log p in p's storage: no grad here
 
@@ -338,10 +328,9 @@ def budget_counts(k, n):
 
 
 def topk_positions(scores, k, valid=None, state=None):
-    """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions (ties: the
-    earlier). -> [B, L]."""
+    """SE-KD's policy: the ceil(k n) highest-scored of a sequence's n valid positions."""
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
-    scores = scores.masked_fill(~valid, float("-inf"))  # padding ranks last
+    scores = scores.masked_fill(~valid, float("-inf"))  # padding ranks last, ties the earlier first
     rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
     return rank < budget_counts(k, valid.sum(1))[:, None]
 
@@ -362,10 +351,9 @@ def kl_rows(teacher_h, teacher_w, T, z, i):
 
 
 class StreamedHeadLoss(torch.autograd.Function):
-    """The sum over rows h [N, D] of (1 - lam) CE weighted ce_w (None: lam = 1) plus kd_w times
-    kd_rows(z, i) at the selected rows `sel` (None: all), of z = h @ W^T a chunk at a time. The
-    chunks' gradients add up exactly, so forward makes them: one chunk's [rows, V] tensors live at a
-    time, and backward only scales the stored dL/dh and dL/dW in place (so it runs once)."""
+    """Sum over rows h [N, D] of ce_w CE (None: lam = 1) + kd_w kd_rows(z, i) at rows `sel` (None:
+    all), z = h @ W^T a chunk at a time. The chunks' gradients add up, so forward makes them: one
+    chunk's [rows, V] tensors at a time; backward scales them in place (so it runs once)."""
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
@@ -414,10 +402,8 @@ class StreamedHeadLoss(torch.autograd.Function):
 
 
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
-    """`kd_loss` of h @ w.T, equal in value and gradient, without a [B, L, V] tensor. With the loss
-    under the mask (lam = 1, or Eq. 3's CE) we walk only the selected rows: the memory win. `kd` may
-    hold row_weights (pos-RS-KD, AT-KD) and kd_rows(z, i), a KD term in place of the teacher's KL
-    (RS-KD, AT-KD)."""
+    """`kd_loss` of h @ w.T without a [B, L, V] tensor. `kd` may hold row_weights (pos-RS-KD,
+    AT-KD) and kd_rows(z, i), the KD term in place of the teacher's KL (RS-KD, AT-KD)."""
     valid, lam, row_weights = targets >= 0, cfg.lam, kd.get("row_weights")
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_h)
@@ -426,7 +412,8 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     else:  # the rows they weigh are the mask
         mask, kd_w = (row_weights != 0) & valid, row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid  # the rows we make logits for
+    # the rows we make logits for: with the loss under the mask, only the selected: the memory win
+    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
@@ -442,8 +429,8 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
 
 
 def sekd_loss(student, teacher, idx, targets, cfg):
-    """One SE-KD step (paper §3): the KD loss at the top k% of each sequence's positions by the
-    student's entropy, with LM heads at those rows only. -> (loss, positions distilled)."""
+    """One SE-KD step (paper §3): the KD loss at each sequence's top k% positions by student
+    entropy, LM heads at those rows only. -> (loss, positions distilled)."""
     valid = targets >= 0
     student_h, student_w = student.hidden(idx), student.head_weight
     with torch.no_grad():
@@ -455,9 +442,8 @@ def sekd_loss(student, teacher, idx, targets, cfg):
 
 
 # ============================================================================ 4. the position axis
-# A metric (student logits zs [R, V], the teacher's zt or None, targets y) -> [R] scores a chunk of
-# rows. Register one from anywhere, `METRICS["name"] = fn`; mark `fn.needs_teacher = False` if it
-# never reads zt.
+# A metric(zs, zt, y) -> [R] scores a chunk of rows from the student's logits zs [R, V], the
+# teacher's zt (None where `fn.needs_teacher = False`) and the targets y; `METRICS["name"] = fn`.
 
 
 def _ce_ratio(zs, zt, y):
@@ -500,7 +486,7 @@ class PositionState:
 
 
 def gls_positions(scores, k, valid, state):
-    """GLS: u(t) >= tau, the (1 - k) quantile of recent scores *before* this batch joins them."""
+    """GLS: u(t) >= the (1 - k) quantile of the recent scores *before* this batch joins them."""
     if state.queue is None or state.queue.numel() == 0:
         m = topk_positions(scores, k, valid)
     else:
@@ -512,8 +498,8 @@ def gls_positions(scores, k, valid, state):
 
 
 def curriculum_positions(scores, k, valid, state):
-    """ceil(k n) positions per sequence: a window over the positions sorted by u(t) that slides from
-    the lowest-scored at step 0 to the top-k at step `curriculum_steps`, linearly, then stays."""
+    """ceil(k n) positions per sequence: a window over the ranks by u(t), sliding linearly from the
+    lowest at step 0 to the top-k at step `curriculum_steps`."""
     scores = scores.masked_fill(~valid, float("-inf"))  # ranked as in topk_positions
     rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
     n = valid.sum(1)
@@ -554,14 +540,11 @@ FULL_KL = ("full_kd", "sekd", "random_pos")  # the methods with the teacher's wh
 
 
 def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state=None):
-    """Every valid position for Full KD, else cfg.metric's scores through cfg.policy. -> bool
-    [B, L], or pos-RS-KD's float counts."""
+    """cfg.metric's scores through cfg.policy -> bool [B, L] (pos-RS-KD: float counts)."""
     valid = targets >= 0
     metric, policy = ("random", "topk") if cfg.method == "random_pos" else (cfg.metric, cfg.policy)
-    if cfg.method not in ("sekd", "random_pos"):
-        return valid
-    if cfg.k == 1.0 and policy in ("topk", "curriculum"):  # every position: no need to score them
-        return valid
+    if cfg.method not in ("sekd", "random_pos") or cfg.k == 1 and policy in ("topk", "curriculum"):
+        return valid  # Full KD, or every position by a deterministic policy: no scores needed
     args = (teacher_h, teacher_w, targets, cfg.chunk_rows)
     scores = chunked_scores(METRICS[metric], student_h, student_w, valid, *args)
     return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
@@ -641,7 +624,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
 
 
 # ------------------------------------------------------------------ on-policy (Agarwal et al. 2024)
-# The student continues prompts; KD applies there (the reverse KL, the paper's on-policy table)
+# The student continues prompts, and KD applies there (the paper's on-policy table: the reverse KL)
 
 
 @compiled
@@ -699,10 +682,7 @@ def rskd_sample(teacher_logits, U, T=1.0, generator=None):
     ids, increasing, with their counts, then (0, 0)."""
     V = teacher_logits.shape[-1]
     p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
-    if p.shape[0]:
-        draws = torch.multinomial(p, U, replacement=True, generator=generator).sort(dim=1).values
-    else:  # no rows: nothing to draw
-        draws = torch.zeros(0, U, dtype=torch.long, device=p.device)
+    draws = torch.multinomial(p, U, replacement=True, generator=generator).sort(dim=1).values
     slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
@@ -734,7 +714,7 @@ def _rskd_rows(ids, counts, T, z_student, i):
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
-    """RS-KD streamed as `streamed_kd_loss`: the teacher's draws [B, L, U] replace its logits."""
+    """`streamed_kd_loss` with the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
     mask = valid if mask is None else mask & valid
     rows = mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid  # streamed_kd_loss's rows
@@ -752,11 +732,8 @@ def sample_entropy(hidden, head_weight, valid, chunk_rows=0):
 
 
 def top_samples(scores, share):
-    """TopSmp: the ids of the ceil(share N) samples of highest score (ties: the lower id), in
-    increasing order."""
-    scores = torch.as_tensor(scores)
-    n = int(budget_counts(share, torch.tensor(len(scores))))
-    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
+    """TopSmp: the ids of the ceil(share N) samples of highest score, increasing."""
+    return topk_positions(torch.as_tensor(scores).double()[None], share)[0].nonzero().flatten()
 
 
 def random_samples(n_samples, share, generator=None):
@@ -766,12 +743,11 @@ def random_samples(n_samples, share, generator=None):
 
 
 # ============================================================================ 7. evaluation
-# Through `chunked_scores`, as metrics of many columns.
 
 
 def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE in percent, as the paper reports it, over equal-width bins of the top-1 probability:
-    sum_b |sum correct - sum confidence| / N."""
+    """ECE in percent, as the paper's: sum over equal-width bins of the top-1 probability of
+    |sum correct - sum confidence| / N."""
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -779,7 +755,7 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 
 
 def prediction_rows(zs, zt, y):
-    """Per row: nll = -log q(y), conf = max q, correct = (argmax q == y), entropy = H(q)."""
+    """Per row: -log q(y), max q, whether argmax q == y, H(q)."""
     logq = F.log_softmax(zs, -1)
     conf, pred = logq.max(-1)
     nll = F.nll_loss(logq, y, reduction="none")
@@ -822,8 +798,7 @@ def fit_temperature(h, w, targets, valid, steps=40):
 
 
 # ============================================================================ 8. memory
-# One step's bytes in closed form, to check with pencil and paper (a test holds it within 10% of a
-# measurement).
+# One step's bytes in closed form, for pencil and paper (a test holds them within 10% of a meter)
 
 
 def n_params(config):
