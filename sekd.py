@@ -189,8 +189,10 @@ class KDConfig:
         if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
             raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
         if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
-            why = "the reverse KL needs the teacher's full distribution"
-            raise ValueError(f"divergence 'reverse' works with {', '.join(FULL_KL)}: {why}")
+            raise ValueError(
+                "divergence 'reverse' works with full_kd, sekd or random_pos and classes 'full': "
+                "the reverse KL needs the teacher's full distribution"
+            )
 
     @property
     def is_sekd(self):  # SE-KD as the paper runs it, which `sekd_loss` makes
@@ -758,10 +760,8 @@ def prediction_rows(zs, zt, y):
     """Per row: -log q(y), max q, whether argmax q == y, H(q)."""
     logq = F.log_softmax(zs, -1)
     conf, pred = logq.max(-1)
-    nll = F.nll_loss(logq, y, reduction="none")
-    return torch.stack(
-        [nll, conf.exp(), (pred == y).to(nll.dtype), -(logq.exp() * logq).sum(-1)], 1
-    )
+    nll, entropy = F.nll_loss(logq, y, reduction="none"), -(logq.exp() * logq).sum(-1)
+    return torch.stack([nll, conf.exp(), (pred == y).to(nll.dtype), entropy], 1)
 
 
 def teacher_rows(zs, zt, y):
