@@ -2779,7 +2779,6 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
         train.new_model(args, "student", corpus.vocab.size, torch.device("cpu")),
         torch.device("cpu"),
     )
-    monkeypatch.setattr(train, "_PREPASS", {})
     whole = train.sample_prepass(student, corpus, args, dev)[0]
     shards = []
     for r in range(
@@ -2787,7 +2786,6 @@ def test_sharded_prepass_cache_rows_and_rank0_builds(cache_setup, monkeypatch):
     ):  # each rank scores its share of the batches; gathered, they are the 1-rank scores
         as_rank(monkeypatch, r, 3)
         monkeypatch.setattr(train, "gather_objects", lambda obj: [obj])  # this rank's share alone
-        monkeypatch.setattr(train, "_PREPASS", {})
         shards.append(train.sample_prepass(student, corpus, args, dev)[0])
     assert 0 < len(shards[0]) < len(whole)
     np.testing.assert_array_equal(np.concatenate(shards), whole)

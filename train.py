@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_leaves
 
 import data
 import sekd
@@ -178,11 +178,9 @@ def parse_args(argv=None, parser=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
     p = parser or build_parser()
-    args = p.parse_args(argv)
-    if args.preset != "none":
-        p.set_defaults(**vars(p.parse_args(PRESETS[args.preset].split())))
-        args = p.parse_args(argv)
-    return args
+    if (preset := p.parse_args(argv).preset) != "none":
+        p.set_defaults(**vars(p.parse_args(PRESETS[preset].split())))
+    return p.parse_args(argv)
 
 
 def check_flags(a):
@@ -195,7 +193,8 @@ def check_flags(a):
     if a.on_policy > 0 and sekd.on_policy_rows(a.batch_size, a.on_policy) == 0:
         none = f"{a.on_policy} of --batch-size {a.batch_size} rounds to no sequence"
         raise UserError(f"--on-policy {none}: raise one")
-    if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in ("compare", "distill"):
+    jobs = {"compare": ["ce", "full_kd", "sekd"], "distill": [a.method]}
+    if (a.on_policy > 0 or a.divergence == "reverse") and a.run not in jobs:
         raise UserError("--on-policy and --divergence reverse work with --run compare or distill")
     positions, classes, *_ = METHODS[a.method]
     full = positions in sekd.FULL_KL and classes == "full"
@@ -208,7 +207,6 @@ def check_flags(a):
         raise UserError("GPT-2's weights index its own 50,257 ids: --*-init needs --full-vocab")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
-    jobs = {"compare": ["ce", "full_kd", "sekd"], "distill": [a.method]}
     configs = {m: kd_config(a, m) for m in jobs.get(a.run, ["sekd"])}
     return configs if a.run in jobs else {}  # --run teacher, experiments/: the flags checked alone
 
@@ -227,10 +225,9 @@ def kd_config(args, method, **kd):
     divergence = args.divergence if positions != "ce" else "forward"  # CE, the baseline: no KL
     if divergence == "auto":  # on the student's own text, the reverse KL
         divergence = "reverse" if args.on_policy > 0 else "forward"
-    k = 1.0 if positions == "full_kd" else args.k
-    classes = "full" if classes == "full" else "rskd"  # cache: RS-KD's draws, read from a file
     values = {f.name: getattr(args, f.name, None) for f in fields(sekd.KDConfig)}  # but classes
-    values |= dict(method=positions, classes=classes, k=k, divergence=divergence)
+    values |= dict(method=positions, k=1.0 if positions == "full_kd" else args.k)
+    values |= dict(classes="full" if classes == "full" else "rskd", divergence=divergence)
     # a bad value is one of the flags'; a bad combination, the user's --method's
     flags = f"--method {method}" if method == args.method else "the distillation flags"
     return from_flags(flags, sekd.KDConfig, **values | kd)
@@ -333,37 +330,31 @@ def file_sha256(path):  # None: no such file
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
     """What a student trains on: its samples (all; TopSmp's, by the initial student's entropy;
     RandomSmp's), --student-steps times their share (the wall-time saving), SE-KD_3X's draws."""
-    n, kept, prepass_s, cache, build_s, reused = len(corpus.train), None, None, None, None, None
+    n, kept, cache = len(corpus.train), None, None
+    plan = dict(samples=samples, prepass_s=None, cache_build_s=None, cache_reused=None)
     if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
         # we refuse a cache of another run before the pre-pass, not after
-        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus, []), skip=("kept",))
+        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus))
     if samples == "top":
-        scores, prepass_s = sample_prepass(student, corpus, args, device)
+        scores, plan["prepass_s"] = sample_prepass(student, corpus, args, device)
         kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
     elif samples == "random":
         kept = sekd.random_samples(n, args.l, torch.Generator().manual_seed(args.seed)).numpy()
     if classes == "cache":
-        ids = kept if kept is not None else np.arange(n)
-        cache, build_s, reused = teacher_cache(args, corpus, device, teacher, ids)
-    n_kept = n if kept is None else len(kept)
-    cache_bytes = os.path.getsize(cache.path) if cache else None
-    plan = dict(samples=samples, n_kept=n_kept, prepass_s=prepass_s, cache_build_s=build_s)
-    plan |= dict(cache_reused=reused, cache_bytes=cache_bytes)
-    plan["steps"] = max(1, math.ceil(args.student_steps * n_kept / n))  # all: --student-steps
+        built = teacher_cache(args, corpus, device, teacher, np.arange(n) if kept is None else kept)
+        cache, plan["cache_build_s"], plan["cache_reused"] = built
+    plan["cache_bytes"] = os.path.getsize(cache.path) if cache else None
     b = (args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
-    return plan | {"batches": data.Batches(corpus, *b)}
-
-
-_PREPASS = {}  # (seed, student config, data, dtype, device) -> (scores, seconds): one per seed
+    batches = data.Batches(corpus, *b)
+    plan["n_kept"] = n_kept = len(batches.samples)
+    plan["steps"] = max(1, math.ceil(args.student_steps * n_kept / n))  # all: --student-steps
+    return plan | {"batches": batches}
 
 
 @torch.no_grad()
 def sample_prepass(student, corpus, args, device):
     """The frozen initial student scores every training sample by its mean entropy -> (scores [N]
     float64, seconds). Each rank scores its share of the batches; every rank gets all the scores."""
-    key = (args.seed, str(student.config), corpus.meta["data_fingerprint"], args.dtype, str(device))
-    if key in _PREPASS:
-        return _PREPASS[key]
     t0, scores, bs, w = time.time(), [np.zeros(0)], args.batch_size, student.head_weight.float()
     starts = range(0, len(corpus.train), bs)
     student.eval()
@@ -374,33 +365,31 @@ def sample_prepass(student, corpus, args, device):
         H = sekd.sample_entropy(h, w, torch.ones_like(x, dtype=torch.bool), args.chunk_rows or None)
         scores.append(H.double().cpu().numpy())  # .cpu() waits for the GPU
     student.train()
-    _PREPASS[key] = np.concatenate(gather_objects(np.concatenate(scores))), time.time() - t0
-    what = f"{len(corpus.train):,} samples by mean student entropy"
-    print(f"[pre-pass] scored {what} in {_PREPASS[key][1]:.1f}s")
-    return _PREPASS[key]
+    scores, seconds = np.concatenate(gather_objects(np.concatenate(scores))), time.time() - t0
+    print(f"[pre-pass] scored {len(scores):,} samples by mean student entropy in {seconds:.1f}s")
+    return scores, seconds
 
 
-def cache_signature(args, corpus, kept):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws."""
-    path = teacher_ckpt_path(args)
-    if not os.path.exists(path):
+def cache_signature(args, corpus):
+    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws (and
+    in teacher_cache, the samples)."""
+    if (sha := file_sha256(path := teacher_ckpt_path(args))) is None:
         raise UserError(
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
             "train it first (python train.py --run teacher)"
         )
-    signature = dict(format=1, teacher_sha256=file_sha256(path))
-    signature |= dict(data_fingerprint=corpus.meta["data_fingerprint"], U=args.U, T=args.T)
-    signature |= dict(seed=args.seed, V=corpus.vocab.size, seq_len=args.seq_len)
-    return signature | {"kept": [int(i) for i in kept]}
+    signature = dict(format=1, teacher_sha256=sha, data_fingerprint=corpus.meta["data_fingerprint"])
+    signature |= dict(U=args.U, T=args.T, seed=args.seed, V=corpus.vocab.size)
+    return signature | {"seq_len": args.seq_len}
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`: reused if its signature matches, refused in one line if not,
-    built by rank 0 (its draws do not depend on the world size) if absent or --rebuild-cache."""
-    path, signature, build_s = cache_path(args), cache_signature(args, corpus, kept), None
+    """SE-KD_3X's cache for `kept`, -> (cache, build seconds, reused): reused if its signature
+    matches, refused in one line if not, built by rank 0 (its draws do not depend on the world size)
+    if absent or --rebuild-cache."""
+    path, build_s = cache_path(args), None
+    signature = cache_signature(args, corpus) | {"kept": [int(i) for i in kept]}
     if RANK == 0 and (args.rebuild_cache or not os.path.exists(path)):
-        if teacher is None:
-            raise UserError("building the teacher cache needs the teacher")
         t0, V, W = time.time(), corpus.vocab.size, teacher.head_weight
         gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -460,7 +449,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        ins, outs = tree_flatten((args, kwargs))[0], tree_flatten(out)[0]
+        ins, outs = tree_leaves((args, kwargs)), tree_leaves(out)
         inputs = {t.untyped_storage().data_ptr() for t in ins if torch.is_tensor(t)}
         for t in (t for t in outs if torch.is_tensor(t)):
             storage = t.untyped_storage()
@@ -502,8 +491,8 @@ def fmt_time(s):
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
     """AdamW, linear warm-up then cosine to lr/10, accumulation, clipping. `loss_fn(step, micro, x,
-    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps; `resume`: the
-    checkpoint to go on from. `frozen`: the teacher's bytes."""
+    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps and at the end;
+    `resume`: the checkpoint to go on from; `frozen`: the teacher's bytes."""
     opt, resume = make_optimizer(model, lr, args.weight_decay), resume or {}
     start = saved = resume.get("step", 0)
     if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
@@ -518,17 +507,16 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
         dist.broadcast(p.data, 0)
     tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, train_time, curve = time.time(), 0.0, []
-    # On the CPU we count the live tensors of step 1 (AdamW's state exists by then), or of the only
-    # step, at whatever step a run resumes: that step runs eager (LiveBytes), so metering another
-    # would end a resumed run on another student. Its checkpoint keeps the peak.
+    # On the CPU we meter step 1 (AdamW's state exists by then), or the only step, whatever step a
+    # run resumes at: the metered step runs eager, so metering another would end a resumed run on
+    # another student. Its checkpoint keeps the peak.
     metered, peak_cpu = min(1, steps - 1), resume.get("live_peak", 0)
     for step in range(start, steps):
         ts, progress = time.time(), min(1.0, (step - args.warmup) / max(1, steps - args.warmup))
         cosine = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr * (step + 1) / args.warmup if step < args.warmup else cosine
-        meter = LiveBytes() if dev.type != "cuda" and step == metered else nullcontext()
-        with meter:
+        with LiveBytes() if dev.type != "cuda" and step == metered else nullcontext() as meter:
             total = 0.0
             for micro in range(batches.accum):
                 x, y, *cached = batches.get(step, micro)  # cached: SE-KD_3X's teacher draws
@@ -549,7 +537,7 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
                 raise UserError(f"[{tag}] {what} {stop}; lower --lr or raise --warmup")
             opt.step()
             opt.zero_grad(set_to_none=True)
-        peak_cpu = meter.peak if isinstance(meter, LiveBytes) else peak_cpu
+        peak_cpu = meter.peak if meter else peak_cpu
         train_time += time.time() - ts
         done = step + 1
         if done % args.log_interval == 0 or done == steps:
