@@ -598,8 +598,8 @@ class EvalSet:
         fit = free.any(1).nonzero()[:, 0].numpy()  # the samples with a target to fit on
         x = torch.from_numpy(corpus.val[fit].astype(np.int64))
         self.fit_x, self.fit_y = x[:, :-1], x[:, 1:].masked_fill(~free[fit], -1).to(device)
-        fit = f"tau* fitted on {int(free.sum()):,} tokens outside the items' windows"
-        print(f"evaluation: {self.y.numel():,} validation tokens; {said}; {fit}")
+        note = f"tau* fitted on {int(free.sum()):,} tokens outside the items' windows"
+        print(f"evaluation: {self.y.numel():,} validation tokens; {said}; {note}")
 
     def set_teacher(self, teacher, args):
         self.teacher_h = self.hidden(teacher, args, self.x)
@@ -796,16 +796,14 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
     def loss_fn(step, micro, x, y, draws=None):
         state.step = step  # curriculum follows the optimizer step; GLS keeps its queue in `state`
-        if on_policy == 0 and cfg.is_sekd:  # SE-KD as the paper runs it: the short path
+        if on_policy > 0:  # a seed of its own per micro-batch: a resumed run writes the same text
+            seed = np.random.SeedSequence([args.seed, step * args.grad_accum + micro + 1, RANK])
+            gen = torch.Generator(device=x.device).manual_seed(int(seed.generate_state(1)[0]))
+            how = (cfg, on_policy, prompt_len, gen, state)
+            return sekd.on_policy_distill_loss(student, teacher, x, y, *how)
+        if cfg.is_sekd:  # SE-KD as the paper runs it: the short path
             return sekd.sekd_loss(student, teacher, x, y, cfg)
-        if on_policy == 0:
-            return sekd.distill_loss(student, teacher, x, y, cfg, state, draws)
-        # a seed of its own per micro-batch: a resumed run writes the same text
-        seed = np.random.SeedSequence([args.seed, step * args.grad_accum + micro + 1, RANK])
-        gen = torch.Generator(device=x.device).manual_seed(int(seed.generate_state(1)[0]))
-        return sekd.on_policy_distill_loss(
-            student, teacher, x, y, cfg, on_policy, prompt_len, gen, state
-        )
+        return sekd.distill_loss(student, teacher, x, y, cfg, state, draws)
 
     path, resume, save_ckpt = os.path.join(args.out_dir, f"student_{method}.pt"), None, None
     if save:
@@ -918,13 +916,11 @@ def print_table(rows, device, title=None):
             cells = (f"{cell(r, *spec):>{width[h]}}" for h, spec in columns.items())
             print(f"{r['method']:<{w}} " + " ".join(cells))
     if items:
-        cloze, control, choice = (
-            items.get(f"{k}_items", 0) for k in ("cloze", "control", "choice")
-        )
-        words = f"{cloze:,} hard words, {control:,} control words (new to their window)"
+        n = {k: items.get(f"{k}_items", 0) for k in ("cloze", "control", "choice")}
+        words = f"{n['cloze']:,} hard words, {n['control']:,} control words (new to their window)"
         print(f"cloze: {words}; context: control - cloze at tau*, nats")
-        options = f"{data.OPTIONS} options, chance {100 / data.OPTIONS:.0f}%"
-        print(f"choice: {choice:,} items of {options}")
+        chance = f"chance {100 / data.OPTIONS:.0f}%"
+        print(f"choice: {n['choice']:,} items of {data.OPTIONS} options, {chance}")
     if how := next((r["peak_how"] for r in rows if r.get("peak_how")), ""):
         print(f"peak memory on {device}: {how}")
 
