@@ -1524,7 +1524,7 @@ def test_end_to_end_compare_is_deterministic_and_loss_falls(tmp_path, tiny_corpu
     assert all(a["logits"] > 0 and a["chunk_rows"] > 0 for a in acc.values())
     assert acc["ce"]["teacher_hidden"] == acc["ce"]["teacher_params"] == 0
     assert acc["sekd"]["teacher_hidden"] > 0 and acc["sekd"]["n_sel"] < acc["full_kd"]["n_sel"]
-    assert "[sekd] memory account, MiB: student weights" in out
+    assert "[sekd] memory account, MiB: student_params" in out
     for m, name in (("ce", "CE (no KD)"), ("full_kd", "Full KD"), ("sekd", "SE-KD top 20%")):
         assert (
             abs(acc[m]["total"] - rows[name]["peak_bytes"]) <= 0.1 * rows[name]["peak_bytes"]

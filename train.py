@@ -569,86 +569,77 @@ def per_item(row, v, n):  # the sums over the target rows of each of n items
 
 
 class EvalSet:
-    """What every model is scored on: validation samples at every position (with the teacher's
-    hidden states kept, a student's KL costs two heads only), and data.eval_items: the cloze of hard
-    words (PPL of a whole word as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control
-    (words new to their window: the cloze less the control is what context gives), and multiple
-    choice by log-likelihood per byte (lm-eval-harness's acc_bytes). A subset's PPL rewards a flat
-    distribution, so each model is also scored at its own temperature tau*, fitted on the
-    validation text that no item's window reads."""
+    """What every model is scored on: validation samples at every position (the teacher's hidden
+    states kept, a student's KL costs two heads only), and data.eval_items: a cloze of hard words
+    (whole-word PPL as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control (words new to
+    their window: the cloze less the control is what context gives), and multiple choice by
+    log-likelihood per byte (lm-eval's acc_bytes). A subset's PPL rewards a flat distribution, so
+    each model is also scored at its own temperature tau*, fitted on text no item's window reads."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
         rows = np.linspace(0, len(corpus.val) - 1, n).astype(np.int64)
         x = torch.from_numpy(corpus.val[rows].astype(np.int64)).to(device)
-        self.x, self.y, self.bs = x[:, :-1], x[:, 1:], batch_size
-        self.teacher_h = self.teacher_w = None  # set_teacher's
+        self.x, self.y, self.bs, self.teacher_h = x[:, :-1], x[:, 1:], batch_size, None
         self.items, said = data.eval_items(corpus, control=True)
         free = data.outside_items(corpus, range(len(corpus.val)), self.items, windows=True)
         fit = free.any(1).nonzero()[:, 0].numpy()  # the samples with a target to fit on
         x = torch.from_numpy(corpus.val[fit].astype(np.int64))
-        self.fit_x, self.fit_y = x[:, :-1], x[:, 1:].masked_fill(~free[fit], -1)
-        fit = f"tau* fitted on {int(free.sum()):,} tokens outside the items' windows"
-        print(f"evaluation: {self.y.numel():,} validation tokens; {said}; {fit}")
+        self.fit_x, self.fit_y = x[:, :-1], x[:, 1:].masked_fill(~free[fit], -1).to(device)
+        note = f"tau* fitted on {int(free.sum()):,} tokens outside the items' windows"
+        print(f"evaluation: {self.y.numel():,} validation tokens; {said}; {note}")
 
-    @torch.no_grad()
     def set_teacher(self, teacher, args):
         self.teacher_h = self.hidden(teacher, args, self.x)
         self.teacher_w = teacher.head_weight.detach().float()
 
+    @torch.no_grad()
     def hidden(self, model, args, x):
         with autocast(args, self.x.device):
             return torch.cat([model.hidden(b.to(self.x.device)).float() for b in x.split(self.bs)])
 
-    def sums(self, model, args, x, y, teacher_h=None, tau=1.0):
-        """Each valid row of x, in order: sekd.prediction_rows (nll, conf, correct, entropy), the
-        nll at temperature tau, and with the teacher's hidden states sekd.teacher_rows (kl, agree).
-        -> {name: [rows] float64}"""
-        rows, dev, w = [], self.x.device, model.head_weight.float()
+    def rows(self, model, args, x, y, tau=1.0, teacher=False):
+        """Each valid row of x, in order: sekd.prediction_rows, the NLL of the logits h w^T / tau,
+        and with the teacher sekd.teacher_rows. -> {name: [rows] float64}"""
+        out, w, ce = [], model.head_weight.float(), sekd.METRICS["student_ce"]
         for i in range(0, len(x), self.bs):
-            h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(dev)
+            h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(w.device)
             valid = yi >= 0
-            cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)[valid]]
-            nll_tau = cols[0][:, 0]
-            if tau != 1:  # the NLL alone of the logits h w^T / tau
-                ce = sekd.METRICS["student_ce"]
-                nll_tau = sekd.chunked_scores(ce, h, w / tau, valid, targets=yi)[valid]
-            cols.append(nll_tau[:, None])
-            if teacher_h is not None:
-                th, tw = teacher_h[i : i + self.bs], self.teacher_w
-                cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw)[valid])
-            rows.append(torch.cat(cols, 1).cpu())
+            cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)]
+            cols.append(sekd.chunked_scores(ce, h, w / tau, valid, targets=yi)[..., None])
+            if teacher:
+                th, tw = self.teacher_h[i : i + self.bs], self.teacher_w
+                cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw))
+            out.append(torch.cat(cols, -1)[valid].cpu())
         names = ("nll", "conf", "correct", "entropy", "nll_tau", "kl", "agree")
-        return dict(zip(names, torch.cat(rows).double().unbind(1), strict=False))
+        return dict(zip(names, torch.cat(out).double().unbind(1), strict=False))
 
     @torch.no_grad()
     def evaluate(self, model, args, limit=None):
         """Every measure, and every item's NLL (to pair two models item by item); with `limit` (a
-        look during training), val PPL on `limit` samples only."""
+        look during training), the validation text's on `limit` samples only, at tau = 1."""
         model.eval()
-        tau, y = 1.0, self.fit_y.to(self.x.device)
+        tau, y, w = 1.0, self.fit_y, model.head_weight.float()
         if limit is None:
-            h, w = self.hidden(model, args, self.fit_x), model.head_weight.float()
-            tau = sekd.fit_temperature(h, w, y, y >= 0)
-        s = self.sums(model, args, self.x[:limit], self.y[:limit], self.teacher_h, tau)
-        mean = {name: v.mean().item() for name, v in s.items()}  # no teacher: no kl, no agree
-        out = dict(val_loss=mean["nll"], val_ppl=math.exp(mean["nll"]))
-        out |= dict(kl_to_teacher=mean.get("kl"), agreement=mean.get("agree"))
-        out["eval_tokens"] = len(s["nll"])
+            tau = sekd.fit_temperature(self.hidden(model, args, self.fit_x), w, y, y >= 0)
+        s = self.rows(model, args, self.x[:limit], self.y[:limit], tau, self.teacher_h is not None)
+        m = {name: v.mean().item() for name, v in s.items()}  # no teacher: no kl, no agree
+        out = dict(val_loss=m["nll"], val_ppl=math.exp(m["nll"]), tau=tau, entropy=m["entropy"])
+        out |= dict(val_ppl_tau=math.exp(m["nll_tau"]), eval_tokens=len(s["nll"]))
+        out |= dict(kl_to_teacher=m.get("kl"), agreement=m.get("agree"))
         out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
-        out |= dict(tau=tau, val_ppl_tau=math.exp(mean["nll_tau"]), entropy=mean["entropy"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
-            s, n = self.sums(model, args, x, y, tau=tau), len(lengths)
+            s, n = self.rows(model, args, x, y, tau), len(lengths)
             nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
             item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
-            if kind != "choice":  # the cloze, and its control
-                right = per_item(row, 1 - s["correct"], n) == 0  # every token of the word
+            if kind == "choice":  # by log-likelihood per byte: the true option is option 0
+                best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
+                item |= dict(items=len(best), acc=(best == 0).double().mean().item())
+            else:  # a word is right if all its tokens are
+                right = per_item(row, 1 - s["correct"], n) == 0
                 item |= dict(ppl=math.exp(nll.mean()), ppl_tau=math.exp(nll_tau.mean()))
                 item |= dict(acc=right.double().mean().item())
                 item["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
-            else:  # by log-likelihood per byte: the true option is option 0
-                best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
-                item |= dict(acc=(best == 0).double().mean().item(), items=len(best))
             out |= {f"{kind}_{name}": value for name, value in item.items()}
         if "control_nll" in out and "cloze_nll" in out:  # what the context gives, nats a word
             out["context_nats"] = math.log(out["control_ppl_tau"] / out["cloze_ppl_tau"])
@@ -665,8 +656,8 @@ def pick_device(args):
         torch.compiler.set_stance("force_eager")
     name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(name)
     return torch.device(name)
 
 
@@ -690,34 +681,30 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 
 def pretrained(args, corpus, device, evalset, who):
     """The teacher, or the initial student every method starts from (as in the paper: a random
-    student's entropy ranks nothing), trained with CE, or reused or resumed from its checkpoint."""
+    student's entropy ranks nothing), trained with CE. Its checkpoint is reused when finished and
+    resumed when not: a teacher's whatever made it, the initial student's if these flags made it."""
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
         return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
-    teacher, flags = who == "teacher", "teacher" if who == "teacher" else "student_init"
+    teacher, ckpt = who == "teacher", None
     path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
-    steps, lr = getattr(args, f"{flags}_steps"), getattr(args, f"{flags}_lr")  # --teacher-steps...
-    seed, ckpt = args.seed + (1 if teacher else 2), None
-    named = teacher and args.run == "distill" and bool(args.teacher_ckpt)  # never trained here
+    flag, seed = ("teacher", args.seed + 1) if teacher else ("student_init", args.seed + 2)
+    steps, lr = getattr(args, f"{flag}_steps"), getattr(args, f"{flag}_lr")
+    named = teacher and args.run == "distill" and args.teacher_ckpt  # never trained here
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
         ckpt = load_checkpoint(path, corpus)
-        if teacher and (block := ckpt["config"]["block_size"]) < args.seq_len:
-            short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
-            fix = f"use --seq-len {block} or less, or --retrain-teacher"
-            raise UserError(f"teacher checkpoint {path} {short}: {fix}")
-        if named and ckpt["step"] < ckpt["steps"]:
-            unfinished = f"teacher checkpoint {path} is unfinished"
-            raise UserError(f"{unfinished}: run --run teacher to complete it")
-    # a saved teacher is used whatever made it; the initial student only if these flags made it
-    wanted = (asdict(model_config(args, who, corpus.vocab.size)), steps, seed)
-    made = asdict(sekd.GPTConfig(**ckpt["config"])) if ckpt else None  # new fields: defaults
-    if not teacher and ckpt and (made, ckpt["steps"], ckpt.get("seed")) != wanted:
+    made = ckpt and (sekd.GPTConfig(**ckpt["config"]), ckpt["steps"], ckpt.get("seed"))
+    if made and not teacher and made != (model_config(args, who, corpus.vocab.size), steps, seed):
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
+    if teacher and ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:
+        short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
+        fix = f"use --seq-len {block} or less, or --retrain-teacher"
+        raise UserError(f"teacher checkpoint {path} {short}: {fix}")
     if ckpt and ckpt["step"] >= ckpt["steps"]:
-        c, anew = ckpt["config"], "; --retrain-teacher to train anew" if teacher else ""
-        made = f"{c['n_layer']} layers, d={c['n_embd']}, {ckpt['steps']} steps"
-        print(f"[{who}] reusing {path} ({made}, val ppl {ckpt['val_ppl']:.2f}){anew}")
+        print(f"[{who}] reusing {path} ({ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f})")
         return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s", 0.0), "reused": True}
+    if named:
+        raise UserError(f"teacher checkpoint {path} is unfinished: complete it with --run teacher")
     torch.manual_seed(args.seed)
     model = GPT_from(ckpt).to(device) if ckpt else new_model(args, who, corpus.vocab.size, device)
     model, ce = maybe_compile(model, args), sekd.KDConfig(method="ce", chunk_rows=args.chunk_rows)
@@ -727,25 +714,20 @@ def pretrained(args, corpus, device, evalset, who):
         save_checkpoint(path, ckpt | dict(seed=seed, signature=corpus.signature, val_ppl=ppl))
         print(f"[{who}] step {ckpt['step']}: quick val ppl {ppl:.2f}, saved {path}")
 
-    ranks = dict(rank=RANK, world=WORLD)
-    batches = data.Batches(corpus, args.batch_size, args.grad_accum, seed, device, **ranks)
-
     def loss_fn(step, micro, x, y):  # plain cross-entropy: no teacher
         return sekd.distill_loss(model, None, x, y, ce)
 
+    ranks = dict(rank=RANK, world=WORLD)
+    batches = data.Batches(corpus, args.batch_size, args.grad_accum, seed, device, **ranks)
     stats = train_loop(model, loss_fn, batches, steps, lr, args, who, save, ckpt)
     return model, {**stats, "reused": False}
 
 
-# sekd.GPT's parameter names -> GPT2LMHeadModel's, a part of each at a time
-HF_NAMES = dict(blocks="h", ln1="ln_1", ln2="ln_2", qkv="c_attn", proj="c_proj")
-HF_NAMES |= {"mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj"}
-
-
 def hf_name(name):
-    """Ours -> GPT-2's. Its LM head is tied to wte, as ours; its Conv1D layers keep a Linear's
-    weight transposed, [in, out]: every matrix of a block."""
-    for ours, theirs in HF_NAMES.items():
+    """sekd.GPT's parameter name -> GPT2LMHeadModel's. Its LM head is tied to wte, as ours; its
+    Conv1D layers keep a Linear's weight transposed, [in, out]: every matrix of a block."""
+    parts = dict(blocks="h", ln1="ln_1", ln2="ln_2", qkv="c_attn", proj="c_proj")
+    for ours, theirs in (parts | {"mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj"}).items():
         name = name.replace(ours, theirs)
     return "transformer." + name
 
@@ -775,14 +757,10 @@ def GPT_from_hf(hf, block_size):
 
 # ----------------------------------------------------------------------------- distillation
 
-# Every flag that changes a distilled student's trajectory: a checkpoint resumes only the same run.
-RUN_FLAGS = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l".split()
-RUN_FLAGS += "student_layers student_embd student_heads student_init_steps student_init_lr".split()
-
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
     """A student from the initial student `init`, distilled by --method `method` (`kd`: KDConfig
-    fields overridden) and evaluated. -> its results row"""
+    fields overridden) and evaluated; with `save`, checkpointed and resumed. -> its results row"""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -806,31 +784,28 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
     def loss_fn(step, micro, x, y, draws=None):
         state.step = step  # curriculum follows the optimizer step; GLS keeps its queue in `state`
-        if on_policy == 0 and cfg.is_sekd:  # SE-KD as the paper runs it: the short path
+        if on_policy > 0:  # a seed of its own per micro-batch: a resumed run writes the same text
+            seed = np.random.SeedSequence([args.seed, step * args.grad_accum + micro + 1, RANK])
+            gen = torch.Generator(device=x.device).manual_seed(int(seed.generate_state(1)[0]))
+            how = (cfg, on_policy, prompt_len, gen, state)
+            return sekd.on_policy_distill_loss(student, teacher, x, y, *how)
+        if cfg.is_sekd:  # SE-KD as the paper runs it: the short path
             return sekd.sekd_loss(student, teacher, x, y, cfg)
-        if on_policy == 0:
-            return sekd.distill_loss(student, teacher, x, y, cfg, state, draws)
-        # a seed of its own per micro-batch: a resumed run writes the same text
-        seed = np.random.SeedSequence([args.seed, step * args.grad_accum + micro + 1, RANK])
-        gen = torch.Generator(device=x.device).manual_seed(int(seed.generate_state(1)[0]))
-        return sekd.on_policy_distill_loss(
-            student, teacher, x, y, cfg, on_policy, prompt_len, gen, state
-        )
+        return sekd.distill_loss(student, teacher, x, y, cfg, state, draws)
 
-    path, steps = os.path.join(args.out_dir, f"student_{method}.pt"), plan["steps"]
-    key = run_key(args, method, cfg, corpus, steps, on_policy, prompt_len) if save else None
-    resume = resumable(path, key, method) if save else None
-    if resume:  # GLS's queue; train_loop: the weights, AdamW, the generators, the step
-        state.queue = resume["gls_queue"]
+    path, resume, save_ckpt = os.path.join(args.out_dir, f"student_{method}.pt"), None, None
+    if save:
+        key = run_key(args, method, cfg, corpus, plan["steps"], on_policy, prompt_len)
+        if resume := resumable(path, key, method):  # GLS's queue; train_loop restores the rest
+            state.queue = resume["gls_queue"]
 
-    def save_ckpt(ckpt):
-        run = dict(signature=corpus.signature, kd=asdict(cfg), run_key=key, gls_queue=state.queue)
-        save_checkpoint(path, ckpt | run)
+        def save_ckpt(ckpt):
+            run = dict(signature=corpus.signature, kd=asdict(cfg), run_key=key)
+            save_checkpoint(path, ckpt | run | dict(gls_queue=state.queue))
 
     frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
-    save = save_ckpt if save else None
     stats = train_loop(
-        student, loss_fn, batches, steps, args.lr, args, method, save, resume, frozen
+        student, loss_fn, batches, plan["steps"], args.lr, args, method, save_ckpt, resume, frozen
     )
     name = label.format(k=cfg.k, U=args.U, l=args.l)
     if method == "sekd" and (cfg.metric, cfg.policy) != ("student_entropy", "topk"):
@@ -844,12 +819,15 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
-    """What a checkpoint must match to be resumed: settings, data, teacher and initial student."""
+    """What a checkpoint must match to be resumed: every flag that changes a distilled student's
+    trajectory, the data, the teacher and the initial student."""
+    flags = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l "
+    flags += "student_layers student_embd student_heads student_init_steps student_init_lr"
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
     key["teacher"] = file_sha256(teacher_ckpt_path(args))
     key["student_init"] = file_sha256(init_ckpt_path(args)) if args.student_init_steps > 0 else None
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
-    return key | {f: getattr(args, f) for f in RUN_FLAGS}
+    return key | {f: getattr(args, f) for f in flags.split()}
 
 
 def resumable(path, key, tag):
@@ -857,11 +835,11 @@ def resumable(path, key, tag):
     ckpt = load_checkpoint(path) if os.path.exists(path) else {}
     if ckpt.get("step", 0) >= ckpt.get("steps", 0) or "optimizer" not in ckpt:
         return None
-    diff = ", ".join(sorted(k for k in key if (ckpt.get("run_key") or {}).get(k) != key[k]))
-    if diff:
-        other = f"an unfinished checkpoint of another run ({diff} differ)"
+    if diff := [k for k in sorted(key) if ckpt.get("run_key", {}).get(k) != key[k]]:
+        other = f"an unfinished checkpoint of another run ({', '.join(diff)} differ)"
         print(f"[{tag}] {path} is {other}: training anew")
-    return None if diff else ckpt
+        return None
+    return ckpt
 
 
 def rng_state():
@@ -871,8 +849,9 @@ def rng_state():
 
 
 def set_rng_state(rng):
-    """This rank's generators from `rng_state()`; a rank without a state there keeps its seed."""
-    rng = [rng] if isinstance(rng, dict) else rng  # a checkpoint from before the states per rank
+    """This rank's generators from `rng_state()` (one dict: a checkpoint from before the states per
+    rank); a rank without a state there keeps its seed."""
+    rng = [rng] if isinstance(rng, dict) else rng
     if RANK < len(rng):
         torch.set_rng_state(rng[RANK]["cpu"])
         if rng[RANK]["cuda"] and torch.cuda.is_available():
@@ -881,7 +860,8 @@ def set_rng_state(rng):
 
 # ----------------------------------------------------------------------------- results and main
 
-# The two tables' columns: header -> (key, format). Costs are shown only where nonzero.
+# The tables' columns, header -> (key, format): the validation text's measures and the costs, then
+# the items'.
 TEXT = {
     "val PPL": ("val_ppl", "{:.2f}".format),
     "tau*": ("tau", "{:.2f}".format),
@@ -890,6 +870,9 @@ TEXT = {
     "KL(T||S)": ("kl_to_teacher", "{:.3f}".format),
     "agree %": ("agreement", lambda v: f"{100 * v:.1f}"),
     "ECE %": ("ece", "{:.2f}".format),
+    "wall": ("train_s", fmt_time),
+    "tok/s": ("tokens_per_s", "{:,.0f}".format),
+    "peak MiB": ("peak_bytes", lambda b: f"{b / 2**20:,.0f}"),
 }
 ITEMS = {
     "cloze PPL": ("cloze_ppl", "{:.1f}".format),
@@ -899,74 +882,57 @@ ITEMS = {
     "context": ("context_nats", "{:.3f}".format),
     "choice %": ("choice_acc", lambda v: f"{100 * v:.1f}"),
 }
-COSTS = {
-    "wall": ("train_s", fmt_time),
-    "tok/s": ("tokens_per_s", "{:,.0f}".format),
-    "peak MiB": ("peak_bytes", lambda b: f"{b / 2**20:,.0f}"),
-}
-
-
-def print_columns(rows, columns):
-    """One table: a row per model; "-" for a measure it lacks (or a cost of 0), mean ± std for a
-    mean over seeds (its `<key>_std`)."""
-    w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
-    widths = [max(c, len(header)) for header in columns]
-
-    def line(first, cells):
-        return f"{first:<{w}} " + " ".join(f"{s:>{n}}" for s, n in zip(cells, widths, strict=True))
-
-    print(line("method", columns) + "\n" + "-" * len(line("method", columns)))
-    for r in rows:
-        cells = []
-        for header, (key, fmt) in columns.items():
-            std = f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else ""
-            missing = r.get(key) is None or header in COSTS and not r[key]
-            cells.append("-" if missing else fmt(r[key]) + std)
-        print(line(r["method"], cells))
+COSTS = ("train_s", "tokens_per_s", "peak_bytes")  # 0 (a model not trained here): "-"
 
 
 def print_table(rows, device, title=None):
-    """The measures of the validation text and the costs, then of the items."""
+    """A row per model: TEXT's columns, then ITEMS's once a model has them."""
     print("\n" + title if title else "")
-    print_columns(rows, TEXT | COSTS)
-    if n := next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), {}):
-        print()
-        print_columns(rows, ITEMS)
-        cloze, control = n.get("cloze_items", 0), n.get("control_items", 0)
-        words = f"{cloze:,} hard words, {control:,} control words (new to their window)"
+    items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), None)
+    w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
+
+    def cell(r, key, fmt):  # "-": a measure the model lacks; mean ± std over seeds: `<key>_std`
+        if r.get(key) is None or key in COSTS and not r[key]:
+            return "-"
+        return fmt(r[key]) + (f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else "")
+
+    for columns in (TEXT, ITEMS) if items else (TEXT,):
+        width = {header: max(c, len(header)) for header in columns}
+        header = f"{'method':<{w}} " + " ".join(f"{h:>{width[h]}}" for h in columns)
+        print(("\n" if columns is ITEMS else "") + header + "\n" + "-" * len(header))
+        for r in rows:
+            cells = (f"{cell(r, *spec):>{width[h]}}" for h, spec in columns.items())
+            print(f"{r['method']:<{w}} " + " ".join(cells))
+    if items:
+        n = {k: items.get(f"{k}_items", 0) for k in ("cloze", "control", "choice")}
+        words = f"{n['cloze']:,} hard words, {n['control']:,} control words (new to their window)"
         print(f"cloze: {words}; context: control - cloze at tau*, nats")
-        choice = f"{n.get('choice_items', 0):,} items of {data.OPTIONS} options"
-        print(f"choice: {choice}, chance {100 / data.OPTIONS:.0f}%")
+        chance = f"chance {100 / data.OPTIONS:.0f}%"
+        print(f"choice: {n['choice']:,} items of {data.OPTIONS} options, {chance}")
     if how := next((r["peak_how"] for r in rows if r.get("peak_how")), ""):
         print(f"peak memory on {device}: {how}")
 
 
-# sekd.memory_account's terms, as the account printed before training names them
-ACCOUNT = dict(student_params="student weights", teacher_params="teacher weights", grads="grads")
-ACCOUNT |= dict(adamw="AdamW", activations="activations", teacher_hidden="teacher hidden")
-ACCOUNT |= dict(head_grad="head grad", logits="logits peak", total="total")
-
-
 def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account of each method's step (none on-policy), printed. -> {method: account}"""
+    """sekd.memory_account of each method's step (on-policy: not modelled), printed by its own
+    names, its bytes in MiB. -> {method: account}"""
     student, out = model_config(args, "student", corpus.vocab.size), {}
-    low_precision = autocast_dtype(args, device) is not None
+    half = autocast_dtype(args, device) is not None
+    settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
     for m, cfg in configs.items():
-        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, low_precision)
-        modelled = args.on_policy == 0 or cfg.method == "ce"
-        acc = sekd.memory_account(*step, device.type) if modelled else None
+        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
+        acc = sekd.memory_account(*step) if args.on_policy == 0 or cfg.method == "ce" else None
         if acc is None:
-            print(f"\n[{m}] memory account, MiB: not modelled for this step")
+            print(f"\n[{m}] memory account: not modelled for this step")
             continue
-        terms = ", ".join(f"{word} {acc[key] / 2**20:,.1f}" for key, word in ACCOUNT.items())
-        rows = f"{acc['n_sel']:,} of {acc['B'] * acc['L']:,} rows selected"
-        how = f"chunks of {acc['chunk_rows']} rows, {rows}, lambda {acc['lam']:g}, {acc['dtype']}"
-        print(f"\n[{m}] memory account, MiB: {terms} ({how})")
         out[m] = acc
+        mib = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in acc.items() if k not in settings)
+        rest = ", ".join(f"{k} {acc[k]}" for k in settings)
+        print(f"\n[{m}] memory account, MiB: {mib} ({rest})")
     return out
 
 
-def machine():
+def machine():  # where the results were measured
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
     versions = dict(python=platform.python_version(), torch=torch.__version__)
@@ -991,10 +957,9 @@ def load_data(args):
     corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir, **sizes)
     if RANK == 0:
         barrier()
-    print(
-        f"data: {args.dataset}, {len(corpus.train):,} train / {len(corpus.val):,} val samples of "
-        f"{args.seq_len} positions, vocabulary {corpus.vocab.size:,}; device {device}"
-    )
+    samples = f"{len(corpus.train):,} train / {len(corpus.val):,} val samples"
+    sizes = f"{samples} of {args.seq_len} positions, vocabulary {corpus.vocab.size:,}"
+    print(f"data: {args.dataset}, {sizes}; device {device}")
     return corpus, device
 
 
@@ -1014,7 +979,8 @@ def setup(args):
 
 
 def write_results(args, corpus, t_start, **results):
-    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`."""
+    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`;
+    then torchrun's process group closes."""
     global RANK, WORLD
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
     result["total_s"] = time.time() - t_start
@@ -1023,7 +989,7 @@ def write_results(args, corpus, t_start, **results):
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
-    if WORLD > 1:  # every rank done: torchrun's group closes
+    if WORLD > 1:  # every rank done
         barrier()
         dist.destroy_process_group()
     RANK, WORLD = 0, 1
@@ -1039,7 +1005,7 @@ def main(argv=None):
     for m in configs:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
-    if args.run == "teacher":
+    if not configs:  # --run teacher
         print_table(rows, device)
     return write_results(args, corpus, t_start, rows=rows, memory_account=accounts)
 
