@@ -37,12 +37,13 @@ class DataError(ValueError):
 
 
 @contextmanager
-def replacing(path, suffix=""):
-    """Yield a temporary path to write, then rename it over `path`: never a half-written file. On
-    any failure we remove it and leave `path` as it was; an OSError becomes a one-line DataError."""
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+def replacing(path):
+    """Yield a temporary file to write, renamed over `path` once closed: never a half-written file,
+    and on a failure (a full disk) `path` as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        yield tmp
+        with open(tmp, "wb") as f:
+            yield f
         os.replace(tmp, path)
     except OSError as e:
         raise DataError(
@@ -56,7 +57,7 @@ def replacing(path, suffix=""):
 
 
 def atomic_write_bytes(path, data):
-    with replacing(path) as tmp, open(tmp, "wb") as f:
+    with replacing(path) as f:
         f.write(data)
 
 
@@ -116,8 +117,7 @@ def load_split(dataset, max_tokens=None):
         # loader will (which would only say that it could not generate the dataset).
         for path in paths if name == "text" else []:
             try:
-                with open(path, encoding="utf-8") as f:
-                    blank = sum(bool(line.strip()) for line in f) == 0
+                blank = not pathlib.Path(path).read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
                 raise DataError(
                     f"files:{path} is not UTF-8 text: give plain text files, or .parquet files "
@@ -173,9 +173,7 @@ def gpt2_encoding():
     )
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     eot = {"<|endoftext|>": 50256}
-    return tiktoken.Encoding(
-        "gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=eot, explicit_n_vocab=50257
-    )
+    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=eot)
 
 
 def tokenize(texts, enc):
@@ -291,7 +289,6 @@ def val_gpt2_ids(corpus):
 
 
 def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens):
-    """Texts -> GPT-2 ids -> model ids -> samples, written to `folder`."""
     train_texts, val_texts = load_split(dataset, max_tokens)
     if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
         raise DataError(f"dataset '{dataset}' has an empty train or validation split")
@@ -309,8 +306,8 @@ def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_to
     dtype = np.uint16 if vocab.size <= 65536 else np.uint32
     os.makedirs(folder, exist_ok=True)
     for name, array in (("train", train), ("val", val), ("vocab", gpt2_ids)):
-        with replacing(os.path.join(folder, f"{name}.npy"), ".npy") as tmp:  # np.save adds .npy
-            np.save(tmp, array.astype(np.int64 if name == "vocab" else dtype))
+        with replacing(os.path.join(folder, f"{name}.npy")) as f:
+            np.save(f, array.astype(np.int64 if name == "vocab" else dtype))
     meta = {
         "dataset": dataset,
         "max_tokens": max_tokens,
@@ -448,8 +445,7 @@ def eval_items(corpus, control=False):
     bytes, at)}, a line on what there is); y is -1 before an item's n targets; row: the item of each
     target; at: where each window token is in the flattened validation split. control=True adds
     "control", laid out as the cloze: its words are new to their windows (see `cloze_items`)."""
-    enc, L = gpt2_encoding(), corpus.val.shape[1] - 1
-    text = token_texts(corpus.vocab, enc)
+    text, L = token_texts(corpus.vocab, gpt2_encoding()), corpus.val.shape[1] - 1
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
     common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
@@ -499,25 +495,18 @@ def write_cache(path, signature, shape, blocks):
     head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
     head, size = head + bytes(-len(head) % 64), math.prod(shape)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with replacing(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            f.flush()
-            # we reserve the bytes: a full disk fails here, not as a SIGBUS in the memmap's writes
-            try:
-                os.posix_fallocate(f.fileno(), 0, len(head) + size)
-            except AttributeError:  # no posix_fallocate on this OS
-                f.truncate(len(head) + size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise  # a full disk; the others: a filesystem without fallocate
-                f.truncate(len(head) + size)
-        out, i = np.memmap(tmp, np.uint8, "r+", len(head), shape), 0
+    with replacing(path) as f:
+        f.write(head)
+        f.flush()
+        try:  # we reserve the bytes: a full disk fails here, before the teacher draws them all
+            os.posix_fallocate(f.fileno(), 0, len(head) + size)
+        except AttributeError:  # no posix_fallocate on this OS
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise  # a full disk; the others: a filesystem without fallocate
         for block in blocks:
-            out[i : i + len(block)] = block
-            i += len(block)
-        out.flush()
-        del out
+            f.write(np.ascontiguousarray(block, dtype=np.uint8))
 
 
 def cache_bytes_per_class(V):
