@@ -113,10 +113,9 @@ def build_parser():
     add("--full-vocab", action=argparse.BooleanOptionalAction, default=False, help="GPT-2's 50,257")
     add("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
     add = p.add_argument_group("models (sekd.GPTConfig checks them)").add_argument
-    for who, (layers, embd, heads) in {"teacher": (4, 128, 4), "student": (1, 64, 2)}.items():
-        add(f"--{who}-layers", type=int, default=layers)
-        add(f"--{who}-embd", type=int, default=embd)
-        add(f"--{who}-heads", type=int, default=heads)
+    for who, sizes in {"teacher": (4, 128, 4), "student": (1, 64, 2)}.items():
+        for size, default in zip(("layers", "embd", "heads"), sizes, strict=True):
+            add(f"--{who}-{size}", type=int, default=default)
         add(f"--{who}-init", default="", help="gpt2, gpt2-medium...: GPT-2's weights, untrained")
     add = p.add_argument_group("training").add_argument
     add("--teacher-steps", type=positive_int, default=300)
@@ -601,8 +600,8 @@ class EvalSet:
         out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
             s, n = self.rows(model, args, x, y, tau), len(lengths)
-            v = torch.stack([s["nll"], s["nll_tau"], 1 - s["correct"]])  # summed over each item's
-            nll, nll_tau, wrong = torch.zeros(3, n, dtype=v.dtype).index_add_(1, row, v)  # targets
+            v = torch.stack([s["nll"], s["nll_tau"], 1 - s["correct"]])  # each item's sums:
+            nll, nll_tau, wrong = torch.zeros(3, n, dtype=v.dtype).index_add_(1, row, v)
             item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
             if kind == "choice":  # by log-likelihood per byte: the true option is option 0
                 best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
@@ -918,13 +917,11 @@ def load_data(args):
     first; ranks other than 0 print nothing (their errors still reach stderr)."""
     global RANK, WORLD
     device = pick_device(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # hours: rank 0 may build the data, a cache
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w") if RANK else sys.stdout
     sizes = dict(max_tokens=args.max_tokens or None, vocab_size=args.vocab_size)
     if RANK:  # rank 0 builds and writes the memmaps first; the others wait, then read them
         sync()
