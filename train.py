@@ -113,10 +113,9 @@ def build_parser():
     add("--full-vocab", action=argparse.BooleanOptionalAction, default=False, help="GPT-2's 50,257")
     add("--data-dir", default="data_cache", help="where tokenized memmaps are written and reused")
     add = p.add_argument_group("models (sekd.GPTConfig checks them)").add_argument
-    for who, (layers, embd, heads) in {"teacher": (4, 128, 4), "student": (1, 64, 2)}.items():
-        add(f"--{who}-layers", type=int, default=layers)
-        add(f"--{who}-embd", type=int, default=embd)
-        add(f"--{who}-heads", type=int, default=heads)
+    for who, sizes in {"teacher": (4, 128, 4), "student": (1, 64, 2)}.items():
+        for size, default in zip(("layers", "embd", "heads"), sizes, strict=True):
+            add(f"--{who}-{size}", type=int, default=default)
         add(f"--{who}-init", default="", help="gpt2, gpt2-medium...: GPT-2's weights, untrained")
     add = p.add_argument_group("training").add_argument
     add("--teacher-steps", type=positive_int, default=300)
@@ -211,26 +210,20 @@ def check_flags(a):
     return configs if a.run in jobs else {}  # --run teacher, experiments/: the flags checked alone
 
 
-def from_flags(flags, make, **values):
-    """make(**values), from the user's `flags`: what it refuses is a user error, in one line."""
-    try:
-        return make(**values)
-    except ValueError as e:  # the library's own check
-        raise UserError(f"{flags}: {e}") from None
-
-
 def kd_config(args, method, **kd):
     """The sekd.KDConfig of --method `method` under these flags; `kd` overrides fields."""
     positions, classes, *_ = METHODS[method]
-    divergence = args.divergence if positions != "ce" else "forward"  # CE, the baseline: no KL
-    if divergence == "auto":  # on the student's own text, the reverse KL
-        divergence = "reverse" if args.on_policy > 0 else "forward"
+    # auto: on the student's own text, the reverse KL; CE, the baseline, has no KL
+    reverse = args.divergence == "reverse" or args.divergence == "auto" and args.on_policy > 0
     values = {f.name: getattr(args, f.name, None) for f in fields(sekd.KDConfig)}  # but classes
     values |= dict(method=positions, k=1.0 if positions == "full_kd" else args.k)
-    values |= dict(classes="full" if classes == "full" else "rskd", divergence=divergence)
-    # a bad value is one of the flags'; a bad combination, the user's --method's
-    flags = f"--method {method}" if method == args.method else "the distillation flags"
-    return from_flags(flags, sekd.KDConfig, **values | kd)
+    values |= dict(classes="full" if classes == "full" else "rskd")
+    values["divergence"] = "reverse" if reverse and positions != "ce" else "forward"
+    try:
+        return sekd.KDConfig(**values | kd)
+    except ValueError as e:  # a bad value is one of the flags'; a bad combination, --method's
+        flags = f"--method {method}" if method == args.method else "the distillation flags"
+        raise UserError(f"{flags}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -243,7 +236,7 @@ def save_checkpoint(path, obj):
         buf = io.BytesIO()
         torch.save(obj, buf)
         data.atomic_write_bytes(path, buf.getvalue())
-    barrier()
+    sync()
 
 
 def load_checkpoint(path, corpus=None):
@@ -278,12 +271,7 @@ def GPT_from(ckpt):
 RANK, WORLD = 0, 1  # alone; load_data joins torchrun's process group, write_results leaves it
 
 
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
-def gather_objects(obj):  # every rank's obj, in rank order
+def sync(obj=None):  # every rank waits for the others; -> every rank's obj, in rank order
     parts = [obj] * WORLD
     if WORLD > 1:
         dist.all_gather_object(parts, obj)
@@ -299,26 +287,17 @@ def average_gradients(model):
         p.grad /= WORLD
 
 
-def autocast_dtype(args, device):  # None: float32
-    if args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda":
-        return torch.bfloat16
+def autocast(args, device):  # its fast_dtype: bfloat16 (--dtype, auto on CUDA), or float32: off
+    half = args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda"
+    return torch.autocast(device.type, torch.bfloat16 if half else torch.float32, enabled=half)
 
 
-def autocast(args, device):
-    dtype = autocast_dtype(args, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
-def teacher_ckpt_path(args):
-    return args.teacher_ckpt or os.path.join(args.out_dir, "teacher.pt")
-
-
-def init_ckpt_path(args):  # the initial student's
-    return os.path.join(args.out_dir, "student_init.pt")
-
-
-def cache_path(args):
-    return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
+def out_path(args, what):
+    """The teacher's checkpoint, the initial student's ("student_init") or SE-KD_3X's "cache": where
+    --teacher-ckpt or --cache say, or in OUT_DIR."""
+    if what == "cache":
+        return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
+    return what == "teacher" and args.teacher_ckpt or os.path.join(args.out_dir, f"{what}.pt")
 
 
 def file_sha256(path):  # None: no such file
@@ -330,11 +309,10 @@ def file_sha256(path):  # None: no such file
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
     """What a student trains on: its samples (all; TopSmp's, by the initial student's entropy;
     RandomSmp's), --student-steps times their share (the wall-time saving), SE-KD_3X's draws."""
-    n, kept, cache = len(corpus.train), None, None
+    n, kept, cache, path = len(corpus.train), None, None, out_path(args, "cache")
     plan = dict(samples=samples, prepass_s=None, cache_build_s=None, cache_reused=None)
-    if classes == "cache" and os.path.exists(cache_path(args)) and not args.rebuild_cache:
-        # we refuse a cache of another run before the pre-pass, not after
-        data.TeacherCache(cache_path(args)).check(cache_signature(args, corpus))
+    if classes == "cache" and os.path.exists(path) and not args.rebuild_cache:
+        data.TeacherCache(path).check(cache_signature(args, corpus))  # before the pre-pass
     if samples == "top":
         scores, plan["prepass_s"] = sample_prepass(student, corpus, args, device)
         kept = sekd.top_samples(torch.from_numpy(scores), args.l).numpy()
@@ -343,12 +321,11 @@ def sample_plan(args, samples, classes, corpus, device, student, teacher):
     if classes == "cache":
         built = teacher_cache(args, corpus, device, teacher, np.arange(n) if kept is None else kept)
         cache, plan["cache_build_s"], plan["cache_reused"] = built
-    plan["cache_bytes"] = os.path.getsize(cache.path) if cache else None
+    plan["cache_bytes"] = os.path.getsize(path) if cache else None
     b = (args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
-    batches = data.Batches(corpus, *b)
-    plan["n_kept"] = n_kept = len(batches.samples)
-    plan["steps"] = max(1, math.ceil(args.student_steps * n_kept / n))  # all: --student-steps
-    return plan | {"batches": batches}
+    plan["batches"] = batches = data.Batches(corpus, *b)
+    plan["n_kept"] = len(batches.samples)  # all: --student-steps; else their share
+    return plan | {"steps": max(1, math.ceil(args.student_steps * len(batches.samples) / n))}
 
 
 @torch.no_grad()
@@ -365,7 +342,7 @@ def sample_prepass(student, corpus, args, device):
         H = sekd.sample_entropy(h, w, torch.ones_like(x, dtype=torch.bool), args.chunk_rows or None)
         scores.append(H.double().cpu().numpy())  # .cpu() waits for the GPU
     student.train()
-    scores, seconds = np.concatenate(gather_objects(np.concatenate(scores))), time.time() - t0
+    scores, seconds = np.concatenate(sync(np.concatenate(scores))), time.time() - t0
     print(f"[pre-pass] scored {len(scores):,} samples by mean student entropy in {seconds:.1f}s")
     return scores, seconds
 
@@ -373,7 +350,7 @@ def sample_prepass(student, corpus, args, device):
 def cache_signature(args, corpus):
     """What a teacher cache must match to be used: the teacher (by hash), the data, the draws (and
     in teacher_cache, the samples)."""
-    if (sha := file_sha256(path := teacher_ckpt_path(args))) is None:
+    if (sha := file_sha256(path := out_path(args, "teacher"))) is None:
         raise UserError(
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
             "train it first (python train.py --run teacher)"
@@ -387,7 +364,7 @@ def teacher_cache(args, corpus, device, teacher, kept):
     """SE-KD_3X's cache for `kept`, -> (cache, build seconds, reused): reused if its signature
     matches, refused in one line if not, built by rank 0 (its draws do not depend on the world size)
     if absent or --rebuild-cache."""
-    path, build_s = cache_path(args), None
+    path, build_s, bs = out_path(args, "cache"), None, args.batch_size
     signature = cache_signature(args, corpus) | {"kept": [int(i) for i in kept]}
     if RANK == 0 and (args.rebuild_cache or not os.path.exists(path)):
         t0, V, W = time.time(), corpus.vocab.size, teacher.head_weight
@@ -395,18 +372,17 @@ def teacher_cache(args, corpus, device, teacher, kept):
 
         @torch.no_grad()
         def blocks():  # U classes drawn from the teacher at every position of every kept sample
-            for i in range(0, len(kept), args.batch_size):
-                rows = corpus.train[kept[i : i + args.batch_size], :-1]
-                x = torch.from_numpy(rows.astype(np.int64)).to(device)
+            for i in range(0, len(kept), bs):
+                x = torch.from_numpy(corpus.train[kept[i : i + bs], :-1].astype(np.int64))
                 with autocast(args, device):
-                    h = teacher.hidden(x)
-                    draws = sekd.teacher_draws(h, W, args.U, args.T, args.chunk_rows or None, gen)
+                    h, U, T = teacher.hidden(x.to(device)), args.U, args.T
+                    draws = sekd.teacher_draws(h, W, U, T, args.chunk_rows or None, gen)
                 yield data.encode_draws(*draws, V).cpu().numpy()  # (ids, counts)
 
         shape = (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V))
         data.write_cache(path, signature, shape, blocks())
         build_s = time.time() - t0
-    barrier()
+    sync()
     cache, size = data.TeacherCache(path), os.path.getsize(path)
     if build_s is None:
         cache.check(signature)
@@ -524,17 +500,15 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
                     loss, _ = loss_fn(step, micro, x, y, *cached)
                 (loss / batches.accum).backward()
                 total += loss.item() / batches.accum
-            total = sum(gather_objects(total)) / WORLD  # logged: the mean over ranks
+            total = sum(sync(total)) / WORLD  # logged: the mean over ranks
             curve.append(total)
             average_gradients(model)
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-            loss_ok, norm_ok = math.isfinite(total), math.isfinite(norm)
-            if not (loss_ok and norm_ok):
-                what = f"gradient norm became {norm}" if loss_ok else f"loss became {total}"
-                kept = f"the checkpoint of step {saved} is kept"
-                kept = kept if saved else "no checkpoint was written"
-                stop = f"at step {step + 1}: stopped before the update, {kept}"
-                raise UserError(f"[{tag}] {what} {stop}; lower --lr or raise --warmup")
+            if not math.isfinite(total + norm):
+                what = ("loss", total) if not math.isfinite(total) else ("gradient norm", norm)
+                kept = f"step {saved}'s checkpoint is kept" if saved else "no checkpoint yet"
+                stop = f"{what[0]} became {what[1]} at step {step + 1}: stopped before the update"
+                raise UserError(f"[{tag}] {stop}, {kept}; lower --lr or raise --warmup")
             opt.step()
             opt.zero_grad(set_to_none=True)
         peak_cpu = meter.peak if meter else peak_cpu
@@ -562,10 +536,6 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def per_item(row, v, n):  # the sums over the target rows of each of n items
-    return torch.zeros(n, dtype=torch.float64).index_add_(0, row, v.double())
 
 
 class EvalSet:
@@ -630,15 +600,15 @@ class EvalSet:
         out["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
         for kind, (x, y, lengths, row, *more) in self.items.items() if limit is None else ():
             s, n = self.rows(model, args, x, y, tau), len(lengths)
-            nll, nll_tau = per_item(row, s["nll"], n), per_item(row, s["nll_tau"], n)
+            v = torch.stack([s["nll"], s["nll_tau"], 1 - s["correct"]])  # each item's sums:
+            nll, nll_tau, wrong = torch.zeros(3, n, dtype=v.dtype).index_add_(1, row, v)
             item = dict(items=n, nll=nll.tolist(), nll_tau=nll_tau.tolist())
             if kind == "choice":  # by log-likelihood per byte: the true option is option 0
                 best = (-nll / more[0]).view(-1, data.OPTIONS).argmax(1)
                 item |= dict(items=len(best), acc=(best == 0).double().mean().item())
             else:  # a word is right if all its tokens are
-                right = per_item(row, 1 - s["correct"], n) == 0
                 item |= dict(ppl=math.exp(nll.mean()), ppl_tau=math.exp(nll_tau.mean()))
-                item |= dict(acc=right.double().mean().item())
+                item |= dict(acc=(wrong == 0).double().mean().item())
                 item["ece"] = sekd.expected_calibration_error(s["conf"], s["correct"])
             out |= {f"{kind}_{name}": value for name, value in item.items()}
         if "control_nll" in out and "cloze_nll" in out:  # what the context gives, nats a word
@@ -664,9 +634,11 @@ def pick_device(args):
 def model_config(args, who, vocab_size):
     """The sekd.GPTConfig of the teacher or the student under these flags, which it checks."""
     n_layer, n_head, n_embd = (getattr(args, f"{who}_{s}") for s in ("layers", "heads", "embd"))
-    sizes = dict(block_size=args.seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    flags = f"the {who} (--{who}-layers, --{who}-heads, --{who}-embd, --seq-len)"
-    return from_flags(flags, sekd.GPTConfig, vocab_size=vocab_size, **sizes)
+    try:
+        return sekd.GPTConfig(vocab_size, args.seq_len, n_layer, n_head, n_embd)
+    except ValueError as e:  # one line, naming the flags
+        flags = f"--{who}-layers, --{who}-heads, --{who}-embd, --seq-len"
+        raise UserError(f"the {who} ({flags}): {e}") from None
 
 
 def new_model(args, who, vocab_size, device):
@@ -686,8 +658,8 @@ def pretrained(args, corpus, device, evalset, who):
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
         return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
     teacher, ckpt = who == "teacher", None
-    path = teacher_ckpt_path(args) if teacher else init_ckpt_path(args)
     flag, seed = ("teacher", args.seed + 1) if teacher else ("student_init", args.seed + 2)
+    path = out_path(args, flag)
     steps, lr = getattr(args, f"{flag}_steps"), getattr(args, f"{flag}_lr")
     named = teacher and args.run == "distill" and args.teacher_ckpt  # never trained here
     if named or os.path.exists(path) and not (teacher and args.retrain_teacher):
@@ -787,8 +759,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
         if on_policy > 0:  # a seed of its own per micro-batch: a resumed run writes the same text
             seed = np.random.SeedSequence([args.seed, step * args.grad_accum + micro + 1, RANK])
             gen = torch.Generator(device=x.device).manual_seed(int(seed.generate_state(1)[0]))
-            how = (cfg, on_policy, prompt_len, gen, state)
-            return sekd.on_policy_distill_loss(student, teacher, x, y, *how)
+            how = (x, y, cfg, on_policy, prompt_len, gen, state)
+            return sekd.on_policy_distill_loss(student, teacher, *how)
         if cfg.is_sekd:  # SE-KD as the paper runs it: the short path
             return sekd.sekd_loss(student, teacher, x, y, cfg)
         return sekd.distill_loss(student, teacher, x, y, cfg, state, draws)
@@ -824,8 +796,10 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     flags = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l "
     flags += "student_layers student_embd student_heads student_init_steps student_init_lr"
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    key["teacher"] = file_sha256(teacher_ckpt_path(args))
-    key["student_init"] = file_sha256(init_ckpt_path(args)) if args.student_init_steps > 0 else None
+    key["teacher"] = file_sha256(out_path(args, "teacher"))
+    key["student_init"] = (
+        file_sha256(out_path(args, "student_init")) if args.student_init_steps > 0 else None
+    )
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in flags.split()}
 
@@ -845,13 +819,12 @@ def resumable(path, key, tag):
 def rng_state():
     """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, by rank."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return gather_objects({"cpu": torch.get_rng_state(), "cuda": cuda})
+    return sync({"cpu": torch.get_rng_state(), "cuda": cuda})
 
 
-def set_rng_state(rng):
-    """This rank's generators from `rng_state()` (one dict: a checkpoint from before the states per
-    rank); a rank without a state there keeps its seed."""
-    rng = [rng] if isinstance(rng, dict) else rng
+def set_rng_state(
+    rng,
+):  # this rank's generators from `rng_state()`; a rank not there keeps its seed
     if RANK < len(rng):
         torch.set_rng_state(rng[RANK]["cpu"])
         if rng[RANK]["cuda"] and torch.cuda.is_available():
@@ -917,7 +890,7 @@ def memory_accounts(args, configs, corpus, teacher, device):
     """sekd.memory_account of each method's step (on-policy: not modelled), printed by its own
     names, its bytes in MiB. -> {method: account}"""
     student, out = model_config(args, "student", corpus.vocab.size), {}
-    half = autocast_dtype(args, device) is not None
+    half = autocast(args, device).fast_dtype == torch.bfloat16
     settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
     for m, cfg in configs.items():
         step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
@@ -944,19 +917,17 @@ def load_data(args):
     first; ranks other than 0 print nothing (their errors still reach stderr)."""
     global RANK, WORLD
     device = pick_device(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the others may wait hours while rank 0 alone builds the data or a teacher cache
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # hours: rank 0 may build the data, a cache
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if RANK:
-            sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w") if RANK else sys.stdout
     sizes = dict(max_tokens=args.max_tokens or None, vocab_size=args.vocab_size)
     if RANK:  # rank 0 builds and writes the memmaps first; the others wait, then read them
-        barrier()
+        sync()
     corpus = data.prepare(args.dataset, args.seq_len, args.full_vocab, args.data_dir, **sizes)
     if RANK == 0:
-        barrier()
+        sync()
     samples = f"{len(corpus.train):,} train / {len(corpus.val):,} val samples"
     sizes = f"{samples} of {args.seq_len} positions, vocabulary {corpus.vocab.size:,}"
     print(f"data: {args.dataset}, {sizes}; device {device}")
@@ -990,7 +961,7 @@ def write_results(args, corpus, t_start, **results):
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
     if WORLD > 1:  # every rank done
-        barrier()
+        sync()
         dist.destroy_process_group()
     RANK, WORLD = 0, 1
     return result
@@ -1015,7 +986,7 @@ def cli(argv=None, job=None):
     code 2; any other exception is a bug (in a registered metric too): it keeps its traceback."""
     try:
         return (job or main)(argv)
-    except UserError as e:  # = data.DataError; `from_flags` turns a library's refusals into one
+    except UserError as e:  # = data.DataError; a library's refusal of a flag becomes one too
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -106,7 +106,7 @@ def print_walltime_table(walls):
 def storage(args, corpus):
     """The paper's storage table: bytes per position of each way to ship the teacher's signal, at
     the paper's scale (V = 100,000, U = 64, l = 0.2, 10^11 tokens) and for this corpus and flags;
-    then the teacher cache on disk (train.cache_path), if there is one, against its
+    then the teacher cache on disk (train.out_path), if there is one, against its
     accounting. -> dict."""
     paper = data.storage_bytes_per_position(100_000, 64, 0.2)
     here = data.storage_bytes_per_position(corpus.vocab.size, args.U, args.l)
@@ -130,7 +130,7 @@ def storage(args, corpus):
         "(2 bytes x 100,000 logits x 10^11 positions = 20,000 TB; the paper's 10,000 TB matches 1 "
         "byte per logit)"
     )
-    cache_path = train.cache_path(args)
+    cache_path = train.out_path(args, "cache")
     if os.path.exists(cache_path):
         cache = data.TeacherCache(cache_path)
         n_pos, real = cache.shape[0] * cache.shape[1], os.path.getsize(cache_path)

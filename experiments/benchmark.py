@@ -149,7 +149,7 @@ def bench_row(student, teacher, opt, B, flow, args, dev):
     """One flow at batch B: analytic account and measured peaks (after a warm-up step); a row
     whose analytic peak is over --bench-mem-gb is skipped, one that runs out of memory says so."""
     V, L = student.config.vocab_size, args.seq_len
-    half = train.autocast_dtype(args, dev) is not None
+    half = train.autocast(args, dev).fast_dtype == torch.bfloat16
     chunk, cuda = args.chunk_rows or None, dev.type == "cuda"
     acc = ledger.ledger_account(student, teacher, B, L, flow, args.k, chunk, half, cuda, T=args.T)
     row = dict(flow=flow, name=ledger.FLOWS[flow], B=B, L=L, V=V, tokens=B * L, analytic=acc)
@@ -272,7 +272,7 @@ def run(args, device):
 
     say(
         f"benchmark on {device} ({where}), torch {torch.__version__}, autocast "
-        f"{train.autocast_dtype(args, device) or 'off (float32)'}; B={args.batch_size} "
+        f"{train.autocast(args, device).fast_dtype}; B={args.batch_size} "
         f"L={args.seq_len} k={args.k}; teacher {args.teacher_layers}x{args.teacher_embd}, student "
         f"{args.student_layers}x{args.student_embd}; median of {args.bench_repeats} steps after "
         f"{args.bench_warmup} warm-up, the flows taking turns"

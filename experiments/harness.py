@@ -71,8 +71,8 @@ class SekdLM(TemplateLM):
             y = y.to(w.device)
             s = sekd.chunked_scores(sekd.prediction_rows, h, w, y >= 0, targets=y)[y >= 0].cpu()
             row = (y >= 0).nonzero()[:, 0].cpu()  # the request of each target
-            nll = train.per_item(row, s[:, 0], len(rows)).tolist()
-            wrong = train.per_item(row, 1 - s[:, 2], len(rows)).tolist()
+            v = torch.stack([s[:, 0], 1 - s[:, 2]]).double()  # summed over each request's targets
+            nll, wrong = torch.zeros(2, len(rows), dtype=v.dtype).index_add_(1, row, v).tolist()
             out += [(-a, b == 0) for a, b in zip(nll, wrong, strict=True)]
         return out
 

@@ -89,7 +89,7 @@ def student_args(args, size):
         student_embd=embd,
         student_heads=2,
         out_dir=os.path.join(args.out_dir, f"regimes_{size}"),
-        teacher_ckpt=train.teacher_ckpt_path(args),
+        teacher_ckpt=train.out_path(args, "teacher"),
     )
 
 

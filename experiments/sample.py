@@ -80,7 +80,7 @@ def run(args, corpus, device):
     coloured by that model's own entropy H(q_t) at that step (the student_entropy metric: what SE-KD
     selects by). Same --seed, same text. A prompt shows its rare tokens' text marked ⟨so⟩; a model
     never draws the vocabulary's id for them (it has no text)."""
-    models = [("teacher", train.teacher_ckpt_path(args))] + saved_students(args.out_dir)
+    models = [("teacher", train.out_path(args, "teacher"))] + saved_students(args.out_dir)
     enc = data.gpt2_encoding()
     prompts, starts = sample_prompts(corpus, args.sample_prompts, args.sample_prompt_len, enc)
     gpt2 = data.val_gpt2_ids(corpus).reshape(-1)
