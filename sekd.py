@@ -11,10 +11,9 @@ it must equal. `targets` [B, L] are -1 at padding; a loss is averaged per sequen
 sequences (paper Eq. 3).
 """
 
-import functools
 import math
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial, wraps
 
 import torch
 import torch.nn as nn
@@ -81,8 +80,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT, LM head tied to the embedding. We split `hidden(idx)` [B, L, D] from `head(h)`,
-    which projects any rows: that split is what makes a selective LM head possible."""
+    """nanoGPT, LM head tied to the embedding; `head(h)` projects any rows of `hidden(idx)`."""
 
     def __init__(self, config):
         super().__init__()
@@ -150,8 +148,7 @@ class GPT(nn.Module):
 
 @dataclass
 class KDConfig:
-    """A method and its settings, checked here; the defaults are the default job's (the paper's
-    SE-KD has lam = 1). Sections 4-6 use the rest."""
+    """A method and its settings, checked here; defaults: the default job's (paper: lam = 1)."""
 
     method: str = "sekd"  # ce, full_kd, sekd, random_pos, at_kd
     k: float = 0.2  # the share of each sequence's positions that SE-KD distils
@@ -171,8 +168,8 @@ class KDConfig:
     def __post_init__(self):
         if self.method == "ce":
             self.lam = 0.0  # plain cross-entropy: no teacher
-        names = {"method": METHODS, "metric": METRICS, "policy": POLICIES}
-        names |= {"ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
+        names = {"method": ("ce", "full_kd", "sekd", "random_pos", "at_kd"), "metric": METRICS}
+        names |= {"policy": POLICIES, "ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
         names |= {"classes": ("full", "rskd"), "divergence": ("forward", "reverse")}
         rules = [(n, getattr(self, n) in a, "one of " + ", ".join(a)) for n, a in names.items()]
         for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
@@ -247,8 +244,8 @@ def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None
         kl = kl_per_position(p, q, T) if cfg.divergence == "forward" else kl_per_position(q, p, T)
         loss = loss + lam * (w * T * T * kl).sum()
     if lam < 1:
-        logq = F.log_softmax(_wide(student_logits), dim=-1)
-        ce = -logq.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+        z, y = _wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten()
+        ce = F.cross_entropy(z, y, reduction="none").view_as(targets)
         w_ce = w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
         loss = loss + (1 - lam) * (w_ce * ce).sum()
     return loss
@@ -270,8 +267,8 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 
 def compiled(fn):  # at its first call (importing the compiler takes seconds), for any row count
     # a chunk formula's passes over [rows, V] fuse: entropy 3x, KL 1.8x faster on a CPU
-    fast = functools.cache(lambda: torch.compile(fn, dynamic=True))
-    return functools.wraps(fn)(lambda *args: fast()(*args))
+    fast = cache(lambda: torch.compile(fn, dynamic=True))
+    return wraps(fn)(lambda *args: fast()(*args))
 
 
 def chunk_weight(w):
@@ -353,8 +350,7 @@ class StreamedHeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
         dtype, w = _wide_dtype(h), chunk_weight(weight)  # the logits' dtype, the chunks' weight
         loss = torch.zeros((), dtype=dtype, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=_wide_dtype(weight))
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=_wide_dtype(weight))
         for start in range(0, h.shape[0], chunk_rows):
             r = slice(start, start + chunk_rows)
             z = (h[r] @ w.T).to(dtype)
@@ -457,9 +453,6 @@ METRICS["student_ce"].needs_teacher = METRICS["random"].needs_teacher = False
 METRICS["random"].needs_logits = False
 
 
-# A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
-
-
 @dataclass
 class PositionState:
     """GLS's queue of recent scores, and the training step that curriculum's window follows."""
@@ -510,14 +503,13 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
     return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0) if star else counts
 
 
-POLICIES = {
+POLICIES = {  # policy(scores, k, valid, state) -> m [B, L]: bool, or counts (the sampling ones)
     "topk": topk_positions,
     "gls": gls_positions,
     "curriculum": curriculum_positions,
     "pos_rs_kd": pos_rs_kd_positions,
     "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True),
 }
-METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
 FULL_KL = ("full_kd", "sekd", "random_pos")  # the methods with the teacher's whole distribution
 
 
@@ -533,9 +525,8 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step of any method of the paper's tables (`sekd_loss` for SE-KD): positions, then the
-    loss. RS-KD classes read cached `draws` (ids, counts) [B, L, U] (SE-KD_3X: no teacher), or draw
-    them at the selected rows. -> (loss, n_sel)."""
+    """Any method's step (SE-KD's own: `sekd_loss`) -> (loss, n_sel). RS-KD classes read cached
+    `draws` (ids, counts) [B, L, U] (SE-KD_3X: no teacher), or draw them at the selected rows."""
     student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
@@ -544,9 +535,8 @@ def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
         with torch.no_grad():
             teacher_h, teacher_w = teacher.hidden(idx), teacher.head_weight
     if cfg.method == "at_kd":
-        return at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg), int(
-            valid.sum()
-        )
+        loss = at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg)
+        return loss, int(valid.sum())
     mask = select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, state)
     if mask.dtype != torch.bool:  # pos-RS-KD's counts, per sequence over their sum (pos-RS-KD*: K)
         K = budget_counts(cfg.k, valid.sum(1)) if cfg.policy == "pos_rs_kd_star" else None
@@ -680,8 +670,7 @@ def _rskd_rows(ids, counts, T, z_student, i):
     p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
     logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
-    grad = logq.exp_().scatter_add_(1, ids[i], -p)
-    return loss, grad.mul_(T)
+    return loss, logq.exp_().scatter_add_(1, ids[i], -p).mul_(T)
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
@@ -717,8 +706,7 @@ def random_samples(n_samples, share, generator=None):
 
 
 def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE in percent, as the paper's: sum over equal-width bins of the top-1 probability of
-    |sum correct - sum confidence| / N."""
+    """ECE in percent, the paper's: over equal-width bins of max q, |sum correct - sum conf| / N."""
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -755,13 +743,11 @@ def fit_temperature(h, w, targets, valid, steps=40):
     c, d = b - g * (b - a), a + g * (b - a)
     nc, nd = nll(c), nll(d)
     for _ in range(steps):  # the point kept is the next step's other point: one new NLL a step
-        if nc < nd:
-            b, d, nd = d, c, nc
-            c = b - g * (b - a)
+        if nc < nd:  # the minimum is in [a, d]: d becomes b, c becomes d
+            b, c, d, nd = d, d - g * (d - a), c, nc
             nc = nll(c)
-        else:
-            a, c, nc = c, d, nd
-            d = a + g * (b - a)
+        else:  # in [c, b]: c becomes a, d becomes c
+            a, c, d, nc = c, d, c + g * (b - c), nd
             nd = nll(d)
     return math.exp((a + b) / 2)
 
@@ -788,11 +774,8 @@ def activation_bytes(config, B, L, half=False, grad=True):
 
 
 def memory_account(student_config, teacher_config, B, L, cfg, half=False, device="cpu"):
-    """One step's expected peak bytes (N = B L rows, chunks of c, s selected): weights (4 bytes a
-    parameter), AdamW (8), gradients (4); activations, the teacher's hidden states; float32 [rows,
-    V] logits alive at once: selection 3 c, streamed loss 4 c (under the mask), max(c + 4 s, 2 c +
-    s) (CE at all), 2 c (CE), plus the [V, Ds] head gradient; dense 7 N (CE 2 N), backward 3 N (5 N
-    if 0 < lam < 1); under autocast the bf16 head copies. None for a step it does not model."""
+    """One step's expected peak bytes: the most its phases hold at once (N = B L rows, chunks of c,
+    s selected; [rows, V] logits in float32). None for a step it does not model."""
     reads_teacher = getattr(METRICS[cfg.metric], "needs_teacher", True)
     other = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
     if other or cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward":
@@ -813,21 +796,18 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
         loss_rows = (2 if lam == 0 else 7) * N
         back_rows, head_grad = (5 if 0 < lam < 1 else 3) * N, 0
     p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * uses_teacher
+    act, t_hidden = activation_bytes(student_config, B, L, half), 4 * N * Dt * uses_teacher
     copies = 2 * V * (Ds + Dt * uses_teacher) * half * (cfg.flow == "streamed")
-    a = dict(student_params=p_s, teacher_params=p_t, grads=p_s, adamw=2 * p_s, head_grad=head_grad)
-    a |= dict(activations=activation_bytes(student_config, B, L, half), head_copies=copies)
-    a |= dict(teacher_hidden=4 * N * Dt * uses_teacher, chunk_rows=c)
-    a["logits"] = 4 * V * max(sel_rows, loss_rows, back_rows)
-    resident = p_s + p_t + a["adamw"]
-    held = resident + a["activations"] + a["teacher_hidden"]
-    teacher_act = activation_bytes(teacher_config, B, L, half, False) * uses_teacher
+    resident = 3 * p_s + p_t  # the weights and AdamW's two moments
     phases = [  # the teacher's forward, the selection, the loss, backward, the optimizer step
-        resident + teacher_act,
-        held + 2 * V * Ds * half + 4 * V * sel_rows,
-        held + head_grad + copies + 4 * V * loss_rows,
-        resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
-        resident + a["grads"] + p_s,
+        resident + activation_bytes(teacher_config, B, L, half, False) * uses_teacher,
+        resident + act + t_hidden + 2 * V * Ds * half + 4 * V * sel_rows,
+        resident + act + t_hidden + head_grad + copies + 4 * V * loss_rows,
+        resident + act + p_s + head_grad + 4 * V * back_rows,
+        resident + 2 * p_s,
     ]
-    a |= {"method": cfg.method, "B": B, "L": L, "V": V, "n_sel": n_sel, "lam": lam}
-    a |= {"dtype": "bfloat16" if half else "float32", "total": max(phases)}
+    a = dict(student_params=p_s, teacher_params=p_t, grads=p_s, adamw=2 * p_s, head_grad=head_grad)
+    a |= dict(activations=act, head_copies=copies, teacher_hidden=t_hidden, chunk_rows=c)
+    a |= dict(logits=4 * V * max(sel_rows, loss_rows, back_rows), method=cfg.method, B=B, L=L, V=V)
+    a |= dict(n_sel=n_sel, lam=lam, dtype="bfloat16" if half else "float32", total=max(phases))
     return a
