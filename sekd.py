@@ -11,10 +11,9 @@ it must equal. `targets` [B, L] are -1 at padding; a loss is averaged per sequen
 sequences (paper Eq. 3).
 """
 
-import functools
 import math
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial, wraps
 
 import torch
 import torch.nn as nn
@@ -81,8 +80,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT, LM head tied to the embedding. We split `hidden(idx)` [B, L, D] from `head(h)`,
-    which projects any rows: that split is what makes a selective LM head possible."""
+    """nanoGPT, LM head tied to the embedding; `head(h)` projects any rows of `hidden(idx)`."""
 
     def __init__(self, config):
         super().__init__()
@@ -135,14 +133,12 @@ class GPT(nn.Module):
             entropy.append(token_entropy(logits))
             if ban is not None:
                 logits[:, ban] = -math.inf
+            if 0 < top_k < logits.shape[-1]:  # the k likeliest (greedy: the same argmax)
+                logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -math.inf)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)
             idx = torch.cat([idx, nxt], 1)
         return idx, torch.stack(entropy, 1)
 
@@ -152,8 +148,7 @@ class GPT(nn.Module):
 
 @dataclass
 class KDConfig:
-    """A method and its settings, checked here; the defaults are the default job's (the paper's
-    SE-KD has lam = 1). Sections 4-6 use the rest."""
+    """A method and its settings, checked here; defaults: the default job's (paper: lam = 1)."""
 
     method: str = "sekd"  # ce, full_kd, sekd, random_pos, at_kd
     k: float = 0.2  # the share of each sequence's positions that SE-KD distils
@@ -173,19 +168,18 @@ class KDConfig:
     def __post_init__(self):
         if self.method == "ce":
             self.lam = 0.0  # plain cross-entropy: no teacher
-        names = {"method": METHODS, "metric": METRICS, "policy": POLICIES}
-        names |= {"ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
+        names = {"method": ("ce", "full_kd", "sekd", "random_pos", "at_kd"), "metric": METRICS}
+        names |= {"policy": POLICIES, "ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
         names |= {"classes": ("full", "rskd"), "divergence": ("forward", "reverse")}
-        for name, allowed in names.items():
-            if (value := getattr(self, name)) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        ranges = {"k": (0 < self.k <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), "T": (self.T > 0, "> 0")}
-        for name, (ok, rule) in (ranges | {"lam": (0 <= self.lam <= 1, "in [0, 1]")}).items():
+        rules = [(n, getattr(self, n) in a, "one of " + ", ".join(a)) for n, a in names.items()]
+        for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
+            value = getattr(self, name)
+            rules.append((name, type(value) is int and value >= least, f"an integer >= {least}"))
+        rules += [("k", 0 < self.k <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), ("T", self.T > 0, "> 0")]
+        rules.append(("lam", 0 <= self.lam <= 1, "in [0, 1]"))
+        for name, ok, rule in rules:  # the first that fails
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
-            if type(value := getattr(self, name)) is not int or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
             raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
         if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
@@ -216,8 +210,8 @@ def _wide(x):
     return x.to(_wide_dtype(x))
 
 
-def token_entropy(logits, T=1.0):  # H(softmax(logits / T)) in nats: SE-KD's score
-    logp = F.log_softmax(_wide(logits) / T, dim=-1)
+def token_entropy(logits):  # H(softmax(logits)) in nats: SE-KD's score
+    logp = F.log_softmax(_wide(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -250,14 +244,11 @@ def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None
         kl = kl_per_position(p, q, T) if cfg.divergence == "forward" else kl_per_position(q, p, T)
         loss = loss + lam * (w * T * T * kl).sum()
     if lam < 1:
-        ce = _ce(student_logits.flatten(0, 1), targets.clamp_min(0).flatten()).view_as(targets)
+        z, y = _wide(student_logits).flatten(0, 1), targets.clamp_min(0).flatten()
+        ce = F.cross_entropy(z, y, reduction="none").view_as(targets)
         w_ce = w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
         loss = loss + (1 - lam) * (w_ce * ce).sum()
     return loss
-
-
-def _ce(logits, targets):
-    return F.cross_entropy(_wide(logits), targets, reduction="none")
 
 
 # ============================================================================ 3. SE-KD
@@ -276,8 +267,8 @@ def default_chunk_rows(vocab_size, width=64, device="cpu"):
 
 def compiled(fn):  # at its first call (importing the compiler takes seconds), for any row count
     # a chunk formula's passes over [rows, V] fuse: entropy 3x, KL 1.8x faster on a CPU
-    fast = functools.cache(lambda: torch.compile(fn, dynamic=True))
-    return functools.wraps(fn)(lambda *args: fast()(*args))
+    fast = cache(lambda: torch.compile(fn, dynamic=True))
+    return wraps(fn)(lambda *args: fast()(*args))
 
 
 def chunk_weight(w):
@@ -293,9 +284,7 @@ def chunked_scores(
     """metric(zs, zt, y) at every valid row, a chunk of rows at a time -> [B, L] (or [B, L, C])."""
     use_teacher = getattr(metric, "needs_teacher", True)
     if use_teacher and teacher_h is None:
-        raise ValueError(
-            f"metric {metric.__name__} needs the teacher: pass teacher_h and teacher_w"
-        )
+        raise ValueError(f"metric {metric.__name__} needs the teacher: pass teacher_h, teacher_w")
     hs, ht = student_h[valid], teacher_h[valid] if use_teacher else None
     y = targets[valid] if targets is not None else None
     dtype = _wide_dtype(hs)
@@ -361,18 +350,15 @@ class StreamedHeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
         dtype, w = _wide_dtype(h), chunk_weight(weight)  # the logits' dtype, the chunks' weight
         loss = torch.zeros((), dtype=dtype, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=_wide_dtype(weight))
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=_wide_dtype(weight))
         for start in range(0, h.shape[0], chunk_rows):
             r = slice(start, start + chunk_rows)
             z = (h[r] @ w.T).to(dtype)
             i = torch.arange(start, start + len(z), device=z.device)
             s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
-            kd = (
-                kd_rows(z if sel is None else z[s], i[s])
-                if kd_rows is not None and s.any()
-                else None
-            )
+            kd = None
+            if kd_rows is not None and s.any():
+                kd = kd_rows(z if sel is None else z[s], i[s])
             if ce_w is None:  # lam = 1: the KD alone
                 row_loss, grad_z = kd_w[r] * kd[0], kd[1].mul_(kd_w[r][:, None])
             else:  # the CE per row, and in log q's storage its gradient q - onehot(y)
@@ -427,9 +413,6 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     return StreamedHeadLoss.apply(student_h[rows], student_w, *args)
 
 
-# ---------------------------------------------------------------------------- one SE-KD step
-
-
 def sekd_loss(student, teacher, idx, targets, cfg):
     """One SE-KD step (paper §3): the KD loss at each sequence's top k% positions by student
     entropy, LM heads at those rows only. -> (loss, positions distilled)."""
@@ -448,33 +431,26 @@ def sekd_loss(student, teacher, idx, targets, cfg):
 # teacher's zt (None where `fn.needs_teacher = False`) and the targets y; `METRICS["name"] = fn`.
 
 
-def _ce_ratio(zs, zt, y):
-    teacher = _ce(zt, y)  # a teacher CE of exactly 0 is read as the tiniest float
-    return _ce(zs, y) / teacher.clamp_min(torch.finfo(teacher.dtype).tiny)
+def _ce_ratio(zs, zt, y):  # a teacher CE of exactly 0 is read as the tiniest float
+    teacher = F.cross_entropy(zt, y, reduction="none")
+    return F.cross_entropy(zs, y, reduction="none") / teacher.clamp_min(torch.finfo(zt.dtype).tiny)
 
-
-def uniform(zs, zt, y):  # noise: with top-k, the RandomPos baseline; it gets rows, not logits
-    return torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device)
-
-
-uniform.needs_teacher, uniform.needs_logits = False, False  # RandomPos pays for no LM-head pass
 
 METRICS = {  # the paper's position-axis metrics (its Table 1)
     "student_entropy": student_entropy,  # H(q_t): SE-KD's
     "teacher_entropy": lambda zs, zt, y: student_entropy(zt, zs, y),  # H(p_t)
-    "student_ce": lambda zs, zt, y: _ce(zs, y),  # -log q_t(y_t)
-    "teacher_ce": lambda zs, zt, y: _ce(zt, y),  # -log p_t(y_t)
+    "student_ce": lambda zs, zt, y: F.cross_entropy(zs, y, reduction="none"),  # -log q_t(y_t)
+    "teacher_ce": lambda zs, zt, y: F.cross_entropy(zt, y, reduction="none"),  # -log p_t(y_t)
     "kl": lambda zs, zt, y: kl_per_position(zt, zs),  # KL(p_t || q_t)
     "reverse_kl": lambda zs, zt, y: kl_per_position(zs, zt),  # KL(q_t || p_t)
     "kl_plus_student_entropy": lambda zs, zt, y: kl_per_position(zt, zs) + token_entropy(zs),
     "ce_ratio": _ce_ratio,  # CE(y_t, q_t) / CE(y_t, p_t)
     "ce_ratio_plus_student_entropy": lambda zs, zt, y: _ce_ratio(zs, zt, y) + token_entropy(zs),
-    "random": uniform,
+    # noise: with top-k, the RandomPos baseline; it gets rows, not logits (no LM-head pass)
+    "random": lambda zs, zt, y: torch.rand(len(zs), dtype=_wide_dtype(zs), device=zs.device),
 }
-METRICS["student_ce"].needs_teacher = False
-
-
-# A policy(scores, k, valid, state) -> mask m [B, L]: bool, or counts for the sampling policies.
+METRICS["student_ce"].needs_teacher = METRICS["random"].needs_teacher = False
+METRICS["random"].needs_logits = False
 
 
 @dataclass
@@ -489,13 +465,12 @@ class PositionState:
 
 def gls_positions(scores, k, valid, state):
     """GLS: u(t) >= the (1 - k) quantile of the recent scores *before* this batch joins them."""
-    if state.queue is None or state.queue.numel() == 0:
+    queue = scores.new_zeros(0) if state.queue is None else state.queue
+    if queue.numel() == 0:
         m = topk_positions(scores, k, valid)
     else:
-        m = (scores >= torch.quantile(state.queue.double(), 1.0 - k).item()) & valid
-    new = scores[valid].detach()
-    queue = new if state.queue is None else torch.cat([state.queue.to(new), new])
-    state.queue = queue[-state.gls_queue :]
+        m = (scores >= torch.quantile(queue.double(), 1.0 - k).item()) & valid
+    state.queue = torch.cat([queue.to(scores), scores[valid].detach()])[-state.gls_queue :]
     return m
 
 
@@ -524,20 +499,17 @@ def pos_rs_kd_positions(scores, k, valid, state=None, star=False):
         draws = torch.multinomial(q[rows], int(K.max()), replacement=True)
         keep = torch.arange(draws.shape[1], device=q.device) < K[rows][:, None]
         counts[rows] = torch.zeros_like(q[rows]).scatter_add_(1, draws, keep.double())
-    if not star:
-        return counts
     n = valid.sum(1, keepdim=True).double()
-    return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0)
+    return torch.where(q > 0, counts / (n * q).clamp_min(1e-300), 0.0) if star else counts
 
 
-POLICIES = {
+POLICIES = {  # policy(scores, k, valid, state) -> m [B, L]: bool, or counts (the sampling ones)
     "topk": topk_positions,
     "gls": gls_positions,
     "curriculum": curriculum_positions,
     "pos_rs_kd": pos_rs_kd_positions,
     "pos_rs_kd_star": partial(pos_rs_kd_positions, star=True),
 }
-METHODS = ("ce", "full_kd", "sekd", "random_pos", "at_kd")
 FULL_KL = ("full_kd", "sekd", "random_pos")  # the methods with the teacher's whole distribution
 
 
@@ -553,9 +525,8 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
-    """One step of any method of the paper's tables (`sekd_loss` for SE-KD): positions, then the
-    loss. RS-KD classes read cached `draws` (ids, counts) [B, L, U] (SE-KD_3X: no teacher), or draw
-    them at the selected rows. -> (loss, n_sel)."""
+    """Any method's step (SE-KD's own: `sekd_loss`) -> (loss, n_sel). RS-KD classes read cached
+    `draws` (ids, counts) [B, L, U] (SE-KD_3X: no teacher), or draw them at the selected rows."""
     student_h, student_w, valid = student.hidden(idx), student.head_weight, targets >= 0
     teacher_h = teacher_w = row_weights = None
     if cfg.method != "ce" and draws is None:
@@ -617,7 +588,7 @@ def at_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, cfg):
     args = (student_h, student_w, valid, teacher_h, teacher_w, targets, cfg.chunk_rows)
     doubt = -torch.expm1(-chunked_scores(METRICS["teacher_ce"], *args))  # 1 - p(y)
     hard, w = topk_positions(doubt, 0.5, valid), per_sequence_weights(valid, torch.float64)
-    w = w * torch.where(hard, w.new_tensor(0.8), w.new_tensor(0.2))
+    w = torch.where(hard, w * 0.8, w * 0.2)
     rows = (teacher_h[valid], chunk_weight(teacher_w), targets[valid], hard[valid], cfg.T)
     kd = {"row_weights": w, "kd_rows": partial(at_kd_rows, *rows)}
     chunk = int(valid.sum()) if cfg.flow == "dense" else cfg.chunk_rows  # dense: one chunk
@@ -664,14 +635,11 @@ def on_policy_distill_loss(
     """The last on_policy_rows(B, share) sequences go on-policy (KD alone); a mean over them."""
     B = idx.shape[0]
     n = B - on_policy_rows(B, share)  # sequences of real text
-    loss, n_sel = 0, 0
-    if n:
-        real, n_sel = distill_loss(student, teacher, idx[:n], targets[:n], cfg, state)
-        loss = loss + real * (n / B)
+    loss, n_sel = distill_loss(student, teacher, idx[:n], targets[:n], cfg, state) if n else (0, 0)
     if n < B:
         x, y = on_policy_batch(student, idx[n:], prompt_len, gen)
         own, n_own = distill_loss(student, teacher, x, y, replace(cfg, lam=1.0), state)
-        loss, n_sel = loss + own * ((B - n) / B), n_sel + n_own
+        loss, n_sel = loss * (n / B) + own * ((B - n) / B), n_sel + n_own
     return loss, n_sel
 
 
@@ -679,30 +647,21 @@ def on_policy_distill_loss(
 # -------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
 
 
-def rskd_sample(teacher_logits, U, T=1.0, generator=None):
-    """U draws per row from softmax(teacher_logits / T). -> (ids, counts) [..., U]: the distinct
-    ids, increasing, with their counts, then (0, 0)."""
-    V = teacher_logits.shape[-1]
-    p = F.softmax(_wide(teacher_logits).reshape(-1, V) / T, dim=-1)
-    draws = torch.multinomial(p, U, replacement=True, generator=generator).sort(dim=1).values
+@torch.no_grad()
+def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
+    """U draws per row from softmax(h w^T / T) of the teacher's rows h [..., D], a chunk of rows at
+    a time. -> (ids, counts) [..., U]: the distinct ids, increasing, with their counts, then 0s."""
+    rows, w = teacher_h.reshape(-1, teacher_h.shape[-1]), chunk_weight(teacher_w)
+    chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
+    starts = range(0, max(1, len(rows)), chunk)  # no rows: one empty chunk
+    p = (F.softmax(_wide(rows[i : i + chunk] @ w.T) / T, dim=-1) for i in starts)
+    draws = torch.cat([torch.multinomial(q, U, replacement=True, generator=generator) for q in p])
+    draws = draws.sort(dim=1).values
     slot = (draws.diff(dim=1, prepend=draws[:, :1]) != 0).cumsum(1)  # sorted: a new id, a new slot
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-    return ids.view(*teacher_logits.shape[:-1], U), counts.view(*teacher_logits.shape[:-1], U)
-
-
-@torch.no_grad()
-def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
-    """`rskd_sample` on the teacher's logits of hidden rows [..., D], a chunk of rows at a time."""
-    rows = teacher_h.reshape(-1, teacher_h.shape[-1])
-    chunk = chunk_rows or default_chunk_rows(*teacher_w.shape, teacher_w.device)
-    w = chunk_weight(teacher_w)
-    parts = [  # no rows: one empty chunk
-        rskd_sample(rows[i : i + chunk] @ w.T, U, T, generator)
-        for i in range(0, max(1, rows.shape[0]), chunk)
-    ]
     shape = (*teacher_h.shape[:-1], U)
-    return tuple(torch.cat(part).view(shape) for part in zip(*parts, strict=True))  # ids, counts
+    return ids.view(shape), counts.view(shape)
 
 
 def _rskd_rows(ids, counts, T, z_student, i):
@@ -711,8 +670,7 @@ def _rskd_rows(ids, counts, T, z_student, i):
     p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
     logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
-    grad = logq.exp_().scatter_add_(1, ids[i], -p)
-    return loss, grad.mul_(T)
+    return loss, logq.exp_().scatter_add_(1, ids[i], -p).mul_(T)
 
 
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
@@ -748,8 +706,7 @@ def random_samples(n_samples, share, generator=None):
 
 
 def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE in percent, as the paper's: sum over equal-width bins of the top-1 probability of
-    |sum correct - sum confidence| / N."""
+    """ECE in percent, the paper's: over equal-width bins of max q, |sum correct - sum conf| / N."""
     confidence, correct = confidence.flatten().double(), correct.flatten().double()
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1  # bin b holds (b/n, (b+1)/n]
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct - confidence)
@@ -786,13 +743,11 @@ def fit_temperature(h, w, targets, valid, steps=40):
     c, d = b - g * (b - a), a + g * (b - a)
     nc, nd = nll(c), nll(d)
     for _ in range(steps):  # the point kept is the next step's other point: one new NLL a step
-        if nc < nd:
-            b, d, nd = d, c, nc
-            c = b - g * (b - a)
+        if nc < nd:  # the minimum is in [a, d]: d becomes b, c becomes d
+            b, c, d, nd = d, d - g * (d - a), c, nc
             nc = nll(c)
-        else:
-            a, c, nc = c, d, nd
-            d = a + g * (b - a)
+        else:  # in [c, b]: c becomes a, d becomes c
+            a, c, d, nc = c, d, c + g * (b - c), nd
             nd = nll(d)
     return math.exp((a + b) / 2)
 
@@ -819,11 +774,8 @@ def activation_bytes(config, B, L, half=False, grad=True):
 
 
 def memory_account(student_config, teacher_config, B, L, cfg, half=False, device="cpu"):
-    """One step's expected peak bytes (N = B L rows, chunks of c, s selected): weights (4 bytes a
-    parameter), AdamW (8), gradients (4); activations, the teacher's hidden states; float32 [rows,
-    V] logits alive at once: selection 3 c, streamed loss 4 c (under the mask), max(c + 4 s, 2 c +
-    s) (CE at all), 2 c (CE), plus the [V, Ds] head gradient; dense 7 N (CE 2 N), backward 3 N (5 N
-    if 0 < lam < 1); under autocast the bf16 head copies. None for a step it does not model."""
+    """One step's expected peak bytes: the most its phases hold at once (N = B L rows, chunks of c,
+    s selected; [rows, V] logits in float32). None for a step it does not model."""
     reads_teacher = getattr(METRICS[cfg.metric], "needs_teacher", True)
     other = cfg.method == "sekd" and (reads_teacher or cfg.policy.startswith("pos_rs"))
     if other or cfg.classes != "full" or cfg.method == "at_kd" or cfg.divergence != "forward":
@@ -844,21 +796,18 @@ def memory_account(student_config, teacher_config, B, L, cfg, half=False, device
         loss_rows = (2 if lam == 0 else 7) * N
         back_rows, head_grad = (5 if 0 < lam < 1 else 3) * N, 0
     p_s, p_t = 4 * n_params(student_config), 4 * n_params(teacher_config) * uses_teacher
+    act, t_hidden = activation_bytes(student_config, B, L, half), 4 * N * Dt * uses_teacher
     copies = 2 * V * (Ds + Dt * uses_teacher) * half * (cfg.flow == "streamed")
-    a = dict(student_params=p_s, teacher_params=p_t, grads=p_s, adamw=2 * p_s, head_grad=head_grad)
-    a |= dict(activations=activation_bytes(student_config, B, L, half), head_copies=copies)
-    a |= dict(teacher_hidden=4 * N * Dt * uses_teacher, chunk_rows=c)
-    a["logits"] = 4 * V * max(sel_rows, loss_rows, back_rows)
-    resident = p_s + p_t + a["adamw"]
-    held = resident + a["activations"] + a["teacher_hidden"]
-    teacher_act = activation_bytes(teacher_config, B, L, half, False) * uses_teacher
+    resident = 3 * p_s + p_t  # the weights and AdamW's two moments
     phases = [  # the teacher's forward, the selection, the loss, backward, the optimizer step
-        resident + teacher_act,
-        held + 2 * V * Ds * half + 4 * V * sel_rows,
-        held + head_grad + copies + 4 * V * loss_rows,
-        resident + a["activations"] + a["grads"] + head_grad + 4 * V * back_rows,
-        resident + a["grads"] + p_s,
+        resident + activation_bytes(teacher_config, B, L, half, False) * uses_teacher,
+        resident + act + t_hidden + 2 * V * Ds * half + 4 * V * sel_rows,
+        resident + act + t_hidden + head_grad + copies + 4 * V * loss_rows,
+        resident + act + p_s + head_grad + 4 * V * back_rows,
+        resident + 2 * p_s,
     ]
-    a |= {"method": cfg.method, "B": B, "L": L, "V": V, "n_sel": n_sel, "lam": lam}
-    a |= {"dtype": "bfloat16" if half else "float32", "total": max(phases)}
+    a = dict(student_params=p_s, teacher_params=p_t, grads=p_s, adamw=2 * p_s, head_grad=head_grad)
+    a |= dict(activations=act, head_copies=copies, teacher_hidden=t_hidden, chunk_rows=c)
+    a |= dict(logits=4 * V * max(sel_rows, loss_rows, back_rows), method=cfg.method, B=B, L=L, V=V)
+    a |= dict(n_sel=n_sel, lam=lam, dtype="bfloat16" if half else "float32", total=max(phases))
     return a

@@ -266,7 +266,7 @@ def test_selective_head_equals_gathered_dense_logits():
 def test_token_entropy_matches_brute_force(T):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 9, generator=g, dtype=torch.float64) * 3
-    got = sekd.token_entropy(logits, T)
+    got = sekd.token_entropy(logits / T)
     for i in range(4):
         assert got[i].item() == pytest.approx(ref_entropy(logits[i].tolist(), T), abs=1e-12)
 
@@ -903,11 +903,16 @@ def test_on_policy_loss_is_the_divergence_at_generated_positions_only(method, k)
 # -------------------------------------------------------------------- RS-KD (Anshumann et al. 2025)
 
 
+def logit_draws(logits, U, T=1.0, generator=None):  # `teacher_draws` of logits: an identity head
+    eye = torch.eye(logits.shape[-1], dtype=logits.dtype)
+    return sekd.teacher_draws(logits, eye, U, T, generator=generator)
+
+
 def test_rskd_sample_layout_counts_and_support():
     g = torch.Generator().manual_seed(10)
     logits = torch.randn(4, 5, 9, generator=g, dtype=torch.float64)
-    logits[..., 7:] = -math.inf  # classes the teacher never predicts are never drawn
-    ids, counts = sekd.rskd_sample(logits, 13, generator=g)
+    logits[..., 7:] = -1e4  # classes the teacher never predicts (p = 0 exactly) are never drawn
+    ids, counts = logit_draws(logits, 13, generator=g)
     assert ids.shape == counts.shape == (4, 5, 13)
     assert (counts.sum(-1) == 13).all()
     for i_row, c_row in zip(
@@ -922,13 +927,11 @@ def test_rskd_sample_layout_counts_and_support():
             and all(i < 7 for i in i_row[:n])
             and set(i_row[n:]) <= {0}
         )
-    a, b = (
-        sekd.rskd_sample(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2)
-    )
+    a, b = (logit_draws(logits, 13, generator=torch.Generator().manual_seed(3)) for _ in range(2))
     assert torch.equal(a[0], b[0]) and torch.equal(
         a[1], b[1]
     )  # a seeded generator reproduces the draws
-    ids_T, counts_T = sekd.rskd_sample(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
+    ids_T, counts_T = logit_draws(torch.tensor([[4.0, 0.0]]), 127, T=1000.0, generator=g)
     assert 40 < counts_T[0, 0] < 87  # a high temperature flattens the teacher: about half each
 
 
@@ -941,7 +944,7 @@ def test_rskd_gradient_is_unbiased_for_full_kd_and_topk_is_not(T):
     R, V, U, M = 3, 8, 4, 20000
     t = torch.randn(R, V, generator=g, dtype=torch.float64)
     z = torch.randn(R, V, generator=g, dtype=torch.float64)
-    ids, counts = sekd.rskd_sample(t.expand(M, R, V), U, T, generator=g)
+    ids, counts = logit_draws(t.expand(M, R, V), U, T, generator=g)
     h = z.expand(M, R, V).clone().requires_grad_(True)
     loss = sekd.rskd_loss(
         h,
@@ -971,7 +974,7 @@ def test_rskd_loss_and_gradient_equal_float64_brute_force(lam, T, chunk, ce_at):
     B, L, D, V, U = 3, 7, 5, 11, 6
     hs = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    ids, counts = sekd.rskd_sample(
+    ids, counts = logit_draws(
         torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2, U, T, generator=g
     )
     y = torch.randint(0, V, (B, L), generator=g)
@@ -999,7 +1002,7 @@ def test_rskd_gradient_wrt_logits_is_q_minus_p_tilde():
     g = torch.Generator().manual_seed(13)
     V, U = 9, 10
     z = torch.randn(1, 1, V, generator=g, dtype=torch.float64, requires_grad=True)
-    ids, counts = sekd.rskd_sample(torch.randn(1, 1, V, generator=g), U, generator=g)
+    ids, counts = logit_draws(torch.randn(1, 1, V, generator=g), U, generator=g)
     y = torch.zeros(1, 1, dtype=torch.long)
     loss = sekd.rskd_loss(z, torch.eye(V, dtype=torch.float64), ids, counts, y, None, kd())
     p = torch.zeros(V, dtype=torch.float64).scatter_add_(0, ids[0, 0], counts[0, 0].double() / U)
