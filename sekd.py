@@ -171,15 +171,18 @@ class KDConfig:
         names = {"method": ("ce", "full_kd", "sekd", "random_pos", "at_kd"), "metric": METRICS}
         names |= {"policy": POLICIES, "ce_at": ("selected", "all"), "flow": ("streamed", "dense")}
         names |= {"classes": ("full", "rskd"), "divergence": ("forward", "reverse")}
-        rules = [(n, getattr(self, n) in a, "one of " + ", ".join(a)) for n, a in names.items()]
+        for name, allowed in names.items():
+            if (value := getattr(self, name)) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name, least in {"gls_queue": 1, "curriculum_steps": 1, "U": 1, "chunk_rows": 0}.items():
-            value = getattr(self, name)
-            rules.append((name, type(value) is int and value >= least, f"an integer >= {least}"))
-        rules += [("k", 0 < self.k <= 1, "in (0, 1] (e.g. 0.2 for 20%)"), ("T", self.T > 0, "> 0")]
-        rules.append(("lam", 0 <= self.lam <= 1, "in [0, 1]"))
-        for name, ok, rule in rules:  # the first that fails
-            if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            if type(value := getattr(self, name)) is not int or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not 0 < self.k <= 1:
+            raise ValueError(f"k must be in (0, 1] (e.g. 0.2 for 20%), got {self.k!r}")
+        if not self.T > 0:
+            raise ValueError(f"T must be > 0, got {self.T!r}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
         if self.classes == "rskd" and (self.method == "ce" or self.flow != "streamed"):
             raise ValueError("classes 'rskd' needs a KD method (not ce) and flow 'streamed'")
         if self.divergence == "reverse" and (self.method not in FULL_KL or self.classes != "full"):
