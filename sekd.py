@@ -3,12 +3,8 @@
 "Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395) in the paper's order:
 1 the model, 2 dense KD (the reference), 3 SE-KD, 4 the position axis, 5 the baselines (AT-KD,
 on-policy), 6 the class and sample axes (RS-KD, TopSmp), 7 evaluation, 8 memory. A reader who stops
-after section 3 has read a whole, working SE-KD.
-
-The model's `hidden(idx)` is split from its `head(h)`, so an LM head runs at chosen rows only, a
-chunk at a time: no [B, L, V] logits on the fast path; `kd_loss`, on dense logits, is the reference
-it must equal. `targets` [B, L] are -1 at padding; a loss is averaged per sequence, then over the
-sequences (paper Eq. 3).
+after section 3 has read a whole, working SE-KD. `targets` [B, L] are -1 at padding; a loss is
+averaged per sequence, then over the sequences (paper Eq. 3).
 """
 
 import math
@@ -37,8 +33,10 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if type(value := getattr(self, name)) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if (D := self.n_embd) % (H := self.n_head):
-            raise ValueError(f"n_embd must be divisible by n_head, got {D}, {H}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd must be divisible by n_head, got {self.n_embd}, {self.n_head}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.gelu not in ("none", "tanh"):
@@ -760,8 +758,7 @@ def fit_temperature(h, w, targets, valid, steps=40):
 
 
 def n_params(config):
-    """Embeddings (V + block) D; per block LayerNorms 4 D, qkv 3 D^2 + 3 D, the attention output
-    D^2 + D, the MLP 8 D^2 + 5 D; the final LayerNorm 2 D; the tied head nothing."""
+    """Embeddings (V + block) D; a block 12 D^2 + 13 D (qkv, out, MLP, 2 LayerNorms); ln_f 2 D."""
     V, L, D = config.vocab_size, config.block_size, config.n_embd
     return (V + L) * D + config.n_layer * (12 * D * D + 13 * D) + 2 * D
 
