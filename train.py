@@ -307,8 +307,7 @@ def file_sha256(path):  # None: no such file
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What a student trains on: its samples (all; TopSmp's, by the initial student's entropy;
-    RandomSmp's), --student-steps times their share (the wall-time saving), SE-KD_3X's draws."""
+    """A student's samples and draws; its steps, --student-steps times their share: the saving."""
     n, kept, cache, path = len(corpus.train), None, None, out_path(args, "cache")
     plan = dict(samples=samples, prepass_s=None, cache_build_s=None, cache_reused=None)
     if classes == "cache" and os.path.exists(path) and not args.rebuild_cache:
@@ -398,12 +397,11 @@ def teacher_cache(args, corpus, device, teacher, kept):
 
 
 class LiveBytes(TorchDispatchMode):
-    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes
-    alive at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an
-    output sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also
-    counted in `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits).
-    Compiled code runs eager meanwhile: we cannot see inside a compiled graph, and one compiled here
-    would serve later calls, which would then round otherwise."""
+    """`peak`: the most bytes alive at once in the storages ops make while it is active. Not
+    counted: tensors made before (weights, AdamW state), a kernel's scratch, an output sharing an
+    input's storage (in place, views). `match(t)` picks tensors also counted in `matched_peak` and
+    listed in `log` (the [rows, V] logits). Compiled code runs eager meanwhile: we cannot see inside
+    a compiled graph, and one compiled here would serve later calls, which would round otherwise."""
 
     def __init__(self, match=None):
         super().__init__()
@@ -466,9 +464,8 @@ def fmt_time(s):
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
-    """AdamW, linear warm-up then cosine to lr/10, accumulation, clipping. `loss_fn(step, micro, x,
-    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps and at the end;
-    `resume`: the checkpoint to go on from; `frozen`: the teacher's bytes."""
+    """`loss_fn(step, micro, x, y, *cached)` -> (loss, n_selected); `resume`: a checkpoint `save`
+    was given; `frozen`: the teacher's bytes (the CPU's peak counts them)."""
     opt, resume = make_optimizer(model, lr, args.weight_decay), resume or {}
     start = saved = resume.get("step", 0)
     if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
@@ -539,12 +536,10 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
 
 
 class EvalSet:
-    """What every model is scored on: validation samples at every position (the teacher's hidden
-    states kept, a student's KL costs two heads only), and data.eval_items: a cloze of hard words
-    (whole-word PPL as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control (words new to
-    their window: the cloze less the control is what context gives), and multiple choice by
-    log-likelihood per byte (lm-eval's acc_bytes). A subset's PPL rewards a flat distribution, so
-    each model is also scored at its own temperature tau*, fitted on text no item's window reads."""
+    """Validation samples (the teacher's hidden states kept: a student's KL costs two heads), and
+    data.eval_items: hard words (whole-word PPL, as lm-eval's LAMBADA), their control (words new to
+    their window: the cloze less it is what context gives), multiple choice (per byte, as lm-eval's
+    acc_bytes). A subset's PPL rewards a flat distribution: each model also at its own tau*."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -652,9 +647,8 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 
 
 def pretrained(args, corpus, device, evalset, who):
-    """The teacher, or the initial student every method starts from (as in the paper: a random
-    student's entropy ranks nothing), trained with CE. Its checkpoint is reused when finished and
-    resumed when not: a teacher's whatever made it, the initial student's if these flags made it."""
+    """The teacher or the initial student (as in the paper: a random student's entropy ranks
+    nothing), trained with CE, or reused (a student only if these flags made it), or resumed."""
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
         return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
     teacher, ckpt = who == "teacher", None
@@ -731,8 +725,7 @@ def GPT_from_hf(hf, block_size):
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
-    """A student from the initial student `init`, distilled by --method `method` (`kd`: KDConfig
-    fields overridden) and evaluated; with `save`, checkpointed and resumed. -> its results row"""
+    """The initial student `init` distilled by --method `method` (`kd`: KDConfig overrides)."""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -859,7 +852,7 @@ COSTS = ("train_s", "tokens_per_s", "peak_bytes")  # 0 (a model not trained here
 
 
 def print_table(rows, device, title=None):
-    """A row per model: TEXT's columns, then ITEMS's once a model has them."""
+    """TEXT's columns, then ITEMS's once a model has them."""
     print("\n" + title if title else "")
     items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), None)
     w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
@@ -913,8 +906,7 @@ def machine():  # where the results were measured
 
 
 def load_data(args):
-    """The device and the corpus every job starts from. Under torchrun we join its process group
-    first; ranks other than 0 print nothing (their errors still reach stderr)."""
+    """Every job's start; under torchrun, ranks other than 0 print nothing (errors reach stderr)."""
     global RANK, WORLD
     device = pick_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # hours: rank 0 may build the data, a cache
@@ -950,8 +942,7 @@ def setup(args):
 
 
 def write_results(args, corpus, t_start, **results):
-    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`;
-    then torchrun's process group closes."""
+    """OUT_DIR/results_RUN.json; then torchrun's process group closes."""
     global RANK, WORLD
     result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
     result["total_s"] = time.time() - t_start
