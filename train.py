@@ -471,7 +471,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
     if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        set_rng_state(resume.get("rng", []))
+        if RANK < len(rng := resume.get("rng", [])):  # a rank new to the run keeps its seed
+            torch.set_rng_state(rng[RANK]["cpu"])
+            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])  # [] where CUDA is absent
         print(f"[{tag}] resuming at step {start}/{steps}")
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -517,7 +519,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
             times = f"{rate:,.0f} tok/s | elapsed {fmt_time(time.time() - t0)} | ETA {eta}"
             print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {times}", flush=True)
         if save is not None and (done % args.eval_interval == 0 or done == steps):
-            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng_state())
+            # torch's generators (random metric, pos-RS-KD, online RS-KD) of every rank, by rank
+            rng = sync({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()})
+            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng)
             # train_s: the time of every run that made this checkpoint
             trained = dict(step=done, steps=steps, train_s=resume.get("train_s", 0) + train_time)
             save(weights | trained | dict(live_peak=peak_cpu, optimizer=opt.state_dict()))
@@ -807,21 +811,6 @@ def resumable(path, key, tag):
         print(f"[{tag}] {path} is {other}: training anew")
         return None
     return ckpt
-
-
-def rng_state():
-    """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, by rank."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return sync({"cpu": torch.get_rng_state(), "cuda": cuda})
-
-
-def set_rng_state(
-    rng,
-):  # this rank's generators from `rng_state()`; a rank not there keeps its seed
-    if RANK < len(rng):
-        torch.set_rng_state(rng[RANK]["cpu"])
-        if rng[RANK]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
 
 
 # ----------------------------------------------------------------------------- results and main
