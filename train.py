@@ -278,23 +278,13 @@ def sync(obj=None):  # every rank waits for the others; -> every rank's obj, in 
     return parts
 
 
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
-    hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
-    for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank that never used p
-        dist.all_reduce(p.grad)  # a sum (gloo has no average)
-        p.grad /= WORLD
-
-
 def autocast(args, device):  # its fast_dtype: bfloat16 (--dtype, auto on CUDA), or float32: off
     half = args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda"
     return torch.autocast(device.type, torch.bfloat16 if half else torch.float32, enabled=half)
 
 
 def out_path(args, what):
-    """The teacher's checkpoint, the initial student's ("student_init") or SE-KD_3X's "cache": where
-    --teacher-ckpt or --cache say, or in OUT_DIR."""
+    """Where the "teacher", the "student_init" or SE-KD_3X's "cache" is: its flag's, or OUT_DIR."""
     if what == "cache":
         return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
     return what == "teacher" and args.teacher_ckpt or os.path.join(args.out_dir, f"{what}.pt")
@@ -347,8 +337,7 @@ def sample_prepass(student, corpus, args, device):
 
 
 def cache_signature(args, corpus):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws (and
-    in teacher_cache, the samples)."""
+    """What a teacher cache must match to be used (teacher_cache adds the samples)."""
     if (sha := file_sha256(path := out_path(args, "teacher"))) is None:
         raise UserError(
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
@@ -360,9 +349,8 @@ def cache_signature(args, corpus):
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`, -> (cache, build seconds, reused): reused if its signature
-    matches, refused in one line if not, built by rank 0 (its draws do not depend on the world size)
-    if absent or --rebuild-cache."""
+    """SE-KD_3X's cache for `kept` -> (cache, build seconds, reused). Rank 0 builds it (its draws do
+    not depend on the world size); one of another signature is refused in one line."""
     path, build_s, bs = out_path(args, "cache"), None, args.batch_size
     signature = cache_signature(args, corpus) | {"kept": [int(i) for i in kept]}
     if RANK == 0 and (args.rebuild_cache or not os.path.exists(path)):
@@ -392,7 +380,7 @@ def teacher_cache(args, corpus, device, teacher, kept):
     return cache, build_s, build_s is None
 
 
-# ----------------------------------------------------------------------------- memory meter
+# ----------------------------------------------------------------------------- training loop
 # The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
 
 
@@ -448,9 +436,6 @@ def state_bytes(*items):
     return sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
 
-# ----------------------------------------------------------------------------- training loop
-
-
 def make_optimizer(model, lr, weight_decay):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -501,7 +486,11 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
                 total += loss.item() / batches.accum
             total = sum(sync(total)) / WORLD  # logged: the mean over ranks
             curve.append(total)
-            average_gradients(model)
+            # the batch's gradient (losses are means); by hand: DDP's hooks expect `model(...)`
+            for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # unused on this rank
+                dist.all_reduce(p.grad)  # a sum (gloo has no average)
+                p.grad /= WORLD
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             if not math.isfinite(total + norm):
                 what = ("loss", total) if not math.isfinite(total) else ("gradient norm", norm)
@@ -532,8 +521,8 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
         adamw = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         peak = state_bytes(model, *adamw) + peak_cpu + frozen
         how = "weights (student + teacher) + AdamW state + the live tensors of one step (LiveBytes)"
-    tokens = (steps - start) * tokens_per_step
-    return dict(train_s=train_time, tokens=tokens, peak_bytes=peak, peak_how=how, loss_curve=curve)
+    run = dict(tokens=(steps - start) * tokens_per_step, resumed_at=resume.get("step"))
+    return run | dict(train_s=train_time, peak_bytes=peak, peak_how=how, loss_curve=curve)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -568,8 +557,7 @@ class EvalSet:
             return torch.cat([model.hidden(b.to(self.x.device)).float() for b in x.split(self.bs)])
 
     def rows(self, model, args, x, y, tau=1.0, teacher=False):
-        """Each valid row of x, in order: sekd.prediction_rows, the NLL of the logits h w^T / tau,
-        and with the teacher sekd.teacher_rows. -> {name: [rows] float64}"""
+        """Each valid row of x: sekd.prediction_rows, the NLL at tau, sekd.teacher_rows if asked."""
         out, w, ce = [], model.head_weight.float(), sekd.METRICS["student_ce"]
         for i in range(0, len(x), self.bs):
             h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(w.device)
@@ -654,7 +642,7 @@ def pretrained(args, corpus, device, evalset, who):
     """The teacher or the initial student (as in the paper: a random student's entropy ranks
     nothing), trained with CE, or reused (a student only if these flags made it), or resumed."""
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
-        return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
+        return GPT_from_hf(gpt2, args.seq_len).to(device), {}
     teacher, ckpt = who == "teacher", None
     flag, seed = ("teacher", args.seed + 1) if teacher else ("student_init", args.seed + 2)
     path = out_path(args, flag)
@@ -666,13 +654,13 @@ def pretrained(args, corpus, device, evalset, who):
     if made and not teacher and made != (model_config(args, who, corpus.vocab.size), steps, seed):
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
-    if teacher and ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:
+    if ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:  # a student's: matched
         short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
         fix = f"use --seq-len {block} or less, or --retrain-teacher"
         raise UserError(f"teacher checkpoint {path} {short}: {fix}")
     if ckpt and ckpt["step"] >= ckpt["steps"]:
         print(f"[{who}] reusing {path} ({ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f})")
-        return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s", 0.0), "reused": True}
+        return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s"), "reused": True}
     if named:
         raise UserError(f"teacher checkpoint {path} is unfinished: complete it with --run teacher")
     torch.manual_seed(args.seed)
@@ -738,11 +726,11 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     student = sekd.GPT(config).to(device)  # the initial student's config (GPT-2's GELU too)
     if init is not None:
         student.load_state_dict(init.state_dict())
-    V = student.config.vocab_size
-    if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != V:
+    if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != config.vocab_size:
         raise UserError(
-            f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary ({V}) "
-            "differ: train the teacher on the same data, --vocab-size and --full-vocab"
+            f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
+            f"({config.vocab_size}) differ: train the teacher on the same data, --vocab-size and "
+            "--full-vocab"
         )
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches, student = plan.pop("batches"), maybe_compile(student, args)
@@ -781,7 +769,6 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
         name = f"{cfg.metric} {cfg.policy} {cfg.k:.0%}"
     name += f" +{on_policy:.0%} on-policy" if on_policy > 0 else ""
     row = {"method": name, **evalset.evaluate(student, args), **stats, **plan}
-    row["resumed_at"] = resume["step"] if resume else None
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
     row["total_s"] = row["train_s"] + (row["prepass_s"] or 0.0) + (row["cache_build_s"] or 0.0)
     return row
@@ -793,10 +780,8 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     flags = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l "
     flags += "student_layers student_embd student_heads student_init_steps student_init_lr"
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    key["teacher"] = file_sha256(out_path(args, "teacher"))
-    key["student_init"] = (
-        file_sha256(out_path(args, "student_init")) if args.student_init_steps > 0 else None
-    )
+    init = args.student_init_steps > 0 and file_sha256(out_path(args, "student_init")) or None
+    key |= dict(teacher=file_sha256(out_path(args, "teacher")), student_init=init)
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in flags.split()}
 
@@ -815,8 +800,7 @@ def resumable(path, key, tag):
 
 # ----------------------------------------------------------------------------- results and main
 
-# The tables' columns, header -> (key, format): the validation text's measures and the costs, then
-# the items'.
+# The tables' columns, header -> (key, format): the validation text's measures and costs; the items'
 TEXT = {
     "val PPL": ("val_ppl", "{:.2f}".format),
     "tau*": ("tau", "{:.2f}".format),
@@ -837,7 +821,6 @@ ITEMS = {
     "context": ("context_nats", "{:.3f}".format),
     "choice %": ("choice_acc", lambda v: f"{100 * v:.1f}"),
 }
-COSTS = ("train_s", "tokens_per_s", "peak_bytes")  # 0 (a model not trained here): "-"
 
 
 def print_table(rows, device, title=None):
@@ -847,16 +830,15 @@ def print_table(rows, device, title=None):
     w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
 
     def cell(r, key, fmt):  # "-": a measure the model lacks; mean ± std over seeds: `<key>_std`
-        if r.get(key) is None or key in COSTS and not r[key]:
+        if r.get(key) is None:
             return "-"
         return fmt(r[key]) + (f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else "")
 
     for columns in (TEXT, ITEMS) if items else (TEXT,):
-        width = {header: max(c, len(header)) for header in columns}
-        header = f"{'method':<{w}} " + " ".join(f"{h:>{width[h]}}" for h in columns)
+        header = f"{'method':<{w}} " + " ".join(f"{h:>{c}}" for h in columns)  # c or wider
         print(("\n" if columns is ITEMS else "") + header + "\n" + "-" * len(header))
         for r in rows:
-            cells = (f"{cell(r, *spec):>{width[h]}}" for h, spec in columns.items())
+            cells = (f"{cell(r, *spec):>{max(c, len(h))}}" for h, spec in columns.items())
             print(f"{r['method']:<{w}} " + " ".join(cells))
     if items:
         n = {k: items.get(f"{k}_items", 0) for k in ("cloze", "control", "choice")}
@@ -866,25 +848,6 @@ def print_table(rows, device, title=None):
         print(f"choice: {n['choice']:,} items of {data.OPTIONS} options, {chance}")
     if how := next((r["peak_how"] for r in rows if r.get("peak_how")), ""):
         print(f"peak memory on {device}: {how}")
-
-
-def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account of each method's step (on-policy: not modelled), printed by its own
-    names, its bytes in MiB. -> {method: account}"""
-    student, out = model_config(args, "student", corpus.vocab.size), {}
-    half = autocast(args, device).fast_dtype == torch.bfloat16
-    settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
-    for m, cfg in configs.items():
-        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
-        acc = sekd.memory_account(*step) if args.on_policy == 0 or cfg.method == "ce" else None
-        if acc is None:
-            print(f"\n[{m}] memory account: not modelled for this step")
-            continue
-        out[m] = acc
-        mib = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in acc.items() if k not in settings)
-        rest = ", ".join(f"{k} {acc[k]}" for k in settings)
-        print(f"\n[{m}] memory account, MiB: {mib} ({rest})")
-    return out
 
 
 def machine():  # where the results were measured
@@ -920,10 +883,8 @@ def setup(args):
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, stats = pretrained(args, corpus, device, evalset, "teacher")
-    teacher.eval().requires_grad_(False)
-    evalset.set_teacher(teacher, args)
-    rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **stats}]
-    student_init = None
+    evalset.set_teacher(teacher.eval().requires_grad_(False), args)
+    rows, student_init = [{"method": "teacher", **evalset.evaluate(teacher, args), **stats}], None
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, stats = pretrained(args, corpus, device, evalset, "student")
         rows += [{"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}]
@@ -933,13 +894,12 @@ def setup(args):
 def write_results(args, corpus, t_start, **results):
     """OUT_DIR/results_RUN.json; then torchrun's process group closes."""
     global RANK, WORLD
-    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
-    result["total_s"] = time.time() - t_start
-    path = os.path.join(args.out_dir, f"results_{args.run}.json")
+    path, total = os.path.join(args.out_dir, f"results_{args.run}.json"), time.time() - t_start
+    result = dict(args=vars(args), machine=machine(), data=corpus.meta, **results, total_s=total)
     if RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
-    print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
+    print(f"results written to {path}; total time {fmt_time(total)}")
     if WORLD > 1:  # every rank done
         sync()
         dist.destroy_process_group()
@@ -952,7 +912,18 @@ def main(argv=None):
     configs = check_flags(args)  # a bad flag fails here, before any work
     t_start = time.time()
     corpus, device, evalset, teacher, student_init, rows = setup(args)
-    accounts = memory_accounts(args, configs, corpus, teacher, device)
+    student, accounts = model_config(args, "student", corpus.vocab.size), {}
+    half = autocast(args, device).fast_dtype == torch.bfloat16
+    settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
+    for m, cfg in configs.items():  # sekd.memory_account of each step, by its own names
+        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
+        if not (acc := (args.on_policy == 0 or cfg.method == "ce") and sekd.memory_account(*step)):
+            print(f"\n[{m}] memory account: not modelled for this step")
+            continue
+        accounts[m] = acc
+        mib = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in acc.items() if k not in settings)
+        rest = ", ".join(f"{k} {acc[k]}" for k in settings)
+        print(f"\n[{m}] memory account, MiB: {mib} ({rest})")
     for m in configs:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
