@@ -283,8 +283,7 @@ def autocast(args, device):  # its fast_dtype: bfloat16 (--dtype, auto on CUDA),
     return torch.autocast(device.type, torch.bfloat16 if half else torch.float32, enabled=half)
 
 
-def out_path(args, what):
-    """Where the "teacher", the "student_init" or SE-KD_3X's "cache" is: its flag's, or OUT_DIR."""
+def out_path(args, what):  # what: "teacher", "student_init" or SE-KD_3X's "cache"
     if what == "cache":
         return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
     return what == "teacher" and args.teacher_ckpt or os.path.join(args.out_dir, f"{what}.pt")
@@ -654,7 +653,7 @@ def pretrained(args, corpus, device, evalset, who):
     if made and not teacher and made != (model_config(args, who, corpus.vocab.size), steps, seed):
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
-    if ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:  # a student's: matched
+    if ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:  # a student's matched above
         short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
         fix = f"use --seq-len {block} or less, or --retrain-teacher"
         raise UserError(f"teacher checkpoint {path} {short}: {fix}")
@@ -858,7 +857,7 @@ def machine():  # where the results were measured
 
 
 def load_data(args):
-    """Every job's start; under torchrun, ranks other than 0 print nothing (errors reach stderr)."""
+    """Every job's corpus and device; under torchrun only rank 0 prints (errors reach stderr)."""
     global RANK, WORLD
     device = pick_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # hours: rank 0 may build the data, a cache
