@@ -2825,25 +2825,44 @@ def test_checkpoint_keeps_each_ranks_random_stream(monkeypatch):
     for rank in range(2):  # two "ranks" in this process, each with its own stream
         torch.manual_seed(100 + rank)
         states.append({"cpu": torch.get_rng_state(), "cuda": []})
+    for collective in ("broadcast", "all_reduce"):
+        monkeypatch.setattr(train.dist, collective, lambda *a: None)
+    args, model, drawn, saved = train.parse_args(["--warmup", "0"]), tiny_gpt(), [], []
+
+    class Batches:  # a step of one empty micro-batch
+        bs, accum, samples = 1, 1, np.zeros((1, 2))
+
+        def get(self, step, micro):
+            return None, None
+
+    def loss_fn(step, micro, x, y):  # a draw from torch's generator at each step
+        drawn.append(torch.rand(4))
+        return model.head_weight.sum() * 0, None
+
+    def resumed(rank, world, seed):  # a restarted process resuming at step 2 -> its draw there
+        as_rank(monkeypatch, rank, world)
+        torch.manual_seed(seed)
+        drawn.clear()
+        train.train_loop(model, loss_fn, Batches(), 2, 1e-3, args, "t", None, saved[0])
+        return drawn[0]
+
+    def sync(obj):  # as rank 1 of 2, which saves rank 0's generators as rank 0 sent them
+        return [states[0], obj] if isinstance(obj, dict) else [obj] * 2
+
     as_rank(monkeypatch, 1, 2)
-    monkeypatch.setattr(train, "sync", lambda obj=None: [states[0], obj])
+    monkeypatch.setattr(train, "sync", sync)
     torch.manual_seed(101)
-    saved = train.rng_state()  # what rank 1 writes: both ranks' states
-    want = torch.rand(4)
-    torch.manual_seed(0)  # a restarted process
-    train.set_rng_state(saved)
-    assert torch.equal(torch.rand(4), want)
-    as_rank(monkeypatch, 0, 2)
-    train.set_rng_state(saved)
+    args.eval_interval = 1
+    train.train_loop(model, loss_fn, Batches(), 2, 1e-3, args, "t", saved.append)
+    want = drawn[1]
+    assert saved[0]["step"] == 1 and len(saved[0]["rng"]) == 2
+    assert torch.equal(resumed(1, 2, 0), want)
     torch.manual_seed(100)
     rank0 = torch.rand(4)
-    train.set_rng_state(saved)
-    assert torch.equal(torch.rand(4), rank0) and not torch.equal(rank0, want)
-    as_rank(monkeypatch, 2, 3)  # resumed with more ranks: the new rank keeps its own seed
-    torch.manual_seed(7)
-    fresh = torch.get_rng_state()
-    train.set_rng_state(saved)
-    assert torch.equal(torch.get_rng_state(), fresh)
+    assert torch.equal(resumed(0, 2, 0), rank0) and not torch.equal(rank0, want)
+    torch.manual_seed(7)  # resumed with more ranks: the new rank keeps its own seed
+    fresh = torch.rand(4)
+    assert torch.equal(resumed(2, 3, 7), fresh)
 
 
 def test_two_ranks_with_half_the_batch_equal_one_rank(tmp_path, tiny_corpus):

@@ -278,23 +278,12 @@ def sync(obj=None):  # every rank waits for the others; -> every rank's obj, in 
     return parts
 
 
-def average_gradients(model):
-    """Each loss is a mean over sequences, so the ranks' mean gradient is the whole batch's. By
-    hand, as DistributedDataParallel's hooks expect `model(...)`; the losses call `model.hidden`."""
-    for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # a rank that never used p
-        dist.all_reduce(p.grad)  # a sum (gloo has no average)
-        p.grad /= WORLD
-
-
 def autocast(args, device):  # its fast_dtype: bfloat16 (--dtype, auto on CUDA), or float32: off
     half = args.dtype == "bfloat16" or args.dtype == "auto" and device.type == "cuda"
     return torch.autocast(device.type, torch.bfloat16 if half else torch.float32, enabled=half)
 
 
-def out_path(args, what):
-    """The teacher's checkpoint, the initial student's ("student_init") or SE-KD_3X's "cache": where
-    --teacher-ckpt or --cache say, or in OUT_DIR."""
+def out_path(args, what):  # what: "teacher", "student_init" or SE-KD_3X's "cache"
     if what == "cache":
         return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
     return what == "teacher" and args.teacher_ckpt or os.path.join(args.out_dir, f"{what}.pt")
@@ -307,8 +296,7 @@ def file_sha256(path):  # None: no such file
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """What a student trains on: its samples (all; TopSmp's, by the initial student's entropy;
-    RandomSmp's), --student-steps times their share (the wall-time saving), SE-KD_3X's draws."""
+    """A student's samples and draws; its steps, --student-steps times their share: the saving."""
     n, kept, cache, path = len(corpus.train), None, None, out_path(args, "cache")
     plan = dict(samples=samples, prepass_s=None, cache_build_s=None, cache_reused=None)
     if classes == "cache" and os.path.exists(path) and not args.rebuild_cache:
@@ -348,8 +336,7 @@ def sample_prepass(student, corpus, args, device):
 
 
 def cache_signature(args, corpus):
-    """What a teacher cache must match to be used: the teacher (by hash), the data, the draws (and
-    in teacher_cache, the samples)."""
+    """What a teacher cache must match to be used (teacher_cache adds the samples)."""
     if (sha := file_sha256(path := out_path(args, "teacher"))) is None:
         raise UserError(
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
@@ -361,9 +348,8 @@ def cache_signature(args, corpus):
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
-    """SE-KD_3X's cache for `kept`, -> (cache, build seconds, reused): reused if its signature
-    matches, refused in one line if not, built by rank 0 (its draws do not depend on the world size)
-    if absent or --rebuild-cache."""
+    """SE-KD_3X's cache for `kept` -> (cache, build seconds, reused). Rank 0 builds it (its draws do
+    not depend on the world size); one of another signature is refused in one line."""
     path, build_s, bs = out_path(args, "cache"), None, args.batch_size
     signature = cache_signature(args, corpus) | {"kept": [int(i) for i in kept]}
     if RANK == 0 and (args.rebuild_cache or not os.path.exists(path)):
@@ -393,17 +379,16 @@ def teacher_cache(args, corpus, device, teacher, kept):
     return cache, build_s, build_s is None
 
 
-# ----------------------------------------------------------------------------- memory meter
+# ----------------------------------------------------------------------------- training loop
 # The CPU has no allocator statistics, so we count live tensor bytes through torch's dispatch hooks.
 
 
 class LiveBytes(TorchDispatchMode):
-    """While active, every storage an op makes counts until it is freed; `peak` is the most bytes
-    alive at once. Not counted: tensors made before (weights, AdamW state), a kernel's scratch, an
-    output sharing an input's storage (in place, views). `match(t)`, optional, picks tensors also
-    counted in `matched_live` / `matched_peak` and listed in `log` (e.g. the [rows, V] logits).
-    Compiled code runs eager meanwhile: we cannot see inside a compiled graph, and one compiled here
-    would serve later calls, which would then round otherwise."""
+    """`peak`: the most bytes alive at once in the storages ops make while it is active. Not
+    counted: tensors made before (weights, AdamW state), a kernel's scratch, an output sharing an
+    input's storage (in place, views). `match(t)` picks tensors also counted in `matched_peak` and
+    listed in `log` (the [rows, V] logits). Compiled code runs eager meanwhile: we cannot see inside
+    a compiled graph, and one compiled here would serve later calls, which would round otherwise."""
 
     def __init__(self, match=None):
         super().__init__()
@@ -450,9 +435,6 @@ def state_bytes(*items):
     return sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
 
-# ----------------------------------------------------------------------------- training loop
-
-
 def make_optimizer(model, lr, weight_decay):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -466,15 +448,16 @@ def fmt_time(s):
 
 
 def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=None, frozen=0):
-    """AdamW, linear warm-up then cosine to lr/10, accumulation, clipping. `loss_fn(step, micro, x,
-    y, *cached)` -> (loss, n_selected); `save(ckpt)` every --eval-interval steps and at the end;
-    `resume`: the checkpoint to go on from; `frozen`: the teacher's bytes."""
+    """`loss_fn(step, micro, x, y, *cached)` -> (loss, n_selected); `resume`: a checkpoint `save`
+    was given; `frozen`: the teacher's bytes (the CPU's peak counts them)."""
     opt, resume = make_optimizer(model, lr, args.weight_decay), resume or {}
     start = saved = resume.get("step", 0)
     if resume:  # everything a step reads: weights, AdamW, torch's generators (each rank's), step
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        set_rng_state(resume.get("rng", []))
+        if RANK < len(rng := resume.get("rng", [])):  # a rank new to the run keeps its seed
+            torch.set_rng_state(rng[RANK]["cpu"])
+            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])  # [] where CUDA is absent
         print(f"[{tag}] resuming at step {start}/{steps}")
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -502,7 +485,11 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
                 total += loss.item() / batches.accum
             total = sum(sync(total)) / WORLD  # logged: the mean over ranks
             curve.append(total)
-            average_gradients(model)
+            # the batch's gradient (losses are means); by hand: DDP's hooks expect `model(...)`
+            for p in [p for p in model.parameters() if p.requires_grad] if WORLD > 1 else []:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # unused on this rank
+                dist.all_reduce(p.grad)  # a sum (gloo has no average)
+                p.grad /= WORLD
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             if not math.isfinite(total + norm):
                 what = ("loss", total) if not math.isfinite(total) else ("gradient norm", norm)
@@ -520,7 +507,9 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
             times = f"{rate:,.0f} tok/s | elapsed {fmt_time(time.time() - t0)} | ETA {eta}"
             print(f"[{tag}] step {done:5d}/{steps} | loss {total:.4f} | {times}", flush=True)
         if save is not None and (done % args.eval_interval == 0 or done == steps):
-            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng_state())
+            # torch's generators (random metric, pos-RS-KD, online RS-KD) of every rank, by rank
+            rng = sync({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()})
+            weights = dict(model=model.state_dict(), config=asdict(model.config), rng=rng)
             # train_s: the time of every run that made this checkpoint
             trained = dict(step=done, steps=steps, train_s=resume.get("train_s", 0) + train_time)
             save(weights | trained | dict(live_peak=peak_cpu, optimizer=opt.state_dict()))
@@ -531,20 +520,18 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
         adamw = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         peak = state_bytes(model, *adamw) + peak_cpu + frozen
         how = "weights (student + teacher) + AdamW state + the live tensors of one step (LiveBytes)"
-    tokens = (steps - start) * tokens_per_step
-    return dict(train_s=train_time, tokens=tokens, peak_bytes=peak, peak_how=how, loss_curve=curve)
+    run = dict(tokens=(steps - start) * tokens_per_step, resumed_at=resume.get("step"))
+    return run | dict(train_s=train_time, peak_bytes=peak, peak_how=how, loss_curve=curve)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 class EvalSet:
-    """What every model is scored on: validation samples at every position (the teacher's hidden
-    states kept, a student's KL costs two heads only), and data.eval_items: a cloze of hard words
-    (whole-word PPL as lm-eval-harness's LAMBADA, greedy accuracy, ECE), its control (words new to
-    their window: the cloze less the control is what context gives), and multiple choice by
-    log-likelihood per byte (lm-eval's acc_bytes). A subset's PPL rewards a flat distribution, so
-    each model is also scored at its own temperature tau*, fitted on text no item's window reads."""
+    """Validation samples (the teacher's hidden states kept: a student's KL costs two heads), and
+    data.eval_items: hard words (whole-word PPL, as lm-eval's LAMBADA), their control (words new to
+    their window: the cloze less it is what context gives), multiple choice (per byte, as lm-eval's
+    acc_bytes). A subset's PPL rewards a flat distribution: each model also at its own tau*."""
 
     def __init__(self, corpus, n_tokens, device, batch_size):
         n = max(1, min(len(corpus.val), n_tokens // (corpus.val.shape[1] - 1)))
@@ -569,8 +556,7 @@ class EvalSet:
             return torch.cat([model.hidden(b.to(self.x.device)).float() for b in x.split(self.bs)])
 
     def rows(self, model, args, x, y, tau=1.0, teacher=False):
-        """Each valid row of x, in order: sekd.prediction_rows, the NLL of the logits h w^T / tau,
-        and with the teacher sekd.teacher_rows. -> {name: [rows] float64}"""
+        """Each valid row of x: sekd.prediction_rows, the NLL at tau, sekd.teacher_rows if asked."""
         out, w, ce = [], model.head_weight.float(), sekd.METRICS["student_ce"]
         for i in range(0, len(x), self.bs):
             h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(w.device)
@@ -652,11 +638,10 @@ def maybe_compile(model, args):  # --compile all: the transformer body too
 
 
 def pretrained(args, corpus, device, evalset, who):
-    """The teacher, or the initial student every method starts from (as in the paper: a random
-    student's entropy ranks nothing), trained with CE. Its checkpoint is reused when finished and
-    resumed when not: a teacher's whatever made it, the initial student's if these flags made it."""
+    """The teacher or the initial student (as in the paper: a random student's entropy ranks
+    nothing), trained with CE, or reused (a student only if these flags made it), or resumed."""
     if gpt2 := getattr(args, f"{who}_init"):  # GPT-2's weights as they are: nothing to train
-        return GPT_from_hf(gpt2, args.seq_len).to(device), {"train_s": 0.0}
+        return GPT_from_hf(gpt2, args.seq_len).to(device), {}
     teacher, ckpt = who == "teacher", None
     flag, seed = ("teacher", args.seed + 1) if teacher else ("student_init", args.seed + 2)
     path = out_path(args, flag)
@@ -668,13 +653,13 @@ def pretrained(args, corpus, device, evalset, who):
     if made and not teacher and made != (model_config(args, who, corpus.vocab.size), steps, seed):
         print(f"[{who}] {path} was made with other sizes, steps or seed: training a new one")
         ckpt = None
-    if teacher and ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:
+    if ckpt and (block := ckpt["config"]["block_size"]) < args.seq_len:  # a student's matched above
         short = f"has block size {block}, shorter than --seq-len {args.seq_len}"
         fix = f"use --seq-len {block} or less, or --retrain-teacher"
         raise UserError(f"teacher checkpoint {path} {short}: {fix}")
     if ckpt and ckpt["step"] >= ckpt["steps"]:
         print(f"[{who}] reusing {path} ({ckpt['steps']} steps, val ppl {ckpt['val_ppl']:.2f})")
-        return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s", 0.0), "reused": True}
+        return GPT_from(ckpt).to(device), {"train_s": ckpt.get("train_s"), "reused": True}
     if named:
         raise UserError(f"teacher checkpoint {path} is unfinished: complete it with --run teacher")
     torch.manual_seed(args.seed)
@@ -731,8 +716,7 @@ def GPT_from_hf(hf, block_size):
 
 
 def distill_student(args, method, corpus, device, teacher, evalset, init=None, save=True, **kd):
-    """A student from the initial student `init`, distilled by --method `method` (`kd`: KDConfig
-    fields overridden) and evaluated; with `save`, checkpointed and resumed. -> its results row"""
+    """The initial student `init` distilled by --method `method` (`kd`: KDConfig overrides)."""
     positions, classes, samples, label = METHODS[method]
     on_policy = args.on_policy if positions != "ce" else 0.0  # CE, the no-KD baseline: real data
     cfg = kd_config(args, method, **kd)
@@ -741,11 +725,11 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     student = sekd.GPT(config).to(device)  # the initial student's config (GPT-2's GELU too)
     if init is not None:
         student.load_state_dict(init.state_dict())
-    V = student.config.vocab_size
-    if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != V:
+    if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != config.vocab_size:
         raise UserError(
-            f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary ({V}) "
-            "differ: train the teacher on the same data, --vocab-size and --full-vocab"
+            f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
+            f"({config.vocab_size}) differ: train the teacher on the same data, --vocab-size and "
+            "--full-vocab"
         )
     plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
     batches, student = plan.pop("batches"), maybe_compile(student, args)
@@ -784,7 +768,6 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
         name = f"{cfg.metric} {cfg.policy} {cfg.k:.0%}"
     name += f" +{on_policy:.0%} on-policy" if on_policy > 0 else ""
     row = {"method": name, **evalset.evaluate(student, args), **stats, **plan}
-    row["resumed_at"] = resume["step"] if resume else None
     row["tokens_per_s"] = row["tokens"] / max(row["train_s"], 1e-9)
     row["total_s"] = row["train_s"] + (row["prepass_s"] or 0.0) + (row["cache_build_s"] or 0.0)
     return row
@@ -796,10 +779,8 @@ def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
     flags = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l "
     flags += "student_layers student_embd student_heads student_init_steps student_init_lr"
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    key["teacher"] = file_sha256(out_path(args, "teacher"))
-    key["student_init"] = (
-        file_sha256(out_path(args, "student_init")) if args.student_init_steps > 0 else None
-    )
+    init = args.student_init_steps > 0 and file_sha256(out_path(args, "student_init")) or None
+    key |= dict(teacher=file_sha256(out_path(args, "teacher")), student_init=init)
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in flags.split()}
 
@@ -816,25 +797,9 @@ def resumable(path, key, tag):
     return ckpt
 
 
-def rng_state():
-    """torch's global generators (random metric, pos-RS-KD, online RS-KD) of every rank, by rank."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return sync({"cpu": torch.get_rng_state(), "cuda": cuda})
-
-
-def set_rng_state(
-    rng,
-):  # this rank's generators from `rng_state()`; a rank not there keeps its seed
-    if RANK < len(rng):
-        torch.set_rng_state(rng[RANK]["cpu"])
-        if rng[RANK]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng[RANK]["cuda"])
-
-
 # ----------------------------------------------------------------------------- results and main
 
-# The tables' columns, header -> (key, format): the validation text's measures and the costs, then
-# the items'.
+# The tables' columns, header -> (key, format): the validation text's measures and costs; the items'
 TEXT = {
     "val PPL": ("val_ppl", "{:.2f}".format),
     "tau*": ("tau", "{:.2f}".format),
@@ -855,26 +820,24 @@ ITEMS = {
     "context": ("context_nats", "{:.3f}".format),
     "choice %": ("choice_acc", lambda v: f"{100 * v:.1f}"),
 }
-COSTS = ("train_s", "tokens_per_s", "peak_bytes")  # 0 (a model not trained here): "-"
 
 
 def print_table(rows, device, title=None):
-    """A row per model: TEXT's columns, then ITEMS's once a model has them."""
+    """TEXT's columns, then ITEMS's once a model has them."""
     print("\n" + title if title else "")
     items = next((r for r in rows if r.get("cloze_items") or r.get("choice_items")), None)
     w, c = max([22] + [len(r["method"]) for r in rows]), 15 if "val_ppl_std" in rows[-1] else 8
 
     def cell(r, key, fmt):  # "-": a measure the model lacks; mean ± std over seeds: `<key>_std`
-        if r.get(key) is None or key in COSTS and not r[key]:
+        if r.get(key) is None:
             return "-"
         return fmt(r[key]) + (f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else "")
 
     for columns in (TEXT, ITEMS) if items else (TEXT,):
-        width = {header: max(c, len(header)) for header in columns}
-        header = f"{'method':<{w}} " + " ".join(f"{h:>{width[h]}}" for h in columns)
+        header = f"{'method':<{w}} " + " ".join(f"{h:>{c}}" for h in columns)  # c or wider
         print(("\n" if columns is ITEMS else "") + header + "\n" + "-" * len(header))
         for r in rows:
-            cells = (f"{cell(r, *spec):>{width[h]}}" for h, spec in columns.items())
+            cells = (f"{cell(r, *spec):>{max(c, len(h))}}" for h, spec in columns.items())
             print(f"{r['method']:<{w}} " + " ".join(cells))
     if items:
         n = {k: items.get(f"{k}_items", 0) for k in ("cloze", "control", "choice")}
@@ -886,25 +849,6 @@ def print_table(rows, device, title=None):
         print(f"peak memory on {device}: {how}")
 
 
-def memory_accounts(args, configs, corpus, teacher, device):
-    """sekd.memory_account of each method's step (on-policy: not modelled), printed by its own
-    names, its bytes in MiB. -> {method: account}"""
-    student, out = model_config(args, "student", corpus.vocab.size), {}
-    half = autocast(args, device).fast_dtype == torch.bfloat16
-    settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
-    for m, cfg in configs.items():
-        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
-        acc = sekd.memory_account(*step) if args.on_policy == 0 or cfg.method == "ce" else None
-        if acc is None:
-            print(f"\n[{m}] memory account: not modelled for this step")
-            continue
-        out[m] = acc
-        mib = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in acc.items() if k not in settings)
-        rest = ", ".join(f"{k} {acc[k]}" for k in settings)
-        print(f"\n[{m}] memory account, MiB: {mib} ({rest})")
-    return out
-
-
 def machine():  # where the results were measured
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cpu, threads = platform.processor() or platform.machine(), torch.get_num_threads()
@@ -913,8 +857,7 @@ def machine():  # where the results were measured
 
 
 def load_data(args):
-    """The device and the corpus every job starts from. Under torchrun we join its process group
-    first; ranks other than 0 print nothing (their errors still reach stderr)."""
+    """Every job's corpus and device; under torchrun only rank 0 prints (errors reach stderr)."""
     global RANK, WORLD
     device = pick_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # hours: rank 0 may build the data, a cache
@@ -939,10 +882,8 @@ def setup(args):
     corpus, device = load_data(args)
     evalset = EvalSet(corpus, args.eval_tokens, device, args.batch_size)
     teacher, stats = pretrained(args, corpus, device, evalset, "teacher")
-    teacher.eval().requires_grad_(False)
-    evalset.set_teacher(teacher, args)
-    rows = [{"method": "teacher", **evalset.evaluate(teacher, args), **stats}]
-    student_init = None
+    evalset.set_teacher(teacher.eval().requires_grad_(False), args)
+    rows, student_init = [{"method": "teacher", **evalset.evaluate(teacher, args), **stats}], None
     if args.run != "teacher" and args.student_init_steps > 0:
         student_init, stats = pretrained(args, corpus, device, evalset, "student")
         rows += [{"method": "student init (CE)", **evalset.evaluate(student_init, args), **stats}]
@@ -950,16 +891,14 @@ def setup(args):
 
 
 def write_results(args, corpus, t_start, **results):
-    """OUT_DIR/results_RUN.json (rank 0 writes it): the flags, the machine, the data, `results`;
-    then torchrun's process group closes."""
+    """OUT_DIR/results_RUN.json; then torchrun's process group closes."""
     global RANK, WORLD
-    result = {"args": vars(args), "machine": machine(), "data": corpus.meta, **results}
-    result["total_s"] = time.time() - t_start
-    path = os.path.join(args.out_dir, f"results_{args.run}.json")
+    path, total = os.path.join(args.out_dir, f"results_{args.run}.json"), time.time() - t_start
+    result = dict(args=vars(args), machine=machine(), data=corpus.meta, **results, total_s=total)
     if RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         data.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
-    print(f"results written to {path}; total time {fmt_time(result['total_s'])}")
+    print(f"results written to {path}; total time {fmt_time(total)}")
     if WORLD > 1:  # every rank done
         sync()
         dist.destroy_process_group()
@@ -972,7 +911,18 @@ def main(argv=None):
     configs = check_flags(args)  # a bad flag fails here, before any work
     t_start = time.time()
     corpus, device, evalset, teacher, student_init, rows = setup(args)
-    accounts = memory_accounts(args, configs, corpus, teacher, device)
+    student, accounts = model_config(args, "student", corpus.vocab.size), {}
+    half = autocast(args, device).fast_dtype == torch.bfloat16
+    settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
+    for m, cfg in configs.items():  # sekd.memory_account of each step, by its own names
+        step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
+        if not (acc := (args.on_policy == 0 or cfg.method == "ce") and sekd.memory_account(*step)):
+            print(f"\n[{m}] memory account: not modelled for this step")
+            continue
+        accounts[m] = acc
+        mib = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in acc.items() if k not in settings)
+        rest = ", ".join(f"{k} {acc[k]}" for k in settings)
+        print(f"\n[{m}] memory account, MiB: {mib} ({rest})")
     for m in configs:
         rows.append(distill_student(args, m, corpus, device, teacher, evalset, student_init))
         print_table(rows, device)
