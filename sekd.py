@@ -1,10 +1,9 @@
 """sekd: selective knowledge distillation for GPT language models, in one file.
 
-"Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395) in the paper's order:
-1 the model, 2 dense KD (the reference), 3 SE-KD, 4 the position axis, 5 the baselines (AT-KD,
-on-policy), 6 the class and sample axes (RS-KD, TopSmp), 7 evaluation, 8 memory. A reader who stops
-after section 3 has read a whole, working SE-KD. `targets` [B, L] are -1 at padding; a loss is
-averaged per sequence, then over the sequences (paper Eq. 3).
+"Rethinking Selective Knowledge Distillation" (Tavor et al., arXiv 2602.01395), in its order: 1 the
+model, 2 dense KD (the reference), 3 SE-KD (a reader who stops here has a whole, working SE-KD),
+4 the position axis, 5 AT-KD and on-policy, 6 RS-KD and the sample axis, 7 evaluation, 8 memory.
+`targets` [B, L] are -1 at padding; a loss is averaged per sequence, then over sequences (Eq. 3).
 """
 
 import math
@@ -195,13 +194,6 @@ class KDConfig:
         full = self.flow == "streamed" and self.classes == "full" and self.divergence == "forward"
         return self.method == "sekd" and plain and full
 
-    @property
-    def uses_teacher(self):
-        return self.lam > 0  # method 'ce' has lam 0
-
-    def new_state(self):
-        return PositionState(self.gls_queue, self.curriculum_steps)
-
 
 def _wide_dtype(x):  # we do the softmax maths of half-precision logits in float32
     return torch.promote_types(x.dtype, torch.float32)
@@ -232,9 +224,8 @@ def per_sequence_weights(m, dtype=torch.float32, per_seq=None):
 
 
 def kd_loss(student_logits, teacher_logits, targets, mask, cfg, row_weights=None):
-    """The reference every faster path must equal, on dense logits [B, L, V]: lam T^2 KL(p^T ||
-    q^T) + (1 - lam) CE at the positions in `mask` (None: all, Full KD), per paper Eq. 3;
-    ce_at='all': the CE at every valid position; `row_weights` replace the mask's (pos-RS-KD)."""
+    """The reference every fast path equals, on logits [B, L, V] (Eq. 3): lam T^2 KL(p^T || q^T)
+    at `mask` (None: all) + (1 - lam) CE there (ce_at='all': at all); row_weights: pos-RS-KD's."""
     T, lam, valid = cfg.T, cfg.lam, targets >= 0
     mask = valid if mask is None else mask & valid
     dtype = _wide_dtype(student_logits)
@@ -343,9 +334,8 @@ def kl_rows(teacher_h, teacher_w, T, z, i):
 
 
 class StreamedHeadLoss(torch.autograd.Function):
-    """Sum over rows h [N, D] of ce_w CE (None: lam = 1) + kd_w kd_rows(z, i) at rows `sel` (None:
-    all), z = h @ W^T a chunk at a time. The chunks' gradients add up, so forward makes them: one
-    chunk's [rows, V] tensors at a time; backward scales them in place (so it runs once)."""
+    """Sum over rows h [N, D] of ce_w CE + kd_w kd_rows(z, i) at rows `sel`, z = h W^T a chunk at a
+    time. The chunks' gradients add up, so forward makes them; backward only scales them (once)."""
 
     @staticmethod
     def forward(ctx, h, weight, chunk_rows, kd_rows, kd_w, ce_w, y, sel):
@@ -476,8 +466,7 @@ def gls_positions(scores, k, valid, state):
 
 
 def curriculum_positions(scores, k, valid, state):
-    """ceil(k n) positions per sequence: a window over the ranks by u(t), sliding linearly from the
-    lowest at step 0 to the top-k at step `curriculum_steps`."""
+    """ceil(k n) positions: a window of ranks by u(t), sliding from the lowest to the top-k."""
     scores = scores.masked_fill(~valid, float("-inf"))  # ranked as in topk_positions
     rank = scores.sort(dim=1, descending=True, stable=True).indices.argsort(1)
     n = valid.sum(1)
@@ -522,7 +511,8 @@ def select_positions(student_h, student_w, teacher_h, teacher_w, targets, cfg, s
         return valid  # Full KD, or every position by a deterministic policy: no scores needed
     args = (teacher_h, teacher_w, targets, cfg.chunk_rows)
     scores = chunked_scores(METRICS[metric], student_h, student_w, valid, *args)
-    return POLICIES[policy](scores, cfg.k, valid, state if state is not None else cfg.new_state())
+    state = PositionState(cfg.gls_queue, cfg.curriculum_steps) if state is None else state
+    return POLICIES[policy](scores, cfg.k, valid, state)
 
 
 def distill_loss(student, teacher, idx, targets, cfg, state=None, draws=None):
@@ -613,8 +603,7 @@ def reverse_kl_rows(teacher_h, teacher_w, T, z, i):
 
 
 def on_policy_batch(student, idx, prompt_len, generator=None):
-    """The first P tokens of idx [B, L], then the student's samples (T = 1, no dropout). -> (x,
-    targets), -1 before the first sampled token."""
+    """idx's first P tokens, then the student's samples (T = 1, no dropout); targets -1 before."""
     L, was_training = idx.shape[1], student.training
     if type(prompt_len) is not int or not 1 <= prompt_len <= L:
         raise ValueError(f"prompt_len must be in [1, {L}], the sequence length, got {prompt_len!r}")
@@ -666,8 +655,7 @@ def teacher_draws(teacher_h, teacher_w, U, T=1.0, chunk_rows=0, generator=None):
 
 
 def _rskd_rows(ids, counts, T, z_student, i):
-    """T^2 sum over drawn v of p~ log(p~ / q^T) at walked rows i, p~ = counts / U, q^T over all
-    of V; its gradient T (q^T - p~)."""
+    """T^2 sum_v p~ log(p~ / q^T) at walked rows i (p~ = counts / U); gradient T (q^T - p~)."""
     p = counts[i].to(z_student.dtype) / counts[i].sum(-1, keepdim=True)
     logq = F.log_softmax(z_student / T, dim=-1)
     loss = T * T * (torch.xlogy(p, p) - p * logq.gather(1, ids[i])).sum(-1)  # padding: p = 0
@@ -732,9 +720,8 @@ prediction_rows.needs_teacher = False
 
 @torch.no_grad()
 def fit_temperature(h, w, targets, valid, steps=40):
-    """tau* in [1/20, 20], of minimum NLL of the logits h w^T / tau at the valid rows: a subset's
-    PPL rewards a flat distribution, so we compare models at their own tau*. Convex in 1/tau: a
-    golden-section search in log tau."""
+    """tau* in [1/20, 20] of least NLL of h w^T / tau at the valid rows (a subset's PPL rewards a
+    flat distribution: we compare models at their own tau*); convex in 1/tau: golden section."""
 
     def nll(log_tau):
         ce = chunked_scores(METRICS["student_ce"], h, w / math.exp(log_tau), valid, targets=targets)

@@ -754,7 +754,7 @@ def test_every_method_streamed_equals_dense_through_a_model(fields, config):
     out = []
     for flow in ("dense", "streamed"):
         cfg = config(**{"method": "sekd", "k": 0.25, "flow": flow, "chunk_rows": 5, **fields})
-        state = cfg.new_state()
+        state = sekd.PositionState(cfg.gls_queue, cfg.curriculum_steps)
         student.zero_grad()
         torch.manual_seed(3)  # the same random scores / draws in both flows
         for step in range(2):  # a second step: GLS uses its queue, curriculum moves
@@ -1172,7 +1172,7 @@ def measured_step_peak(student, teacher, cfg, x, y):
             opt.step()
             opt.zero_grad(set_to_none=True)
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    resident = train.state_bytes(student, *state) + train.state_bytes(teacher) * cfg.uses_teacher
+    resident = train.state_bytes(student, *state) + train.state_bytes(teacher) * (cfg.lam > 0)
     return resident + meter.peak, meter.matched_peak
 
 

@@ -725,7 +725,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     student = sekd.GPT(config).to(device)  # the initial student's config (GPT-2's GELU too)
     if init is not None:
         student.load_state_dict(init.state_dict())
-    if cfg.uses_teacher and teacher is not None and teacher.config.vocab_size != config.vocab_size:
+    if cfg.lam > 0 and teacher is not None and teacher.config.vocab_size != config.vocab_size:
         raise UserError(
             f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
             f"({config.vocab_size}) differ: train the teacher on the same data, --vocab-size and "
@@ -736,7 +736,8 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     teacher = None if classes == "cache" else teacher  # SE-KD_3X: the teacher's draws are cached
     if RANK:  # data parallel: each rank its own random draws (RandomPos, pos-RS-KD, RS-KD)
         torch.manual_seed(args.seed + 1_000_003 * RANK)
-    state, prompt_len = cfg.new_state(), args.prompt_len or args.seq_len // 2
+    state = sekd.PositionState(cfg.gls_queue, cfg.curriculum_steps)
+    prompt_len = args.prompt_len or args.seq_len // 2
 
     def loss_fn(step, micro, x, y, draws=None):
         state.step = step  # curriculum follows the optimizer step; GLS keeps its queue in `state`
@@ -759,7 +760,7 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
             run = dict(signature=corpus.signature, kd=asdict(cfg), run_key=key)
             save_checkpoint(path, ckpt | run | dict(gls_queue=state.queue))
 
-    frozen = state_bytes(teacher) if cfg.uses_teacher and teacher is not None else 0
+    frozen = state_bytes(teacher) if cfg.lam > 0 and teacher is not None else 0
     stats = train_loop(
         student, loss_fn, batches, plan["steps"], args.lr, args, method, save_ckpt, resume, frozen
     )
