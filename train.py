@@ -286,7 +286,9 @@ def autocast(args, device):  # its fast_dtype: bfloat16 (--dtype, auto on CUDA),
 def out_path(args, what):  # what: "teacher", "student_init" or SE-KD_3X's "cache"
     if what == "cache":
         return args.cache or os.path.join(args.out_dir, f"rskd_cache_seed{args.seed}.bin")
-    return what == "teacher" and args.teacher_ckpt or os.path.join(args.out_dir, f"{what}.pt")
+    if what == "teacher" and args.teacher_ckpt:
+        return args.teacher_ckpt
+    return os.path.join(args.out_dir, f"{what}.pt")
 
 
 def file_sha256(path):  # None: no such file
@@ -337,14 +339,15 @@ def sample_prepass(student, corpus, args, device):
 
 def cache_signature(args, corpus):
     """What a teacher cache must match to be used (teacher_cache adds the samples)."""
-    if (sha := file_sha256(path := out_path(args, "teacher"))) is None:
+    path = out_path(args, "teacher")
+    if not os.path.exists(path):
         raise UserError(
             f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
             "train it first (python train.py --run teacher)"
         )
-    signature = dict(format=1, teacher_sha256=sha, data_fingerprint=corpus.meta["data_fingerprint"])
-    signature |= dict(U=args.U, T=args.T, seed=args.seed, V=corpus.vocab.size)
-    return signature | {"seq_len": args.seq_len}
+    signature = dict(format=1, teacher_sha256=file_sha256(path))
+    signature |= dict(data_fingerprint=corpus.meta["data_fingerprint"], U=args.U, T=args.T)
+    return signature | dict(seed=args.seed, V=corpus.vocab.size, seq_len=args.seq_len)
 
 
 def teacher_cache(args, corpus, device, teacher, kept):
@@ -361,8 +364,8 @@ def teacher_cache(args, corpus, device, teacher, kept):
             for i in range(0, len(kept), bs):
                 x = torch.from_numpy(corpus.train[kept[i : i + bs], :-1].astype(np.int64))
                 with autocast(args, device):
-                    h, U, T = teacher.hidden(x.to(device)), args.U, args.T
-                    draws = sekd.teacher_draws(h, W, U, T, args.chunk_rows or None, gen)
+                    h = teacher.hidden(x.to(device))
+                    draws = sekd.teacher_draws(h, W, args.U, args.T, args.chunk_rows or None, gen)
                 yield data.encode_draws(*draws, V).cpu().numpy()  # (ids, counts)
 
         shape = (len(kept), args.seq_len, args.U, data.cache_bytes_per_class(V))
@@ -917,7 +920,8 @@ def main(argv=None):
     settings = ("method", "B", "L", "V", "n_sel", "chunk_rows", "lam", "dtype")  # the rest: bytes
     for m, cfg in configs.items():  # sekd.memory_account of each step, by its own names
         step = (student, teacher.config, args.batch_size, args.seq_len, cfg, half, device.type)
-        if not (acc := (args.on_policy == 0 or cfg.method == "ce") and sekd.memory_account(*step)):
+        acc = sekd.memory_account(*step) if args.on_policy == 0 or cfg.method == "ce" else None
+        if acc is None:
             print(f"\n[{m}] memory account: not modelled for this step")
             continue
         accounts[m] = acc
