@@ -549,7 +549,7 @@ class TeacherCache:
                 "--rebuild-cache"
             ) from None
 
-    def check(self, signature, skip=()):
+    def check(self, signature):
         """Refuse, in one line, a cache of another teacher, data, U, T, seed or sample set."""
 
         def show(v):  # a list of sample ids: its length and hash
@@ -558,7 +558,7 @@ class TeacherCache:
 
         for key, want in signature.items():
             got = self.signature.get(key)
-            if got != want and key not in skip:
+            if got != want:
                 raise DataError(
                     f"teacher cache {self.path} was built for another run ({key}: {show(got)} in "
                     f"the cache, {show(want)} now): pass --rebuild-cache or another --cache path"
