@@ -2441,8 +2441,8 @@ def test_teacher_and_student_vocabularies_must_match(cache_setup):
     other = train.new_model(args, "teacher", corpus.vocab.size + 1, torch.device("cpu"))
     with pytest.raises(
         train.UserError,
-        match=f"teacher vocabulary \\({corpus.vocab.size + 1}\\) and student "
-        f"vocabulary \\({corpus.vocab.size}\\) differ",
+        match=f"vocabularies differ \\(teacher {corpus.vocab.size + 1}, student "
+        f"{corpus.vocab.size}\\): train the teacher on the same data",
     ):
         train.distill_student(args, "sekd", corpus, torch.device("cpu"), other, None)
 

@@ -240,8 +240,7 @@ def save_checkpoint(path, obj):
 
 
 def load_checkpoint(path, corpus=None):
-    """The checkpoint at `path`, whole and of a sekd.GPT; with `corpus`, of its tokenizer and
-    vocabulary too. Anything else is a user error."""
+    """The checkpoint at `path`, whole, of a sekd.GPT, and (with `corpus`) of its vocabulary."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist: train it first (--run teacher)")
     try:
@@ -298,7 +297,8 @@ def file_sha256(path):  # None: no such file
 
 
 def sample_plan(args, samples, classes, corpus, device, student, teacher):
-    """A student's samples and draws; its steps, --student-steps times their share: the saving."""
+    """-> (batches, plan): a student's samples and draws; its steps, --student-steps times their
+    share (the saving); what choosing them cost."""
     n, kept, cache, path = len(corpus.train), None, None, out_path(args, "cache")
     plan = dict(samples=samples, prepass_s=None, cache_build_s=None, cache_reused=None)
     if classes == "cache" and os.path.exists(path) and not args.rebuild_cache:
@@ -313,15 +313,15 @@ def sample_plan(args, samples, classes, corpus, device, student, teacher):
         cache, plan["cache_build_s"], plan["cache_reused"] = built
     plan["cache_bytes"] = os.path.getsize(path) if cache else None
     b = (args.batch_size, args.grad_accum, args.seed, device, kept, RANK, WORLD, cache)
-    plan["batches"] = batches = data.Batches(corpus, *b)
-    plan["n_kept"] = len(batches.samples)  # all: --student-steps; else their share
-    return plan | {"steps": max(1, math.ceil(args.student_steps * len(batches.samples) / n))}
+    batches = data.Batches(corpus, *b)
+    steps = max(1, math.ceil(args.student_steps * len(batches.samples) / n))  # all: --student-steps
+    return batches, plan | dict(n_kept=len(batches.samples), steps=steps)
 
 
 @torch.no_grad()
 def sample_prepass(student, corpus, args, device):
-    """The frozen initial student scores every training sample by its mean entropy -> (scores [N]
-    float64, seconds). Each rank scores its share of the batches; every rank gets all the scores."""
+    """Each training sample's mean entropy under the initial student -> (scores, seconds). Each rank
+    scores its share of the batches; every rank gets all the scores."""
     t0, scores, bs, w = time.time(), [np.zeros(0)], args.batch_size, student.head_weight.float()
     starts = range(0, len(corpus.train), bs)
     student.eval()
@@ -341,10 +341,7 @@ def cache_signature(args, corpus):
     """What a teacher cache must match to be used (teacher_cache adds the samples)."""
     path = out_path(args, "teacher")
     if not os.path.exists(path):
-        raise UserError(
-            f"teacher checkpoint {path} does not exist: the cache is tied to its hash; "
-            "train it first (python train.py --run teacher)"
-        )
+        raise UserError(f"teacher checkpoint {path} does not exist: train it first (--run teacher)")
     signature = dict(format=1, teacher_sha256=file_sha256(path))
     signature |= dict(data_fingerprint=corpus.meta["data_fingerprint"], U=args.U, T=args.T)
     return signature | dict(seed=args.seed, V=corpus.vocab.size, seq_len=args.seq_len)
@@ -387,11 +384,11 @@ def teacher_cache(args, corpus, device, teacher, kept):
 
 
 class LiveBytes(TorchDispatchMode):
-    """`peak`: the most bytes alive at once in the storages ops make while it is active. Not
-    counted: tensors made before (weights, AdamW state), a kernel's scratch, an output sharing an
-    input's storage (in place, views). `match(t)` picks tensors also counted in `matched_peak` and
-    listed in `log` (the [rows, V] logits). Compiled code runs eager meanwhile: we cannot see inside
-    a compiled graph, and one compiled here would serve later calls, which would round otherwise."""
+    """`peak`: the most bytes alive at once in the storages ops make while it is active; not those
+    made before (weights, AdamW state), a kernel's scratch, an output on an input's storage (in
+    place, views). `match(t)` picks tensors (the [rows, V] logits) also counted in `matched_peak`,
+    listed in `log`. Compiled code runs eager meanwhile: we cannot see inside a compiled graph, and
+    one compiled here would serve later calls, which would round otherwise."""
 
     def __init__(self, match=None):
         super().__init__()
@@ -432,8 +429,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def state_bytes(*items):
-    """Bytes held by plain tensors, or by the parameters and buffers of modules."""
+def state_bytes(*items):  # tensors, or modules: their parameters and buffers
     tensors = [[x] if torch.is_tensor(x) else [*x.parameters(), *x.buffers()] for x in items]
     return sum(t.numel() * t.element_size() for ts in tensors for t in ts)
 
@@ -469,9 +465,8 @@ def train_loop(model, loss_fn, batches, steps, lr, args, tag, save=None, resume=
         dist.broadcast(p.data, 0)
     tokens_per_step = WORLD * batches.bs * batches.accum * (batches.samples.shape[1] - 1)
     t0, train_time, curve = time.time(), 0.0, []
-    # On the CPU we meter step 1 (AdamW's state exists by then), or the only step, whatever step a
-    # run resumes at: the metered step runs eager, so metering another would end a resumed run on
-    # another student. Its checkpoint keeps the peak.
+    # On the CPU we meter step 1 (AdamW's state exists by then), or the only one, even in a resumed
+    # run: the metered step runs eager, so another would change the student. Checkpoints keep it.
     metered, peak_cpu = min(1, steps - 1), resume.get("live_peak", 0)
     for step in range(start, steps):
         ts, progress = time.time(), min(1.0, (step - args.warmup) / max(1, steps - args.warmup))
@@ -693,8 +688,7 @@ def hf_name(name):
 
 
 def GPT_from_hf(hf, block_size):
-    """A sekd.GPT of GPT-2's weights (a name on the Hugging Face Hub, or a GPT2LMHeadModel), as
-    nanoGPT's from_pretrained: its config's sizes, its tanh GELU, its first block_size positions."""
+    """A sekd.GPT of GPT-2's weights (a Hub name, or a GPT2LMHeadModel), as nanoGPT's."""
     try:
         from transformers import GPT2LMHeadModel
 
@@ -707,11 +701,10 @@ def GPT_from_hf(hf, block_size):
         raise UserError(f"GPT-2 has {c.n_positions} positions: use --seq-len {c.n_positions}")
     sizes = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size)
     gelu = {"gelu": "none", "gelu_new": "tanh"}[c.activation_function]  # GPT-2's own: tanh
-    model, weights = sekd.GPT(sekd.GPTConfig(block_size=block_size, gelu=gelu, **sizes)), {}
-    for name, ours in model.state_dict().items():
+    model = sekd.GPT(sekd.GPTConfig(block_size=block_size, gelu=gelu, **sizes))
+    for name, ours in model.state_dict().items():  # w[: len(ours)]: all of it, but wpe's first rows
         w = theirs[hf_name(name)]
-        weights[name] = w.t() if name.startswith("blocks") and w.dim() == 2 else w[: len(ours)]
-    model.load_state_dict(weights)  # w[: len(ours)]: all of it, but wpe's first positions
+        ours.copy_(w.t() if name.startswith("blocks") and w.dim() == 2 else w[: len(ours)])
     return model
 
 
@@ -729,13 +722,11 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
     if init is not None:
         student.load_state_dict(init.state_dict())
     if cfg.lam > 0 and teacher is not None and teacher.config.vocab_size != config.vocab_size:
-        raise UserError(
-            f"teacher vocabulary ({teacher.config.vocab_size}) and student vocabulary "
-            f"({config.vocab_size}) differ: train the teacher on the same data, --vocab-size and "
-            "--full-vocab"
-        )
-    plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
-    batches, student = plan.pop("batches"), maybe_compile(student, args)
+        sizes = f"teacher {teacher.config.vocab_size}, student {config.vocab_size}"
+        fix = "train the teacher on the same data, --vocab-size and --full-vocab"
+        raise UserError(f"the vocabularies differ ({sizes}): {fix}")
+    batches, plan = sample_plan(args, samples, classes, corpus, device, student, teacher)
+    student = maybe_compile(student, args)
     teacher = None if classes == "cache" else teacher  # SE-KD_3X: the teacher's draws are cached
     if RANK:  # data parallel: each rank its own random draws (RandomPos, pos-RS-KD, RS-KD)
         torch.manual_seed(args.seed + 1_000_003 * RANK)
@@ -778,12 +769,11 @@ def distill_student(args, method, corpus, device, teacher, evalset, init=None, s
 
 
 def run_key(args, method, cfg, corpus, steps, on_policy, prompt_len):
-    """What a checkpoint must match to be resumed: every flag that changes a distilled student's
-    trajectory, the data, the teacher and the initial student."""
+    """What a checkpoint must match to be resumed: what changes a student's trajectory."""
     flags = "seed seq_len batch_size grad_accum lr warmup weight_decay grad_clip dtype l "
     flags += "student_layers student_embd student_heads student_init_steps student_init_lr"
     key = dict(method=method, kd=asdict(cfg), steps=steps, data=corpus.meta["data_fingerprint"])
-    init = args.student_init_steps > 0 and file_sha256(out_path(args, "student_init")) or None
+    init = file_sha256(out_path(args, "student_init")) if args.student_init_steps > 0 else None
     key |= dict(teacher=file_sha256(out_path(args, "teacher")), student_init=init)
     key |= dict(on_policy=on_policy, prompt_len=prompt_len)
     return key | {f: getattr(args, f) for f in flags.split()}
