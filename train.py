@@ -45,9 +45,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help: the usage examples above line by line, and every flag's default."""
 
 
-def number(kind, ok, what):
-    """An argparse type: kind(text), refused unless ok(value)."""
-
+def number(kind, ok, what):  # an argparse type
     def parse(text):
         if not ok(value := kind(text)):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
@@ -605,18 +603,16 @@ class EvalSet:
 
 
 def pick_device(args):
-    """This process's device (torchrun: one GPU per rank); --compile off: eager from now on."""
-    if args.compile == "off":
+    if args.compile == "off":  # eager from now on
         torch.compiler.set_stance("force_eager")
     name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a GPU per rank
         name = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(name)
     return torch.device(name)
 
 
-def model_config(args, who, vocab_size):
-    """The sekd.GPTConfig of the teacher or the student under these flags, which it checks."""
+def model_config(args, who, vocab_size):  # the teacher's or the student's, checked by sekd
     n_layer, n_head, n_embd = (getattr(args, f"{who}_{s}") for s in ("layers", "heads", "embd"))
     try:
         return sekd.GPTConfig(vocab_size, args.seq_len, n_layer, n_head, n_embd)
@@ -787,8 +783,7 @@ def resumable(path, key, tag):
     if diff := [k for k in sorted(key) if ckpt.get("run_key", {}).get(k) != key[k]]:
         other = f"an unfinished checkpoint of another run ({', '.join(diff)} differ)"
         print(f"[{tag}] {path} is {other}: training anew")
-        return None
-    return ckpt
+    return None if diff else ckpt
 
 
 # ----------------------------------------------------------------------------- results and main
