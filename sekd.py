@@ -100,9 +100,9 @@ class GPT(nn.Module):
         return self.wte.weight  # [V, D]
 
     def hidden(self, idx):
-        L, block = idx.shape[1], self.config.block_size
-        if L > block:
-            raise ValueError(f"sequence length {L} is longer than the block size {block}")
+        L, size = idx.shape[1], self.config.block_size
+        if L > size:
+            raise ValueError(f"sequence length {L} is longer than the block size {size}")
         x = self.wte(idx) + self.wpe(torch.arange(L, device=idx.device))
         for block in self.blocks:
             x = block(x)
@@ -319,8 +319,7 @@ def topk_positions(scores, k, valid=None, state=None):
 
 
 # ---------------------------------------------------------------------------- the streamed loss
-# The selective LM head: logits only at the rows the loss needs, one chunk at a time, each chunk's
-# loss and logit gradient in closed form, in place where they can.
+# The selective LM head: logits only at the rows the loss needs, a chunk at a time, in closed form.
 
 
 @compiled
@@ -347,9 +346,8 @@ class StreamedHeadLoss(torch.autograd.Function):
             z = (h[r] @ w.T).to(dtype)
             i = torch.arange(start, start + len(z), device=z.device)
             s = torch.ones_like(i, dtype=torch.bool) if sel is None else sel[r]
-            kd = None
-            if kd_rows is not None and s.any():
-                kd = kd_rows(z if sel is None else z[s], i[s])
+            has_kd = kd_rows is not None and s.any()
+            kd = kd_rows(z if sel is None else z[s], i[s]) if has_kd else None
             if ce_w is None:  # lam = 1: the KD alone
                 row_loss, grad_z = kd_w[r] * kd[0], kd[1].mul_(kd_w[r][:, None])
             else:  # the CE per row, and in log q's storage its gradient q - onehot(y)
@@ -380,6 +378,10 @@ class StreamedHeadLoss(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), *[None] * 6
 
 
+def walked_rows(valid, mask, cfg):  # the rows the streamed loss makes logits for
+    return mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid
+
+
 def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, cfg, **kd):
     """`kd_loss` of h @ w.T without a [B, L, V] tensor. `kd` may hold row_weights (pos-RS-KD,
     AT-KD) and kd_rows(z, i), the KD term in place of the teacher's KL (RS-KD, AT-KD)."""
@@ -391,8 +393,7 @@ def streamed_kd_loss(student_h, student_w, teacher_h, teacher_w, targets, mask, 
     else:  # the rows they weigh are the mask
         mask, kd_w = (row_weights != 0) & valid, row_weights.to(dtype)
     ce_w = kd_w if cfg.ce_at == "selected" else per_sequence_weights(valid, dtype)
-    # the rows we make logits for: with the loss under the mask, only the selected: the memory win
-    rows = mask if lam == 1 or cfg.ce_at == "selected" else valid
+    rows = walked_rows(valid, mask, cfg)  # lam = 1 or Eq. 3's CE: the selected only, the memory win
     kd_rows = kd.get("kd_rows")
     if kd_rows is None and lam > 0:  # the teacher's KL, forward (SE-KD's) or reverse
         kl = kl_rows if cfg.divergence == "forward" else reverse_kl_rows
@@ -665,8 +666,7 @@ def _rskd_rows(ids, counts, T, z_student, i):
 def rskd_loss(student_h, student_w, ids, counts, targets, mask, cfg):
     """`streamed_kd_loss` with the teacher's draws [B, L, U] in place of its logits."""
     valid = targets >= 0
-    mask = valid if mask is None else mask & valid
-    rows = mask if cfg.lam == 1 or cfg.ce_at == "selected" else valid  # streamed_kd_loss's rows
+    rows = walked_rows(valid, valid if mask is None else mask & valid, cfg)
     kd_rows = partial(_rskd_rows, ids[rows], counts[rows], cfg.T)
     return streamed_kd_loss(student_h, student_w, None, None, targets, mask, cfg, kd_rows=kd_rows)
 
