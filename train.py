@@ -558,7 +558,10 @@ class EvalSet:
             h, yi = self.hidden(model, args, x[i : i + self.bs]), y[i : i + self.bs].to(w.device)
             valid = yi >= 0
             cols = [sekd.chunked_scores(sekd.prediction_rows, h, w, valid, targets=yi)]
-            cols.append(sekd.chunked_scores(ce, h, w / tau, valid, targets=yi)[..., None])
+            nll_tau = cols[0][..., :1]
+            if tau != 1:  # the NLL again, of the logits h w^T / tau
+                nll_tau = sekd.chunked_scores(ce, h, w / tau, valid, targets=yi)[..., None]
+            cols.append(nll_tau)
             if teacher:
                 th, tw = self.teacher_h[i : i + self.bs], self.teacher_w
                 cols.append(sekd.chunked_scores(sekd.teacher_rows, h, w, valid, th, tw))
@@ -820,7 +823,8 @@ def print_table(rows, device, title=None):
     def cell(r, key, fmt):  # "-": a measure the model lacks; mean ± std over seeds: `<key>_std`
         if r.get(key) is None:
             return "-"
-        return fmt(r[key]) + (f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else "")
+        std = f"±{fmt(r[key + '_std'])}" if r.get(key + "_std") is not None else ""
+        return fmt(r[key]) + std
 
     for columns in (TEXT, ITEMS) if items else (TEXT,):
         header = f"{'method':<{w}} " + " ".join(f"{h:>{c}}" for h in columns)  # c or wider
